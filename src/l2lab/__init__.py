@@ -1,0 +1,12 @@
+"""l2lab: see how selective L2 regularization trades overfitting for underfitting."""
+
+from pathlib import Path
+
+__version__ = "0.1.0"
+
+#: The top-level ``conf/`` folder (the package is installed editable, so it stays user-editable).
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+class ConfigError(ValueError):
+    """A bad user input, reported as one clear paragraph before any training starts."""

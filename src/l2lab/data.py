@@ -1,0 +1,158 @@
+"""Datasets as in-memory tensors, a seeded train/val split, and index-batching on the device.
+
+Every supported dataset fits in memory, so it is loaded once into tensors, moved to the training
+device, and batched by indexing: no DataLoader workers, no per-example Python. The train/val split
+depends only on ``data.split_seed``; the shuffling order only on ``seed`` and the epoch, so runs
+with different λ share the same split and a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from l2lab import ConfigError
+
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
+NUM_CLASSES = 10  # all four datasets have ten classes
+
+# Per-channel (mean, std) of the official training splits.
+_TORCHVISION = {
+    "mnist": ("MNIST", (0.1307,), (0.3081,)),
+    "fashion_mnist": ("FashionMNIST", (0.2860,), (0.3530,)),
+    "cifar10": ("CIFAR10", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+
+
+@dataclass
+class Splits:
+    """Normalised float32 inputs (N, C, H, W) and int64 labels per split; ``test`` may be absent."""
+
+    name: str
+    train: tuple[torch.Tensor, torch.Tensor]
+    val: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor] | None
+    num_classes: int
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return tuple(self.train[0].shape[1:])
+
+    def to(self, device: torch.device | str) -> Splits:
+        move = lambda xy: None if xy is None else (xy[0].to(device), xy[1].to(device))  # noqa: E731
+        return Splits(self.name, move(self.train), move(self.val), move(self.test),
+                      self.num_classes)
+
+
+def _load_digits() -> tuple[np.ndarray, np.ndarray, None]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images.astype(np.float32) / 16.0)[:, None, :, :]
+    x = (x - x.mean()) / x.std()
+    return x, d.target.astype(np.int64), None
+
+
+def _load_torchvision(name: str, root: str, download: bool):
+    import torchvision
+
+    cls_name, mean, std = _TORCHVISION[name]
+    cls = getattr(torchvision.datasets, cls_name)
+    root_path = Path(root).expanduser().resolve()
+    try:
+        train = cls(str(root_path), train=True, download=download)
+        test = cls(str(root_path), train=False, download=download)
+    except RuntimeError as e:
+        where = root_path / ("cifar-10-batches-py" if name == "cifar10" else f"{cls_name}/raw")
+        raise ConfigError(
+            f"data={name}: dataset files not found or corrupted under {where} "
+            f"(data.root={root!r}, data.download={download}). Set data.download=true to fetch "
+            f"them, or point data.root at a folder holding them. ({e})"
+        ) from None
+
+    def arrays(ds) -> tuple[np.ndarray, np.ndarray]:
+        x = np.asarray(ds.data, dtype=np.float32) / 255.0  # MNIST: (N,H,W); CIFAR: (N,H,W,C)
+        x = x[:, None, :, :] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
+        m = np.asarray(mean, dtype=np.float32)[None, :, None, None]
+        s = np.asarray(std, dtype=np.float32)[None, :, None, None]
+        return np.ascontiguousarray((x - m) / s), np.asarray(ds.targets, dtype=np.int64)
+
+    return (*arrays(train), arrays(test))
+
+
+def load_data(cfg: Mapping) -> Splits:
+    """Load ``cfg.name`` and cut the seeded train/val split (validated before any training)."""
+    name = cfg.get("name")
+    if name not in DATASETS:
+        raise ConfigError(f"data.name must be one of {list(DATASETS)}, got {name!r}.")
+    if name == "digits":
+        x, y, test = _load_digits()
+    else:
+        x, y, test = _load_torchvision(name, str(cfg.get("root", "data")),
+                                       bool(cfg.get("download", False)))
+    n = len(y)
+    val_size = int(cfg.get("val_size") or 0)
+    train_size = cfg.get("train_size")
+    if val_size < 0 or val_size >= n:
+        raise ConfigError(
+            f"data.val_size must be between 0 and {n - 1} for data={name} "
+            f"({n} examples in its training split), got {val_size}."
+        )
+    available = n - val_size
+    train_size = available if train_size is None else int(train_size)
+    if not 1 <= train_size <= available:
+        raise ConfigError(
+            f"data.train_size must be between 1 and {available} for data={name} ({n} examples, "
+            f"{val_size} held out by data.val_size), or null for all; got {train_size}."
+        )
+    batch_size = int(cfg.get("batch_size", 64))
+    if batch_size < 1:
+        raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}.")
+    perm = np.random.default_rng(int(cfg.get("split_seed", 0))).permutation(n)
+    val_idx, train_idx = perm[:val_size], perm[val_size:val_size + train_size]
+    as_t = lambda a, idx: (torch.from_numpy(a[0][idx]), torch.from_numpy(a[1][idx]))  # noqa: E731
+    test_t = None if test is None else (torch.from_numpy(test[0]), torch.from_numpy(test[1]))
+    return Splits(name, as_t((x, y), train_idx), as_t((x, y), val_idx), test_t, NUM_CLASSES)
+
+
+class EpochShuffle:
+    """The shuffling order of an epoch, a pure function of (seed, epoch).
+
+    Lightning calls ``set_epoch`` on a loader's ``sampler`` before each epoch (as for a
+    DistributedSampler), which is what makes a resumed run replay the same batches.
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool) -> None:
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.n)
+        g = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + self.epoch)
+        return torch.randperm(self.n, generator=g)
+
+
+class TensorBatches:
+    """Mini-batches ``(x[idx], y[idx])`` of tensors that already live on the training device."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = False,
+                 seed: int = 0) -> None:
+        self.x, self.y, self.batch_size = x, y, int(batch_size)
+        self.sampler = EpochShuffle(len(y), seed, shuffle)
+        self.batch_sampler = None  # Lightning inspects loaders like a DataLoader
+
+
+    def __len__(self) -> int:
+        return (len(self.y) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self.sampler.order().to(self.x.device)
+        for idx in order.split(self.batch_size):
+            yield self.x[idx], self.y[idx]

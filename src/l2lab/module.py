@@ -1,0 +1,125 @@
+"""The LightningModule: mean CCE + selective L2, and the per-epoch numbers the contract logs.
+
+Kept thin on purpose: the penalty lives in ``regularization``, MLflow in ``tracking``. Per-step
+values are accumulated on the device and turned into floats once per epoch, so the training step
+never waits for the host.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from l2lab.regularization import L2Penalty
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training diverged: the loss became NaN or infinite."""
+
+
+class L2Module(pl.LightningModule):
+    """J = mean CCE + (λ/n)Σ||W||² (``mode=loss``), or mean CCE with the penalty applied by the
+    optimizer as weight decay (``mode=optimizer``)."""
+
+    def __init__(self, net: nn.Module, penalty: L2Penalty,
+                 make_optimizer: Callable[[nn.Module, L2Penalty], torch.optim.Optimizer],
+                 num_classes: int, mode: str = "loss", batch_size: int = 64) -> None:
+        super().__init__()
+        self.net, self.penalty, self.make_optimizer = net, penalty, make_optimizer
+        self.mode, self.batch_size = mode, batch_size
+        self.acc = nn.ModuleDict({  # keys must not shadow nn.Module attributes ("train")
+            f"{split}_acc": MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+            for split in ("train", "val", "test")
+        })
+        self.epoch_metrics: dict[str, float] = {}  # last finished epoch's values, for the tracker
+        self._val_metrics: dict[str, float] = {}
+        self.test_metrics: dict[str, float] = {}
+        self._sums: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.make_optimizer(self.net, self.penalty)
+
+    # -- accumulation on the device ------------------------------------------------------------
+    def _add(self, key: str, value: torch.Tensor, n: int) -> None:
+        v = value.detach() * n
+        self._sums[key] = self._sums[key] + v if key in self._sums else v
+        self._sums[f"{key}#n"] = self._sums.get(f"{key}#n", 0) + n
+
+    def _means(self, prefix: str) -> dict[str, torch.Tensor]:
+        keys = [k for k in self._sums if k.startswith(prefix) and not k.endswith("#n")]
+        out = {k: self._sums.pop(k) / self._sums.pop(f"{k}#n") for k in keys}
+        return out
+
+    def _ce_step(self, batch, split: str) -> tuple[torch.Tensor, int]:
+        x, y = batch
+        logits = self.net(x)
+        ce = F.cross_entropy(logits, y)  # the note's (1/n)ΣCCE
+        self.acc[f"{split}_acc"].update(logits.detach(), y)
+        return ce, len(y)
+
+    # -- training ------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        ce, n = self._ce_step(batch, "train")
+        if self.mode == "loss":
+            l2 = self.penalty(n)
+            loss = ce + l2
+        else:  # the optimizer applies it; log the equivalent with the nominal n
+            with torch.no_grad():
+                l2 = self.penalty(self.batch_size)
+            loss = ce
+        self._add("train/ce", ce, n)
+        self._add("train/l2", l2, n)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        m = {k: v.item() for k, v in self._means("train/").items()}
+        m["train/loss"] = m["train/ce"] + m["train/l2"]
+        m["train/acc"] = self.acc["train_acc"].compute().item()
+        self.acc["train_acc"].reset()
+        if not math.isfinite(m["train/loss"]):
+            raise NonFiniteLossError(
+                f"non-finite loss at epoch {self.current_epoch}: train/loss={m['train/loss']} "
+                f"(train/ce={m['train/ce']}, train/l2={m['train/l2']}); "
+                "lower optimizer.lr or regularization.lam"
+            )
+        sq = self.penalty.weight_sq_norms()
+        m.update({f"weights/sq_norm/{k}": v.item() for k, v in sq.items()})
+        m["weights/sq_norm_total"] = sum(m[f"weights/sq_norm/{k}"] for k in sq)
+        m.update(self._val_metrics)  # val/* from this epoch's validation, which ran just before
+        self._val_metrics = {}
+        if "val/ce" in m:
+            m["gap/ce"] = m["val/ce"] - m["train/ce"]
+            m["gap/acc"] = m["train/acc"] - m["val/acc"]
+        self.epoch_metrics = m
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def validation_step(self, batch, batch_idx: int) -> None:
+        ce, n = self._ce_step(batch, "val")
+        self._add("val/ce", ce, n)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:  # contract: no sanity-check values are logged
+            self._means("val/")
+            self.acc["val_acc"].reset()
+            return
+        self._val_metrics = {k: v.item() for k, v in self._means("val/").items()}
+        self._val_metrics["val/acc"] = self.acc["val_acc"].compute().item()
+        self.acc["val_acc"].reset()
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        ce, n = self._ce_step(batch, "test")
+        self._add("test/ce", ce, n)
+
+    def on_test_epoch_end(self) -> None:
+        self.test_metrics = {k: v.item() for k, v in self._means("test/").items()}
+        self.test_metrics["test/acc"] = self.acc["test_acc"].compute().item()
+        self.acc["test_acc"].reset()

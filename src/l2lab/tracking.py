@@ -1,0 +1,347 @@
+"""Everything that talks to MLflow: the store, a run's life, params/tags/metrics/artifacts.
+
+The default store is SQLite at ``<cwd>/mlruns/mlflow.db`` with artifacts as plain files under
+``mlruns/artifacts``. Several processes (parallel sweep jobs) may write to it at once, so the schema
+is created under a file lock, and every SQLite connection waits for locks instead of failing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from filelock import FileLock
+
+from l2lab import ConfigError
+
+ENV_URI = "MLFLOW_TRACKING_URI"
+PROBE_TIMEOUT_S = 10.0
+_VALID_KEY = re.compile(r"^[/\w.\- :]*$")
+
+
+# -- the store -----------------------------------------------------------------------------------
+def resolve_uri(uri: str | None = None, cwd: Path | None = None) -> str:
+    """The tracking URI: an explicit one, else ``$MLFLOW_TRACKING_URI``, else the local SQLite
+    store under ``<cwd>/mlruns``; SQLite paths are made absolute so that jobs in any folder
+    agree."""
+    uri = uri or os.environ.get(ENV_URI) or "sqlite:///mlruns/mlflow.db"
+    base = (cwd or Path.cwd()).resolve()
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        if not path.startswith("/"):
+            uri = "sqlite:///" + str(base / path)
+    elif "://" not in uri and not uri.startswith("sqlite:"):
+        raise ConfigError(
+            f"tracking.uri must be an MLflow tracking URI (sqlite:///path/to/mlflow.db, "
+            f"http://host:port, ...), got {uri!r}. (MLflow >= 3.13 refuses the file store.)"
+        )
+    return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where new experiments keep artifacts: beside the database for SQLite, the server's choice
+    otherwise."""
+    db = sqlite_path(uri)
+    return (db.parent / "artifacts").as_uri() if db else None
+
+
+def _sqlite_busy_timeout() -> None:
+    """Make every SQLite connection of this process wait up to 60 s for a lock held by another
+    job, instead of failing at once with 'database is locked'."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    if getattr(_sqlite_busy_timeout, "done", False):
+        return
+
+    @event.listens_for(Engine, "connect")
+    def _on_connect(dbapi_conn, _record):  # noqa: ANN001
+        if type(dbapi_conn).__module__.startswith("sqlite3"):
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA busy_timeout = 60000")
+            cur.close()
+
+    _sqlite_busy_timeout.done = True  # type: ignore[attr-defined]
+
+
+def probe_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Fail within seconds when an HTTP tracking server does not answer (MLflow's own client
+    would retry for minutes)."""
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (user's own URI)
+            resp.read(64)
+    except urllib.error.HTTPError:
+        return  # it answered: a server is there (perhaps behind a proxy without /health)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise ConfigError(
+            f"tracking.uri: no MLflow tracking server answers at {uri} ({reason}). Start one "
+            f"(mlflow server --host 127.0.0.1 --port PORT --backend-store-uri ...), or unset "
+            f"{ENV_URI} / tracking.uri to use the local store sqlite:///<cwd>/mlruns/mlflow.db."
+        ) from None
+
+
+def connect(uri: str):
+    """An ``MlflowClient`` on a store that is known to work (schema created, server answering)."""
+    from mlflow.tracking import MlflowClient
+
+    if uri.startswith(("http://", "https://")):
+        probe_server(uri)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        return MlflowClient(uri)
+    db = sqlite_path(uri)
+    if db is None:
+        return MlflowClient(uri)
+    _sqlite_busy_timeout()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    # Concurrent schema creation on a fresh file races ("duplicate column name"): one at a time.
+    with FileLock(str(db) + ".lock", timeout=300):
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)
+        import sqlite3
+
+        with sqlite3.connect(db, timeout=60) as con:  # WAL: readers (the UI) never block a writer
+            con.execute("PRAGMA journal_mode=WAL")
+    return client
+
+
+def experiment_id(client, name: str, uri: str) -> str:
+    """Get or create the experiment (under the store lock, so parallel jobs create it once)."""
+    db = sqlite_path(uri)
+    lock = FileLock(str(db) + ".lock", timeout=300) if db else None
+    if lock:
+        lock.acquire()
+    try:
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                raise ConfigError(
+                    f"experiment_name: experiment {name!r} is deleted in {uri}; restore it "
+                    "(mlflow experiments restore) or choose another experiment_name."
+                )
+            return exp.experiment_id
+        return client.create_experiment(name, artifact_location=artifact_location(uri))
+    finally:
+        if lock:
+            lock.release()
+
+
+# -- params --------------------------------------------------------------------------------------
+def _value(v: Any) -> str:
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def flatten_params(tree: Mapping, prefix: str = "") -> dict[str, str]:
+    """A resolved config as Hydra override keys (``optimizer.lr``): lists as JSON, and a dict
+    whose keys MLflow rejects (``lam_per_layer`` with ``*``), or an empty one, as one JSON value."""
+    out: dict[str, str] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            if v and all(_VALID_KEY.match(str(kk)) for kk in v):
+                out.update(flatten_params(v, key + "."))
+            else:
+                out[key] = json.dumps(v, sort_keys=True)
+        else:
+            out[key] = _value(v)
+    return out
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                           timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+# -- a run -----------------------------------------------------------------------------------------
+class RunTracker:
+    """One MLflow run, driven with explicit ids (no global 'active run': jobs may share a
+    process)."""
+
+    def __init__(self, client, run_id: str) -> None:
+        self.client, self.run_id = client, run_id
+        self.ended = False
+
+    @classmethod
+    def start(cls, client, exp_id: str, run_name: str, tags: Mapping[str, str]) -> RunTracker:
+        run = client.create_run(exp_id, run_name=run_name, tags=dict(tags))
+        return cls(client, run.info.run_id)
+
+    @classmethod
+    def reopen(cls, client, run_id: str) -> RunTracker:
+        client.update_run(run_id, status="RUNNING")
+        return cls(client, run_id)
+
+    def log_params(self, params: Mapping[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100], synchronous=True)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, tags=items[i:i + 100], synchronous=True)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i:i + 1000], synchronous=True)
+
+    def logged_steps(self, key: str) -> set[int]:
+        return {m.step for m in self.client.get_metric_history(self.run_id, key)}
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_file(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_state_dict(self, module: torch.nn.Module, artifact_file: str) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / Path(artifact_file).name
+            torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, p)
+            self.log_file(p, str(Path(artifact_file).parent))
+
+    def finish(self, status: str = "FINISHED", failure: str | None = None) -> None:
+        """End the run once; a failure reason goes to the ``l2lab.failure`` tag first."""
+        if self.ended:
+            return
+        if failure:
+            self.client.set_tag(self.run_id, "l2lab.failure", failure[:7000])
+        self.client.set_terminated(self.run_id, status=status)
+        self.ended = True
+
+
+# -- the Lightning side: per-epoch checkpoint + metrics --------------------------------------------
+class EpochRecorder(pl.callbacks.Checkpoint):
+    """At the end of every epoch: save ``last.ckpt`` (atomically), then log the epoch's metrics
+    with ``step = epoch``.
+
+    It is a ``Checkpoint`` so that Lightning calls it after the module's ``on_train_epoch_end``
+    (where the epoch's numbers are made) and adds no checkpoint callback of its own. The epoch's
+    metrics travel inside the checkpoint: a run killed between the save and the logging logs them
+    on resume, so every step is logged exactly once.
+    """
+
+    def __init__(self, tracker: RunTracker, ckpt_path: Path, echo: bool = True) -> None:
+        self.tracker, self.ckpt_path, self.echo = tracker, Path(ckpt_path), echo
+        self.last: tuple[int, dict[str, float]] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last": self.last}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last = state_dict.get("last")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.last is not None:  # resumed: make sure the checkpoint's epoch is in the store
+            epoch, metrics = self.last
+            if epoch not in self.tracker.logged_steps("train/loss"):
+                self.tracker.log_metrics(metrics, step=epoch)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch, metrics = trainer.current_epoch, dict(pl_module.epoch_metrics)
+        self.last = (epoch, metrics)
+        self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.ckpt_path.with_suffix(".tmp")
+        trainer.save_checkpoint(tmp, weights_only=False)
+        os.replace(tmp, self.ckpt_path)
+        self.tracker.log_metrics(metrics, step=epoch)
+        if self.echo:
+            shown = ("train/ce", "train/l2", "val/ce", "gap/ce", "val/acc")
+            parts = [f"{k}={metrics[k]:.4f}" for k in shown if k in metrics]
+            print(f"epoch {epoch:3d}  " + "  ".join(parts), flush=True)
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def is_finite_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def parse_overrides(overrides: Iterable[str]) -> dict[str, str]:
+    """``["regularization.lam=0.1", "+x=1"]`` -> ``{"regularization.lam": "0.1", "x": "1"}``."""
+    out = {}
+    for o in overrides:
+        key, _, value = o.partition("=")
+        out[key.lstrip("+~")] = value
+    return out
+
+
+# -- reading runs back (sweep summary, compare) ---------------------------------------------------
+HISTORY_KEYS = ("train/ce", "val/ce", "weights/sq_norm_total")
+_NOT_GROUPED = ("seed", "tracking.uri", "resume", "experiment_name")
+
+
+def swept_keys(runs: Iterable) -> list[str]:
+    """Override keys whose values differ between runs (other than ``seed``): the table's rows."""
+    values: dict[str, set[str]] = {}
+    runs = list(runs)
+    for run in runs:
+        ov = parse_overrides(json.loads(run.data.tags.get("l2lab.overrides", "[]")))
+        for k, v in ov.items():
+            values.setdefault(k, set()).add(v)
+    keys = [k for k, vs in values.items()
+            if not k.startswith(("hydra.",) + _NOT_GROUPED) and k not in _NOT_GROUPED
+            and (len(vs) > 1 or any(k not in parse_overrides(
+                json.loads(r.data.tags.get("l2lab.overrides", "[]"))) for r in runs))]
+    return sorted(keys, key=lambda k: (k != "regularization.lam", k))
+
+
+def load_records(client, runs: Iterable) -> list:
+    """MLflow runs -> ``report.RunRecord`` (final values and the histories the figures need)."""
+    from l2lab.report import RunRecord
+
+    runs = list(runs)
+    keys = swept_keys(runs)
+    records = []
+    for run in runs:
+        params, tags = run.data.params, run.data.tags
+        ov = parse_overrides(json.loads(tags.get("l2lab.overrides", "[]")))
+        group = {k: ov.get(k, params.get(k, "")) for k in keys}
+        try:
+            lam = float(params.get("regularization.lam", "nan"))
+        except ValueError:
+            lam = math.nan
+        history = {}
+        if run.data.metrics:
+            for k in HISTORY_KEYS:
+                points = client.get_metric_history(run.info.run_id, k)
+                history[k] = sorted((m.step, m.value) for m in points)
+        records.append(RunRecord(
+            run_id=run.info.run_id, name=tags.get("mlflow.runName", run.info.run_id),
+            status=run.info.status, group=group, lam=lam,
+            seed=int(params.get("seed", 0) or 0), failure=tags.get("l2lab.failure"),
+            final=dict(run.data.metrics), history=history))
+    return records
