@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,15 @@ def summarize_runs(client, runs: list, out_dir: Path) -> tuple[str, dict[str, Pa
     return table, paths, records
 
 
+def swept_keys(overrides: list[str], sweeper_params: Mapping) -> list[str]:
+    """Keys that take several values in this sweep (command line or ``hydra.sweeper.params``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    keys = [o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()]
+    return keys + [str(k) for k in sweeper_params if str(k) not in keys]
+
+
 class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         uri = tr.resolve_uri(config.tracking.uri)
@@ -46,13 +56,14 @@ class SweepCallback(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         overrides = list(config.hydra.overrides.task)
+        swept = swept_keys(overrides, config.hydra.sweeper.get("params") or {})
         tags = {"l2lab.sweep_id": sweep_dir.name, "l2lab.output_dir": str(sweep_dir),
                 "l2lab.overrides": json.dumps(overrides), "l2lab.role": "sweep"}
         if commit := tr.git_commit(CONF_DIR.parent):
             tags["mlflow.source.git.commit"] = commit
         parent = tr.RunTracker.start(client, exp, f"sweep {sweep_dir.name}", tags)
         info = {"sweep_id": sweep_dir.name, "parent_run_id": parent.run_id,
-                "experiment_id": exp, "tracking_uri": uri}
+                "experiment_id": exp, "tracking_uri": uri, "swept": swept}
         (sweep_dir / SWEEP_INFO).write_text(json.dumps(info))
         print(f"l2lab: sweep {sweep_dir.name}: parent MLflow run {parent.run_id} "
               f"in experiment {config.experiment_name!r}", flush=True)

@@ -31,10 +31,11 @@ from l2lab.sweep import SWEEP_INFO
 _NAME_SKIP = ("hydra.", "tracking.", "experiment", "resume")
 
 
-def run_name(overrides: Sequence[str], cfg: DictConfig) -> str:
-    """``["regularization.lam=0.01", "seed=1"]`` -> ``"lam=0.01 seed=1"``."""
+def run_name(overrides: Sequence[str], cfg: DictConfig, swept: Sequence[str] | None = None) -> str:
+    """``["regularization.lam=0.01", "seed=1"]`` -> ``"lam=0.01 seed=1"`` (in a sweep, only the
+    swept keys, so that the runs of one sweep read apart at a glance)."""
     parts = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in tr.parse_overrides(overrides).items()
-             if not k.startswith(_NAME_SKIP)]
+             if not k.startswith(_NAME_SKIP) and (swept is None or k in swept)]
     return " ".join(parts) or f"lam={cfg.regularization.lam} seed={cfg.seed}"
 
 
@@ -58,10 +59,11 @@ def optimizer_factory(cfg: DictConfig):
     if not isinstance(lr, (int, float)) or not lr > 0:
         raise ConfigError(f"optimizer.lr must be a number > 0, got {lr!r}.")
     mode, batch_size = cfg.regularization.mode, int(cfg.data.batch_size)
+    partial = hydra.utils.instantiate(opt_cfg, _partial_=True)  # groups must stay plain dicts
 
     def make(net: torch.nn.Module, penalty: L2Penalty) -> torch.optim.Optimizer:
         params = penalty.param_groups(net, batch_size) if mode == "optimizer" else net.parameters()
-        return hydra.utils.instantiate(opt_cfg, params=params)
+        return partial(params)
 
     return make
 
@@ -152,6 +154,8 @@ def train(cfg: DictConfig, *, overrides: Sequence[str] = (), output_dir: Path | 
     cfg = cfg.copy()
     with open_dict(cfg):
         cfg.tracking.uri = tr.resolve_uri(cfg.tracking.uri)
+        if isinstance(cfg.regularization.lam, int) and not isinstance(cfg.regularization.lam, bool):
+            cfg.regularization.lam = float(cfg.regularization.lam)  # "lam=0" logs as 0.0
     client = tr.connect(cfg.tracking.uri)
     sweep = _sweep_info(output_dir)
 
@@ -178,7 +182,8 @@ def train(cfg: DictConfig, *, overrides: Sequence[str] = (), output_dir: Path | 
             **(tags or {}),
         }
         exp = tr.experiment_id(client, str(cfg.experiment_name), cfg.tracking.uri)
-        tracker = tr.RunTracker.start(client, exp, run_name(overrides, cfg), run_tags)
+        name = run_name(overrides, cfg, sweep.get("swept") if sweep else None)
+        tracker = tr.RunTracker.start(client, exp, name, run_tags)
         print(f"l2lab: MLflow run {tracker.run_id} in experiment {cfg.experiment_name!r} "
               f"({cfg.tracking.uri})", flush=True)
 

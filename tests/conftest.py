@@ -1,0 +1,54 @@
+"""Shared fixtures: a temporary SQLite store, tiny configs, and the CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+
+from l2lab import CONF_DIR
+
+# Tiny, fast settings shared by the end-to-end tests (digits: no download).
+TINY = ["data.train_size=120", "data.val_size=60", "data.batch_size=40", "model.hidden=[32]",
+        "trainer.max_epochs=3"]
+
+
+@pytest.fixture(autouse=True)
+def _no_env_store(monkeypatch):
+    """Tests choose their store explicitly; a developer's MLFLOW_TRACKING_URI must not leak in."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+
+
+@pytest.fixture
+def client(store: str) -> MlflowClient:
+    return MlflowClient(store)
+
+
+def make_cfg(*overrides: str, tiny: bool = True):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=[*(TINY if tiny else []), *overrides])
+
+
+def run_cli(module: str, *args: str, cwd: Path, timeout: float = 600, env: dict | None = None,
+            **kw) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("MLFLOW_TRACKING_URI", None) if env is None or \
+        "MLFLOW_TRACKING_URI" not in env else None
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def runs_of(client: MlflowClient, **filters: str) -> list:
+    exps = [e.experiment_id for e in client.search_experiments()]
+    flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in filters.items())
+    return client.search_runs(exps, filter_string=flt, max_results=1000)

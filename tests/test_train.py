@@ -1,0 +1,146 @@
+"""End to end: real Lightning training into a real SQLite MLflow store, read back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from conftest import TINY, make_cfg, run_cli, runs_of
+
+from l2lab import ConfigError
+from l2lab.train import train
+
+CONTRACT = ["train/loss", "train/ce", "train/l2", "train/acc", "val/ce", "val/acc", "gap/ce",
+            "gap/acc", "weights/sq_norm/fc1", "weights/sq_norm/out", "weights/sq_norm_total"]
+
+
+def test_three_epoch_run_is_recorded_as_the_contract_says(tmp_path, store, client):
+    cfg = make_cfg(f"tracking.uri={store}", "regularization.lam=0.05")
+    final = train(cfg, overrides=["regularization.lam=0.05"], output_dir=tmp_path / "out")
+    (run,) = runs_of(client)
+    rid = run.info.run_id
+    assert run.info.status == "FINISHED"
+    for key in CONTRACT:
+        hist = client.get_metric_history(rid, key)
+        assert [m.step for m in hist] == [0, 1, 2], key
+    m = run.data.metrics
+    assert m["train/loss"] == pytest.approx(m["train/ce"] + m["train/l2"], rel=1e-6)
+    assert m["gap/ce"] == pytest.approx(m["val/ce"] - m["train/ce"], rel=1e-6)
+    assert m["gap/acc"] == pytest.approx(m["train/acc"] - m["val/acc"], rel=1e-6)
+    assert m["weights/sq_norm_total"] == pytest.approx(
+        m["weights/sq_norm/fc1"] + m["weights/sq_norm/out"], rel=1e-6)
+    assert final["val/ce"] == pytest.approx(m["val/ce"])
+    # training actually learned something
+    ce = [x.value for x in client.get_metric_history(rid, "train/ce")]
+    assert ce[-1] < ce[0] < 2.5
+    # the final weights are the logged artifact, and their norms match the logged metric
+    state = torch.load(client.download_artifacts(rid, "model/state_dict.pt", str(tmp_path)))
+    assert float((state["fc1.weight"] ** 2).sum()) == pytest.approx(m["weights/sq_norm/fc1"],
+                                                                    rel=1e-5)
+    # train/l2 (epoch mean) is λ/n·Σ||W||² with n = 40, between its start and end values
+    assert 0 < m["train/l2"] < 0.05 / 40 * m["weights/sq_norm_total"] * 1.5
+    p = run.data.params
+    assert p["regularization.lam"] == "0.05" and p["data.train_size"] == "120"
+    assert p["seed"] == "0" and p["optimizer.lr"] == "0.05" and p["model.hidden"] == "[32]"
+    assert p["regularization.layers"] == '["*"]' and p["l2.layers"] == "fc1,out"
+    assert int(p["l2.num_params"]) == 32 * 64 + 10 * 32
+    assert p["tracking.uri"] == store
+    t = run.data.tags
+    assert t["mlflow.runName"] == "lam=0.05"
+    assert json.loads(t["l2lab.overrides"]) == ["regularization.lam=0.05"]
+    assert t["l2lab.output_dir"] == str((tmp_path / "out").resolve())
+    arts = {a.path for a in client.list_artifacts(rid, "config")}
+    assert arts == {"config/config.yaml", "config/overrides.yaml"}
+    logged = yaml.safe_load(open(client.download_artifacts(rid, "config/config.yaml",
+                                                           str(tmp_path))))
+    assert logged["regularization"]["lam"] == 0.05 and logged["experiment_name"] == "digits-mlp"
+    assert run.info.artifact_uri.startswith((tmp_path / "mlruns" / "artifacts").as_uri())
+
+
+def test_same_config_gives_identical_histories_on_cpu(tmp_path, store, client):
+    cfg = make_cfg(f"tracking.uri={store}", "model.dropout=0.2", "seed=7")
+    a = train(cfg, output_dir=tmp_path / "a")
+    b = train(cfg, output_dir=tmp_path / "b")
+    assert a == b
+    ids = [r.info.run_id for r in runs_of(client)]
+    h = [[x.value for x in client.get_metric_history(i, "val/ce")] for i in ids]
+    assert h[0] == h[1]
+    c = train(make_cfg(f"tracking.uri={store}", "model.dropout=0.2", "seed=8"),
+              output_dir=tmp_path / "c")
+    assert c["val/ce"] != a["val/ce"]
+
+
+def test_optimizer_mode_logs_the_equivalent_penalty(tmp_path, store, client):
+    """train_size a multiple of batch_size: mode=loss and mode=optimizer train identically."""
+    loss = train(make_cfg(f"tracking.uri={store}", "regularization.lam=0.5", "optimizer.lr=0.1"),
+                 output_dir=tmp_path / "l")
+    opt = train(make_cfg(f"tracking.uri={store}", "regularization.lam=0.5", "optimizer.lr=0.1",
+                         "regularization.mode=optimizer"), output_dir=tmp_path / "o")
+    for k in ("train/ce", "val/ce", "weights/sq_norm_total", "train/l2"):
+        assert opt[k] == pytest.approx(loss[k], rel=1e-4), k
+
+
+def test_regularization_none_keeps_norms_logged(tmp_path, store, client):
+    out = train(make_cfg(f"tracking.uri={store}", "regularization=none"), output_dir=tmp_path)
+    assert out["train/l2"] == 0.0 and out["weights/sq_norm_total"] > 0
+    assert out["train/loss"] == out["train/ce"]
+
+
+def test_multirun_in_a_subprocess_gives_one_finished_run_per_job(tmp_path, store, client):
+    r = run_cli("l2lab.train", "-m", "regularization.lam=0,0.1", f"tracking.uri={store}",
+                f"hydra.sweep.dir={tmp_path}/sweep", *TINY, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = [x for x in runs_of(client) if x.data.tags.get("l2lab.role") != "sweep"]
+    assert sorted(x.data.params["regularization.lam"] for x in runs) == ["0.0", "0.1"]
+    assert all(x.info.status == "FINISHED" for x in runs)
+    assert sorted(x.data.tags["mlflow.runName"] for x in runs) == ["lam=0", "lam=0.1"]
+    for x in runs:
+        assert len(client.get_metric_history(x.info.run_id, "val/ce")) == 3
+
+
+def test_default_store_and_env_uri(tmp_path, monkeypatch):
+    from l2lab.tracking import resolve_uri
+
+    assert resolve_uri(None, cwd=tmp_path) == f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    assert resolve_uri("sqlite:///rel/x.db", cwd=tmp_path) == f"sqlite:///{tmp_path}/rel/x.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert resolve_uri(None) == "http://127.0.0.1:5999"
+    assert resolve_uri("sqlite:////a/b.db") == "sqlite:////a/b.db"
+
+
+@pytest.mark.parametrize("override, words", [
+    ("regularization.lam=-0.1", ["regularization.lam", ">= 0"]),
+    ("regularization.lam=nan", ["regularization.lam", "finite"]),
+    ("regularization.layers=[conv*]", ["regularization.layers", "fc1, out"]),
+    ("+regularization.lam_per_layer.fc7=0.2", ["regularization.lam_per_layer", "fc1, out"]),
+    ("data.train_size=100000", ["data.train_size", "1737"]),
+    ("data.val_size=5000", ["data.val_size"]),
+    ("regularization.normalize=mean", ["regularization.normalize", "batch", "dataset"]),
+    ("optimizer.lr=-1", ["optimizer.lr"]),
+    ("+optimizer.weight_decay=0.1", ["optimizer.weight_decay", "regularization.mode"]),
+])
+def test_bad_input_is_a_failed_run_with_the_reason(tmp_path, store, client, override, words):
+    with pytest.raises(ConfigError) as e:
+        train(make_cfg(f"tracking.uri={store}", override), output_dir=tmp_path)
+    for w in words:
+        assert w in str(e.value)
+    (run,) = runs_of(client)  # recorded as FAILED, with the reason, and no metrics
+    assert run.info.status == "FAILED" and words[0] in run.data.tags["l2lab.failure"]
+    assert run.data.metrics == {}
+
+
+def test_bad_input_on_the_command_line_exits_nonzero_without_traceback(tmp_path, store):
+    r = run_cli("l2lab.train", f"tracking.uri={store}", *TINY, "regularization.lam=-1",
+                cwd=tmp_path)
+    assert r.returncode == 2
+    assert "regularization.lam must be a finite number >= 0" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_missing_dataset_files_exit_nonzero(tmp_path, store):
+    r = run_cli("l2lab.train", f"tracking.uri={store}", "data=mnist",
+                f"data.root={tmp_path}/none", cwd=tmp_path)
+    assert r.returncode != 0 and f"{tmp_path}/none/MNIST/raw" in r.stderr
+    assert "data.download=true" in r.stderr
