@@ -27,6 +27,7 @@ from filelock import FileLock
 from l2lab import ConfigError
 
 ENV_URI = "MLFLOW_TRACKING_URI"
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep CLI output readable
 PROBE_TIMEOUT_S = 10.0
 _VALID_KEY = re.compile(r"^[/\w.\- :]*$")
 

@@ -98,6 +98,17 @@ def _quick_checks(cfg: DictConfig) -> None:
         raise ConfigError(f"seed must be an integer, got {cfg.seed!r}.")
 
 
+def quiet_libraries() -> None:
+    """Lightning's info lines (GPU available, tips) and deprecation chatter drown the per-epoch
+    lines a researcher reads; keep warnings and errors."""
+    import logging
+
+    for name in ("pytorch_lightning", "lightning_fabric", "mlflow"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
 def _sweep_info(output_dir: Path | None) -> dict | None:
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -249,6 +260,7 @@ def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    quiet_libraries()
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     try:

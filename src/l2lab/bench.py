@@ -1,0 +1,369 @@
+"""``python -m l2lab.bench``: the harness against a hand-written PyTorch loop, same training.
+
+Why: the harness wraps a twenty-line training loop in Lightning, per-epoch MLflow logging and a
+per-epoch checkpoint. This measures what that costs, in one process, on the same composed config,
+the same data tensors on the same device, the same initial weights and the same batches, and it
+checks that both sides end with the same weights, so that the times compare like with like.
+
+Sides (interleaved per repeat, each warmed up once with one epoch, untimed):
+
+- ``harness``: ``train.build`` + ``train.fit`` with a real ``RunTracker`` on a temporary SQLite
+  store, i.e. Lightning + per-epoch metrics to MLflow + per-epoch ``last.ckpt``. Creating and
+  ending the MLflow run and loading the data are outside the timed region (once per run, not per
+  epoch; the same for any loop).
+- ``harness_no_mlflow``: the same with a tracker that drops metrics (Lightning + checkpoint), so
+  that the MLflow share of the overhead can be read off.
+- ``plain``: seed, build net/penalty/optimizer, then ``for epoch: for x, y in batches: step``
+  and a no-grad validation pass at each epoch end, keeping the same per-epoch means.
+
+Prints one JSON object on stdout (anything else the libraries print goes to stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import logging
+import os
+import platform
+import re
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from l2lab import CONF_DIR, ConfigError
+from l2lab import tracking as tr
+from l2lab.data import Splits, TensorBatches, load_data
+from l2lab.regularization import build_penalty
+from l2lab.train import build, fit, optimizer_factory
+
+SIDES = ("harness", "harness_no_mlflow", "plain")
+VAL_BATCH = 1024  # what train.fit uses for validation, so both sides sum the same batches
+AGREE_RTOL = 1e-5
+
+Metrics = dict[str, float]
+
+
+# -- the two sides ---------------------------------------------------------------------------
+class _NullTracker:
+    """Stands in for ``RunTracker`` in ``fit``: drops metrics, so MLflow costs nothing."""
+
+    def log_metrics(self, metrics: Metrics, step: int) -> None:
+        pass
+
+    def logged_steps(self, key: str) -> set[int]:
+        return set()
+
+
+def run_harness(cfg: DictConfig, splits: Splits, tracker: Any,
+                out_dir: Path) -> tuple[torch.nn.Module, Metrics]:
+    """What ``train.train`` does between loading the data and ending the run."""
+    pl.seed_everything(int(cfg.seed), workers=False, verbose=False)
+    module = build(cfg, splits)
+    with contextlib.redirect_stdout(sys.stderr):  # EpochRecorder echoes each epoch
+        final = fit(cfg, module, splits, tracker, out_dir, None)
+    return module.net, final
+
+
+def run_plain(cfg: DictConfig, splits: Splits,
+              device: torch.device) -> tuple[torch.nn.Module, Metrics]:
+    """The loop a researcher would write by hand, computing what the module reports."""
+    seed, bs = int(cfg.seed), int(cfg.data.batch_size)
+    torch.manual_seed(seed)  # the harness's seed_everything does this too: same initial weights
+    model_cfg = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+                 if k != "name"}
+    net = hydra.utils.instantiate(model_cfg, in_shape=splits.in_shape,
+                                  num_classes=splits.num_classes).to(device)
+    penalty = build_penalty(net, cfg.regularization, dataset_size=len(splits.train[1]))
+    opt = optimizer_factory(cfg)(net, penalty)
+    batches = TensorBatches(*splits.train, bs, shuffle=True, seed=seed)
+    val = TensorBatches(*splits.val, VAL_BATCH) if len(splits.val[1]) else None
+    m: Metrics = {}
+    for epoch in range(int(cfg.trainer.max_epochs)):
+        net.train()
+        batches.sampler.set_epoch(epoch)  # Lightning does this for the harness
+        ce_sum = l2_sum = correct = torch.zeros((), device=device)
+        count = 0
+        for x, y in batches:
+            logits = net(x)
+            ce = F.cross_entropy(logits, y)
+            l2 = penalty(len(y))
+            loss = ce + l2
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                ce_sum = ce_sum + ce * len(y)
+                l2_sum = l2_sum + l2 * len(y)
+                correct = correct + (logits.argmax(1) == y).sum()
+                count += len(y)
+        m = {"train/ce": ce_sum.item() / count, "train/l2": l2_sum.item() / count,
+             "train/acc": correct.item() / count}
+        m["train/loss"] = m["train/ce"] + m["train/l2"]
+        sq = {k: v.item() for k, v in penalty.weight_sq_norms().items()}
+        m["weights/sq_norm_total"] = sum(sq.values())
+        if val is not None:
+            net.eval()
+            with torch.no_grad():
+                v_ce = v_correct = torch.zeros((), device=device)
+                for x, y in val:
+                    logits = net(x)
+                    v_ce = v_ce + F.cross_entropy(logits, y) * len(y)
+                    v_correct = v_correct + (logits.argmax(1) == y).sum()
+            m["val/ce"] = v_ce.item() / len(val.y)
+            m["val/acc"] = v_correct.item() / len(val.y)
+    return net, m
+
+
+# -- measuring -------------------------------------------------------------------------------
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux), so each run's peak is its own."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _proc_status_mib(field: str) -> float | None:
+    try:
+        m = re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    except OSError:
+        return None
+    return int(m.group(1)) / 1024 if m else None
+
+
+def _peak_rss_mib(per_run: bool) -> float:
+    if per_run and (hwm := _proc_status_mib("VmHWM")) is not None:
+        return hwm
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (1024 * 1024 if sys.platform == "darwin" else 1024)
+
+
+def measure(fn: Callable[[], Any], device: torch.device) -> tuple[Any, dict[str, float]]:
+    """Run ``fn`` once: wall seconds (device synchronised), peak RSS, peak CUDA memory."""
+    gc.collect()
+    per_run = _reset_peak_rss()
+    before = _proc_status_mib("VmRSS") if per_run else None
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    out = fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    stats = {"seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_rss_mib(per_run)}
+    if before is not None:  # what the run itself added on top of the process
+        stats["rss_growth_mib"] = stats["peak_rss_mib"] - before
+    if cuda:
+        stats["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out, stats
+
+
+def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) if b.numel() else 0.0
+
+
+def agreement(nets: dict[str, torch.nn.Module], finals: dict[str, Metrics]) -> dict[str, Any]:
+    """Largest relative difference of each harness side from the plain loop (weights, val/ce)."""
+    ref, ref_sd = finals["plain"], nets["plain"].state_dict()
+    out: dict[str, Any] = {}
+    for side in SIDES[:-1]:
+        sd = nets[side].state_dict()
+        w = max(_rel_diff(sd[k], ref_sd[k]) for k in ref_sd)
+        key = "val/ce" if "val/ce" in ref else "train/ce"
+        m = abs(finals[side][key] - ref[key]) / max(abs(ref[key]), 1e-12)
+        out[side] = {"max_weight_rel_diff": w, f"{key.replace('/', '_')}_rel_diff": m}
+    out["same_result"] = all(v <= AGREE_RTOL for d in out.values() for v in d.values())
+    return out
+
+
+# -- the command -----------------------------------------------------------------------------
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("l2lab.bench: --device cuda, but CUDA is not available.")
+    return torch.device(name)
+
+
+def overrides_for(args: argparse.Namespace, device: torch.device) -> list[str]:
+    """The config both sides train: digits, MLP, L2 λ=1e-3 in the loss, SGD."""
+    ov = ["data=digits", "model=mlp", "regularization=l2", "regularization.lam=1e-3",
+          "regularization.mode=loss", "optimizer=sgd", f"model.hidden=[{args.hidden}]",
+          f"data.batch_size={args.batch_size}", f"trainer.max_epochs={args.epochs}",
+          f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}", "trainer.devices=1",
+          "seed=0"]
+    if args.train_size is not None:
+        ov.append(f"data.train_size={args.train_size}")
+    return ov
+
+
+def compose_cfg(overrides: Sequence[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        found = re.search(r"model name\s*:\s*(.+)", cpuinfo.read_text()) \
+            if cpuinfo.exists() else None
+        name = found.group(1).strip() if found else (platform.processor() or platform.machine())
+    import mlflow
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "lightning": pl.__version__, "mlflow": mlflow.__version__, "device": str(device),
+            "device_name": name, "cpu_count": os.cpu_count(),
+            "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else None,
+            "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+
+
+def _summary(runs: list[dict[str, float]], epochs: int, steps: int) -> dict[str, Any]:
+    secs = [r["seconds"] for r in runs]
+    med = statistics.median(secs)
+    out: dict[str, Any] = {
+        "median_s": med, "min_s": min(secs), "s_per_epoch": med / epochs,
+        "steps_per_s": steps * epochs / med, "times_s": secs,
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+    }
+    if "rss_growth_mib" in runs[0]:
+        out["rss_growth_mib"] = max(r["rss_growth_mib"] for r in runs)
+    if "cuda_max_allocated_mib" in runs[0]:
+        out["cuda_max_allocated_mib"] = max(r["cuda_max_allocated_mib"] for r in runs)
+    return out
+
+
+def bench(args: argparse.Namespace) -> dict[str, Any]:
+    device = _device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = overrides_for(args, device)
+    cfg = compose_cfg(overrides)
+    warm = cfg.copy()
+    with open_dict(warm):
+        warm.trainer.max_epochs = 1
+    splits = load_data(cfg.data).to(device)
+    epochs, steps = int(cfg.trainer.max_epochs), len(splits.train[1])
+    steps = (steps + int(cfg.data.batch_size) - 1) // int(cfg.data.batch_size)
+
+    with tempfile.TemporaryDirectory(prefix="l2lab-bench-") as tmp:
+        uri = f"sqlite:///{tmp}/mlruns/mlflow.db"
+        client = tr.connect(uri)
+        exp = tr.experiment_id(client, "l2lab-bench", uri)
+
+        def once(side: str, c: DictConfig, tag: str) -> tuple[Any, dict[str, float]]:
+            out_dir = Path(tmp) / f"{side}-{tag}"
+            if side == "plain":
+                return measure(lambda: run_plain(c, splits, device), device)
+            if side == "harness_no_mlflow":
+                return measure(lambda: run_harness(c, splits, _NullTracker(), out_dir), device)
+            tracker = tr.RunTracker.start(client, exp, f"bench {tag}", {})
+            try:
+                return measure(lambda: run_harness(c, splits, tracker, out_dir), device)
+            finally:
+                tracker.finish("FINISHED")
+
+        for side in SIDES:  # imports, lazy initialisation, the SQLite schema: not timed
+            once(side, warm, "warmup")
+        runs: dict[str, list[dict[str, float]]] = {s: [] for s in SIDES}
+        last: dict[str, tuple[torch.nn.Module, Metrics]] = {}
+        for r in range(args.repeats):
+            for side in SIDES:
+                last[side], stats = once(side, cfg, str(r))
+                runs[side].append(stats)
+                print(f"l2lab.bench: repeat {r} {side}: {stats['seconds']:.3f} s",
+                      file=sys.stderr, flush=True)
+
+    result: dict[str, Any] = {
+        "settings": {"epochs": epochs, "train_size": len(splits.train[1]),
+                     "val_size": len(splits.val[1]), "batch_size": int(cfg.data.batch_size),
+                     "hidden": list(cfg.model.hidden), "steps_per_epoch": steps,
+                     "repeats": args.repeats, "device": str(device)},
+        "overrides": overrides,
+    }
+    for side in SIDES:
+        result[side] = _summary(runs[side], epochs, steps)
+        result[side]["final_train_ce"] = last[side][1]["train/ce"]
+        if "val/ce" in last[side][1]:
+            result[side]["final_val_ce"] = last[side][1]["val/ce"]
+    plain = result["plain"]["median_s"]
+    result["ratio_harness_over_plain"] = result["harness"]["median_s"] / plain
+    result["ratio_harness_no_mlflow_over_plain"] = result["harness_no_mlflow"]["median_s"] / plain
+    agree = agreement({s: last[s][0] for s in SIDES}, {s: last[s][1] for s in SIDES})
+    result["same_result"] = agree.pop("same_result")
+    result["agreement"] = agree
+    result["peak_rss"] = "per run (Linux VmHWM reset before each run)" if _reset_peak_rss() \
+        else "process high-water mark (getrusage), not per side"
+    result["env"] = environment(device)
+    return result
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="l2lab-bench", description="Time the harness against a plain PyTorch loop "
+        "doing the same training (digits, MLP, L2 λ=1e-3, SGD); prints one JSON object.")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--train-size", type=int, default=None,
+                   help="training examples (default: all the digits split leaves, 1200)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--hidden", default="256,256", help="MLP widths, comma-separated")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = p.parse_args(argv)
+    try:
+        widths = [int(h) for h in args.hidden.split(",") if h.strip()]
+    except ValueError:
+        p.error(f"--hidden must be comma-separated integers, got {args.hidden!r}")
+    if not widths or min(widths) < 1:
+        p.error(f"--hidden must be comma-separated integers >= 1, got {args.hidden!r}")
+    if min(args.epochs, args.repeats, args.batch_size, args.threads or 1) < 1:
+        p.error("--epochs, --repeats, --batch-size and --threads must be >= 1")
+    args.hidden = ",".join(map(str, widths))
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            result = bench(args)
+        except ConfigError as e:
+            print(f"l2lab.bench: error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text, file=stdout, flush=True)
+
+
+if __name__ == "__main__":
+    main()

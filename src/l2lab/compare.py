@@ -1,0 +1,74 @@
+"""``python -m l2lab.compare``: the sweep table and figures for any set of runs in MLflow.
+
+With no selection it takes the latest sweep. ``--experiment`` takes every training run of an
+experiment (several sweeps together: runs with the same swept values are pooled over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from l2lab import ConfigError
+from l2lab import tracking as tr
+from l2lab.sweep import summarize_runs
+
+
+def _all_experiments(client) -> list[str]:
+    return [e.experiment_id for e in client.search_experiments()]
+
+
+def select_runs(client, *, experiment: str | None, sweep: str | None,
+                run_ids: list[str]) -> tuple[list, str]:
+    """The runs to compare and a label for the output folder."""
+    if run_ids:
+        return [client.get_run(r) for r in run_ids], "runs"
+    exps = _all_experiments(client)
+    if experiment:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            names = ", ".join(sorted(e.name for e in client.search_experiments()))
+            raise ConfigError(f"--experiment: no experiment {experiment!r}; there are: {names}.")
+        exps = [exp.experiment_id]
+    if sweep is None and experiment is None:
+        parents = client.search_runs(exps, filter_string="tags.`l2lab.role` = 'sweep'",
+                                     order_by=["attributes.start_time DESC"], max_results=1)
+        if not parents:
+            raise ConfigError("no sweep in this store yet: run `make sweep` or name runs to "
+                              "compare (--experiment NAME, --sweep ID, or RUN_IDs).")
+        sweep = parents[0].data.tags["l2lab.sweep_id"]
+    flt = f"tags.`l2lab.sweep_id` = '{sweep}'" if sweep else ""
+    runs = client.search_runs(exps, filter_string=flt, max_results=10_000,
+                              order_by=["attributes.start_time ASC"])
+    runs = [r for r in runs if r.data.tags.get("l2lab.role") != "sweep"]  # not the parents
+    if not runs:
+        raise ConfigError(f"no runs found for --sweep {sweep!r} / --experiment {experiment!r}.")
+    return runs, sweep or experiment or "runs"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="l2lab-compare", description=__doc__.splitlines()[0])
+    ap.add_argument("run_ids", nargs="*", help="explicit MLflow run ids")
+    ap.add_argument("--experiment", help="every training run of this experiment")
+    ap.add_argument("--sweep", help="the runs of this sweep id (its multirun folder name)")
+    ap.add_argument("--out", type=Path, help="output folder (default: reports/<label>)")
+    ap.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or ./mlruns/mlflow.db")
+    args = ap.parse_args(argv)
+    try:
+        uri = tr.resolve_uri(args.tracking_uri)
+        client = tr.connect(uri)
+        runs, label = select_runs(client, experiment=args.experiment, sweep=args.sweep,
+                                  run_ids=args.run_ids)
+    except ConfigError as e:
+        print(f"l2lab-compare: error: {e}", file=sys.stderr)
+        return 2
+    out = args.out or Path("reports") / label
+    table, paths, _ = summarize_runs(client, runs, out)
+    print(f"{len(runs)} runs ({label}) from {uri}\n\n{table}\n")
+    print(f"Summary: {paths['summary']}\nFigures: {paths['lambda_curve'].parent}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

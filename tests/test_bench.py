@@ -1,0 +1,62 @@
+"""``python -m l2lab.bench`` end to end, tiny: the JSON is complete and both sides agree.
+
+No timing is asserted (machines are noisy); what must hold everywhere is that the harness and the
+plain loop train the same thing, which is what makes the timing comparison meaningful.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import run_cli
+
+from l2lab.bench import parse_args
+
+SIDES = ("harness", "harness_no_mlflow", "plain")
+PER_SIDE = ("median_s", "min_s", "s_per_epoch", "steps_per_s", "times_s", "peak_rss_mib",
+            "final_train_ce", "final_val_ce")
+
+
+@pytest.mark.slow
+def test_bench_prints_one_json_object_and_both_sides_agree(tmp_path):
+    out = tmp_path / "bench.json"
+    r = run_cli("l2lab.bench", "--epochs", "2", "--train-size", "100", "--batch-size", "32",
+                "--repeats", "1", "--hidden", "16", "--device", "cpu", "--out", str(out),
+                cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout)  # stdout is exactly one JSON document
+    assert json.loads(out.read_text()) == result
+
+    assert result["settings"] == {"epochs": 2, "train_size": 100, "val_size": 597,
+                                  "batch_size": 32, "hidden": [16], "steps_per_epoch": 4,
+                                  "repeats": 1, "device": "cpu"}
+    assert "trainer.max_epochs=2" in result["overrides"]
+    assert "regularization.lam=1e-3" in result["overrides"]
+    for side in SIDES:
+        s = result[side]
+        assert set(PER_SIDE) <= set(s), side
+        assert len(s["times_s"]) == 1 and s["median_s"] > 0 and s["min_s"] > 0
+        assert s["s_per_epoch"] == pytest.approx(s["median_s"] / 2)
+        assert s["steps_per_s"] == pytest.approx(8 / s["median_s"])
+        assert s["peak_rss_mib"] > 0
+    h, n, p = (result[s]["median_s"] for s in SIDES)
+    assert result["ratio_harness_over_plain"] == pytest.approx(h / p)
+    assert result["ratio_harness_no_mlflow_over_plain"] == pytest.approx(n / p)
+
+    assert result["same_result"] is True, result["agreement"]
+    assert result["harness"]["final_train_ce"] == pytest.approx(
+        result["plain"]["final_train_ce"], rel=1e-5)
+    assert result["harness"]["final_val_ce"] == pytest.approx(
+        result["plain"]["final_val_ce"], rel=1e-5)
+    env = result["env"]
+    assert {"torch", "lightning", "device_name", "cpu_count", "torch_threads"} <= set(env)
+    assert not (tmp_path / "mlruns").exists()  # the bench's store is temporary
+
+
+@pytest.mark.parametrize("argv", [["--hidden", "16,x"], ["--hidden", "0"], ["--epochs", "0"],
+                                  ["--device", "tpu"]])
+def test_bench_rejects_bad_arguments(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2 and "error" in capsys.readouterr().err

@@ -1,0 +1,189 @@
+"""Sweeps: one parent run per multirun, the summary and figures, compare, and the REST API."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import TINY, run_cli, runs_of
+from mlflow.tracking import MlflowClient
+
+from l2lab import compare
+
+PNG = b"\x89PNG\r\n\x1a\n"
+LAMS = ["0.0", "0.01", "1.0"]
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """A real multirun of 3 λ × 2 seeds into a fresh SQLite store (run once for this module)."""
+    root = tmp_path_factory.mktemp("sweep")
+    store = f"sqlite:///{root}/mlruns/mlflow.db"
+    r = run_cli("l2lab.train", "-m", "regularization.lam=0,0.01,1", "seed=0,1", *TINY,
+                f"tracking.uri={store}", f"hydra.sweep.dir={root}/multirun/s1", cwd=root)
+    return root, store, r
+
+
+def test_sweep_has_one_parent_with_every_job_as_child(swept):
+    root, store, r = swept
+    assert r.returncode == 0, r.stderr[-3000:]
+    client = MlflowClient(store)
+    (parent,) = runs_of(client, **{"l2lab.role": "sweep"})
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["l2lab.sweep_id"] == "s1"
+    children = runs_of(client, **{"mlflow.parentRunId": parent.info.run_id})
+    assert len(children) == 6
+    assert all(c.data.tags["l2lab.sweep_id"] == "s1" for c in children)
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert all(c.info.experiment_id == parent.info.experiment_id for c in children)
+    names = sorted(c.data.tags["mlflow.runName"] for c in children)
+    assert names[0] == "lam=0 seed=0" and names[-1] == "lam=1 seed=1"
+
+
+def test_summary_and_figures_are_logged_to_the_parent(swept, tmp_path):
+    root, store, r = swept
+    client = MlflowClient(store)
+    (parent,) = runs_of(client, **{"l2lab.role": "sweep"})
+    pid = parent.info.run_id
+    figs = {a.path for a in client.list_artifacts(pid, "figures")}
+    assert figs == {"figures/lambda_curve.png", "figures/learning_curves.png",
+                    "figures/weight_norms.png"}
+    for f in figs:
+        data = Path(client.download_artifacts(pid, f, str(tmp_path))).read_bytes()
+        assert data.startswith(PNG) and len(data) > 5000
+    df = pd.read_csv(client.download_artifacts(pid, "summary.csv", str(tmp_path)))
+    assert [f"{x:g}" for x in df["lam"]] == ["0", "0.01", "1"]
+    assert list(df["runs"]) == [2, 2, 2]
+    for col in ("train/ce_mean", "train/ce_std", "val/ce_mean", "val/ce_std", "gap/ce_mean",
+                "val/acc_mean", "best_val_ce_mean", "best_epoch_mean"):
+        assert col in df.columns
+    # the means are those of the children's final metrics
+    children = runs_of(client, **{"mlflow.parentRunId": pid})
+    lam1 = [c.data.metrics["val/ce"] for c in children
+            if c.data.params["regularization.lam"] == "1.0"]
+    assert df.loc[df["lam"] == 1, "val/ce_mean"].item() == pytest.approx(sum(lam1) / 2)
+    assert df.loc[df["lam"] == 1, "val/ce_std"].item() == pytest.approx(
+        abs(lam1[0] - lam1[1]) / 2 ** 0.5)
+    assert "lam" in r.stdout and "val/ce" in r.stdout and "figures" in r.stdout.lower()
+
+
+def test_compare_reproduces_the_sweep_table(swept, tmp_path, capsys):
+    root, store, _ = swept
+    client = MlflowClient(store)
+    (parent,) = runs_of(client, **{"l2lab.role": "sweep"})
+    sweep_csv = pd.read_csv(client.download_artifacts(parent.info.run_id, "summary.csv",
+                                                      str(tmp_path)))
+    # no selection: the latest sweep
+    assert compare.main(["--tracking-uri", store, "--out", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert "6 runs (s1)" in out
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "c" / "summary.csv"), sweep_csv)
+    assert (tmp_path / "c" / "figures" / "lambda_curve.png").read_bytes().startswith(PNG)
+    assert compare.main(["--tracking-uri", store, "--sweep", "s1", "--out",
+                         str(tmp_path / "d")]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "d" / "summary.csv"), sweep_csv)
+    assert compare.main(["--tracking-uri", store, "--experiment", "nope"]) == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.load(resp)
+
+
+def test_mlflow_server_serves_the_sweep(swept):
+    root, store, _ = swept
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", store,
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()[-2000:]
+                assert time.time() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+        exps = _post(base + "/api/2.0/mlflow/experiments/search", {"max_results": 10})
+        ids = [e["experiment_id"] for e in exps["experiments"]]
+        runs = _post(base + "/api/2.0/mlflow/runs/search",
+                     {"experiment_ids": ids, "max_results": 100})["runs"]
+        tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
+        parents = [t for t in tags if t.get("l2lab.role") == "sweep"]
+        assert len(parents) == 1
+        pid = [r for r, t in zip(runs, tags, strict=True)
+               if t.get("l2lab.role") == "sweep"][0]["info"]["run_id"]
+        children = [r for r, t in zip(runs, tags, strict=True)
+                    if t.get("mlflow.parentRunId") == pid]
+        assert len(children) == 6
+        for c in children:
+            rid = c["info"]["run_id"]
+            url = f"{base}/api/2.0/mlflow/metrics/get-history?run_id={rid}&metric_key=val/ce"
+            with urllib.request.urlopen(url, timeout=30) as resp:
+                hist = json.load(resp)["metrics"]
+            assert sorted(m["step"] for m in hist) == [0, 1, 2]
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def test_a_failing_job_does_not_stop_the_sweep(tmp_path, store, client):
+    r = run_cli("l2lab.train", "-m", "optimizer.lr=0.05,1e6", *TINY, f"tracking.uri={store}",
+                f"hydra.sweep.dir={tmp_path}/multirun/bad", cwd=tmp_path)
+    assert r.returncode != 0
+    (parent,) = runs_of(client, **{"l2lab.role": "sweep"})
+    children = runs_of(client, **{"mlflow.parentRunId": parent.info.run_id})
+    status = {c.data.params["optimizer.lr"]: c for c in children}
+    assert status["0.05"].info.status == "FINISHED"
+    bad = status["1000000.0"]
+    assert bad.info.status == "FAILED"
+    assert "non-finite loss at epoch" in bad.data.tags["l2lab.failure"]
+    assert parent.info.status == "FAILED" and "1 of 2" in parent.data.tags["l2lab.failure"]
+    assert "FAILED" in r.stdout and "non-finite" in r.stdout  # the table names it
+    summary = pd.read_csv(tmp_path / "multirun" / "bad" / "report" / "summary.csv")
+    assert summary["failed"].sum() == 1
+
+
+def test_default_sweep_tells_the_notes_story(tmp_path, store, client):
+    """The lambda_sweep preset (what `make sweep` runs): for every seed the gap shrinks as λ
+    grows, the largest λ underfits, and val CE is lowest at an interior λ."""
+    r = run_cli("l2lab.train", "-m", "experiment=lambda_sweep", f"tracking.uri={store}",
+                f"hydra.sweep.dir={tmp_path}/multirun/story", cwd=tmp_path, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = [x for x in runs_of(client) if x.data.tags.get("l2lab.role") != "sweep"]
+    assert len(runs) == 24
+    for seed in ("0", "1", "2"):
+        by_lam = sorted((float(x.data.params["regularization.lam"]), x.data.metrics)
+                        for x in runs if x.data.params["seed"] == seed)
+        lams = [lam for lam, _ in by_lam]
+        gap = [m["gap/ce"] for _, m in by_lam]
+        train_ce = [m["train/ce"] for _, m in by_lam]
+        val_ce = [m["val/ce"] for _, m in by_lam]
+        assert gap[-1] < gap[0] / 2, (seed, gap)
+        assert all(b <= a * 1.05 for a, b in zip(gap, gap[1:], strict=False)), (seed, gap)
+        assert train_ce[-1] > 20 * train_ce[0], (seed, train_ce)
+        best = val_ce.index(min(val_ce))
+        assert 0 < best < len(lams) - 1, (seed, lams[best], val_ce)
