@@ -1,0 +1,34 @@
+"""GPU checks; skipped without CUDA (CI has none). Run them on a GPU machine with `make test`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_cfg, runs_of
+
+from l2lab import reproduce
+from l2lab.train import train
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def test_training_on_gpu_is_recorded_and_close_to_cpu(tmp_path, store, client):
+    gpu = train(make_cfg(f"tracking.uri={store}", "trainer.accelerator=gpu",
+                         "trainer.deterministic=true"), output_dir=tmp_path / "g")
+    cpu = train(make_cfg(f"tracking.uri={store}", "trainer.accelerator=cpu"),
+                output_dir=tmp_path / "c")
+    assert all(r.info.status == "FINISHED" for r in runs_of(client))
+    for k in ("train/ce", "val/ce", "weights/sq_norm_total"):
+        assert gpu[k] == pytest.approx(cpu[k], rel=1e-3), k
+
+
+def test_reproduce_on_gpu_within_the_documented_tolerance(tmp_path, store, client, capsys):
+    train(make_cfg(f"tracking.uri={store}", "trainer.accelerator=gpu",
+                   "trainer.deterministic=true"), output_dir=tmp_path / "g")
+    (orig,) = runs_of(client)
+    rc = reproduce.main([orig.info.run_id, "--check", "--tracking-uri", store,
+                         "--out", str(tmp_path / "again")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "GPU, rtol=0.0001" in out
