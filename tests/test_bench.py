@@ -43,6 +43,8 @@ def test_bench_prints_one_json_object_and_both_sides_agree(tmp_path):
     h, n, p = (result[s]["median_s"] for s in SIDES)
     assert result["ratio_harness_over_plain"] == pytest.approx(h / p)
     assert result["ratio_harness_no_mlflow_over_plain"] == pytest.approx(n / p)
+    assert result["ratio_harness_over_plain_min"] == pytest.approx(
+        result["harness"]["min_s"] / result["plain"]["min_s"])
 
     assert result["same_result"] is True, result["agreement"]
     assert result["harness"]["final_train_ce"] == pytest.approx(

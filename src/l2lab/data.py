@@ -148,7 +148,6 @@ class TensorBatches:
         self.sampler = EpochShuffle(len(y), seed, shuffle)
         self.batch_sampler = None  # Lightning inspects loaders like a DataLoader
 
-
     def __len__(self) -> int:
         return (len(self.y) + self.batch_size - 1) // self.batch_size
 

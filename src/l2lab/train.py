@@ -230,9 +230,9 @@ def train(cfg: DictConfig, *, overrides: Sequence[str] = (), output_dir: Path | 
 
 
 def fit(cfg: DictConfig, module: L2Module, splits, tracker: tr.RunTracker, output_dir: Path,
-        ckpt: Path | None) -> dict[str, float]:
+        ckpt: Path | None, echo: bool = True) -> dict[str, float]:
     """Lightning training on tensors that live on the training device."""
-    recorder = tr.EpochRecorder(tracker, output_dir / "checkpoints" / "last.ckpt")
+    recorder = tr.EpochRecorder(tracker, output_dir / "checkpoints" / "last.ckpt", echo=echo)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*(GPU available|TPU available|LitLogger).*")
