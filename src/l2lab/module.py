@@ -14,7 +14,6 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from l2lab.regularization import L2Penalty
 
@@ -33,10 +32,7 @@ class L2Module(pl.LightningModule):
         super().__init__()
         self.net, self.penalty, self.make_optimizer = net, penalty, make_optimizer
         self.mode, self.batch_size = mode, batch_size
-        self.acc = nn.ModuleDict({  # keys must not shadow nn.Module attributes ("train")
-            f"{split}_acc": MulticlassAccuracy(num_classes, average="micro", validate_args=False)
-            for split in ("train", "val", "test")
-        })
+        self.num_classes = num_classes
         self.epoch_metrics: dict[str, float] = {}  # last finished epoch's values, for the tracker
         self._val_metrics: dict[str, float] = {}
         self.test_metrics: dict[str, float] = {}
@@ -54,16 +50,20 @@ class L2Module(pl.LightningModule):
         self._sums[key] = self._sums[key] + v if key in self._sums else v
         self._sums[f"{key}#n"] = self._sums.get(f"{key}#n", 0) + n
 
-    def _means(self, prefix: str) -> dict[str, torch.Tensor]:
+    def _means(self, prefix: str) -> dict[str, float]:
+        """Epoch means of the accumulated values, fetched from the device in one transfer."""
         keys = [k for k in self._sums if k.startswith(prefix) and not k.endswith("#n")]
-        out = {k: self._sums.pop(k) / self._sums.pop(f"{k}#n") for k in keys}
-        return out
+        if not keys:
+            return {}
+        means = torch.stack([self._sums.pop(k) / self._sums.pop(f"{k}#n") for k in keys])
+        return dict(zip(keys, means.tolist(), strict=True))
 
     def _ce_step(self, batch, split: str) -> tuple[torch.Tensor, int]:
         x, y = batch
         logits = self.net(x)
         ce = F.cross_entropy(logits, y)  # the note's (1/n)ΣCCE
-        self.acc[f"{split}_acc"].update(logits.detach(), y)
+        # accuracy as a device-side mean too (torchmetrics' bincount would sync on CUDA)
+        self._add(f"{split}/acc", (logits.detach().argmax(1) == y).float().mean(), len(y))
         return ce, len(y)
 
     # -- training ------------------------------------------------------------------------------
@@ -81,10 +81,8 @@ class L2Module(pl.LightningModule):
         return loss
 
     def on_train_epoch_end(self) -> None:
-        m = {k: v.item() for k, v in self._means("train/").items()}
+        m = self._means("train/")
         m["train/loss"] = m["train/ce"] + m["train/l2"]
-        m["train/acc"] = self.acc["train_acc"].compute().item()
-        self.acc["train_acc"].reset()
         if not math.isfinite(m["train/loss"]):
             raise NonFiniteLossError(
                 f"non-finite loss at epoch {self.current_epoch}: train/loss={m['train/loss']} "
@@ -92,7 +90,8 @@ class L2Module(pl.LightningModule):
                 "lower optimizer.lr or regularization.lam"
             )
         sq = self.penalty.weight_sq_norms()
-        m.update({f"weights/sq_norm/{k}": v.item() for k, v in sq.items()})
+        m.update({f"weights/sq_norm/{k}": v for k, v in
+                  zip(sq, torch.stack(list(sq.values())).tolist(), strict=True)})
         m["weights/sq_norm_total"] = sum(m[f"weights/sq_norm/{k}"] for k in sq)
         m.update(self._val_metrics)  # val/* from this epoch's validation, which ran just before
         self._val_metrics = {}
@@ -107,19 +106,13 @@ class L2Module(pl.LightningModule):
         self._add("val/ce", ce, n)
 
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking:  # contract: no sanity-check values are logged
-            self._means("val/")
-            self.acc["val_acc"].reset()
-            return
-        self._val_metrics = {k: v.item() for k, v in self._means("val/").items()}
-        self._val_metrics["val/acc"] = self.acc["val_acc"].compute().item()
-        self.acc["val_acc"].reset()
+        means = self._means("val/")
+        if not self.trainer.sanity_checking:  # contract: no sanity-check values are logged
+            self._val_metrics = means
 
     def test_step(self, batch, batch_idx: int) -> None:
         ce, n = self._ce_step(batch, "test")
         self._add("test/ce", ce, n)
 
     def on_test_epoch_end(self) -> None:
-        self.test_metrics = {k: v.item() for k, v in self._means("test/").items()}
-        self.test_metrics["test/acc"] = self.acc["test_acc"].compute().item()
-        self.acc["test_acc"].reset()
+        self.test_metrics = self._means("test/")

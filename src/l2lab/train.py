@@ -221,6 +221,9 @@ def train(cfg: DictConfig, *, overrides: Sequence[str] = (), output_dir: Path | 
         return metrics
     except (KeyboardInterrupt, SystemExit) as e:
         tracker.finish("KILLED", failure=f"interrupted ({tr.one_line(e)})")
+        if sweep:  # the sweep stops here too, and its end callback will not run
+            tr.RunTracker(client, sweep["parent_run_id"]).finish(
+                "KILLED", failure=f"interrupted during run {tracker.run_id}")
         raise
     except BaseException as e:
         tracker.finish("FAILED", failure=tr.one_line(e))
