@@ -158,3 +158,7 @@ def test_unreachable_tracking_server_fails_fast(tmp_path):
     assert "Traceback" not in r.stderr
     assert elapsed < 15, elapsed  # the contract's bound (design.md §6), not a benchmark
     assert not (tmp_path / "mlruns").exists()
+    r = run_cli("l2lab.train", "-m", "regularization.lam=0,1", "tracking.uri=http://127.0.0.1:9",
+                *TINY, f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and "no MLflow tracking server answers" in r.stderr
+    assert "Launching" not in r.stdout + r.stderr  # the sweep stopped before any job

@@ -17,7 +17,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from l2lab import CONF_DIR, report
+from l2lab import CONF_DIR, ConfigError, report
 from l2lab import tracking as tr
 
 SWEEP_INFO = ".l2lab_sweep.json"
@@ -48,7 +48,26 @@ def swept_keys(overrides: list[str], sweeper_params: Mapping) -> list[str]:
     return keys + [str(k) for k in sweeper_params if str(k) not in keys]
 
 
+def _exit_on_error(hook):
+    """Hydra swallows exceptions raised in callbacks (a broken store would give a sweep that
+    'succeeds' with no parent run), but not SystemExit: turn errors into a clear exit."""
+
+    def wrapped(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            hook(self, config, **kwargs)
+        except ConfigError as e:
+            print(f"l2lab: error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        except Exception as e:
+            print(f"l2lab: sweep {hook.__name__} failed: {tr.one_line(e)}", file=sys.stderr,
+                  flush=True)
+            sys.exit(1)
+
+    return wrapped
+
+
 class SweepCallback(Callback):
+    @_exit_on_error
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         uri = tr.resolve_uri(config.tracking.uri)
         client = tr.connect(uri)
@@ -68,6 +87,7 @@ class SweepCallback(Callback):
         print(f"l2lab: sweep {sweep_dir.name}: parent MLflow run {parent.run_id} "
               f"in experiment {config.experiment_name!r}", flush=True)
 
+    @_exit_on_error
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         info = json.loads((sweep_dir / SWEEP_INFO).read_text())

@@ -305,19 +305,15 @@ HISTORY_KEYS = ("train/ce", "val/ce", "weights/sq_norm_total")
 _NOT_GROUPED = ("seed", "tracking.uri", "resume", "experiment_name")
 
 
-def swept_keys(runs: Iterable) -> list[str]:
-    """Override keys whose values differ between runs (other than ``seed``): the table's rows."""
-    values: dict[str, set[str]] = {}
-    runs = list(runs)
-    for run in runs:
-        ov = parse_overrides(json.loads(run.data.tags.get("l2lab.overrides", "[]")))
-        for k, v in ov.items():
-            values.setdefault(k, set()).add(v)
-    keys = [k for k, vs in values.items()
-            if not k.startswith(("hydra.",) + _NOT_GROUPED) and k not in _NOT_GROUPED
-            and (len(vs) > 1 or any(k not in parse_overrides(
-                json.loads(r.data.tags.get("l2lab.overrides", "[]"))) for r in runs))]
-    return sorted(keys, key=lambda k: (k != "regularization.lam", k))
+def varying_keys(runs: Iterable) -> list[str]:
+    """Override keys (other than ``seed`` and bookkeeping) whose value differs between runs, or
+    that only some runs set: they make the rows of the summary table."""
+    overrides = [parse_overrides(json.loads(r.data.tags.get("l2lab.overrides", "[]")))
+                 for r in runs]
+    keys = {k for ov in overrides for k in ov
+            if not k.startswith("hydra.") and k not in _NOT_GROUPED}
+    varying = [k for k in keys if len({ov.get(k) for ov in overrides}) > 1]
+    return sorted(varying, key=lambda k: (k != "regularization.lam", k))
 
 
 def load_records(client, runs: Iterable) -> list:
@@ -325,7 +321,7 @@ def load_records(client, runs: Iterable) -> list:
     from l2lab.report import RunRecord
 
     runs = list(runs)
-    keys = swept_keys(runs)
+    keys = varying_keys(runs)
     records = []
     for run in runs:
         params, tags = run.data.params, run.data.tags
