@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import sys
 import warnings
@@ -124,11 +123,13 @@ def _sweep_info(output_dir: Path | None) -> dict | None:
 
 
 def _logged_config(client, run_id: str) -> DictConfig:
+    import tempfile
+
     import yaml
 
-    path = client.download_artifacts(run_id, "config/config.yaml",
-                                     dst_path=str(Path(os.environ.get("TMPDIR", "/tmp"))))
-    return OmegaConf.create(yaml.safe_load(Path(path).read_text()))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(run_id, "config/config.yaml", dst_path=tmp)
+        return OmegaConf.create(yaml.safe_load(Path(path).read_text()))
 
 
 def _resume_config(cfg: DictConfig, overrides: Sequence[str], logged: DictConfig) -> DictConfig:
