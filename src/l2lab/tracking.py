@@ -191,7 +191,10 @@ class RunTracker:
 
     @classmethod
     def reopen(cls, client, run_id: str) -> RunTracker:
+        """Continue a run (resume): RUNNING again, and the old failure reason no longer holds."""
         client.update_run(run_id, status="RUNNING")
+        if "l2lab.failure" in client.get_run(run_id).data.tags:
+            client.delete_tag(run_id, "l2lab.failure")
         return cls(client, run_id)
 
     def log_params(self, params: Mapping[str, str]) -> None:

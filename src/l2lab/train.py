@@ -108,7 +108,7 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
-def _sweep_info(output_dir: Path | None) -> dict | None:
+def _sweep_info() -> dict | None:
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
@@ -169,7 +169,7 @@ def train(cfg: DictConfig, *, overrides: Sequence[str] = (), output_dir: Path | 
         if isinstance(cfg.regularization.lam, int) and not isinstance(cfg.regularization.lam, bool):
             cfg.regularization.lam = float(cfg.regularization.lam)  # "lam=0" logs as 0.0
     client = tr.connect(cfg.tracking.uri)
-    sweep = _sweep_info(output_dir)
+    sweep = _sweep_info()
 
     if cfg.resume:
         run = client.get_run(str(cfg.resume))
@@ -238,11 +238,9 @@ def fit(cfg: DictConfig, module: L2Module, splits, tracker: tr.RunTracker, outpu
     """Lightning training on tensors that live on the training device."""
     recorder = tr.EpochRecorder(tracker, output_dir / "checkpoints" / "last.ckpt", echo=echo)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*(GPU available|TPU available|LitLogger).*")
-        trainer = pl.Trainer(**trainer_kwargs, logger=False, callbacks=[recorder],
-                             default_root_dir=str(output_dir), enable_model_summary=False,
-                             num_sanity_val_steps=0)
+    trainer = pl.Trainer(**trainer_kwargs, logger=False, callbacks=[recorder],
+                         default_root_dir=str(output_dir), enable_model_summary=False,
+                         num_sanity_val_steps=0)
     splits = splits.to(trainer.strategy.root_device)
     bs, seed = int(cfg.data.batch_size), int(cfg.seed)
     train_batches = TensorBatches(*splits.train, bs, shuffle=True, seed=seed)
