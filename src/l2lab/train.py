@@ -216,7 +216,12 @@ def train(cfg: DictConfig, *, overrides: Sequence[str] = (), output_dir: Path | 
         if ckpt is None:
             tracker.log_params({"l2.layers": ",".join(module.penalty.layer_names),
                                 "l2.num_params": str(module.penalty.num_params)})
-        metrics = fit(cfg, module, splits, tracker, output_dir, ckpt)
+        # In a sweep, one line per job instead of one per epoch keeps the table readable.
+        metrics = fit(cfg, module, splits, tracker, output_dir, ckpt, echo=sweep is None)
+        if sweep:
+            shown = ("train/ce", "val/ce", "gap/ce", "val/acc")
+            print("  ".join([f"  -> {cfg.trainer.max_epochs} epochs"] + [
+                f"{k}={metrics[k]:.4f}" for k in shown if k in metrics]), flush=True)
         tracker.log_state_dict(module.net, "model/state_dict.pt")
         tracker.finish("FINISHED")
         return metrics
