@@ -290,10 +290,6 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def is_finite_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
-
-
 def parse_overrides(overrides: Iterable[str]) -> dict[str, str]:
     """``["regularization.lam=0.1", "+x=1"]`` -> ``{"regularization.lam": "0.1", "x": "1"}``."""
     out = {}
