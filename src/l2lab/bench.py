@@ -39,18 +39,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from l2lab import CONF_DIR, ConfigError
 from l2lab import tracking as tr
 from l2lab.data import Splits, TensorBatches, load_data
 from l2lab.regularization import build_penalty
-from l2lab.train import build, fit, optimizer_factory
+from l2lab.train import build, build_net, fit, optimizer_factory
 
 SIDES = ("harness", "harness_no_mlflow", "plain")
 VAL_BATCH = 1024  # what train.fit uses for validation, so both sides sum the same batches
@@ -90,10 +89,7 @@ def run_plain(cfg: DictConfig, splits: Splits,
     """The loop a researcher would write by hand, computing what the module reports."""
     seed, bs = int(cfg.seed), int(cfg.data.batch_size)
     torch.manual_seed(seed)  # the harness's seed_everything does this too: same initial weights
-    model_cfg = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
-                 if k != "name"}
-    net = hydra.utils.instantiate(model_cfg, in_shape=splits.in_shape,
-                                  num_classes=splits.num_classes).to(device)
+    net = build_net(cfg, splits).to(device)
     penalty = build_penalty(net, cfg.regularization, dataset_size=len(splits.train[1]))
     opt = optimizer_factory(cfg)(net, penalty)
     batches = TensorBatches(*splits.train, bs, shuffle=True, seed=seed)

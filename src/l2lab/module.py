@@ -28,11 +28,10 @@ class L2Module(pl.LightningModule):
 
     def __init__(self, net: nn.Module, penalty: L2Penalty,
                  make_optimizer: Callable[[nn.Module, L2Penalty], torch.optim.Optimizer],
-                 num_classes: int, mode: str = "loss", batch_size: int = 64) -> None:
+                 mode: str = "loss", batch_size: int = 64) -> None:
         super().__init__()
         self.net, self.penalty, self.make_optimizer = net, penalty, make_optimizer
         self.mode, self.batch_size = mode, batch_size
-        self.num_classes = num_classes
         self.epoch_metrics: dict[str, float] = {}  # last finished epoch's values, for the tracker
         self._val_metrics: dict[str, float] = {}
         self.test_metrics: dict[str, float] = {}

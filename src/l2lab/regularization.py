@@ -39,7 +39,8 @@ class SelectedLayer:
         return [self.weight] if self.bias is None else [self.weight, self.bias]
 
 
-def _check_lam(key: str, value: object) -> float:
+def check_lam(key: str, value: object) -> float:
+    """λ as a float, or a ConfigError naming ``key``: λ must be finite and >= 0."""
     try:
         lam = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -76,11 +77,11 @@ def select_layers(
     no ``exclude`` pattern, and its weight has at least ``min_params`` elements. Its λ is that of
     the first ``lam_per_layer`` key matching its name, else ``lam``.
     """
-    lam = _check_lam("regularization.lam", lam)
+    lam = check_lam("regularization.lam", lam)
     layers = _as_list("regularization.layers", layers)
     exclude = _as_list("regularization.exclude", exclude)
     types = _as_list("regularization.types", types)
-    per_layer = {str(k): _check_lam(f"regularization.lam_per_layer.{k}", v)
+    per_layer = {str(k): check_lam(f"regularization.lam_per_layer.{k}", v)
                  for k, v in (lam_per_layer or {}).items()}
     try:
         min_params = int(min_params)

@@ -7,6 +7,7 @@ is created under a file lock, and every SQLite connection waits for locks instea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -127,10 +128,7 @@ def connect(uri: str):
 def experiment_id(client, name: str, uri: str) -> str:
     """Get or create the experiment (under the store lock, so parallel jobs create it once)."""
     db = sqlite_path(uri)
-    lock = FileLock(str(db) + ".lock", timeout=300) if db else None
-    if lock:
-        lock.acquire()
-    try:
+    with FileLock(str(db) + ".lock", timeout=300) if db else contextlib.nullcontext():
         exp = client.get_experiment_by_name(name)
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
@@ -140,9 +138,6 @@ def experiment_id(client, name: str, uri: str) -> str:
                 )
             return exp.experiment_id
         return client.create_experiment(name, artifact_location=artifact_location(uri))
-    finally:
-        if lock:
-            lock.release()
 
 
 # -- params --------------------------------------------------------------------------------------
@@ -197,27 +192,27 @@ class RunTracker:
             client.delete_tag(run_id, "l2lab.failure")
         return cls(client, run_id)
 
+    def _log_batch(self, kind: str, items: list, size: int) -> None:
+        """MLflow caps a batch at 100 params/tags or 1000 metrics: send in chunks."""
+        for i in range(0, len(items), size):
+            self.client.log_batch(self.run_id, **{kind: items[i:i + size]}, synchronous=True)
+
     def log_params(self, params: Mapping[str, str]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i:i + 100], synchronous=True)
+        self._log_batch("params", [Param(k, str(v)) for k, v in params.items()], 100)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(k, str(v)) for k, v in tags.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, tags=items[i:i + 100], synchronous=True)
+        self._log_batch("tags", [RunTag(k, str(v)) for k, v in tags.items()], 100)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
-        for i in range(0, len(items), 1000):
-            self.client.log_batch(self.run_id, metrics=items[i:i + 1000], synchronous=True)
+        self._log_batch("metrics", [Metric(k, float(v), now, int(step))
+                                    for k, v in metrics.items()], 1000)
 
     def logged_steps(self, key: str) -> set[int]:
         return {m.step for m in self.client.get_metric_history(self.run_id, key)}

@@ -24,7 +24,7 @@ from l2lab import CONF_DIR, ConfigError
 from l2lab import tracking as tr
 from l2lab.data import TensorBatches, load_data
 from l2lab.module import L2Module, NonFiniteLossError
-from l2lab.regularization import L2Penalty, build_penalty
+from l2lab.regularization import L2Penalty, build_penalty, check_lam
 from l2lab.sweep import SWEEP_INFO
 
 _NAME_SKIP = ("hydra.", "tracking.", "experiment", "resume")
@@ -67,32 +67,32 @@ def optimizer_factory(cfg: DictConfig):
     return make
 
 
-def build(cfg: DictConfig, splits):
-    """Network, penalty and module from the config; every check runs here, before training."""
+def build_net(cfg: DictConfig, splits) -> torch.nn.Module:
+    """The network of ``cfg.model`` for the data's input shape and classes."""
     model_cfg = _strip(cfg.model, "name")
     if not str(model_cfg.get("_target_", "")).startswith("l2lab.models."):
         raise ConfigError(f"model must be one of mlp, cnn (l2lab.models.*), got {cfg.model}.")
     try:
-        net = hydra.utils.instantiate(model_cfg, in_shape=splits.in_shape,
-                                      num_classes=splits.num_classes)
+        return hydra.utils.instantiate(model_cfg, in_shape=splits.in_shape,
+                                       num_classes=splits.num_classes)
     except Exception as e:  # instantiate wraps our ConfigError
         cause = e.__cause__ if isinstance(e.__cause__, ConfigError) else None
         if cause:
             raise cause from None
         raise ConfigError(f"model: cannot build {model_cfg['_target_']}: {e}") from None
+
+
+def build(cfg: DictConfig, splits) -> L2Module:
+    """Network, penalty and module from the config; every check runs here, before training."""
+    net = build_net(cfg, splits)
     penalty = build_penalty(net, cfg.regularization, dataset_size=len(splits.train[1]))
-    module = L2Module(net, penalty, optimizer_factory(cfg), splits.num_classes,
-                      mode=cfg.regularization.mode, batch_size=int(cfg.data.batch_size))
-    return module
+    return L2Module(net, penalty, optimizer_factory(cfg), mode=cfg.regularization.mode,
+                    batch_size=int(cfg.data.batch_size))
 
 
 def _quick_checks(cfg: DictConfig) -> None:
     """Checks that need no data, so that a bad λ fails before a dataset is read."""
-    lam = cfg.regularization.lam
-    if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not math.isfinite(lam) \
-            or lam < 0:
-        raise ConfigError(
-            f"regularization.lam must be a finite number >= 0 (0 disables L2), got {lam!r}.")
+    check_lam("regularization.lam", cfg.regularization.lam)
     if not isinstance(cfg.seed, int):
         raise ConfigError(f"seed must be an integer, got {cfg.seed!r}.")
 
