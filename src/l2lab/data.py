@@ -155,3 +155,37 @@ class TensorBatches:
         order = self.sampler.order().to(self.x.device)
         for idx in order.split(self.batch_size):
             yield self.x[idx], self.y[idx]
+
+
+class _Shuffles:
+    """K networks' epoch orders behind one ``set_epoch`` (what Lightning calls on a sampler)."""
+
+    def __init__(self, shuffles: list[EpochShuffle]) -> None:
+        self.shuffles = shuffles
+
+    def set_epoch(self, epoch: int) -> None:
+        for s in self.shuffles:
+            s.set_epoch(epoch)
+
+
+class StackedBatches:
+    """Mini-batches for K stacked networks, each in its own seed's order, as one (K·B) batch.
+
+    Network k's rows come at [k·b, (k+1)·b): the same examples, in the same order, as
+    ``TensorBatches(x, y, batch_size, shuffle=True, seed=seeds[k])`` gives that network alone.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                 seeds: list[int]) -> None:
+        self.x, self.y, self.batch_size = x, y, int(batch_size)
+        self.sampler = _Shuffles([EpochShuffle(len(y), s, True) for s in seeds])
+        self.batch_sampler = None
+
+    def __len__(self) -> int:
+        return (len(self.y) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        orders = torch.stack([s.order() for s in self.sampler.shuffles]).to(self.x.device)
+        for idx in orders.split(self.batch_size, dim=1):
+            flat = idx.reshape(-1)
+            yield self.x[flat], self.y[flat]

@@ -22,6 +22,13 @@ class NonFiniteLossError(FloatingPointError):
     """Training diverged: the loss became NaN or infinite."""
 
 
+def nonfinite_message(epoch: int, m: dict[str, float]) -> str:
+    """Why a run stopped: the epoch and the diverged numbers, and what to change."""
+    return (f"non-finite loss at epoch {epoch}: train/loss={m['train/loss']} "
+            f"(train/ce={m['train/ce']}, train/l2={m['train/l2']}); "
+            "lower optimizer.lr or regularization.lam")
+
+
 class L2Module(pl.LightningModule):
     """J = mean CCE + (λ/n)Σ||W||² (``mode=loss``), or mean CCE with the penalty applied by the
     optimizer as weight decay (``mode=optimizer``)."""
@@ -83,11 +90,7 @@ class L2Module(pl.LightningModule):
         m = self._means("train/")
         m["train/loss"] = m["train/ce"] + m["train/l2"]
         if not math.isfinite(m["train/loss"]):
-            raise NonFiniteLossError(
-                f"non-finite loss at epoch {self.current_epoch}: train/loss={m['train/loss']} "
-                f"(train/ce={m['train/ce']}, train/l2={m['train/l2']}); "
-                "lower optimizer.lr or regularization.lam"
-            )
+            raise NonFiniteLossError(nonfinite_message(self.current_epoch, m))
         sq = self.penalty.weight_sq_norms()
         m.update({f"weights/sq_norm/{k}": v for k, v in
                   zip(sq, torch.stack(list(sq.values())).tolist(), strict=True)})

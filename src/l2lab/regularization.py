@@ -151,7 +151,7 @@ class L2Penalty(nn.Module):
     """
 
     def __init__(self, selected: list[SelectedLayer], normalize: str = "batch",
-                 dataset_size: int | None = None) -> None:
+                 dataset_size: int | None = None, lams: torch.Tensor | None = None) -> None:
         super().__init__()
         if normalize not in NORMALIZE:
             raise ConfigError(
@@ -162,7 +162,11 @@ class L2Penalty(nn.Module):
         self.selected = selected
         self.normalize = normalize
         self.dataset_size = dataset_size
-        self.register_buffer("lams", torch.tensor([s.lam for s in selected]), persistent=False)
+        # (L,) for one network; (L, K) for K stacked networks (``stacked``), whose selected weights
+        # carry a leading K dimension and whose penalty is then a vector of K values.
+        lams = torch.tensor([s.lam for s in selected]) if lams is None else lams
+        self.stacked = lams.dim() == 2
+        self.register_buffer("lams", lams, persistent=False)
 
     @property
     def layer_names(self) -> list[str]:
@@ -180,18 +184,27 @@ class L2Penalty(nn.Module):
             return float(self.dataset_size)  # type: ignore[arg-type]
         return 1.0
 
+    def _sq(self, p: torch.Tensor) -> torch.Tensor:
+        """Σ p² over one network's tensor: a scalar, or K of them for a stacked tensor."""
+        return p.pow(2).flatten(1).sum(1) if self.stacked else p.pow(2).sum()
+
     def sq_norms(self) -> torch.Tensor:
-        """||W_l||_F² (plus ||b_l||² when biases are penalised) per selected layer, as a vector."""
-        return torch.stack([sum(p.pow(2).sum() for p in s.params) for s in self.selected])
+        """||W_l||_F² (plus ||b_l||² when biases are penalised) per selected layer: (L,) or
+        (L, K)."""
+        return torch.stack([sum(self._sq(p) for p in s.params) for s in self.selected])
 
     def weight_sq_norms(self) -> dict[str, torch.Tensor]:
         """||W_l||_F² of each selected layer's weight alone (the logged ``weights/sq_norm/*``)."""
-        return {s.name: s.weight.detach().pow(2).sum() for s in self.selected}
+        return {s.name: self._sq(s.weight.detach()) for s in self.selected}
 
     def forward(self, batch_size: int) -> torch.Tensor:
         lams = self.lams.to(device=self.selected[0].weight.device,
                             dtype=self.selected[0].weight.dtype)
-        return (lams * self.sq_norms()).sum() / self.divisor(batch_size)
+        return (lams * self.sq_norms()).sum(0) / self.divisor(batch_size)
+
+    def decay(self, batch_size: int) -> torch.Tensor:
+        """Per-layer weight decay 2λ/n equivalent to the penalty (float64; (L,) or (L, K))."""
+        return 2.0 * self.lams.double() / self.divisor(batch_size)
 
     def param_groups(self, model: nn.Module, batch_size: int) -> list[dict]:
         """Optimizer groups that apply the same penalty as weight decay (``mode=optimizer``).

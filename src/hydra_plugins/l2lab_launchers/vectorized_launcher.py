@@ -1,0 +1,160 @@
+"""``hydra/launcher=vectorized``: a sweep's λ × seed jobs trained as stacks of networks.
+
+Jobs whose composed configs differ only in ``regularization.lam``,
+``regularization.lam_per_layer.*`` and ``seed`` train together, as one stack of K networks in one
+Lightning fit (``l2lab.train.train_group``); every other job runs the ordinary way, in the same
+sweep, in job order. Each job keeps its own output folder, ``.hydra/`` files, MLflow run and
+return value, so sweepers, callbacks and ``compare`` see an ordinary sweep.
+
+Hydra imports every module of ``hydra_plugins`` at start-up (``--help`` included): nothing heavy
+is imported here until ``launch``. (Hydra executes plugin modules outside ``sys.modules``, so no
+``from __future__ import annotations`` here: dataclasses would not find this module.)
+"""
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
+
+#: The keys in which the jobs of one stack may differ.
+STACKED_KEYS = ("regularization.lam", "regularization.lam_per_layer", "seed")
+STACKABLE_MODELS = ("l2lab.models.MLP", "l2lab.models.CNN")
+STACKABLE_OPTIMIZERS = ("torch.optim.SGD", "torch.optim.Adam", "torch.optim.AdamW")
+
+
+@dataclass
+class VectorizedLauncherConf:
+    _target_: str = "hydra_plugins.l2lab_launchers.vectorized_launcher.VectorizedLauncher"
+    max_models: Optional[int] = None  # noqa: UP045 (OmegaConf) networks per stack; null: what fits the device's memory
+
+
+ConfigStore.instance().store(group="hydra/launcher", name="l2lab_vectorized",
+                             node=VectorizedLauncherConf, provider="l2lab")
+
+
+def group_key(cfg: DictConfig) -> str | None:
+    """What a job must share with others to be stacked with them; ``None``: train it alone."""
+    try:
+        tree = OmegaConf.to_container(task_config(cfg), resolve=True)
+    except Exception:  # an interpolation error is the ordinary path's to report
+        return None
+    reg = tree.get("regularization") or {}
+    if (tree.get("resume") or tree.get("reuse")
+            or (tree.get("model") or {}).get("_target_") not in STACKABLE_MODELS
+            or (tree.get("optimizer") or {}).get("_target_") not in STACKABLE_OPTIMIZERS
+            or str((tree.get("trainer") or {}).get("devices", 1)) != "1"
+            or not _valid_lams(reg)):
+        return None
+    for key in STACKED_KEYS:
+        parent, _, leaf = key.rpartition(".")
+        (tree.get(parent) if parent else tree).pop(leaf, None)
+    return json.dumps(tree, sort_keys=True, default=str)
+
+
+def task_config(cfg: DictConfig) -> DictConfig:
+    """The job's config as its task function sees it: without the ``hydra`` node."""
+    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+
+
+def _valid_lams(reg: dict) -> bool:
+    """Jobs with a bad λ go the ordinary way, which records them FAILED with the reason."""
+    values = [reg.get("lam"), *((reg.get("lam_per_layer") or {}).values())]
+    try:
+        return all(math.isfinite(float(v)) and float(v) >= 0 for v in values)
+    except (TypeError, ValueError):
+        return False
+
+
+def plan(keys: Sequence[str | None]) -> list[list[int]]:
+    """Jobs (by position) grouped by key, in order of each group's first job; ``None`` alone."""
+    groups: dict[str, list[int]] = {}
+    out: list[list[int]] = []
+    for i, key in enumerate(keys):
+        if key is None:
+            out.append([i])
+        elif key in groups:
+            groups[key].append(i)
+        else:
+            groups[key] = [i]
+            out.append(groups[key])
+    return out
+
+
+class VectorizedLauncher(Launcher):
+    def __init__(self, max_models: int | None = None) -> None:
+        super().__init__()
+        self.max_models = max_models
+        self.config: DictConfig | None = None
+        self.task_function: TaskFunction | None = None
+        self.hydra_context: HydraContext | None = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
+              config: DictConfig) -> None:
+        self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+
+    def launch(self, job_overrides: Sequence[Sequence[str]],
+               initial_job_idx: int) -> Sequence[JobReturn]:
+        setup_globals()
+        assert self.config is not None and self.hydra_context is not None
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        configs = []
+        for i, overrides in enumerate(job_overrides):
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            with open_dict(cfg):
+                cfg.hydra.job.id = cfg.hydra.job.num = initial_job_idx + i
+            configs.append(cfg)
+        groups = plan([group_key(c) for c in configs])
+        stacked = sum(len(g) for g in groups if len(g) > 1)
+        log.info(f"Launching {len(configs)} jobs: {stacked} stacked in "
+                 f"{sum(len(g) > 1 for g in groups)} group(s), "
+                 f"{len(configs) - stacked} ordinary")
+        returns: dict[int, JobReturn] = {}
+        for group in groups:
+            if len(group) == 1:
+                returns[group[0]] = self._run(configs[group[0]], self.task_function)
+                continue
+            values = self._train_group([configs[i] for i in group])
+            for i, value in zip(group, values, strict=True):
+                returns[i] = self._run(configs[i], lambda _cfg, v=value: v)
+        return [returns[i] for i in range(len(configs))]
+
+    def _run(self, cfg: DictConfig, task: Any) -> JobReturn:
+        """Hydra's own job bookkeeping (output folder, ``.hydra/``, callbacks, return value)."""
+        log.info(f"\t#{cfg.hydra.job.num} : {' '.join(filter_overrides(cfg.hydra.overrides.task))}")
+        ret = run_job(hydra_context=self.hydra_context, task_function=task, config=cfg,
+                      job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        return ret
+
+    def _train_group(self, configs: list[DictConfig]) -> list[float]:
+        from l2lab.sweep import SWEEP_INFO
+        from l2lab.train import quiet_libraries, train_group
+
+        quiet_libraries()
+        dirs, tasks, overrides = [], [], []
+        for cfg in configs:
+            HydraConfig.instance().set_config(cfg)  # resolves hydra.sweep.subdir for this job
+            dirs.append(Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir))
+            overrides.append(list(cfg.hydra.overrides.task))
+            tasks.append(task_config(cfg))
+        info_path = Path(str(self.config.hydra.sweep.dir)) / SWEEP_INFO
+        sweep = json.loads(info_path.read_text()) if info_path.exists() else None
+        results = train_group(tasks, overrides, [os.path.abspath(d) for d in dirs],
+                              sweep=sweep, max_models=self.max_models)
+        return [float(r.get("val/ce", math.nan)) if isinstance(r, dict) else math.nan
+                for r in results]
