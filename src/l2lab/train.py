@@ -368,8 +368,6 @@ def train_group(cfgs: Sequence[DictConfig], overrides: Sequence[Sequence[str]],
                        [Path(d).resolve() for d in output_dirs])
         for i, tracker in enumerate(trackers):
             if isinstance(results[i], dict):
-                if sweep:
-                    print(job_line(cfgs[i], results[i]), flush=True)
                 tracker.log_state_dict(members[i].module.net, "model/state_dict.pt")
                 tracker.finish("FINISHED")
         return results  # type: ignore[return-value]

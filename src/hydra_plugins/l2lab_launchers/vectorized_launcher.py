@@ -128,22 +128,25 @@ class VectorizedLauncher(Launcher):
             if len(group) == 1:
                 returns[group[0]] = self._run(configs[group[0]], self.task_function)
                 continue
-            values = self._train_group([configs[i] for i in group])
-            for i, value in zip(group, values, strict=True):
-                returns[i] = self._run(configs[i], lambda _cfg, v=value: v)
+            values, lines = self._train_group([configs[i] for i in group])
+            for i, value, line in zip(group, values, lines, strict=True):
+                returns[i] = self._run(configs[i], lambda _cfg, v=value: v, line)
         return [returns[i] for i in range(len(configs))]
 
-    def _run(self, cfg: DictConfig, task: Any) -> JobReturn:
+    def _run(self, cfg: DictConfig, task: Any, result: str = "") -> JobReturn:
         """Hydra's own job bookkeeping (output folder, ``.hydra/``, callbacks, return value)."""
-        log.info(f"\t#{cfg.hydra.job.num} : {' '.join(filter_overrides(cfg.hydra.overrides.task))}")
+        overrides = " ".join(filter_overrides(cfg.hydra.overrides.task))
+        log.info(f"\t#{cfg.hydra.job.num} : {overrides}{result}")
         ret = run_job(hydra_context=self.hydra_context, task_function=task, config=cfg,
                       job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return ret
 
-    def _train_group(self, configs: list[DictConfig]) -> list[float]:
+    def _train_group(self, configs: list[DictConfig]) -> tuple[list[float], list[str]]:
+        """Train the group; per job its objective (final val/ce) and its one-line result."""
+        from l2lab import tracking as tr
         from l2lab.sweep import SWEEP_INFO
-        from l2lab.train import quiet_libraries, train_group
+        from l2lab.train import job_line, quiet_libraries, train_group
 
         quiet_libraries()
         dirs, tasks, overrides = [], [], []
@@ -156,5 +159,8 @@ class VectorizedLauncher(Launcher):
         sweep = json.loads(info_path.read_text()) if info_path.exists() else None
         results = train_group(tasks, overrides, [os.path.abspath(d) for d in dirs],
                               sweep=sweep, max_models=self.max_models)
-        return [float(r.get("val/ce", math.nan)) if isinstance(r, dict) else math.nan
-                for r in results]
+        values = [float(r.get("val/ce", math.nan)) if isinstance(r, dict) else math.nan
+                  for r in results]
+        lines = [job_line(c, r) if isinstance(r, dict) else f"  -> FAILED: {tr.one_line(r)}"
+                 for c, r in zip(tasks, results, strict=True)]
+        return values, lines
