@@ -62,3 +62,33 @@ def test_bench_rejects_bad_arguments(argv, capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(argv)
     assert e.value.code == 2 and "error" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_sweep_times_every_side_and_they_train_the_same_thing(tmp_path):
+    r = run_cli("l2lab.bench", "--sweep", "--repeats", "1", "--", "trainer.max_epochs=2",
+                "data.train_size=60", "model.hidden=[16]",
+                "regularization.lam=0,0.5", "seed=0,1",
+                cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout)
+    s = result["settings"]
+    assert s["lams"] == [0.0, 0.5] and s["seeds"] == [0, 1] and s["jobs"] == 4
+    assert s["epochs"] == 2 and s["train_size"] == 60 and s["hidden"] == [16]
+    sides = ("vectorized", "basic", "plain", "plain_stacked", "single", "single_plain")
+    assert set(result["sides"]) == set(sides)
+    for side in sides:
+        assert len(result[side]["times_s"]) == 1 and result[side]["median_s"] > 0
+    for side in ("vectorized", "basic"):  # MLflow's share was measured inside the sweep
+        assert 0 < result[side]["mlflow_s"] < result[side]["median_s"]
+        assert result[side]["mlflow_share"] == pytest.approx(
+            result[side]["mlflow_s"] / result[side]["median_s"])
+    med = {k: result[k]["median_s"] for k in sides}
+    assert result["ratios"]["vectorized_over_plain"] == pytest.approx(
+        med["vectorized"] / med["plain"])
+    assert result["ratios"]["basic_over_vectorized"] == pytest.approx(
+        med["basic"] / med["vectorized"])
+    # every side trained the same jobs to the same final val/ce (per λ, mean over seeds)
+    assert set(result["plain"]["final_val_ce_per_lam"]) == {"0", "0.5"}
+    for side, diff in result["max_rel_diff_final_val_ce_vs_plain"].items():
+        assert diff < 1e-4, side

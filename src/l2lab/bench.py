@@ -71,6 +71,9 @@ class _NullTracker:
     def log_metrics(self, metrics: Metrics, step: int) -> None:
         pass
 
+    def log_epochs(self, epochs: Any) -> None:
+        pass
+
     def logged_steps(self, key: str) -> set[int]:
         return set()
 
@@ -337,12 +340,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="training examples (default: all the digits split leaves, 1200)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--hidden", default="256,256", help="MLP widths, comma-separated")
-    p.add_argument("--repeats", type=int, default=7,
-                   help="timed runs per side, interleaved, after one untimed 1-epoch warm-up")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed runs per side, interleaved, after one untimed 1-epoch warm-up "
+                   "(default 7; 3 with --sweep)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's; 1 steadies a busy machine)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    p.add_argument("--sweep", action="store_true",
+                   help="instead: the default λ sweep through the vectorized and the basic "
+                   "launcher, a plain loop and a plain stacked loop, as whole processes "
+                   "(--repeats defaults to 3 there; overrides after --)")
+    p.add_argument("overrides", nargs="*", help="with --sweep: Hydra overrides for the sweep")
     args = p.parse_args(argv)
     try:
         widths = [int(h) for h in args.hidden.split(",") if h.strip()]
@@ -350,9 +359,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--hidden must be comma-separated integers, got {args.hidden!r}")
     if not widths or min(widths) < 1:
         p.error(f"--hidden must be comma-separated integers >= 1, got {args.hidden!r}")
-    if min(args.epochs, args.repeats, args.batch_size, args.threads or 1) < 1:
+    if min(args.epochs, args.repeats or 1, args.batch_size, args.threads or 1) < 1:
         p.error("--epochs, --repeats, --batch-size and --threads must be >= 1")
     args.hidden = ",".join(map(str, widths))
+    args.repeats = args.repeats or (3 if args.sweep else 7)
     return args
 
 
@@ -364,7 +374,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            result = bench(args)
+            if args.sweep:
+                from l2lab.bench_sweep import bench_sweep
+
+                result = bench_sweep(args.repeats, list(args.overrides))
+            else:
+                result = bench(args)
         except ConfigError as e:
             print(f"l2lab.bench: error: {e}", file=sys.stderr, flush=True)
             sys.exit(2)

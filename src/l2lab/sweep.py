@@ -48,6 +48,12 @@ def swept_keys(overrides: list[str], sweeper_params: Mapping) -> list[str]:
     return keys + [str(k) for k in sweeper_params if str(k) not in keys]
 
 
+def _write_timing(sweep_dir: Path) -> None:
+    """Where the sweep's time went (read by ``l2lab.bench --sweep``): the seconds this process
+    spent inside MLflow client calls (jobs in other processes are not counted)."""
+    (sweep_dir / "timing.json").write_text(json.dumps({"mlflow_s": tr.MLFLOW_SECONDS[0]}))
+
+
 def _exit_on_error(hook):
     """Hydra swallows exceptions raised in callbacks (a broken store would give a sweep that
     'succeeds' with no parent run), but not SystemExit: turn errors into a clear exit."""
@@ -106,6 +112,7 @@ class SweepCallback(Callback):
             print(f"Figures: {paths['summary'].parent / 'figures'}\n"
                   f"Parent MLflow run: {parent.run_id} (make ui, then open experiment "
                   f"{config.experiment_name!r})", flush=True)
+            _write_timing(sweep_dir)
             n_failed = sum(r.status != "FINISHED" for r in records)
             parent.finish("FAILED" if failed else "FINISHED",
                           failure=f"{n_failed} of {len(runs)} jobs did not finish" if failed

@@ -102,6 +102,29 @@ def probe_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
 
 
 _CLIENTS: dict[str, Any] = {}
+MLFLOW_SECONDS = [0.0]  # time spent inside MLflow client calls by this process (benchmarks)
+
+
+class _TimedClient:
+    """An ``MlflowClient`` that adds the time of every call to ``MLFLOW_SECONDS``."""
+
+    def __init__(self, client) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return attr(*args, **kwargs)
+            finally:
+                MLFLOW_SECONDS[0] += time.perf_counter() - t0
+
+        return timed
+
 _EXPERIMENTS: dict[tuple[str, str], str] = {}
 
 
@@ -110,7 +133,9 @@ def connect(uri: str):
 
     Once per process and store: the jobs of a sweep share a process and a store."""
     if uri not in _CLIENTS:
-        _CLIENTS[uri] = _connect(uri)
+        t0 = time.perf_counter()
+        _CLIENTS[uri] = _TimedClient(_connect(uri))
+        MLFLOW_SECONDS[0] += time.perf_counter() - t0
     return _CLIENTS[uri]
 
 
@@ -212,15 +237,20 @@ class RunTracker:
             client.delete_tag(run_id, "l2lab.failure")
         return cls(client, run_id)
 
-    def _log_batch(self, kind: str, items: list, size: int) -> None:
+    def _log_batch(self, kind: str, items: list, size: int, **extra: list) -> None:
         """MLflow caps a batch at 100 params/tags or 1000 metrics: send in chunks."""
-        for i in range(0, len(items), size):
-            self.client.log_batch(self.run_id, **{kind: items[i:i + size]}, synchronous=True)
+        for i in range(0, max(len(items), 1), size):
+            self.client.log_batch(self.run_id, **{kind: items[i:i + size]}, **extra,
+                                  synchronous=True)
+            extra = {}
 
-    def log_params(self, params: Mapping[str, str]) -> None:
-        from mlflow.entities import Param
+    def log_params(self, params: Mapping[str, str], tags: Mapping[str, str] | None = None
+                   ) -> None:
+        """Params (and a few tags: at most 100 together in the first call) in few store calls."""
+        from mlflow.entities import Param, RunTag
 
-        self._log_batch("params", [Param(k, str(v)) for k, v in params.items()], 100)
+        self._log_batch("params", [Param(k, str(v)) for k, v in params.items()], 100,
+                        tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag

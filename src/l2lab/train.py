@@ -183,9 +183,11 @@ def log_config(tracker: tr.RunTracker, cfg: DictConfig, overrides: Sequence[str]
     tracker.log_text(OmegaConf.to_yaml(list(overrides)), "config/overrides.yaml")
 
 
-def log_selection(tracker: tr.RunTracker, penalty: L2Penalty) -> None:
+def log_selection(tracker: tr.RunTracker, penalty: L2Penalty,
+                  tags: Mapping[str, str] | None = None) -> None:
+    """The resolved layer selection as params (and any tags, in the same store call)."""
     tracker.log_params({"l2.layers": ",".join(penalty.layer_names),
-                        "l2.num_params": str(penalty.num_params)})
+                        "l2.num_params": str(penalty.num_params)}, tags=tags)
 
 
 def job_line(cfg: DictConfig, metrics: Mapping[str, float]) -> str:
@@ -356,7 +358,6 @@ def train_group(cfgs: Sequence[DictConfig], overrides: Sequence[Sequence[str]],
                 module = build(cfgs[i], splits)
                 members[i] = stacked.Member(module, torch.Generator().set_state(
                     torch.get_rng_state()))
-                log_selection(trackers[i], module.penalty)
             except ConfigError as e:
                 fail(i, e)
         ids = list(members)
@@ -391,7 +392,7 @@ def _fit_stack(cfgs, ids: list[int], members, splits, trackers, results,
     cfg0 = cfgs[ids[0]]
     group = uuid.uuid4().hex[:12]
     for i in ids:
-        trackers[i].set_tags({"l2lab.vectorized_group": group})
+        log_selection(trackers[i], members[i].module.penalty, {"l2lab.vectorized_group": group})
     module = stacked.stack_modules([members[i].module for i in ids],
                                    [members[i].generator for i in ids],
                                    optimizer_factory(cfg0, decay_groups=False))

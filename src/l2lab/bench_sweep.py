@@ -1,0 +1,282 @@
+"""``python -m l2lab.bench --sweep``: the default λ sweep, whole processes, side by side.
+
+Why: a researcher's alternative to the harness is a script that trains the same jobs in a loop.
+This times, on one machine, interleaved and in rotated order, each as a whole process (start-up,
+imports and data loading included, as a user waits for them):
+
+- ``vectorized``: ``python -m l2lab.train -m experiment=lambda_sweep`` (stacked networks);
+- ``basic``: the same sweep with ``hydra/launcher=basic`` (one job after another);
+- ``plain``: a plain PyTorch script training the same jobs one after another (same data split,
+  initialisation, batches, penalty and optimizer; no logging);
+- ``plain_stacked``: a plain stacked-model loop (``torch.func`` ``stack_module_state`` +
+  ``functional_call`` + ``vmap``) over the same jobs;
+- ``single`` / ``single_plain``: one ordinary run of the default config, harness vs plain script.
+
+The harness sides report the seconds spent inside MLflow client calls (the ``mlflow_s`` the sweep
+writes to its folder), and every side its final val/ce per λ, so that the sides can be seen to
+train the same thing. The plain sides import only torch and l2lab's torch-only modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+SWEEP_SIDES = ("vectorized", "basic", "plain", "plain_stacked")
+SINGLE_SIDES = ("single", "single_plain")
+
+
+# -- the plain children (torch only) -----------------------------------------------------------
+def _jobs(spec: dict) -> list[tuple[float, int]]:
+    return [(float(lam), int(seed)) for lam in spec["lams"] for seed in spec["seeds"]]
+
+
+def _splits(spec: dict):
+    from l2lab.data import load_data
+
+    return load_data({"name": "digits", "train_size": spec["train_size"],
+                      "val_size": spec["val_size"], "split_seed": spec["split_seed"],
+                      "batch_size": spec["batch_size"]})
+
+
+def plain_loop(spec: dict) -> list[float]:
+    """The hand-written loop: one job after another; returns each job's final val/ce."""
+    import torch
+    import torch.nn.functional as F
+
+    from l2lab.data import TensorBatches
+    from l2lab.models import MLP
+    from l2lab.regularization import build_penalty
+
+    splits = _splits(spec)
+    out = []
+    for lam, seed in _jobs(spec):
+        torch.manual_seed(seed)
+        net = MLP(splits.in_shape, 10, hidden=spec["hidden"])
+        penalty = build_penalty(net, {"lam": lam})
+        opt = torch.optim.SGD(net.parameters(), lr=spec["lr"], momentum=spec["momentum"])
+        batches = TensorBatches(*splits.train, spec["batch_size"], shuffle=True, seed=seed)
+        xv, yv = splits.val
+        for epoch in range(spec["epochs"]):
+            batches.sampler.set_epoch(epoch)
+            for x, y in batches:
+                loss = F.cross_entropy(net(x), y) + penalty(len(y))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                val_ce = F.cross_entropy(net(xv), yv).item()
+        out.append(val_ce)
+    return out
+
+
+def plain_stacked_loop(spec: dict) -> list[float]:
+    """The same jobs as one vmap-ed stack (the usual torch.func ensemble recipe)."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+    from torch.func import functional_call, stack_module_state, vmap
+
+    from l2lab.data import EpochShuffle
+    from l2lab.models import MLP
+
+    splits = _splits(spec)
+    jobs = _jobs(spec)
+    nets = []
+    for _, seed in jobs:
+        torch.manual_seed(seed)
+        nets.append(MLP(splits.in_shape, 10, hidden=spec["hidden"]))
+    params, buffers = stack_module_state(nets)
+    base = copy.deepcopy(nets[0]).to("meta")
+    weights = [k for k in params if k.endswith("weight")]
+    lams = torch.tensor([lam for lam, _ in jobs])
+    opt = torch.optim.SGD(params.values(), lr=spec["lr"], momentum=spec["momentum"])
+    forward = vmap(lambda p, b, x: functional_call(base, (p, b), (x,)))
+    x, y = splits.train
+    xv, yv = splits.val
+    shuffles = [EpochShuffle(len(y), seed, True) for _, seed in jobs]
+    k, bs = len(jobs), spec["batch_size"]
+    for epoch in range(spec["epochs"]):
+        for s in shuffles:
+            s.set_epoch(epoch)
+        orders = torch.stack([s.order() for s in shuffles])
+        for idx in orders.split(bs, dim=1):
+            logits = forward(params, buffers, x[idx])
+            ce = F.cross_entropy(logits.flatten(0, 1), y[idx].flatten(), reduction="none")
+            sq = sum(params[w].pow(2).flatten(1).sum(1) for w in weights)
+            loss = (ce.view(k, -1).mean(1) + lams * sq / idx.shape[1]).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            logits = forward(params, buffers, xv.expand(k, *xv.shape))
+            val_ce = F.cross_entropy(logits.flatten(0, 1), yv.repeat(k), reduction="none")
+            finals = val_ce.view(k, -1).mean(1).tolist()
+    return finals
+
+
+# -- the parent --------------------------------------------------------------------------------
+GRID = ("regularization.lam", "seed")
+
+
+def _spec(overrides: list[str]) -> dict:
+    """The sweep's settings, read from the composed ``experiment=lambda_sweep`` config; a
+    ``regularization.lam=a,b,…`` or ``seed=…`` override replaces that axis of its grid."""
+    from hydra import compose, initialize_config_dir
+
+    from l2lab import CONF_DIR
+
+    grid = {k: v for k, _, v in (o.partition("=") for o in overrides) if k in GRID}
+    rest = [o for o in overrides if o.partition("=")[0] not in GRID]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=lambda_sweep", *rest],
+                      return_hydra_config=True)
+    params = {**cfg.hydra.sweeper.params, **grid}
+    return {"lams": [float(v) for v in str(params["regularization.lam"]).split(",")],
+            "seeds": [int(v) for v in str(params["seed"]).split(",")],
+            "hidden": list(cfg.model.hidden), "train_size": cfg.data.train_size,
+            "val_size": cfg.data.val_size, "split_seed": cfg.data.split_seed,
+            "batch_size": cfg.data.batch_size, "epochs": cfg.trainer.max_epochs,
+            "lr": cfg.optimizer.lr, "momentum": cfg.optimizer.momentum}
+
+
+def _timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, subprocess.CompletedProcess]:
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr[-2000:]}")
+    return seconds, r
+
+
+def _harness_sweep(side: str, spec: dict, overrides: list[str], tmp: Path,
+                   env: dict) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(dir=tmp, prefix=f"{side}-"))
+    grid = [f"regularization.lam={','.join(map(str, spec['lams']))}",
+            f"seed={','.join(map(str, spec['seeds']))}"]
+    launcher = ["hydra/launcher=basic"] if side == "basic" else []
+    rest = [o for o in overrides if o.partition("=")[0] not in GRID]
+    cmd = [sys.executable, "-m", "l2lab.train", "-m", "experiment=lambda_sweep", *launcher,
+           *rest, *grid, f"hydra.sweep.dir={work}/multirun/s"]
+    seconds, _ = _timed(cmd, work, env)
+    timing = json.loads((work / "multirun" / "s" / "timing.json").read_text())
+    import csv
+
+    with open(work / "multirun" / "s" / "report" / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    return {"seconds": seconds, "mlflow_s": timing["mlflow_s"],
+            "val_ce": {float(r["lam"]): float(r["val/ce_mean"]) for r in rows}}
+
+
+def _plain(side: str, spec: dict, tmp: Path, env: dict) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "l2lab.bench_sweep", "--child", side, json.dumps(spec)]
+    seconds, r = _timed(cmd, tmp, env)
+    finals = json.loads(r.stdout.strip().splitlines()[-1])
+    per_lam: dict[float, list[float]] = {}
+    for (lam, _), v in zip(_jobs(spec), finals, strict=True):
+        per_lam.setdefault(lam, []).append(v)
+    return {"seconds": seconds, "val_ce": {k: statistics.mean(v) for k, v in per_lam.items()}}
+
+
+def _single(side: str, spec: dict, tmp: Path, env: dict) -> dict[str, Any]:
+    if side == "single_plain":
+        return _plain("plain", spec, tmp, env)
+    work = Path(tempfile.mkdtemp(dir=tmp, prefix="single-"))
+    cmd = [sys.executable, "-m", "l2lab.train", f"regularization.lam={spec['lams'][0]}",
+           f"seed={spec['seeds'][0]}", f"model.hidden=[{','.join(map(str, spec['hidden']))}]",
+           f"data.train_size={spec['train_size']}", f"data.batch_size={spec['batch_size']}",
+           f"trainer.max_epochs={spec['epochs']}", f"hydra.run.dir={work}/out"]
+    seconds, _ = _timed(cmd, work, env)
+    return {"seconds": seconds}
+
+
+def _stats(runs: list[dict]) -> dict[str, Any]:
+    secs = [r["seconds"] for r in runs]
+    out: dict[str, Any] = {"median_s": statistics.median(secs), "min_s": min(secs),
+                           "times_s": secs}
+    if "mlflow_s" in runs[0]:
+        mlflow_s = statistics.median(r["mlflow_s"] for r in runs)
+        out["mlflow_s"] = mlflow_s
+        out["mlflow_share"] = mlflow_s / out["median_s"]
+    if "val_ce" in runs[-1]:
+        out["final_val_ce_per_lam"] = {f"{k:g}": v for k, v in runs[-1]["val_ce"].items()}
+    return out
+
+
+def bench_sweep(repeats: int, overrides: list[str], single: bool = True) -> dict[str, Any]:
+    spec = _spec(overrides)
+    single_spec = {**spec, "lams": [1e-3], "seeds": [0]}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)  # each harness side writes a fresh store of its own
+    sides = SWEEP_SIDES + (SINGLE_SIDES if single else ())
+    runs: dict[str, list[dict]] = {s: [] for s in sides}
+    with tempfile.TemporaryDirectory(prefix="l2lab-bench-sweep-") as d:
+        tmp = Path(d)
+        for r in range(repeats):
+            for side in sides[r % len(sides):] + sides[:r % len(sides)]:
+                if side in ("vectorized", "basic"):
+                    res = _harness_sweep(side, spec, overrides, tmp, env)
+                elif side in ("plain", "plain_stacked"):
+                    res = _plain(side, spec, tmp, env)
+                else:
+                    res = _single(side, single_spec, tmp, env)
+                runs[side].append(res)
+                print(f"l2lab.bench --sweep: repeat {r} {side}: {res['seconds']:.2f} s",
+                      file=sys.stderr, flush=True)
+    result: dict[str, Any] = {"settings": {**spec, "jobs": len(_jobs(spec)), "repeats": repeats,
+                                           "overrides": overrides},
+                              "sides": {s: _NOTES[s] for s in sides}}
+    for side in sides:
+        result[side] = _stats(runs[side])
+    med = {s: result[s]["median_s"] for s in sides}
+    result["ratios"] = {
+        "vectorized_over_plain": med["vectorized"] / med["plain"],
+        "basic_over_plain": med["basic"] / med["plain"],
+        "basic_over_vectorized": med["basic"] / med["vectorized"],
+        "plain_over_plain_stacked": med["plain"] / med["plain_stacked"],
+        "vectorized_over_plain_stacked": med["vectorized"] / med["plain_stacked"],
+    }
+    if single:
+        result["ratios"]["single_over_single_plain"] = med["single"] / med["single_plain"]
+    ref = result["plain"]["final_val_ce_per_lam"]
+    result["max_rel_diff_final_val_ce_vs_plain"] = {
+        s: max(abs(result[s]["final_val_ce_per_lam"][k] - v) / abs(v) for k, v in ref.items())
+        for s in SWEEP_SIDES if s != "plain"}
+    result["env"] = {"python": sys.version.split()[0], "cpu_count": os.cpu_count(),
+                     "load_avg_1m_at_end": os.getloadavg()[0]}
+    return result
+
+
+_NOTES = {
+    "vectorized": "python -m l2lab.train -m experiment=lambda_sweep (hydra/launcher=vectorized), "
+                  "whole process, fresh SQLite store",
+    "basic": "the same sweep with hydra/launcher=basic (jobs one after another)",
+    "plain": "plain PyTorch script: the same jobs one after another, no logging, whole process",
+    "plain_stacked": "plain torch.func stacked loop (stack_module_state + vmap) over the same "
+                     "jobs, whole process",
+    "single": "python -m l2lab.train, one ordinary run (the sweep's settings, λ=1e-3, seed 0)",
+    "single_plain": "plain PyTorch script, the same single job",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="l2lab-bench --sweep", description=__doc__.splitlines()[0])
+    p.add_argument("--child", choices=("plain", "plain_stacked"), help=argparse.SUPPRESS)
+    p.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    spec = json.loads(args.spec)
+    finals = plain_loop(spec) if args.child == "plain" else plain_stacked_loop(spec)
+    print(json.dumps(finals))
+
+
+if __name__ == "__main__":
+    main()
