@@ -157,8 +157,12 @@ class VectorizedLauncher(Launcher):
             tasks.append(task_config(cfg))
         info_path = Path(str(self.config.hydra.sweep.dir)) / SWEEP_INFO
         sweep = json.loads(info_path.read_text()) if info_path.exists() else None
-        results = train_group(tasks, overrides, [os.path.abspath(d) for d in dirs],
-                              sweep=sweep, max_models=self.max_models)
+        try:
+            results = train_group(tasks, overrides, [os.path.abspath(d) for d in dirs],
+                                  sweep=sweep, max_models=self.max_models)
+        except Exception as e:  # its runs are FAILED with the reason; the sweep goes on
+            log.error(f"l2lab: a stacked group failed: {tr.one_line(e)}")
+            results = [e] * len(configs)
         values = [float(r.get("val/ce", math.nan)) if isinstance(r, dict) else math.nan
                   for r in results]
         lines = [job_line(c, r) if isinstance(r, dict) else f"  -> FAILED: {tr.one_line(r)}"
