@@ -140,21 +140,32 @@ class EpochShuffle:
 
 
 class TensorBatches:
-    """Mini-batches ``(x[idx], y[idx])`` of tensors that already live on the training device."""
+    """Mini-batches ``(x[idx], y[idx])`` of tensors that already live on the training device.
+
+    With ``world > 1`` (DDP) every rank walks the same global order and batches and keeps its
+    strided shard of each: every example is seen once per epoch, every rank takes the same number
+    of steps, and each batch is ``(x, y, n)`` with ``n`` the global batch size, so the module can
+    normalise by it.
+    """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = False,
-                 seed: int = 0) -> None:
+                 seed: int = 0, rank: int = 0, world: int = 1) -> None:
         self.x, self.y, self.batch_size = x, y, int(batch_size)
+        self.rank, self.world = int(rank), int(world)
         self.sampler = EpochShuffle(len(y), seed, shuffle)
         self.batch_sampler = None  # Lightning inspects loaders like a DataLoader
 
     def __len__(self) -> int:
         return (len(self.y) + self.batch_size - 1) // self.batch_size
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         order = self.sampler.order().to(self.x.device)
         for idx in order.split(self.batch_size):
-            yield self.x[idx], self.y[idx]
+            if self.world == 1:
+                yield self.x[idx], self.y[idx]
+            else:
+                mine = idx[self.rank::self.world]
+                yield self.x[mine], self.y[mine], len(idx)
 
 
 class _Shuffles:

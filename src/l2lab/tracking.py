@@ -384,9 +384,11 @@ class EpochRecorder(pl.callbacks.Checkpoint):
             shown = ("train/ce", "train/l2", "val/ce", "gap/ce", "val/acc")
             parts = [f"{k}={metrics[k]:.4f}" for k in shown if k in metrics]
             print(f"epoch {epoch:3d}  " + "  ".join(parts), flush=True)
-        if _due(trainer, self._flushed_at, self.flush_every_s):
+        # under DDP every rank must take the same decision (saving is collective): rank 0's
+        if trainer.strategy.broadcast(_due(trainer, self._flushed_at, self.flush_every_s)):
             trainer.save_checkpoint(self.ckpt_path.with_suffix(".tmp"), weights_only=False)
-            os.replace(self.ckpt_path.with_suffix(".tmp"), self.ckpt_path)
+            if trainer.is_global_zero:  # the only rank that writes it
+                os.replace(self.ckpt_path.with_suffix(".tmp"), self.ckpt_path)
             self.buffer.flush()
             self._flushed_at = time.monotonic()
 

@@ -21,7 +21,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from l2lab import CONF_DIR, ConfigError
+from l2lab import CONF_DIR, ConfigError, distributed
 from l2lab import tracking as tr
 from l2lab.data import StackedBatches, TensorBatches, load_data
 from l2lab.module import L2Module, NonFiniteLossError
@@ -98,6 +98,7 @@ def _quick_checks(cfg: DictConfig) -> None:
     check_lam("regularization.lam", cfg.regularization.lam)
     if not isinstance(cfg.seed, int):
         raise ConfigError(f"seed must be an integer, got {cfg.seed!r}.")
+    distributed.check(cfg)
 
 
 def quiet_libraries() -> None:
@@ -273,21 +274,24 @@ def _flush_every_s(cfg: DictConfig) -> float:
 
 def _lightning_fit(cfg: DictConfig, module: L2Module, splits, recorder: pl.Callback,
                    train_batches, output_dir: Path, ckpt: Path | None = None,
-                   val_batch: int = 1024):
+                   val_batch: int = 1024, tracker: tr.RunTracker | None = None):
     """One Lightning fit (and test, when the data has a test split) on tensors that live on the
-    training device; returns the trainer."""
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer = pl.Trainer(**trainer_kwargs, logger=False, callbacks=[recorder],
+    training device; returns the trainer. ``train_batches(splits, rank=, world=)`` makes the
+    training batches (of this rank's shard of each global batch, under DDP)."""
+    trainer = pl.Trainer(**distributed.trainer_kwargs(cfg), logger=False, callbacks=[recorder],
                          default_root_dir=str(output_dir), enable_model_summary=False,
                          num_sanity_val_steps=0)
     splits = splits.to(trainer.strategy.root_device)
-    val_batches = TensorBatches(*splits.val, val_batch) if len(splits.val[1]) else None
-    with warnings.catch_warnings():
+    # trainer.devices=N: rank 0 starts the other ranks here; each batch is split across them
+    with distributed.ranks(cfg, trainer, output_dir, ckpt, tracker) as shard, \
+            warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*(many workers|smaller than the logging).*")
-        trainer.fit(module, train_dataloaders=train_batches(splits), val_dataloaders=val_batches,
-                    ckpt_path=str(ckpt) if ckpt else None)
+        val_batches = TensorBatches(*splits.val, val_batch, **shard) if len(splits.val[1]) \
+            else None
+        trainer.fit(module, train_dataloaders=train_batches(splits, **shard),
+                    val_dataloaders=val_batches, ckpt_path=str(ckpt) if ckpt else None)
         if splits.test is not None:
-            trainer.test(module, dataloaders=TensorBatches(*splits.test, val_batch),
+            trainer.test(module, dataloaders=TensorBatches(*splits.test, val_batch, **shard),
                          verbose=False)
     return trainer
 
@@ -300,7 +304,8 @@ def fit(cfg: DictConfig, module: L2Module, splits, tracker: tr.RunTracker, outpu
     bs, seed = int(cfg.data.batch_size), int(cfg.seed)
     trainer = _lightning_fit(
         cfg, module, splits, recorder,
-        lambda s: TensorBatches(*s.train, bs, shuffle=True, seed=seed), output_dir, ckpt)
+        lambda s, **shard: TensorBatches(*s.train, bs, shuffle=True, seed=seed, **shard),
+        output_dir, ckpt, tracker=tracker)
     final = dict(recorder.last[1]) if recorder.last else {}
     if module.test_metrics:
         tracker.log_metrics(module.test_metrics, step=max(trainer.current_epoch - 1, 0))
@@ -403,7 +408,7 @@ def _fit_stack(cfgs, ids: list[int], members, splits, trackers, results,
         flush_every_s=_flush_every_s(cfg0))
     bs, seeds = int(cfg0.data.batch_size), [int(cfgs[i].seed) for i in ids]
     _lightning_fit(cfg0, module, splits, recorder,
-                   lambda s: StackedBatches(*s.train, bs, seeds), output_dirs[ids[0]],
+                   lambda s, **_: StackedBatches(*s.train, bs, seeds), output_dirs[ids[0]],
                    val_batch=stacked.val_batch_size(len(ids)))
     module.unstack_into([members[i].module.net for i in ids])
     for k, i in enumerate(ids):

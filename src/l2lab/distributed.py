@@ -1,0 +1,228 @@
+"""Multi-device training (``trainer.devices=N``, Lightning DDP) with one MLflow run.
+
+Rank 0 is the job Hydra started: it creates and writes the run. It starts ranks 1..N-1 itself,
+as ``python -m l2lab.distributed HANDOFF`` with the torch.distributed environment set, before
+``fit`` (Lightning then sees the processes as launched externally, and launches nothing). The
+handoff file carries rank 0's effective config (after ``resume``), its output folder and
+checkpoint, so the other ranks never compose a config, never read the store and never create a
+run; in a multirun they do not re-run the sweep either. Rank 0 stops them when it is interrupted
+or fails, and fails when one of them does.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from l2lab import ConfigError
+
+STRATEGIES = ("auto", "ddp")
+HANDOFF = "ddp_handoff.yaml"
+_ENV_KEYS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK", "LOCAL_RANK")
+GRACE_S = 20.0  # how long rank 0 may take to notice a dead rank by itself before it is stopped
+
+
+def check(cfg: DictConfig) -> None:
+    """Refuse multi-device settings that cannot give one run equal to a 1-process run."""
+    t = cfg.trainer
+    nodes = t.get("num_nodes", 1)
+    if nodes != 1:
+        raise ConfigError(
+            f"trainer.num_nodes must be 1, got {nodes!r}: l2lab trains on the devices of one "
+            "machine (trainer.devices=N); spread a sweep over nodes with hydra/launcher=slurm or "
+            "hydra/launcher=ray instead."
+        )
+    strategy = t.get("strategy", "auto")
+    if _multi_device(t.get("devices", 1)) and strategy not in STRATEGIES:
+        raise ConfigError(
+            f"trainer.strategy must be one of {list(STRATEGIES)} when trainer.devices is not 1, "
+            f"got {strategy!r}: l2lab starts the DDP ranks itself so that only rank 0 writes to "
+            "MLflow (ddp_spawn, fsdp, deepspeed, ... are not supported)."
+        )
+
+
+def _multi_device(devices: Any) -> bool:
+    """Whether ``devices`` may mean several ("auto" and -1 may)."""
+    if isinstance(devices, int):
+        return devices != 1
+    if isinstance(devices, str):
+        return devices.strip() != "1"
+    return len(devices) != 1  # a list of device ids
+
+
+def trainer_kwargs(cfg: DictConfig) -> dict:
+    """``cfg.trainer`` as Trainer kwargs; multi-device runs get DDP with the plain environment
+    (also under SLURM, whose environment would take the job's one task for the ranks)."""
+    kw = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if kw.get("strategy", "auto") in STRATEGIES:
+        from pytorch_lightning.plugins.environments import LightningEnvironment
+
+        kw["plugins"] = [LightningEnvironment()]
+    return kw
+
+
+def world_of(trainer) -> int:
+    from pytorch_lightning.strategies import DDPStrategy
+
+    return trainer.num_devices * trainer.num_nodes if isinstance(trainer.strategy, DDPStrategy) \
+        else 1
+
+
+def is_worker() -> bool:
+    """True in ranks 1..N-1 started by :func:`ranks`."""
+    return os.environ.get("L2LAB_DDP_HANDOFF") is not None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Watch(threading.Thread):
+    """Notices a rank that died. gloo makes rank 0 fail by itself within seconds; if it is still
+    training after ``GRACE_S`` (NCCL may wait forever), the run is ended FAILED and rank 0 exits,
+    so the run is never left RUNNING."""
+
+    def __init__(self, procs: list[subprocess.Popen], tracker) -> None:
+        super().__init__(daemon=True, name="l2lab-ddp-watch")
+        self.procs, self.tracker, self.stop = procs, tracker, threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(1.0):
+            dead = [(r, p.returncode) for r, p in enumerate(self.procs, 1)
+                    if p.poll() not in (None, 0)]
+            if dead:
+                if self.stop.wait(GRACE_S):
+                    return
+                rank, code = dead[0]
+                if self.tracker is not None:
+                    self.tracker.finish("FAILED",
+                                        failure=f"DDP rank {rank} exited with code {code}")
+                for p in self.procs:
+                    if p.poll() is None:
+                        p.kill()
+                os._exit(1)
+
+
+def _stop(procs: list[subprocess.Popen], timeout: float = 10.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+@contextmanager
+def ranks(cfg: DictConfig, trainer, output_dir: Path, ckpt: Path | None,
+          tracker) -> Iterator[dict[str, int]]:
+    """``{"rank": r, "world": n}`` for the body that fits. In rank 0 of a multi-device run:
+    start the other ranks first, stop them if the body fails, and wait for them (and fail with
+    them) after it."""
+    world = world_of(trainer)
+    if is_worker():
+        yield {"rank": int(os.environ["LOCAL_RANK"]), "world": world}
+        return
+    if world == 1:
+        try:
+            yield {"rank": 0, "world": 1}
+        finally:
+            _destroy_group()
+        return
+    handoff = output_dir / HANDOFF
+    handoff.write_text(OmegaConf.to_yaml(OmegaConf.create({
+        "config": OmegaConf.to_container(cfg, resolve=True), "output_dir": str(output_dir),
+        "ckpt": str(ckpt) if ckpt else None})))
+    saved = {k: os.environ.get(k) for k in _ENV_KEYS}
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+                       "WORLD_SIZE": str(world), "NODE_RANK": "0", "LOCAL_RANK": "0"})
+    procs = [subprocess.Popen([sys.executable, "-m", "l2lab.distributed", str(handoff)],
+                              env={**os.environ, "LOCAL_RANK": str(r),
+                                   "L2LAB_DDP_HANDOFF": str(handoff)})
+             for r in range(1, world)]
+    watch = _Watch(procs, tracker)
+    watch.start()
+    try:
+        yield {"rank": 0, "world": world}
+        for r, p in enumerate(procs, 1):
+            code = p.wait(timeout=300)
+            if code != 0:
+                raise RuntimeError(f"DDP rank {r} exited with code {code}")
+    except BaseException:
+        _stop(procs)
+        raise
+    finally:
+        watch.stop.set()
+        _destroy_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _destroy_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()  # a later job of this process starts a new group
+
+
+class NullTracker:
+    """What ranks 1..N-1 record to: nothing (only rank 0 talks to MLflow)."""
+
+    run_id = None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def logged_steps(self, key: str) -> set[int]:
+        return set()
+
+    def finish(self, status: str = "FINISHED", failure: str | None = None) -> None:
+        pass
+
+    def __getattr__(self, name: str):  # any other recording call: nothing either
+        return lambda *args, **kwargs: None
+
+
+def worker_main(handoff: Path) -> None:
+    """Rank 1..N-1: rank 0's config, data and network, trained in step with it."""
+    import pytorch_lightning as pl
+
+    from l2lab.data import load_data
+    from l2lab.train import build, fit, quiet_libraries
+
+    quiet_libraries()
+    spec = OmegaConf.load(handoff)
+    cfg = spec.config
+
+    def on_sigterm(signum, frame):  # noqa: ANN001
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    pl.seed_everything(int(cfg.seed), workers=False, verbose=False)
+    splits = load_data(cfg.data)
+    module = build(cfg, splits)
+    fit(cfg, module, splits, NullTracker(), Path(spec.output_dir),
+        Path(spec.ckpt) if spec.ckpt else None, echo=False)
+
+
+if __name__ == "__main__":
+    worker_main(Path(sys.argv[1]))
