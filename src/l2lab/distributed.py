@@ -17,13 +17,13 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning import Callback
 
 from l2lab import ConfigError
 
@@ -116,17 +116,28 @@ class _Watch(threading.Thread):
                 os._exit(1)
 
 
-def _stop(procs: list[subprocess.Popen], timeout: float = 10.0) -> None:
+class _KeepSigterm(Callback):
+    """Under DDP, Lightning's own SIGTERM handler broadcasts from inside the handler, which
+    deadlocks against the collective the rank was in; put back l2lab's handler (an interrupt that
+    ends the run KILLED) once Lightning has installed its own."""
+
+    def __init__(self) -> None:
+        self.handler = signal.getsignal(signal.SIGTERM)
+
+    def _restore(self, *args: Any) -> None:
+        signal.signal(signal.SIGTERM, self.handler)
+
+    on_train_start = on_test_start = _restore
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """SIGKILL: the other ranks record nothing, and once rank 0 has left the collectives a
+    gentler signal would leave them waiting in one (as Lightning does with its own ranks)."""
     for p in procs:
         if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        try:
-            p.wait(timeout=max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
             p.kill()
-            p.wait()
+    for p in procs:
+        p.wait()
 
 
 @contextmanager
@@ -136,6 +147,8 @@ def ranks(cfg: DictConfig, trainer, output_dir: Path, ckpt: Path | None,
     start the other ranks first, stop them if the body fails, and wait for them (and fail with
     them) after it."""
     world = world_of(trainer)
+    if world > 1:
+        trainer.callbacks.append(_KeepSigterm())
     if is_worker():
         yield {"rank": int(os.environ["LOCAL_RANK"]), "world": world}
         return
