@@ -51,50 +51,52 @@ class L2Module(pl.LightningModule):
         return self.make_optimizer(self.net, self.penalty)
 
     # -- accumulation on the device ------------------------------------------------------------
-    def _add(self, key: str, value: torch.Tensor, n: int, *, total: bool = False) -> None:
-        """Accumulate a batch mean (weighted by its n examples), or with ``total`` a batch sum."""
-        v = value.detach() if total else value.detach() * n
+    def _add(self, key: str, value: torch.Tensor, n: int) -> None:
+        v = value.detach() * n
         self._sums[key] = self._sums[key] + v if key in self._sums else v
         self._sums[f"{key}#n"] = self._sums.get(f"{key}#n", 0) + n
 
     def _means(self, prefix: str) -> dict[str, float]:
         """Epoch means of the accumulated values, fetched from the device in one transfer. Under
-        DDP the sums and example counts are added over ranks first (one collective), so the means
-        are those of one process seeing every example."""
+        DDP the sums and counts are first added over ranks (one collective)."""
         keys = [k for k in self._sums if k.startswith(prefix) and not k.endswith("#n")]
         if not keys:
             return {}
-        sums = torch.stack([self._sums.pop(k) for k in keys])
-        counts = torch.tensor([float(self._sums.pop(f"{k}#n")) for k in keys],
-                              dtype=sums.dtype, device=sums.device)
         if self.trainer.world_size > 1:
+            sums = torch.stack([self._sums.pop(k) for k in keys])
+            counts = torch.tensor([float(self._sums.pop(f"{k}#n")) for k in keys],
+                                  dtype=sums.dtype, device=sums.device)
             sums, counts = self.trainer.strategy.reduce(
                 torch.cat([sums, counts]), reduce_op="sum").split(len(keys))
-        return dict(zip(keys, (sums / counts).tolist(), strict=True))
+            return dict(zip(keys, (sums / counts).tolist(), strict=True))
+        means = torch.stack([self._sums.pop(k) / self._sums.pop(f"{k}#n") for k in keys])
+        return dict(zip(keys, means.tolist(), strict=True))
 
     def _ce_step(self, batch, split: str) -> tuple[torch.Tensor, int]:
-        """Mean CCE of the batch and its n. A DDP shard ``(x, y, n_global)`` returns instead
-        ΣCCE over the shard × world/n_global: DDP averages gradients over ranks, which then gives
-        exactly the gradient of the global batch's mean CCE (shards may differ in size or be
-        empty)."""
+        """Mean CCE of the batch, and its n.
+
+        A DDP shard comes as ``(x, y, n)``, n the global batch size; it returns ΣCCE over the
+        shard × world/n with that n. DDP averages gradients over the ranks, which then gives
+        exactly the gradient of the global batch's mean CCE (whatever the shard sizes, even 0),
+        and every value accumulated with weight n is world × the shard's sum, so the sums added
+        over ranks divided by the counts (world × n) are the 1-process means.
+        """
         x, y = batch[0], batch[1]
         logits = self.net(x)
-        correct = logits.detach().argmax(1) == y
-        if len(batch) == 2:
-            ce = F.cross_entropy(logits, y)  # the note's (1/n)ΣCCE
-            # accuracy as a device-side mean too (torchmetrics' bincount would sync on CUDA)
-            self._add(f"{split}/acc", correct.float().mean(), len(y))
-            self._add(f"{split}/ce", ce, len(y))
-            return ce, len(y)
-        n = int(batch[2])
-        ce_sum = F.cross_entropy(logits, y, reduction="sum")
-        self._add(f"{split}/acc", correct.float().sum(), len(y), total=True)
-        self._add(f"{split}/ce", ce_sum, len(y), total=True)
-        return ce_sum * (self.trainer.world_size / n), n
+        hit = logits.detach().argmax(1) == y
+        if len(batch) == 3:
+            n = int(batch[2])
+            scale = self.trainer.world_size / n
+            self._add(f"{split}/acc", hit.float().sum() * scale, n)
+            return F.cross_entropy(logits, y, reduction="sum") * scale, n
+        ce = F.cross_entropy(logits, y)  # the note's (1/n)ΣCCE
+        # accuracy as a device-side mean too (torchmetrics' bincount would sync on CUDA)
+        self._add(f"{split}/acc", hit.float().mean(), len(y))
+        return ce, len(y)
 
     # -- training ------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        ce, n = self._ce_step(batch, "train")  # n: the global batch size under DDP too
+        ce, n = self._ce_step(batch, "train")
         if self.mode == "loss":
             l2 = self.penalty(n)
             loss = ce + l2
@@ -102,7 +104,8 @@ class L2Module(pl.LightningModule):
             with torch.no_grad():
                 l2 = self.penalty(self.batch_size)
             loss = ce
-        self._add("train/l2", l2, len(batch[1]))
+        self._add("train/ce", ce, n)
+        self._add("train/l2", l2, n)
         return loss
 
     def on_train_epoch_end(self) -> None:
@@ -123,7 +126,8 @@ class L2Module(pl.LightningModule):
 
     # -- evaluation ----------------------------------------------------------------------------
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._ce_step(batch, "val")
+        ce, n = self._ce_step(batch, "val")
+        self._add("val/ce", ce, n)
 
     def on_validation_epoch_end(self) -> None:
         means = self._means("val/")
@@ -131,7 +135,8 @@ class L2Module(pl.LightningModule):
             self._val_metrics = means
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self._ce_step(batch, "test")
+        ce, n = self._ce_step(batch, "test")
+        self._add("test/ce", ce, n)
 
     def on_test_epoch_end(self) -> None:
         self.test_metrics = self._means("test/")
