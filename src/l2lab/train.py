@@ -28,6 +28,10 @@ from l2lab.module import L2Module, NonFiniteLossError
 from l2lab.regularization import L2Penalty, build_penalty, check_lam
 from l2lab.sweep import SWEEP_INFO
 
+# conf/hydra/launcher/{ray,submitit_local}.yaml extend the plugins' schemas of the same name on
+# purpose; Hydra warns about that on every composition.
+warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema")
+
 _NAME_SKIP = ("hydra.", "tracking.", "experiment", "resume")
 
 
