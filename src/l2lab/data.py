@@ -17,8 +17,8 @@ import torch
 
 from l2lab import ConfigError
 
-DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
-NUM_CLASSES = 10  # all four datasets have ten classes
+DATASETS = ("digits", "mnist1d", "mnist", "fashion_mnist", "cifar10")
+NUM_CLASSES = 10  # every supported dataset has ten classes
 
 # Per-channel (mean, std) of the official training splits.
 _TORCHVISION = {
@@ -30,7 +30,8 @@ _TORCHVISION = {
 
 @dataclass
 class Splits:
-    """Normalised float32 inputs (N, C, H, W) and int64 labels per split; ``test`` may be absent."""
+    """Normalised float32 inputs (N, C, H, W) or (N, C, L) and int64 labels per split; ``test``
+    may be absent."""
 
     name: str
     train: tuple[torch.Tensor, torch.Tensor]
@@ -55,6 +56,51 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray, None]:
     x = (d.images.astype(np.float32) / 16.0)[:, None, :, :]
     x = (x - x.mean()) / x.std()
     return x, d.target.astype(np.int64), None
+
+
+def _load_mnist1d(root: str) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """MNIST-1D (Greydanus 2020) built by the ``mnist1d`` package's own generator with its default
+    arguments (seed 42: 4000 train / 1000 test sequences of length 40), offline.
+
+    The package's ``get_dataset`` would first try to download a pickle; ``make_dataset`` builds
+    the same data from templates instead. The result is cached under ``root`` as an ``.npz``
+    named after a hash of the generation arguments, so a change of arguments never reads a stale
+    file, and written atomically, so parallel jobs never see half a file. The generator seeds
+    numpy's and ``random``'s global state; both are restored so that loading data from the
+    cache or generating it leaves a run's randomness the same.
+    """
+    import hashlib
+    import json
+    import os
+    import random
+    import tempfile
+
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args(as_dict=True)
+    args.pop("url", None)  # where the authors' pickle lives; not a generation argument
+    key = hashlib.sha1(json.dumps(args, sort_keys=True).encode()).hexdigest()[:12]
+    folder = Path(root).expanduser().resolve() / "mnist1d"
+    path = folder / f"mnist1d_{key}.npz"
+    if not path.exists():
+        np_state, py_state = np.random.get_state(), random.getstate()
+        try:
+            d = make_dataset(get_dataset_args())
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npz.tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, x=d["x"], y=d["y"], x_test=d["x_test"], y_test=d["y_test"],
+                     args=json.dumps(args, sort_keys=True))
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is for everyone
+        os.replace(tmp, path)
+    with np.load(path) as z:
+        # the generator already centres the whole set and scales it to unit std
+        as_x = lambda a: np.ascontiguousarray(a, dtype=np.float32)[:, None, :]  # noqa: E731
+        return (as_x(z["x"]), z["y"].astype(np.int64),
+                (as_x(z["x_test"]), z["y_test"].astype(np.int64)))
 
 
 def _load_torchvision(name: str, root: str, download: bool):
@@ -91,6 +137,8 @@ def load_data(cfg: Mapping) -> Splits:
         raise ConfigError(f"data.name must be one of {list(DATASETS)}, got {name!r}.")
     if name == "digits":
         x, y, test = _load_digits()
+    elif name == "mnist1d":
+        x, y, test = _load_mnist1d(str(cfg.get("root", "data")))
     else:
         x, y, test = _load_torchvision(name, str(cfg.get("root", "data")),
                                        bool(cfg.get("download", False)))

@@ -49,37 +49,72 @@ class MLP(nn.Module):
         return self.out(x)
 
 
-class CNN(nn.Module):
-    """[conv_i 3x3 -> activation -> 2x2 max-pool] * len(channels) -> fc_i -> out.
+def _per_layer(key: str, value: int | Sequence[int], n: int) -> list[int]:
+    """One int for every conv layer, or a list with one entry per layer."""
+    values = [value] * n if isinstance(value, int) else [int(v) for v in value]
+    if len(values) != n or any(v < 0 for v in values):
+        raise ConfigError(
+            f"model.{key} must be an int >= 0 or a list of {n} of them (one per entry of "
+            f"model.channels), got {value!r}.")
+    return values
 
-    An adaptive average pool before the dense part fixes its input size, so one definition works
-    for 1×28×28 (MNIST), 3×32×32 (CIFAR-10) and the 1×8×8 digits.
+
+class CNN(nn.Module):
+    """[conv_i -> activation -> (2-max-pool)] * len(channels) -> (adaptive avg-pool) -> fc_i -> out.
+
+    The input's rank picks the convolution: (C, L) sequences such as MNIST-1D get ``Conv1d``,
+    (C, H, W) images ``Conv2d``; the layer names (``conv1``, …) are the same either way, so
+    ``regularization.layers`` patterns carry over. With the defaults (3-wide kernels, padding 1,
+    max-pool while the map stays at least ``pooled`` wide, then an adaptive average pool to
+    ``pooled``) one definition works for 1×28×28, 3×32×32, 1×8×8 and 1×40. ``pool=false`` and
+    ``pooled=null`` give a plain strided stack whose flattened output feeds the dense part, as
+    the MNIST-1D paper's ConvBase (kernels 5, 3, 3, stride 2, no pooling).
     """
 
     def __init__(self, in_shape: Sequence[int], num_classes: int,
                  channels: Sequence[int] = (16, 32), hidden: Sequence[int] = (128,),
-                 activation: str = "relu", dropout: float = 0.0, pooled: int = 4) -> None:
+                 activation: str = "relu", dropout: float = 0.0,
+                 kernel_size: int | Sequence[int] = 3, stride: int | Sequence[int] = 1,
+                 padding: int | Sequence[int] = 1, pool: bool = True,
+                 pooled: int | None = 4) -> None:
         super().__init__()
-        if len(in_shape) != 3:
+        if len(in_shape) not in (2, 3):
             raise ConfigError(
-                f"model=cnn needs image inputs (C, H, W), got shape {tuple(in_shape)}.")
+                "model=cnn needs sequences (C, L) or images (C, H, W), got inputs of shape "
+                f"{tuple(in_shape)}.")
+        dims = len(in_shape) - 1
+        conv = (nn.Conv1d, nn.Conv2d)[dims - 1]
+        n = len(channels)
+        kernels = _per_layer("kernel_size", kernel_size, n)
+        strides = _per_layer("stride", stride, n)
+        pads = _per_layer("padding", padding, n)
+        if any(s < 1 for s in strides) or any(k < 1 for k in kernels):
+            raise ConfigError(f"model.kernel_size and model.stride must be >= 1, got "
+                              f"{kernel_size!r} and {stride!r}.")
         self.act = _activation(activation)
         self.drop = nn.Dropout(float(dropout))
-        self.conv_names, self.fc_names = [], []
-        c = int(in_shape[0])
-        size = min(int(in_shape[1]), int(in_shape[2]))
-        for i, ch in enumerate(channels, start=1):
-            setattr(self, f"conv{i}", nn.Conv2d(c, int(ch), kernel_size=3, padding=1))
+        self.conv_names, self.fc_names, self.pool_after = [], [], []
+        c, sizes = int(in_shape[0]), [int(d) for d in in_shape[1:]]
+        for i, (ch, k, s, p) in enumerate(zip(channels, kernels, strides, pads, strict=True),
+                                          start=1):
+            setattr(self, f"conv{i}", conv(c, int(ch), kernel_size=k, stride=s, padding=p))
             self.conv_names.append(f"conv{i}")
-            c = int(ch)
-        self.pool = nn.MaxPool2d(2)
-        # Pool only while the map stays at least `pooled` wide (digits are only 8×8).
-        self.pool_after = []
-        for _ in channels:
-            self.pool_after.append(size // 2 >= pooled)
-            size = size // 2 if size // 2 >= pooled else size
-        self.squeeze = nn.AdaptiveAvgPool2d(pooled)
-        width = c * pooled * pooled
+            c, sizes = int(ch), [(d + 2 * p - k) // s + 1 for d in sizes]
+            if min(sizes) < 1:
+                raise ConfigError(
+                    f"model=cnn: conv{i} leaves no output for inputs of shape {tuple(in_shape)}; "
+                    "use fewer layers, smaller kernel_size/stride or more padding.")
+            # Pool only while the map stays at least `pooled` wide (digits are only 8×8).
+            floor = pooled or 1
+            self.pool_after.append(bool(pool) and min(sizes) // 2 >= floor)
+            if self.pool_after[-1]:
+                sizes = [d // 2 for d in sizes]
+        self.pool = (nn.MaxPool1d, nn.MaxPool2d)[dims - 1](2)
+        self.squeeze = (None if pooled is None
+                        else (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)[dims - 1](int(pooled)))
+        width = c
+        for d in sizes if pooled is None else [int(pooled)] * dims:
+            width *= d
         for i, h in enumerate(hidden, start=1):
             setattr(self, f"fc{i}", nn.Linear(width, int(h)))
             self.fc_names.append(f"fc{i}")
@@ -87,11 +122,13 @@ class CNN(nn.Module):
         self.out = nn.Linear(width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for name, pool in zip(self.conv_names, self.pool_after, strict=False):
+        for name, pool in zip(self.conv_names, self.pool_after, strict=True):
             x = self.act(getattr(self, name)(x))
             if pool:
                 x = self.pool(x)
-        x = self.squeeze(x).flatten(1)
+        if self.squeeze is not None:
+            x = self.squeeze(x)
+        x = x.flatten(1)
         for name in self.fc_names:
             x = self.drop(self.act(getattr(self, name)(x)))
         return self.out(x)
