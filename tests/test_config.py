@@ -11,7 +11,7 @@ from l2lab import CONF_DIR
 
 
 @pytest.mark.parametrize("group, options", [
-    ("data", ["digits", "mnist", "fashion_mnist", "cifar10"]),
+    ("data", ["digits", "mnist1d", "mnist", "fashion_mnist", "cifar10"]),
     ("model", ["mlp", "cnn"]),
     ("regularization", ["l2", "none", "l2_dense", "l2_hidden"]),
     ("optimizer", ["sgd", "adam", "adamw"]),

@@ -23,9 +23,9 @@ def _data(root, **kw) -> dict:
             "split_seed": 0, "batch_size": 100, **kw}
 
 
-def _compose(*overrides: str):
+def _compose(*overrides: str, hydra: bool = False):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+        return compose("train", overrides=list(overrides), return_hydra_config=hydra)
 
 
 @pytest.fixture(scope="module")
@@ -99,9 +99,15 @@ def test_experiment_gives_the_paper_setup_for_each_model():
         assert cfg.data.name == "mnist1d" and cfg.data.batch_size == 100
         assert cfg.optimizer._target_ == "torch.optim.Adam" and cfg.optimizer.lr == 0.01
         assert cfg.regularization.lam == 0.0 and cfg.trainer.max_epochs == 150
+        assert cfg.data.val_size == 0  # the paper trains on all 4000
     assert list(mlp.model.hidden) == [100, 100] and mlp.experiment_name == "mnist1d-mlp"
     assert list(cnn.model.channels) == [25, 25, 25] and list(cnn.model.kernel_size) == [5, 3, 3]
     assert "experiment_model" not in cnn
+    sweep = _compose("experiment=mnist1d_sweep", "model=cnn")
+    assert sweep.model == cnn.model and sweep.data.val_size == 500
+    assert sweep.trainer.max_epochs == 50 and sweep.optimizer.lr == 0.01
+    grid = _compose("experiment=mnist1d_sweep", hydra=True).hydra.sweeper.params
+    assert grid["regularization.lam"].split(",")[0] == "0" and grid["seed"] == "0,1,2"
     # outside the experiment the models keep their own defaults
     assert list(_compose("model=cnn").model.channels) == [16, 32]
     assert list(_compose("data=mnist1d").model.hidden) == [256, 256]
