@@ -289,7 +289,9 @@ def _lightning_fit(cfg: DictConfig, module: L2Module, splits, recorder: pl.Callb
     # trainer.devices=N: rank 0 starts the other ranks here; each batch is split across them
     with distributed.ranks(cfg, trainer, output_dir, ckpt, tracker) as shard, \
             warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*(many workers|smaller than the logging).*")
+        # data.val_size=0 (experiment=mnist1d, as the paper) has no val loop by design
+        warnings.filterwarnings(
+            "ignore", ".*(many workers|smaller than the logging|no `val_dataloader`).*")
         val_batches = TensorBatches(*splits.val, val_batch, **shard) if len(splits.val[1]) \
             else None
         trainer.fit(module, train_dataloaders=train_batches(splits, **shard),
