@@ -62,12 +62,12 @@ def _load_mnist1d(root: str) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, 
     """MNIST-1D (Greydanus 2020) built by the ``mnist1d`` package's own generator with its default
     arguments (seed 42: 4000 train / 1000 test sequences of length 40), offline.
 
-    The package's ``get_dataset`` would first try to download a pickle; ``make_dataset`` builds
-    the same data from templates instead. The result is cached under ``root`` as an ``.npz``
-    named after a hash of the generation arguments, so a change of arguments never reads a stale
-    file, and written atomically, so parallel jobs never see half a file. The generator seeds
-    numpy's and ``random``'s global state; both are restored so that loading data from the
-    cache or generating it leaves a run's randomness the same.
+    The package's ``get_dataset`` first tries to download the authors' pickle and generates only
+    when that fails; ``make_dataset`` is that generator, called directly (no network). The result
+    is cached under ``root`` as an ``.npz`` named after a hash of the generation arguments, so a
+    change of arguments never reads a stale file, and written atomically, so parallel jobs never
+    see half a file. The generator seeds numpy's and ``random``'s global state; both are
+    restored so that generating the data or reading the cache leaves a run's randomness the same.
     """
     import hashlib
     import json
