@@ -57,14 +57,17 @@ def test_stacked_batches_give_each_network_its_own_order():
     ["model=cnn", "model.channels=[4]", "model.hidden=[16]", "optimizer=adam",
      "regularization.mode=optimizer"],
     ["model.dropout=0.3", "optimizer=sgd"],
+    ["experiment=mnist1d", "model=cnn", "data.val_size=100", "trainer.max_epochs=3"],
 ], ids=["sgd-loss-batch", "adam-opt-dataset", "adamw-opt-none", "adamw-per-layer", "cnn-sgd",
-        "cnn-adam-opt", "dropout"])
+        "cnn-adam-opt", "dropout", "mnist1d-conv1d-adam-lr1e-2"])
 def test_a_stack_equals_the_ordinary_runs_every_epoch(tmp_path, store, client, extra):
     """3 λ × 2 seeds: every per-epoch metric of every job within rel 1e-4 of its ordinary run.
 
     With dropout, each network draws its masks from its own generator, seeded as the ordinary
     run's global one: on CPU the masks are the very same, so equality holds there too."""
     jobs = [(lam, seed) for lam in LAMS for seed in SEEDS]
+    if "experiment=mnist1d" in extra:  # Adam at lr 1e-2 amplifies any rounding difference
+        extra = [*extra, f"data.root={tmp_path}/data"]
     ovs = [[f"regularization.lam={lam}", f"seed={seed}", "data.batch_size=50", *extra]
            for lam, seed in jobs]
     if "adamw-per-layer" in str(extra) or "+regularization.lam_per_layer.out=0.5" in extra:
@@ -83,7 +86,8 @@ def test_a_stack_equals_the_ordinary_runs_every_epoch(tmp_path, store, client, e
         assert a.data.params == b.data.params
         for key in keys:
             ha, hb = _history(client, a.info.run_id, key), _history(client, b.info.run_id, key)
-            assert [s for s, _ in ha] == [s for s, _ in hb] == [0, 1, 2], key
+            steps = [2] if key.startswith("test/") else [0, 1, 2]  # test/*: once, at the end
+            assert [s for s, _ in ha] == [s for s, _ in hb] == steps, key
             for (_, va), (_, vb) in zip(ha, hb, strict=True):
                 assert math.isclose(va, vb, rel_tol=1e-4, abs_tol=1e-6), (i, key, va, vb)
         assert results[i]["val/ce"] == pytest.approx(b.data.metrics["val/ce"])
