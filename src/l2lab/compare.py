@@ -1,7 +1,10 @@
 """``python -m l2lab.compare``: the sweep table and figures for any set of runs in MLflow.
 
 With no selection it takes the latest sweep. ``--experiment`` takes every training run of an
-experiment (several sweeps together: runs with the same swept values are pooled over seeds).
+experiment (several sweeps together: runs whose configs differ only in ``seed`` are pooled over
+seeds). A reproduction (``l2lab.reproduced_from``) or a reuse listing (``l2lab.reused_from``) of
+a run that is also selected repeats that run, not a new seed: it is left out, and the output says
+so. ``--format csv|json`` prints one row per run instead (as ``l2lab.load_runs``).
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ import sys
 from pathlib import Path
 
 from l2lab import ConfigError
-from l2lab import tracking as tr
-from l2lab.sweep import summarize_runs
+
+# tracking, sweep and runs (MLflow, torch, pandas) are imported once the arguments are parsed, so
+# that `--help` answers at once.
 
 
 def _all_experiments(client) -> list[str]:
@@ -48,13 +52,26 @@ def select_runs(client, *, experiment: str | None, sweep: str | None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="l2lab-compare", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="l2lab-compare", description=__doc__.splitlines()[0],
+                                 epilog="A reproduction or reuse listing of a selected run is "
+                                 "left out (it repeats that run); runs that never trained get no "
+                                 "row. --format prints every selected run, one row each.")
     ap.add_argument("run_ids", nargs="*", help="explicit MLflow run ids")
     ap.add_argument("--experiment", help="every training run of this experiment")
     ap.add_argument("--sweep", help="the runs of this sweep id (its multirun folder name)")
     ap.add_argument("--out", type=Path, help="output folder (default: reports/<label>)")
     ap.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or ./mlruns/mlflow.db")
+    ap.add_argument("--format", choices=("table", "csv", "json"), default="table",
+                    help="table (default): the sweep table and figures; csv/json: one row per "
+                    "run (params, final metrics, best val/ce and epoch) on stdout")
     args = ap.parse_args(argv)
+
+    from l2lab import runs as rs
+    from l2lab import tracking as tr
+    from l2lab.sweep import summarize_runs
+    from l2lab.train import quiet_libraries
+
+    quiet_libraries()
     try:
         uri = tr.resolve_uri(args.tracking_uri)
         client = tr.connect(uri)
@@ -63,9 +80,22 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"l2lab-compare: error: {e}", file=sys.stderr)
         return 2
+    if args.format != "table":
+        frame = rs.to_frame(client, runs)
+        text = frame.to_csv(index=False) if args.format == "csv" else \
+            frame.to_json(orient="records", indent=1)
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        return 0
+    runs, repeats = rs.drop_repeats(runs)
     out = args.out or Path("reports") / label
-    table, paths, _ = summarize_runs(client, runs, out)
-    print(f"{len(runs)} runs ({label}) from {uri}\n\n{table}\n")
+    table, paths, _ = summarize_runs(client, runs, out, name_rejected=False)
+    print(f"{len(runs)} runs ({label}) from {uri}\n\n{table}")
+    if repeats:
+        kinds = sorted({"reproduction" if rs.REPRODUCED_TAG in r.data.tags else "reuse listing"
+                        for r in repeats})
+        print(f"Left out {len(repeats)} run(s) that repeat a selected run ({' / '.join(kinds)}: "
+              f"same config and seed, not an extra seed): "
+              f"{', '.join(r.info.run_id[:8] for r in repeats)}\n")
     print(f"Summary: {paths['summary']}\nFigures: {paths['lambda_curve'].parent}")
     return 0
 

@@ -12,7 +12,6 @@ maths is written once: here.
 from __future__ import annotations
 
 import fnmatch
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -20,9 +19,7 @@ import torch
 from torch import nn
 
 from l2lab import ConfigError
-
-NORMALIZE = ("batch", "dataset", "none")
-MODES = ("loss", "optimizer")
+from l2lab.schema import MODES, NORMALIZE, check_lam
 
 
 @dataclass(frozen=True)
@@ -37,17 +34,6 @@ class SelectedLayer:
     @property
     def params(self) -> list[nn.Parameter]:
         return [self.weight] if self.bias is None else [self.weight, self.bias]
-
-
-def check_lam(key: str, value: object) -> float:
-    """λ as a float, or a ConfigError naming ``key``: λ must be finite and >= 0."""
-    try:
-        lam = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key} must be a number >= 0, got {value!r}.") from None
-    if not math.isfinite(lam) or lam < 0:
-        raise ConfigError(f"{key} must be a finite number >= 0 (0 disables L2), got {value!r}.")
-    return lam
 
 
 def _as_list(key: str, value: object) -> list[str]:

@@ -80,6 +80,16 @@ class _Group:
         return [r for r in self.runs if r.status == FINISHED]
 
 
+def rejected(run: RunRecord) -> bool:
+    """A run that never trained an epoch (rejected by validation, or failed while building):
+    FAILED with no metrics. It has no numbers to show, so it gets no table row or curve."""
+    return run.status != FINISHED and not run.final and not any(run.history.values())
+
+
+def _trained(runs: Sequence[RunRecord]) -> list[RunRecord]:
+    return [r for r in runs if not rejected(r)]
+
+
 def _group_keys(runs: Sequence[RunRecord]) -> list[str]:
     """Union of swept keys, λ first so the table reads λ-major; `{}` groups fall back to λ."""
     keys: list[str] = []
@@ -169,8 +179,9 @@ def summarize(runs: list[RunRecord]) -> pd.DataFrame:
 
     Only FINISHED runs feed the statistics (a crashed run's last values are not comparable);
     the others are counted in `failed` so a thin group is visible rather than silently small.
+    Runs that never trained (:func:`rejected`) are left out: :func:`format_table` names them.
     """
-    keys, groups = _group_runs(runs)
+    keys, groups = _group_runs(_trained(runs))
     rows: list[dict[str, object]] = []
     for group in groups:
         done = group.finished
@@ -225,16 +236,46 @@ def _best_row(summary: pd.DataFrame) -> int | None:
     return int(np.nanargmin(values))
 
 
+def best_verdict(summary: pd.DataFrame) -> tuple[int | None, bool, str]:
+    """(row, clear, why): the lowest mean val/ce is a *clear* best only when it is lower than the
+    runner-up's by more than their combined std sqrt(s1² + s2²) over seeds; otherwise the ranking
+    is within seed-to-seed noise, and a star would overstate it."""
+    best = _best_row(summary)
+    if best is None:
+        return None, False, ""
+    values = summary["val/ce_mean"].to_numpy(dtype=float)
+    others = [i for i in range(len(values)) if i != best and np.isfinite(values[i])]
+    if not others:
+        return best, True, "the only row with finished runs"
+    nxt = min(others, key=lambda i: values[i])
+    diff = float(values[nxt] - values[best])
+    s1, s2 = (float(summary.iloc[i]["val/ce_std"]) for i in (best, nxt))
+    label = _row_label(summary, nxt)
+    if math.isnan(s1) or math.isnan(s2):
+        return best, False, (f"not a clear winner: {diff:.4f} below the next ({label}), but with "
+                             "one run per row there is no seed-to-seed std to judge it (add "
+                             "seeds, e.g. seed=0,1,2)")
+    combined = math.hypot(s1, s2)
+    if diff > combined:
+        return best, True, (f"clear: {diff:.4f} below the next ({label}), more than their "
+                            f"combined std {combined:.4f}")
+    return best, False, (f"within noise: {diff:.4f} below the next ({label}), not more than "
+                         f"their combined std {combined:.4f}")
+
+
 def _row_label(summary: pd.DataFrame, pos: int) -> str:
     keys = _summary_group_columns(summary)
     return ", ".join(f"{_short_key(k)}={summary.iloc[pos][k]}" for k in keys)
 
 
-def format_table(summary: pd.DataFrame, runs: list[RunRecord]) -> str:
-    """Fixed-width table for the terminal, failed runs listed with their reason, best λ starred.
+def format_table(summary: pd.DataFrame, runs: list[RunRecord], *,
+                 name_rejected: bool = True) -> str:
+    """Fixed-width table for the terminal, failed runs listed with their reason, the best row
+    marked ``*`` when it is clearly best and ``~`` when it is within noise of the next.
 
     Failures are spelled out because a sweep whose best λ had half its seeds crash deserves a
-    second look before anyone trusts the ranking.
+    second look before anyone trusts the ranking. Runs that never trained have no row: a sweep
+    names each (``name_rejected``), ``compare`` over many runs gives their count.
     """
     keys = _summary_group_columns(summary)
     metric_cols: list[tuple[str, str, int]] = [
@@ -246,7 +287,8 @@ def format_table(summary: pd.DataFrame, runs: list[RunRecord]) -> str:
         ("best epoch", "best_epoch", 1),
     ]
     header = [_short_key(k) for k in keys] + ["runs"] + [m[0] for m in metric_cols]
-    best = _best_row(summary)
+    best, clear, why = best_verdict(summary)
+    mark = "*" if clear else "~"
     body: list[list[str]] = []
     for pos in range(len(summary)):
         row = summary.iloc[pos]
@@ -263,20 +305,26 @@ def format_table(summary: pd.DataFrame, runs: list[RunRecord]) -> str:
     if not body:
         lines.append("  (no runs)")
     for pos, cells in enumerate(body):
-        lines.append(line(cells, "*" if pos == best else " "))
+        lines.append(line(cells, mark if pos == best else " "))
 
-    problems = [r for r in runs if r.status != FINISHED]
+    never = [r for r in runs if rejected(r)]
+    problems = [r for r in runs if r.status != FINISHED and (name_rejected or not rejected(r))]
     if problems:
         lines.append("")
         for run in problems:
             reason = run.failure or "no reason recorded"
             lines.append(f"{run.status}  {run.name}  ({run.run_id}): {reason}")
+    if never:
+        lines.append("")
+        lines.append(f"{len(never)} run(s) never trained (rejected config, or failed before the "
+                     "first epoch): no row in the table" + ("." if name_rejected else
+                                                           "; see their l2lab.failure tag."))
 
     lines.append("")
     if best is None:
         lines.append("* lowest mean val/ce: n/a (no finished runs)")
     else:
-        lines.append(f"* lowest mean val/ce: {_row_label(summary, best)}")
+        lines.append(f"{mark} lowest mean val/ce: {_row_label(summary, best)} ({why})")
     return "\n".join(line.rstrip() for line in lines) + "\n"
 
 
@@ -537,7 +585,7 @@ def write_report(runs: list[RunRecord], out_dir: Path) -> dict[str, Path]:
     summary = summarize(runs)
     summary.to_csv(paths["summary"], index=False)
 
-    _, groups = _group_runs(runs)
+    _, groups = _group_runs(_trained(runs))
     colors = _group_colors(groups)
     _plot_lambda_curve(summary, paths["lambda_curve"])
     _plot_curves(groups, colors, paths["learning_curves"], weights=False)

@@ -25,7 +25,6 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from l2lab import CONF_DIR, ConfigError
-from l2lab import tracking as tr
 
 ALLOWED_TARGETS = ("l2lab.", "torch.nn.", "torch.optim.", "pytorch_lightning.callbacks.")
 GPU_RTOL = 1e-4
@@ -65,7 +64,9 @@ def safe_config(text: str) -> DictConfig:
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True)
     except Exception as e:
-        raise ConfigError(f"the logged config does not resolve: {tr.one_line(e)}") from None
+        from l2lab.tracking import one_line
+
+        raise ConfigError(f"the logged config does not resolve: {one_line(e)}") from None
     _refuse_foreign_targets(resolved, "after resolving interpolations")
     return OmegaConf.create(resolved)
 
@@ -82,6 +83,10 @@ def compare_metrics(old: dict[str, float], new: dict[str, float], rtol: float) -
 
 def reproduce(run_id: str, *, uri: str, source_uri: str | None = None, check: bool = False,
               out: Path | None = None) -> int:
+    from l2lab import tracking as tr
+    from l2lab.train import quiet_libraries
+
+    quiet_libraries()
     src = tr.connect(source_uri or uri)
     try:
         run = src.get_run(run_id)
@@ -103,9 +108,7 @@ def reproduce(run_id: str, *, uri: str, source_uri: str | None = None, check: bo
               f"checkout is at {now_commit[:10]}; results may differ (git checkout "
               f"{old_commit[:10]} to reproduce exactly).", file=sys.stderr)
 
-    from l2lab.train import quiet_libraries, train  # heavy imports once the config is safe
-
-    quiet_libraries()
+    from l2lab.train import train
 
     out = out or Path("outputs") / f"reproduce-{run_id[:8]}-{datetime.now():%Y%m%d-%H%M%S-%f}"
     train(cfg, overrides=overrides, output_dir=out, tags={"l2lab.reproduced_from": run_id})
@@ -149,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--source-uri", help="store holding RUN_ID (default: --tracking-uri)")
     ap.add_argument("--out", type=Path, help="output folder of the new run")
     args = ap.parse_args(argv)
+    from l2lab import tracking as tr  # MLflow and torch: not needed for --help
+
     try:
         uri = tr.resolve_uri(args.tracking_uri)
         source = tr.resolve_uri(args.source_uri) if args.source_uri else None

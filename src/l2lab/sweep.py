@@ -17,10 +17,12 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from l2lab import CONF_DIR, ConfigError, report
-from l2lab import tracking as tr
+from l2lab import CONF_DIR, ConfigError
+from l2lab.train import SWEEP_INFO
 
-SWEEP_INFO = ".l2lab_sweep.json"
+# Hydra instantiates this callback for every run, a single one included: the reporting and
+# tracking modules (matplotlib, torch, MLflow) are imported inside the hooks, when a sweep needs
+# them, so that a single run's config error is still reported in about a second.
 
 
 def sweep_children(client, info: dict) -> list:
@@ -31,11 +33,15 @@ def sweep_children(client, info: dict) -> list:
         max_results=10_000, order_by=["attributes.start_time ASC"])
 
 
-def summarize_runs(client, runs: list, out_dir: Path) -> tuple[str, dict[str, Path], list]:
+def summarize_runs(client, runs: list, out_dir: Path, *,
+                   name_rejected: bool = True) -> tuple[str, dict[str, Path], list]:
     """Table text, written files and records for a set of runs (shared with ``compare``)."""
+    from l2lab import report
+    from l2lab import tracking as tr
+
     records = tr.load_records(client, runs)
     paths = report.write_report(records, out_dir)
-    table = report.format_table(report.summarize(records), records)
+    table = report.format_table(report.summarize(records), records, name_rejected=name_rejected)
     return table, paths, records
 
 
@@ -65,16 +71,33 @@ def _exit_on_error(hook):
             print(f"l2lab: error: {e}", file=sys.stderr, flush=True)
             sys.exit(2)
         except Exception as e:
-            print(f"l2lab: sweep {hook.__name__} failed: {tr.one_line(e)}", file=sys.stderr,
+            from l2lab.tracking import one_line
+
+            print(f"l2lab: sweep {hook.__name__} failed: {one_line(e)}", file=sys.stderr,
                   flush=True)
             sys.exit(1)
 
     return wrapped
 
 
+def optuna_best(sweep_dir: Path) -> dict | None:
+    """The study's result that hydra-optuna-sweeper writes into the sweep folder, if any."""
+    path = sweep_dir / "optimization_results.yaml"
+    if not path.exists():
+        return None
+    import yaml
+
+    data = yaml.safe_load(path.read_text()) or {}
+    return data if "best_params" in data else None
+
+
 class SweepCallback(Callback):
     @_exit_on_error
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from l2lab import tracking as tr
+        from l2lab.train import quiet_libraries
+
+        quiet_libraries()
         uri = tr.resolve_uri(config.tracking.uri)
         client = tr.connect(uri)
         exp = tr.experiment_id(client, str(config.experiment_name), uri)
@@ -90,11 +113,14 @@ class SweepCallback(Callback):
         info = {"sweep_id": sweep_dir.name, "parent_run_id": parent.run_id,
                 "experiment_id": exp, "tracking_uri": uri, "swept": swept}
         (sweep_dir / SWEEP_INFO).write_text(json.dumps(info))
-        print(f"l2lab: sweep {sweep_dir.name}: parent MLflow run {parent.run_id} "
-              f"in experiment {config.experiment_name!r}", flush=True)
+        print(f"l2lab: sweep {sweep_dir.name} over {', '.join(swept) or '(no swept keys)'}: "
+              f"parent MLflow run {parent.run_id} in experiment {config.experiment_name!r}; "
+              f"one line per job as it ends", flush=True)
 
     @_exit_on_error
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from l2lab import tracking as tr
+
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         info = json.loads((sweep_dir / SWEEP_INFO).read_text())
         client = tr.connect(info["tracking_uri"])
@@ -107,6 +133,16 @@ class SweepCallback(Callback):
             parent.log_file(paths["summary"])
             for key in ("lambda_curve", "learning_curves", "weight_norms"):
                 parent.log_file(paths[key], "figures")
+            best = optuna_best(sweep_dir)
+            if best:
+                params = {f"best.{k}": str(v) for k, v in best["best_params"].items()}
+                parent.log_params(params)
+                parent.set_tags({"l2lab.best_params": json.dumps(best["best_params"]),
+                                 "l2lab.best_value": str(best.get("best_value"))})
+                shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                  for k, v in best["best_params"].items())
+                table += (f"\nOptuna study (minimises final val/ce): best {shown}, "
+                          f"val/ce={float(best.get('best_value', 'nan')):.4f}\n")
             parent.log_text(table + "\n", "summary.txt")
             print(f"\nSweep {info['sweep_id']}: {len(runs)} runs\n\n{table}\n", flush=True)
             print(f"Figures: {paths['summary'].parent / 'figures'}\n"

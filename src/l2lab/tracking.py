@@ -457,17 +457,22 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, str]:
 
 # -- reading runs back (sweep summary, compare) ---------------------------------------------------
 HISTORY_KEYS = ("train/ce", "val/ce", "weights/sq_norm_total")
-_NOT_GROUPED = ("seed", "tracking.uri", "resume", "experiment_name")
+_NOT_GROUPED = ("seed", "tracking.uri", "resume", "reuse", "experiment_name")
 
 
 def varying_keys(runs: Iterable) -> list[str]:
-    """Override keys (other than ``seed`` and bookkeeping) whose value differs between runs, or
-    that only some runs set: they make the rows of the summary table."""
+    """Config keys (other than ``seed`` and bookkeeping) whose value differs between runs, as
+    overridden or as logged in params: they make the rows of the summary table, so runs are
+    pooled over seeds only when their configs are otherwise the same."""
+    runs = list(runs)
     overrides = [parse_overrides(json.loads(r.data.tags.get("l2lab.overrides", "[]")))
                  for r in runs]
     keys = {k for ov in overrides for k in ov
             if not k.startswith("hydra.") and k not in _NOT_GROUPED}
-    varying = [k for k in keys if len({ov.get(k) for ov in overrides}) > 1]
+    varying = {k for k in keys if len({ov.get(k) for ov in overrides}) > 1}
+    trained = [r.data.params for r in runs if r.data.params]
+    params = {k for p in trained for k in p if k not in _NOT_GROUPED and not k.startswith("l2.")}
+    varying |= {k for k in params if len({p.get(k) for p in trained}) > 1}
     return sorted(varying, key=lambda k: (k != "regularization.lam", k))
 
 

@@ -2,11 +2,16 @@
 
 ``train(cfg)`` is a plain function (tests and ``reproduce`` call it directly); ``main`` is the thin
 Hydra wrapper that returns the sweep objective (final ``val/ce``).
+
+This module imports only Hydra, OmegaConf and :mod:`l2lab.schema` at load time: ``--help``,
+``--cfg`` and a bad key or value are answered in about a second, and torch, Lightning and MLflow
+are imported once the config has passed :func:`l2lab.schema.validate`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import signal
 import sys
@@ -15,30 +20,38 @@ import warnings
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from l2lab import CONF_DIR, ConfigError, distributed
-from l2lab import tracking as tr
-from l2lab.data import StackedBatches, TensorBatches, load_data
-from l2lab.module import L2Module, NonFiniteLossError
-from l2lab.regularization import L2Penalty, build_penalty, check_lam
-from l2lab.sweep import SWEEP_INFO
+from l2lab import CONF_DIR, ConfigError, schema
+
+if TYPE_CHECKING:  # the heavy modules load only once a config is known to be good
+    import pytorch_lightning as pl
+    import torch
+
+    from l2lab import tracking as tr
+    from l2lab.module import L2Module
+    from l2lab.regularization import L2Penalty
+
+log = logging.getLogger("l2lab")
+UI_URL = "http://127.0.0.1:5000"  # `make ui`
+SWEEP_INFO = ".l2lab_sweep.json"  # written by l2lab.sweep.SweepCallback
 
 # conf/hydra/launcher/{ray,submitit_local}.yaml extend the plugins' schemas of the same name on
 # purpose; Hydra warns about that on every composition.
 warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema")
 
-_NAME_SKIP = ("hydra.", "tracking.", "experiment", "resume")
+_NAME_SKIP = ("hydra.", "tracking.", "experiment", "resume", "reuse")
 
 
 def run_name(overrides: Sequence[str], cfg: DictConfig, swept: Sequence[str] | None = None) -> str:
     """``["regularization.lam=0.01", "seed=1"]`` -> ``"lam=0.01 seed=1"`` (in a sweep, only the
     swept keys, so that the runs of one sweep read apart at a glance)."""
-    parts = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in tr.parse_overrides(overrides).items()
+    from l2lab.tracking import parse_overrides
+
+    parts = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in parse_overrides(overrides).items()
              if not k.startswith(_NAME_SKIP) and (swept is None or k in swept)]
     return " ".join(parts) or f"lam={cfg.regularization.lam} seed={cfg.seed}"
 
@@ -91,6 +104,9 @@ def build_net(cfg: DictConfig, splits) -> torch.nn.Module:
 
 def build(cfg: DictConfig, splits) -> L2Module:
     """Network, penalty and module from the config; every check runs here, before training."""
+    from l2lab.module import L2Module
+    from l2lab.regularization import build_penalty
+
     net = build_net(cfg, splits)
     penalty = build_penalty(net, cfg.regularization, dataset_size=len(splits.train[1]))
     return L2Module(net, penalty, optimizer_factory(cfg), mode=cfg.regularization.mode,
@@ -98,22 +114,34 @@ def build(cfg: DictConfig, splits) -> L2Module:
 
 
 def _quick_checks(cfg: DictConfig) -> None:
-    """Checks that need no data, so that a bad λ fails before a dataset is read."""
-    check_lam("regularization.lam", cfg.regularization.lam)
-    if not isinstance(cfg.seed, int):
-        raise ConfigError(f"seed must be an integer, got {cfg.seed!r}.")
+    """Checks that need no data: the schema's ranges, then the multi-device settings."""
+    from l2lab import distributed
+
+    schema.validate(cfg)
     distributed.check(cfg)
 
 
 def quiet_libraries() -> None:
-    """Lightning's info lines (GPU available, tips) and deprecation chatter drown the per-epoch
-    lines a researcher reads; keep warnings and errors."""
-    import logging
+    """Lightning's info lines (GPU available, tips), MLflow's ("Creating initial MLflow database
+    tables") and deprecation chatter drown the lines a researcher reads; keep warnings and
+    errors. MLflow configures its own logger when imported, so it is imported first."""
+    import os
 
-    for name in ("pytorch_lightning", "lightning_fabric", "mlflow"):
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    import mlflow  # noqa: F401  (applies its logging config, which the lines below override)
+
+    for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "mlflow",
+                 "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
+def say(message: str, *, err: bool = False) -> None:
+    """A harness line: printed for the researcher, and logged into the run's ``train.log``
+    (Hydra's job logging sends INFO records to the file only)."""
+    print(message, file=sys.stderr if err else sys.stdout, flush=True)
+    log.info(message)
 
 
 def _sweep_info() -> dict | None:
@@ -130,6 +158,16 @@ def _sweep_info() -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _job_label(name: str) -> str:
+    """``#3 lam=0.01 seed=1`` in a sweep (Hydra's job number), the run name otherwise."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return f"#{HydraConfig.get().job.num} {name}"
+    except (ValueError, AttributeError):
+        return name
+
+
 def _logged_config(client, run_id: str) -> DictConfig:
     import tempfile
 
@@ -141,10 +179,14 @@ def _logged_config(client, run_id: str) -> DictConfig:
 
 
 def _resume_config(cfg: DictConfig, overrides: Sequence[str], logged: DictConfig) -> DictConfig:
-    """The logged config, with only ``trainer.max_epochs`` taken from this invocation."""
-    allowed = ("trainer.max_epochs", "resume")
+    """The logged config, with only ``trainer.max_epochs`` taken from this invocation (when it
+    is given there: otherwise the run keeps its own)."""
+    from l2lab.tracking import parse_overrides
+
+    allowed = ("trainer.max_epochs", "resume", "reuse")
+    given = parse_overrides(overrides)
     wrong = []
-    for key in tr.parse_overrides(overrides):
+    for key in given:
         if key in allowed or key.startswith(("hydra.", "tracking.")):
             continue
         now, then = OmegaConf.select(cfg, key), OmegaConf.select(logged, key)
@@ -157,19 +199,49 @@ def _resume_config(cfg: DictConfig, overrides: Sequence[str], logged: DictConfig
         )
     out = logged.copy()
     with open_dict(out):
-        out.trainer.max_epochs = cfg.trainer.max_epochs
+        if "trainer.max_epochs" in given:
+            out.trainer.max_epochs = cfg.trainer.max_epochs
         out.resume = cfg.resume
         out.tracking = cfg.tracking
     return out
 
 
+def epochs_done(ckpt: Path) -> int:
+    """Completed epochs saved in a run's checkpoint (0 when there is none)."""
+    import torch
+
+    if not ckpt.exists():
+        return 0
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    return int(state.get("epoch", -1)) + 1
+
+
+def ui_url(client, run_id: str) -> str:
+    """The run's page in ``make ui`` (MLflow's UI on 127.0.0.1:5000 over the same store)."""
+    exp = client.get_run(run_id).info.experiment_id
+    return f"{UI_URL}/#/experiments/{exp}/runs/{run_id}"
+
+
+def _summary(status: str, run_id: str, name: str, metrics: Mapping[str, float], epochs: int,
+             output_dir: Path, url: str) -> str:
+    shown = "  ".join(f"{k}={metrics[k]:.4f}" for k in ("train/ce", "val/ce", "gap/ce")
+                      if k in metrics)
+    return (f"l2lab: run {run_id} ({name}) {status} after {epochs} epochs: {shown}\n"
+            f"       folder: {output_dir}\n       UI: {url}  (make ui)")
+
+
 def start_run(client, cfg: DictConfig, overrides: Sequence[str], output_dir: Path,
               sweep: Mapping | None, tags: Mapping[str, str] | None = None) -> tr.RunTracker:
-    """Create the job's MLflow run (named from its overrides; a sweep's child when in one)."""
+    """Create the job's MLflow run (named from its overrides; a sweep's child when in one),
+    tagged with its config's hash (``reuse`` and ``compare`` find runs of the same config)."""
+    from l2lab import runs
+    from l2lab import tracking as tr
+
     output_dir.mkdir(parents=True, exist_ok=True)
     run_tags = {
         "l2lab.overrides": json.dumps(list(overrides)),
         "l2lab.output_dir": str(output_dir),
+        runs.HASH_TAG: runs.config_hash(cfg),
         **({"mlflow.source.git.commit": c} if (c := tr.git_commit(CONF_DIR.parent)) else {}),
         **({"l2lab.sweep_id": sweep["sweep_id"], "mlflow.parentRunId": sweep["parent_run_id"]}
            if sweep else {}),
@@ -182,8 +254,10 @@ def start_run(client, cfg: DictConfig, overrides: Sequence[str], output_dir: Pat
 
 def log_config(tracker: tr.RunTracker, cfg: DictConfig, overrides: Sequence[str]) -> None:
     """The resolved config as params and as ``config/*.yaml`` (what ``reproduce`` re-runs)."""
+    from l2lab.tracking import flatten_params
+
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    tracker.log_params(tr.flatten_params(resolved))
+    tracker.log_params(flatten_params(resolved))
     tracker.log_text(OmegaConf.to_yaml(resolved), "config/config.yaml")
     tracker.log_text(OmegaConf.to_yaml(list(overrides)), "config/overrides.yaml")
 
@@ -206,6 +280,8 @@ def _killed(client, trackers: Sequence[tr.RunTracker], sweep: Mapping | None,
             e: BaseException) -> None:
     """Ctrl-C/SIGTERM: every unfinished run KILLED, and the sweep's parent too (the sweep stops
     here, and its end callback will not run)."""
+    from l2lab import tracking as tr
+
     for t in trackers:
         t.finish("KILLED", failure=f"interrupted ({tr.one_line(e)})")
     if sweep:
@@ -219,28 +295,57 @@ def train(cfg: DictConfig, *, overrides: Sequence[str] = (), output_dir: Path | 
 
     The run is created first so that any later failure, a rejected config included, is recorded:
     FAILED with the tag ``l2lab.failure`` on errors, KILLED on Ctrl-C/SIGTERM; what was logged
-    stays.
+    stays. With ``reuse=true`` a FINISHED run of the same config is returned instead of training
+    (in a sweep, listed by a new child run tagged ``l2lab.reused_from``).
     """
+    from l2lab import runs
+    from l2lab import tracking as tr
+
+    quiet_libraries()
     cfg = _prepared(cfg)
     client = tr.connect(cfg.tracking.uri)
     sweep = _sweep_info()
 
     if cfg.resume:
-        run = client.get_run(str(cfg.resume))
-        cfg = _resume_config(cfg, overrides, _logged_config(client, run.info.run_id))
+        try:
+            run = client.get_run(str(cfg.resume))
+        except Exception:
+            raise ConfigError(f"resume: no run {cfg.resume!r} in {cfg.tracking.uri}.") from None
+        rid, name = run.info.run_id, run.data.tags.get("mlflow.runName", run.info.run_id)
+        cfg = _resume_config(cfg, overrides, _logged_config(client, rid))
+        explicit = "trainer.max_epochs" in tr.parse_overrides(overrides)
+        if not explicit and (last := run.data.tags.get("l2lab.resumed_max_epochs")):
+            with open_dict(cfg):  # the target of the latest resume, not the first invocation's
+                cfg.trainer.max_epochs = int(last)
         output_dir = Path(run.data.tags["l2lab.output_dir"])
         ckpt = output_dir / "checkpoints" / "last.ckpt"
         if not ckpt.exists():
             raise ConfigError(f"resume: run {cfg.resume} has no checkpoint at {ckpt}.")
-        tracker = tr.RunTracker.reopen(client, run.info.run_id)
+        done, total = epochs_done(ckpt), int(cfg.trainer.max_epochs)
+        if run.info.status == "FINISHED" and (done >= total or not explicit):
+            say(f"l2lab: run {rid} ({name}) is FINISHED: {done} of {done} epochs trained, "
+                f"nothing to resume. To train it longer: python -m l2lab.train resume={rid} "
+                f"trainer.max_epochs={done + 10}  (any number > {done})")
+            return dict(run.data.metrics)
+        say(f"l2lab: resuming run {rid} ({name}) from epoch {done} of {total} "
+            f"(was {run.info.status})")
+        tracker = tr.RunTracker.reopen(client, rid)
         tracker.set_tags({"l2lab.resumed_max_epochs": cfg.trainer.max_epochs})
     else:
         ckpt = None
+        name = run_name(overrides, cfg, sweep.get("swept") if sweep else None)
+        if cfg.get("reuse"):
+            exp = tr.experiment_id(client, str(cfg.experiment_name), cfg.tracking.uri)
+            found = runs.find_finished(client, exp, runs.config_hash(cfg))
+            if found is not None:
+                return _reuse(client, found, exp, name, overrides, sweep, tags)
         output_dir = Path(output_dir or Path("outputs") / datetime.now().strftime(
             "%Y-%m-%d_%H-%M-%S-%f")).resolve()
         tracker = start_run(client, cfg, overrides, output_dir, sweep, tags)
-        print(f"l2lab: MLflow run {tracker.run_id} in experiment {cfg.experiment_name!r} "
-              f"({cfg.tracking.uri})", flush=True)
+        if not sweep:
+            say(f"l2lab: run {tracker.run_id} ({name}) in experiment {cfg.experiment_name!r}, "
+                f"{cfg.trainer.max_epochs} epochs")
+    rid = tracker.run_id
 
     def on_sigterm(signum, frame):  # noqa: ANN001
         raise KeyboardInterrupt("SIGTERM")
@@ -250,6 +355,10 @@ def train(cfg: DictConfig, *, overrides: Sequence[str] = (), output_dir: Path | 
         if ckpt is None:
             log_config(tracker, cfg, overrides)
         _quick_checks(cfg)
+        import pytorch_lightning as pl
+
+        from l2lab.data import load_data
+
         pl.seed_everything(int(cfg.seed), workers=False, verbose=False)
         splits = load_data(cfg.data)
         module = build(cfg, splits)
@@ -257,23 +366,64 @@ def train(cfg: DictConfig, *, overrides: Sequence[str] = (), output_dir: Path | 
             log_selection(tracker, module.penalty)
         # In a sweep, one line per job instead of one per epoch keeps the table readable.
         metrics = fit(cfg, module, splits, tracker, output_dir, ckpt, echo=sweep is None)
-        if sweep:
-            print(job_line(cfg, metrics), flush=True)
         tracker.log_state_dict(module.net, "model/state_dict.pt")
         tracker.finish("FINISHED")
+        epochs = int(cfg.trainer.max_epochs)
+        if sweep:
+            shown = ("train/ce", "val/ce", "gap/ce", "val/acc")
+            say("  ".join([f"l2lab: {_job_label(name)}: run {rid[:8]}, {epochs} epochs"] + [
+                f"{k}={metrics[k]:.4f}" for k in shown if k in metrics]))
+        else:
+            say(_summary("FINISHED", rid, name, metrics, epochs, output_dir,
+                         ui_url(client, rid)))
         return metrics
     except (KeyboardInterrupt, SystemExit) as e:
         _killed(client, [tracker], sweep, e)
+        logged = len(tracker.logged_steps("train/loss"))
+        saved = epochs_done(output_dir / "checkpoints" / "last.ckpt")
+        since = f", resumes from its checkpoint at epoch {saved}" if saved < logged else ""
+        say(f"\nl2lab: run {rid} ({name}) KILLED after {logged} of {cfg.trainer.max_epochs} "
+            f"epochs ({tr.one_line(e)}{since}); continue it with: "
+            f"python -m l2lab.train resume={rid}", err=True)
         raise
     except BaseException as e:
         tracker.finish("FAILED", failure=tr.one_line(e))
+        if sweep:  # the job's one line
+            say(f"l2lab: {_job_label(name)}: run {rid[:8]} FAILED: {e}", err=True)
+            e.l2lab_reported = True  # type: ignore[attr-defined]
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _reuse(client, found, exp: str, name: str, overrides: Sequence[str], sweep: dict | None,
+           tags: Mapping[str, str] | None) -> dict[str, float]:
+    """``reuse=true`` and a FINISHED run of the same config exists: no training. In a sweep a
+    child run lists it (tag ``l2lab.reused_from``) so the sweep's table and figures include it."""
+    from l2lab import runs
+
+    metrics = dict(found.data.metrics)
+    shown = "  ".join(f"{k}={metrics[k]:.4f}" for k in ("train/ce", "val/ce", "gap/ce", "val/acc")
+                      if k in metrics)
+    src = found.info.run_id
+    if sweep:
+        listed = runs.list_reused(client, found, exp, name, {
+            "l2lab.overrides": json.dumps(list(overrides)),
+            "l2lab.sweep_id": sweep["sweep_id"], "mlflow.parentRunId": sweep["parent_run_id"],
+            **(tags or {})})
+        say(f"l2lab: {_job_label(name)}: reused run {src[:8]} (FINISHED, same config; listed as "
+            f"{listed[:8]})  {shown}")
+    else:
+        say(f"l2lab: reuse: run {src} ({found.data.tags.get('mlflow.runName', '')}) already "
+            f"FINISHED with this config; not trained again.  {shown}\n"
+            f"       UI: {ui_url(client, src)}")
+    return metrics
+
+
 def _flush_every_s(cfg: DictConfig) -> float:
-    return float(cfg.tracking.get("flush_every_s", tr.FLUSH_EVERY_S))
+    from l2lab.tracking import FLUSH_EVERY_S
+
+    return float(cfg.tracking.get("flush_every_s", FLUSH_EVERY_S))
 
 
 def _lightning_fit(cfg: DictConfig, module: L2Module, splits, recorder: pl.Callback,
@@ -282,6 +432,11 @@ def _lightning_fit(cfg: DictConfig, module: L2Module, splits, recorder: pl.Callb
     """One Lightning fit (and test, when the data has a test split) on tensors that live on the
     training device; returns the trainer. ``train_batches(splits, rank=, world=)`` makes the
     training batches (of this rank's shard of each global batch, under DDP)."""
+    import pytorch_lightning as pl
+
+    from l2lab import distributed
+    from l2lab.data import TensorBatches
+
     trainer = pl.Trainer(**distributed.trainer_kwargs(cfg), logger=False, callbacks=[recorder],
                          default_root_dir=str(output_dir), enable_model_summary=False,
                          num_sanity_val_steps=0)
@@ -305,6 +460,9 @@ def _lightning_fit(cfg: DictConfig, module: L2Module, splits, recorder: pl.Callb
 def fit(cfg: DictConfig, module: L2Module, splits, tracker: tr.RunTracker, output_dir: Path,
         ckpt: Path | None, echo: bool = True) -> dict[str, float]:
     """Lightning training of one network; returns its final metrics."""
+    from l2lab import tracking as tr
+    from l2lab.data import TensorBatches
+
     recorder = tr.EpochRecorder(tracker, output_dir / "checkpoints" / "last.ckpt", echo=echo,
                                 flush_every_s=_flush_every_s(cfg))
     bs, seed = int(cfg.data.batch_size), int(cfg.seed)
@@ -330,7 +488,12 @@ def train_group(cfgs: Sequence[DictConfig], overrides: Sequence[Sequence[str]],
     with its reason while the others train on; Ctrl-C/SIGTERM ends every unfinished run KILLED.
     Returns, per job, its final metrics or the exception that ended it.
     """
+    import pytorch_lightning as pl
+    import torch
+
     from l2lab import stacked
+    from l2lab import tracking as tr
+    from l2lab.data import load_data
 
     cfgs = [_prepared(c) for c in cfgs]
     client = tr.connect(cfgs[0].tracking.uri)
@@ -399,6 +562,9 @@ def _fit_stack(cfgs, ids: list[int], members, splits, trackers, results,
                output_dirs: list[Path]) -> None:
     """One Lightning fit of the networks ``ids`` as one stack; fills ``results``."""
     from l2lab import stacked
+    from l2lab import tracking as tr
+    from l2lab.data import StackedBatches
+    from l2lab.module import NonFiniteLossError
 
     cfg0 = cfgs[ids[0]]
     group = uuid.uuid4().hex[:12]
@@ -431,38 +597,67 @@ def _fit_stack(cfgs, ids: list[int], members, splits, trackers, results,
 
 def _prepared(cfg: DictConfig) -> DictConfig:
     """A copy with the tracking URI made absolute and an integer λ logged as a float."""
+    from l2lab.tracking import resolve_uri
+
     cfg = cfg.copy()
     with open_dict(cfg):
-        cfg.tracking.uri = tr.resolve_uri(cfg.tracking.uri)
+        cfg.tracking.uri = resolve_uri(cfg.tracking.uri)
         if isinstance(cfg.regularization.lam, int) and not isinstance(cfg.regularization.lam, bool):
             cfg.regularization.lam = float(cfg.regularization.lam)  # "lam=0" logs as 0.0
     return cfg
 
 
+def _error(message: str) -> None:
+    say(f"l2lab: error: {message}", err=True)
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float:
+def hydra_main(cfg: DictConfig) -> float:
+    """The Hydra task: one job. Returns the sweep objective, the final val/ce (nan when the job
+    failed, so that a sweep goes on and an Optuna study records the trial as failed)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    quiet_libraries()
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
+    if not multirun:  # a single run's bad value: reported now, before any heavy import
+        try:
+            schema.validate(cfg)
+        except ConfigError as e:
+            _error(str(e))
+            sys.exit(2)
     try:
         metrics = train(cfg, overrides=list(hc.overrides.task),
                         output_dir=Path(hc.runtime.output_dir))
         return float(metrics.get("val/ce", math.nan))
-    except (ConfigError, NonFiniteLossError) as e:
-        print(f"l2lab: error: {e}", file=sys.stderr, flush=True)
-        if multirun:  # a failed job must not stop the sweep: it is a FAILED child run
-            return math.nan
-        sys.exit(2 if isinstance(e, ConfigError) else 1)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as e:
-        if multirun:
-            print(f"l2lab: job failed: {tr.one_line(e)}", file=sys.stderr, flush=True)
+        from l2lab.module import NonFiniteLossError
+        from l2lab.tracking import one_line
+
+        known = isinstance(e, ConfigError | NonFiniteLossError)
+        if multirun:  # a failed job must not stop the sweep: it is a FAILED child run
+            if not getattr(e, "l2lab_reported", False):
+                _error(str(e) if known else f"job failed: {one_line(e)}")
             return math.nan
-        raise
+        if not known:
+            raise
+        _error(str(e))
+        sys.exit(2 if isinstance(e, ConfigError) else 1)
+
+
+def main() -> None:
+    """``python -m l2lab.train`` / ``l2lab-train``: unknown keys are refused (with the closest
+    valid ones) before Hydra composes, so no run and no sweep starts on a typo."""
+    argv = sys.argv[1:]
+    if not any(a in ("--hydra-help", "--shell-completion", "-sc", "--info") for a in argv):
+        try:
+            schema.check_overrides(schema.cli_overrides(argv))
+        except ConfigError as e:
+            print(f"l2lab: error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,174 @@
+"""Runs read back from MLflow: ``load_runs`` (a DataFrame for notebooks), and run identity.
+
+A run's identity is the hash of its resolved config without the keys that do not change what is
+trained (``tracking``, ``resume``, ``reuse``; ``hydra.*`` is never part of a job's config). It is
+the tag ``l2lab.config_hash`` of every training run, which is how ``reuse=true`` finds a FINISHED
+run of the same config, and how ``compare`` knows that a reproduction or a reuse listing repeats a
+run rather than adding a seed. MLflow is imported only when a function here needs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+HASH_TAG = "l2lab.config_hash"
+REUSED_TAG = "l2lab.reused_from"
+REPRODUCED_TAG = "l2lab.reproduced_from"
+_NOT_IDENTITY = ("tracking", "resume", "reuse", "hydra")
+
+
+def config_hash(cfg: DictConfig | Mapping) -> str:
+    """16 hex digits identifying what a config trains (bookkeeping keys left out)."""
+    tree = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    tree = {k: v for k, v in tree.items() if k not in _NOT_IDENTITY}
+    text = json.dumps(tree, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def find_finished(client, experiment_id: str, digest: str):
+    """A FINISHED run of the experiment with this config hash (an original run rather than a
+    listing of one), or None."""
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{HASH_TAG}` = '{digest}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time ASC"], max_results=1000)
+    originals = [r for r in found if REUSED_TAG not in r.data.tags]
+    if originals:
+        return originals[0]
+    if found:  # only listings survive (the original was deleted?): their source, if present
+        return found[0]
+    return None
+
+
+def list_reused(client, source, experiment_id: str, run_name: str,
+                tags: Mapping[str, str]) -> str:
+    """A FINISHED run that lists ``source`` in a sweep: its params, config artifacts and every
+    metric's full history are copied (the sweep's figures need the curves), tagged
+    ``l2lab.reused_from``. Returns the new run id."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    src = source.info.run_id
+    keep = {k: v for k, v in source.data.tags.items()
+            if k in (HASH_TAG, "l2lab.output_dir", "mlflow.source.git.commit")}
+    run = client.create_run(experiment_id, run_name=run_name,
+                            tags={**keep, **tags, REUSED_TAG: src})
+    rid = run.info.run_id
+    params = [Param(k, v) for k, v in source.data.params.items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(rid, params=params[i:i + 100], synchronous=True)
+    points = [Metric(k, m.value, m.timestamp, m.step) for k in source.data.metrics
+              for m in client.get_metric_history(src, k)]
+    for i in range(0, len(points), 1000):
+        client.log_batch(rid, metrics=points[i:i + 1000], synchronous=True)
+    client.log_batch(rid, tags=[RunTag("l2lab.reused_epochs",
+                                       source.data.params.get("trainer.max_epochs", ""))])
+    for art in ("config/config.yaml", "config/overrides.yaml"):
+        try:
+            text = open(client.download_artifacts(src, art)).read()  # noqa: SIM115
+        except Exception:  # an old run without it: the listing still has params and metrics
+            continue
+        client.log_text(rid, text, art)
+    client.set_terminated(rid, status="FINISHED")
+    return rid
+
+
+def drop_repeats(runs: Sequence) -> tuple[list, list]:
+    """Split off reproductions and reuse listings whose source run is also in ``runs``: they
+    repeat a run (same config, same seed) and must not count as an extra seed."""
+    ids = {r.info.run_id for r in runs}
+    kept, dropped = [], []
+    for r in runs:
+        src = r.data.tags.get(REUSED_TAG) or r.data.tags.get(REPRODUCED_TAG)
+        (dropped if src and src in ids else kept).append(r)
+    return kept, dropped
+
+
+def select(client, *, experiment: str | None = None, sweep: str | None = None,
+           run_ids: Iterable[str] | None = None) -> list:
+    """Training runs (not sweep parents) by ids, sweep id and/or experiment name; all when none
+    is given."""
+    from l2lab import ConfigError
+
+    if run_ids:
+        return [client.get_run(r) for r in run_ids]
+    exps = client.search_experiments()
+    if experiment is not None:
+        exps = [e for e in exps if e.name == experiment]
+        if not exps:
+            names = ", ".join(sorted(e.name for e in client.search_experiments()))
+            raise ConfigError(f"experiment: no experiment {experiment!r}; there are: {names}.")
+    flt = f"tags.`l2lab.sweep_id` = '{sweep}'" if sweep else ""
+    found = client.search_runs([e.experiment_id for e in exps], filter_string=flt,
+                               max_results=50_000, order_by=["attributes.start_time ASC"])
+    return [r for r in found if r.data.tags.get("l2lab.role") != "sweep"]
+
+
+def _number(text: str) -> Any:
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return text
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else text
+
+
+def to_frame(client, runs: Sequence):
+    """One row per run: ids, status, sweep, params (numbers as numbers), final metrics, and the
+    best val/ce with its epoch (from the val/ce history)."""
+    import pandas as pd
+
+    rows = []
+    for r in runs:
+        tags = r.data.tags
+        row: dict[str, Any] = {
+            "run_id": r.info.run_id, "run_name": tags.get("mlflow.runName", ""),
+            "status": r.info.status, "sweep_id": tags.get("l2lab.sweep_id"),
+            "experiment_id": r.info.experiment_id,
+            "reused_from": tags.get(REUSED_TAG), "reproduced_from": tags.get(REPRODUCED_TAG),
+            "failure": tags.get("l2lab.failure"),
+        }
+        row.update({k: _number(v) for k, v in sorted(r.data.params.items())})
+        row.update(sorted(r.data.metrics.items()))
+        history = client.get_metric_history(r.info.run_id, "val/ce") if r.data.metrics else []
+        finite = [(m.step, m.value) for m in history if not math.isnan(m.value)]
+        if finite:
+            step, value = min(sorted(finite), key=lambda p: p[1])
+            row["best_val_ce"], row["best_epoch"] = value, step
+        else:
+            row["best_val_ce"], row["best_epoch"] = math.nan, math.nan
+        rows.append(row)
+    head = ["run_id", "run_name", "status", "sweep_id", "experiment_id", "reused_from",
+            "reproduced_from", "failure"]
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return pd.DataFrame(columns=[*head, "best_val_ce", "best_epoch"])
+    rest = [c for c in frame.columns if c not in head]
+    return frame[head + rest]
+
+
+def load_runs(experiment: str | None = None, sweep: str | None = None,
+              run_ids: Iterable[str] | None = None, tracking_uri: str | None = None):
+    """Runs of an MLflow store as a pandas DataFrame, one row per training run.
+
+    Columns: ``run_id``, ``run_name``, ``status``, ``sweep_id`` (and ``experiment_id``,
+    ``reused_from``, ``reproduced_from``, ``failure``), every param under its dot key
+    (``regularization.lam``, ``seed``, ...), every final metric under its name (``val/ce``,
+    ``gap/ce``, ...), and ``best_val_ce`` with its ``best_epoch``. With no selection: every
+    training run of the store. ``tracking_uri`` defaults to ``$MLFLOW_TRACKING_URI``, else
+    ``./mlruns/mlflow.db``.
+
+    >>> import l2lab
+    >>> df = l2lab.load_runs(experiment="digits-mlp")
+    >>> df.groupby("regularization.lam")["val/ce"].agg(["mean", "std", "count"])
+    """
+    from l2lab import tracking as tr
+    from l2lab.train import quiet_libraries
+
+    quiet_libraries()
+    client = tr.connect(tr.resolve_uri(tracking_uri))
+    return to_frame(client, select(client, experiment=experiment, sweep=sweep, run_ids=run_ids))

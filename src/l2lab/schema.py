@@ -1,0 +1,392 @@
+"""The config contract: typed schemas for every group, range checks, and unknown-key refusal.
+
+Why here, and light: a typo or a bad value should cost a second, not the 10+ s it takes to import
+torch, Lightning and MLflow. This module imports only Hydra and OmegaConf. Three layers:
+
+* **types** — dataclasses registered in Hydra's ConfigStore (``schema/<group>/<name>``) and named
+  in each YAML's defaults list, so Hydra itself refuses ``data.batch_size=1.5`` at composition,
+  naming the key;
+* **ranges** — :func:`validate` runs right after composition (λ ≥ 0 and finite, sizes, enums…);
+* **keys** — :func:`check_overrides` reads the command line before Hydra does and refuses unknown
+  keys, with or without ``+``, suggesting the closest valid ones (Hydra's own hint, "use +key",
+  would silently add a key nobody reads).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+
+from l2lab import CONF_DIR, ConfigError
+
+DATA_NAMES = ("digits", "mnist", "fashion_mnist", "cifar10")
+NORMALIZE = ("batch", "dataset", "none")
+MODES = ("loss", "optimizer")
+ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid")
+LAYER_TYPES = ("Linear", "Conv1d", "Conv2d")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+#: Dict-valued keys whose entries the user adds with ``+key.<name>=value`` (design.md §3).
+OPEN_DICTS = ("regularization.lam_per_layer",)
+
+
+# -- types ---------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    root: str = "data"
+    download: bool = False
+    train_size: int | None = None
+    val_size: int = 0
+    split_seed: int = 0
+    batch_size: int = 64
+
+
+@dataclass
+class MLPConfig:
+    _target_: str = "l2lab.models.MLP"
+    name: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [256, 256])
+    activation: str = "relu"
+    dropout: float = 0.0
+
+
+@dataclass
+class CNNConfig:
+    _target_: str = "l2lab.models.CNN"
+    name: str = "cnn"
+    channels: list[int] = field(default_factory=lambda: [16, 32])
+    hidden: list[int] = field(default_factory=lambda: [128])
+    activation: str = "relu"
+    dropout: float = 0.0
+    pooled: int = 4
+
+
+@dataclass
+class RegularizationConfig:
+    name: str = MISSING
+    lam: float = 1e-3
+    layers: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=list)
+    types: list[str] = field(default_factory=lambda: list(LAYER_TYPES))
+    min_params: int = 0
+    lam_per_layer: dict[str, float] = field(default_factory=dict)
+    include_bias: bool = False
+    normalize: str = "batch"
+    mode: str = "loss"
+
+
+@dataclass
+class SGDConfig:
+    _target_: str = "torch.optim.SGD"
+    name: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+
+
+@dataclass
+class AdamConfig:
+    _target_: str = "torch.optim.Adam"
+    name: str = "adam"
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    amsgrad: bool = False
+    weight_decay: float = 0.0
+
+
+@dataclass
+class AdamWConfig(AdamConfig):
+    _target_: str = "torch.optim.AdamW"
+    name: str = "adamw"
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 30
+    accelerator: str = "auto"
+    devices: Any = 1  # an int, a list of device ids, or "auto"
+    precision: Any = "32-true"  # Lightning accepts "32-true", 32, "bf16-mixed", ...
+    deterministic: bool = False
+    enable_progress_bar: bool = False
+    strategy: str = "auto"
+    num_nodes: int = 1
+    gradient_clip_val: float | None = None
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    """The primary config's own keys; the groups are typed by their own schemas."""
+
+    data: Any = MISSING
+    model: Any = MISSING
+    regularization: Any = MISSING
+    optimizer: Any = MISSING
+    trainer: Any = MISSING
+    seed: int = 0
+    resume: str | None = None
+    reuse: bool = False
+    experiment_name: str = MISSING
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+SCHEMAS: dict[str, dict[str, type]] = {
+    "data": {"data": DataConfig},
+    "model": {"mlp": MLPConfig, "cnn": CNNConfig},
+    "regularization": {"regularization": RegularizationConfig},
+    "optimizer": {"sgd": SGDConfig, "adam": AdamConfig, "adamw": AdamWConfig},
+    "trainer": {"trainer": TrainerConfig},
+}
+
+
+def register() -> None:
+    """Put the schemas in Hydra's ConfigStore (the YAML files name them in their defaults)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    for group, nodes in SCHEMAS.items():
+        for name, node in nodes.items():
+            cs.store(group=f"schema/{group}", name=name, node=node)
+
+
+register()
+
+
+# -- ranges --------------------------------------------------------------------------------------
+def _fail(key: str, rule: str, value: object) -> ConfigError:
+    return ConfigError(f"{key} must be {rule}, got {value!r}.")
+
+
+def check_lam(key: str, value: object) -> float:
+    """λ as a float, or a ConfigError naming ``key``: λ must be finite and >= 0."""
+    try:
+        lam = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be a number >= 0, got {value!r}.") from None
+    if not math.isfinite(lam) or lam < 0:
+        raise ConfigError(f"{key} must be a finite number >= 0 (0 disables L2), got {value!r}.")
+    return lam
+
+
+def _int(cfg: Any, key: str, low: int, *, optional: bool = False, what: str = "") -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        rule = f"an integer >= {low}" + (" or null" if optional else "") + what
+        raise _fail(key, rule, value)
+
+
+def _choice(cfg: Any, key: str, allowed: Sequence[str]) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}.")
+
+
+def _number(cfg: Any, key: str, rule: str, ok) -> None:  # noqa: ANN001
+    value = OmegaConf.select(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or \
+            not math.isfinite(value) or not ok(value):
+        raise _fail(key, rule, value)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range checks that need no data and no torch: the first bad key is a ConfigError.
+
+    Checks that need the dataset or the network (``train_size`` larger than the data, a layer
+    pattern matching nothing) run later, in ``train``, still before any training.
+    """
+    reg = cfg.regularization
+    check_lam("regularization.lam", reg.get("lam"))
+    for layer, lam in (reg.get("lam_per_layer") or {}).items():
+        check_lam(f"regularization.lam_per_layer.{layer}", lam)
+    _choice(cfg, "regularization.normalize", NORMALIZE)
+    _choice(cfg, "regularization.mode", MODES)
+    _int(cfg, "regularization.min_params", 0)
+    for t in reg.get("types") or []:
+        if t not in LAYER_TYPES:
+            raise ConfigError(f"regularization.types: each must be one of "
+                              f"{', '.join(LAYER_TYPES)}; got {t!r}.")
+
+    _choice(cfg, "data.name", DATA_NAMES)
+    _int(cfg, "data.train_size", 1, optional=True, what=" (null: all)")
+    _int(cfg, "data.val_size", 0)
+    _int(cfg, "data.batch_size", 1)
+    _int(cfg, "data.split_seed", 0)
+
+    name = cfg.model.get("name")
+    if str(cfg.model.get("_target_", "")) not in ("l2lab.models.MLP", "l2lab.models.CNN"):
+        raise ConfigError(f"model must be one of mlp, cnn (l2lab.models.*), got {name!r}.")
+    _choice(cfg, "model.activation", ACTIVATIONS)
+    _number(cfg, "model.dropout", "a number in [0, 1)", lambda v: 0 <= v < 1)
+    for key in ("model.hidden", "model.channels"):
+        sizes = OmegaConf.select(cfg, key)
+        if sizes is not None and not all(isinstance(s, int) and s >= 1 for s in sizes):
+            raise _fail(key, "a list of integers >= 1", list(sizes))
+
+    _number(cfg, "optimizer.lr", "a number > 0", lambda v: v > 0)
+    if str(cfg.optimizer.get("_target_", "")).split(".")[:2] != ["torch", "optim"]:
+        raise _fail("optimizer._target_", "a torch.optim class", cfg.optimizer.get("_target_"))
+    if float(cfg.optimizer.get("weight_decay") or 0.0) != 0.0:
+        raise ConfigError(
+            "optimizer.weight_decay must be 0: L2 is set by regularization.* and applied only to "
+            "the selected layers; use regularization.mode=optimizer for decay in the optimizer."
+        )
+    if "momentum" in cfg.optimizer:
+        _number(cfg, "optimizer.momentum", "a number >= 0", lambda v: v >= 0)
+
+    _int(cfg, "trainer.max_epochs", 1)
+    _choice(cfg, "trainer.accelerator", ACCELERATORS)
+    devices = cfg.trainer.get("devices")
+    if not (devices == "auto" or isinstance(devices, ListConfig | list) or
+            (isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1)):
+        raise _fail("trainer.devices", "an integer >= 1, a list of device ids, or auto", devices)
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or cfg.seed < 0:
+        raise _fail("seed", "an integer >= 0", cfg.seed)
+
+
+# -- keys ----------------------------------------------------------------------------------------
+_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                "--config-dir", "-cd", "--info", "-i", "--experimental-rerun",
+                "--shell-completion", "-sc"}
+
+
+def cli_overrides(argv: Sequence[str]) -> list[str]:
+    """The override arguments of a Hydra command line (flags and their values skipped)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg.startswith("-"):
+            skip = arg in _VALUE_FLAGS and arg not in ("--info", "-i")  # --info takes an optional
+            continue
+        if "=" in arg:
+            out.append(arg)
+    return out
+
+
+def _is_group(key: str) -> bool:
+    return key.startswith("hydra") or (CONF_DIR / key).is_dir()
+
+
+def _first_choice(override) -> str | None:  # noqa: ANN001
+    """The first value of a group override (``model=mlp,cnn`` -> ``mlp``), for key checks."""
+    if not override.is_sweep_override():
+        return override.get_value_element_as_str()
+    try:
+        return next(iter(override.sweep_string_iterator()))
+    except Exception:  # glob(), interval(): no single value to compose with
+        return None
+
+
+def _keys(node: Any, prefix: str = "") -> list[str]:
+    out = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            full = f"{prefix}{k}"
+            out.append(full)
+            if full not in OPEN_DICTS:
+                out += _keys(node._get_node(k), full + ".")
+    return out
+
+
+def _suggest(key: str, valid: Iterable[str]) -> ConfigError:
+    """The error for an unknown key: the closest valid key(s) and the group's valid keys."""
+    valid = sorted(valid)
+    group, _, leaf = key.rpartition(".")
+    siblings = [k for k in valid if k.rpartition(".")[0] == group]
+    names = {k.rpartition(".")[2]: k for k in siblings}
+    close = [names[n] for n in difflib.get_close_matches(leaf, list(names), n=2, cutoff=0.6)]
+    if not close:  # a misspelt group (regularisation.lam) or a key put in the wrong group
+        close = difflib.get_close_matches(key, valid, n=2, cutoff=0.8)
+    hint = f" Did you mean {' or '.join(f'`{c}`' for c in close)}?" if close else ""
+    where = f"`{group}`" if group else "the top level"
+    listed = ", ".join(names) if siblings else "(no such group)"
+    return ConfigError(
+        f"unknown config key `{key}`.{hint} Valid keys of {where}: {listed}. "
+        "Nothing was run."
+    )
+
+
+def check_overrides(overrides: Sequence[str]) -> None:
+    """Refuse overrides of keys that no schema knows, before Hydra composes or anything runs.
+
+    The config is composed once with only the group choices of the command line (the first value
+    of a swept group), and every other override's key must exist in it (``+`` included: it may
+    only add entries under :data:`OPEN_DICTS`). Values are left to the schemas: Hydra's own
+    composition reports a wrong type, naming the key.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not overrides:
+        return
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except Exception:
+        return  # a syntax error: Hydra reports it with its own pointer into the string
+    choices, leaves = [], []
+    for o in parsed:
+        key = o.get_key_element().lstrip("+~")
+        if o.is_delete():
+            continue
+        if _is_group(key.split("@")[0]):
+            if not key.startswith("hydra") and (value := _first_choice(o)) is not None:
+                choices.append(f"{o.get_key_element()}={value}")
+        else:
+            leaves.append((key, o.is_add()))
+    if not leaves:
+        return
+    if GlobalHydra.instance().is_initialized():  # compose inside an app or a test
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("train", overrides=choices)
+    except Exception:
+        return  # a bad group choice: Hydra lists the options itself
+    valid = set(_keys(cfg))
+    for key, _added in leaves:
+        if key in valid or any(key.startswith(d + ".") and key.count(".") == d.count(".") + 1
+                               for d in OPEN_DICTS):
+            continue
+        raise _suggest(key, valid)
+
+
+# -- help ----------------------------------------------------------------------------------------
+def group_options(conf_dir: Path = CONF_DIR) -> str:
+    """``data: cifar10, digits, ...`` one line per config group, for ``--help``."""
+    lines = []
+    for group in ("data", "model", "regularization", "optimizer", "trainer", "experiment",
+                  "hydra/launcher", "hydra/sweeper"):
+        d = conf_dir / group
+        names = sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+        if group == "hydra/launcher":
+            names = sorted({*names, "basic", "joblib"})
+        if group == "hydra/sweeper":
+            names = sorted({*names, "basic", "optuna"})
+        lines.append(f"  {group + ':':<17} {', '.join(names)}")
+    return "\n".join(lines)
+
+
+def _register_resolvers() -> None:
+    if not OmegaConf.has_resolver("l2lab_groups"):
+        OmegaConf.register_new_resolver("l2lab_groups", lambda: group_options())
+
+
+_register_resolvers()
+
