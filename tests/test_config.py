@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import yaml
 from conftest import make_cfg, run_cli
 from hydra import compose, initialize_config_dir
 
-from l2lab import CONF_DIR
+from l2lab import CONF_DIR, ConfigError
+from l2lab.schema import check_overrides, cli_overrides, validate
 
 
 @pytest.mark.parametrize("group, options", [
@@ -57,3 +61,162 @@ def test_cfg_job_and_help_work_as_in_any_hydra_app(tmp_path):
     r = run_cli("l2lab.train", "--help", cwd=tmp_path)
     assert r.returncode == 0 and "regularization" in r.stdout
     assert not (tmp_path / "mlruns").exists()  # neither trains nor touches a store
+
+
+# -- typed configs: a wrong type fails at composition, naming the key (one case per group) -----
+@pytest.mark.parametrize("override, key", [
+    ("data.batch_size=1.5", "data.batch_size"),
+    ("data.download=maybe", "data.download"),
+    ("model.hidden=[a,b]", "model.hidden"),
+    ("model=cnn model.channels=[1.5]", "model.channels"),
+    ("regularization.lam=abc", "regularization.lam"),
+    ("+regularization.lam_per_layer.fc1=abc", "regularization.lam_per_layer.fc1"),
+    ("optimizer.lr=fast", "optimizer.lr"),
+    ("optimizer=adam optimizer.amsgrad=sometimes", "optimizer.amsgrad"),
+    ("trainer.max_epochs=2.5", "trainer.max_epochs"),
+    ("seed=1.5", "seed"),
+    ("reuse=perhaps", "reuse"),
+])
+def test_a_wrong_type_fails_at_composition_naming_the_key(override, key):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as e:
+        make_cfg(*override.split(), tiny=False)
+    text = f"{e.value} {e.value.__cause__}"
+    assert key in text, text
+
+
+# -- ranges: checked right after composition, before torch/Lightning/MLflow --------------------
+@pytest.mark.parametrize("override, words", [
+    ("regularization.lam=-0.1", ["regularization.lam", ">= 0"]),
+    ("regularization.lam=inf", ["regularization.lam", "finite"]),
+    ("+regularization.lam_per_layer.fc1=-1", ["regularization.lam_per_layer.fc1", ">= 0"]),
+    ("regularization.normalize=mean", ["regularization.normalize", "batch, dataset, none"]),
+    ("regularization.mode=decay", ["regularization.mode", "loss, optimizer"]),
+    ("regularization.types=[Dense]", ["regularization.types", "Linear, Conv1d, Conv2d"]),
+    ("regularization.min_params=-1", ["regularization.min_params", ">= 0"]),
+    ("data.name=svhn", ["data.name", "digits"]),
+    ("data.train_size=0", ["data.train_size", ">= 1"]),
+    ("data.val_size=-3", ["data.val_size", ">= 0"]),
+    ("data.batch_size=0", ["data.batch_size", ">= 1"]),
+    ("model.activation=swish", ["model.activation", "relu"]),
+    ("model.dropout=1.0", ["model.dropout", "[0, 1)"]),
+    ("model.hidden=[0]", ["model.hidden", ">= 1"]),
+    ("optimizer.lr=0", ["optimizer.lr", "> 0"]),
+    ("optimizer.weight_decay=0.1", ["optimizer.weight_decay", "regularization.mode"]),
+    ("trainer.max_epochs=0", ["trainer.max_epochs", ">= 1"]),
+    ("trainer.accelerator=quantum", ["trainer.accelerator", "auto, cpu, gpu"]),
+    ("trainer.devices=0", ["trainer.devices", ">= 1"]),
+    ("seed=-1", ["seed", ">= 0"]),
+])
+def test_range_checks_name_the_key_and_the_allowed_values(override, words):
+    cfg = make_cfg(override, tiny=False)
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    for w in words:
+        assert w in str(e.value), str(e.value)
+
+
+def test_every_preset_passes_the_range_checks():
+    for group, opts in [("data", ["digits", "mnist", "fashion_mnist", "cifar10"]),
+                        ("model", ["mlp", "cnn"]), ("optimizer", ["sgd", "adam", "adamw"]),
+                        ("regularization", ["l2", "none", "l2_dense", "l2_hidden"]),
+                        ("experiment", ["lambda_sweep", "lambda_search"])]:
+        for opt in opts:
+            validate(make_cfg(f"{group}={opt}", tiny=False))
+
+
+# -- unknown keys: refused before anything runs, with the closest valid key ------------------
+@pytest.mark.parametrize("override, suggestion, listed", [
+    ("regularization.lamda=0.1", "regularization.lam", "lam_per_layer"),
+    ("+regularization.lamda=0.1", "regularization.lam", "normalize"),
+    ("data.trainsize=100", "data.train_size", "batch_size"),
+    ("+model.hiden=[3]", "model.hidden", "dropout"),
+    ("optimizer.momentun=0.5", "optimizer.momentum", "lr"),
+    ("+trainer.max_epoch=3", "trainer.max_epochs", "accelerator"),
+    ("regularisation.lam=0.1", "regularization.lam", "(no such group)"),
+    ("sed=1", "seed", "experiment_name"),
+    ("+tracking.url=x", "tracking.uri", "uri"),
+])
+def test_unknown_keys_are_refused_with_a_suggestion(override, suggestion, listed):
+    with pytest.raises(ConfigError) as e:
+        check_overrides([override, "regularization.lam=0.1"])
+    text = str(e.value)
+    assert f"Did you mean `{suggestion}`" in text and listed in text, text
+    assert "Nothing was run" in text
+
+
+def test_known_keys_launchers_sweeps_and_plus_entries_pass_the_key_check():
+    check_overrides(["+regularization.lam_per_layer.fc1=0.2", "+regularization.lam_per_layer.*=1",
+                     "regularization.lam=0,1e-3,tag(log, interval(1e-4, 3))",
+                     "model=mlp,cnn", "model.hidden=[8]", "hydra/launcher=parallel",
+                     "hydra.launcher.n_jobs=2", "hydra.sweep.dir=x", "experiment=lambda_sweep",
+                     "hydra/sweeper=optuna", "hydra.sweeper.n_trials=4", "trainer.max_epochs=2",
+                     "reuse=true", "resume=abc", "tracking.uri=sqlite:///x.db", "seed=0,1"])
+    check_overrides(["model=cnn", "model.channels=[4]"])  # a key of the chosen option
+    with pytest.raises(ConfigError, match="model.channels"):
+        check_overrides(["model.channels=[4]"])  # not a key of the default mlp
+    with pytest.raises(ConfigError, match="lam_per_layer.fc1.x"):
+        check_overrides(["+regularization.lam_per_layer.fc1.x=1"])  # only one level below
+
+
+def test_cli_overrides_skips_flags_and_their_values():
+    argv = ["-m", "--cfg", "job", "a.b=1", "-cn", "train", "--package", "x", "c=2", "--help"]
+    assert cli_overrides(argv) == ["a.b=1", "c=2"]
+
+
+def test_help_explains_the_harness_and_lists_every_option(tmp_path):
+    r = run_cli("l2lab.train", "--help", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    for words in ("overfitting versus L2 strength", "== Main keys ==", "regularization.lam",
+                  "-m regularization.lam=", "resume=RUN_ID", "trainer.max_epochs=N",
+                  "make ui", "mlruns/mlflow.db", "multirun/", "--format csv|json",
+                  "experiment=lambda_search", "+regularization.lam_per_layer"):
+        assert words in out, words
+    for group in ("data", "model", "regularization", "optimizer", "experiment",
+                  "hydra/launcher"):
+        line = next(ln for ln in out.splitlines() if ln.strip().startswith(group + ":"))
+        for yaml_file in (CONF_DIR / group).glob("*.yaml"):
+            assert yaml_file.stem in line, (group, yaml_file.stem, line)
+    assert "optuna" in out and not (tmp_path / "mlruns").exists()
+
+
+FAST_PROBE = """
+import runpy, sys
+sys.argv = ["l2lab.train", *sys.argv[1:]]
+code = 0
+try:
+    runpy.run_module(sys.argv[0], run_name="__main__")
+except SystemExit as e:
+    code = e.code
+heavy = [m for m in ("torch", "pytorch_lightning", "mlflow") if m in sys.modules]
+print("HEAVY=" + ",".join(heavy), "EXIT=" + str(code), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("args, code, words", [
+    (["--help"], 0, []),
+    (["--cfg", "job", "regularization.lam=0.5"], 0, []),
+    (["regularization.lam=-1"], 2, ["regularization.lam must be a finite number >= 0"]),
+    (["trainer.max_epochs=0"], 2, ["trainer.max_epochs must be an integer >= 1, got 0"]),
+    (["+regularization.lamda=0.1"], 2, ["Did you mean `regularization.lam`"]),
+    (["data.batch_size=1.5"], 1, ["data.batch_size", "could not be converted to Integer"]),
+])
+def test_fast_paths_import_neither_torch_lightning_nor_mlflow(tmp_path, args, code, words):
+    """--help, --cfg and a bad config are answered without the heavy imports (the time this
+    saves is measured by scripts/startup_times.py, not asserted here), and create no run."""
+    r = subprocess.run([sys.executable, "-c", FAST_PROBE, *args], cwd=tmp_path, text=True,
+                       capture_output=True, timeout=300)
+    assert f"HEAVY= EXIT={code}" in r.stderr, r.stderr[-2000:]
+    for w in words:
+        assert w in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_import_l2lab_stays_light():
+    code = ("import sys, l2lab, l2lab.train, l2lab.sweep, l2lab.compare, l2lab.reproduce; "
+            "print([m for m in ('torch', 'mlflow', 'pandas', 'matplotlib') if m in sys.modules])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.stdout.strip() == "[]", r.stdout + r.stderr

@@ -92,7 +92,8 @@ def test_columns_and_order(summary: pd.DataFrame) -> None:
     assert summary["lam"].tolist() == [0.0, 1e-3, 0.1]
     assert summary["regularization.lam"].tolist() == ["0.0", "1e-3", "0.1"]
     assert summary["runs"].tolist() == [2, 2, 2]
-    assert summary["failed"].tolist() == [0, 1, 1]
+    # r-fail never trained (no metrics): no part of any row; the KILLED run counts as failed
+    assert summary["failed"].tolist() == [0, 0, 1]
 
 
 def test_final_metric_means_and_sample_stds(summary: pd.DataFrame) -> None:
@@ -147,17 +148,23 @@ def test_single_run_has_nan_std() -> None:
         assert math.isnan(r[col])
 
 
-def test_all_failed_group_gets_nan_row() -> None:
-    runs = sweep_runs() + [
-        RunRecord(
-            "r-x", "lam=1 seed=1", "FAILED", {"regularization.lam": "1.0"}, 1.0, 1, "NaN loss"
-        )
-    ]
+def test_all_failed_group_gets_nan_row_and_never_trained_runs_get_none() -> None:
+    diverged = make_run("1.0", 1, math.nan, math.nan, 0.1, [2.0], status="FAILED",
+                        failure="non-finite loss")
+    rejected = RunRecord("r-x", "lam=-1 seed=1", "FAILED", {"regularization.lam": "-1"}, -1.0, 1,
+                         "regularization.lam must be a finite number >= 0")
+    runs = sweep_runs() + [diverged, rejected]
     frame = summarize(runs)
-    assert frame["lam"].tolist() == [0.0, 1e-3, 0.1, 1.0]
+    assert frame["lam"].tolist() == [0.0, 1e-3, 0.1, 1.0]  # no row for the rejected λ=-1
     last = row(frame, 1.0)
     assert (last["runs"], last["failed"]) == (0, 1)
     assert math.isnan(last["val/ce_mean"]) and math.isnan(last["best_epoch_mean"])
+    text = format_table(frame, runs)  # a sweep names every failure, the rejected one included
+    assert "FAILED  lam=-1 seed=1  (r-x): regularization.lam must be" in text
+    assert "2 run(s) never trained" in text  # r-fail and r-x
+    text = format_table(frame, runs, name_rejected=False)  # compare: a count, no names
+    assert "(r-x)" not in text and "(r-fail)" not in text and "2 run(s) never trained" in text
+    assert "non-finite loss" in text
 
 
 def test_empty_groups_fall_back_to_lambda_and_gap_is_derived() -> None:
@@ -218,7 +225,9 @@ def test_format_table(summary: pd.DataFrame) -> None:
     assert "0.4300 ± 0.0283" in starred[0]  # val/ce
     assert "0.870 ± 0.014" in starred[0]  # val/acc, 3 decimals
     assert "2.5 ± 0.7" in starred[0]  # best epoch, 1 decimal
-    assert lines[-1] == "* lowest mean val/ce: lam=1e-3"
+    # 0.62 - 0.43 = 0.19 > hypot(0.0283, 0.0283) = 0.04: a clear best
+    assert lines[-1] == ("* lowest mean val/ce: lam=1e-3 (clear: 0.1900 below the next "
+                         "(lam=0.0), more than their combined std 0.0400)")
     # Rows are in λ order and columns line up (fixed width).
     rows = [ln for ln in lines[2:5]]
     assert [r.split()[1] if r.startswith("*") else r.split()[0] for r in rows] == [
@@ -234,7 +243,8 @@ def test_format_table_single_run_and_all_failed() -> None:
     text = format_table(summarize(one), one)
     assert "0.3000" in text and "±" not in text
     assert "FAILED" not in text
-    assert text.splitlines()[-1] == "* lowest mean val/ce: lam=0.01"
+    assert text.splitlines()[-1] == ("* lowest mean val/ce: lam=0.01 (the only row with "
+                                     "finished runs)")
 
     failed = [
         RunRecord("a", "lam=0 seed=1", "FAILED", {"regularization.lam": "0.0"}, 0.0, 1, "boom"),
@@ -242,7 +252,7 @@ def test_format_table_single_run_and_all_failed() -> None:
     ]
     text = format_table(summarize(failed), failed)
     assert "FAILED  lam=0 seed=1  (a): boom" in text
-    assert "n/a" in text
+    assert "(no runs)" in text  # neither trained: no rows
     assert "no finished runs" in text.splitlines()[-1]
     assert not [ln for ln in text.splitlines() if ln.startswith("*") and "lowest" not in ln]
 
@@ -293,9 +303,7 @@ def test_write_report_all_failed(tmp_path: Path) -> None:
     paths = write_report(runs, tmp_path)
     assert_report(paths, tmp_path)
     back = pd.read_csv(paths["summary"])
-    assert back["runs"].tolist() == [0, 0]
-    assert back["failed"].tolist() == [1, 1]
-    assert back["val/ce_mean"].isna().all()
+    assert back.empty  # neither run trained an epoch: no rows, and placeholder figures
 
 
 def test_write_report_zero_lambda_only_and_extra_keys(tmp_path: Path) -> None:
@@ -314,3 +322,31 @@ def test_write_report_empty(tmp_path: Path) -> None:
     paths = write_report([], tmp_path)
     assert_report(paths, tmp_path)
     assert "no runs" in format_table(summarize([]), [])
+
+
+def _two_rows(best: tuple[float, float, float], nxt: tuple[float, float, float]) -> list:
+    """Two λ with two seeds each: (mean-ish) val/ce values chosen per seed."""
+    runs = []
+    for lam, vals in (("0.01", best), ("0.1", nxt)):
+        for seed, v in enumerate(vals[:2]):
+            runs.append(make_run(lam, seed, 0.1, v, 0.9, [v]))
+    return runs
+
+
+def test_best_row_is_clear_only_beyond_the_combined_std() -> None:
+    noisy = _two_rows((0.40, 0.50, 0), (0.46, 0.48, 0))  # means 0.45 vs 0.47, stds 0.07, 0.014
+    text = format_table(summarize(noisy), noisy)
+    last = text.splitlines()[-1]
+    assert last.startswith("~ lowest mean val/ce: lam=0.01 (within noise: 0.0200 below the next "
+                           "(lam=0.1), not more than their combined std 0.0721)"), last
+    assert not [ln for ln in text.splitlines() if ln.startswith("*")]
+    assert [ln for ln in text.splitlines() if ln.startswith("~")][0].split()[1] == "0.01"
+
+    clear = _two_rows((0.40, 0.41, 0), (0.50, 0.52, 0))
+    last = format_table(summarize(clear), clear).splitlines()[-1]
+    assert last.startswith("* lowest mean val/ce: lam=0.01 (clear: 0.1050 below"), last
+
+    single = [make_run("0.01", 0, 0.1, 0.40, 0.9, [0.4]), make_run("0.1", 0, 0.1, 0.9, 0.9, [0.9])]
+    last = format_table(summarize(single), single).splitlines()[-1]
+    assert last.startswith("~ lowest mean val/ce: lam=0.01 (not a clear winner") and \
+        "no seed-to-seed std" in last

@@ -215,8 +215,8 @@ def overrides_for(args: argparse.Namespace, device: torch.device) -> list[str]:
           f"data.batch_size={args.batch_size}", f"trainer.max_epochs={args.epochs}",
           f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}", "trainer.devices=1",
           "seed=0"]
-    if args.train_size is not None:
-        ov.append(f"data.train_size={args.train_size}")
+    # null: all 1200 (the digits preset's own default is a 200-example subset)
+    ov.append(f"data.train_size={'null' if args.train_size is None else args.train_size}")
     return ov
 
 

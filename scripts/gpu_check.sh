@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# On a CUDA machine, one command: the GPU tests, then the harness-vs-plain-PyTorch benchmark on
+# the GPU. Usage: scripts/gpu_check.sh [extra l2lab.bench arguments]
+# Exits non-zero when no GPU is visible (instead of "passing" with every GPU test skipped), when a
+# test fails, or when the benchmark fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-.venv/bin/python}"
+[ -x "$PY" ] || { make venv >/dev/null && PY=.venv/bin/python; }
+
+if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    echo "gpu_check: no CUDA device visible to torch; nothing to check" >&2
+    exit 3
+fi
+"$PY" -c 'import torch; print("gpu_check:", torch.cuda.get_device_name(0), "torch", torch.__version__)'
+
+echo "== GPU tests (pytest -m gpu)"
+"$PY" -m pytest -m gpu -q -rs tests
+
+echo "== benchmark: harness vs a plain PyTorch loop (l2lab.bench --device cuda)"
+"$PY" -m l2lab.bench --device cuda "$@"
