@@ -104,13 +104,29 @@ def test_interrupt_marks_killed_keeps_epochs_and_resume_completes(tmp_path, stor
     steps = _history(client, rid)
     e = len(steps)
     assert e >= 3 and steps == list(range(e))  # what was logged stays, no gaps
+    # one line says what happened and how to go on; it is also in the run's train.log
+    name = run.data.tags["mlflow.runName"]
+    said = f"run {rid} ({name}) KILLED after {e} of 400 epochs"
+    assert said in err and f"python -m l2lab.train resume={rid}" in err, err[-2000:]
+    (log,) = (tmp_path / "outputs").glob("*/train.log")
+    assert said in log.read_text() and f"resume={rid}" in log.read_text()
     if sig != signal.SIGINT:
         return
     r = run_cli("l2lab.train", f"resume={rid}", f"trainer.max_epochs={e + 3}",
                 f"tracking.uri={store}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resuming run {rid} ({name}) from epoch {e} " \
+        f"of {e + 3} (was KILLED)" in r.stdout, r.stdout[-2000:]
+    assert f"FINISHED after {e + 3} epochs" in r.stdout
     run = client.get_run(rid)
     assert run.info.status == "FINISHED" and "l2lab.failure" not in run.data.tags
+    # resuming a FINISHED run: a clear message and how to train longer; nothing changes
+    r = run_cli("l2lab.train", f"resume={rid}", f"tracking.uri={store}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"run {rid} ({name}) is FINISHED: {e + 3} of " \
+        f"{e + 3} epochs trained, nothing to resume" in r.stdout, r.stdout[-2000:]
+    assert f"resume={rid} trainer.max_epochs={e + 13}" in r.stdout
+    assert _history(client, rid) == list(range(e + 3))
     for key in ("train/loss", "val/ce", "weights/sq_norm_total"):
         assert _history(client, rid, key) == list(range(e + 3)), key  # each step exactly once
     assert len(runs_of(client)) == 1  # the same MLflow run, no new one
