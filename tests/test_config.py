@@ -220,3 +220,10 @@ def test_import_l2lab_stays_light():
             "print([m for m in ('torch', 'mlflow', 'pandas', 'matplotlib') if m in sys.modules])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_the_schema_lists_agree_with_the_code():
+    from l2lab import data, models, schema
+
+    assert set(schema.ACTIVATIONS) == set(models.ACTIVATIONS)
+    assert set(schema.DATA_NAMES) == set(data.DATASETS)

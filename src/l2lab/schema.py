@@ -26,7 +26,8 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from l2lab import CONF_DIR, ConfigError
 
-DATA_NAMES = ("digits", "mnist", "fashion_mnist", "cifar10")
+#: data.name: one of the data presets (conf/data/<name>.yaml names itself).
+DATA_NAMES = tuple(sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml")))
 NORMALIZE = ("batch", "dataset", "none")
 MODES = ("loss", "optimizer")
 ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid")
@@ -227,9 +228,9 @@ def validate(cfg: DictConfig) -> None:
     _int(cfg, "data.batch_size", 1)
     _int(cfg, "data.split_seed", 0)
 
-    name = cfg.model.get("name")
-    if str(cfg.model.get("_target_", "")) not in ("l2lab.models.MLP", "l2lab.models.CNN"):
-        raise ConfigError(f"model must be one of mlp, cnn (l2lab.models.*), got {name!r}.")
+    if not str(cfg.model.get("_target_", "")).startswith("l2lab.models."):
+        raise _fail("model._target_", "a network of l2lab.models (model=mlp, cnn)",
+                    cfg.model.get("_target_"))
     _choice(cfg, "model.activation", ACTIVATIONS)
     _number(cfg, "model.dropout", "a number in [0, 1)", lambda v: 0 <= v < 1)
     for key in ("model.hidden", "model.channels"):
