@@ -127,6 +127,7 @@ class TrainerConfig:
 @dataclass
 class TrackingConfig:
     uri: str | None = None
+    flush_every_s: float = 5.0
 
 
 @dataclass
@@ -257,6 +258,8 @@ def validate(cfg: DictConfig) -> None:
         raise _fail("trainer.devices", "an integer >= 1, a list of device ids, or auto", devices)
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or cfg.seed < 0:
         raise _fail("seed", "an integer >= 0", cfg.seed)
+    if "flush_every_s" in cfg.get("tracking", {}):
+        _number(cfg, "tracking.flush_every_s", "a number >= 0", lambda v: v >= 0)
 
 
 # -- keys ----------------------------------------------------------------------------------------
