@@ -651,7 +651,9 @@ def main() -> None:
     """``python -m l2lab.train`` / ``l2lab-train``: unknown keys are refused (with the closest
     valid ones) before Hydra composes, so no run and no sweep starts on a typo."""
     argv = sys.argv[1:]
-    if not any(a in ("--hydra-help", "--shell-completion", "-sc", "--info") for a in argv):
+    other = ("--hydra-help", "--shell-completion", "-sc", "--info",  # or another primary config:
+             "--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd")
+    if not any(a.split("=")[0] in other for a in argv):
         try:
             schema.check_overrides(schema.cli_overrides(argv))
         except ConfigError as e:
