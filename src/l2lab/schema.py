@@ -387,6 +387,29 @@ def group_options(conf_dir: Path = CONF_DIR) -> str:
     return "\n".join(lines)
 
 
+def help_text(overrides: Sequence[str] = ()) -> str:
+    """``--help``: the template of ``conf/hydra/help/l2lab.yaml`` with the composed config.
+
+    Rendered here rather than by Hydra, whose ``--help`` lists the options of every Hydra group
+    (launchers', sweepers' and samplers' included) whether the template shows them or not: that
+    took 4-5 s of the 2-core machine's time for a page that should answer at once.
+    """
+    import string
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    template = str(cfg.hydra.help.template)
+    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    return string.Template(template).safe_substitute(
+        CONFIG=OmegaConf.to_yaml(job), FLAGS_HELP="", APP_CONFIG_GROUPS=group_options(),
+        HYDRA_CONFIG_GROUPS="")
+
+
 def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("l2lab_groups"):
         OmegaConf.register_new_resolver("l2lab_groups", lambda: group_options())

@@ -659,6 +659,10 @@ def main() -> None:
         except ConfigError as e:
             print(f"l2lab: error: {e}", file=sys.stderr, flush=True)
             sys.exit(2)
+        if "--help" in argv or "-h" in argv:  # Hydra's own --help takes seconds (schema.help_text)
+            print(schema.help_text([a for a in schema.cli_overrides(argv)
+                                    if not a.startswith(("hydra/", "hydra."))]))
+            return
     hydra_main()
 
 
