@@ -119,7 +119,7 @@ def test_default_store_and_env_uri(tmp_path, monkeypatch):
     ("data.val_size=5000", ["data.val_size"]),
     ("regularization.normalize=mean", ["regularization.normalize", "batch", "dataset"]),
     ("optimizer.lr=-1", ["optimizer.lr"]),
-    ("+optimizer.weight_decay=0.1", ["optimizer.weight_decay", "regularization.mode"]),
+    ("optimizer.weight_decay=0.1", ["optimizer.weight_decay", "regularization.mode"]),
 ])
 def test_bad_input_is_a_failed_run_with_the_reason(tmp_path, store, client, override, words):
     with pytest.raises(ConfigError) as e:

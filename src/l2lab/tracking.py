@@ -16,8 +16,6 @@ import re
 import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,31 +26,15 @@ from filelock import FileLock
 
 from l2lab import ConfigError
 
-ENV_URI = "MLFLOW_TRACKING_URI"
+# The URI checks need neither torch nor MLflow: they live with the config checks (a single run's
+# unreachable server is reported before the heavy imports) and are re-exported here.
+from l2lab.schema import ENV_URI, PROBE_TIMEOUT_S, probe_server, resolve_uri  # noqa: F401
+
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep CLI output readable
-PROBE_TIMEOUT_S = 10.0
 _VALID_KEY = re.compile(r"^[/\w.\- :]*$")
 
 
 # -- the store -----------------------------------------------------------------------------------
-def resolve_uri(uri: str | None = None, cwd: Path | None = None) -> str:
-    """The tracking URI: an explicit one, else ``$MLFLOW_TRACKING_URI``, else the local SQLite
-    store under ``<cwd>/mlruns``; SQLite paths are made absolute so that jobs in any folder
-    agree."""
-    uri = uri or os.environ.get(ENV_URI) or "sqlite:///mlruns/mlflow.db"
-    base = (cwd or Path.cwd()).resolve()
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):]
-        if not path.startswith("/"):
-            uri = "sqlite:///" + str(base / path)
-    elif "://" not in uri and not uri.startswith("sqlite:"):
-        raise ConfigError(
-            f"tracking.uri must be an MLflow tracking URI (sqlite:///path/to/mlflow.db, "
-            f"http://host:port, ...), got {uri!r}. (MLflow >= 3.13 refuses the file store.)"
-        )
-    return uri
-
-
 def sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
@@ -81,24 +63,6 @@ def _sqlite_busy_timeout() -> None:
             cur.close()
 
     _sqlite_busy_timeout.done = True  # type: ignore[attr-defined]
-
-
-def probe_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
-    """Fail within seconds when an HTTP tracking server does not answer (MLflow's own client
-    would retry for minutes)."""
-    url = uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (user's own URI)
-            resp.read(64)
-    except urllib.error.HTTPError:
-        return  # it answered: a server is there (perhaps behind a proxy without /health)
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", e)
-        raise ConfigError(
-            f"tracking.uri: no MLflow tracking server answers at {uri} ({reason}). Start one "
-            f"(mlflow server --host 127.0.0.1 --port PORT --backend-store-uri ...), or unset "
-            f"{ENV_URI} / tracking.uri to use the local store sqlite:///<cwd>/mlruns/mlflow.db."
-        ) from None
 
 
 _CLIENTS: dict[str, Any] = {}

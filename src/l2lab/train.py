@@ -620,9 +620,11 @@ def hydra_main(cfg: DictConfig) -> float:
 
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
-    if not multirun:  # a single run's bad value: reported now, before any heavy import
+    if not multirun:  # a single run's bad value or store: reported now, before heavy imports
         try:
             schema.validate(cfg)
+            if (uri := schema.resolve_uri(cfg.tracking.uri)).startswith(("http://", "https://")):
+                schema.probe_server(uri)
         except ConfigError as e:
             _error(str(e))
             sys.exit(2)
