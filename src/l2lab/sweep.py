@@ -57,6 +57,8 @@ def swept_keys(overrides: list[str], sweeper_params: Mapping) -> list[str]:
 def _write_timing(sweep_dir: Path) -> None:
     """Where the sweep's time went (read by ``l2lab.bench --sweep``): the seconds this process
     spent inside MLflow client calls (jobs in other processes are not counted)."""
+    from l2lab import tracking as tr
+
     (sweep_dir / "timing.json").write_text(json.dumps({"mlflow_s": tr.MLFLOW_SECONDS[0]}))
 
 
