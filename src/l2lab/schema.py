@@ -10,6 +10,9 @@ torch, Lightning and MLflow. This module imports only Hydra and OmegaConf. Three
 * **keys** — :func:`check_overrides` reads the command line before Hydra does and refuses unknown
   keys, with or without ``+``, suggesting the closest valid ones (Hydra's own hint, "use +key",
   would silently add a key nobody reads).
+
+Also here, for the same reason: the checks of ``tracking.uri`` (:func:`resolve_uri`,
+:func:`probe_server`; re-exported by ``l2lab.tracking``) and the ``--help`` page.
 """
 
 from __future__ import annotations
