@@ -201,7 +201,10 @@ print("HEAVY=" + ",".join(heavy), "EXIT=" + str(code), file=sys.stderr)
     (["regularization.lam=-1"], 2, ["regularization.lam must be a finite number >= 0"]),
     (["trainer.max_epochs=0"], 2, ["trainer.max_epochs must be an integer >= 1, got 0"]),
     (["+regularization.lamda=0.1"], 2, ["Did you mean `regularization.lam`"]),
-    (["data.batch_size=1.5"], 1, ["data.batch_size", "could not be converted to Integer"]),
+    (["data.batch_size=1.5"], 2, ["data.batch_size=1.5 has the wrong type",
+                                  "could not be converted to Integer"]),
+    # in a sweep every value is checked first: Hydra would stop at the bad job, parent RUNNING
+    (["-m", "data.batch_size=64,1.5"], 2, ["data.batch_size=1.5 has the wrong type"]),
 ])
 def test_fast_paths_import_neither_torch_lightning_nor_mlflow(tmp_path, args, code, words):
     """--help, --cfg and a bad config are answered without the heavy imports (the time this

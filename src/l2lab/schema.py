@@ -401,7 +401,7 @@ def check_overrides(overrides: Sequence[str]) -> None:
             if not key.startswith("hydra") and (value := _first_choice(o)) is not None:
                 choices.append(f"{o.get_key_element()}={value}")
         else:
-            leaves.append((key, o.is_add()))
+            leaves.append((key, o))
     if not leaves:
         return
     if GlobalHydra.instance().is_initialized():  # compose inside an app or a test
@@ -412,11 +412,37 @@ def check_overrides(overrides: Sequence[str]) -> None:
     except Exception:
         return  # a bad group choice: Hydra lists the options itself
     valid = set(_keys(cfg))
-    for key, _added in leaves:
-        if key in valid or any(key.startswith(d + ".") and key.count(".") == d.count(".") + 1
-                               for d in OPEN_DICTS):
-            continue
-        raise _suggest(key, valid)
+    for key, o in leaves:
+        if not (key in valid or any(key.startswith(d + ".") and key.count(".") == d.count(".") + 1
+                                    for d in OPEN_DICTS)):
+            raise _suggest(key, valid)
+        for value in _values(o):  # every value of a sweep: a wrong type would stop it half-made
+            _check_type(cfg, key, value)
+
+
+def _values(override) -> list:  # noqa: ANN001
+    """The values an override sets (each choice of a sweep; none for interval()/glob())."""
+    try:
+        if override.is_sweep_override():
+            return list(override.sweep_iterator())
+        return [override.value()]
+    except Exception:
+        return []
+
+
+def _check_type(cfg: DictConfig, key: str, value: Any) -> None:
+    """Set ``key`` on a copy of the composed, typed config: the schema refuses a wrong type."""
+    from omegaconf import open_dict
+    from omegaconf.errors import OmegaConfBaseException
+
+    node = cfg.copy()
+    try:
+        with open_dict(node):
+            OmegaConf.update(node, key, value, merge=True)
+    except OmegaConfBaseException as e:
+        reason = str(e).splitlines()[0]
+        raise ConfigError(f"{key}={value!r} has the wrong type: {reason}. Nothing was run.") \
+            from None
 
 
 # -- help ----------------------------------------------------------------------------------------
