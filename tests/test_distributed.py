@@ -60,7 +60,7 @@ def test_two_processes_give_the_numbers_of_one_in_one_run(tmp_path, store, clien
         assert [v for _, v in h2] == pytest.approx([v for _, v in h1], rel=1e-3), key
     # training moved: this is not two copies of an untrained network
     assert two.data.metrics["train/ce"] < _history(client, two.info.run_id, "train/ce")[0][1]
-    assert r.stdout.count("l2lab: MLflow run") == 1 and not _ranks_alive(tmp_path)
+    assert r.stdout.count(" in experiment ") == 1 and not _ranks_alive(tmp_path)
 
 
 def _wait_for_epochs(client, n: int, proc: subprocess.Popen, timeout: float = 180) -> str:
@@ -100,7 +100,7 @@ def test_sigterm_ends_the_run_killed_and_resume_continues_on_two_ranks(tmp_path,
 
 
 @pytest.mark.parametrize("override, key", [
-    ("+trainer.num_nodes=2", "trainer.num_nodes"),
+    ("trainer.num_nodes=2", "trainer.num_nodes"),
     ("trainer.strategy=ddp_spawn", "trainer.strategy"),
 ])
 def test_settings_that_cannot_work_are_refused_before_training(store, client, tmp_path,
