@@ -72,7 +72,13 @@ class CNNConfig:
     hidden: list[int] = field(default_factory=lambda: [128])
     activation: str = "relu"
     dropout: float = 0.0
-    pooled: int = 4
+    # an int or one per conv layer (experiment=mnist1d: [5, 3, 3]); pooled: null for no
+    # adaptive pooling (the MNIST-1D paper's CNN)
+    kernel_size: Any = 3
+    stride: Any = 1
+    padding: Any = 1
+    pool: bool = True
+    pooled: int | None = 4
 
 
 @dataclass
