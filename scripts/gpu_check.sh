@@ -19,3 +19,9 @@ echo "== GPU tests (pytest -m gpu)"
 
 echo "== benchmark: harness vs a plain PyTorch loop (l2lab.bench --device cuda)"
 "$PY" -m l2lab.bench --device cuda "$@"
+
+# A 16-λ sweep, vectorized vs basic launcher on the GPU (plain loops on the GPU too). Digits need
+# no download; for MNIST fetch it first (scripts/download_data.py) and add data=mnist.
+echo "== sweep benchmark: 16 λ, vectorized vs basic launcher (l2lab.bench --sweep)"
+"$PY" -m l2lab.bench --sweep --repeats 1 -- \
+    regularization.lam=0,1e-4,3e-4,1e-3,3e-3,1e-2,2e-2,3e-2,5e-2,0.1,0.2,0.3,0.5,1,2,3 seed=0

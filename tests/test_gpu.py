@@ -32,3 +32,18 @@ def test_reproduce_on_gpu_within_the_documented_tolerance(tmp_path, store, clien
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "GPU, rtol=0.0001" in out
+
+
+def test_a_stack_on_gpu_trains_each_network_as_its_ordinary_gpu_run(tmp_path, store, client):
+    from l2lab.train import train_group
+
+    ovs = [[f"regularization.lam={lam}", f"seed={seed}", "trainer.accelerator=gpu",
+            "model=cnn", "model.channels=[4]", "model.hidden=[16]"]
+           for lam in (0.0, 0.3) for seed in (0, 1)]
+    cfgs = [make_cfg(f"tracking.uri={store}", *ov) for ov in ovs]
+    alone = [train(c, overrides=ov, output_dir=tmp_path / f"o{i}")
+             for i, (c, ov) in enumerate(zip(cfgs, ovs, strict=True))]
+    stacked = train_group(cfgs, ovs, [tmp_path / f"s{i}" for i in range(len(ovs))])
+    for a, s in zip(alone, stacked, strict=True):  # grouped convolutions round differently
+        for k in ("train/ce", "val/ce", "weights/sq_norm_total"):
+            assert s[k] == pytest.approx(a[k], rel=1e-3), k

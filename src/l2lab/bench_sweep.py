@@ -56,11 +56,12 @@ def plain_loop(spec: dict) -> list[float]:
     from l2lab.models import MLP
     from l2lab.regularization import build_penalty
 
-    splits = _splits(spec)
+    device = torch.device(spec.get("device", "cpu"))
+    splits = _splits(spec).to(device)
     out = []
     for lam, seed in _jobs(spec):
         torch.manual_seed(seed)
-        net = MLP(splits.in_shape, 10, hidden=spec["hidden"])
+        net = MLP(splits.in_shape, 10, hidden=spec["hidden"]).to(device)
         penalty = build_penalty(net, {"lam": lam})
         opt = torch.optim.SGD(net.parameters(), lr=spec["lr"], momentum=spec["momentum"])
         batches = TensorBatches(*splits.train, spec["batch_size"], shuffle=True, seed=seed)
@@ -89,16 +90,17 @@ def plain_stacked_loop(spec: dict) -> list[float]:
     from l2lab.data import EpochShuffle
     from l2lab.models import MLP
 
-    splits = _splits(spec)
+    device = torch.device(spec.get("device", "cpu"))
+    splits = _splits(spec).to(device)
     jobs = _jobs(spec)
     nets = []
     for _, seed in jobs:
         torch.manual_seed(seed)
-        nets.append(MLP(splits.in_shape, 10, hidden=spec["hidden"]))
+        nets.append(MLP(splits.in_shape, 10, hidden=spec["hidden"]).to(device))
     params, buffers = stack_module_state(nets)
     base = copy.deepcopy(nets[0]).to("meta")
     weights = [k for k in params if k.endswith("weight")]
-    lams = torch.tensor([lam for lam, _ in jobs])
+    lams = torch.tensor([lam for lam, _ in jobs], device=device)
     opt = torch.optim.SGD(params.values(), lr=spec["lr"], momentum=spec["momentum"])
     forward = vmap(lambda p, b, x: functional_call(base, (p, b), (x,)))
     x, y = splits.train
@@ -108,7 +110,7 @@ def plain_stacked_loop(spec: dict) -> list[float]:
     for epoch in range(spec["epochs"]):
         for s in shuffles:
             s.set_epoch(epoch)
-        orders = torch.stack([s.order() for s in shuffles])
+        orders = torch.stack([s.order() for s in shuffles]).to(device)
         for idx in orders.split(bs, dim=1):
             logits = forward(params, buffers, x[idx])
             ce = F.cross_entropy(logits.flatten(0, 1), y[idx].flatten(), reduction="none")
@@ -146,7 +148,15 @@ def _spec(overrides: list[str]) -> dict:
             "hidden": list(cfg.model.hidden), "train_size": cfg.data.train_size,
             "val_size": cfg.data.val_size, "split_seed": cfg.data.split_seed,
             "batch_size": cfg.data.batch_size, "epochs": cfg.trainer.max_epochs,
-            "lr": cfg.optimizer.lr, "momentum": cfg.optimizer.momentum}
+            "lr": cfg.optimizer.lr, "momentum": cfg.optimizer.momentum,
+            # the plain sides train where the harness does (trainer.accelerator=auto)
+            "device": "cuda" if _cuda(str(cfg.trainer.accelerator)) else "cpu"}
+
+
+def _cuda(accelerator: str) -> bool:
+    import torch
+
+    return accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
 
 
 def _timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, subprocess.CompletedProcess]:
@@ -275,7 +285,8 @@ _NOTES = {
     "vectorized": "python -m l2lab.train -m experiment=lambda_sweep (hydra/launcher=vectorized), "
                   "whole process, into an existing SQLite store",
     "basic": "the same sweep with hydra/launcher=basic (jobs one after another)",
-    "plain": "plain PyTorch script: the same jobs one after another, no logging, whole process",
+    "plain": "plain PyTorch script: the same jobs one after another, no logging, whole process "
+             "(on the device the harness uses)",
     "plain_stacked": "plain torch.func stacked loop (stack_module_state + vmap) over the same "
                      "jobs, whole process",
     "single": "python -m l2lab.train, one ordinary run (all 1200 training examples, 30 epochs, "
