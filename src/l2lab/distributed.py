@@ -220,16 +220,13 @@ def worker_main(handoff: Path) -> None:
     import pytorch_lightning as pl
 
     from l2lab.data import load_data
-    from l2lab.train import build, fit, quiet_libraries
+    from l2lab.train import build, fit, quiet_libraries, sigterm_as_interrupt
 
     quiet_libraries()
     spec = OmegaConf.load(handoff)
     cfg = spec.config
 
-    def on_sigterm(signum, frame):  # noqa: ANN001
-        raise KeyboardInterrupt("SIGTERM")
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     pl.seed_everything(int(cfg.seed), workers=False, verbose=False)
     splits = load_data(cfg.data)
     module = build(cfg, splits)

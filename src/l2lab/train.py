@@ -276,6 +276,11 @@ def job_line(cfg: DictConfig, metrics: Mapping[str, float]) -> str:
         f"{k}={metrics[k]:.4f}" for k in shown if k in metrics])
 
 
+def sigterm_as_interrupt(signum, frame) -> None:  # noqa: ANN001
+    """SIGTERM ends a run as Ctrl-C does: KILLED, with what was logged kept."""
+    raise KeyboardInterrupt("SIGTERM")
+
+
 def _killed(client, trackers: Sequence[tr.RunTracker], sweep: Mapping | None,
             e: BaseException) -> None:
     """Ctrl-C/SIGTERM: every unfinished run KILLED, and the sweep's parent too (the sweep stops
@@ -285,8 +290,9 @@ def _killed(client, trackers: Sequence[tr.RunTracker], sweep: Mapping | None,
     for t in trackers:
         t.finish("KILLED", failure=f"interrupted ({tr.one_line(e)})")
     if sweep:
+        during = f" during run {trackers[0].run_id}" if trackers else ""
         tr.RunTracker(client, sweep["parent_run_id"]).finish(
-            "KILLED", failure=f"interrupted during run {trackers[0].run_id}")
+            "KILLED", failure=f"interrupted{during}")
 
 
 def train(cfg: DictConfig, *, overrides: Sequence[str] = (), output_dir: Path | None = None,
@@ -347,10 +353,7 @@ def train(cfg: DictConfig, *, overrides: Sequence[str] = (), output_dir: Path | 
                 f"{cfg.trainer.max_epochs} epochs")
     rid = tracker.run_id
 
-    def on_sigterm(signum, frame):  # noqa: ANN001
-        raise KeyboardInterrupt("SIGTERM")
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous = signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     try:
         if ckpt is None:
             log_config(tracker, cfg, overrides)
@@ -496,6 +499,7 @@ def train_group(cfgs: Sequence[DictConfig], overrides: Sequence[Sequence[str]],
     from l2lab.data import load_data
 
     cfgs = [_prepared(c) for c in cfgs]
+    output_dirs = [Path(d).resolve() for d in output_dirs]
     client = tr.connect(cfgs[0].tracking.uri)
     results: list[dict[str, float] | BaseException | None] = [None] * len(cfgs)
     trackers: list[tr.RunTracker] = []
@@ -504,13 +508,10 @@ def train_group(cfgs: Sequence[DictConfig], overrides: Sequence[Sequence[str]],
         results[i] = e
         trackers[i].finish("FAILED", failure=tr.one_line(e))
 
-    def on_sigterm(signum, frame):  # noqa: ANN001
-        raise KeyboardInterrupt("SIGTERM")
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous = signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     try:
         for cfg, ov, out in zip(cfgs, overrides, output_dirs, strict=True):
-            trackers.append(start_run(client, cfg, ov, Path(out).resolve(), sweep))
+            trackers.append(start_run(client, cfg, ov, out, sweep))
             log_config(trackers[-1], cfg, ov)
         live = []
         for i, cfg in enumerate(cfgs):
@@ -535,19 +536,19 @@ def train_group(cfgs: Sequence[DictConfig], overrides: Sequence[Sequence[str]],
             except ConfigError as e:
                 fail(i, e)
         ids = list(members)
-        cap = max_models or stacked.default_max_models(members[ids[0]].module.net, splits,
-                                                       cfgs[ids[0]]) if ids else 1
-        for start in range(0, len(ids), cap):
-            chunk = ids[start:start + cap]
-            _fit_stack(cfgs, chunk, members, splits, trackers, results,
-                       [Path(d).resolve() for d in output_dirs])
+        if ids and not max_models:
+            max_models = stacked.default_max_models(members[ids[0]].module.net, splits,
+                                                    cfgs[ids[0]])
+        for start in range(0, len(ids), max_models or 1):
+            _fit_stack(cfgs, ids[start:start + max_models], members, splits, trackers, results,
+                       output_dirs)
         for i, tracker in enumerate(trackers):
             if isinstance(results[i], dict):
                 tracker.log_state_dict(members[i].module.net, "model/state_dict.pt")
                 tracker.finish("FINISHED")
         return results  # type: ignore[return-value]
     except (KeyboardInterrupt, SystemExit) as e:
-        _killed(client, [t for t in trackers if not t.ended] or trackers, sweep, e)
+        _killed(client, [t for t in trackers if not t.ended], sweep, e)
         raise
     except BaseException as e:
         for i, t in enumerate(trackers):
