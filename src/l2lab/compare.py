@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from l2lab import runs as rs
     from l2lab import tracking as tr
+    from l2lab.console import quiet_libraries
     from l2lab.sweep import summarize_runs
-    from l2lab.train import quiet_libraries
 
     quiet_libraries()
     try:

@@ -219,8 +219,9 @@ def worker_main(handoff: Path) -> None:
     """Rank 1..N-1: rank 0's config, data and network, trained in step with it."""
     import pytorch_lightning as pl
 
+    from l2lab.console import quiet_libraries
     from l2lab.data import load_data
-    from l2lab.train import build, fit, quiet_libraries, sigterm_as_interrupt
+    from l2lab.train import build, fit, sigterm_as_interrupt
 
     quiet_libraries()
     spec = OmegaConf.load(handoff)

@@ -84,7 +84,7 @@ def compare_metrics(old: dict[str, float], new: dict[str, float], rtol: float) -
 def reproduce(run_id: str, *, uri: str, source_uri: str | None = None, check: bool = False,
               out: Path | None = None) -> int:
     from l2lab import tracking as tr
-    from l2lab.train import quiet_libraries
+    from l2lab.console import quiet_libraries
 
     quiet_libraries()
     src = tr.connect(source_uri or uri)

@@ -17,6 +17,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from l2lab.tracking import parse_overrides
+
 HASH_TAG = "l2lab.config_hash"
 REUSED_TAG = "l2lab.reused_from"
 REPRODUCED_TAG = "l2lab.reproduced_from"
@@ -167,8 +169,57 @@ def load_runs(experiment: str | None = None, sweep: str | None = None,
     >>> df.groupby("regularization.lam")["val/ce"].agg(["mean", "std", "count"])
     """
     from l2lab import tracking as tr
-    from l2lab.train import quiet_libraries
+    from l2lab.console import quiet_libraries
 
     quiet_libraries()
     client = tr.connect(tr.resolve_uri(tracking_uri))
     return to_frame(client, select(client, experiment=experiment, sweep=sweep, run_ids=run_ids))
+
+
+# -- what the sweep summary and compare read back -------------------------------------------
+HISTORY_KEYS = ("train/ce", "val/ce", "weights/sq_norm_total")
+_NOT_GROUPED = ("seed", "tracking.uri", "resume", "reuse", "experiment_name")
+
+
+def varying_keys(runs: Iterable) -> list[str]:
+    """Config keys (other than ``seed`` and bookkeeping) whose value differs between runs, as
+    overridden or as logged in params: they make the rows of the summary table, so runs are
+    pooled over seeds only when their configs are otherwise the same."""
+    runs = list(runs)
+    overrides = [parse_overrides(json.loads(r.data.tags.get("l2lab.overrides", "[]")))
+                 for r in runs]
+    keys = {k for ov in overrides for k in ov
+            if not k.startswith("hydra.") and k not in _NOT_GROUPED}
+    varying = {k for k in keys if len({ov.get(k) for ov in overrides}) > 1}
+    trained = [r.data.params for r in runs if r.data.params]
+    params = {k for p in trained for k in p if k not in _NOT_GROUPED and not k.startswith("l2.")}
+    varying |= {k for k in params if len({p.get(k) for p in trained}) > 1}
+    return sorted(varying, key=lambda k: (k != "regularization.lam", k))
+
+
+def load_records(client, runs: Iterable) -> list:
+    """MLflow runs -> ``report.RunRecord`` (final values and the histories the figures need)."""
+    from l2lab.report import RunRecord
+
+    runs = list(runs)
+    keys = varying_keys(runs)
+    records = []
+    for run in runs:
+        params, tags = run.data.params, run.data.tags
+        ov = parse_overrides(json.loads(tags.get("l2lab.overrides", "[]")))
+        group = {k: ov.get(k, params.get(k, "")) for k in keys}
+        try:
+            lam = float(params.get("regularization.lam", "nan"))
+        except ValueError:
+            lam = math.nan
+        history = {}
+        if run.data.metrics:
+            for k in HISTORY_KEYS:
+                points = client.get_metric_history(run.info.run_id, k)
+                history[k] = sorted((m.step, m.value) for m in points)
+        records.append(RunRecord(
+            run_id=run.info.run_id, name=tags.get("mlflow.runName", run.info.run_id),
+            status=run.info.status, group=group, lam=lam,
+            seed=int(params.get("seed", 0) or 0), failure=tags.get("l2lab.failure"),
+            final=dict(run.data.metrics), history=history))
+    return records

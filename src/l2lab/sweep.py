@@ -37,9 +37,9 @@ def summarize_runs(client, runs: list, out_dir: Path, *,
                    name_rejected: bool = True) -> tuple[str, dict[str, Path], list]:
     """Table text, written files and records for a set of runs (shared with ``compare``)."""
     from l2lab import report
-    from l2lab import tracking as tr
+    from l2lab.runs import load_records
 
-    records = tr.load_records(client, runs)
+    records = load_records(client, runs)
     paths = report.write_report(records, out_dir)
     table = report.format_table(report.summarize(records), records, name_rejected=name_rejected)
     return table, paths, records
@@ -97,7 +97,7 @@ class SweepCallback(Callback):
     @_exit_on_error
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from l2lab import tracking as tr
-        from l2lab.train import quiet_libraries
+        from l2lab.console import quiet_libraries
 
         quiet_libraries()
         uri = tr.resolve_uri(config.tracking.uri)

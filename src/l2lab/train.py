@@ -11,7 +11,6 @@ are imported once the config has passed :func:`l2lab.schema.validate`.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import signal
 import sys
@@ -26,6 +25,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from l2lab import CONF_DIR, ConfigError, schema
+from l2lab.console import log, quiet_libraries, say  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:  # the heavy modules load only once a config is known to be good
     import pytorch_lightning as pl
@@ -35,7 +35,6 @@ if TYPE_CHECKING:  # the heavy modules load only once a config is known to be go
     from l2lab.module import L2Module
     from l2lab.regularization import L2Penalty
 
-log = logging.getLogger("l2lab")
 UI_URL = "http://127.0.0.1:5000"  # `make ui`
 SWEEP_INFO = ".l2lab_sweep.json"  # written by l2lab.sweep.SweepCallback
 
@@ -119,29 +118,6 @@ def _quick_checks(cfg: DictConfig) -> None:
 
     schema.validate(cfg)
     distributed.check(cfg)
-
-
-def quiet_libraries() -> None:
-    """Lightning's info lines (GPU available, tips), MLflow's ("Creating initial MLflow database
-    tables") and deprecation chatter drown the lines a researcher reads; keep warnings and
-    errors. MLflow configures its own logger when imported, so it is imported first."""
-    import os
-
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    import mlflow  # noqa: F401  (applies its logging config, which the lines below override)
-
-    for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "mlflow",
-                 "alembic"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-
-
-def say(message: str, *, err: bool = False) -> None:
-    """A harness line: printed for the researcher, and logged into the run's ``train.log``
-    (Hydra's job logging sends INFO records to the file only)."""
-    print(message, file=sys.stderr if err else sys.stdout, flush=True)
-    log.info(message)
 
 
 def _sweep_info() -> dict | None:
@@ -424,7 +400,7 @@ def _reuse(client, found, exp: str, name: str, overrides: Sequence[str], sweep: 
 
 
 def _flush_every_s(cfg: DictConfig) -> float:
-    from l2lab.tracking import FLUSH_EVERY_S
+    from l2lab.recorder import FLUSH_EVERY_S
 
     return float(cfg.tracking.get("flush_every_s", FLUSH_EVERY_S))
 
@@ -463,10 +439,10 @@ def _lightning_fit(cfg: DictConfig, module: L2Module, splits, recorder: pl.Callb
 def fit(cfg: DictConfig, module: L2Module, splits, tracker: tr.RunTracker, output_dir: Path,
         ckpt: Path | None, echo: bool = True) -> dict[str, float]:
     """Lightning training of one network; returns its final metrics."""
-    from l2lab import tracking as tr
     from l2lab.data import TensorBatches
+    from l2lab.recorder import EpochRecorder
 
-    recorder = tr.EpochRecorder(tracker, output_dir / "checkpoints" / "last.ckpt", echo=echo,
+    recorder = EpochRecorder(tracker, output_dir / "checkpoints" / "last.ckpt", echo=echo,
                                 flush_every_s=_flush_every_s(cfg))
     bs, seed = int(cfg.data.batch_size), int(cfg.seed)
     trainer = _lightning_fit(
@@ -563,9 +539,9 @@ def _fit_stack(cfgs, ids: list[int], members, splits, trackers, results,
                output_dirs: list[Path]) -> None:
     """One Lightning fit of the networks ``ids`` as one stack; fills ``results``."""
     from l2lab import stacked
-    from l2lab import tracking as tr
     from l2lab.data import StackedBatches
     from l2lab.module import NonFiniteLossError
+    from l2lab.recorder import EpochRecorder, StackedRecorder
 
     cfg0 = cfgs[ids[0]]
     group = uuid.uuid4().hex[:12]
@@ -574,10 +550,10 @@ def _fit_stack(cfgs, ids: list[int], members, splits, trackers, results,
     module = stacked.stack_modules([members[i].module for i in ids],
                                    [members[i].generator for i in ids],
                                    optimizer_factory(cfg0, decay_groups=False))
-    recorder = tr.StackedRecorder(
+    recorder = StackedRecorder(
         [trackers[i] for i in ids],
         [output_dirs[i] / "checkpoints" / "last.ckpt" for i in ids],
-        stacked.MemberCheckpoints([members[i] for i in ids], tr.EpochRecorder.__qualname__),
+        stacked.MemberCheckpoints([members[i] for i in ids], EpochRecorder.__qualname__),
         flush_every_s=_flush_every_s(cfg0))
     bs, seeds = int(cfg0.data.batch_size), [int(cfgs[i].seed) for i in ids]
     _lightning_fit(cfg0, module, splits, recorder,

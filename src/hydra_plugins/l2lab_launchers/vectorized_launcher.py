@@ -25,15 +25,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
+
+from l2lab.stackable import group_key, task_config  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
-
-#: The keys in which the jobs of one stack may differ.
-STACKED_KEYS = ("regularization.lam", "regularization.lam_per_layer", "seed")
-STACKABLE_MODELS = ("l2lab.models.MLP", "l2lab.models.CNN")
-STACKABLE_OPTIMIZERS = ("torch.optim.SGD", "torch.optim.Adam", "torch.optim.AdamW")
-
 
 @dataclass
 class VectorizedLauncherConf:
@@ -43,39 +39,6 @@ class VectorizedLauncherConf:
 
 ConfigStore.instance().store(group="hydra/launcher", name="l2lab_vectorized",
                              node=VectorizedLauncherConf, provider="l2lab")
-
-
-def group_key(cfg: DictConfig) -> str | None:
-    """What a job must share with others to be stacked with them; ``None``: train it alone."""
-    try:
-        tree = OmegaConf.to_container(task_config(cfg), resolve=True)
-    except Exception:  # an interpolation error is the ordinary path's to report
-        return None
-    reg = tree.get("regularization") or {}
-    if (tree.get("resume") or tree.get("reuse")
-            or (tree.get("model") or {}).get("_target_") not in STACKABLE_MODELS
-            or (tree.get("optimizer") or {}).get("_target_") not in STACKABLE_OPTIMIZERS
-            or str((tree.get("trainer") or {}).get("devices", 1)) != "1"
-            or not _valid_lams(reg)):
-        return None
-    for key in STACKED_KEYS:
-        parent, _, leaf = key.rpartition(".")
-        (tree.get(parent) if parent else tree).pop(leaf, None)
-    return json.dumps(tree, sort_keys=True, default=str)
-
-
-def task_config(cfg: DictConfig) -> DictConfig:
-    """The job's config as its task function sees it: without the ``hydra`` node."""
-    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-
-
-def _valid_lams(reg: dict) -> bool:
-    """Jobs with a bad λ go the ordinary way, which records them FAILED with the reason."""
-    values = [reg.get("lam"), *((reg.get("lam_per_layer") or {}).values())]
-    try:
-        return all(math.isfinite(float(v)) and float(v) >= 0 for v in values)
-    except (TypeError, ValueError):
-        return False
 
 
 def plan(keys: Sequence[str | None]) -> list[list[int]]:

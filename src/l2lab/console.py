@@ -1,0 +1,33 @@
+"""What the researcher reads: harness lines on the console (and in the run's ``train.log``), with
+the libraries' chatter turned down. Light: imported by every command before anything heavy."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+
+log = logging.getLogger("l2lab")
+
+
+def quiet_libraries() -> None:
+    """Lightning's info lines (GPU available, tips), MLflow's ("Creating initial MLflow database
+    tables") and deprecation chatter drown the lines a researcher reads; keep warnings and
+    errors. MLflow configures its own logger when imported, so it is imported first."""
+    import os
+
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    import mlflow  # noqa: F401  (applies its logging config, which the lines below override)
+
+    for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "mlflow",
+                 "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
+def say(message: str, *, err: bool = False) -> None:
+    """A harness line: printed for the researcher, and logged into the run's ``train.log``
+    (Hydra's job logging sends INFO records to the file only)."""
+    print(message, file=sys.stderr if err else sys.stdout, flush=True)
+    log.info(message)

@@ -1,0 +1,48 @@
+"""Which jobs of a sweep may train together as one stack of networks, decided from their composed
+configs alone (light: the vectorized launcher imports it when Hydra starts)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from omegaconf import DictConfig, OmegaConf
+
+#: The keys in which the jobs of one stack may differ.
+STACKED_KEYS = ("regularization.lam", "regularization.lam_per_layer", "seed")
+STACKABLE_MODELS = ("l2lab.models.MLP", "l2lab.models.CNN")
+STACKABLE_OPTIMIZERS = ("torch.optim.SGD", "torch.optim.Adam", "torch.optim.AdamW")
+
+
+
+def group_key(cfg: DictConfig) -> str | None:
+    """What a job must share with others to be stacked with them; ``None``: train it alone."""
+    try:
+        tree = OmegaConf.to_container(task_config(cfg), resolve=True)
+    except Exception:  # an interpolation error is the ordinary path's to report
+        return None
+    reg = tree.get("regularization") or {}
+    if (tree.get("resume") or tree.get("reuse")
+            or (tree.get("model") or {}).get("_target_") not in STACKABLE_MODELS
+            or (tree.get("optimizer") or {}).get("_target_") not in STACKABLE_OPTIMIZERS
+            or str((tree.get("trainer") or {}).get("devices", 1)) != "1"
+            or not _valid_lams(reg)):
+        return None
+    for key in STACKED_KEYS:
+        parent, _, leaf = key.rpartition(".")
+        (tree.get(parent) if parent else tree).pop(leaf, None)
+    return json.dumps(tree, sort_keys=True, default=str)
+
+
+def task_config(cfg: DictConfig) -> DictConfig:
+    """The job's config as its task function sees it: without the ``hydra`` node."""
+    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+
+
+def _valid_lams(reg: dict) -> bool:
+    """Jobs with a bad λ go the ordinary way, which records them FAILED with the reason."""
+    values = [reg.get("lam"), *((reg.get("lam_per_layer") or {}).values())]
+    try:
+        return all(math.isfinite(float(v)) and float(v) >= 0 for v in values)
+    except (TypeError, ValueError):
+        return False
