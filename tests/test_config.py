@@ -11,7 +11,8 @@ from conftest import make_cfg, run_cli
 from hydra import compose, initialize_config_dir
 
 from l2lab import CONF_DIR, ConfigError
-from l2lab.schema import check_overrides, cli_overrides, validate
+from l2lab.cli import check_overrides, cli_overrides
+from l2lab.schema import validate
 
 
 @pytest.mark.parametrize("group, options", [

@@ -1,24 +1,26 @@
 """l2lab: see how selective L2 regularization trades overfitting for underfitting."""
 
-from pathlib import Path
+from l2lab.base import CONF_DIR, ConfigError
 
 __version__ = "0.1.0"
 
-#: The top-level ``conf/`` folder (the package is installed editable, so it stays user-editable).
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-
-
-class ConfigError(ValueError):
-    """A bad user input, reported as one clear paragraph before any training starts."""
-
 
 def __getattr__(name: str):
-    """``l2lab.load_runs`` without importing pandas or MLflow on ``import l2lab``."""
+    """``l2lab.load_runs``, ``l2lab.train``, ``l2lab.train_group`` without importing pandas,
+    torch or MLflow on ``import l2lab``."""
     if name == "load_runs":
         from l2lab.runs import load_runs
 
         return load_runs
+    if name == "train":
+        from l2lab.train import train
+
+        return train
+    if name == "train_group":
+        from l2lab.engine import train_group
+
+        return train_group
     raise AttributeError(f"module 'l2lab' has no attribute {name!r}")
 
 
-__all__ = ["CONF_DIR", "ConfigError", "load_runs"]
+__all__ = ["CONF_DIR", "ConfigError", "load_runs", "train", "train_group"]

@@ -7,14 +7,14 @@ checks that both sides end with the same weights, so that the times compare like
 
 Sides (interleaved, order rotated per repeat, each warmed up once with one epoch, untimed):
 
-- ``harness``: ``train.build`` + ``train.fit`` with a real ``RunTracker`` on a temporary SQLite
-  store, i.e. Lightning + per-epoch metrics to MLflow + per-epoch ``last.ckpt``. Creating and
-  ending the MLflow run and loading the data are outside the timed region (once per run, not per
-  epoch; the same for any loop).
+- ``harness``: ``engine.build_member`` + ``engine.lightning_fit`` with a real ``RunTracker`` on
+  a temporary SQLite store, i.e. Lightning + per-epoch metrics to MLflow + per-epoch
+  ``last.ckpt``. Creating and ending the MLflow run and loading the data are outside the timed
+  region (once per run, not per epoch; the same for any loop).
 - ``harness_no_mlflow``: the same with a tracker that drops metrics (Lightning + checkpoint), so
   that the MLflow share of the overhead can be read off.
-- ``plain``: seed, build net/penalty/optimizer, then ``for epoch: for x, y in batches: step``
-  and a no-grad validation pass at each epoch end, keeping the same per-epoch means.
+- ``plain``: ``l2lab.reference.train``, the hand-written loop: seed, build net/penalty/optimizer,
+  then ``for epoch: for x, y in batches: step`` and a validation pass at each epoch end.
 
 Prints one JSON object on stdout (anything else the libraries print goes to stderr).
 """
@@ -41,21 +41,20 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from l2lab import CONF_DIR, ConfigError
+from l2lab import engine, reference
 from l2lab import tracking as tr
-from l2lab.data import Splits, TensorBatches, load_data
-from l2lab.regularization import build_penalty
-from l2lab.train import build, build_net, fit, optimizer_factory
+from l2lab.base import CONF_DIR, ConfigError
+from l2lab.data import Splits, load_data
+from l2lab.recorder import Recorder
+from l2lab.stacked import unstack_into
 
 SIDES = ("harness", "harness_no_mlflow", "plain")
-VAL_BATCH = 1024  # what train.fit uses for validation, so both sides sum the same batches
 AGREE_RTOL = 1e-5
 SIDE_NOTES = {
-    "harness": "train.build + train.fit: Lightning, per-epoch MLflow metrics (SQLite) and "
+    "harness": "engine (a stack of one): Lightning, per-epoch MLflow metrics (SQLite) and "
                "last.ckpt; run creation/end and data loading not timed",
     "harness_no_mlflow": "the same with metrics dropped (Lightning + per-epoch last.ckpt)",
     "plain": "hand-written loop: same net init, batches, penalty, optimizer; val each epoch",
@@ -65,76 +64,26 @@ Metrics = dict[str, float]
 
 
 # -- the two sides ---------------------------------------------------------------------------
-class _NullTracker:
-    """Stands in for ``RunTracker`` in ``fit``: drops metrics, so MLflow costs nothing."""
-
-    def log_metrics(self, metrics: Metrics, step: int) -> None:
-        pass
-
-    def log_epochs(self, epochs: Any) -> None:
-        pass
-
-    def logged_steps(self, key: str) -> set[int]:
-        return set()
-
-
 def run_harness(cfg: DictConfig, splits: Splits, tracker: Any,
                 out_dir: Path) -> tuple[torch.nn.Module, Metrics]:
-    """What ``train.train`` does between loading the data and ending the run."""
-    pl.seed_everything(int(cfg.seed), workers=False, verbose=False)
-    module = build(cfg, splits)
-    final = fit(cfg, module, splits, tracker, out_dir, None, echo=False)
-    return module.net, final
+    """What ``train.train`` does between loading the data and ending the run: a stack of one
+    through the engine, with the recorder writing metrics and ``last.ckpt``."""
+    member = engine.build_member(cfg, splits)
+    module = engine.stack(cfg, [member])
+    recorder = Recorder([tracker], [out_dir / "checkpoints" / "last.ckpt"],
+                        flush_every_s=engine.flush_every_s(cfg))
+    engine.lightning_fit(cfg, module, splits, recorder, [int(cfg.seed)], out_dir)
+    unstack_into(module, [member.net])
+    return member.net, dict(recorder.last[0][1])
 
 
 def run_plain(cfg: DictConfig, splits: Splits,
               device: torch.device) -> tuple[torch.nn.Module, Metrics]:
-    """The loop a researcher would write by hand, computing what the module reports."""
-    seed, bs = int(cfg.seed), int(cfg.data.batch_size)
-    torch.manual_seed(seed)  # the harness's seed_everything does this too: same initial weights
-    net = build_net(cfg, splits).to(device)
-    penalty = build_penalty(net, cfg.regularization, dataset_size=len(splits.train[1]))
-    opt = optimizer_factory(cfg)(net, penalty)
-    batches = TensorBatches(*splits.train, bs, shuffle=True, seed=seed)
-    val = TensorBatches(*splits.val, VAL_BATCH) if len(splits.val[1]) else None
-    m: Metrics = {}
-    for epoch in range(int(cfg.trainer.max_epochs)):
-        net.train()
-        batches.sampler.set_epoch(epoch)  # Lightning does this for the harness
-        ce_sum = l2_sum = correct = torch.zeros((), device=device)
-        count = 0
-        for x, y in batches:
-            logits = net(x)
-            ce = F.cross_entropy(logits, y)
-            l2 = penalty(len(y))
-            loss = ce + l2
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                ce_sum = ce_sum + ce * len(y)
-                l2_sum = l2_sum + l2 * len(y)
-                correct = correct + (logits.argmax(1) == y).sum()
-                count += len(y)
-        m = {"train/ce": ce_sum.item() / count, "train/l2": l2_sum.item() / count,
-             "train/acc": correct.item() / count}
-        m["train/loss"] = m["train/ce"] + m["train/l2"]
-        sq = {k: v.item() for k, v in penalty.weight_sq_norms().items()}
-        m["weights/sq_norm_total"] = sum(sq.values())
-        if val is not None:
-            net.eval()
-            with torch.no_grad():
-                v_ce = v_correct = torch.zeros((), device=device)
-                for x, y in val:
-                    logits = net(x)
-                    v_ce = v_ce + F.cross_entropy(logits, y) * len(y)
-                    v_correct = v_correct + (logits.argmax(1) == y).sum()
-            m["val/ce"] = v_ce.item() / len(val.y)
-            m["val/acc"] = v_correct.item() / len(val.y)
-    return net, m
+    """The loop a researcher would write by hand (``l2lab.reference``)."""
+    net, history = reference.train(cfg, splits, device)
+    return net, history[-1]
 
 
-# -- measuring -------------------------------------------------------------------------------
 def _reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS mark (Linux), so each run's peak is its own."""
     try:
@@ -284,7 +233,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             if side == "plain":
                 return measure(lambda: run_plain(c, splits, device), device)
             if side == "harness_no_mlflow":
-                return measure(lambda: run_harness(c, splits, _NullTracker(), out_dir), device)
+                return measure(lambda: run_harness(c, splits, tr.NullTracker(), out_dir), device)
             tracker = tr.RunTracker.start(client, exp, f"bench {tag}", {})
             try:
                 return measure(lambda: run_harness(c, splits, tracker, out_dir), device)

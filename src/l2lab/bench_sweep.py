@@ -135,7 +135,8 @@ def _spec(overrides: list[str]) -> dict:
     ``regularization.lam=a,b,…`` or ``seed=…`` override replaces that axis of its grid."""
     from hydra import compose, initialize_config_dir
 
-    from l2lab import CONF_DIR, schema  # noqa: F401 (registers the config schemas)
+    from l2lab import schema  # noqa: F401 (registers the config schemas)
+    from l2lab.base import CONF_DIR
 
     grid = {k: v for k, _, v in (o.partition("=") for o in overrides) if k in GRID}
     rest = [o for o in overrides if o.partition("=")[0] not in GRID]

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from l2lab import ConfigError
+from l2lab.base import ConfigError
 
 # tracking, sweep and runs (MLflow, torch, pandas) are imported once the arguments are parsed, so
 # that `--help` answers at once.

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from l2lab import ConfigError
+from l2lab.base import ConfigError
 
 DATASETS = ("digits", "mnist1d", "mnist", "fashion_mnist", "cifar10")
 NUM_CLASSES = 10  # every supported dataset has ten classes
@@ -232,19 +232,26 @@ class StackedBatches:
 
     Network k's rows come at [k·b, (k+1)·b): the same examples, in the same order, as
     ``TensorBatches(x, y, batch_size, shuffle=True, seed=seeds[k])`` gives that network alone.
+    With ``world > 1`` (DDP) each rank keeps its strided shard of every network's batch and the
+    batch is ``(x, y, n)``, n the global batch size, as ``TensorBatches`` does.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-                 seeds: list[int]) -> None:
+                 seeds: list[int], *, rank: int = 0, world: int = 1) -> None:
         self.x, self.y, self.batch_size = x, y, int(batch_size)
+        self.rank, self.world = int(rank), int(world)
         self.sampler = _Shuffles([EpochShuffle(len(y), s, True) for s in seeds])
         self.batch_sampler = None
 
     def __len__(self) -> int:
         return (len(self.y) + self.batch_size - 1) // self.batch_size
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         orders = torch.stack([s.order() for s in self.sampler.shuffles]).to(self.x.device)
         for idx in orders.split(self.batch_size, dim=1):
-            flat = idx.reshape(-1)
-            yield self.x[flat], self.y[flat]
+            if self.world == 1:
+                flat = idx.reshape(-1)
+                yield self.x[flat], self.y[flat]
+            else:
+                flat = idx[:, self.rank::self.world].reshape(-1)
+                yield self.x[flat], self.y[flat], idx.shape[1]

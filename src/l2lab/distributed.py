@@ -1,7 +1,7 @@
 """Multi-device training (``trainer.devices=N``, Lightning DDP) with one MLflow run.
 
 Rank 0 is the job Hydra started: it creates and writes the run. It starts ranks 1..N-1 itself,
-as ``python -m l2lab.distributed HANDOFF`` with the torch.distributed environment set, before
+as ``python -m l2lab.ddp_worker HANDOFF`` with the torch.distributed environment set, before
 ``fit`` (Lightning then sees the processes as launched externally, and launches nothing). The
 handoff file carries rank 0's effective config (after ``resume``), its output folder and
 checkpoint, so the other ranks never compose a config, never read the store and never create a
@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning import Callback
 
-from l2lab import ConfigError
+from l2lab.base import ConfigError
 
 STRATEGIES = ("auto", "ddp")
 HANDOFF = "ddp_handoff.yaml"
@@ -165,7 +165,7 @@ def ranks(cfg: DictConfig, trainer, output_dir: Path, ckpt: Path | None,
     saved = {k: os.environ.get(k) for k in _ENV_KEYS}
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
                        "WORLD_SIZE": str(world), "NODE_RANK": "0", "LOCAL_RANK": "0"})
-    procs = [subprocess.Popen([sys.executable, "-m", "l2lab.distributed", str(handoff)],
+    procs = [subprocess.Popen([sys.executable, "-m", "l2lab.ddp_worker", str(handoff)],
                               env={**os.environ, "LOCAL_RANK": str(r),
                                    "L2LAB_DDP_HANDOFF": str(handoff)})
              for r in range(1, world)]
@@ -195,45 +195,3 @@ def _destroy_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()  # a later job of this process starts a new group
-
-
-class NullTracker:
-    """What ranks 1..N-1 record to: nothing (only rank 0 talks to MLflow)."""
-
-    run_id = None
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        pass
-
-    def logged_steps(self, key: str) -> set[int]:
-        return set()
-
-    def finish(self, status: str = "FINISHED", failure: str | None = None) -> None:
-        pass
-
-    def __getattr__(self, name: str):  # any other recording call: nothing either
-        return lambda *args, **kwargs: None
-
-
-def worker_main(handoff: Path) -> None:
-    """Rank 1..N-1: rank 0's config, data and network, trained in step with it."""
-    import pytorch_lightning as pl
-
-    from l2lab.console import quiet_libraries
-    from l2lab.data import load_data
-    from l2lab.train import build, fit, sigterm_as_interrupt
-
-    quiet_libraries()
-    spec = OmegaConf.load(handoff)
-    cfg = spec.config
-
-    signal.signal(signal.SIGTERM, sigterm_as_interrupt)
-    pl.seed_everything(int(cfg.seed), workers=False, verbose=False)
-    splits = load_data(cfg.data)
-    module = build(cfg, splits)
-    fit(cfg, module, splits, NullTracker(), Path(spec.output_dir),
-        Path(spec.ckpt) if spec.ckpt else None, echo=False)
-
-
-if __name__ == "__main__":
-    worker_main(Path(sys.argv[1]))

@@ -1,14 +1,20 @@
-"""The LightningModule: mean CCE + selective L2, and the per-epoch numbers the contract logs.
+"""The LightningModule: J_k = mean CCE_k + (λ_k/n) Σ ||W||² for a stack of K networks (K >= 1).
 
-Kept thin on purpose: the penalty lives in ``regularization``, MLflow in ``tracking``. Per-step
-values are accumulated on the device and turned into floats once per epoch, so the training step
-never waits for the host.
+Every run is a stack: an ordinary run is a stack of one, a vectorized sweep a stack of K. One
+module, one set of kernels, so a child of a vectorized sweep and its ordinary run are the same
+computation (on CPU bit for bit; ``tests/test_engine.py``). The networks share no parameter and no
+operation mixes their rows, so the gradient of Σ_k J_k w.r.t. network k's weights is that of J_k.
+
+Settings that act on the optimizer as a whole act per network here: gradient clipping uses each
+network's own norm, and ``mode=optimizer`` applies each network's own decay 2λ_k/n, after
+clipping, as torch's ``weight_decay`` would (coupled: to the gradient for SGD/Adam; decoupled: to
+the weights for AdamW). Per-step values stay on the device and become floats once per epoch.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -30,99 +36,167 @@ def nonfinite_message(epoch: int, m: dict[str, float]) -> str:
 
 
 class L2Module(pl.LightningModule):
-    """J = mean CCE + (λ/n)Σ||W||² (``mode=loss``), or mean CCE with the penalty applied by the
-    optimizer as weight decay (``mode=optimizer``)."""
+    """K networks, stacked (``stacked.stack_networks``), trained on the note's objective.
+
+    ``epoch_metrics`` is a list with one dict per network (``None`` for one that diverged, whose
+    reason is in ``failures``); ``test_metrics`` likewise.
+    """
 
     def __init__(self, net: nn.Module, penalty: L2Penalty,
-                 make_optimizer: Callable[[nn.Module, L2Penalty], torch.optim.Optimizer],
+                 make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
                  mode: str = "loss", batch_size: int = 64) -> None:
         super().__init__()
         self.net, self.penalty, self.make_optimizer = net, penalty, make_optimizer
-        self.mode, self.batch_size = mode, batch_size
-        self.epoch_metrics: dict[str, float] = {}  # last finished epoch's values, for the tracker
-        self._val_metrics: dict[str, float] = {}
-        self.test_metrics: dict[str, float] = {}
+        self.mode, self.batch_size = mode, int(batch_size)
+        self.k = int(penalty.lams.shape[1])
+        self.alive = [True] * self.k
+        self.failures: dict[int, str] = {}
+        self.epoch_metrics: list[dict[str, float] | None] = []
+        self.test_metrics: list[dict[str, float]] = []
+        self._val_metrics: dict[str, list[float]] = {}
         self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, float] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.make_optimizer(self.net, self.penalty)
+        return self.make_optimizer(self.net)
 
     # -- accumulation on the device ------------------------------------------------------------
     def _add(self, key: str, value: torch.Tensor, n: int) -> None:
         v = value.detach() * n
         self._sums[key] = self._sums[key] + v if key in self._sums else v
-        self._sums[f"{key}#n"] = self._sums.get(f"{key}#n", 0) + n
+        self._counts[key] = self._counts.get(key, 0) + n
 
-    def _means(self, prefix: str) -> dict[str, float]:
-        """Epoch means of the accumulated values, fetched from the device in one transfer. Under
-        DDP the sums and counts are first added over ranks (one collective)."""
-        keys = [k for k in self._sums if k.startswith(prefix) and not k.endswith("#n")]
+    def _means(self, prefix: str) -> dict[str, list[float]]:
+        """Epoch means (K values per key), fetched from the device in one transfer. Under DDP
+        the sums and counts are first added over ranks (one collective)."""
+        keys = [k for k in self._sums if k.startswith(prefix)]
         if not keys:
             return {}
+        sums = torch.stack([self._sums.pop(k) for k in keys])  # (keys, K)
+        counts = torch.tensor([float(self._counts.pop(k)) for k in keys], dtype=sums.dtype,
+                              device=sums.device)
         if self.trainer.world_size > 1:
-            sums = torch.stack([self._sums.pop(k) for k in keys])
-            counts = torch.tensor([float(self._sums.pop(f"{k}#n")) for k in keys],
-                                  dtype=sums.dtype, device=sums.device)
-            sums, counts = self.trainer.strategy.reduce(
-                torch.cat([sums, counts]), reduce_op="sum").split(len(keys))
-            return dict(zip(keys, (sums / counts).tolist(), strict=True))
-        means = torch.stack([self._sums.pop(k) / self._sums.pop(f"{k}#n") for k in keys])
-        return dict(zip(keys, means.tolist(), strict=True))
+            flat = self.trainer.strategy.reduce(torch.cat([sums.flatten(), counts]),
+                                                reduce_op="sum")
+            sums, counts = flat[:sums.numel()].view_as(sums), flat[sums.numel():]
+        return dict(zip(keys, (sums / counts[:, None]).tolist(), strict=True))
 
     def _ce_step(self, batch, split: str) -> tuple[torch.Tensor, int]:
-        """Mean CCE of the batch, and its n.
+        """Each network's mean CCE over the batch ((K,)), and the batch's n.
 
-        A DDP shard comes as ``(x, y, n)``, n the global batch size; it returns ΣCCE over the
-        shard × world/n with that n. DDP averages gradients over the ranks, which then gives
-        exactly the gradient of the global batch's mean CCE (whatever the shard sizes, even 0),
-        and every value accumulated with weight n is world × the shard's sum, so the sums added
-        over ranks divided by the counts (world × n) are the 1-process means.
+        Training batches hold K blocks of rows, network k's at [k·b, (k+1)·b); an evaluation
+        batch is shared and every network sees all of it. A DDP shard comes as ``(x, y, n)``, n
+        the global batch size: it returns ΣCCE over the shard × world/n, so that DDP's mean of
+        the ranks' gradients is the gradient of the global batch's mean CCE (whatever the shard
+        sizes), and the sums added over ranks divided by world × n are the 1-process means.
         """
         x, y = batch[0], batch[1]
+        if split != "train":
+            x = x.expand(self.k, *x.shape).reshape(-1, *x.shape[1:])
+            y = y.expand(self.k, *y.shape).reshape(-1)
         logits = self.net(x)
-        hit = logits.detach().argmax(1) == y
+        ce = F.cross_entropy(logits, y, reduction="none").view(self.k, -1)
+        hit = (logits.detach().argmax(1) == y).float().view(self.k, -1)
         if len(batch) == 3:
             n = int(batch[2])
             scale = self.trainer.world_size / n
-            self._add(f"{split}/acc", hit.float().sum() * scale, n)
-            return F.cross_entropy(logits, y, reduction="sum") * scale, n
-        ce = F.cross_entropy(logits, y)  # the note's (1/n)ΣCCE
-        # accuracy as a device-side mean too (torchmetrics' bincount would sync on CUDA)
-        self._add(f"{split}/acc", hit.float().mean(), len(y))
-        return ce, len(y)
+            ce, hit = ce.sum(1) * scale, hit.sum(1) * scale
+        else:
+            n = ce.shape[1]
+            ce, hit = ce.mean(1), hit.mean(1)  # the note's (1/n)ΣCCE, per network
+        self._add(f"{split}/acc", hit, n)
+        return ce, n
 
     # -- training ------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         ce, n = self._ce_step(batch, "train")
         if self.mode == "loss":
             l2 = self.penalty(n)
-            loss = ce + l2
-        else:  # the optimizer applies it; log the equivalent with the nominal n
+            loss = (ce + l2).sum()
+        else:  # the optimizer step applies it; log the equivalent with the nominal n
             with torch.no_grad():
                 l2 = self.penalty(self.batch_size)
-            loss = ce
+            loss = ce.sum()
         self._add("train/ce", ce, n)
         self._add("train/l2", l2, n)
         return loss
 
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
+                                    gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip each network by its own gradient norm (or values), then apply ``mode=optimizer``
+        decay: the order of an ordinary torch loop, where clipping precedes ``optimizer.step``
+        and the step adds weight decay."""
+        if gradient_clip_val:
+            grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+            if (gradient_clip_algorithm or "norm") == "value":
+                for g in grads:
+                    g.clamp_(-gradient_clip_val, gradient_clip_val)
+            else:
+                clip_per_network(grads, self.k, float(gradient_clip_val))
+        if self.mode == "optimizer":
+            self._decay(optimizer)
+
+    def _decay(self, optimizer: torch.optim.Optimizer) -> None:
+        """Each network's weight decay 2λ_k/n on its selected tensors: added to the gradient
+        (SGD, Adam: coupled) or applied to the weights (AdamW: decoupled, as torch does it,
+        before the update)."""
+        decoupled = isinstance(optimizer, torch.optim.AdamW) or \
+            bool(optimizer.defaults.get("decoupled_weight_decay", False))
+        lr = float(optimizer.param_groups[0]["lr"])
+        decay = self.penalty.decay(self.batch_size)  # (L, K) float64
+        with torch.no_grad():
+            for layer, wd in zip(self.penalty.selected, decay, strict=True):
+                for p in layer.params:
+                    shape = (self.k,) + (1,) * (p.dim() - 1)
+                    if decoupled:
+                        p.mul_((1.0 - lr * wd).to(p.dtype).to(p.device).view(shape))
+                    elif p.grad is not None:
+                        p.grad.add_(p * wd.to(p.dtype).to(p.device).view(shape))
+
     def on_train_epoch_end(self) -> None:
         m = self._means("train/")
-        m["train/loss"] = m["train/ce"] + m["train/l2"]
-        if not math.isfinite(m["train/loss"]):
-            raise NonFiniteLossError(nonfinite_message(self.current_epoch, m))
         sq = self.penalty.weight_sq_norms()
-        m.update({f"weights/sq_norm/{k}": v for k, v in
-                  zip(sq, torch.stack(list(sq.values())).tolist(), strict=True)})
-        m["weights/sq_norm_total"] = sum(m[f"weights/sq_norm/{k}"] for k in sq)
-        m.update(self._val_metrics)  # val/* from this epoch's validation, which ran just before
-        self._val_metrics = {}
-        if "val/ce" in m:
-            m["gap/ce"] = m["val/ce"] - m["train/ce"]
-            m["gap/acc"] = m["train/acc"] - m["val/acc"]
-        self.epoch_metrics = m
+        sq_vals = torch.stack(list(sq.values())).tolist() if sq else []
+        val, self._val_metrics = self._val_metrics, {}
+        per_net: list[dict[str, float] | None] = []
+        for k in range(self.k):
+            if not self.alive[k]:
+                per_net.append(None)
+                continue
+            d = {key: v[k] for key, v in m.items()}
+            d["train/loss"] = d["train/ce"] + d["train/l2"]
+            if not math.isfinite(d["train/loss"]):
+                self.alive[k] = False
+                self.failures[k] = nonfinite_message(self.current_epoch, d)
+                self._silence(k)
+                per_net.append(None)
+                continue
+            for name, values in zip(sq, sq_vals, strict=True):
+                d[f"weights/sq_norm/{name}"] = values[k]
+            d["weights/sq_norm_total"] = sum(d[f"weights/sq_norm/{name}"] for name in sq)
+            d.update({key: v[k] for key, v in val.items()})
+            if "val/ce" in d:
+                d["gap/ce"] = d["val/ce"] - d["train/ce"]
+                d["gap/acc"] = d["train/acc"] - d["val/acc"]
+            per_net.append(d)
+        self.epoch_metrics = per_net
+        if not any(self.alive):
+            self.trainer.should_stop = True
+
+    def _silence(self, k: int) -> None:
+        """A diverged network trains on as zeros: its NaNs never touch the others (no operation
+        mixes slices), but zeros keep the stack's arithmetic quiet and fast."""
+        with torch.no_grad():
+            for p in self.net.parameters():
+                p[k].zero_()
+            for state in self.trainer.optimizers[0].state.values():
+                for v in state.values():
+                    if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == self.k:
+                        v[k].zero_()
 
     # -- evaluation ----------------------------------------------------------------------------
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -139,4 +213,18 @@ class L2Module(pl.LightningModule):
         self._add("test/ce", ce, n)
 
     def on_test_epoch_end(self) -> None:
-        self.test_metrics = self._means("test/")
+        means = self._means("test/")
+        self.test_metrics = [{key: v[k] for key, v in means.items()} for k in range(self.k)]
+
+
+def clip_per_network(grads: Sequence[torch.Tensor], k: int, max_norm: float) -> None:
+    """``torch.nn.utils.clip_grad_norm_`` for each of K stacked networks on its own: network k's
+    total norm is the 2-norm of its per-tensor norms, and its gradients are scaled by
+    min(1, max_norm / (norm + 1e-6)), exactly as torch computes it for one network."""
+    if not grads:
+        return
+    norms = torch.stack([torch.linalg.vector_norm(g.reshape(k, -1), 2, dim=1) for g in grads])
+    total = torch.linalg.vector_norm(norms, 2, dim=0)  # (K,)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype).view((k,) + (1,) * (g.dim() - 1)))

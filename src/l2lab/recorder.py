@@ -1,20 +1,26 @@
 """The Lightning side of a run's record: per-epoch metrics buffered on their way to MLflow, and
-the checkpoints that make every step logged exactly once across a kill and ``resume``."""
+the checkpoints that make every step logged exactly once across a kill and ``resume``.
+
+One recorder serves every stack, one network or K: each network has its own run, buffer and
+``last.ckpt`` (in the format of a stack of one, so ``resume=RUN_ID`` continues any of them).
+"""
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
+from l2lab.stacked import member_checkpoints
 from l2lab.tracking import RunTracker
 
 FLUSH_EVERY_S = 5.0
+ECHOED = ("train/ce", "train/l2", "val/ce", "gap/ce", "val/acc")
 
 
 class MetricBuffer:
@@ -35,30 +41,19 @@ class MetricBuffer:
         if epoch not in self.logged:
             self.pending.append((int(epoch), dict(metrics), ts or int(time.time() * 1000)))
 
+    def restore(self, state: Mapping[str, Any] | None) -> None:
+        """On resume: the epochs a checkpoint carried but the store may lack (a kill between
+        saving the checkpoint and logging), then skip every epoch the store already has."""
+        self.logged = self.tracker.logged_steps("train/loss")
+        for epoch, metrics, ts in (state or {}).get("pending") or []:
+            self.add(epoch, metrics, ts)
+        self.flush()
+
     def flush(self) -> None:
         if self.pending:
             self.tracker.log_epochs(self.pending)
             self.logged.update(e for e, _, _ in self.pending)
             self.pending = []
-
-
-def _restore_pending(buffer: MetricBuffer, state: Mapping[str, Any] | None) -> None:
-    """On resume: the epochs a checkpoint carried but the store may lack (a kill between saving
-    the checkpoint and logging), then skip every epoch the store already has."""
-    if state is None:
-        return
-    buffer.logged = buffer.tracker.logged_steps("train/loss")
-    pending = state.get("pending")
-    if pending is None and state.get("last"):  # checkpoints written before buffering
-        pending = [(*state["last"], None)]
-    for epoch, metrics, ts in pending or []:
-        buffer.add(epoch, metrics, ts)
-    buffer.flush()
-
-
-def _due(trainer: pl.Trainer, since: float, every_s: float) -> bool:
-    last = trainer.current_epoch >= (trainer.max_epochs or 0) - 1 or trainer.should_stop
-    return last or time.monotonic() - since >= every_s
 
 
 def save_atomic(obj: Any, path: Path) -> None:
@@ -68,10 +63,12 @@ def save_atomic(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-class EpochRecorder(pl.callbacks.Checkpoint):
-    """Every epoch's metrics (``step = epoch``) into the run's buffer; every ``flush_every_s`` and
-    at the last epoch: ``last.ckpt`` first, then the buffered metrics; on an error or interrupt:
-    the buffered metrics (the weights are mid-epoch then, so no checkpoint).
+class Recorder(pl.callbacks.Checkpoint):
+    """Every epoch's metrics (``step = epoch``) into each network's buffer; every
+    ``flush_every_s`` and at the last epoch: each network's ``last.ckpt`` first, then the
+    buffered metrics; on an error or interrupt: the buffered metrics (the weights are mid-epoch
+    then, so no checkpoint). A network that diverges has its run ended FAILED at once, with its
+    reason, while the others train on.
 
     It is a ``Checkpoint`` so that Lightning calls it after the module's ``on_train_epoch_end``
     (where the epoch's numbers are made) and adds no checkpoint callback of its own. The buffered
@@ -79,60 +76,32 @@ class EpochRecorder(pl.callbacks.Checkpoint):
     on resume, so every step is logged exactly once.
     """
 
-    def __init__(self, tracker: RunTracker, ckpt_path: Path, echo: bool = True,
-                 flush_every_s: float = FLUSH_EVERY_S) -> None:
-        self.tracker, self.ckpt_path, self.echo = tracker, Path(ckpt_path), echo
-        self.buffer, self.flush_every_s = MetricBuffer(tracker), float(flush_every_s)
-        self.last: tuple[int, dict[str, float]] | None = None
+    def __init__(self, trackers: Sequence[RunTracker], ckpt_paths: Sequence[Path], *,
+                 echo: bool = False, flush_every_s: float = FLUSH_EVERY_S) -> None:
+        self.trackers, self.ckpt_paths = list(trackers), [Path(p) for p in ckpt_paths]
+        self.echo, self.flush_every_s = echo, float(flush_every_s)
+        self.buffers = [MetricBuffer(t) for t in self.trackers]
+        self.last: list[tuple[int, dict[str, float]] | None] = [None] * len(self.trackers)
         self._restored: dict[str, Any] | None = None
         self._flushed_at = time.monotonic()
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"last": self.last, "pending": list(self.buffer.pending)}
+    def _state(self, k: int) -> dict[str, Any]:
+        return {"last": self.last[k], "pending": list(self.buffers[k].pending)}
+
+    def state_dict(self) -> dict[str, Any]:  # a stack of one's own state (member checkpoints)
+        return self._state(0) if len(self.trackers) == 1 else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.last, self._restored = state_dict.get("last"), state_dict
+        """A resumed run (a stack of one) gets its checkpoint's recorder state here."""
+        self.last[0], self._restored = state_dict.get("last"), state_dict
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _restore_pending(self.buffer, self._restored)
+        if self._restored is not None:
+            self.buffers[0].restore(self._restored)
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epoch, metrics = trainer.current_epoch, dict(pl_module.epoch_metrics)
-        self.last = (epoch, metrics)
-        self.buffer.add(epoch, metrics)
-        if self.echo:
-            shown = ("train/ce", "train/l2", "val/ce", "gap/ce", "val/acc")
-            parts = [f"{k}={metrics[k]:.4f}" for k in shown if k in metrics]
-            print(f"epoch {epoch:3d}  " + "  ".join(parts), flush=True)
-        # under DDP every rank must take the same decision (saving is collective): rank 0's
-        if trainer.strategy.broadcast(_due(trainer, self._flushed_at, self.flush_every_s)):
-            trainer.save_checkpoint(self.ckpt_path.with_suffix(".tmp"), weights_only=False)
-            if trainer.is_global_zero:  # the only rank that writes it
-                os.replace(self.ckpt_path.with_suffix(".tmp"), self.ckpt_path)
-            self.buffer.flush()
-            self._flushed_at = time.monotonic()
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                     exception: BaseException) -> None:
-        self.buffer.flush()
-
-
-class StackedRecorder(pl.callbacks.Checkpoint):
-    """``EpochRecorder`` for K stacked networks, one MLflow run each.
-
-    A network that diverges has its run ended FAILED at once, with its reason, while the others
-    train on. Checkpoints are written per network in the ordinary format
-    (``make_checkpoints``), so ``resume=RUN_ID`` continues any of them alone, the ordinary way.
-    """
-
-    def __init__(self, trackers: list[RunTracker], ckpt_paths: list[Path],
-                 make_checkpoints: Callable[[pl.Trainer, list], list[dict]],
-                 flush_every_s: float = FLUSH_EVERY_S) -> None:
-        self.trackers, self.ckpt_paths = trackers, [Path(p) for p in ckpt_paths]
-        self.make_checkpoints, self.flush_every_s = make_checkpoints, float(flush_every_s)
-        self.buffers = [MetricBuffer(t) for t in trackers]
-        self.last: list[tuple[int, dict[str, float]] | None] = [None] * len(trackers)
-        self._flushed_at = time.monotonic()
+    def _due(self, trainer: pl.Trainer) -> bool:
+        last = trainer.current_epoch >= (trainer.max_epochs or 0) - 1 or trainer.should_stop
+        return last or time.monotonic() - self._flushed_at >= self.flush_every_s
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -140,17 +109,22 @@ class StackedRecorder(pl.callbacks.Checkpoint):
             if metrics is not None and not self.trackers[k].ended:
                 self.last[k] = (epoch, metrics)
                 self.buffers[k].add(epoch, metrics)
+        if self.echo and pl_module.epoch_metrics and pl_module.epoch_metrics[0]:
+            m = pl_module.epoch_metrics[0]
+            print(f"epoch {epoch:3d}  " + "  ".join(f"{k}={m[k]:.4f}" for k in ECHOED if k in m),
+                  flush=True)
         for k, reason in pl_module.failures.items():
             if not self.trackers[k].ended:
                 self.buffers[k].flush()
                 self.trackers[k].finish("FAILED", failure=f"NonFiniteLossError: {reason}")
-        if _due(trainer, self._flushed_at, self.flush_every_s):
+        # under DDP every rank must take the same decision: rank 0's
+        if trainer.strategy.broadcast(self._due(trainer)):
             live = [k for k, t in enumerate(self.trackers) if not t.ended]
-            states = [{"last": self.last[k], "pending": list(self.buffers[k].pending)}
-                      if k in live else None for k in range(len(self.trackers))]
-            for k, ckpt in enumerate(self.make_checkpoints(trainer, states)):
-                if k in live:
-                    save_atomic(ckpt, self.ckpt_paths[k])
+            if trainer.is_global_zero:  # the only rank that writes
+                states = [self._state(k) if k in live else None for k in range(len(self.last))]
+                ckpts = member_checkpoints(trainer, states, self.state_key)
+                for k in live:
+                    save_atomic(ckpts[k], self.ckpt_paths[k])
             for k in live:
                 self.buffers[k].flush()
             self._flushed_at = time.monotonic()

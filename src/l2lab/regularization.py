@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from l2lab import ConfigError
+from l2lab.base import ConfigError
 from l2lab.schema import MODES, NORMALIZE, check_lam
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from l2lab import CONF_DIR, ConfigError
+from l2lab.base import CONF_DIR, ConfigError
 
 ALLOWED_TARGETS = ("l2lab.", "torch.nn.", "torch.optim.", "pytorch_lightning.callbacks.")
 GPU_RTOL = 1e-4

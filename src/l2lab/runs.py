@@ -29,6 +29,10 @@ def config_hash(cfg: DictConfig | Mapping) -> str:
     """16 hex digits identifying what a config trains (bookkeeping keys left out)."""
     tree = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     tree = {k: v for k, v in tree.items() if k not in _NOT_IDENTITY}
+    reg = tree.get("regularization")
+    if isinstance(reg, Mapping) and isinstance(reg.get("lam_per_layer"), Mapping):
+        # its patterns match first-wins: their order is part of what is trained
+        tree["regularization"] = {**reg, "lam_per_layer": list(reg["lam_per_layer"].items())}
     text = json.dumps(tree, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -53,7 +57,7 @@ def list_reused(client, source, experiment_id: str, run_name: str,
     """A FINISHED run that lists ``source`` in a sweep: its params, config artifacts and every
     metric's full history are copied (the sweep's figures need the curves), tagged
     ``l2lab.reused_from``. Returns the new run id."""
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Param, RunTag
 
     src = source.info.run_id
     keep = {k: v for k, v in source.data.tags.items()
@@ -64,10 +68,7 @@ def list_reused(client, source, experiment_id: str, run_name: str,
     params = [Param(k, v) for k, v in source.data.params.items()]
     for i in range(0, len(params), 100):
         client.log_batch(rid, params=params[i:i + 100], synchronous=True)
-    points = [Metric(k, m.value, m.timestamp, m.step) for k in source.data.metrics
-              for m in client.get_metric_history(src, k)]
-    for i in range(0, len(points), 1000):
-        client.log_batch(rid, metrics=points[i:i + 1000], synchronous=True)
+    copy_history(client, source, rid)
     client.log_batch(rid, tags=[RunTag("l2lab.reused_epochs",
                                        source.data.params.get("trainer.max_epochs", ""))])
     for art in ("config/config.yaml", "config/overrides.yaml"):
@@ -78,6 +79,19 @@ def list_reused(client, source, experiment_id: str, run_name: str,
         client.log_text(rid, text, art)
     client.set_terminated(rid, status="FINISHED")
     return rid
+
+
+def copy_history(client, source, run_id: str, skip: tuple[str, ...] = ()) -> None:
+    """Every metric's full history of run ``source`` into run ``run_id`` (whole epochs a call),
+    but for keys starting with one of ``skip``."""
+    from l2lab.tracking import RunTracker
+
+    points: dict[tuple[int, int], dict[str, float]] = {}
+    for key in (k for k in source.data.metrics if not k.startswith(skip) or not skip):
+        for m in client.get_metric_history(source.info.run_id, key):
+            points.setdefault((m.step, m.timestamp), {})[key] = m.value
+    RunTracker(client, run_id).log_epochs(
+        [(step, points[(step, ts)], ts) for step, ts in sorted(points)])
 
 
 def drop_repeats(runs: Sequence) -> tuple[list, list]:
@@ -95,7 +109,7 @@ def select(client, *, experiment: str | None = None, sweep: str | None = None,
            run_ids: Iterable[str] | None = None) -> list:
     """Training runs (not sweep parents) by ids, sweep id and/or experiment name; all when none
     is given."""
-    from l2lab import ConfigError
+    from l2lab.base import ConfigError
 
     if run_ids:
         return [client.get_run(r) for r in run_ids]

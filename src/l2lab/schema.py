@@ -1,4 +1,4 @@
-"""The config contract: typed schemas for every group, range checks, and unknown-key refusal.
+"""The config contract: typed schemas for every group, and the range checks.
 
 Why here, and light: a typo or a bad value should cost a second, not the 10+ s it takes to import
 torch, Lightning and MLflow. This module imports only Hydra and OmegaConf. Three layers:
@@ -7,22 +7,19 @@ torch, Lightning and MLflow. This module imports only Hydra and OmegaConf. Three
   in each YAML's defaults list, so Hydra itself refuses ``data.batch_size=1.5`` at composition,
   naming the key;
 * **ranges** — :func:`validate` runs right after composition (λ ≥ 0 and finite, sizes, enums…);
-* **keys** — :func:`check_overrides` reads the command line before Hydra does and refuses unknown
-  keys, with or without ``+``, suggesting the closest valid ones (Hydra's own hint, "use +key",
-  would silently add a key nobody reads).
+* **keys** — :mod:`l2lab.cli` reads the command line before Hydra does and refuses unknown keys.
 
 Also here, for the same reason: the checks of ``tracking.uri`` (:func:`resolve_uri`,
-:func:`probe_server`; re-exported by ``l2lab.tracking``) and the ``--help`` page.
+:func:`probe_server`; re-exported by ``l2lab.tracking``).
 """
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +27,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-from l2lab import CONF_DIR, ConfigError
+from l2lab.base import CONF_DIR, ConfigError
 
 #: data.name: one of the data presets (conf/data/<name>.yaml names itself).
 DATA_NAMES = tuple(sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml")))
@@ -39,6 +36,7 @@ MODES = ("loss", "optimizer")
 ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid")
 LAYER_TYPES = ("Linear", "Conv1d", "Conv2d")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+CLIP_ALGORITHMS = ("norm", "value")
 #: Dict-valued keys whose entries the user adds with ``+key.<name>=value`` (design.md §3).
 OPEN_DICTS = ("regularization.lam_per_layer",)
 
@@ -133,7 +131,8 @@ class TrainerConfig:
     enable_progress_bar: bool = False
     strategy: str = "auto"
     num_nodes: int = 1
-    gradient_clip_val: float | None = None
+    gradient_clip_val: float | None = None  # each network clipped by its own norm
+    gradient_clip_algorithm: str | None = None  # norm (Lightning's default) or value
 
 
 @dataclass
@@ -268,6 +267,10 @@ def validate(cfg: DictConfig) -> None:
     if not (devices == "auto" or isinstance(devices, ListConfig | list) or
             (isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1)):
         raise _fail("trainer.devices", "an integer >= 1, a list of device ids, or auto", devices)
+    if cfg.trainer.get("gradient_clip_val") is not None:
+        _number(cfg, "trainer.gradient_clip_val", "a number >= 0 (or null)", lambda v: v >= 0)
+    if cfg.trainer.get("gradient_clip_algorithm") is not None:
+        _choice(cfg, "trainer.gradient_clip_algorithm", CLIP_ALGORITHMS)
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or cfg.seed < 0:
         raise _fail("seed", "an integer >= 0", cfg.seed)
     if "flush_every_s" in cfg.get("tracking", {}):
@@ -314,186 +317,3 @@ def probe_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
             f"(mlflow server --host 127.0.0.1 --port PORT --backend-store-uri ...), or unset "
             f"{ENV_URI} / tracking.uri to use the local store sqlite:///<cwd>/mlruns/mlflow.db."
         ) from None
-
-
-# -- keys ----------------------------------------------------------------------------------------
-_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
-                "--config-dir", "-cd", "--info", "-i", "--experimental-rerun",
-                "--shell-completion", "-sc"}
-
-
-def cli_overrides(argv: Sequence[str]) -> list[str]:
-    """The override arguments of a Hydra command line (flags and their values skipped)."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        if arg.startswith("-"):
-            skip = arg in _VALUE_FLAGS and arg not in ("--info", "-i")  # --info takes an optional
-            continue
-        if "=" in arg:
-            out.append(arg)
-    return out
-
-
-def _is_group(key: str) -> bool:
-    return key.startswith("hydra") or (CONF_DIR / key).is_dir()
-
-
-def _first_choice(override) -> str | None:  # noqa: ANN001
-    """The first value of a group override (``model=mlp,cnn`` -> ``mlp``), for key checks."""
-    if not override.is_sweep_override():
-        return override.get_value_element_as_str()
-    try:
-        return next(iter(override.sweep_string_iterator()))
-    except Exception:  # glob(), interval(): no single value to compose with
-        return None
-
-
-def _keys(node: Any, prefix: str = "") -> list[str]:
-    out = []
-    if isinstance(node, DictConfig):
-        for k in node.keys():
-            full = f"{prefix}{k}"
-            out.append(full)
-            if full not in OPEN_DICTS:
-                out += _keys(node._get_node(k), full + ".")
-    return out
-
-
-def _suggest(key: str, valid: Iterable[str]) -> ConfigError:
-    """The error for an unknown key: the closest valid key(s) and the group's valid keys."""
-    valid = sorted(valid)
-    group, _, leaf = key.rpartition(".")
-    siblings = [k for k in valid if k.rpartition(".")[0] == group]
-    names = {k.rpartition(".")[2]: k for k in siblings}
-    close = [names[n] for n in difflib.get_close_matches(leaf, list(names), n=2, cutoff=0.6)]
-    if not close:  # a misspelt group (regularisation.lam) or a key put in the wrong group
-        close = difflib.get_close_matches(key, valid, n=2, cutoff=0.8)
-    hint = f" Did you mean {' or '.join(f'`{c}`' for c in close)}?" if close else ""
-    where = f"`{group}`" if group else "the top level"
-    listed = ", ".join(names) if siblings else "(no such group)"
-    return ConfigError(
-        f"unknown config key `{key}`.{hint} Valid keys of {where}: {listed}. "
-        "Nothing was run."
-    )
-
-
-def check_overrides(overrides: Sequence[str]) -> None:
-    """Refuse overrides of keys that no schema knows, before Hydra composes or anything runs.
-
-    The config is composed once with only the group choices of the command line (the first value
-    of a swept group), and every other override's key must exist in it (``+`` included: it may
-    only add entries under :data:`OPEN_DICTS`). Values are left to the schemas: Hydra's own
-    composition reports a wrong type, naming the key.
-    """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    if not overrides:
-        return
-    try:
-        parsed = OverridesParser.create().parse_overrides(list(overrides))
-    except Exception:
-        return  # a syntax error: Hydra reports it with its own pointer into the string
-    choices, leaves = [], []
-    for o in parsed:
-        key = o.get_key_element().lstrip("+~")
-        if o.is_delete():
-            continue
-        if _is_group(key.split("@")[0]):
-            if not key.startswith("hydra") and (value := _first_choice(o)) is not None:
-                choices.append(f"{o.get_key_element()}={value}")
-        else:
-            leaves.append((key, o))
-    if not leaves:
-        return
-    if GlobalHydra.instance().is_initialized():  # compose inside an app or a test
-        GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose("train", overrides=choices)
-    except Exception:
-        return  # a bad group choice: Hydra lists the options itself
-    valid = set(_keys(cfg))
-    for key, o in leaves:
-        if not (key in valid or any(key.startswith(d + ".") and key.count(".") == d.count(".") + 1
-                                    for d in OPEN_DICTS)):
-            raise _suggest(key, valid)
-        for value in _values(o):  # every value of a sweep: a wrong type would stop it half-made
-            _check_type(cfg, key, value)
-
-
-def _values(override) -> list:  # noqa: ANN001
-    """The values an override sets (each choice of a sweep; none for interval()/glob())."""
-    try:
-        if override.is_sweep_override():
-            return list(override.sweep_iterator())
-        return [override.value()]
-    except Exception:
-        return []
-
-
-def _check_type(cfg: DictConfig, key: str, value: Any) -> None:
-    """Set ``key`` on a copy of the composed, typed config: the schema refuses a wrong type."""
-    from omegaconf import open_dict
-    from omegaconf.errors import OmegaConfBaseException
-
-    node = cfg.copy()
-    try:
-        with open_dict(node):
-            OmegaConf.update(node, key, value, merge=True)
-    except OmegaConfBaseException as e:
-        reason = str(e).splitlines()[0]
-        raise ConfigError(f"{key}={value!r} has the wrong type: {reason}. Nothing was run.") \
-            from None
-
-
-# -- help ----------------------------------------------------------------------------------------
-def group_options(conf_dir: Path = CONF_DIR) -> str:
-    """``data: cifar10, digits, ...`` one line per config group, for ``--help``."""
-    lines = []
-    for group in ("data", "model", "regularization", "optimizer", "trainer", "experiment",
-                  "hydra/launcher", "hydra/sweeper"):
-        d = conf_dir / group
-        names = sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
-        if group == "hydra/launcher":
-            names = sorted({*names, "basic", "joblib"})
-        if group == "hydra/sweeper":
-            names = sorted({*names, "basic", "optuna"})
-        lines.append(f"  {group + ':':<17} {', '.join(names)}")
-    return "\n".join(lines)
-
-
-def help_text(overrides: Sequence[str] = ()) -> str:
-    """``--help``: the template of ``conf/hydra/help/l2lab.yaml`` with the composed config.
-
-    Rendered here rather than by Hydra, whose ``--help`` lists the options of every Hydra group
-    (launchers', sweepers' and samplers' included) whether the template shows them or not: that
-    took 4-5 s of the 2-core machine's time for a page that should answer at once.
-    """
-    import string
-
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    if GlobalHydra.instance().is_initialized():
-        GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
-    template = str(cfg.hydra.help.template)
-    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-    return string.Template(template).safe_substitute(
-        CONFIG=OmegaConf.to_yaml(job), FLAGS_HELP="", APP_CONFIG_GROUPS=group_options(),
-        HYDRA_CONFIG_GROUPS="")
-
-
-def _register_resolvers() -> None:
-    if not OmegaConf.has_resolver("l2lab_groups"):
-        OmegaConf.register_new_resolver("l2lab_groups", lambda: group_options())
-
-
-_register_resolvers()
-

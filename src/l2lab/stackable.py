@@ -12,7 +12,25 @@ from omegaconf import DictConfig, OmegaConf
 STACKED_KEYS = ("regularization.lam", "regularization.lam_per_layer", "seed")
 STACKABLE_MODELS = ("l2lab.models.MLP", "l2lab.models.CNN")
 STACKABLE_OPTIMIZERS = ("torch.optim.SGD", "torch.optim.Adam", "torch.optim.AdamW")
+ANY = object()
+#: Trainer settings proven to act per network in a stack (``tests/test_engine.py``), with the
+#: values allowed; any other setting or value makes the job train alone (a stack of one). For
+#: example 16-bit precision would share one GradScaler: one overflow would skip every network's
+#: step.
+STACKABLE_TRAINER: dict[str, object] = {
+    "max_epochs": ANY, "accelerator": ANY, "deterministic": ANY, "enable_progress_bar": ANY,
+    "devices": (1, "1"), "num_nodes": (1,), "strategy": ("auto",),
+    "precision": ("32-true", "32", 32), "gradient_clip_val": ANY,
+    "gradient_clip_algorithm": (None, "norm", "value"),
+}
 
+
+def _stackable_trainer(trainer: dict) -> bool:
+    for key, value in trainer.items():
+        allowed = STACKABLE_TRAINER.get(key)
+        if allowed is None or (allowed is not ANY and value not in allowed):  # type: ignore
+            return False
+    return True
 
 
 def group_key(cfg: DictConfig) -> str | None:
@@ -25,7 +43,7 @@ def group_key(cfg: DictConfig) -> str | None:
     if (tree.get("resume") or tree.get("reuse")
             or (tree.get("model") or {}).get("_target_") not in STACKABLE_MODELS
             or (tree.get("optimizer") or {}).get("_target_") not in STACKABLE_OPTIMIZERS
-            or str((tree.get("trainer") or {}).get("devices", 1)) != "1"
+            or not _stackable_trainer(tree.get("trainer") or {})
             or not _valid_lams(reg)):
         return None
     for key in STACKED_KEYS:

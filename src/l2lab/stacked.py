@@ -16,7 +16,6 @@ masks are the very ones the ordinary run draws.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from l2lab.module import L2Module, nonfinite_message
+from l2lab.module import L2Module
 from l2lab.regularization import L2Penalty, SelectedLayer
 
 #: Optimizers whose update is elementwise (so one instance over stacked tensors equals K).
@@ -156,150 +155,43 @@ def member_state(stacked_state: dict[str, torch.Tensor], k: int) -> dict[str, to
     return {name: v[k].clone() for name, v in stacked_state.items()}
 
 
-class StackedL2Module(L2Module):
-    """The ordinary module's objective for K networks at once: J_k = mean CCE_k + (λ_k/n)Σ||W||².
-
-    The loss handed to Lightning is Σ_k J_k: the networks share no parameter, so the gradient of
-    the sum w.r.t. network k's weights is that of J_k alone. Metrics are (K,) vectors;
-    ``epoch_metrics`` is a list with one dict per network (``None`` for one that diverged, whose
-    reason is in ``failures``).
-    """
-
-    def __init__(self, net: nn.Module, penalty: L2Penalty,
-                 make_optimizer: Callable[[nn.Module, L2Penalty], torch.optim.Optimizer],
-                 mode: str = "loss", batch_size: int = 64) -> None:
-        super().__init__(net, penalty, make_optimizer, mode=mode, batch_size=batch_size)
-        self.k = int(penalty.lams.shape[1])
-        self.alive = [True] * self.k
-        self.failures: dict[int, str] = {}
-        self.epoch_metrics: list[dict[str, float] | None] = []  # type: ignore[assignment]
-
-    def _ce_step(self, batch, split: str) -> tuple[torch.Tensor, int]:
-        x, y = batch
-        if split != "train":  # one evaluation set, shared: every network sees all of it
-            x = x.expand(self.k, *x.shape).reshape(-1, *x.shape[1:])
-            y = y.expand(self.k, *y.shape).reshape(-1)
-        logits = self.net(x)
-        ce = F.cross_entropy(logits, y, reduction="none").view(self.k, -1).mean(1)
-        hit = (logits.detach().argmax(1) == y).float().view(self.k, -1).mean(1)
-        n = y.numel() // self.k
-        self._add(f"{split}/acc", hit, n)
-        return ce, n
-
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        ce, n = self._ce_step(batch, "train")
-        if self.mode == "loss":
-            l2 = self.penalty(n)
-            loss = (ce + l2).sum()
-        else:
-            with torch.no_grad():
-                l2 = self.penalty(self.batch_size)
-            loss = ce.sum()
-        self._add("train/ce", ce, n)
-        self._add("train/l2", l2, n)
-        return loss
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """``mode=optimizer``: each network's own weight decay 2λ_k/n on its selected tensors —
-        added to the gradient (SGD, Adam: coupled) or applied to the weights (AdamW:
-        decoupled), as ``weight_decay`` in that network's own parameter groups would."""
-        if self.mode != "optimizer":
-            return
-        decoupled = isinstance(optimizer, torch.optim.AdamW) or \
-            bool(optimizer.defaults.get("decoupled_weight_decay", False))
-        lr = float(optimizer.param_groups[0]["lr"])
-        decay = self.penalty.decay(self.batch_size)  # (L, K) float64
-        with torch.no_grad():
-            for layer, wd in zip(self.penalty.selected, decay, strict=True):
-                for p in layer.params:
-                    shape = (self.k,) + (1,) * (p.dim() - 1)
-                    if decoupled:
-                        p.mul_((1.0 - lr * wd).to(p.dtype).to(p.device).view(shape))
-                    elif p.grad is not None:
-                        p.grad.add_(p * wd.to(p.dtype).to(p.device).view(shape))
-
-    def on_train_epoch_end(self) -> None:
-        m = self._means("train/")
-        sq = self.penalty.weight_sq_norms()
-        sq_vals = torch.stack(list(sq.values())).tolist() if sq else []
-        val, self._val_metrics = self._val_metrics, {}
-        per_net: list[dict[str, float] | None] = []
-        for k in range(self.k):
-            if not self.alive[k]:
-                per_net.append(None)
-                continue
-            d = {key: v[k] for key, v in m.items()}
-            d["train/loss"] = d["train/ce"] + d["train/l2"]
-            if not math.isfinite(d["train/loss"]):
-                self.alive[k] = False
-                self.failures[k] = nonfinite_message(self.current_epoch, d)
-                self._silence(k)
-                per_net.append(None)
-                continue
-            for name, values in zip(sq, sq_vals, strict=True):
-                d[f"weights/sq_norm/{name}"] = values[k]
-            d["weights/sq_norm_total"] = sum(d[f"weights/sq_norm/{name}"] for name in sq)
-            d.update({key: v[k] for key, v in val.items()})
-            if "val/ce" in d:
-                d["gap/ce"] = d["val/ce"] - d["train/ce"]
-                d["gap/acc"] = d["train/acc"] - d["val/acc"]
-            per_net.append(d)
-        self.epoch_metrics = per_net
-        if not any(self.alive):
-            self.trainer.should_stop = True
-
-    def _silence(self, k: int) -> None:
-        """A diverged network trains on as zeros: its NaNs never touch the others (no operation
-        mixes slices), but zeros keep the stack's arithmetic quiet and fast."""
-        with torch.no_grad():
-            for p in self.net.parameters():
-                p[k].zero_()
-            for state in self.trainer.optimizers[0].state.values():
-                for v in state.values():
-                    if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == self.k:
-                        v[k].zero_()
-
-    def on_test_epoch_end(self) -> None:
-        means = self._means("test/")
-        self.test_metrics = [{key: v[k] for key, v in means.items()}  # type: ignore[assignment]
-                             for k in range(self.k)]
-
-    def unstack_into(self, nets: Sequence[nn.Module]) -> None:
-        """Copy each network's trained weights back into its own (ordinary) network."""
-        state = self.net.state_dict()
-        for k, net in enumerate(nets):
-            net.load_state_dict(member_state(state, k))
-
-
 # -- building a stack from the ordinary pieces -------------------------------------------------
 @dataclass
 class Member:
-    """One job's ordinary module (its own initialisation, penalty and optimizer factory) and the
-    generator its dropout would draw from, as the ordinary run would have them."""
+    """One job's network, built as an ordinary run builds it (its own initialisation), its penalty
+    (the layer selection and λ), and the generator its dropout draws from."""
 
-    module: L2Module
+    net: nn.Module
+    penalty: L2Penalty
     generator: torch.Generator
 
 
-def stack_modules(modules: Sequence[L2Module], generators: Sequence[torch.Generator],
-                  make_optimizer: Callable[[nn.Module, L2Penalty], torch.optim.Optimizer]
-                  ) -> StackedL2Module:
-    """The stacked module of K ordinary ones: stacked weights, per-network λ per layer."""
-    first = modules[0]
-    names = [m.penalty.layer_names for m in modules]
+def stack_members(members: Sequence[Member],
+                  make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+                  mode: str = "loss", batch_size: int = 64) -> L2Module:
+    """The module that trains ``members`` as one stack: stacked weights, per-network λ per
+    layer. A stack of one is how an ordinary run trains."""
+    names = [m.penalty.layer_names for m in members]
     if any(n != names[0] for n in names):
         raise NotStackable(f"the jobs select different layers: {names}")
-    net = stack_networks([m.net for m in modules], generators)
+    first = members[0].penalty
+    net = stack_networks([m.net for m in members], [m.generator for m in members])
     selected = [
         SelectedLayer(s.name, s.lam, net.get_submodule(s.name).weight,
                       net.get_submodule(s.name).bias if s.bias is not None else None)
-        for s in first.penalty.selected
+        for s in first.selected
     ]
-    lams = torch.tensor([[s.lam for s in m.penalty.selected] for m in modules]).T  # (L, K)
-    penalty = L2Penalty(selected, normalize=first.penalty.normalize,
-                        dataset_size=first.penalty.dataset_size, lams=lams)
-    return StackedL2Module(net, penalty, make_optimizer, mode=first.mode,
-                           batch_size=first.batch_size)
+    lams = torch.tensor([[s.lam for s in m.penalty.selected] for m in members]).T  # (L, K)
+    penalty = L2Penalty(selected, normalize=first.normalize, dataset_size=first.dataset_size,
+                        lams=lams)
+    return L2Module(net, penalty, make_optimizer, mode=mode, batch_size=batch_size)
+
+
+def unstack_into(module: L2Module, nets: Sequence[nn.Module]) -> None:
+    """Copy each network's trained weights back into its own (ordinary) network."""
+    state = module.net.state_dict()
+    for k, net in enumerate(nets):
+        net.load_state_dict(member_state(state, k))
 
 
 def val_batch_size(k: int, rows: int = 65536) -> int:
@@ -344,40 +236,30 @@ def _mem_available() -> int:
     return 4 << 30
 
 
-class MemberCheckpoints:
-    """Per-network checkpoints of a stacked fit, in the format of an ordinary run's
-    ``last.ckpt``: its own weights and optimizer state, the shared loop state, and the ordinary
-    recorder's state. ``resume=RUN_ID`` then continues any one job alone, the ordinary way."""
-
-    def __init__(self, members: Sequence[Member], recorder_key: str) -> None:
-        self.members, self.recorder_key = list(members), recorder_key
-        # each job's ordinary optimizer (its own parameter groups), filled at every save
-        self.optimizers = [m.module.make_optimizer(m.module.net, m.module.penalty)
-                           for m in self.members]
-
-    def __call__(self, trainer, states: Sequence[dict | None]) -> list[dict | None]:
-        base = trainer._checkpoint_connector.dump_checkpoint(weights_only=True)
-        stacked_state = base.pop("state_dict")
-        stacked_opt = trainer.optimizers[0]
-        by_name = dict(trainer.lightning_module.net.named_parameters())
-        out: list[dict | None] = []
-        for k, (member, opt, state) in enumerate(zip(self.members, self.optimizers, states,
-                                                     strict=True)):
-            if state is None:
-                out.append(None)
-                continue
-            opt.state.clear()
-            for name, p in member.module.net.named_parameters():
-                stacked = stacked_opt.state.get(by_name[name])
-                if stacked:
-                    opt.state[p] = {key: _member_value(v, k) for key, v in stacked.items()}
-            out.append({**base, "state_dict": member_state(stacked_state, k),
-                        "optimizer_states": [opt.state_dict()], "lr_schedulers": [],
-                        "callbacks": {self.recorder_key: state}})
-        return out
+def member_checkpoints(trainer, states: Sequence[dict | None],
+                       recorder_key: str) -> list[dict | None]:
+    """Network k's ``last.ckpt``: the checkpoint of a stack of one holding network k alone (its
+    weights and optimizer state, the shared loop state, its recorder state), so that
+    ``resume=RUN_ID`` continues any run, a child of a stack included, as a stack of one."""
+    base = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+    stacked_state = base.pop("state_dict")
+    optimizer = base.pop("optimizer_states")[0]
+    base.pop("callbacks", None)
+    out: list[dict | None] = []
+    for k, state in enumerate(states):
+        if state is None:
+            out.append(None)
+            continue
+        opt = {"param_groups": optimizer["param_groups"],
+               "state": {i: {key: _member_value(v, k) for key, v in st.items()}
+                         for i, st in optimizer["state"].items()}}
+        out.append({**base, "state_dict": {n: v[k:k + 1].clone() for n, v in
+                                           stacked_state.items()},
+                    "optimizer_states": [opt], "callbacks": {recorder_key: state}})
+    return out
 
 
 def _member_value(v, k: int):
     if torch.is_tensor(v):
-        return v[k].clone() if v.dim() > 0 else v.clone()
+        return v[k:k + 1].clone() if v.dim() > 0 else v.clone()
     return v

@@ -17,7 +17,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from l2lab import CONF_DIR, ConfigError
+from l2lab.base import CONF_DIR, ConfigError
 from l2lab.train import SWEEP_INFO
 
 # Hydra instantiates this callback for every run, a single one included: the reporting and

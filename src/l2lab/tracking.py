@@ -24,7 +24,7 @@ from filelock import FileLock
 if TYPE_CHECKING:
     import torch
 
-from l2lab import ConfigError
+from l2lab.base import ConfigError
 
 # The URI checks need neither torch nor MLflow: they live with the config checks (a single run's
 # unreachable server is reported before the heavy imports) and are re-exported here.
@@ -179,6 +179,27 @@ def git_commit(cwd: Path | None = None) -> str | None:
     return r.stdout.strip() if r.returncode == 0 else None
 
 
+MAX_METRICS = 1000  # MLflow's cap on metrics per log_batch
+
+
+def epoch_chunks(epochs: list[tuple[int, Mapping[str, float], int]], size: int) -> list[list]:
+    """Metric lists of at most ``size`` entries that end on epoch boundaries (an epoch larger
+    than ``size`` on its own is split, having no better choice)."""
+    from mlflow.entities import Metric
+
+    chunks: list[list] = [[]]
+    for step, metrics, ts in epochs:
+        rows = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()]
+        if chunks[-1] and len(chunks[-1]) + len(rows) > size:
+            chunks.append([])
+        while len(rows) > size:
+            chunks[-1].extend(rows[:size])
+            rows = rows[size:]
+            chunks.append([])
+        chunks[-1].extend(rows)
+    return [c for c in chunks if c]
+
+
 # -- a run -----------------------------------------------------------------------------------------
 class RunTracker:
     """One MLflow run, driven with explicit ids (no global 'active run': jobs may share a
@@ -225,12 +246,11 @@ class RunTracker:
         self.log_epochs([(step, metrics, int(time.time() * 1000))])
 
     def log_epochs(self, epochs: Iterable[tuple[int, Mapping[str, float], int]]) -> None:
-        """Several steps' metrics in as few calls as MLflow allows (1000 metrics a call)."""
-        from mlflow.entities import Metric
-
-        self._log_batch("metrics", [Metric(k, float(v), ts, int(step))
-                                    for step, metrics, ts in epochs for k, v in metrics.items()],
-                        1000)
+        """Several steps' metrics in as few calls as MLflow allows (1000 metrics a call), each
+        call holding whole epochs: a kill between two calls never leaves an epoch half logged
+        (logged epochs are detected by ``train/loss``, so the rest would never come)."""
+        for chunk in epoch_chunks(list(epochs), MAX_METRICS):
+            self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
 
     def logged_steps(self, key: str) -> set[int]:
         return {m.step for m in self.client.get_metric_history(self.run_id, key)}
@@ -271,3 +291,23 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, str]:
         key, _, value = o.partition("=")
         out[key.lstrip("+~")] = value
     return out
+
+
+class NullTracker:
+    """Records nothing: DDP ranks 1..N-1 (only rank 0 writes) and the benchmark's no-MLflow
+    side."""
+
+    run_id = None
+    ended = False
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def logged_steps(self, key: str) -> set[int]:
+        return set()
+
+    def finish(self, status: str = "FINISHED", failure: str | None = None) -> None:
+        pass
+
+    def __getattr__(self, name: str):  # any other recording call: nothing either
+        return lambda *args, **kwargs: None

@@ -138,8 +138,10 @@ class VectorizedLauncher(Launcher):
     def _train_group(self, configs: list[DictConfig]) -> tuple[list[float], list[str]]:
         """Train the group; per job its objective (final val/ce) and its one-line result."""
         from l2lab import tracking as tr
+        from l2lab.console import quiet_libraries
+        from l2lab.engine import train_group
         from l2lab.sweep import SWEEP_INFO
-        from l2lab.train import job_line, quiet_libraries, train_group
+        from l2lab.train import job_line
 
         quiet_libraries()
         dirs, tasks, overrides = [], [], []

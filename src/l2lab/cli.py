@@ -1,0 +1,199 @@
+"""The command line, read before Hydra composes: unknown keys and wrong types are refused with the
+closest valid keys (Hydra's own hint, "use +key", would silently add a key nobody reads), and
+``--help`` renders the harness's help page without Hydra's slower one. Light: Hydra and OmegaConf
+only, like :mod:`l2lab.schema`, whose types and ranges it applies.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from l2lab.base import CONF_DIR, ConfigError
+from l2lab.schema import OPEN_DICTS
+
+# -- keys ----------------------------------------------------------------------------------------
+_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                "--config-dir", "-cd", "--info", "-i", "--experimental-rerun",
+                "--shell-completion", "-sc"}
+
+
+def cli_overrides(argv: Sequence[str]) -> list[str]:
+    """The override arguments of a Hydra command line (flags and their values skipped)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg.startswith("-"):
+            skip = arg in _VALUE_FLAGS and arg not in ("--info", "-i")  # --info takes an optional
+            continue
+        if "=" in arg:
+            out.append(arg)
+    return out
+
+
+def _is_group(key: str) -> bool:
+    return key.startswith("hydra") or (CONF_DIR / key).is_dir()
+
+
+def _first_choice(override) -> str | None:  # noqa: ANN001
+    """The first value of a group override (``model=mlp,cnn`` -> ``mlp``), for key checks."""
+    if not override.is_sweep_override():
+        return override.get_value_element_as_str()
+    try:
+        return next(iter(override.sweep_string_iterator()))
+    except Exception:  # glob(), interval(): no single value to compose with
+        return None
+
+
+def _keys(node: Any, prefix: str = "") -> list[str]:
+    out = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            full = f"{prefix}{k}"
+            out.append(full)
+            if full not in OPEN_DICTS:
+                out += _keys(node._get_node(k), full + ".")
+    return out
+
+
+def _suggest(key: str, valid: Iterable[str]) -> ConfigError:
+    """The error for an unknown key: the closest valid key(s) and the group's valid keys."""
+    valid = sorted(valid)
+    group, _, leaf = key.rpartition(".")
+    siblings = [k for k in valid if k.rpartition(".")[0] == group]
+    names = {k.rpartition(".")[2]: k for k in siblings}
+    close = [names[n] for n in difflib.get_close_matches(leaf, list(names), n=2, cutoff=0.6)]
+    if not close:  # a misspelt group (regularisation.lam) or a key put in the wrong group
+        close = difflib.get_close_matches(key, valid, n=2, cutoff=0.8)
+    hint = f" Did you mean {' or '.join(f'`{c}`' for c in close)}?" if close else ""
+    where = f"`{group}`" if group else "the top level"
+    listed = ", ".join(names) if siblings else "(no such group)"
+    return ConfigError(
+        f"unknown config key `{key}`.{hint} Valid keys of {where}: {listed}. "
+        "Nothing was run."
+    )
+
+
+def check_overrides(overrides: Sequence[str]) -> None:
+    """Refuse overrides of keys that no schema knows, before Hydra composes or anything runs.
+
+    The config is composed once with only the group choices of the command line (the first value
+    of a swept group), and every other override's key must exist in it (``+`` included: it may
+    only add entries under :data:`OPEN_DICTS`). Values are left to the schemas: Hydra's own
+    composition reports a wrong type, naming the key.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not overrides:
+        return
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except Exception:
+        return  # a syntax error: Hydra reports it with its own pointer into the string
+    choices, leaves = [], []
+    for o in parsed:
+        key = o.get_key_element().lstrip("+~")
+        if o.is_delete():
+            continue
+        if _is_group(key.split("@")[0]):
+            if not key.startswith("hydra") and (value := _first_choice(o)) is not None:
+                choices.append(f"{o.get_key_element()}={value}")
+        else:
+            leaves.append((key, o))
+    if not leaves:
+        return
+    if GlobalHydra.instance().is_initialized():  # compose inside an app or a test
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("train", overrides=choices)
+    except Exception:
+        return  # a bad group choice: Hydra lists the options itself
+    valid = set(_keys(cfg))
+    for key, o in leaves:
+        if not (key in valid or any(key.startswith(d + ".") and key.count(".") == d.count(".") + 1
+                                    for d in OPEN_DICTS)):
+            raise _suggest(key, valid)
+        for value in _values(o):  # every value of a sweep: a wrong type would stop it half-made
+            _check_type(cfg, key, value)
+
+
+def _values(override) -> list:  # noqa: ANN001
+    """The values an override sets (each choice of a sweep; none for interval()/glob())."""
+    try:
+        if override.is_sweep_override():
+            return list(override.sweep_iterator())
+        return [override.value()]
+    except Exception:
+        return []
+
+
+def _check_type(cfg: DictConfig, key: str, value: Any) -> None:
+    """Set ``key`` on a copy of the composed, typed config: the schema refuses a wrong type."""
+    from omegaconf import open_dict
+    from omegaconf.errors import OmegaConfBaseException
+
+    node = cfg.copy()
+    try:
+        with open_dict(node):
+            OmegaConf.update(node, key, value, merge=True)
+    except OmegaConfBaseException as e:
+        reason = str(e).splitlines()[0]
+        raise ConfigError(f"{key}={value!r} has the wrong type: {reason}. Nothing was run.") \
+            from None
+
+
+# -- help ----------------------------------------------------------------------------------------
+def group_options(conf_dir: Path = CONF_DIR) -> str:
+    """``data: cifar10, digits, ...`` one line per config group, for ``--help``."""
+    lines = []
+    for group in ("data", "model", "regularization", "optimizer", "trainer", "experiment",
+                  "hydra/launcher", "hydra/sweeper"):
+        d = conf_dir / group
+        names = sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+        if group == "hydra/launcher":
+            names = sorted({*names, "basic", "joblib"})
+        if group == "hydra/sweeper":
+            names = sorted({*names, "basic", "optuna"})
+        lines.append(f"  {group + ':':<17} {', '.join(names)}")
+    return "\n".join(lines)
+
+
+def help_text(overrides: Sequence[str] = ()) -> str:
+    """``--help``: the template of ``conf/hydra/help/l2lab.yaml`` with the composed config.
+
+    Rendered here rather than by Hydra, whose ``--help`` lists the options of every Hydra group
+    (launchers', sweepers' and samplers' included) whether the template shows them or not: that
+    took 4-5 s of the 2-core machine's time for a page that should answer at once.
+    """
+    import string
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    template = str(cfg.hydra.help.template)
+    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    return string.Template(template).safe_substitute(
+        CONFIG=OmegaConf.to_yaml(job), FLAGS_HELP="", APP_CONFIG_GROUPS=group_options(),
+        HYDRA_CONFIG_GROUPS="")
+
+
+def _register_resolvers() -> None:
+    if not OmegaConf.has_resolver("l2lab_groups"):
+        OmegaConf.register_new_resolver("l2lab_groups", lambda: group_options())
+
+
+_register_resolvers()
+

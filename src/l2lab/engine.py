@@ -1,0 +1,328 @@
+"""The one training path: build each job's network as an ordinary run would, stack them, fit, and
+record every job into its own MLflow run.
+
+An ordinary run is a stack of one; a vectorized sweep's group is a stack of K. Same module, same
+kernels, same recorder: on CPU a child of a stack and its ordinary run are bit-identical for the
+whole run. :func:`train_jobs` is the run lifecycle both share: runs opened inside the interrupt
+guard, each job's failure its own (FAILED with the reason; the others train on), Ctrl-C/SIGTERM
+ends every unfinished run KILLED, and nothing already logged is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from l2lab import lifecycle, schema
+from l2lab import tracking as tr
+from l2lab.base import CONF_DIR, ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from l2lab.module import L2Module
+    from l2lab.stacked import Member
+
+_NAME_SKIP = ("hydra.", "tracking.", "experiment", "resume", "reuse")
+
+
+# -- the config, as training needs it ----------------------------------------------------------
+def prepared(cfg: DictConfig) -> DictConfig:
+    """A copy with the tracking URI made absolute and an integer λ logged as a float."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.tracking.uri = tr.resolve_uri(cfg.tracking.uri)
+        if isinstance(cfg.regularization.lam, int) and not isinstance(cfg.regularization.lam, bool):
+            cfg.regularization.lam = float(cfg.regularization.lam)  # "lam=0" logs as 0.0
+    return cfg
+
+
+def run_name(overrides: Sequence[str], cfg: DictConfig, swept: Sequence[str] | None = None) -> str:
+    """``["regularization.lam=0.01", "seed=1"]`` -> ``"lam=0.01 seed=1"`` (in a sweep, only the
+    swept keys, so that the runs of one sweep read apart at a glance)."""
+    parts = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in tr.parse_overrides(overrides).items()
+             if not k.startswith(_NAME_SKIP) and (swept is None or k in swept)]
+    return " ".join(parts) or f"lam={cfg.regularization.lam} seed={cfg.seed}"
+
+
+def quick_checks(cfg: DictConfig) -> None:
+    """Checks that need no data: the schema's ranges, then the multi-device settings."""
+    from l2lab import distributed
+
+    schema.validate(cfg)
+    distributed.check(cfg)
+
+
+def _strip(node: DictConfig, *keys: str) -> dict:
+    return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in keys}
+
+
+def optimizer_factory(cfg: DictConfig) -> Callable[[torch.nn.Module], torch.optim.Optimizer]:
+    """A function net -> optimizer over all its parameters (the config's checks are
+    ``schema.validate``'s). ``mode=optimizer`` decay is the module's (each network's own 2λ/n,
+    ``module.L2Module``), so the optimizer has none."""
+    opt_cfg = _strip(cfg.optimizer, "name")
+    partial = hydra.utils.instantiate(opt_cfg, _partial_=True)
+    return lambda net: partial(net.parameters())
+
+
+def build_net(cfg: DictConfig, splits) -> torch.nn.Module:
+    """The network of ``cfg.model`` for the data's input shape and classes."""
+    model_cfg = _strip(cfg.model, "name")
+    if not str(model_cfg.get("_target_", "")).startswith("l2lab.models."):
+        raise ConfigError(f"model must be one of mlp, cnn (l2lab.models.*), got {cfg.model}.")
+    try:
+        return hydra.utils.instantiate(model_cfg, in_shape=splits.in_shape,
+                                       num_classes=splits.num_classes)
+    except Exception as e:  # instantiate wraps our ConfigError
+        cause = e.__cause__ if isinstance(e.__cause__, ConfigError) else None
+        if cause:
+            raise cause from None
+        raise ConfigError(f"model: cannot build {model_cfg['_target_']}: {e}") from None
+
+
+def build_member(cfg: DictConfig, splits) -> Member:
+    """One job's network, penalty and dropout generator, seeded by its own ``seed``; every check
+    that needs the network (layer patterns, ``lam_per_layer`` keys) runs here."""
+    import pytorch_lightning as pl
+    import torch
+
+    from l2lab.regularization import build_penalty
+    from l2lab.stacked import Member
+
+    pl.seed_everything(int(cfg.seed), workers=False, verbose=False)
+    net = build_net(cfg, splits)
+    penalty = build_penalty(net, cfg.regularization, dataset_size=len(splits.train[1]))
+    optimizer_factory(cfg)  # its checks, before any training
+    return Member(net, penalty, torch.Generator().set_state(torch.get_rng_state()))
+
+
+def stack(cfg: DictConfig, members: Sequence[Member]) -> L2Module:
+    from l2lab.stacked import stack_members
+
+    return stack_members(members, optimizer_factory(cfg), mode=cfg.regularization.mode,
+                         batch_size=int(cfg.data.batch_size))
+
+
+# -- fitting ------------------------------------------------------------------------------------
+def lightning_fit(cfg: DictConfig, module: L2Module, splits, recorder, seeds: Sequence[int],
+                  output_dir: Path, ckpt: Path | None = None, tracker: Any = None) -> None:
+    """One Lightning fit of a stack (and its test, when the data has a test split), on tensors
+    that live on the training device. Under ``trainer.devices=N`` rank 0 starts the other ranks
+    here and each takes its shard of every global batch."""
+    import pytorch_lightning as pl
+
+    from l2lab import distributed
+    from l2lab.data import StackedBatches, TensorBatches
+    from l2lab.stacked import val_batch_size
+
+    trainer = pl.Trainer(**distributed.trainer_kwargs(cfg), logger=False, callbacks=[recorder],
+                         default_root_dir=str(output_dir), enable_model_summary=False,
+                         num_sanity_val_steps=0)
+    splits = splits.to(trainer.strategy.root_device)
+    val_batch = val_batch_size(module.k)
+    with distributed.ranks(cfg, trainer, output_dir, ckpt, tracker) as shard, \
+            warnings.catch_warnings():
+        # data.val_size=0 (experiment=mnist1d, as the paper) has no val loop by design
+        warnings.filterwarnings(
+            "ignore", ".*(many workers|smaller than the logging|no `val_dataloader`).*")
+        val = TensorBatches(*splits.val, val_batch, **shard) if len(splits.val[1]) else None
+        trainer.fit(module, train_dataloaders=StackedBatches(
+            *splits.train, int(cfg.data.batch_size), list(seeds), **shard),
+            val_dataloaders=val, ckpt_path=str(ckpt) if ckpt else None, weights_only=False)
+        if splits.test is not None:
+            trainer.test(module, dataloaders=TensorBatches(*splits.test, val_batch, **shard),
+                         verbose=False)
+
+
+def flush_every_s(cfg: DictConfig) -> float:
+    from l2lab.recorder import FLUSH_EVERY_S
+
+    return float(cfg.tracking.get("flush_every_s", FLUSH_EVERY_S))
+
+
+# -- the run lifecycle ----------------------------------------------------------------------------
+@dataclass
+class Job:
+    """One training job: its config and where it goes. ``tracker`` is set for a run that is
+    continued (``resume``), ``ckpt`` is the checkpoint it continues from."""
+
+    cfg: DictConfig
+    overrides: list[str]
+    output_dir: Path
+    name: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+    tracker: tr.RunTracker | None = None
+    ckpt: Path | None = None
+    reopened: bool = False  # the same MLflow run continues (its params are logged already)
+    logged_test: bool = False  # the run already holds test/* (continued after its test pass)
+    result: dict[str, float] | BaseException | None = None
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.output_dir / "checkpoints" / "last.ckpt"
+
+
+def open_run(client, job: Job, sweep: Mapping | None) -> tr.RunTracker:
+    """Create the job's MLflow run (a sweep's child when in one), tagged with its config's hash
+    (``reuse`` and ``compare`` find runs of the same config), with its config as params and
+    artifacts (what ``reproduce`` re-runs)."""
+    from l2lab import runs
+
+    cfg = job.cfg
+    job.output_dir.mkdir(parents=True, exist_ok=True)
+    tags = {
+        "l2lab.overrides": json.dumps(list(job.overrides)),
+        "l2lab.output_dir": str(job.output_dir),
+        runs.HASH_TAG: runs.config_hash(cfg),
+        **({"mlflow.source.git.commit": c} if (c := tr.git_commit(CONF_DIR.parent)) else {}),
+        **({"l2lab.sweep_id": sweep["sweep_id"], "mlflow.parentRunId": sweep["parent_run_id"]}
+           if sweep else {}),
+        **job.tags,
+    }
+    exp = tr.experiment_id(client, str(cfg.experiment_name), cfg.tracking.uri)
+    tracker = tr.RunTracker.start(client, exp, job.name, tags)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    tracker.log_params(tr.flatten_params(resolved))
+    tracker.log_text(OmegaConf.to_yaml(resolved), "config/config.yaml")
+    tracker.log_text(OmegaConf.to_yaml(list(job.overrides)), "config/overrides.yaml")
+    return tracker
+
+
+def train_jobs(jobs: Sequence[Job], *, sweep: Mapping | None = None,
+               max_models: int | None = None, vectorized: bool = False,
+               echo: bool = False, on_open: Callable[[Job], None] | None = None) -> None:
+    """Train ``jobs`` (configs that differ at most in λ, per-layer λ and seed) as stacks of at
+    most ``max_models`` networks; fills each job's ``result`` with its final metrics or the
+    exception that ended it. One job is an ordinary run.
+
+    Raises :class:`lifecycle.Interrupted` on Ctrl-C/SIGTERM (every unfinished run, and the
+    sweep's parent, KILLED first), and re-raises anything else that stops the whole stack (every
+    unfinished run FAILED with the reason first).
+    """
+    from l2lab.data import load_data
+
+    client = tr.connect(jobs[0].cfg.tracking.uri)
+    opened: list[Job] = []
+
+    def fail(job: Job, e: BaseException) -> None:
+        job.result = e
+        job.tracker.finish("FAILED", failure=tr.one_line(e))
+
+    with lifecycle.interrupts():
+        try:
+            for job in jobs:
+                if job.tracker is None:
+                    job.tracker = open_run(client, job, sweep)
+                opened.append(job)
+                if on_open:
+                    on_open(job)
+            live = []
+            for job in jobs:
+                try:
+                    quick_checks(job.cfg)
+                    live.append(job)
+                except ConfigError as e:
+                    fail(job, e)
+            try:
+                splits = load_data(jobs[0].cfg.data) if live else None
+            except ConfigError as e:
+                for job in live:
+                    fail(job, e)
+                live = []
+            members: dict[int, Member] = {}
+            for job in live:
+                try:
+                    members[id(job)] = build_member(job.cfg, splits)
+                except ConfigError as e:
+                    fail(job, e)
+            ready = [j for j in live if id(j) in members]
+            if ready and not max_models:
+                from l2lab.stacked import default_max_models
+
+                max_models = default_max_models(members[id(ready[0])].net, splits, ready[0].cfg)
+            size = max(1, max_models or 1)
+            for start in range(0, len(ready), size):
+                _fit_stack(ready[start:start + size], members, splits, vectorized, echo)
+            for job in ready:
+                if isinstance(job.result, dict):
+                    job.tracker.log_state_dict(members[id(job)].net, "model/state_dict.pt")
+                    job.tracker.finish("FINISHED")
+        except lifecycle.Interrupted as e:
+            with lifecycle.held():
+                for job in opened:
+                    job.tracker.finish("KILLED", failure=e.reason)
+                if sweep:
+                    during = f" during run {opened[0].tracker.run_id}" if opened else ""
+                    tr.RunTracker(client, sweep["parent_run_id"]).finish(
+                        "KILLED", failure=f"{e.reason}{during}")
+            raise
+        except BaseException as e:
+            with lifecycle.held():
+                for job in opened:
+                    if not job.tracker.ended:
+                        fail(job, e)
+            raise
+
+
+def _fit_stack(jobs: Sequence[Job], members: Mapping[int, Member], splits, vectorized: bool,
+               echo: bool) -> None:
+    """One Lightning fit of ``jobs`` as one stack; fills each job's ``result``."""
+    from l2lab.module import NonFiniteLossError
+    from l2lab.recorder import Recorder
+    from l2lab.stacked import unstack_into
+
+    cfg0 = jobs[0].cfg
+    group = {"l2lab.vectorized_group": uuid.uuid4().hex[:12]} if vectorized else None
+    for job in jobs:
+        if not job.reopened:  # a reopened run has its selection logged already
+            penalty = members[id(job)].penalty
+            job.tracker.log_params({"l2.layers": ",".join(penalty.layer_names),
+                                    "l2.num_params": str(penalty.num_params)}, tags=group)
+    module = stack(cfg0, [members[id(j)] for j in jobs])
+    recorder = Recorder([j.tracker for j in jobs], [j.ckpt_path for j in jobs], echo=echo,
+                        flush_every_s=flush_every_s(cfg0))
+    ckpt = jobs[0].ckpt if len(jobs) == 1 else None
+    lightning_fit(cfg0, module, splits, recorder, [int(j.cfg.seed) for j in jobs],
+                  jobs[0].output_dir, ckpt, tracker=jobs[0].tracker)
+    unstack_into(module, [members[id(j)].net for j in jobs])
+    for k, job in enumerate(jobs):
+        if k in module.failures:
+            job.result = NonFiniteLossError(module.failures[k])
+            continue
+        last = recorder.last[k]
+        final = dict(last[1]) if last else {}
+        if module.test_metrics:
+            test = module.test_metrics[k]
+            if not job.logged_test:  # test/* once, even for a run continued after its test
+                job.tracker.log_metrics(test, step=last[0] if last else 0)
+            final.update(test)
+        job.result = final
+
+
+def train_group(cfgs: Sequence[DictConfig], overrides: Sequence[Sequence[str]],
+                output_dirs: Sequence[Path], *, sweep: Mapping | None = None,
+                max_models: int | None = None) -> list[dict[str, float] | BaseException]:
+    """Train jobs whose configs differ only in λ, per-layer λ and seed as stacks of networks
+    (the vectorized launcher's groups). Each job is its own MLflow run with everything an
+    ordinary run records, plus the tag ``l2lab.vectorized_group``. Returns, per job, its final
+    metrics or the exception that ended it."""
+    from l2lab.console import quiet_libraries
+
+    quiet_libraries()
+    swept = sweep.get("swept") if sweep else None
+    jobs = [Job(prepared(c), list(ov), Path(d).resolve())
+            for c, ov, d in zip(cfgs, overrides, output_dirs, strict=True)]
+    for job in jobs:
+        job.name = run_name(job.overrides, job.cfg, swept)
+    train_jobs(jobs, sweep=sweep, max_models=max_models, vectorized=True)
+    return [job.result for job in jobs]  # type: ignore[misc]
+

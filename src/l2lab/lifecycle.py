@@ -1,0 +1,77 @@
+"""A run's life, one way for single runs, stacks and DDP ranks: interrupts become a clean stop.
+
+Ctrl-C and SIGTERM raise :class:`Interrupted` (not ``KeyboardInterrupt``: Lightning turns that
+into ``sys.exit(1)`` and leaves SIGINT ignored in the calling process), so the code that owns the
+runs ends them KILLED with a reason that names the signal, and the process's own handlers come
+back when training returns. A second Ctrl-C while the runs are being ended is held back until
+they are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+
+SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
+
+
+class Interrupted(BaseException):  # noqa: N818  (a stop, as KeyboardInterrupt, not an error)
+    """Ctrl-C (SIGINT) or SIGTERM arrived while runs were training."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(SIGNAL_NAMES.get(signum, f"signal {signum}"))
+
+    @property
+    def reason(self) -> str:
+        return f"interrupted ({self})"
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signum)
+
+
+def _raise(signum: int, frame) -> None:  # noqa: ANN001
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def interrupts() -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM raise :class:`Interrupted`; the previous handlers are
+    restored on the way out. Outside the main thread (signals go to the main thread only) it does
+    nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _raise) for s in SIGNAL_NAMES}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """Signals wait while the block runs (the runs are being marked KILLED or FAILED)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda n, _f: caught.append(n)) for s in SIGNAL_NAMES}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if caught:
+        raise Interrupted(caught[0])
+
+
+def resume_command(run_id: str) -> str:
+    """A resume command that works when pasted into any shell: the interpreter that ran this
+    one, by its full path, so no virtualenv needs to be active."""
+    return f"{sys.executable} -m l2lab.train resume={run_id}"

@@ -1,0 +1,134 @@
+"""``resume=RUN_ID``: continue a run from its last per-epoch checkpoint, every step logged once.
+
+Only ``trainer.max_epochs`` may differ from the logged config. With the logged number of epochs,
+the same MLflow run continues (an interrupted run finishes what it was asked to train). With
+another number, the run would no longer be what its params say (MLflow params are immutable), so
+a new run continues it: it gets the old run's metric history, its own params, name and config
+hash, the tag ``l2lab.continued_from`` (the old run gets ``l2lab.continued_by``), and trains on
+from the checkpoint. ``reuse``, ``compare`` and ``load_runs`` then see the epochs each run trained.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from l2lab import lifecycle
+from l2lab import tracking as tr
+from l2lab.base import ConfigError
+from l2lab.console import say
+from l2lab.engine import Job, run_name
+
+CONTINUED_FROM, CONTINUED_BY = "l2lab.continued_from", "l2lab.continued_by"
+
+
+def logged_config(client, run_id: str) -> DictConfig:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(run_id, "config/config.yaml", dst_path=tmp)
+        return OmegaConf.create(yaml.safe_load(Path(path).read_text()))
+
+
+def resume_config(cfg: DictConfig, overrides: Sequence[str], logged: DictConfig) -> DictConfig:
+    """The logged config, with only ``trainer.max_epochs`` taken from this invocation (when it
+    is given there: otherwise the run keeps its own). Any other difference is refused."""
+    allowed = ("trainer.max_epochs", "resume", "reuse")
+    given = tr.parse_overrides(overrides)
+    wrong = []
+    for key in given:
+        if key in allowed or key.startswith(("hydra.", "tracking.")):
+            continue
+        now, then = OmegaConf.select(cfg, key), OmegaConf.select(logged, key)
+        if isinstance(now, DictConfig | Mapping) or now != then:
+            wrong.append(f"{key} (logged {then!r}, given {now!r})")
+    if wrong:
+        raise ConfigError(
+            "resume: only trainer.max_epochs may differ from the resumed run's logged config; "
+            f"these differ: {', '.join(wrong)}."
+        )
+    out = logged.copy()
+    with open_dict(out):
+        if "trainer.max_epochs" in given:
+            out.trainer.max_epochs = cfg.trainer.max_epochs
+        out.resume = cfg.resume
+        out.tracking = cfg.tracking
+    return out
+
+
+def epochs_done(ckpt: Path) -> int:
+    """Completed epochs saved in a run's checkpoint (0 when there is none). The file was found
+    through a tag of the store, whose contents are not trusted: tensors and plain data only."""
+    import torch
+
+    if not ckpt.exists():
+        return 0
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    return int(state.get("epoch", -1)) + 1
+
+
+def _with_epochs(overrides: Sequence[str], epochs: int) -> list[str]:
+    kept = [o for o in overrides if tr.parse_overrides([o]) and
+            next(iter(tr.parse_overrides([o]))) != "trainer.max_epochs"]
+    return [*kept, f"trainer.max_epochs={epochs}"]
+
+
+def continue_job(client, cfg: DictConfig, overrides: Sequence[str],
+                 output_dir: Path | None) -> Job | dict[str, float]:
+    """The job that continues run ``cfg.resume``, or its final metrics when there is nothing to
+    train (a FINISHED run asked for no more epochs)."""
+    try:
+        run = client.get_run(str(cfg.resume))
+    except Exception:
+        raise ConfigError(f"resume: no run {cfg.resume!r} in {cfg.tracking.uri}.") from None
+    rid, name = run.info.run_id, run.data.tags.get("mlflow.runName", run.info.run_id)
+    logged = logged_config(client, rid)
+    cfg = resume_config(cfg, overrides, logged)
+    old_dir = Path(run.data.tags["l2lab.output_dir"])
+    ckpt = old_dir / "checkpoints" / "last.ckpt"
+    if not ckpt.exists():
+        raise ConfigError(f"resume: run {rid} has no checkpoint at {ckpt}.")
+    done, total = epochs_done(ckpt), int(cfg.trainer.max_epochs)
+    planned = int(logged.trainer.max_epochs)
+    old_overrides = yaml.safe_load(run.data.tags.get("l2lab.overrides", "[]")) or []
+    if total == planned:
+        if run.info.status == "FINISHED":
+            say(f"l2lab: run {rid} ({name}) is FINISHED: {done} of {done} epochs trained, "
+                f"nothing to resume. To train it longer (as a new run that continues it): "
+                f"{lifecycle.resume_command(rid)} trainer.max_epochs={done + 10}  "
+                f"(any number > {done})")
+            return dict(run.data.metrics)
+        say(f"l2lab: resuming run {rid} ({name}) from epoch {done} of {total} "
+            f"(was {run.info.status})")
+        return Job(cfg, old_overrides, old_dir, name, tracker=tr.RunTracker.reopen(client, rid),
+                   reopened=True,
+                   ckpt=ckpt, logged_test="test/ce" in run.data.metrics)
+    if total < done:
+        raise ConfigError(
+            f"resume: trainer.max_epochs={total} is fewer than the {done} epochs run {rid} has "
+            f"trained; give a number > {done} to train it longer.")
+    new_overrides = _with_epochs(old_overrides, total)
+    new_dir = Path(output_dir or Path("outputs") / datetime.now().strftime(
+        "%Y-%m-%d_%H-%M-%S-%f")).resolve()
+    (new_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(ckpt, new_dir / "checkpoints" / "last.ckpt")
+    with open_dict(cfg):
+        cfg.resume = None  # the new run's own config: what it trains, not how it started
+    job = Job(cfg, new_overrides, new_dir, run_name(new_overrides, cfg),
+              tags={CONTINUED_FROM: rid}, ckpt=new_dir / "checkpoints" / "last.ckpt")
+    say(f"l2lab: continuing run {rid} ({name}, {run.info.status} after {done} epochs) as a new "
+        f"run trained to {total} epochs (its params say {planned})")
+    return job
+
+
+def copy_into(client, job: Job, source_id: str) -> None:
+    """Once the new run exists: the old run's history into it, and a pointer both ways."""
+    from l2lab.runs import copy_history
+
+    # test/* is the continued run's own, measured once at its end
+    copy_history(client, client.get_run(source_id), job.tracker.run_id, skip=("test/",))
+    client.set_tag(source_id, CONTINUED_BY, job.tracker.run_id)
