@@ -91,46 +91,67 @@ def _wait_for_epochs(client, n: int, proc: subprocess.Popen, timeout: float = 12
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_marks_killed_keeps_epochs_and_resume_completes(tmp_path, store, client, sig):
     args = [sys.executable, "-m", "l2lab.train", f"tracking.uri={store}", *TINY,
-            "trainer.max_epochs=400", "data.train_size=600", "data.batch_size=20"]
+            "trainer.max_epochs=400", "data.train_size=600", "data.batch_size=20",
+            "tracking.flush_every_s=0.5"]
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     rid = _wait_for_epochs(client, 3, proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0
+    signame = signal.Signals(sig).name
+    assert proc.returncode == 128 + sig, err[-2000:]  # as a shell reports a signal's end
     run = client.get_run(rid)
     assert run.info.status == "KILLED", err[-2000:]
-    assert "interrupted" in run.data.tags["l2lab.failure"]
+    # the reason names the signal (not Lightning's SystemExit), and no traceback
+    assert run.data.tags["l2lab.failure"] == f"interrupted ({signame})"
+    assert "Traceback" not in err and "SystemExit" not in err
     steps = _history(client, rid)
     e = len(steps)
     assert e >= 3 and steps == list(range(e))  # what was logged stays, no gaps
     # one line says what happened and how to go on; it is also in the run's train.log
     name = run.data.tags["mlflow.runName"]
-    said = f"run {rid} ({name}) KILLED after {e} of 400 epochs"
-    assert said in err and f"python -m l2lab.train resume={rid}" in err, err[-2000:]
+    said = f"run {rid} ({name}) KILLED after {e} of 400 epochs (interrupted ({signame})"
+    hint = f"{sys.executable} -m l2lab.train resume={rid}"
+    assert said in err and hint in err, err[-2000:]
     (log,) = (tmp_path / "outputs").glob("*/train.log")
     assert said in log.read_text() and f"resume={rid}" in log.read_text()
     if sig != signal.SIGINT:
         return
+    # the hint, pasted into a shell whose PATH has no virtualenv, continues the same run
+    pasted = subprocess.Popen(["bash", "-c", f"exec {hint}"], cwd=tmp_path, text=True,
+                              env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while client.get_run(rid).info.status != "RUNNING" and time.time() < deadline:
+        assert pasted.poll() is None, pasted.communicate()[1][-2000:]
+        time.sleep(0.2)
+    _wait_for_epochs(client, e + 1, pasted)
+    pasted.send_signal(signal.SIGINT)
+    out, err = pasted.communicate(timeout=120)
+    assert f"resuming run {rid} ({name}) from epoch" in out, (out + err)[-2000:]
+    assert pasted.returncode == 130 and client.get_run(rid).info.status == "KILLED"
+    e = len(_history(client, rid))
+    # trained to another length than its params say: a new run continues it
     r = run_cli("l2lab.train", f"resume={rid}", f"trainer.max_epochs={e + 3}",
                 f"tracking.uri={store}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    m = re.search(rf"resuming run {rid} \(.*\) from epoch (\d+) of {e + 3} \(was KILLED\)",
-                  r.stdout)
-    assert m and int(m.group(1)) <= e, r.stdout[-2000:]  # from its last checkpoint
+    assert f"continuing run {rid} ({name}, KILLED after" in r.stdout, r.stdout[-2000:]
+    (new,) = runs_of(client, **{"l2lab.continued_from": rid})
+    nid = new.info.run_id
     assert f"FINISHED after {e + 3} epochs" in r.stdout
-    run = client.get_run(rid)
-    assert run.info.status == "FINISHED" and "l2lab.failure" not in run.data.tags
-    # resuming a FINISHED run: a clear message and how to train longer; nothing changes
-    r = run_cli("l2lab.train", f"resume={rid}", f"tracking.uri={store}", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert f"run {rid} ({name}) is FINISHED: {e + 3} of " \
-        f"{e + 3} epochs trained, nothing to resume" in r.stdout, r.stdout[-2000:]
-    assert f"resume={rid} trainer.max_epochs={e + 13}" in r.stdout
-    assert _history(client, rid) == list(range(e + 3))
+    assert new.info.status == "FINISHED" and new.data.params["trainer.max_epochs"] == str(e + 3)
     for key in ("train/loss", "val/ce", "weights/sq_norm_total"):
-        assert _history(client, rid, key) == list(range(e + 3)), key  # each step exactly once
-    assert len(runs_of(client)) == 1  # the same MLflow run, no new one
+        assert _history(client, nid, key) == list(range(e + 3)), key  # each step exactly once
+    old = client.get_run(rid)
+    assert old.info.status == "KILLED" and old.data.tags["l2lab.continued_by"] == nid
+    assert _history(client, rid) == list(range(e))  # the old run is left as it was
+    # resuming a FINISHED run: a clear message and how to train longer; nothing changes
+    r = run_cli("l2lab.train", f"resume={nid}", f"tracking.uri={store}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"run {nid} ({new.data.tags['mlflow.runName']}) is FINISHED: {e + 3} of " \
+        f"{e + 3} epochs trained, nothing to resume" in r.stdout, r.stdout[-2000:]
+    assert f"resume={nid} trainer.max_epochs={e + 13}" in r.stdout
+    assert len(runs_of(client)) == 2
     # resuming with another λ is refused, naming the key
     r = run_cli("l2lab.train", f"resume={rid}", "regularization.lam=0.5",
                 f"tracking.uri={store}", cwd=tmp_path)

@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from l2lab import cli, schema
 from l2lab.base import CONF_DIR, ConfigError
 from l2lab.console import say
+from l2lab.engine import build_net, train_group  # noqa: F401  (public names, re-exported)
 
 UI_URL = "http://127.0.0.1:5000"  # `make ui`
 SWEEP_INFO = ".l2lab_sweep.json"  # written by l2lab.sweep.SweepCallback
