@@ -6,15 +6,18 @@ imports and data loading included, as a user waits for them):
 
 - ``vectorized``: ``python -m l2lab.train -m experiment=lambda_sweep`` (stacked networks);
 - ``basic``: the same sweep with ``hydra/launcher=basic`` (one job after another);
-- ``plain``: a plain PyTorch script training the same jobs one after another (same data split,
-  initialisation, batches, penalty and optimizer; no logging);
+- ``plain``: ``l2lab.reference``, the plain PyTorch loop, training the same jobs one after
+  another, each from its own composed config (same data split, initialisation, batches,
+  penalty, optimizer and settings; no logging);
 - ``plain_stacked``: a plain stacked-model loop (``torch.func`` ``stack_module_state`` +
-  ``functional_call`` + ``vmap``) over the same jobs;
+  ``functional_call`` + ``vmap``) over the same jobs; it mirrors an MLP with SGD and the note's
+  loss only, and is left out (the result says why) for any other config;
 - ``single`` / ``single_plain``: one ordinary run of the default config, harness vs plain script.
 
 The harness sides report the seconds spent inside MLflow client calls (the ``mlflow_s`` the sweep
 writes to its folder), and every side its final val/ce per λ, so that the sides can be seen to
-train the same thing. The plain sides import only torch and l2lab's torch-only modules.
+train the same thing. Overrides after ``--`` apply to every side (``data=mnist1d`` trains
+MNIST-1D on all of them).
 """
 
 from __future__ import annotations
@@ -34,49 +37,53 @@ SWEEP_SIDES = ("vectorized", "basic", "plain", "plain_stacked")
 SINGLE_SIDES = ("single", "single_plain")
 
 
-# -- the plain children (torch only) -----------------------------------------------------------
+# -- the plain children ------------------------------------------------------------------------
 def _jobs(spec: dict) -> list[tuple[float, int]]:
     return [(float(lam), int(seed)) for lam in spec["lams"] for seed in spec["seeds"]]
 
 
-def _splits(spec: dict):
-    from l2lab.data import load_data
+def _job_cfg(spec: dict, lam: float, seed: int):
+    """The job's composed config: exactly what the harness's sweep composes for it."""
+    from hydra import compose, initialize_config_dir
 
-    return load_data({"name": "digits", "train_size": spec["train_size"],
-                      "val_size": spec["val_size"], "split_seed": spec["split_seed"],
-                      "batch_size": spec["batch_size"]})
+    from l2lab import schema  # noqa: F401 (registers the config schemas)
+    from l2lab.base import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=[*spec["overrides"], f"regularization.lam={lam}",
+                                           f"seed={seed}"])
 
 
 def plain_loop(spec: dict) -> list[float]:
-    """The hand-written loop: one job after another; returns each job's final val/ce."""
-    import torch
-    import torch.nn.functional as F
+    """The hand-written loop (``l2lab.reference``), one job after another, each on its own
+    composed config; returns each job's final val/ce."""
+    from l2lab import reference
+    from l2lab.data import load_data
 
-    from l2lab.data import TensorBatches
-    from l2lab.models import MLP
-    from l2lab.regularization import build_penalty
+    cfgs = [_job_cfg(spec, lam, seed) for lam, seed in _jobs(spec)]
+    splits = load_data(cfgs[0].data)
+    return [reference.train(cfg, splits, spec.get("device", "cpu"))[1][-1]["val/ce"]
+            for cfg in cfgs]
 
-    device = torch.device(spec.get("device", "cpu"))
-    splits = _splits(spec).to(device)
-    out = []
-    for lam, seed in _jobs(spec):
-        torch.manual_seed(seed)
-        net = MLP(splits.in_shape, 10, hidden=spec["hidden"]).to(device)
-        penalty = build_penalty(net, {"lam": lam})
-        opt = torch.optim.SGD(net.parameters(), lr=spec["lr"], momentum=spec["momentum"])
-        batches = TensorBatches(*splits.train, spec["batch_size"], shuffle=True, seed=seed)
-        xv, yv = splits.val
-        for epoch in range(spec["epochs"]):
-            batches.sampler.set_epoch(epoch)
-            for x, y in batches:
-                loss = F.cross_entropy(net(x), y) + penalty(len(y))
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            with torch.no_grad():
-                val_ce = F.cross_entropy(net(xv), yv).item()
-        out.append(val_ce)
-    return out
+
+def stacked_mirrors(cfg) -> str | None:
+    """Why the plain torch.func loop cannot train what the harness trains for ``cfg`` (None:
+    it can): it is the usual ensemble recipe, an MLP with SGD and the note's loss."""
+    reg = cfg.regularization
+    checks = {
+        "model": cfg.model.name == "mlp" and float(cfg.model.get("dropout", 0)) == 0.0
+        and cfg.model.get("activation", "relu") == "relu",
+        "optimizer": cfg.optimizer.name == "sgd" and not cfg.optimizer.get("nesterov", False)
+        and float(cfg.optimizer.get("dampening", 0)) == 0.0,
+        "regularization": reg.mode == "loss" and reg.normalize == "batch"
+        and list(reg.layers) == ["*"] and not reg.get("exclude") and not reg.include_bias
+        and not reg.get("lam_per_layer") and int(reg.get("min_params", 0)) == 0,
+        "trainer.gradient_clip_val": not cfg.trainer.get("gradient_clip_val"),
+    }
+    wrong = [k for k, ok in checks.items() if not ok]
+    return None if not wrong else (
+        f"the plain stacked loop (torch.func) mirrors only an MLP without dropout, plain SGD and "
+        f"the note's loss over every layer's weights; these settings differ: {', '.join(wrong)}")
 
 
 def plain_stacked_loop(spec: dict) -> list[float]:
@@ -87,27 +94,31 @@ def plain_stacked_loop(spec: dict) -> list[float]:
     import torch.nn.functional as F
     from torch.func import functional_call, stack_module_state, vmap
 
-    from l2lab.data import EpochShuffle
+    from l2lab.data import EpochShuffle, load_data
     from l2lab.models import MLP
 
     device = torch.device(spec.get("device", "cpu"))
-    splits = _splits(spec).to(device)
     jobs = _jobs(spec)
+    cfg = _job_cfg(spec, *jobs[0])
+    if why := stacked_mirrors(cfg):
+        raise ValueError(why)
+    splits = load_data(cfg.data).to(device)
     nets = []
     for _, seed in jobs:
         torch.manual_seed(seed)
-        nets.append(MLP(splits.in_shape, 10, hidden=spec["hidden"]).to(device))
+        nets.append(MLP(splits.in_shape, splits.num_classes, hidden=list(cfg.model.hidden)
+                        ).to(device))
     params, buffers = stack_module_state(nets)
     base = copy.deepcopy(nets[0]).to("meta")
     weights = [k for k in params if k.endswith("weight")]
     lams = torch.tensor([lam for lam, _ in jobs], device=device)
-    opt = torch.optim.SGD(params.values(), lr=spec["lr"], momentum=spec["momentum"])
+    opt = torch.optim.SGD(params.values(), lr=cfg.optimizer.lr, momentum=cfg.optimizer.momentum)
     forward = vmap(lambda p, b, x: functional_call(base, (p, b), (x,)))
     x, y = splits.train
     xv, yv = splits.val
     shuffles = [EpochShuffle(len(y), seed, True) for _, seed in jobs]
-    k, bs = len(jobs), spec["batch_size"]
-    for epoch in range(spec["epochs"]):
+    k, bs = len(jobs), int(cfg.data.batch_size)
+    for epoch in range(int(cfg.trainer.max_epochs)):
         for s in shuffles:
             s.set_epoch(epoch)
         orders = torch.stack([s.order() for s in shuffles]).to(device)
@@ -131,27 +142,29 @@ GRID = ("regularization.lam", "seed")
 
 
 def _spec(overrides: list[str]) -> dict:
-    """The sweep's settings, read from the composed ``experiment=lambda_sweep`` config; a
-    ``regularization.lam=a,b,…`` or ``seed=…`` override replaces that axis of its grid."""
+    """The sweep's jobs and settings, read from the composed ``experiment=lambda_sweep`` config
+    with the given overrides; a ``regularization.lam=a,b,…`` or ``seed=…`` override replaces
+    that axis of its grid. The plain sides compose each job's config from the same overrides."""
     from hydra import compose, initialize_config_dir
 
     from l2lab import schema  # noqa: F401 (registers the config schemas)
     from l2lab.base import CONF_DIR
 
     grid = {k: v for k, _, v in (o.partition("=") for o in overrides) if k in GRID}
-    rest = [o for o in overrides if o.partition("=")[0] not in GRID]
+    rest = ["experiment=lambda_sweep", *(o for o in overrides if o.partition("=")[0] not in GRID)]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=lambda_sweep", *rest],
-                      return_hydra_config=True)
+        cfg = compose("train", overrides=rest, return_hydra_config=True)
     params = {**cfg.hydra.sweeper.params, **grid}
-    return {"lams": [float(v) for v in str(params["regularization.lam"]).split(",")],
+    return {"overrides": rest,
+            "lams": [float(v) for v in str(params["regularization.lam"]).split(",")],
             "seeds": [int(v) for v in str(params["seed"]).split(",")],
+            "data": cfg.data.name, "model": cfg.model.name, "optimizer": cfg.optimizer.name,
             "hidden": list(cfg.model.hidden), "train_size": cfg.data.train_size,
-            "val_size": cfg.data.val_size, "split_seed": cfg.data.split_seed,
-            "batch_size": cfg.data.batch_size, "epochs": cfg.trainer.max_epochs,
-            "lr": cfg.optimizer.lr, "momentum": cfg.optimizer.momentum,
+            "val_size": cfg.data.val_size, "batch_size": cfg.data.batch_size,
+            "epochs": cfg.trainer.max_epochs,
             # the plain sides train where the harness does (trainer.accelerator=auto)
-            "device": "cuda" if _cuda(str(cfg.trainer.accelerator)) else "cpu"}
+            "device": "cuda" if _cuda(str(cfg.trainer.accelerator)) else "cpu",
+            "stacked_refused": stacked_mirrors(cfg)}
 
 
 def _cuda(accelerator: str) -> bool:
@@ -176,9 +189,8 @@ def _harness_sweep(side: str, spec: dict, overrides: list[str], tmp: Path,
     grid = [f"regularization.lam={','.join(map(str, spec['lams']))}",
             f"seed={','.join(map(str, spec['seeds']))}"]
     launcher = ["hydra/launcher=basic"] if side == "basic" else []
-    rest = [o for o in overrides if o.partition("=")[0] not in GRID]
-    cmd = [sys.executable, "-m", "l2lab.train", "-m", "experiment=lambda_sweep", *launcher,
-           *rest, *grid, f"hydra.sweep.dir={work}/multirun/s", f"tracking.uri={store}"]
+    cmd = [sys.executable, "-m", "l2lab.train", "-m", *spec["overrides"], *launcher, *grid,
+           f"hydra.sweep.dir={work}/multirun/s", f"tracking.uri={store}"]
     seconds, _ = _timed(cmd, work, env)
     timing = json.loads((work / "multirun" / "s" / "timing.json").read_text())
     import csv
@@ -214,11 +226,8 @@ def _single(side: str, spec: dict, tmp: Path, env: dict) -> dict[str, Any]:
         return _plain("plain", spec, tmp, env)
     work = Path(tempfile.mkdtemp(dir=tmp, prefix="single-"))
     cmd = [sys.executable, "-m", "l2lab.train", f"tracking.uri={_store(tmp, env)}",
-           f"regularization.lam={spec['lams'][0]}",
-           f"seed={spec['seeds'][0]}", f"model.hidden=[{','.join(map(str, spec['hidden']))}]",
-           f"data.train_size={'null' if spec['train_size'] is None else spec['train_size']}",
-           f"data.batch_size={spec['batch_size']}",
-           f"trainer.max_epochs={spec['epochs']}", f"hydra.run.dir={work}/out"]
+           *spec["overrides"], f"regularization.lam={spec['lams'][0]}",
+           f"seed={spec['seeds'][0]}", f"hydra.run.dir={work}/out"]
     seconds, _ = _timed(cmd, work, env)
     return {"seconds": seconds}
 
@@ -240,10 +249,13 @@ def bench_sweep(repeats: int, overrides: list[str], single: bool = True) -> dict
     spec = _spec(overrides)
     # one ordinary run as the issue timed it: all 1200 training examples, 30 epochs, batch 64
     single_spec = {**spec, "lams": [1e-3], "seeds": [0], "train_size": None, "batch_size": 64,
-                   "epochs": 30}
+                   "epochs": 30, "overrides": [*spec["overrides"], "data.train_size=null",
+                                               "data.batch_size=64", "trainer.max_epochs=30"]}
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)  # each harness side writes a fresh store of its own
-    sides = SWEEP_SIDES + (SINGLE_SIDES if single else ())
+    sweep_sides = tuple(s for s in SWEEP_SIDES
+                        if not (s == "plain_stacked" and spec["stacked_refused"]))
+    sides = sweep_sides + (SINGLE_SIDES if single else ())
     runs: dict[str, list[dict]] = {s: [] for s in sides}
     with tempfile.TemporaryDirectory(prefix="l2lab-bench-sweep-") as d:
         tmp = Path(d)
@@ -268,15 +280,19 @@ def bench_sweep(repeats: int, overrides: list[str], single: bool = True) -> dict
         "vectorized_over_plain": med["vectorized"] / med["plain"],
         "basic_over_plain": med["basic"] / med["plain"],
         "basic_over_vectorized": med["basic"] / med["vectorized"],
-        "plain_over_plain_stacked": med["plain"] / med["plain_stacked"],
-        "vectorized_over_plain_stacked": med["vectorized"] / med["plain_stacked"],
     }
+    if "plain_stacked" in med:
+        result["ratios"].update({
+            "plain_over_plain_stacked": med["plain"] / med["plain_stacked"],
+            "vectorized_over_plain_stacked": med["vectorized"] / med["plain_stacked"]})
+    else:
+        result["sides"]["plain_stacked"] = f"not run: {spec['stacked_refused']}"
     if single:
         result["ratios"]["single_over_single_plain"] = med["single"] / med["single_plain"]
     ref = result["plain"]["final_val_ce_per_lam"]
     result["max_rel_diff_final_val_ce_vs_plain"] = {
         s: max(abs(result[s]["final_val_ce_per_lam"][k] - v) / abs(v) for k, v in ref.items())
-        for s in SWEEP_SIDES if s != "plain"}
+        for s in sweep_sides if s != "plain"}
     result["env"] = {"python": sys.version.split()[0], "cpu_count": os.cpu_count(),
                      "load_avg_1m_at_end": os.getloadavg()[0]}
     return result
