@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 #: The keys in which the jobs of one stack may differ.
 STACKED_KEYS = ("regularization.lam", "regularization.lam_per_layer", "seed")
 STACKABLE_MODELS = ("l2lab.models.MLP", "l2lab.models.CNN")
+#: Optimizers whose update is elementwise (so one instance over stacked tensors equals K).
 STACKABLE_OPTIMIZERS = ("torch.optim.SGD", "torch.optim.Adam", "torch.optim.AdamW")
 ANY = object()
 #: Trainer settings proven to act per network in a stack (``tests/test_engine.py``), with the

@@ -1,16 +1,16 @@
-"""K networks of one architecture trained as one: the module of the vectorized sweep.
+"""K networks of one architecture as one stacked network: the layers every run trains with.
 
-A λ × seed sweep trains K small networks that differ only in their initialisation, their shuffling
-order and their λ. One at a time, they leave the CPU (and a GPU far more) idle between tiny
-kernels, and Lightning's per-step overhead is paid K times. Stacked, every layer runs once for all
-K (a batched matmul, a grouped convolution) and the step overhead is paid once.
+Every run is a stack (an ordinary run a stack of one), so these layers are the only kernels l2lab
+trains with. A λ × seed sweep trains K small networks that differ only in their initialisation,
+their shuffling order and their λ. One at a time, they leave the CPU (and a GPU far more) idle
+between tiny kernels, and Lightning's per-step overhead is paid K times. Stacked, every layer runs
+once for all K (a batched matmul, a grouped convolution) and the step overhead is paid once.
 
-The K networks stay separate: activations flow as (K·B, ...) with network k's rows at
-[k·B, (k+1)·B), no operation mixes the slices, and SGD/Adam/AdamW update each element on its own,
-so each network's gradients, optimizer state and metrics are those it would have alone, up to
-float rounding (tested against the ordinary path to rel 1e-4 per epoch). Dropout draws each
-network's masks from that network's own generator, seeded as the ordinary run's, so on CPU the
-masks are the very ones the ordinary run draws.
+The K networks stay separate: activations flow as (K·B, ...) with network k's rows at [k·B,
+(k+1)·B), no operation mixes the slices, and SGD/Adam/AdamW update each element on its own, so each
+network's gradients, optimizer state and metrics are those it has in a stack of one: on CPU bit for
+bit (``tests/test_engine.py``). Dropout draws each network's masks from that network's own
+generator, seeded where the global generator stands after the network is built.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ from torch import nn
 from l2lab.module import L2Module
 from l2lab.regularization import L2Penalty, SelectedLayer
 
-#: Optimizers whose update is elementwise (so one instance over stacked tensors equals K).
-STACKABLE_OPTIMIZERS = ("torch.optim.SGD", "torch.optim.Adam", "torch.optim.AdamW")
 #: Parameter-free modules that treat every row of the batch on its own.
 _ROWWISE = (nn.ReLU, nn.Tanh, nn.GELU, nn.Sigmoid, nn.Identity, nn.Flatten, nn.MaxPool1d,
             nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
