@@ -179,7 +179,8 @@ def stack_members(members: Sequence[Member],
                       net.get_submodule(s.name).bias if s.bias is not None else None)
         for s in first.selected
     ]
-    lams = torch.tensor([[s.lam for s in m.penalty.selected] for m in members]).T  # (L, K)
+    lams = torch.tensor([[m.penalty.selected[i].lam for m in members]  # (L, K), row-major
+                         for i in range(len(first.selected))])
     penalty = L2Penalty(selected, normalize=first.normalize, dataset_size=first.dataset_size,
                         lams=lams)
     return L2Module(net, penalty, make_optimizer, mode=mode, batch_size=batch_size)
