@@ -87,16 +87,18 @@ def test_sigterm_ends_the_run_killed_and_resume_continues_on_two_ranks(tmp_path,
     assert proc.returncode != 0
     run = client.get_run(rid)
     assert run.info.status == "KILLED", err[-2000:]
-    assert "interrupted" in run.data.tags["l2lab.failure"]
+    assert run.data.tags["l2lab.failure"] == "interrupted (SIGTERM)"
     assert not _ranks_alive(tmp_path)  # rank 1 did not outlive rank 0
     e = len(_history(client, rid, "train/loss"))
     r = run_cli("l2lab.train", f"resume={rid}", f"trainer.max_epochs={e + 2}",
                 f"tracking.uri={store}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    run = client.get_run(rid)
-    assert run.info.status == "FINISHED" and len(runs_of(client)) == 1
+    # trained to another length than its params say: a new run continues it, on two ranks too
+    (new,) = runs_of(client, **{"l2lab.continued_from": rid})
+    assert new.info.status == "FINISHED" and len(runs_of(client)) == 2
+    assert new.data.params["trainer.devices"] == "2"
     for key in ("train/loss", "val/ce"):
-        assert [s for s, _ in _history(client, rid, key)] == list(range(e + 2)), key
+        assert [s for s, _ in _history(client, new.info.run_id, key)] == list(range(e + 2)), key
 
 
 @pytest.mark.parametrize("override, key", [
