@@ -204,36 +204,43 @@ def new_store(template: Path, tmp: Path, name: str) -> tuple[str, Path]:
     return f"sqlite:///{db}", db
 
 
+@pytest.fixture(scope="module")
+def reference(template, tmp_path_factory) -> tuple[dict, dict]:
+    """The sweep written the ordinary way, read back once for both paths of the group writer."""
+    tmp = tmp_path_factory.mktemp("reference")
+    uri, db = new_store(template, tmp, "client")
+    ids = write_sweep(ClientSide(uri), tr.experiment_id(tr.connect(uri), "gs", uri), tmp)
+    return read_back(uri, ids, tmp), latest_rows(db, ids)
+
+
 @pytest.mark.parametrize("path", ["sql", "fallback"])
 def test_group_writer_leaves_the_record_the_public_client_leaves(tmp_path, monkeypatch, path,
-                                                                  template):
-    ref_uri, ref_db = new_store(template, tmp_path, "client")
-    grp_uri, grp_db = new_store(template, tmp_path, "group")
+                                                                  template, reference):
+    uri, db = new_store(template, tmp_path, "group")
     if path == "fallback":  # a store at another alembic revision than this MLflow's head
         monkeypatch.setattr(gs, "expected_revision", lambda: "0123456789ab")
-    writer = gs.GroupWriter(grp_uri)
+    writer = gs.GroupWriter(uri)
     assert writer.mode == ("sql" if path == "sql" else "client"), writer.why
-    ref_exp = tr.experiment_id(tr.connect(ref_uri), "gs", ref_uri)
-    ref_ids = write_sweep(ClientSide(ref_uri), ref_exp, tmp_path)
-    exp = tr.experiment_id(tr.connect(grp_uri), "gs", grp_uri)
+    exp = tr.experiment_id(writer.client, "gs", uri)
     before = writer.round_trips
-    grp_ids = write_sweep(writer, exp, tmp_path)
+    ids = write_sweep(writer, exp, tmp_path)
     if path == "sql":
         # 2 creates, 2 params, 2 set_tags, 3 flushes (the one with a re-sent epoch: rolled back,
         # then MLflow's own store for each of the 4 runs in it), 2 finishes, 1 parent flush;
         # artifacts: none at all
         assert writer.round_trips - before == 2 + 2 + 2 + (1 + 1 + 1 + K - 1) + 2 + 1
-    want, got = read_back(ref_uri, ref_ids, tmp_path / "a"), read_back(grp_uri, grp_ids,
-                                                                         tmp_path / "b")
+    want, want_latest = reference
+    got = read_back(uri, ids, tmp_path)
     assert want["c1"]["name"] == "renamed" and want["c3"]["status"] == "FAILED"
     assert want["c3"]["tags"]["l2lab.failure"] == REASON
     assert len(want["c0"]["history"]) == EPOCHS * len(KEYS) + 2 + 3 + 3
     assert want["c0"]["latest"]["ooo"] == 1.0 and want["c0"]["latest"]["test/acc"] == 0.6
     assert want["c3"]["latest"]["train/loss"] == "nan"
+    assert set(got) == set(want)
     for key in want:
         for field in want[key]:
             assert got[key][field] == want[key][field], (key, field)
-    assert latest_rows(grp_db, grp_ids) == latest_rows(ref_db, ref_ids)
+    assert latest_rows(db, ids) == want_latest
 
 
 def test_group_writer_keeps_the_busy_timeout_and_reads_back_steps(tmp_path, template):

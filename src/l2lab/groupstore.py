@@ -194,7 +194,6 @@ class GroupWriter:
         from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME, MLFLOW_USER
         from mlflow.utils.name_utils import _generate_random_name
         from mlflow.utils.uri import append_to_uri_path
-        from sqlalchemy import insert
 
         runs, tags, ids = [], [], []
         with self._session() as s:
@@ -229,9 +228,9 @@ class GroupWriter:
                 tags += [dict(run_uuid=run_id, key=k, value=v) for k, v in run_tags.items()]
                 ids.append(run_id)
                 self._artifact_uris[run_id] = artifact_uri
-            s.execute(insert(SqlRun), runs)
+            _insert(s, SqlRun, runs)
             if tags:
-                s.execute(insert(SqlTag), tags)
+                _insert(s, SqlTag, tags)
         return ids
 
     def _active_runs(self, s: Any, run_ids: Sequence[str]) -> dict[str, Any]:
@@ -240,11 +239,13 @@ class GroupWriter:
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
         from mlflow.store.tracking.dbmodels.models import SqlRun
+        from sqlalchemy import select
 
         rows: dict[str, Any] = {}
         for chunk in _chunks(list(dict.fromkeys(run_ids)), _IN_CHUNK):
-            rows.update({r.run_uuid: r for r in
-                         s.query(SqlRun).filter(SqlRun.run_uuid.in_(chunk)).all()})
+            rows.update({r.run_uuid: r for r in s.execute(
+                select(SqlRun.run_uuid, SqlRun.lifecycle_stage, SqlRun.artifact_uri)
+                .where(SqlRun.run_uuid.in_(chunk)))})
         for run_id in run_ids:
             run = rows.get(run_id)
             if run is None:
@@ -286,6 +287,7 @@ class GroupWriter:
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
         from mlflow.store.tracking.dbmodels.models import SqlParam
         from mlflow.utils.validation import _validate_param
+        from sqlalchemy import select
 
         checked = {r: [_validate_param(k, str(v), path=f"params[{i}]")
                        for i, (k, v) in enumerate(params.get(r, {}).items())] for r in run_ids}
@@ -294,21 +296,23 @@ class GroupWriter:
             existing: dict[tuple[str, str], str] = {}
             with_params = [r for r in run_ids if checked[r]]
             for chunk in _chunks(with_params, _IN_CHUNK):
-                for p in s.query(SqlParam).filter(SqlParam.run_uuid.in_(chunk)).all():
-                    existing[(p.run_uuid, p.key)] = p.value
+                for r, k, v in s.execute(select(SqlParam.run_uuid, SqlParam.key, SqlParam.value)
+                                         .where(SqlParam.run_uuid.in_(chunk))):
+                    existing[(r, k)] = v
             new, changed = [], []
             for r in with_params:
                 for p in checked[r]:
                     old = existing.get((r, p.key))
                     if old is None:
-                        new.append(SqlParam(run_uuid=r, key=p.key, value=p.value))
+                        new.append(dict(run_uuid=r, key=p.key, value=p.value))
                     elif old != p.value:
                         changed.append({"key": p.key, "old_value": old, "new_value": p.value})
                 if changed:
                     raise MlflowException("Changing param values is not allowed. Params were "
                                           f"already logged='{changed}' for run ID='{r}'.",
                                           INVALID_PARAMETER_VALUE)
-            s.add_all(new)
+            if new:
+                _insert(s, SqlParam, new)
             self._set_tags_sql(s, {r: tags[r] for r in run_ids if tags.get(r)})
 
     def _set_tags_sql(self, s: Any, tags: Mapping[str, Mapping[str, Any]]) -> None:
@@ -316,6 +320,7 @@ class GroupWriter:
         from mlflow.store.tracking.dbmodels.models import SqlRun, SqlTag
         from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
         from mlflow.utils.validation import _validate_tag
+        from sqlalchemy import select
 
         wanted = {r: {t.key: t.value for t in (_validate_tag(k, str(v), path=f"tags[{i}]")
                                                 for i, (k, v) in enumerate(kv.items()))}
@@ -323,19 +328,18 @@ class GroupWriter:
         if not wanted:
             return
         keys = sorted({k for kv in wanted.values() for k in kv})
-        current: dict[tuple[str, str], Any] = {}
+        current: set[tuple[str, str]] = set()
         for chunk in _chunks(list(wanted), _IN_CHUNK):
-            for t in s.query(SqlTag).filter(SqlTag.run_uuid.in_(chunk),
-                                            SqlTag.key.in_(keys)).all():
-                current[(t.run_uuid, t.key)] = t
-        for r, kv in wanted.items():
-            for k, v in kv.items():
-                if (r, k) in current:
-                    current[(r, k)].value = v
-                else:
-                    s.add(SqlTag(run_uuid=r, key=k, value=v))
-                if k == MLFLOW_RUN_NAME:
-                    s.query(SqlRun).filter(SqlRun.run_uuid == r).update({SqlRun.name: v})
+            current.update(s.execute(select(SqlTag.run_uuid, SqlTag.key).where(
+                SqlTag.run_uuid.in_(chunk), SqlTag.key.in_(keys))).tuples())
+        rows = [dict(run_uuid=r, key=k, value=v) for r, kv in wanted.items() for k, v in kv.items()]
+        if changed := [row for row in rows if (row["run_uuid"], row["key"]) in current]:
+            _update(s, SqlTag, changed)
+        if new := [row for row in rows if (row["run_uuid"], row["key"]) not in current]:
+            _insert(s, SqlTag, new)
+        if renamed := [dict(run_uuid=row["run_uuid"], name=row["value"]) for row in rows
+                       if row["key"] == MLFLOW_RUN_NAME]:
+            _update(s, SqlRun, renamed)
 
     # -- metrics ---------------------------------------------------------------------------
     def log_metrics(self, epochs: Mapping[str, Sequence[Epoch]]) -> None:
@@ -371,7 +375,7 @@ class GroupWriter:
                      ) -> None:
         from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric
         from mlflow.utils.validation import _validate_metric
-        from sqlalchemy import insert
+        from sqlalchemy import select
 
         rows, seen = [], set()
         latest: dict[tuple[str, str], dict[str, Any]] = {}  # newest of this flush per run, key
@@ -397,23 +401,24 @@ class GroupWriter:
         with self._session() as s:
             self._active_runs(s, run_ids)
             for chunk in _chunks(rows, 5000):
-                s.execute(insert(SqlMetric), list(chunk))
+                _insert(s, SqlMetric, list(chunk))
             # After the inserts, as MLflow does: on SQLite the write lock is held from here on,
             # so the latest values read below cannot change before this transaction commits.
             keys = sorted({k for _, k in latest})
             stored: dict[tuple[str, str], Any] = {}
+            t = SqlLatestMetric
             for chunk in _chunks(sorted(run_ids), _IN_CHUNK):
-                q = (s.query(SqlLatestMetric)
-                     .filter(SqlLatestMetric.run_uuid.in_(chunk), SqlLatestMetric.key.in_(keys))
-                     .order_by(SqlLatestMetric.run_uuid, SqlLatestMetric.key).with_for_update())
-                stored.update({(m.run_uuid, m.key): m for m in q.all()})
-            for ident, row in latest.items():
-                old = stored.get(ident)
-                if old is None:
-                    s.add(SqlLatestMetric(**row))
-                elif _newer(row, old):
-                    old.value, old.step = row["value"], row["step"]
-                    old.timestamp, old.is_nan = row["timestamp"], row["is_nan"]
+                q = (select(t.run_uuid, t.key, t.step, t.timestamp, t.value)
+                     .where(t.run_uuid.in_(chunk), t.key.in_(keys))
+                     .order_by(t.run_uuid, t.key).with_for_update())  # as MLflow: rows locked
+                stored.update({(m.run_uuid, m.key): m for m in s.execute(q)})
+            new = [row for ident, row in latest.items() if ident not in stored]
+            newer = [row for ident, row in latest.items()
+                     if ident in stored and _newer(row, stored[ident])]
+            if new:
+                _insert(s, SqlLatestMetric, new)
+            if newer:
+                _update(s, SqlLatestMetric, newer)
 
     def logged_steps(self, run_ids: Sequence[str], key: str) -> dict[str, set[int]]:
         """The steps of ``key`` the store holds per run (one query): what a resumed stack must
@@ -449,17 +454,18 @@ class GroupWriter:
                 run_ids))
             return
         from mlflow.entities import RunStatus
+        from mlflow.store.tracking.dbmodels.models import SqlRun
 
         statuses = {r: RunStatus.to_string(RunStatus.from_string(st)) for r, (st, _) in
                     ends.items()}
 
         def write() -> None:
             with self._session() as s:
-                runs = self._active_runs(s, run_ids)
+                self._active_runs(s, run_ids)
                 self._set_tags_sql(s, {r: {FAILURE_TAG: why[:FAILURE_MAX_CHARS]}
                                        for r, (_, why) in ends.items() if why})
-                for r in run_ids:
-                    runs[r].status, runs[r].end_time = statuses[r], end
+                _update(s, SqlRun, [dict(run_uuid=r, status=statuses[r], end_time=end)
+                                           for r in run_ids])
 
         self._timed(write)
 
@@ -470,15 +476,16 @@ class GroupWriter:
             self._timed(lambda: self._each(lambda r: tr.RunTracker.reopen(self.client, r),
                                            run_ids))
             return
-        from mlflow.store.tracking.dbmodels.models import SqlTag
+        from mlflow.store.tracking.dbmodels.models import SqlRun, SqlTag
+        from sqlalchemy import delete
 
         def write() -> None:
             with self._session() as s:
-                for run in self._active_runs(s, run_ids).values():
-                    run.status = "RUNNING"
+                self._active_runs(s, run_ids)
+                _update(s, SqlRun, [dict(run_uuid=r, status="RUNNING") for r in run_ids])
                 for chunk in _chunks(list(run_ids), _IN_CHUNK):
-                    s.query(SqlTag).filter(SqlTag.run_uuid.in_(chunk),
-                                           SqlTag.key == FAILURE_TAG).delete()
+                    s.execute(delete(SqlTag).where(SqlTag.run_uuid.in_(chunk),
+                                                   SqlTag.key == FAILURE_TAG))
 
         self._timed(write)
 
@@ -548,6 +555,28 @@ class _Counting:
             return attr(*args, **kwargs)
 
         return counted
+
+
+def _insert(s: Any, model: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+    """One executemany INSERT into the model's table (Core: no ORM bookkeeping per row)."""
+    if rows:
+        s.execute(model.__table__.insert(), list(rows))
+
+
+def _update(s: Any, model: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+    """One executemany UPDATE of the model's table by primary key; the rows name the primary key
+    and the same other columns."""
+    if not rows:
+        return
+    from sqlalchemy import bindparam
+
+    table = model.__table__
+    pk = [c.name for c in table.primary_key.columns]
+    cols = [k for k in rows[0] if k not in pk]
+    stmt = (table.update().where(*[table.c[k] == bindparam(f"w_{k}") for k in pk])
+            .values({k: bindparam(f"v_{k}") for k in cols}))
+    s.execute(stmt, [{**{f"w_{k}": r[k] for k in pk}, **{f"v_{k}": r[k] for k in cols}}
+                     for r in rows])
 
 
 def _newer(a: Mapping[str, Any], b: Any) -> bool:
