@@ -4,7 +4,8 @@ K runs are created, get ~30 params and 3 tags, have E epochs x 14 metrics flushe
 time (the worst case: live curves), and are finished -- once through ``GroupWriter`` and once
 through ``MlflowClient`` one run at a time, into two fresh SQLite stores, side by side in one
 process. Round trips are counted on the SQLAlchemy engine (transactions committed, statements
-sent), so both paths are measured the same way.
+sent), so both paths are measured the same way; CPU time is given too, as wall time on a shared
+machine depends on its load.
 
     PYTHONPATH=src python scripts/bench_groupstore.py [--runs 100] [--epochs 20]
 """
@@ -90,15 +91,15 @@ def measure(name: str, fn: Callable[[str, str, int, int], None], template: Path,
 
     event.listen(engine, "commit", on_commit)
     event.listen(engine, "before_cursor_execute", on_statement)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn(uri, exp, runs, epochs)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     event.remove(engine, "commit", on_commit)
     event.remove(engine, "before_cursor_execute", on_statement)
     with sqlite3.connect(db) as con:
         rows = con.execute("SELECT count(*) FROM metrics").fetchone()[0]
     assert rows == runs * epochs * len(KEYS), rows
-    return {"wall_s": round(wall, 3), **counts, "metric_rows": rows,
+    return {"wall_s": round(wall, 3), "cpu_s": round(cpu, 3), **counts, "metric_rows": rows,
             "ms_per_run": round(1000 * wall / runs, 2)}
 
 
