@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import os
 import random
+import re
 import shutil
+import signal
 import sqlite3
+import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -302,3 +308,66 @@ def test_concurrent_group_writers_lose_nothing(tmp_path, template):
         assert q("SELECT count(*) FROM params") == [(10,)]
         counts = q("SELECT run_uuid, count(DISTINCT step) FROM metrics GROUP BY run_uuid")
         assert sorted(n for _, n in counts) == [EPOCHS] * 10
+
+
+# -- a team's store: PostgreSQL, directly (SQL path) and through its MLflow server (REST path) --
+def _postgres_missing() -> str | None:
+    from test_scaleout import _postgres_missing as missing
+
+    return missing()
+
+
+@pytest.mark.skipif(bool(_postgres_missing()), reason=_postgres_missing() or "")
+def test_group_writer_on_postgresql_directly_and_through_its_server(tmp_path, reference):
+    """``scripts/mlflow_server.sh --local``: the same sweep written straight into its PostgreSQL
+    (one transaction per call) and through the server (concurrent REST calls) reads back equal
+    to the client-written reference."""
+    from test_scaleout import _free_port, _pids_with
+
+    port = _free_port()
+    pg_dir = Path(f"/tmp/l2lab-pg-gs-{os.getpid()}-{port}")  # postgres must enter it
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:  # a file, not a pipe: the server's access log never blocks it
+        server = subprocess.Popen(
+            [str(Path(gs.__file__).parents[2] / "scripts" / "mlflow_server.sh"), "--local",
+             "--dir", str(pg_dir), "--port", str(port), "--artifacts", str(tmp_path / "art")],
+            cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "MLFLOW": str(Path(sys.executable).parent / "mlflow")})
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while True:
+            try:
+                with urllib.request.urlopen(uri + "/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                assert server.poll() is None, log.read_text()[-3000:]
+                assert time.time() < deadline, "mlflow server on PostgreSQL did not start"
+                time.sleep(1)
+        pg_port = re.search(r"throwaway PostgreSQL in .* on 127\.0\.0\.1:(\d+)",
+                            log.read_text()).group(1)
+        pg = f"postgresql://postgres@127.0.0.1:{pg_port}/mlflow"
+        want, _ = reference
+        for store, name in ((pg, "gs-pg"), (uri, "gs-rest")):
+            writer = gs.GroupWriter(store)
+            assert writer.mode == ("sql" if store == pg else "rest"), writer.why
+            exp = writer.client.create_experiment(  # artifacts as local files, or the server's
+                name, artifact_location=(tmp_path / name).as_uri() if store == pg else None)
+            ids = write_sweep(writer, exp, tmp_path)
+            got = read_back(store, ids, tmp_path / name)
+            assert set(got) == set(want)
+            for key in want:
+                for field in want[key]:
+                    assert got[key][field] == want[key][field], (store, key, field)
+    finally:
+        server.send_signal(signal.SIGTERM)  # the script stops mlflow, then PostgreSQL
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        leftovers = _pids_with(str(pg_dir)) + _pids_with(f"--port {port}")
+        for pid in leftovers:
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(pg_dir, ignore_errors=True)
+    assert not leftovers, "the server script left processes behind"
