@@ -79,6 +79,16 @@ class ClientSide:
     def log_file(self, run_id: str, local_path: Path, artifact_dir: str | None = None) -> None:
         self.client.log_artifact(run_id, str(local_path), artifact_dir)
 
+    def log_texts(self, texts: Mapping) -> None:
+        for r, files in texts.items():
+            for f, t in files.items():
+                self.log_text(r, t, f)
+
+    def log_files(self, files: Mapping) -> None:
+        for r, items in files.items():
+            for f, d in items:
+                self.log_file(r, f, d)
+
 
 def epoch_metrics(k: int, epoch: int) -> dict[str, float]:
     rnd = random.Random(k * 1000 + epoch)
@@ -131,11 +141,11 @@ def write_sweep(side: Any, exp: str, tmp: Path, k_runs: int = K) -> dict[str, st
 
     weights = tmp / "state_dict.pt"
     weights.write_bytes(bytes(range(256)) * 40)
-    for k, r in enumerate(kids):
-        side.log_text(r, f"seed: 0\nregularization:\n  lam: {0.1 * k:g}\n", "config/config.yaml")
-        side.log_text(r, f"- regularization.lam={0.1 * k:g}\n", "config/overrides.yaml")
-        if k != FAILED:
-            side.log_file(r, weights, "model")
+    side.log_texts({r: {"config/config.yaml": f"seed: 0\nregularization:\n  lam: {0.1 * k:g}\n",
+                        "config/overrides.yaml": f"- regularization.lam={0.1 * k:g}\n"}
+                    for k, r in enumerate(kids)})
+    side.log_files({r: [(weights, "model")] for k, r in enumerate(kids) if k != FAILED})
+    side.log_file(kids[0], weights, None)  # at the artifact root
     side.finish({r: ("FAILED", REASON) if k == FAILED else ("FINISHED", None)
                  for k, r in enumerate(kids)}, end_time=T0 + 50_000)
     side.log_metrics({parent: [(0, {"runs_finished": k_runs - 1.0}, T0 + 50_001)]})
@@ -317,6 +327,7 @@ def _postgres_missing() -> str | None:
     return missing()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(bool(_postgres_missing()), reason=_postgres_missing() or "")
 def test_group_writer_on_postgresql_directly_and_through_its_server(tmp_path, reference):
     """``scripts/mlflow_server.sh --local``: the same sweep written straight into its PostgreSQL

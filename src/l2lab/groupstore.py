@@ -103,7 +103,8 @@ class GroupWriter:
         self.client = _Counting(getattr(client, "_client", client), self)
         self.round_trips = 0
         self._artifact_uris: dict[str, str] = {}
-        self._engine = None
+        self._engine: Any = None
+        self._store: Any = None
         self.mode, self.why = self._choose_mode()
 
     # -- which path -------------------------------------------------------------------------
@@ -536,6 +537,18 @@ class GroupWriter:
             return
         with open(local_path, "rb") as src:
             _write_atomic(dest, lambda f: shutil.copyfileobj(src, f))
+
+    def log_texts(self, texts: Mapping[str, Mapping[str, str]]) -> None:
+        """``{run_id: {artifact_file: text}}``: ``log_text`` for many runs (for a server, the
+        runs concurrently)."""
+        self.artifact_uris(list(texts))
+        self._each(lambda r: [self.log_text(r, t, f) for f, t in texts[r].items()], list(texts))
+
+    def log_files(self, files: Mapping[str, Sequence[tuple[str | Path, str | None]]]) -> None:
+        """``{run_id: [(local_path, artifact_dir), ...]}``: ``log_file`` for many runs (for a
+        server, the runs concurrently)."""
+        self.artifact_uris(list(files))
+        self._each(lambda r: [self.log_file(r, f, d) for f, d in files[r]], list(files))
 
 
 class _Counting:
