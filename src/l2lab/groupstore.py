@@ -363,14 +363,11 @@ class GroupWriter:
             self._timed(lambda: self._each_store(run_ids, epochs))
 
     def _each_store(self, run_ids: Sequence[str], epochs: Mapping[str, Sequence[Epoch]]) -> None:
-        from mlflow.entities import Metric
-
+        """Run by run through MLflow's store, in whole epochs (as ``RunTracker.log_epochs``)."""
         for r in run_ids:
-            metrics = [Metric(k, float(v), int(ts), int(step))
-                       for step, kv, ts in epochs[r] for k, v in kv.items()]
-            for chunk in _chunks(metrics, 1000):
+            for chunk in tr.epoch_chunks(list(epochs[r]), tr.MAX_METRICS):
                 self.round_trips += 1
-                self._store.log_batch(r, metrics=list(chunk), params=[], tags=[])
+                self._store.log_batch(r, metrics=chunk, params=[], tags=[])
 
     def _metrics_sql(self, run_ids: Sequence[str], epochs: Mapping[str, Sequence[Epoch]]
                      ) -> None:
