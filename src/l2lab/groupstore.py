@@ -57,6 +57,23 @@ def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[i:i + size]
 
 
+def _check_sql_names() -> None:
+    from mlflow.store.tracking.dbmodels.models import (  # noqa: F401
+        SqlExperiment,
+        SqlLatestMetric,
+        SqlMetric,
+        SqlParam,
+        SqlRun,
+        SqlTag,
+    )
+    from mlflow.utils.name_utils import _generate_random_name  # noqa: F401
+    from mlflow.utils.validation import (  # noqa: F401
+        _validate_metric,
+        _validate_param,
+        _validate_tag,
+    )
+
+
 @functools.lru_cache(maxsize=1)
 def expected_revision() -> str:
     """The alembic head of the installed MLflow: the schema its ORM tables describe."""
@@ -116,6 +133,8 @@ class GroupWriter:
         try:
             from mlflow.store.db.utils import _get_schema_version
             from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            _check_sql_names()  # the private names the SQL path uses exist in this MLflow
 
             store = _get_store(self.uri)
             if type(store) is not SqlAlchemyStore:  # file store, workspace-aware store, ...
