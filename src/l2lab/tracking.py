@@ -46,6 +46,9 @@ def artifact_location(uri: str) -> str | None:
     return (db.parent / "artifacts").as_uri() if db else None
 
 
+SQLITE_BUSY_TIMEOUT_MS = 60_000
+
+
 def _sqlite_busy_timeout() -> None:
     """Make every SQLite connection of this process wait up to 60 s for a lock held by another
     job, instead of failing at once with 'database is locked'."""
@@ -59,7 +62,7 @@ def _sqlite_busy_timeout() -> None:
     def _on_connect(dbapi_conn, _record):  # noqa: ANN001
         if type(dbapi_conn).__module__.startswith("sqlite3"):
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA busy_timeout = 60000")
+            cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
             cur.close()
 
     _sqlite_busy_timeout.done = True  # type: ignore[attr-defined]
@@ -210,8 +213,9 @@ class RunTracker:
         self.ended = False
 
     @classmethod
-    def start(cls, client, exp_id: str, run_name: str, tags: Mapping[str, str]) -> RunTracker:
-        run = client.create_run(exp_id, run_name=run_name, tags=dict(tags))
+    def start(cls, client, exp_id: str, run_name: str, tags: Mapping[str, str],
+              start_time: int | None = None) -> RunTracker:
+        run = client.create_run(exp_id, run_name=run_name, tags=dict(tags), start_time=start_time)
         return cls(client, run.info.run_id)
 
     @classmethod
@@ -269,13 +273,14 @@ class RunTracker:
             torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, p)
             self.log_file(p, str(Path(artifact_file).parent))
 
-    def finish(self, status: str = "FINISHED", failure: str | None = None) -> None:
+    def finish(self, status: str = "FINISHED", failure: str | None = None,
+               end_time: int | None = None) -> None:
         """End the run once; a failure reason goes to the ``l2lab.failure`` tag first."""
         if self.ended:
             return
         if failure:
             self.client.set_tag(self.run_id, "l2lab.failure", failure[:7000])
-        self.client.set_terminated(self.run_id, status=status)
+        self.client.set_terminated(self.run_id, status=status, end_time=end_time)
         self.ended = True
 
 

@@ -1,0 +1,384 @@
+"""The group writer leaves exactly the record the public client leaves.
+
+The same small sweep (a parent, K=5 children with params, tags, 20 epochs x 14 metrics in three
+flushes, a run that fails with a reason and non-finite values, text and file artifacts) is written
+once through ``GroupWriter`` and once through ``MlflowClient``, one run and one call at a time, into
+two real stores; then every run is read back through ``MlflowClient`` and compared.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import random
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from l2lab import groupstore as gs
+from l2lab import tracking as tr
+
+K, EPOCHS = 5, 20
+KEYS = ["train/loss", "train/ce", "train/l2", "train/acc", "val/ce", "val/acc", "gap/ce",
+        "gap/acc", "weights/sq_norm/fc1", "weights/sq_norm/fc2", "weights/sq_norm/out",
+        "weights/sq_norm_total", "lr", "epoch_time"]
+T0 = 1_700_000_000_000  # controlled times: both sides write the same timestamps
+FAILED, FAIL_AT = 3, 12  # child 3 diverges at epoch 12
+REASON = "NonFiniteLossError: train/loss is nan at epoch 12"
+
+
+class ClientSide:
+    """GroupWriter's API done the ordinary way: the public client, one run and call at a time."""
+
+    def __init__(self, uri: str) -> None:
+        self.client = MlflowClient(uri)
+
+    def create_runs(self, exp: str, names: Sequence[str], tags_list: Sequence[Mapping],
+                    start_time: int) -> list[str]:
+        return [self.client.create_run(exp, start_time=start_time, tags=dict(t),
+                                       run_name=n).info.run_id
+                for n, t in zip(names, tags_list, strict=True)]
+
+    def log_params(self, params: Mapping, tags: Mapping | None = None) -> None:
+        for r in {**params, **(tags or {})}:
+            self.client.log_batch(r, params=[Param(k, str(v)) for k, v in
+                                             params.get(r, {}).items()],
+                                  tags=[RunTag(k, v) for k, v in (tags or {}).get(r, {}).items()])
+
+    def set_tags(self, tags: Mapping) -> None:
+        for r, kv in tags.items():
+            self.client.log_batch(r, tags=[RunTag(k, v) for k, v in kv.items()])
+
+    def log_metrics(self, epochs: Mapping) -> None:
+        for r, eps in epochs.items():
+            self.client.log_batch(r, metrics=[Metric(k, float(v), ts, step)
+                                              for step, kv, ts in eps for k, v in kv.items()])
+
+    def finish(self, ends: Mapping, end_time: int) -> None:
+        for r, (status, why) in ends.items():
+            if why:
+                self.client.set_tag(r, "l2lab.failure", why)
+            self.client.set_terminated(r, status=status, end_time=end_time)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def log_file(self, run_id: str, local_path: Path, artifact_dir: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(local_path), artifact_dir)
+
+    def log_texts(self, texts: Mapping) -> None:
+        for r, files in texts.items():
+            for f, t in files.items():
+                self.log_text(r, t, f)
+
+    def log_files(self, files: Mapping) -> None:
+        for r, items in files.items():
+            for f, d in items:
+                self.log_file(r, f, d)
+
+
+def epoch_metrics(k: int, epoch: int) -> dict[str, float]:
+    rnd = random.Random(k * 1000 + epoch)
+    m = {key: rnd.random() for key in KEYS}
+    if k == FAILED and epoch == FAIL_AT:
+        m.update({"train/loss": math.nan, "train/ce": math.inf, "train/l2": -math.inf})
+    return m
+
+
+def write_sweep(side: Any, exp: str, tmp: Path, k_runs: int = K) -> dict[str, str]:
+    """The sweep, through ``side``; returns {l2lab.key tag: run id}."""
+    (parent,) = side.create_runs(exp, ["sweep s1"], [{"l2lab.role": "sweep", "l2lab.key": "p",
+                                                      "l2lab.sweep_id": "s1"}], start_time=T0)
+    names = [f"lam={0.1 * k:g} seed=0" for k in range(k_runs)]
+    tags = [{"mlflow.parentRunId": parent, "l2lab.sweep_id": "s1", "l2lab.key": f"c{k}",
+             "l2lab.vectorized_group": "g1", "mlflow.user": "tester"} for k in range(k_runs)]
+    kids = side.create_runs(exp, names, tags, start_time=T0 + 1)
+    cfg = {"seed": 0, "model": {"hidden": [32, 16]}, "optimizer": {"lr": 0.01},
+           "regularization": {"lam_per_layer": {"fc.*": 0.1}}}
+    params = {r: {**tr.flatten_params({**cfg, "regularization": {
+        **cfg["regularization"], "lam": 0.1 * k}}), "l2.layers": "fc1,fc2"}
+              for k, r in enumerate(kids)}
+    side.log_params(params, {r: {"l2lab.output_dir": f"/out/{k}"} for k, r in enumerate(kids)})
+    side.log_params({kids[0]: params[kids[0]]})  # the same values again: a no-op
+    side.set_tags({r: {"mlflow.source.git.commit": "abc123", "l2lab.output_dir": f"/o/{k}"}
+                   for k, r in enumerate(kids)})  # overwrites a tag
+    side.set_tags({kids[1]: {"mlflow.runName": "renamed"}})
+
+    def flush(lo: int, hi: int) -> dict[str, list]:
+        out = {}
+        for k, r in enumerate(kids):
+            last = FAIL_AT + 1 if k == FAILED else hi
+            out[r] = [(e, epoch_metrics(k, e), T0 + 1000 * e + k) for e in range(lo, min(hi,
+                                                                                      last))]
+        return out
+
+    first = flush(0, 7)
+    first[kids[0]] += [(10, {"ooo": 1.0}, T0 + 100),  # a higher step, older timestamp
+                       (5, {"tie": 0.1}, T0), (5, {"tie": 0.3}, T0), (5, {"tie": 0.2}, T0)]
+    first[kids[1]] += [(2, {"dup": 1.0}, T0), (2, {"dup": 1.0}, T0)]  # exact duplicate
+    side.log_metrics(first)
+    second = flush(7, 14)
+    second[kids[0]] += [(3, {"ooo": 2.0}, T0 + 500)]  # a lower step later: latest stays step 10
+    side.log_metrics(second)
+    third = flush(14, EPOCHS)
+    third[kids[2]] = first[kids[2]][:2] + third[kids[2]]  # a re-sent flush: stored once
+    third[kids[0]] += [(19, {"test/acc": 0.5}, T0 + 9), (19, {"test/acc": 0.7}, T0 + 9),
+                       (19, {"test/acc": 0.6}, T0 + 10)]
+    side.log_metrics(third)
+
+    weights = tmp / "state_dict.pt"
+    weights.write_bytes(bytes(range(256)) * 40)
+    side.log_texts({r: {"config/config.yaml": f"seed: 0\nregularization:\n  lam: {0.1 * k:g}\n",
+                        "config/overrides.yaml": f"- regularization.lam={0.1 * k:g}\n"}
+                    for k, r in enumerate(kids)})
+    side.log_files({r: [(weights, "model")] for k, r in enumerate(kids) if k != FAILED})
+    side.log_file(kids[0], weights, None)  # at the artifact root
+    side.finish({r: ("FAILED", REASON) if k == FAILED else ("FINISHED", None)
+                 for k, r in enumerate(kids)}, end_time=T0 + 50_000)
+    side.log_metrics({parent: [(0, {"runs_finished": k_runs - 1.0}, T0 + 50_001)]})
+    side.log_text(parent, "lam,val/ce_mean\n0,0.5\n", "summary.csv")
+    side.finish({parent: ("FINISHED", None)}, end_time=T0 + 50_002)
+    return {"p": parent, **{f"c{k}": r for k, r in enumerate(kids)}}
+
+
+def _walk(client: MlflowClient, run_id: str, path: str | None = None) -> list[Any]:
+    out = []
+    for f in client.list_artifacts(run_id, path):
+        out += _walk(client, run_id, f.path) if f.is_dir else [f]
+    return out
+
+
+def _metric(m: Metric) -> tuple:
+    return (m.key, m.step, m.timestamp, "nan" if math.isnan(m.value) else m.value)
+
+
+def read_back(uri: str, ids: Mapping[str, str], tmp: Path) -> dict[str, dict]:
+    """Everything MlflowClient shows of each run, keyed by l2lab.key. Left out, because they
+    differ between any two writes of the same sweep: the run ids and the artifact URI (it holds
+    the run id) -- checked instead to be the experiment's location + /<run id>/artifacts -- and
+    mlflow.parentRunId, which holds the parent's id: compared as the parent's key."""
+    client = MlflowClient(uri)
+    by_id = {v: k for k, v in ids.items()}
+    out = {}
+    for key, run_id in ids.items():
+        run = client.get_run(run_id)
+        exp = client.get_experiment(run.info.experiment_id)
+        assert run.info.artifact_uri == f"{exp.artifact_location}/{run_id}/artifacts"
+        tags = dict(run.data.tags)
+        if "mlflow.parentRunId" in tags:
+            tags["mlflow.parentRunId"] = by_id[tags["mlflow.parentRunId"]]
+        history = sorted(_metric(m) for k in run.data.metrics
+                         for m in client.get_metric_history(run_id, k))
+        files = {}
+        for f in _walk(client, run_id):
+            local = client.download_artifacts(run_id, f.path, str(tmp / "dl" / key))
+            files[f.path] = (f.file_size, Path(local).read_bytes())
+        latest = {k: "nan" if math.isnan(v) else v for k, v in run.data.metrics.items()}
+        info = run.info
+        out[key] = {"status": info.status, "start": info.start_time, "end": info.end_time,
+                    "name": info.run_name, "user": info.user_id, "stage": info.lifecycle_stage,
+                    "params": dict(run.data.params), "tags": tags, "latest": latest,
+                    "history": history, "artifacts": files}
+    return out
+
+
+def latest_rows(db: Path, ids: Mapping[str, str]) -> dict[str, list]:
+    """``latest_metrics`` as stored (step and timestamp too: MlflowClient shows only values)."""
+    with sqlite3.connect(db) as con:
+        return {key: con.execute("SELECT key, value, step, timestamp, is_nan FROM latest_metrics "
+                                 "WHERE run_uuid = ? ORDER BY key", (r,)).fetchall()
+                for key, r in ids.items()}
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    """An empty store with MLflow's schema: creating one takes ~10 s here, copying it none."""
+    db = tmp_path_factory.mktemp("template") / "mlflow.db"
+    tr.connect(f"sqlite:///{db}")
+    with sqlite3.connect(db) as con:
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return db
+
+
+def new_store(template: Path, tmp: Path, name: str) -> tuple[str, Path]:
+    db = tmp / name / "mlruns" / "mlflow.db"
+    db.parent.mkdir(parents=True)
+    shutil.copy(template, db)
+    return f"sqlite:///{db}", db
+
+
+@pytest.fixture(scope="module")
+def reference(template, tmp_path_factory) -> tuple[dict, dict]:
+    """The sweep written the ordinary way, read back once for both paths of the group writer."""
+    tmp = tmp_path_factory.mktemp("reference")
+    uri, db = new_store(template, tmp, "client")
+    ids = write_sweep(ClientSide(uri), tr.experiment_id(tr.connect(uri), "gs", uri), tmp)
+    return read_back(uri, ids, tmp), latest_rows(db, ids)
+
+
+@pytest.mark.parametrize("path", ["sql", "fallback"])
+def test_group_writer_leaves_the_record_the_public_client_leaves(tmp_path, monkeypatch, path,
+                                                                  template, reference):
+    uri, db = new_store(template, tmp_path, "group")
+    if path == "fallback":  # a store at another alembic revision than this MLflow's head
+        monkeypatch.setattr(gs, "expected_revision", lambda: "0123456789ab")
+    writer = gs.GroupWriter(uri)
+    assert writer.mode == ("sql" if path == "sql" else "client"), writer.why
+    exp = tr.experiment_id(writer.client, "gs", uri)
+    before = writer.round_trips
+    ids = write_sweep(writer, exp, tmp_path)
+    if path == "sql":
+        # 2 creates, 2 params, 2 set_tags, 3 flushes (the one with a re-sent epoch: rolled back,
+        # then MLflow's own store for each of the 4 runs in it), 2 finishes, 1 parent flush;
+        # artifacts: none at all
+        assert writer.round_trips - before == 2 + 2 + 2 + (1 + 1 + 1 + K - 1) + 2 + 1
+    want, want_latest = reference
+    got = read_back(uri, ids, tmp_path)
+    assert want["c1"]["name"] == "renamed" and want["c3"]["status"] == "FAILED"
+    assert want["c3"]["tags"]["l2lab.failure"] == REASON
+    assert len(want["c0"]["history"]) == EPOCHS * len(KEYS) + 2 + 3 + 3
+    assert want["c0"]["latest"]["ooo"] == 1.0 and want["c0"]["latest"]["test/acc"] == 0.6
+    assert want["c3"]["latest"]["train/loss"] == "nan"
+    assert set(got) == set(want)
+    for key in want:
+        for field in want[key]:
+            assert got[key][field] == want[key][field], (key, field)
+    assert latest_rows(db, ids) == want_latest
+
+
+def test_group_writer_keeps_the_busy_timeout_and_reads_back_steps(tmp_path, template):
+    uri, _ = new_store(template, tmp_path, "s")
+    writer = gs.GroupWriter(uri)
+    exp = tr.experiment_id(writer.client, "gs", uri)
+    ids = writer.create_runs(exp, ["a", "b"], [{}, {}])
+    writer.log_metrics({ids[0]: [(0, {"x": 1.0}, T0), (1, {"x": 2.0}, T0)],
+                        ids[1]: [(4, {"x": 1.0}, T0)]})
+    assert writer.logged_steps(ids, "x") == {ids[0]: {0, 1}, ids[1]: {4}}
+    with writer._session() as s:
+        from sqlalchemy import text
+
+        assert s.execute(text("PRAGMA busy_timeout")).scalar() == tr.SQLITE_BUSY_TIMEOUT_MS
+    writer.finish({ids[0]: ("FAILED", "boom"), ids[1]: ("KILLED", "interrupted")})
+    writer.reopen(ids)
+    client = MlflowClient(uri)
+    for r in ids:
+        run = client.get_run(r)
+        assert run.info.status == "RUNNING" and "l2lab.failure" not in run.data.tags
+    path = writer.local_path(ids[0], "model/state_dict.pt")
+    assert path == Path(tmp_path / "s/mlruns/artifacts" / ids[0] / "artifacts/model/state_dict.pt")
+    with pytest.raises(ValueError):
+        writer.local_path(ids[0], "../escape.txt")
+
+
+def _write_group(uri: str, tag: str, start: float) -> None:
+    """One sweep's group, as a vectorized job writes it: 5 runs, 20 epochs flushed 2 at a time."""
+    w = gs.GroupWriter(uri)
+    assert w.mode == "sql", w.why
+    exp = tr.experiment_id(w.client, "gs", uri)
+    while time.time() < start:
+        time.sleep(0.01)
+    ids = w.create_runs(exp, [f"{tag}{k}" for k in range(5)], [{"w": tag}] * 5)
+    w.log_params({r: {"k": k} for k, r in enumerate(ids)})
+    for e in range(0, EPOCHS, 2):
+        w.log_metrics({r: [(s, {f"m{j}": s + j for j in range(14)}, T0 + s) for s in (e, e + 1)]
+                       for r in ids})
+    w.finish({r: ("FINISHED", None) for r in ids})
+
+
+def test_concurrent_group_writers_lose_nothing(tmp_path, template):
+    """Two processes (forked: MLflow's imports are done) write groups into one SQLite store at
+    the same moment; every row of both is there."""
+    uri, db = new_store(template, tmp_path, "shared")
+    ctx = multiprocessing.get_context("fork")
+    start = time.time() + 2
+    procs = [ctx.Process(target=_write_group, args=(uri, tag, start)) for tag in ("a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=180)
+        assert p.exitcode == 0
+    with sqlite3.connect(db) as con:
+        q = lambda sql: con.execute(sql).fetchall()  # noqa: E731
+        assert q("SELECT count(*) FROM runs WHERE status = 'FINISHED'") == [(10,)]
+        assert q("SELECT count(*) FROM metrics") == [(10 * EPOCHS * 14,)]
+        assert q("SELECT count(*) FROM latest_metrics WHERE step = 19") == [(10 * 14,)]
+        assert q("SELECT count(*) FROM params") == [(10,)]
+        counts = q("SELECT run_uuid, count(DISTINCT step) FROM metrics GROUP BY run_uuid")
+        assert sorted(n for _, n in counts) == [EPOCHS] * 10
+
+
+# -- a team's store: PostgreSQL, directly (SQL path) and through its MLflow server (REST path) --
+def _postgres_missing() -> str | None:
+    from test_scaleout import _postgres_missing as missing
+
+    return missing()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(_postgres_missing()), reason=_postgres_missing() or "")
+def test_group_writer_on_postgresql_directly_and_through_its_server(tmp_path, reference):
+    """``scripts/mlflow_server.sh --local``: the same sweep written straight into its PostgreSQL
+    (one transaction per call) and through the server (concurrent REST calls) reads back equal
+    to the client-written reference."""
+    from test_scaleout import _free_port, _pids_with
+
+    port = _free_port()
+    pg_dir = Path(f"/tmp/l2lab-pg-gs-{os.getpid()}-{port}")  # postgres must enter it
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:  # a file, not a pipe: the server's access log never blocks it
+        server = subprocess.Popen(
+            [str(Path(gs.__file__).parents[2] / "scripts" / "mlflow_server.sh"), "--local",
+             "--dir", str(pg_dir), "--port", str(port), "--artifacts", str(tmp_path / "art")],
+            cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "MLFLOW": str(Path(sys.executable).parent / "mlflow")})
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while True:
+            try:
+                with urllib.request.urlopen(uri + "/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                assert server.poll() is None, log.read_text()[-3000:]
+                assert time.time() < deadline, "mlflow server on PostgreSQL did not start"
+                time.sleep(1)
+        pg_port = re.search(r"throwaway PostgreSQL in .* on 127\.0\.0\.1:(\d+)",
+                            log.read_text()).group(1)
+        pg = f"postgresql://postgres@127.0.0.1:{pg_port}/mlflow"
+        want, _ = reference
+        for store, name in ((pg, "gs-pg"), (uri, "gs-rest")):
+            writer = gs.GroupWriter(store)
+            assert writer.mode == ("sql" if store == pg else "rest"), writer.why
+            exp = writer.client.create_experiment(  # artifacts as local files, or the server's
+                name, artifact_location=(tmp_path / name).as_uri() if store == pg else None)
+            ids = write_sweep(writer, exp, tmp_path)
+            got = read_back(store, ids, tmp_path / name)
+            assert set(got) == set(want)
+            for key in want:
+                for field in want[key]:
+                    assert got[key][field] == want[key][field], (store, key, field)
+    finally:
+        server.send_signal(signal.SIGTERM)  # the script stops mlflow, then PostgreSQL
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        leftovers = _pids_with(str(pg_dir)) + _pids_with(f"--port {port}")
+        for pid in leftovers:
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(pg_dir, ignore_errors=True)
+    assert not leftovers, "the server script left processes behind"
