@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from l2lab import CONF_DIR, ConfigError, schema
+from l2lab import CONF_DIR, ConfigError, schema, store
 
 if TYPE_CHECKING:  # the heavy modules load only once a config is known to be good
     import pytorch_lightning as pl
@@ -624,8 +624,8 @@ def hydra_main(cfg: DictConfig) -> float:
     if not multirun:  # a single run's bad value or store: reported now, before heavy imports
         try:
             schema.validate(cfg)
-            if (uri := schema.resolve_uri(cfg.tracking.uri)).startswith(("http://", "https://")):
-                schema.probe_server(uri)
+            if (uri := store.resolve_uri(cfg.tracking.uri)).startswith(("http://", "https://")):
+                store.probe_server(uri)
         except ConfigError as e:
             _error(str(e))
             sys.exit(2)
