@@ -144,14 +144,23 @@ def team(tmp_path_factory):
         server = subprocess.Popen(
             [SERVER_SH, "--local", "--dir", str(pg_dir), "--port", str(port), "--auth",
              "--admin-password-file", str(files["admin"]), "--artifacts", str(tmp / "artifacts"),
-             "--", "--workers", "2"],
+             "--", "--workers", "1"],  # one process: no worker restarts on a loaded machine
             cwd=tmp, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "MLFLOW": MLFLOW_BIN, "TMPDIR": str(tmp / "tmpdir")})
+            env={**os.environ, "MLFLOW": MLFLOW_BIN, "TMPDIR": str(tmp / "tmpdir"),
+                 # MLflow's GenAI job runners (7 huey processes): l2lab needs none
+                 "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     uri = f"http://127.0.0.1:{port}"
+
+    def answered() -> bool:
+        try:
+            return _rest(uri, "/api/2.0/mlflow/experiments/search?max_results=1",
+                         ("admin", pw["admin"]))[0] == 200
+        except OSError:  # not listening yet
+            return False
+
     try:
         deadline = time.monotonic() + 300
-        while _rest(uri, "/api/2.0/mlflow/experiments/search?max_results=1",
-                    ("admin", pw["admin"]))[0] != 200:
+        while not answered():
             assert server.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "the authenticated server did not start"
             time.sleep(0.5)

@@ -106,12 +106,26 @@ def permission_denied(exc: BaseException, experiment_id: str) -> ConfigError | N
     )
 
 
+def _tls_context():
+    """HTTPS as MLflow's client does it: its CA bundle, client certificate and insecure switch
+    (``MLFLOW_TRACKING_SERVER_CERT_PATH``, ``..._CLIENT_CERT_PATH``, ``..._INSECURE_TLS``)."""
+    import ssl
+
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+        return ssl._create_unverified_context()  # noqa: S323 (the user asked for it)
+    ctx = ssl.create_default_context(cafile=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH"))
+    if cert := os.environ.get("MLFLOW_TRACKING_CLIENT_CERT_PATH"):
+        ctx.load_cert_chain(cert)
+    return ctx
+
+
 def _get(url: str, timeout: float, auth: bool) -> None:
     request = urllib.request.Request(url)
     if auth and (creds := credentials()):
         token = base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
-    with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 (user's own URI)
+    context = _tls_context() if url.startswith("https://") else None
+    with urllib.request.urlopen(request, timeout=timeout, context=context) as resp:  # noqa: S310
         resp.read(64)
 
 
