@@ -248,7 +248,9 @@ def test_bad_logins_fail_before_training(team, tmp_path, monkeypatch):
         assert all(v in r.stderr for v in VARS), r.stderr
         assert ("'member'" in r.stderr) == bool(login) and "401" in r.stderr
         assert "Traceback" not in r.stderr + r.stdout
-        assert "Epoch" not in r.stderr + r.stdout  # nothing trained
+        out = r.stdout + r.stderr
+        assert "train/ce=" not in out and not re.search(r"(?im)^epoch ", out)  # nothing trained
+        assert not list(tmp_path.glob("**/checkpoints"))
         assert elapsed < 15, elapsed  # measured ~3 s (design.md §6's bound for a server)
     after = _all_runs(team.uri, team.pw["admin"], monkeypatch)
     assert len(after) == len(before)  # no run was created, so none is left RUNNING
