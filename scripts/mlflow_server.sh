@@ -166,6 +166,10 @@ authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 EOF
   )
   export MLFLOW_AUTH_CONFIG_PATH="$AUTH_DIR/basic_auth.ini"
+  if [[ -n "${MLFLOW_AUTH_ADMIN_PASSWORD+x}${MLFLOW_AUTH_ADMIN_USERNAME+x}" ]]; then
+    say "ignoring MLFLOW_AUTH_ADMIN_USERNAME/MLFLOW_AUTH_ADMIN_PASSWORD: the admin is --admin-user, its password the file's"
+    unset MLFLOW_AUTH_ADMIN_PASSWORD MLFLOW_AUTH_ADMIN_USERNAME  # MLflow would prefer them to the ini
+  fi
   # The CSRF key of the login forms: the same in every worker (MLflow asks for it); a fresh
   # random one per start unless you set it (several servers behind one name must share it).
   if [[ -z "${MLFLOW_FLASK_SERVER_SECRET_KEY:-}" ]]; then
