@@ -159,7 +159,7 @@ def team(tmp_path_factory):
             return False
 
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 600  # ~45 s on an idle 2-core machine
         while not answered():
             assert server.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "the authenticated server did not start"
