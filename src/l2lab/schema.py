@@ -9,19 +9,15 @@ torch, Lightning and MLflow. This module imports only Hydra and OmegaConf. Three
 * **ranges** — :func:`validate` runs right after composition (λ ≥ 0 and finite, sizes, enums…);
 * **keys** — :mod:`l2lab.cli` reads the command line before Hydra does and refuses unknown keys.
 
-Also here, for the same reason: the checks of ``tracking.uri`` (:func:`resolve_uri`,
-:func:`probe_server`; re-exported by ``l2lab.tracking``).
+Also here, for the same reason, nothing else: the checks of ``tracking.uri`` and of the server's
+login live in the stdlib-only :mod:`l2lab.store`.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -277,43 +273,3 @@ def validate(cfg: DictConfig) -> None:
         _number(cfg, "tracking.flush_every_s", "a number >= 0", lambda v: v >= 0)
 
 
-# -- the store's URI ----------------------------------------------------------------------------
-ENV_URI = "MLFLOW_TRACKING_URI"
-PROBE_TIMEOUT_S = 10.0
-
-
-def resolve_uri(uri: str | None = None, cwd: Path | None = None) -> str:
-    """The tracking URI: an explicit one, else ``$MLFLOW_TRACKING_URI``, else the local SQLite
-    store under ``<cwd>/mlruns``; SQLite paths are made absolute so that jobs in any folder
-    agree."""
-    uri = uri or os.environ.get(ENV_URI) or "sqlite:///mlruns/mlflow.db"
-    base = (cwd or Path.cwd()).resolve()
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):]
-        if not path.startswith("/"):
-            uri = "sqlite:///" + str(base / path)
-    elif "://" not in uri and not uri.startswith("sqlite:"):
-        raise ConfigError(
-            f"tracking.uri must be an MLflow tracking URI (sqlite:///path/to/mlflow.db, "
-            f"http://host:port, ...), got {uri!r}. (MLflow >= 3.13 refuses the file store.)"
-        )
-    return uri
-
-
-
-def probe_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
-    """Fail within seconds when an HTTP tracking server does not answer (MLflow's own client
-    would retry for minutes)."""
-    url = uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (user's own URI)
-            resp.read(64)
-    except urllib.error.HTTPError:
-        return  # it answered: a server is there (perhaps behind a proxy without /health)
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", e)
-        raise ConfigError(
-            f"tracking.uri: no MLflow tracking server answers at {uri} ({reason}). Start one "
-            f"(mlflow server --host 127.0.0.1 --port PORT --backend-store-uri ...), or unset "
-            f"{ENV_URI} / tracking.uri to use the local store sqlite:///<cwd>/mlruns/mlflow.db."
-        ) from None

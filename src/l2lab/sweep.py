@@ -9,6 +9,7 @@ the parent; a sweep with a failed job ends FAILED and exits non-zero.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -96,11 +97,19 @@ def optuna_best(sweep_dir: Path) -> dict | None:
 class SweepCallback(Callback):
     @_exit_on_error
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from l2lab import store
+
+        uri = store.resolve_uri(config.tracking.uri)
+        if uri.startswith(("http://", "https://")):
+            # an absent server or a refused login: said in a second, before torch, Lightning and
+            # MLflow load and before any run exists; then Ray workers get the login too
+            store.probe_server(uri)
+            if store.credentials():
+                os.environ.setdefault(store.RAY_HOOK, "l2lab.store.ray_runtime_env")
         from l2lab import tracking as tr
         from l2lab.console import quiet_libraries
 
         quiet_libraries()
-        uri = tr.resolve_uri(config.tracking.uri)
         client = tr.connect(uri)
         exp = tr.experiment_id(client, str(config.experiment_name), uri)
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()

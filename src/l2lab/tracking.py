@@ -24,11 +24,12 @@ from filelock import FileLock
 if TYPE_CHECKING:
     import torch
 
+from l2lab import store
 from l2lab.base import ConfigError
 
-# The URI checks need neither torch nor MLflow: they live with the config checks (a single run's
-# unreachable server is reported before the heavy imports) and are re-exported here.
-from l2lab.schema import ENV_URI, PROBE_TIMEOUT_S, probe_server, resolve_uri  # noqa: F401
+# The URI and login checks need neither torch nor MLflow: they live in l2lab.store (a single run's
+# unreachable server or refused login is reported before the heavy imports), re-exported here.
+from l2lab.store import ENV_URI, PROBE_TIMEOUT_S, probe_server, resolve_uri  # noqa: F401
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep CLI output readable
 _VALID_KEY = re.compile(r"^[/\w.\- :]*$")
@@ -215,7 +216,13 @@ class RunTracker:
     @classmethod
     def start(cls, client, exp_id: str, run_name: str, tags: Mapping[str, str],
               start_time: int | None = None) -> RunTracker:
-        run = client.create_run(exp_id, run_name=run_name, tags=dict(tags), start_time=start_time)
+        try:
+            run = client.create_run(exp_id, run_name=run_name, tags=dict(tags),
+                                    start_time=start_time)
+        except Exception as e:  # a login without EDIT there (HTTP 403): one clear paragraph
+            if denied := store.permission_denied(e, exp_id):
+                raise denied from None
+            raise
         return cls(client, run.info.run_id)
 
     @classmethod

@@ -22,7 +22,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from l2lab import cli, schema
+from l2lab import cli, schema, store
 from l2lab.base import CONF_DIR, ConfigError
 from l2lab.console import say
 from l2lab.engine import build_net, train_group  # noqa: F401  (public names, re-exported)
@@ -193,8 +193,8 @@ def hydra_main(cfg: DictConfig) -> float:
     if not multirun:  # a single run's bad value or store: reported now, before heavy imports
         try:
             schema.validate(cfg)
-            if (uri := schema.resolve_uri(cfg.tracking.uri)).startswith(("http://", "https://")):
-                schema.probe_server(uri)
+            if (uri := store.resolve_uri(cfg.tracking.uri)).startswith(("http://", "https://")):
+                store.probe_server(uri)
         except ConfigError as e:
             _error(str(e))
             sys.exit(2)
