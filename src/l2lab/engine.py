@@ -11,6 +11,7 @@ ends every unfinished run KILLED, and nothing already logged is lost.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -121,8 +122,11 @@ def lightning_fit(cfg: DictConfig, module: L2Module, splits, recorder, seeds: Se
     import pytorch_lightning as pl
 
     from l2lab import distributed
+    from l2lab.console import quiet_libraries
     from l2lab.data import StackedBatches, TensorBatches
     from l2lab.stacked import val_batch_size
+
+    quiet_libraries()  # again: importing Lightning puts its INFO chatter back
 
     trainer = pl.Trainer(**distributed.trainer_kwargs(cfg), logger=False, callbacks=[recorder],
                          default_root_dir=str(output_dir), enable_model_summary=False,
@@ -171,30 +175,71 @@ class Job:
         return self.output_dir / "checkpoints" / "last.ckpt"
 
 
-def open_run(client, job: Job, sweep: Mapping | None) -> tr.RunTracker:
-    """Create the job's MLflow run (a sweep's child when in one), tagged with its config's hash
-    (``reuse`` and ``compare`` find runs of the same config), with its config as params and
-    artifacts (what ``reproduce`` re-runs)."""
+_WRITERS: dict[str, Any] = {}
+
+
+def writer_for(uri: str, client) -> Any:
+    """The group writer of a store (once per process and store: its path is chosen once)."""
+    from l2lab.groupstore import GroupWriter
+
+    if uri not in _WRITERS:
+        _WRITERS[uri] = GroupWriter(uri, client)
+    return _WRITERS[uri]
+
+
+def open_runs(client, writer, jobs: Sequence[Job], sweep: Mapping | None) -> None:
+    """Create the jobs' MLflow runs (a sweep's children when in one), tagged with their config's
+    hash (``reuse`` and ``compare`` find runs of the same config), with their config as params
+    and artifacts (what ``reproduce`` re-runs): a few store round trips for all of them."""
     from l2lab import runs
 
-    cfg = job.cfg
-    job.output_dir.mkdir(parents=True, exist_ok=True)
-    tags = {
-        "l2lab.overrides": json.dumps(list(job.overrides)),
-        "l2lab.output_dir": str(job.output_dir),
-        runs.HASH_TAG: runs.config_hash(cfg),
-        **({"mlflow.source.git.commit": c} if (c := tr.git_commit(CONF_DIR.parent)) else {}),
-        **({"l2lab.sweep_id": sweep["sweep_id"], "mlflow.parentRunId": sweep["parent_run_id"]}
-           if sweep else {}),
-        **job.tags,
-    }
+    commit = tr.git_commit(CONF_DIR.parent)
+    tags_list = []
+    for job in jobs:
+        job.output_dir.mkdir(parents=True, exist_ok=True)
+        tags_list.append({
+            "l2lab.overrides": json.dumps(list(job.overrides)),
+            "l2lab.output_dir": str(job.output_dir),
+            runs.HASH_TAG: runs.config_hash(job.cfg),
+            **({"mlflow.source.git.commit": commit} if commit else {}),
+            **({"l2lab.sweep_id": sweep["sweep_id"],
+                "mlflow.parentRunId": sweep["parent_run_id"]} if sweep else {}),
+            **job.tags,
+        })
+    cfg = jobs[0].cfg
     exp = tr.experiment_id(client, str(cfg.experiment_name), cfg.tracking.uri)
-    tracker = tr.RunTracker.start(client, exp, job.name, tags)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    tracker.log_params(tr.flatten_params(resolved))
-    tracker.log_text(OmegaConf.to_yaml(resolved), "config/config.yaml")
-    tracker.log_text(OmegaConf.to_yaml(list(job.overrides)), "config/overrides.yaml")
-    return tracker
+    ids = writer.create_runs(exp, [j.name for j in jobs], tags_list)
+    params, texts = {}, {}
+    for job, rid in zip(jobs, ids, strict=True):
+        job.tracker = tr.RunTracker(client, rid)
+        resolved = OmegaConf.to_container(job.cfg, resolve=True)
+        params[rid] = tr.flatten_params(resolved)
+        texts[rid] = {"config/config.yaml": OmegaConf.to_yaml(resolved),
+                      "config/overrides.yaml": OmegaConf.to_yaml(list(job.overrides))}
+    writer.log_params(params)
+    writer.log_texts(texts)
+
+
+def finish(writer, ends: Sequence[tuple[Job, str, str | None]]) -> None:
+    """End runs together (a failure reason to ``l2lab.failure`` first); each run once."""
+    ends = [(j, status, why) for j, status, why in ends if not j.tracker.ended]
+    if ends:
+        writer.finish({j.tracker.run_id: (status, why and why[:7000]) for j, status, why in ends})
+        for j, _, _ in ends:
+            j.tracker.ended = True
+
+
+def save_weights(writer, job: Job, net: torch.nn.Module) -> None:
+    """``model/state_dict.pt``: written in place into a local artifact store, else uploaded."""
+    import torch
+
+    path = writer.local_path(job.tracker.run_id, "model/state_dict.pt")
+    if path is None:
+        job.tracker.log_state_dict(net, "model/state_dict.pt")
+        return
+    tmp = path.with_suffix(".tmp")
+    torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, tmp)
+    tmp.replace(path)
 
 
 def train_jobs(jobs: Sequence[Job], *, sweep: Mapping | None = None,
@@ -211,18 +256,19 @@ def train_jobs(jobs: Sequence[Job], *, sweep: Mapping | None = None,
     from l2lab.data import load_data
 
     client = tr.connect(jobs[0].cfg.tracking.uri)
+    writer = writer_for(jobs[0].cfg.tracking.uri, client)
     opened: list[Job] = []
 
     def fail(job: Job, e: BaseException) -> None:
         job.result = e
-        job.tracker.finish("FAILED", failure=tr.one_line(e))
+        finish(writer, [(job, "FAILED", tr.one_line(e))])
 
     with lifecycle.interrupts():
         try:
+            if fresh := [j for j in jobs if j.tracker is None]:
+                open_runs(client, writer, fresh, sweep)
+            opened.extend(jobs)
             for job in jobs:
-                if job.tracker is None:
-                    job.tracker = open_run(client, job, sweep)
-                opened.append(job)
                 if on_open:
                     on_open(job)
             live = []
@@ -251,15 +297,14 @@ def train_jobs(jobs: Sequence[Job], *, sweep: Mapping | None = None,
                 max_models = default_max_models(members[id(ready[0])].net, splits, ready[0].cfg)
             size = max(1, max_models or 1)
             for start in range(0, len(ready), size):
-                _fit_stack(ready[start:start + size], members, splits, vectorized, echo)
-            for job in ready:
-                if isinstance(job.result, dict):
-                    job.tracker.log_state_dict(members[id(job)].net, "model/state_dict.pt")
-                    job.tracker.finish("FINISHED")
+                _fit_stack(ready[start:start + size], members, splits, writer, vectorized, echo)
+            done = [j for j in ready if isinstance(j.result, dict)]
+            for job in done:
+                save_weights(writer, job, members[id(job)].net)
+            finish(writer, [(j, "FINISHED", None) for j in done])
         except lifecycle.Interrupted as e:
             with lifecycle.held():
-                for job in opened:
-                    job.tracker.finish("KILLED", failure=e.reason)
+                finish(writer, [(j, "KILLED", e.reason) for j in opened])
                 if sweep:
                     during = f" during run {opened[0].tracker.run_id}" if opened else ""
                     tr.RunTracker(client, sweep["parent_run_id"]).finish(
@@ -268,13 +313,13 @@ def train_jobs(jobs: Sequence[Job], *, sweep: Mapping | None = None,
         except BaseException as e:
             with lifecycle.held():
                 for job in opened:
-                    if not job.tracker.ended:
-                        fail(job, e)
+                    job.result = e
+                finish(writer, [(j, "FAILED", tr.one_line(e)) for j in opened])
             raise
 
 
-def _fit_stack(jobs: Sequence[Job], members: Mapping[int, Member], splits, vectorized: bool,
-               echo: bool) -> None:
+def _fit_stack(jobs: Sequence[Job], members: Mapping[int, Member], splits, writer,
+               vectorized: bool, echo: bool) -> None:
     """One Lightning fit of ``jobs`` as one stack; fills each job's ``result``."""
     from l2lab.module import NonFiniteLossError
     from l2lab.recorder import Recorder
@@ -282,14 +327,14 @@ def _fit_stack(jobs: Sequence[Job], members: Mapping[int, Member], splits, vecto
 
     cfg0 = jobs[0].cfg
     group = {"l2lab.vectorized_group": uuid.uuid4().hex[:12]} if vectorized else None
-    for job in jobs:
-        if not job.reopened:  # a reopened run has its selection logged already
-            penalty = members[id(job)].penalty
-            job.tracker.log_params({"l2.layers": ",".join(penalty.layer_names),
-                                    "l2.num_params": str(penalty.num_params)}, tags=group)
+    selection = {j.tracker.run_id: {"l2.layers": ",".join(members[id(j)].penalty.layer_names),
+                                    "l2.num_params": str(members[id(j)].penalty.num_params)}
+                 for j in jobs if not j.reopened}  # a reopened run has it logged already
+    if selection:
+        writer.log_params(selection, tags={r: group for r in selection} if group else None)
     module = stack(cfg0, [members[id(j)] for j in jobs])
     recorder = Recorder([j.tracker for j in jobs], [j.ckpt_path for j in jobs], echo=echo,
-                        flush_every_s=flush_every_s(cfg0))
+                        flush_every_s=flush_every_s(cfg0), writer=writer)
     ckpt = jobs[0].ckpt if len(jobs) == 1 else None
     lightning_fit(cfg0, module, splits, recorder, [int(j.cfg.seed) for j in jobs],
                   jobs[0].output_dir, ckpt, tracker=jobs[0].tracker)
@@ -301,11 +346,14 @@ def _fit_stack(jobs: Sequence[Job], members: Mapping[int, Member], splits, vecto
         last = recorder.last[k]
         final = dict(last[1]) if last else {}
         if module.test_metrics:
-            test = module.test_metrics[k]
-            if not job.logged_test:  # test/* once, even for a run continued after its test
-                job.tracker.log_metrics(test, step=last[0] if last else 0)
-            final.update(test)
+            final.update(module.test_metrics[k])
         job.result = final
+    tests = {j.tracker.run_id: [(recorder.last[k][0] if recorder.last[k] else 0,
+                                 module.test_metrics[k], int(time.time() * 1000))]
+             for k, j in enumerate(jobs)
+             if module.test_metrics and k not in module.failures and not j.logged_test}
+    if tests:  # test/* once, even for a run continued after its test pass
+        writer.log_metrics(tests)
 
 
 def train_group(cfgs: Sequence[DictConfig], overrides: Sequence[Sequence[str]],

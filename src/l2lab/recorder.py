@@ -77,8 +77,10 @@ class Recorder(pl.callbacks.Checkpoint):
     """
 
     def __init__(self, trackers: Sequence[RunTracker], ckpt_paths: Sequence[Path], *,
-                 echo: bool = False, flush_every_s: float = FLUSH_EVERY_S) -> None:
+                 echo: bool = False, flush_every_s: float = FLUSH_EVERY_S,
+                 writer: Any = None) -> None:
         self.trackers, self.ckpt_paths = list(trackers), [Path(p) for p in ckpt_paths]
+        self.writer = writer  # groupstore.GroupWriter: every run's epochs in one store call
         self.echo, self.flush_every_s = echo, float(flush_every_s)
         self.buffers = [MetricBuffer(t) for t in self.trackers]
         self.last: list[tuple[int, dict[str, float]] | None] = [None] * len(self.trackers)
@@ -125,11 +127,24 @@ class Recorder(pl.callbacks.Checkpoint):
                 ckpts = member_checkpoints(trainer, states, self.state_key)
                 for k in live:
                     save_atomic(ckpts[k], self.ckpt_paths[k])
-            for k in live:
-                self.buffers[k].flush()
+            self._flush(live)
             self._flushed_at = time.monotonic()
+
+    def _flush(self, ks: Sequence[int]) -> None:
+        """The buffered epochs of networks ``ks``: with a group writer, one store call for all
+        of them (whole epochs, so a kill never leaves one half logged)."""
+        if self.writer is None:
+            for k in ks:
+                self.buffers[k].flush()
+            return
+        pending = {self.trackers[k].run_id: self.buffers[k].pending for k in ks
+                   if self.buffers[k].pending}
+        if pending:
+            self.writer.log_metrics(pending)
+        for k in ks:
+            self.buffers[k].logged.update(e for e, _, _ in self.buffers[k].pending)
+            self.buffers[k].pending = []
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
-        for b in self.buffers:
-            b.flush()
+        self._flush([k for k, t in enumerate(self.trackers) if not t.ended])
