@@ -300,7 +300,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="instead: the default λ sweep through the vectorized and the basic "
                    "launcher, a plain loop and a plain stacked loop, as whole processes "
                    "(--repeats defaults to 3 there; overrides after --)")
-    p.add_argument("overrides", nargs="*", help="with --sweep: Hydra overrides for the sweep")
+    p.add_argument("--per-job", nargs=2, type=int, metavar=("M", "N"), default=None,
+                   help="instead: the bookkeeping cost per job, (T(N) - T(M)) / (N - M), from "
+                   "whole MNIST-1D sweeps of M and N jobs with tiny compute (e.g. 20 500)")
+    p.add_argument("overrides", nargs="*",
+                   help="with --sweep or --per-job: Hydra overrides for the sweep")
     args = p.parse_args(argv)
     try:
         widths = [int(h) for h in args.hidden.split(",") if h.strip()]
@@ -311,7 +315,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if min(args.epochs, args.repeats or 1, args.batch_size, args.threads or 1) < 1:
         p.error("--epochs, --repeats, --batch-size and --threads must be >= 1")
     args.hidden = ",".join(map(str, widths))
-    args.repeats = args.repeats or (3 if args.sweep else 7)
+    if args.per_job and not (5 <= args.per_job[0] < args.per_job[1]):
+        p.error("--per-job M N needs 5 <= M < N (jobs are λ × 5 seeds)")
+    args.repeats = args.repeats or (3 if args.sweep else 1 if args.per_job else 7)
     return args
 
 
@@ -323,7 +329,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            if args.sweep:
+            if args.per_job:
+                from l2lab.bench_sweep import bench_per_job
+
+                result = bench_per_job(tuple(args.per_job), list(args.overrides), args.repeats)
+            elif args.sweep:
                 from l2lab.bench_sweep import bench_sweep
 
                 result = bench_sweep(args.repeats, list(args.overrides))

@@ -298,6 +298,56 @@ def bench_sweep(repeats: int, overrides: list[str], single: bool = True) -> dict
     return result
 
 
+# -- per-job cost ---------------------------------------------------------------------------------
+PER_JOB = ["experiment=mnist1d_sweep", "data.train_size=500", "trainer.max_epochs=2"]
+PER_JOB_SEEDS = 5
+
+
+def _lams(n: int) -> list[float]:
+    """n distinct λ, log-spaced over 1e-4..3 (0 first), as printed on a command line."""
+    return [0.0] + [float(f"{1e-4 * (3e4 ** (i / max(n - 2, 1))):.6g}") for i in range(n - 1)]
+
+
+def bench_per_job(sizes: tuple[int, int], overrides: list[str], repeats: int = 1
+                  ) -> dict[str, Any]:
+    """Whole-process time of an MNIST-1D sweep with tiny compute at two sizes M < N (λ × 5
+    seeds, ``PER_JOB`` settings, vectorized launcher, one existing SQLite store); the
+    bookkeeping per job is (T(N) − T(M)) / (N − M): what one more job costs."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    out: dict[str, Any] = {"settings": {"overrides": [*PER_JOB, *overrides], "sizes": sizes,
+                                        "seeds": PER_JOB_SEEDS, "repeats": repeats}}
+    with tempfile.TemporaryDirectory(prefix="l2lab-bench-per-job-") as d:
+        tmp = Path(d)
+        store = _store(tmp, env)
+        # the data cache, once, outside the timings (a researcher's is there after one run)
+        root = tmp / "data"
+        subprocess.run([sys.executable, "-c", "from l2lab.data import load_data; load_data("
+                        f"{{'name': 'mnist1d', 'root': {str(root)!r}, 'val_size': 500}})"],
+                       env=env, check=True, capture_output=True)
+        times: dict[int, list[float]] = {n: [] for n in sizes}
+        for r in range(repeats):
+            for n in (sizes if r % 2 == 0 else sizes[::-1]):
+                lams = _lams(n // PER_JOB_SEEDS)
+                work = Path(tempfile.mkdtemp(dir=tmp, prefix=f"n{n}-"))
+                cmd = [sys.executable, "-m", "l2lab.train", "-m", *PER_JOB, *overrides,
+                       f"data.root={root}", f"regularization.lam={','.join(map(str, lams))}",
+                       f"seed={','.join(map(str, range(PER_JOB_SEEDS)))}",
+                       f"hydra.sweep.dir={work}/multirun/s", f"tracking.uri={store}"]
+                seconds, _ = _timed(cmd, work, env)
+                times[n].append(seconds)
+                print(f"l2lab.bench --per-job: repeat {r}, {n} jobs: {seconds:.2f} s",
+                      file=sys.stderr, flush=True)
+    small, large = sizes
+    med = {n: statistics.median(t) for n, t in times.items()}
+    out["seconds"] = {str(n): t for n, t in times.items()}
+    out["median_s"] = {str(n): v for n, v in med.items()}
+    out["per_job_ms"] = 1000 * (med[large] - med[small]) / (large - small)
+    out["env"] = {"python": sys.version.split()[0], "cpu_count": os.cpu_count(),
+                  "load_avg_1m_at_end": os.getloadavg()[0]}
+    return out
+
+
 _NOTES = {
     "vectorized": "python -m l2lab.train -m experiment=lambda_sweep (hydra/launcher=vectorized), "
                   "whole process, into an existing SQLite store",
