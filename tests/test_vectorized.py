@@ -46,17 +46,19 @@ def test_stacked_batches_give_each_network_its_own_order():
 
 
 def test_buffered_metrics_reach_the_store_in_one_call_per_flush(tmp_path, store, client,
-                                                                 monkeypatch):
+                                                                monkeypatch):
+    from l2lab.groupstore import GroupWriter
+
     calls = []
-    original = tr.RunTracker.log_epochs
-    monkeypatch.setattr(tr.RunTracker, "log_epochs",
-                        lambda self, epochs: (calls.append(list(epochs)), original(self, epochs)))
+    original = GroupWriter.log_metrics
+    monkeypatch.setattr(GroupWriter, "log_metrics",
+                        lambda self, epochs: (calls.append(dict(epochs)), original(self, epochs)))
     train(make_cfg(f"tracking.uri={store}", "trainer.max_epochs=4",
                    "tracking.flush_every_s=1e9"), output_dir=tmp_path)
-    assert len(calls) == 1 and [e for e, _, _ in calls[0]] == [0, 1, 2, 3]
     (run,) = runs_of(client)
+    assert len(calls) == 1 and [e for e, _, _ in calls[0][run.info.run_id]] == [0, 1, 2, 3]
     assert [s for s, _ in _history(client, run.info.run_id, "val/ce")] == [0, 1, 2, 3]
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["epoch"] == 3 and [e for e, _, _ in ckpt["callbacks"]["Recorder"][
         "pending"]] == [0, 1, 2, 3]
 
