@@ -12,6 +12,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from l2lab import progress
 from l2lab.tracking import RunTracker
 
 FLUSH_EVERY_S = 5.0
@@ -103,7 +104,7 @@ class EpochRecorder(pl.callbacks.Checkpoint):
         if self.echo:
             shown = ("train/ce", "train/l2", "val/ce", "gap/ce", "val/acc")
             parts = [f"{k}={metrics[k]:.4f}" for k in shown if k in metrics]
-            print(f"epoch {epoch:3d}  " + "  ".join(parts), flush=True)
+            progress.echo(f"epoch {epoch:3d}  " + "  ".join(parts))  # above a live bar
         # under DDP every rank must take the same decision (saving is collective): rank 0's
         if trainer.strategy.broadcast(_due(trainer, self._flushed_at, self.flush_every_s)):
             trainer.save_checkpoint(self.ckpt_path.with_suffix(".tmp"), weights_only=False)

@@ -35,7 +35,6 @@ if TYPE_CHECKING:  # the heavy modules load only once a config is known to be go
     from l2lab.module import L2Module
     from l2lab.regularization import L2Penalty
 
-UI_URL = "http://127.0.0.1:5000"  # `make ui`
 SWEEP_INFO = ".l2lab_sweep.json"  # written by l2lab.sweep.SweepCallback
 
 # conf/hydra/launcher/{ray,submitit_local}.yaml extend the plugins' schemas of the same name on
@@ -192,15 +191,18 @@ def epochs_done(ckpt: Path) -> int:
     return int(state.get("epoch", -1)) + 1
 
 
-def ui_url(client, run_id: str) -> str:
-    """The run's page in ``make ui`` (MLflow's UI on 127.0.0.1:5000 over the same store)."""
+def ui_url(client, run_id: str, tracking_uri: str | None = None) -> str:
+    """The run's page in the MLflow UI's training view: the tracking server's own UI, or
+    ``make ui`` (127.0.0.1:5000) over a local store."""
+    from l2lab import ui
+
     exp = client.get_run(run_id).info.experiment_id
-    return f"{UI_URL}/#/experiments/{exp}/runs/{run_id}"
+    return ui.run_url(ui.ui_base(tracking_uri), exp, run_id)
 
 
 def _summary(status: str, run_id: str, name: str, metrics: Mapping[str, float], epochs: int,
              output_dir: Path, url: str) -> str:
-    shown = "  ".join(f"{k}={metrics[k]:.4f}" for k in ("train/ce", "val/ce", "gap/ce")
+    shown = "  ".join(f"{k}={metrics[k]:.4f}" for k in ("train/ce", "val/ce", "gap/ce", "test/acc")
                       if k in metrics)
     return (f"l2lab: run {run_id} ({name}) {status} after {epochs} epochs: {shown}\n"
             f"       folder: {output_dir}\n       UI: {url}  (make ui)")
@@ -245,10 +247,10 @@ def log_selection(tracker: tr.RunTracker, penalty: L2Penalty,
                         "l2.num_params": str(penalty.num_params)}, tags=tags)
 
 
-def job_line(cfg: DictConfig, metrics: Mapping[str, float]) -> str:
-    """A sweep job's one line: its final numbers."""
-    shown = ("train/ce", "val/ce", "gap/ce", "val/acc")
-    return "  ".join([f"  -> {cfg.trainer.max_epochs} epochs"] + [
+def job_line(label: str, run_id: str, epochs: int, metrics: Mapping[str, float]) -> str:
+    """A sweep job's one line when it ends: its number and name, run id and final numbers."""
+    shown = ("train/ce", "val/ce", "gap/ce", "val/acc", "test/acc")
+    return "  ".join([f"l2lab: {label}: run {run_id[:8]}, {epochs} epochs"] + [
         f"{k}={metrics[k]:.4f}" for k in shown if k in metrics])
 
 
@@ -344,17 +346,16 @@ def train(cfg: DictConfig, *, overrides: Sequence[str] = (), output_dir: Path | 
         if ckpt is None:
             log_selection(tracker, module.penalty)
         # In a sweep, one line per job instead of one per epoch keeps the table readable.
-        metrics = fit(cfg, module, splits, tracker, output_dir, ckpt, echo=sweep is None)
+        metrics = fit(cfg, module, splits, tracker, output_dir, ckpt, echo=sweep is None,
+                      label=_job_label(name) if sweep else f"run {rid[:8]}")
         tracker.log_state_dict(module.net, "model/state_dict.pt")
         tracker.finish("FINISHED")
         epochs = int(cfg.trainer.max_epochs)
         if sweep:
-            shown = ("train/ce", "val/ce", "gap/ce", "val/acc")
-            say("  ".join([f"l2lab: {_job_label(name)}: run {rid[:8]}, {epochs} epochs"] + [
-                f"{k}={metrics[k]:.4f}" for k in shown if k in metrics]))
+            say(job_line(_job_label(name), rid, epochs, metrics))
         else:
             say(_summary("FINISHED", rid, name, metrics, epochs, output_dir,
-                         ui_url(client, rid)))
+                         ui_url(client, rid, cfg.tracking.uri)))
         return metrics
     except (KeyboardInterrupt, SystemExit) as e:
         _killed(client, [tracker], sweep, e)
@@ -395,7 +396,7 @@ def _reuse(client, found, exp: str, name: str, overrides: Sequence[str], sweep: 
     else:
         say(f"l2lab: reuse: run {src} ({found.data.tags.get('mlflow.runName', '')}) already "
             f"FINISHED with this config; not trained again.  {shown}\n"
-            f"       UI: {ui_url(client, src)}")
+            f"       UI: {ui_url(client, src, found.data.params.get('tracking.uri'))}")
     return metrics
 
 
@@ -407,16 +408,18 @@ def _flush_every_s(cfg: DictConfig) -> float:
 
 def _lightning_fit(cfg: DictConfig, module: L2Module, splits, recorder: pl.Callback,
                    train_batches, output_dir: Path, ckpt: Path | None = None,
-                   val_batch: int = 1024, tracker: tr.RunTracker | None = None):
+                   val_batch: int = 1024, tracker: tr.RunTracker | None = None,
+                   label: str = "run", jobs: int = 1):
     """One Lightning fit (and test, when the data has a test split) on tensors that live on the
     training device; returns the trainer. ``train_batches(splits, rank=, world=)`` makes the
     training batches (of this rank's shard of each global batch, under DDP)."""
     import pytorch_lightning as pl
 
-    from l2lab import distributed
+    from l2lab import distributed, progress
     from l2lab.data import TensorBatches
 
-    trainer = pl.Trainer(**distributed.trainer_kwargs(cfg), logger=False, callbacks=[recorder],
+    callbacks = [recorder, *progress.callbacks(label, jobs, int(cfg.trainer.max_epochs))]
+    trainer = pl.Trainer(**distributed.trainer_kwargs(cfg), logger=False, callbacks=callbacks,
                          default_root_dir=str(output_dir), enable_model_summary=False,
                          num_sanity_val_steps=0)
     splits = splits.to(trainer.strategy.root_device)
@@ -437,7 +440,7 @@ def _lightning_fit(cfg: DictConfig, module: L2Module, splits, recorder: pl.Callb
 
 
 def fit(cfg: DictConfig, module: L2Module, splits, tracker: tr.RunTracker, output_dir: Path,
-        ckpt: Path | None, echo: bool = True) -> dict[str, float]:
+        ckpt: Path | None, echo: bool = True, label: str = "run") -> dict[str, float]:
     """Lightning training of one network; returns its final metrics."""
     from l2lab.data import TensorBatches
     from l2lab.recorder import EpochRecorder
@@ -448,7 +451,7 @@ def fit(cfg: DictConfig, module: L2Module, splits, tracker: tr.RunTracker, outpu
     trainer = _lightning_fit(
         cfg, module, splits, recorder,
         lambda s, **shard: TensorBatches(*s.train, bs, shuffle=True, seed=seed, **shard),
-        output_dir, ckpt, tracker=tracker)
+        output_dir, ckpt, tracker=tracker, label=label)
     final = dict(recorder.last[1]) if recorder.last else {}
     if module.test_metrics:
         tracker.log_metrics(module.test_metrics, step=max(trainer.current_epoch - 1, 0))
@@ -459,13 +462,15 @@ def fit(cfg: DictConfig, module: L2Module, splits, tracker: tr.RunTracker, outpu
 # -- the vectorized path: K jobs as one stack --------------------------------------------------
 def train_group(cfgs: Sequence[DictConfig], overrides: Sequence[Sequence[str]],
                 output_dirs: Sequence[Path], *, sweep: Mapping | None = None,
-                max_models: int | None = None) -> list[dict[str, float] | BaseException]:
+                max_models: int | None = None, job_nums: Sequence[int] | None = None
+                ) -> list[dict[str, float] | BaseException]:
     """Train jobs whose configs differ only in λ, per-layer λ and seed as stacks of networks.
 
     Each job is its own MLflow run with everything an ordinary run records, plus the tag
     ``l2lab.vectorized_group``. A job rejected by validation, or whose loss diverges, ends FAILED
     with its reason while the others train on; Ctrl-C/SIGTERM ends every unfinished run KILLED.
-    Returns, per job, its final metrics or the exception that ended it.
+    Returns, per job, its final metrics or the exception that ended it; with ``job_nums`` (a
+    sweep's job numbers) each job's line is printed as it ends, as an ordinary sweep job's is.
     """
     import pytorch_lightning as pl
     import torch
@@ -515,13 +520,23 @@ def train_group(cfgs: Sequence[DictConfig], overrides: Sequence[Sequence[str]],
         if ids and not max_models:
             max_models = stacked.default_max_models(members[ids[0]].module.net, splits,
                                                     cfgs[ids[0]])
-        for start in range(0, len(ids), max_models or 1):
-            _fit_stack(cfgs, ids[start:start + max_models], members, splits, trackers, results,
-                       output_dirs)
+        step = max_models or 1
+        for start in range(0, len(ids), step):
+            label = f"stack {start // step + 1}/{-(-len(ids) // step)}"
+            _fit_stack(cfgs, ids[start:start + step], members, splits, trackers, results,
+                       output_dirs, label=label)
         for i, tracker in enumerate(trackers):
             if isinstance(results[i], dict):
                 tracker.log_state_dict(members[i].module.net, "model/state_dict.pt")
                 tracker.finish("FINISHED")
+        if job_nums is not None:  # each job's line, in job order, as ordinary sweep jobs say it
+            swept = sweep.get("swept") if sweep else None
+            for i, (cfg, ov, num) in enumerate(zip(cfgs, overrides, job_nums, strict=True)):
+                label, rid = f"#{num} {run_name(ov, cfg, swept)}", trackers[i].run_id
+                if isinstance(results[i], dict):
+                    say(job_line(label, rid, int(cfg.trainer.max_epochs), results[i]))
+                else:
+                    say(f"l2lab: {label}: run {rid[:8]} FAILED: {results[i]}", err=True)
         return results  # type: ignore[return-value]
     except (KeyboardInterrupt, SystemExit) as e:
         _killed(client, [t for t in trackers if not t.ended], sweep, e)
@@ -536,7 +551,7 @@ def train_group(cfgs: Sequence[DictConfig], overrides: Sequence[Sequence[str]],
 
 
 def _fit_stack(cfgs, ids: list[int], members, splits, trackers, results,
-               output_dirs: list[Path]) -> None:
+               output_dirs: list[Path], label: str = "stack") -> None:
     """One Lightning fit of the networks ``ids`` as one stack; fills ``results``."""
     from l2lab import stacked
     from l2lab.data import StackedBatches
@@ -558,7 +573,7 @@ def _fit_stack(cfgs, ids: list[int], members, splits, trackers, results,
     bs, seeds = int(cfg0.data.batch_size), [int(cfgs[i].seed) for i in ids]
     _lightning_fit(cfg0, module, splits, recorder,
                    lambda s, **_: StackedBatches(*s.train, bs, seeds), output_dirs[ids[0]],
-                   val_batch=stacked.val_batch_size(len(ids)))
+                   val_batch=stacked.val_batch_size(len(ids)), label=label, jobs=len(ids))
     module.unstack_into([members[i].module.net for i in ids])
     for k, i in enumerate(ids):
         if k in module.failures:
