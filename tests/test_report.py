@@ -240,8 +240,9 @@ def test_format_table(summary: pd.DataFrame) -> None:
     assert "0.870 ± 0.014" in marked[0]  # val/acc, 3 decimals
     assert "2.5 ± 0.7" in marked[0]  # best epoch, 1 decimal
     assert "[0.1759, 0.6841]" in marked[0]  # 0.43 ± 12.706 · 0.02
-    assert lines[-1].startswith("~ lowest mean val/ce: lam=0.001: not distinguishable from "
-                                "lam=0 with 2 seeds (p = 0.13, paired t-test); about 3 seeds "), lines[-1]
+    assert lines[-1].startswith(
+        "~ lowest mean val/ce: lam=0.001: not distinguishable from lam=0 with 2 seeds "
+        "(p = 0.13, paired t-test); about 3 seeds "), lines[-1]
     # Rows are in λ order and columns line up (fixed width).
     rows = lines[2:5]
     assert [r[2:].split()[0] for r in rows] == ["0", "0.001", "0.1"]
