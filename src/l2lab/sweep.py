@@ -161,7 +161,8 @@ class SweepCallback(Callback):
         uri = tr.resolve_uri(config.tracking.uri)
         client = tr.connect(uri)
         exp = tr.experiment_id(client, str(config.experiment_name), uri)
-        client.set_experiment_tag(exp, *next(iter(ui.EXPERIMENT_KIND.items())))
+        for key, value in ui.EXPERIMENT_KIND.items():  # also on experiments made before
+            client.set_experiment_tag(exp, key, value)
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         overrides = list(config.hydra.overrides.task)
