@@ -1,9 +1,13 @@
 # l2lab: `make sweep` runs the default lambda sweep, `make test` the test suite, `make ui` the
-# MLflow UI. Each bootstraps .venv first (re-installed when pyproject.toml is newer).
+# MLflow UI. Each bootstraps .venv first (re-installed when pyproject.toml is newer): `make sweep`
+# with what a CPU user needs (".[dev]": no Ray, submitit, Optuna or PostgreSQL driver), `make test`
+# with every extra (".[dev,all]") so that every test runs; each install has its own stamp, so
+# `make test` after `make sweep` adds the rest.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+STAMP_ALL := $(VENV)/.installed-all
 STORE  := sqlite:///$(CURDIR)/mlruns/mlflow.db
 PORT   ?= 5000
 
@@ -15,15 +19,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e ".[dev]"
 	touch $(STAMP)
 
+$(STAMP_ALL): $(STAMP)
+	$(BIN)/python -m pip install -e ".[dev,all]"
+	touch $(STAMP_ALL)
+
 venv: $(STAMP)
 
 sweep: $(STAMP)
 	$(BIN)/python -m l2lab.train -m experiment=lambda_sweep $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP_ALL)
 	$(BIN)/python -m pytest $(ARGS)
 
+# Prints the link to the latest experiment's runs in the training view, then serves the UI.
 ui: $(STAMP)
+	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-$(STORE)}" \
+		$(BIN)/python -m l2lab.ui --base http://127.0.0.1:$(PORT)
 	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-$(STORE)}" \
 		--host 127.0.0.1 --port $(PORT)
 

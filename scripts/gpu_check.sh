@@ -4,6 +4,21 @@
 # Exits non-zero when no GPU is visible (instead of "passing" with every GPU test skipped), when a
 # test fails, or when the benchmark fails.
 set -euo pipefail
+case "${1:-}" in
+    -h|--help)
+        cat <<'EOF'
+Usage: scripts/gpu_check.sh [extra l2lab.bench arguments]
+
+On a CUDA machine, one command: the GPU tests (pytest -m gpu), the harness-vs-plain-PyTorch
+benchmark on the GPU (python -m l2lab.bench --device cuda ARGS), and a 16-λ sweep benchmark,
+vectorized vs basic launcher (python -m l2lab.bench --sweep).
+
+Uses $PYTHON, else .venv/bin/python (made with `make venv` when missing).
+Exit status: 0 when all pass; 3 when torch sees no GPU (rather than passing with every GPU test
+skipped); non-zero when a test or a benchmark fails.
+EOF
+        exit 0 ;;
+esac
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
 [ -x "$PY" ] || { make venv >/dev/null && PY=.venv/bin/python; }

@@ -1,4 +1,5 @@
-"""Tests for l2lab.report: statistics checked against hand-computed numbers, figures as PNGs."""
+"""l2lab.stats, l2lab.figures and l2lab.report: statistics checked against hand-computed numbers
+and known answers, figures as PNGs, and the HTML report rendered by a real (headless) chromium."""
 
 from __future__ import annotations
 
@@ -6,12 +7,20 @@ import math
 import random
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
 
-from l2lab.report import STAT_COLUMNS, RunRecord, format_table, summarize, write_report
+from l2lab.report import ReportContext, write_report
+from l2lab.stats import (
+    STAT_COLUMNS,
+    RunRecord,
+    format_table,
+    mean_std_ci,
+    seeds_needed,
+    summarize,
+    verdict,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SQRT2 = math.sqrt(2.0)
@@ -88,9 +97,8 @@ def row(frame: pd.DataFrame, lam: float) -> pd.Series:
 
 
 def test_columns_and_order(summary: pd.DataFrame) -> None:
-    assert list(summary.columns) == ["regularization.lam", *STAT_COLUMNS]
+    assert list(summary.columns) == ["lam", *STAT_COLUMNS]  # one λ column, a number
     assert summary["lam"].tolist() == [0.0, 1e-3, 0.1]
-    assert summary["regularization.lam"].tolist() == ["0.0", "1e-3", "0.1"]
     assert summary["runs"].tolist() == [2, 2, 2]
     # r-fail never trained (no metrics): no part of any row; the KILLED run counts as failed
     assert summary["failed"].tolist() == [0, 0, 1]
@@ -102,6 +110,8 @@ def test_final_metric_means_and_sample_stds(summary: pd.DataFrame) -> None:
     assert r0["train/ce_std"] == pytest.approx(0.02 / SQRT2)
     assert r0["val/ce_mean"] == pytest.approx(0.62)
     assert r0["val/ce_std"] == pytest.approx(0.04 / SQRT2)
+    # 95% t-interval half-width, 1 degree of freedom: t = 12.706, s = 0.04/√2, n = 2
+    assert r0["val/ce_ci95"] == pytest.approx(12.7062 * 0.04 / SQRT2 / SQRT2, rel=1e-4)
     assert r0["gap/ce_mean"] == pytest.approx(0.51)
     assert r0["gap/ce_std"] == pytest.approx(0.02 / SQRT2)
     assert r0["val/acc_mean"] == pytest.approx(0.79)
@@ -144,7 +154,8 @@ def test_single_run_has_nan_std() -> None:
     assert r["val/ce_mean"] == pytest.approx(0.3)
     assert r["best_val_ce_mean"] == pytest.approx(0.25)
     assert r["best_epoch_mean"] == pytest.approx(1.0)
-    for col in ("train/ce_std", "val/ce_std", "gap/ce_std", "val/acc_std", "best_epoch_std"):
+    for col in ("train/ce_std", "val/ce_std", "gap/ce_std", "val/acc_std", "best_epoch_std",
+                "val/ce_ci95"):
         assert math.isnan(r[col])
 
 
@@ -182,9 +193,8 @@ def test_empty_groups_fall_back_to_lambda_and_gap_is_derived() -> None:
             )
         )
     frame = summarize(runs)
-    assert list(frame.columns) == ["regularization.lam", *STAT_COLUMNS]
+    assert list(frame.columns) == ["lam", *STAT_COLUMNS]
     assert frame["lam"].tolist() == [0.0, 0.1]
-    assert frame["regularization.lam"].tolist() == ["0.0", "0.1"]
     assert row(frame, 0.0)["gap/ce_mean"] == pytest.approx(0.65)  # (0.6 + 0.7) / 2
     assert math.isnan(row(frame, 0.0)["best_val_ce_mean"])  # no history recorded
     assert math.isnan(row(frame, 0.0)["val/acc_mean"])
@@ -200,7 +210,7 @@ def test_extra_group_keys_sorted_numerically() -> None:
         for seed in (1, 2)
     ]
     frame = summarize(runs)
-    assert list(frame.columns[:3]) == ["regularization.lam", "data.train_size", "lam"]
+    assert list(frame.columns[:3]) == ["lam", "data.train_size", "runs"]
     assert frame["lam"].tolist() == [0.0, 0.0, 0.01, 0.01]
     assert frame["data.train_size"].tolist() == ["500", "1000", "500", "1000"]
     assert frame["runs"].tolist() == [2, 2, 2, 2]
@@ -215,26 +225,27 @@ def test_format_table(summary: pd.DataFrame) -> None:
     lines = text.splitlines()
     header = lines[0]
     assert "lam" in header and "regularization." not in header
-    for col in ("runs", "train/ce", "val/ce", "gap/ce", "val/acc", "best val/ce", "best epoch"):
+    for col in ("runs", "train/ce", "val/ce", "gap/ce", "val/acc", "best val/ce", "best epoch",
+                "val/ce 95% CI"):
         assert col in header
+    assert "test/acc" not in header  # no run has a test split
     assert "FAILED  lam=1e-3 seed=3  (r-fail): CUDA out of memory" in text
     assert "KILLED  lam=0.1 seed=3  (r-0.1-3): no reason recorded" in text
 
-    starred = [ln for ln in lines if ln.startswith("*") and "lowest" not in ln]
-    assert len(starred) == 1 and "1e-3" in starred[0]
-    assert "0.4300 ± 0.0283" in starred[0]  # val/ce
-    assert "0.870 ± 0.014" in starred[0]  # val/acc, 3 decimals
-    assert "2.5 ± 0.7" in starred[0]  # best epoch, 1 decimal
-    # 0.62 - 0.43 = 0.19 > hypot(0.0283, 0.0283) = 0.04: a clear best
-    assert lines[-1] == ("* lowest mean val/ce: lam=1e-3 (clear: 0.1900 below the next "
-                         "(lam=0.0), more than their combined std 0.0400)")
+    # Paired over seeds 1 and 2, λ=1e-3 beats λ=0 by (0.15, 0.23) and λ=0.1 by (0.40, 0.54): with
+    # two seeds neither difference is significant at 5% (p = 0.13 and 0.094): marked "~".
+    marked = [ln for ln in lines if ln.startswith("~") and "lowest" not in ln]
+    assert len(marked) == 1 and "0.001" in marked[0]
+    assert "0.4300 ± 0.0283" in marked[0]  # val/ce
+    assert "0.870 ± 0.014" in marked[0]  # val/acc, 3 decimals
+    assert "2.5 ± 0.7" in marked[0]  # best epoch, 1 decimal
+    assert "[0.1759, 0.6841]" in marked[0]  # 0.43 ± 12.706 · 0.02
+    assert lines[-1].startswith(
+        "~ lowest mean val/ce: lam=0.001: not distinguishable from lam=0 with 2 seeds "
+        "(p = 0.13, paired t-test); about 3 seeds "), lines[-1]
     # Rows are in λ order and columns line up (fixed width).
-    rows = [ln for ln in lines[2:5]]
-    assert [r.split()[1] if r.startswith("*") else r.split()[0] for r in rows] == [
-        "0.0",
-        "1e-3",
-        "0.1",
-    ]
+    rows = lines[2:5]
+    assert [r[2:].split()[0] for r in rows] == ["0", "0.001", "0.1"]
     assert len({len(r) for r in [header, *rows]}) == 1
 
 
@@ -243,8 +254,8 @@ def test_format_table_single_run_and_all_failed() -> None:
     text = format_table(summarize(one), one)
     assert "0.3000" in text and "±" not in text
     assert "FAILED" not in text
-    assert text.splitlines()[-1] == ("* lowest mean val/ce: lam=0.01 (the only row with "
-                                     "finished runs)")
+    assert text.splitlines()[-1] == ("* lowest mean val/ce: lam=0.01: the only row with "
+                                     "finished runs")
 
     failed = [
         RunRecord("a", "lam=0 seed=1", "FAILED", {"regularization.lam": "0.0"}, 0.0, 1, "boom"),
@@ -257,16 +268,111 @@ def test_format_table_single_run_and_all_failed() -> None:
     assert not [ln for ln in text.splitlines() if ln.startswith("*") and "lowest" not in ln]
 
 
+# --------------------------------------------------------------------------- the verdict
+
+
+def paired_rows(values: dict[str, list[float]]) -> list[RunRecord]:
+    """One run per (λ, seed) with the given final val/ce per seed."""
+    return [make_run(lam, seed, 0.1, v, 0.9, [v]) for lam, vals in values.items()
+            for seed, v in enumerate(vals)]
+
+
+def test_t_interval_matches_the_textbook() -> None:
+    mean, std, half = mean_std_ci([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert (mean, std) == (3.0, pytest.approx(math.sqrt(2.5)))
+    assert half == pytest.approx(2.7764451 * math.sqrt(2.5) / math.sqrt(5))  # t(0.975, 4)
+    assert all(math.isnan(x) for x in mean_std_ci([1.0])[1:])
+
+
+def test_a_consistent_difference_is_clear_when_paired() -> None:
+    """Each seed's offset is shared by every λ (same init): the spread over seeds (0.1) is 50×
+    the difference (0.01), yet the per-seed differences are all 0.01 ± 0.001 — clear, where
+    mean ± std would call it noise."""
+    offsets = [0.0, 0.1, -0.1, 0.2, -0.2]
+    diffs = [0.010, 0.011, 0.009, 0.010, 0.0105]
+    runs = paired_rows({"0.1": [0.4 + o for o in offsets],
+                        "1.0": [0.4 + o + d for o, d in zip(offsets, diffs, strict=True)],
+                        "3.0": [0.9 + o for o in offsets]})
+    summary = summarize(runs)
+    ver = verdict(summary, runs)
+    assert (ver.best, ver.rival, ver.clear, ver.seeds) == (0, 1, True, 5)
+    d = np.array(diffs)
+    t = d.mean() / (d.std(ddof=1) / math.sqrt(5))
+    from scipy import stats
+
+    assert ver.p == pytest.approx(2 * stats.t.sf(t, 4))
+    assert ver.p < 1e-4
+    assert ver.text.startswith(f"clear (p = {ver.p:.2g}, paired t-test over 5 seeds against "
+                               "lam=1, the closest)")
+    last = format_table(summary, runs).splitlines()[-1]
+    assert last.startswith("* lowest mean val/ce: lam=0.1: clear (p = ")
+
+
+def test_an_inconsistent_difference_is_not_distinguishable_and_says_how_many_seeds() -> None:
+    # differences +0.02, -0.01, +0.015 (mean 0.00833, sd 0.01607): t = 0.898, 2 df, p = 0.464
+    runs = paired_rows({"0.1": [0.40, 0.42, 0.41], "0.3": [0.42, 0.41, 0.425]})
+    ver = verdict(summarize(runs), runs)
+    assert (ver.best, ver.clear, ver.seeds) == (0, False, 3)
+    assert ver.p == pytest.approx(0.4640, abs=1e-4)
+    # power 0.8 at α = 0.05 for effect size 0.00833/0.01607 = 0.52: 32 pairs (noncentral t)
+    assert ver.seeds_needed == seeds_needed(0.025 / 3, np.std([0.02, -0.01, 0.015], ddof=1))
+    assert 28 <= ver.seeds_needed <= 34
+    assert ver.text == (f"not distinguishable from lam=0.3 with 3 seeds (p = 0.46, paired "
+                        f"t-test); about {ver.seeds_needed} seeds would tell")
+
+
+def test_seeds_needed_known_values() -> None:
+    # Cohen's d = 1 needs 10 pairs for power 0.8 at α = 0.05 (two-sided paired t-test; G*Power)
+    assert seeds_needed(1.0, 1.0) == 10
+    assert seeds_needed(0.5, 1.0) == 34
+    assert seeds_needed(0.0, 1.0) is None and seeds_needed(1e-6, 1.0) is None
+    assert seeds_needed(0.1, 0.0) == 2
+
+
+def test_the_closest_rival_decides_and_one_seed_cannot_be_tested() -> None:
+    # λ=1 is further in mean than λ=0.3 but far noisier: it is the one the best is hardest to
+    # tell from, so it decides (largest p)
+    runs = paired_rows({"0.1": [0.40, 0.41, 0.42], "0.3": [0.45, 0.46, 0.47],
+                        "1.0": [0.30, 0.60, 0.52]})
+    ver = verdict(summarize(runs), runs)
+    assert ver.rival == 2 and not ver.clear
+
+    single = paired_rows({"0.01": [0.40], "0.1": [0.9]})
+    ver = verdict(summarize(single), single)
+    assert not ver.clear and ver.text.startswith("not distinguishable with 1 seed: a test needs")
+
+
+def test_unpaired_seeds_fall_back_to_welch() -> None:
+    runs = [make_run("0.1", s, 0.1, v, 0.9, [v]) for s, v in [(0, 0.40), (1, 0.41), (2, 0.39)]]
+    runs += [make_run("1.0", s, 0.1, v, 0.9, [v]) for s, v in [(5, 0.60), (6, 0.61), (7, 0.62)]]
+    ver = verdict(summarize(runs), runs)
+    assert ver.clear and "Welch t-test" in ver.text
+
+
+def test_test_metrics_get_a_column_and_lambda_prints_at_four_digits() -> None:
+    runs = [make_run("0.012345678901234567", s, 0.1, 0.4 + s / 100, 0.9, [0.5]) for s in (0, 1)]
+    for r, acc in zip(runs, (0.61, 0.63), strict=True):
+        r.final.update({"test/acc": acc, "test/ce": 1.2})
+    summary = summarize(runs)
+    assert summary["test/acc_mean"].item() == pytest.approx(0.62)
+    text = format_table(summary, runs)
+    assert "test/acc" in text.splitlines()[0] and "0.620 ± 0.014" in text
+    assert "0.01235" in text and "0.012345678" not in text
+
+
+# --------------------------------------------------------------------------- files
+
+
 def assert_report(paths: dict[str, Path], out_dir: Path) -> None:
-    assert set(paths) == {"summary", "lambda_curve", "learning_curves", "weight_norms"}
+    assert set(paths) == {"summary", "lambda_curve", "learning_curves", "weight_norms", "report"}
     assert paths["summary"] == out_dir / "summary.csv"
+    assert paths["report"] == out_dir / "index.html"
     for key in ("lambda_curve", "learning_curves", "weight_norms"):
         path = paths[key]
         assert path == out_dir / "figures" / f"{key}.png"
         data = path.read_bytes()
         assert data.startswith(PNG_SIGNATURE)
         assert len(data) > 5_000
-    assert plt.get_fignums() == []  # every figure was closed
 
 
 def test_write_report_roundtrip(tmp_path: Path) -> None:
@@ -278,10 +384,7 @@ def test_write_report_roundtrip(tmp_path: Path) -> None:
     expected = summarize(runs)
     back = pd.read_csv(paths["summary"])
     assert list(back.columns) == list(expected.columns)
-    np.testing.assert_allclose(
-        back["regularization.lam"].astype(float), expected["lam"], rtol=0, atol=0
-    )
-    numeric = list(STAT_COLUMNS)
+    numeric = ["lam", *STAT_COLUMNS]
     np.testing.assert_allclose(
         back[numeric].to_numpy(dtype=float),
         expected[numeric].to_numpy(dtype=float),
@@ -304,6 +407,7 @@ def test_write_report_all_failed(tmp_path: Path) -> None:
     assert_report(paths, tmp_path)
     back = pd.read_csv(paths["summary"])
     assert back.empty  # neither run trained an epoch: no rows, and placeholder figures
+    assert "No finished runs" in paths["report"].read_text()
 
 
 def test_write_report_zero_lambda_only_and_extra_keys(tmp_path: Path) -> None:
@@ -318,35 +422,98 @@ def test_write_report_zero_lambda_only_and_extra_keys(tmp_path: Path) -> None:
     assert_report(write_report(extra, tmp_path / "extra"), tmp_path / "extra")
 
 
+def test_many_lambdas_and_mixed_configs_draw_without_warnings(tmp_path: Path) -> None:
+    """30 λ (a colour bar instead of a 30-entry legend) and a compare over two training sizes:
+    constrained layout, no tight_layout warning, nothing printed."""
+    import warnings
+
+    lams = [f"{x:.6g}" for x in [0.0, *np.logspace(-4, 1, 29)]]
+    many = [make_run(lam, s, 0.1 + float(lam), 0.5 + (float(lam) - 0.3) ** 2, 0.8,
+                     [0.9, 0.6, 0.5]) for lam in lams for s in (0, 1)]
+    mixed = [make_run(lam, s, 0.3, 0.5 + float(lam), 0.8, [0.6, 0.5],
+                      extra_group={"data.train_size": n, "optimizer.lr": lr})
+             for lam in ("0.0", "0.01", "0.1") for n in ("200", "1000") for lr in ("0.05", "0.1")
+             for s in (0, 1)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_report(write_report(many, tmp_path / "many"), tmp_path / "many")
+        assert_report(write_report(mixed, tmp_path / "mixed"), tmp_path / "mixed")
+    assert len(pd.read_csv(tmp_path / "many" / "summary.csv")) == 30
+
+
 def test_write_report_empty(tmp_path: Path) -> None:
     paths = write_report([], tmp_path)
     assert_report(paths, tmp_path)
     assert "no runs" in format_table(summarize([]), [])
 
 
-def _two_rows(best: tuple[float, float, float], nxt: tuple[float, float, float]) -> list:
-    """Two λ with two seeds each: (mean-ish) val/ce values chosen per seed."""
-    runs = []
-    for lam, vals in (("0.01", best), ("0.1", nxt)):
-        for seed, v in enumerate(vals[:2]):
-            runs.append(make_run(lam, seed, 0.1, v, 0.9, [v]))
-    return runs
+def test_figures_module_leaves_the_backend_alone() -> None:
+    import subprocess
+    import sys
+
+    code = ("import matplotlib; matplotlib.use('svg'); import l2lab.report, l2lab.figures; "
+            "print(matplotlib.get_backend())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "svg"
 
 
-def test_best_row_is_clear_only_beyond_the_combined_std() -> None:
-    noisy = _two_rows((0.40, 0.50, 0), (0.46, 0.48, 0))  # means 0.45 vs 0.47, stds 0.07, 0.014
-    text = format_table(summarize(noisy), noisy)
-    last = text.splitlines()[-1]
-    assert last.startswith("~ lowest mean val/ce: lam=0.01 (within noise: 0.0200 below the next "
-                           "(lam=0.1), not more than their combined std 0.0721)"), last
-    assert not [ln for ln in text.splitlines() if ln.startswith("*")]
-    assert [ln for ln in text.splitlines() if ln.startswith("~")][0].split()[1] == "0.01"
+# --------------------------------------------------------------------------- the HTML report
 
-    clear = _two_rows((0.40, 0.41, 0), (0.50, 0.52, 0))
-    last = format_table(summarize(clear), clear).splitlines()[-1]
-    assert last.startswith("* lowest mean val/ce: lam=0.01 (clear: 0.1050 below"), last
 
-    single = [make_run("0.01", 0, 0.1, 0.40, 0.9, [0.4]), make_run("0.1", 0, 0.1, 0.9, 0.9, [0.9])]
-    last = format_table(summarize(single), single).splitlines()[-1]
-    assert last.startswith("~ lowest mean val/ce: lam=0.01 (not a clear winner") and \
-        "no seed-to-seed std" in last
+def report_html(tmp_path: Path) -> tuple[dict[str, Path], list[RunRecord]]:
+    runs = sweep_runs()
+    for r in runs:
+        r.experiment_id = "7"
+    ctx = ReportContext(title="λ sweep s1 (digits-mlp)", ui_base="http://127.0.0.1:5000",
+                        parent=("7", "p" * 32), commands=["python -m l2lab.train -m 'seed=0,1'"])
+    return write_report(runs, tmp_path, ctx), runs
+
+
+def test_report_html_is_self_contained_with_links_and_command(tmp_path: Path) -> None:
+    paths, runs = report_html(tmp_path)
+    text = paths["report"].read_text()
+    assert text.count('src="data:image/png;base64,') == 3  # embedded: one file to open or mail
+    assert 'src="http' not in text and "<script" not in text
+    link = ("http://127.0.0.1:5000/#/experiments/7/runs/r-1e-3-1?workflowType=machine_learning")
+    assert f'href="{link}"' in text
+    assert "/runs/pppppppppppppppppppppppppppppppp?workflowType=machine_learning" in text
+    assert "compareRunsMode=CHART" in text
+    assert "python -m l2lab.train -m &#x27;seed=0,1&#x27;" in text
+    assert "not distinguishable from λ = 0 with 2 seeds" not in text  # labels are the table's
+    assert "not distinguishable from lam=0 with 2 seeds" in text
+    assert "CUDA out of memory" in text
+
+
+chromium = pytest.mark.skipif(
+    __import__("browser").chromium_path() is None,
+    reason="headless chromium is not installed (apt-get install chromium; .ci/run does)")
+
+
+@chromium
+def test_report_renders_in_a_real_browser(tmp_path: Path) -> None:
+    """Headless chromium opens the report from disk: the table has one row per λ with its
+    interval, the three figures are decoded images, the verdict and the command are shown."""
+    from browser import Browser
+
+    paths, _ = report_html(tmp_path)
+    with Browser() as b:
+        b.goto(paths["report"].as_uri())
+        b.wait_for("document.readyState === 'complete' && "
+                   "[...document.images].every(i => i.complete)", timeout=60)
+        rows = b.evaluate("[...document.querySelectorAll('#summary tbody tr')]"
+                          ".map(r => [...r.cells].map(c => c.innerText.replace(/\\n/g, ' ')))")
+        images = b.evaluate("[...document.images].map(i => [i.id, i.naturalWidth, "
+                            "i.naturalHeight])")
+        verdict_text = b.evaluate("document.getElementById('verdict').innerText")
+        command = b.evaluate("document.getElementById('command').innerText")
+        b.screenshot(tmp_path / "report.png")
+    assert [r[0] for r in rows] == ["0", "0.001", "0.1"]
+    assert rows[1][2].startswith("0.3200") and "[" in rows[1][2]  # train/ce with its interval
+    assert rows[1][-1] == "seed 1, seed 2"  # seed 3 never trained: listed below, no row
+    assert rows[2][-1] == "seed 1, seed 2, seed 3 (KILLED)"
+    assert {i[0] for i in images} == {"lambda_curve", "learning_curves", "weight_norms"}
+    assert all(w > 600 and h > 300 for _, w, h in images), images
+    assert "Lowest mean final val/ce: λ = 0.001: not distinguishable" in verdict_text
+    assert command == "python -m l2lab.train -m 'seed=0,1'"
+    assert (tmp_path / "report.png").read_bytes().startswith(PNG_SIGNATURE)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,6 @@ from mlflow.tracking import MlflowClient
 
 from hydra_plugins.l2lab_launchers.vectorized_launcher import group_key, plan
 from l2lab import reproduce
-from l2lab import tracking as tr
 from l2lab.data import StackedBatches, TensorBatches
 from l2lab.train import train
 
@@ -125,7 +125,10 @@ def test_vectorized_sweep_records_every_job_and_its_faults(tmp_path):
         steps = [s for s, _ in _history(client, c.info.run_id, "train/loss")]
         assert steps == list(range(len(steps)))
     assert "lam=-1" in r.stdout and "summary" not in r.stderr.lower()
-    assert all(f"#{i} :" in r.stdout + r.stderr for i in range(8))
+    # every job's own line, with its run id, without Hydra's prefix
+    assert all(re.search(rf"^l2lab: #{i} lam=\S+ seed=\d: run [0-9a-f]{{8}}", r.stdout + r.stderr,
+                         re.M) for i in range(8)), r.stdout + r.stderr
+    assert "[HYDRA] \t#" not in r.stdout + r.stderr
     # the table and summary are built from the children as for any sweep
     assert client.list_artifacts(parent.info.run_id, "figures")
     # reproduce --check re-runs a stacked job as a stack of one: on CPU exactly its numbers

@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     runs, repeats = rs.drop_repeats(runs)
     out = args.out or Path("reports") / label
-    table, paths, _ = summarize_runs(client, runs, out, name_rejected=False)
+    context = report_context(client, runs, label, uri, argv)
+    table, paths, _ = summarize_runs(client, runs, out, name_rejected=False, context=context)
     print(f"{len(runs)} runs ({label}) from {uri}\n\n{table}")
     if repeats:
         kinds = sorted({"reproduction" if rs.REPRODUCED_TAG in r.data.tags else "reuse listing"
@@ -96,9 +97,38 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Left out {len(repeats)} run(s) that repeat a selected run ({' / '.join(kinds)}: "
               f"same config and seed, not an extra seed): "
               f"{', '.join(r.info.run_id[:8] for r in repeats)}\n")
-    print(f"Summary: {paths['summary']}\nFigures: {paths['lambda_curve'].parent}")
+    print(f"Report:  {paths['report']}\nSummary: {paths['summary']}\n"
+          f"Figures: {paths['lambda_curve'].parent}")
     return 0
 
+
+def report_context(client, runs: list, label: str, uri: str, argv: list[str] | None):
+    """The HTML report's title, UI links and commands: this comparison, and the command of each
+    sweep whose runs are in it (from its parent run's overrides and git commit)."""
+    import json
+    import shlex
+
+    from l2lab import ui
+    from l2lab.report import ReportContext
+    from l2lab.sweep import reproduce_command
+
+    args = sys.argv[1:] if argv is None else argv
+    commands = [" ".join(["python -m l2lab.compare", *map(shlex.quote, args)])]
+    parents = sorted({r.data.tags["mlflow.parentRunId"] for r in runs
+                      if "mlflow.parentRunId" in r.data.tags})
+    shown = None
+    for pid in parents[:20]:
+        try:
+            parent = client.get_run(pid)
+        except Exception:  # a deleted parent: the runs are still compared
+            continue
+        tags = parent.data.tags
+        overrides = json.loads(tags.get("l2lab.overrides", "[]"))
+        commands.append(f"# sweep {tags.get('l2lab.sweep_id', pid)}:")
+        commands += reproduce_command(overrides, tags.get("mlflow.source.git.commit"))
+        shown = (parent.info.experiment_id, pid) if len(parents) == 1 else None
+    return ReportContext(title=f"l2lab compare: {label}", ui_base=ui.ui_base(uri),
+                         parent=shown, commands=commands)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
+from collections.abc import Mapping
 
 log = logging.getLogger("l2lab")
+SHOWN = ("train/ce", "val/ce", "gap/ce", "val/acc", "test/acc")  # a job's line
 
 
 def quiet_libraries() -> None:
@@ -31,3 +33,9 @@ def say(message: str, *, err: bool = False) -> None:
     (Hydra's job logging sends INFO records to the file only)."""
     print(message, file=sys.stderr if err else sys.stdout, flush=True)
     log.info(message)
+
+
+def job_line(label: str, run_id: str, epochs: int, metrics: Mapping[str, float]) -> str:
+    """A sweep job's one line when it ends: its number and name, run id and final numbers."""
+    return "  ".join([f"l2lab: {label}: run {run_id[:8]}, {epochs} epochs"] + [
+        f"{k}={metrics[k]:.4f}" for k in SHOWN if k in metrics])

@@ -115,20 +115,22 @@ def stack(cfg: DictConfig, members: Sequence[Member]) -> L2Module:
 
 # -- fitting ------------------------------------------------------------------------------------
 def lightning_fit(cfg: DictConfig, module: L2Module, splits, recorder, seeds: Sequence[int],
-                  output_dir: Path, ckpt: Path | None = None, tracker: Any = None) -> None:
+                  output_dir: Path, ckpt: Path | None = None, tracker: Any = None,
+                  label: str = "run") -> None:
     """One Lightning fit of a stack (and its test, when the data has a test split), on tensors
     that live on the training device. Under ``trainer.devices=N`` rank 0 starts the other ranks
     here and each takes its shard of every global batch."""
     import pytorch_lightning as pl
 
-    from l2lab import distributed
+    from l2lab import distributed, progress
     from l2lab.console import quiet_libraries
     from l2lab.data import StackedBatches, TensorBatches
     from l2lab.stacked import val_batch_size
 
     quiet_libraries()  # again: importing Lightning puts its INFO chatter back
 
-    trainer = pl.Trainer(**distributed.trainer_kwargs(cfg), logger=False, callbacks=[recorder],
+    callbacks = [recorder, *progress.callbacks(label, module.k, int(cfg.trainer.max_epochs))]
+    trainer = pl.Trainer(**distributed.trainer_kwargs(cfg), logger=False, callbacks=callbacks,
                          default_root_dir=str(output_dir), enable_model_summary=False,
                          num_sanity_val_steps=0)
     splits = splits.to(trainer.strategy.root_device)
@@ -244,7 +246,8 @@ def save_weights(writer, job: Job, net: torch.nn.Module) -> None:
 
 def train_jobs(jobs: Sequence[Job], *, sweep: Mapping | None = None,
                max_models: int | None = None, vectorized: bool = False,
-               echo: bool = False, on_open: Callable[[Job], None] | None = None) -> None:
+               echo: bool = False, on_open: Callable[[Job], None] | None = None,
+               label: str = "run") -> None:
     """Train ``jobs`` (configs that differ at most in λ, per-layer λ and seed) as stacks of at
     most ``max_models`` networks; fills each job's ``result`` with its final metrics or the
     exception that ended it. One job is an ordinary run.
@@ -296,8 +299,10 @@ def train_jobs(jobs: Sequence[Job], *, sweep: Mapping | None = None,
 
                 max_models = default_max_models(members[id(ready[0])].net, splits, ready[0].cfg)
             size = max(1, max_models or 1)
+            stacks = -(-len(ready) // size)
             for start in range(0, len(ready), size):
-                _fit_stack(ready[start:start + size], members, splits, writer, vectorized, echo)
+                _fit_stack(ready[start:start + size], members, splits, writer, vectorized, echo,
+                           f"stack {start // size + 1}/{stacks}" if vectorized else label)
             done = [j for j in ready if isinstance(j.result, dict)]
             for job in done:
                 save_weights(writer, job, members[id(job)].net)
@@ -319,7 +324,7 @@ def train_jobs(jobs: Sequence[Job], *, sweep: Mapping | None = None,
 
 
 def _fit_stack(jobs: Sequence[Job], members: Mapping[int, Member], splits, writer,
-               vectorized: bool, echo: bool) -> None:
+               vectorized: bool, echo: bool, label: str) -> None:
     """One Lightning fit of ``jobs`` as one stack; fills each job's ``result``."""
     from l2lab.module import NonFiniteLossError
     from l2lab.recorder import Recorder
@@ -337,7 +342,7 @@ def _fit_stack(jobs: Sequence[Job], members: Mapping[int, Member], splits, write
                         flush_every_s=flush_every_s(cfg0), writer=writer)
     ckpt = jobs[0].ckpt if len(jobs) == 1 else None
     lightning_fit(cfg0, module, splits, recorder, [int(j.cfg.seed) for j in jobs],
-                  jobs[0].output_dir, ckpt, tracker=jobs[0].tracker)
+                  jobs[0].output_dir, ckpt, tracker=jobs[0].tracker, label=label)
     unstack_into(module, [members[id(j)].net for j in jobs])
     for k, job in enumerate(jobs):
         if k in module.failures:
@@ -358,11 +363,13 @@ def _fit_stack(jobs: Sequence[Job], members: Mapping[int, Member], splits, write
 
 def train_group(cfgs: Sequence[DictConfig], overrides: Sequence[Sequence[str]],
                 output_dirs: Sequence[Path], *, sweep: Mapping | None = None,
-                max_models: int | None = None) -> list[dict[str, float] | BaseException]:
+                max_models: int | None = None, job_nums: Sequence[int] | None = None
+                ) -> list[dict[str, float] | BaseException]:
     """Train jobs whose configs differ only in λ, per-layer λ and seed as stacks of networks
     (the vectorized launcher's groups). Each job is its own MLflow run with everything an
     ordinary run records, plus the tag ``l2lab.vectorized_group``. Returns, per job, its final
-    metrics or the exception that ended it."""
+    metrics or the exception that ended it; with ``job_nums`` (a sweep's job numbers) each job's
+    line is printed, in job order, as an ordinary sweep job says it."""
     from l2lab.console import quiet_libraries
 
     quiet_libraries()
@@ -372,5 +379,14 @@ def train_group(cfgs: Sequence[DictConfig], overrides: Sequence[Sequence[str]],
     for job in jobs:
         job.name = run_name(job.overrides, job.cfg, swept)
     train_jobs(jobs, sweep=sweep, max_models=max_models, vectorized=True)
+    if job_nums is not None:
+        from l2lab.console import job_line, say
+
+        for job, num in zip(jobs, job_nums, strict=True):
+            label, rid = f"#{num} {job.name}", job.tracker.run_id
+            if isinstance(job.result, dict):
+                say(job_line(label, rid, int(job.cfg.trainer.max_epochs), job.result))
+            else:
+                say(f"l2lab: {label}: run {rid[:8]} FAILED: {job.result}", err=True)
     return [job.result for job in jobs]  # type: ignore[misc]
 

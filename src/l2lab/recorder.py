@@ -16,6 +16,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from l2lab import progress
 from l2lab.stacked import member_checkpoints
 from l2lab.tracking import RunTracker
 
@@ -113,8 +114,8 @@ class Recorder(pl.callbacks.Checkpoint):
                 self.buffers[k].add(epoch, metrics)
         if self.echo and pl_module.epoch_metrics and pl_module.epoch_metrics[0]:
             m = pl_module.epoch_metrics[0]
-            print(f"epoch {epoch:3d}  " + "  ".join(f"{k}={m[k]:.4f}" for k in ECHOED if k in m),
-                  flush=True)
+            progress.echo(f"epoch {epoch:3d}  " +  # above a live progress bar
+                          "  ".join(f"{k}={m[k]:.4f}" for k in ECHOED if k in m))
         for k, reason in pl_module.failures.items():
             if not self.trackers[k].ended:
                 self.buffers[k].flush()

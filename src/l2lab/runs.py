@@ -212,8 +212,9 @@ def varying_keys(runs: Iterable) -> list[str]:
 
 
 def load_records(client, runs: Iterable) -> list:
-    """MLflow runs -> ``report.RunRecord`` (final values and the histories the figures need)."""
-    from l2lab.report import RunRecord
+    """MLflow runs -> ``stats.RunRecord`` (final values, test/* included, and the histories the
+    figures need)."""
+    from l2lab.stats import RunRecord
 
     runs = list(runs)
     keys = varying_keys(runs)
@@ -235,5 +236,6 @@ def load_records(client, runs: Iterable) -> list:
             run_id=run.info.run_id, name=tags.get("mlflow.runName", run.info.run_id),
             status=run.info.status, group=group, lam=lam,
             seed=int(params.get("seed", 0) or 0), failure=tags.get("l2lab.failure"),
-            final=dict(run.data.metrics), history=history))
+            final=dict(run.data.metrics), history=history,
+            experiment_id=run.info.experiment_id))
     return records

@@ -34,16 +34,45 @@ def sweep_children(client, info: dict) -> list:
         max_results=10_000, order_by=["attributes.start_time ASC"])
 
 
-def summarize_runs(client, runs: list, out_dir: Path, *,
-                   name_rejected: bool = True) -> tuple[str, dict[str, Path], list]:
-    """Table text, written files and records for a set of runs (shared with ``compare``)."""
+def summarize_runs(client, runs: list, out_dir: Path, *, name_rejected: bool = True,
+                   context=None) -> tuple[str, dict[str, Path], list]:
+    """Table text, written files (``summary.csv``, figures, ``index.html``) and records for a set
+    of runs (shared with ``compare``)."""
     from l2lab import report
     from l2lab.runs import load_records
 
     records = load_records(client, runs)
-    paths = report.write_report(records, out_dir)
+    paths = report.write_report(records, out_dir, context)
     table = report.format_table(report.summarize(records), records, name_rejected=name_rejected)
     return table, paths, records
+
+
+def reproduce_command(overrides: list[str], commit: str | None = None) -> list[str]:
+    """The shell lines that run a sweep again: its overrides, quoted, at its git commit."""
+    import shlex
+
+    lines = [f"git checkout {commit}"] if commit else []
+    return lines + [" ".join(["python -m l2lab.train -m", *map(shlex.quote, overrides)])]
+
+
+def description(sweep_id: str, exp: str, parent: str, base: str, verdict: str = "") -> str:
+    """The parent run's description (MLflow's ``mlflow.note.content``, Markdown): where the
+    report is, and how to chart val/ce against λ in the UI itself."""
+    from l2lab import ui
+
+    head = f"**Best λ**: {verdict}\n\n" if verdict else ""
+    return (
+        f"{head}λ sweep `{sweep_id}`. **Report**: Artifacts → `report/index.html` (the table "
+        f"with 95% intervals over seeds, the figures, the verdict, links to every run): "
+        f"[open it]({ui.run_url(base, exp, parent, 'report/index.html')}). The figures are "
+        f"under `figures/`, the numbers in `summary.csv`.\n\n"
+        f"**val/ce against λ in this UI**: open the runs' "
+        f"[chart view]({ui.runs_url(base, exp, chart=True)}); in the runs list on the left, "
+        f"expand this sweep (⊞ next to `sweep {sweep_id}`) so that its children are charted, "
+        f"and show them all (the eye menu above the list: only the first 10 are drawn by "
+        f"default); then *Add chart* → *Scatter chart*, X axis `regularization.lam` "
+        f"(a param), Y axis `val/ce` (a metric). Line charts of `val/ce` against step are the "
+        f"learning curves, one line per run.")
 
 
 def swept_keys(overrides: list[str], sweeper_params: Mapping) -> list[str]:
@@ -94,6 +123,33 @@ def optuna_best(sweep_dir: Path) -> dict | None:
     return data if "best_params" in data else None
 
 
+def _quiet_optuna() -> None:
+    """Optuna logs through colorlog, which writes colour codes whatever the stream: raw ANSI
+    escapes in a log file or a CI log. Plain lines unless stderr is a terminal."""
+    import logging
+    import sys as _sys
+
+    if "optuna" not in _sys.modules and not _optuna_sweeper():
+        return
+    try:
+        import optuna
+    except ImportError:
+        return
+    if _sys.stderr.isatty():
+        return
+    for handler in logging.getLogger(optuna.__name__).handlers:
+        handler.setFormatter(logging.Formatter("[%(levelname)1.1s %(asctime)s] %(message)s"))
+
+
+def _optuna_sweeper() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return "optuna" in str(HydraConfig.get().sweeper.get("_target_", ""))
+    except (ValueError, AttributeError):
+        return False
+
+
 class SweepCallback(Callback):
     @_exit_on_error
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -107,58 +163,82 @@ class SweepCallback(Callback):
             if store.credentials():
                 os.environ.setdefault(store.RAY_HOOK, "l2lab.store.ray_runtime_env")
         from l2lab import tracking as tr
+        from l2lab import ui
         from l2lab.console import quiet_libraries
 
         quiet_libraries()
+        _quiet_optuna()
         client = tr.connect(uri)
         exp = tr.experiment_id(client, str(config.experiment_name), uri)
+        for key, value in ui.EXPERIMENT_KIND.items():  # also on experiments made before
+            client.set_experiment_tag(exp, key, value)
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         overrides = list(config.hydra.overrides.task)
         swept = swept_keys(overrides, config.hydra.sweeper.get("params") or {})
+        base = ui.ui_base(uri)
         tags = {"l2lab.sweep_id": sweep_dir.name, "l2lab.output_dir": str(sweep_dir),
                 "l2lab.overrides": json.dumps(overrides), "l2lab.role": "sweep"}
         if commit := tr.git_commit(CONF_DIR.parent):
             tags["mlflow.source.git.commit"] = commit
         parent = tr.RunTracker.start(client, exp, f"sweep {sweep_dir.name}", tags)
+        parent.set_tags({"mlflow.note.content": description(sweep_dir.name, exp,
+                                                             parent.run_id, base)})
         info = {"sweep_id": sweep_dir.name, "parent_run_id": parent.run_id,
                 "experiment_id": exp, "tracking_uri": uri, "swept": swept}
         (sweep_dir / SWEEP_INFO).write_text(json.dumps(info))
-        print(f"l2lab: sweep {sweep_dir.name} over {', '.join(swept) or '(no swept keys)'}: "
-              f"parent MLflow run {parent.run_id} in experiment {config.experiment_name!r}; "
-              f"one line per job as it ends", flush=True)
+        print(f"l2lab: sweep {sweep_dir.name} over {', '.join(swept) or '(no swept keys)'} in "
+              f"experiment {config.experiment_name!r}; one line per job as it ends\n"
+              f"       parent run: {ui.run_url(base, exp, parent.run_id)}", flush=True)
 
     @_exit_on_error
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from l2lab import tracking as tr
+        from l2lab import ui
+        from l2lab.report import ReportContext
 
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         info = json.loads((sweep_dir / SWEEP_INFO).read_text())
         client = tr.connect(info["tracking_uri"])
         parent = tr.RunTracker(client, info["parent_run_id"])
+        exp, base = info["experiment_id"], ui.ui_base(info["tracking_uri"])
         failed = True
         try:
             runs = sweep_children(client, info)
-            table, paths, records = summarize_runs(client, runs, sweep_dir / "report")
+            notes = []
+            best = optuna_best(sweep_dir)
+            if best:
+                shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                  for k, v in best["best_params"].items())
+                notes.append(f"Optuna study (minimises final val/ce): best {shown}, "
+                             f"val/ce={float(best.get('best_value', 'nan')):.4f}")
+            context = ReportContext(
+                title=f"λ sweep {info['sweep_id']} ({config.experiment_name})", ui_base=base,
+                parent=(exp, parent.run_id), notes=notes,
+                commands=reproduce_command(list(config.hydra.overrides.task),
+                                           tr.git_commit(CONF_DIR.parent)))
+            table, paths, records = summarize_runs(client, runs, sweep_dir / "report",
+                                                   context=context)
             failed = not runs or any(r.status != "FINISHED" for r in records)
             parent.log_file(paths["summary"])
             for key in ("lambda_curve", "learning_curves", "weight_norms"):
                 parent.log_file(paths[key], "figures")
-            best = optuna_best(sweep_dir)
+            parent.log_file(paths["report"], "report")
             if best:
                 params = {f"best.{k}": str(v) for k, v in best["best_params"].items()}
                 parent.log_params(params)
                 parent.set_tags({"l2lab.best_params": json.dumps(best["best_params"]),
                                  "l2lab.best_value": str(best.get("best_value"))})
-                shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                  for k, v in best["best_params"].items())
-                table += (f"\nOptuna study (minimises final val/ce): best {shown}, "
-                          f"val/ce={float(best.get('best_value', 'nan')):.4f}\n")
+                table += f"\n{notes[0]}\n"
+            last = table.rstrip().splitlines()[-1] if table.strip() else ""
+            verdict = last.split(": ", 1)[1] if ": " in last and "lowest" in last else ""
+            parent.set_tags({"mlflow.note.content": description(
+                info["sweep_id"], exp, parent.run_id, base, verdict)})
             parent.log_text(table + "\n", "summary.txt")
             print(f"\nSweep {info['sweep_id']}: {len(runs)} runs\n\n{table}\n", flush=True)
-            print(f"Figures: {paths['summary'].parent / 'figures'}\n"
-                  f"Parent MLflow run: {parent.run_id} (make ui, then open experiment "
-                  f"{config.experiment_name!r})", flush=True)
+            print(f"Report:  {paths['report']}  (figures beside it)\n"
+                  f"In the UI: {ui.run_url(base, exp, parent.run_id, 'report/index.html')}\n"
+                  f"           charts: {ui.runs_url(base, exp, chart=True)}", flush=True)
             _write_timing(sweep_dir)
             n_failed = sum(r.status != "FINISHED" for r in records)
             parent.finish("FAILED" if failed else "FINISHED",

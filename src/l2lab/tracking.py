@@ -149,7 +149,10 @@ def _experiment_id(client, name: str, uri: str) -> str:
                     "(mlflow experiments restore) or choose another experiment_name."
                 )
             return exp.experiment_id
-        return client.create_experiment(name, artifact_location=artifact_location(uri))
+        from l2lab.ui import EXPERIMENT_KIND  # a training experiment (MLflow UIs that read it)
+
+        return client.create_experiment(name, artifact_location=artifact_location(uri),
+                                        tags=EXPERIMENT_KIND)
 
 
 # -- params --------------------------------------------------------------------------------------

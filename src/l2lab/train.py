@@ -24,12 +24,10 @@ from omegaconf import DictConfig
 
 from l2lab import cli, schema, store
 from l2lab.base import CONF_DIR, ConfigError
-from l2lab.console import say
+from l2lab.console import SHOWN, job_line, say  # noqa: F401  (job_line re-exported)
 from l2lab.engine import build_net, train_group  # noqa: F401  (public names, re-exported)
 
-UI_URL = "http://127.0.0.1:5000"  # `make ui`
 SWEEP_INFO = ".l2lab_sweep.json"  # written by l2lab.sweep.SweepCallback
-SHOWN = ("train/ce", "val/ce", "gap/ce", "val/acc", "test/acc")
 
 # conf/hydra/launcher/{ray,submitit_local}.yaml extend the plugins' schemas of the same name on
 # purpose; Hydra warns about that on every composition.
@@ -78,7 +76,8 @@ def train(cfg: DictConfig, *, overrides: Sequence[str] = (), output_dir: Path | 
 
     try:
         # In a sweep, one line per job instead of one per epoch keeps the table readable.
-        engine.train_jobs([job], sweep=sweep, echo=sweep is None, on_open=opened)
+        engine.train_jobs([job], sweep=sweep, echo=sweep is None, on_open=opened,
+                          label=_job_label(job.name) if sweep else "run")
         if isinstance(job.result, BaseException):
             raise job.result
     except lifecycle.Interrupted as e:
@@ -99,11 +98,10 @@ def train(cfg: DictConfig, *, overrides: Sequence[str] = (), output_dir: Path | 
     metrics, rid = job.result, job.tracker.run_id
     epochs = int(job.cfg.trainer.max_epochs)
     if sweep:
-        say("  ".join([f"l2lab: {_job_label(job.name)}: run {rid[:8]}, {epochs} epochs"] +
-                      [f"{k}={metrics[k]:.4f}" for k in SHOWN if k in metrics]))
+        say(job_line(_job_label(job.name), rid, epochs, metrics))
     else:
         say(_summary("FINISHED", rid, job.name, metrics, epochs, job.output_dir,
-                     ui_url(client, rid)))
+                     ui_url(client, rid, job.cfg.tracking.uri)))
     return metrics
 
 
@@ -131,24 +129,21 @@ def _job_label(name: str) -> str:
         return name
 
 
-def ui_url(client, run_id: str) -> str:
-    """The run's page in ``make ui`` (MLflow's UI on 127.0.0.1:5000 over the same store)."""
+def ui_url(client, run_id: str, tracking_uri: str | None = None) -> str:
+    """The run's page in the MLflow UI's training view: the tracking server's own UI, or
+    ``make ui`` (127.0.0.1:5000) over a local store."""
+    from l2lab import ui
+
     exp = client.get_run(run_id).info.experiment_id
-    return f"{UI_URL}/#/experiments/{exp}/runs/{run_id}"
+    return ui.run_url(ui.ui_base(tracking_uri), exp, run_id)
 
 
 def _summary(status: str, run_id: str, name: str, metrics: Mapping[str, float], epochs: int,
              output_dir: Path, url: str) -> str:
-    shown = "  ".join(f"{k}={metrics[k]:.4f}" for k in ("train/ce", "val/ce", "gap/ce")
+    shown = "  ".join(f"{k}={metrics[k]:.4f}" for k in ("train/ce", "val/ce", "gap/ce", "test/acc")
                       if k in metrics)
     return (f"l2lab: run {run_id} ({name}) {status} after {epochs} epochs: {shown}\n"
             f"       folder: {output_dir}\n       UI: {url}  (make ui)")
-
-
-def job_line(cfg: DictConfig, metrics: Mapping[str, float]) -> str:
-    """A sweep job's one line: its final numbers."""
-    return "  ".join([f"  -> {cfg.trainer.max_epochs} epochs"] + [
-        f"{k}={metrics[k]:.4f}" for k in SHOWN if k in metrics])
 
 
 def _reuse(client, found, exp: str, name: str, overrides: Sequence[str], sweep: dict | None,
@@ -171,7 +166,7 @@ def _reuse(client, found, exp: str, name: str, overrides: Sequence[str], sweep: 
     else:
         say(f"l2lab: reuse: run {src} ({found.data.tags.get('mlflow.runName', '')}) already "
             f"FINISHED with this config; not trained again.  {shown}\n"
-            f"       UI: {ui_url(client, src)}")
+            f"       UI: {ui_url(client, src, found.data.params.get('tracking.uri'))}")
     return metrics
 
 

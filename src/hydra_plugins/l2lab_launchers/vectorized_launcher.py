@@ -121,27 +121,30 @@ class VectorizedLauncher(Launcher):
             if len(group) == 1:
                 returns[group[0]] = self._run(configs[group[0]], self.task_function)
                 continue
-            values, lines = self._train_group([configs[i] for i in group])
-            for i, value, line in zip(group, values, lines, strict=True):
-                returns[i] = self._run(configs[i], lambda _cfg, v=value: v, line)
+            values = self._train_group([configs[i] for i in group])
+            for i, value in zip(group, values, strict=True):
+                returns[i] = self._run(configs[i], lambda _cfg, v=value: v)
         return [returns[i] for i in range(len(configs))]
 
-    def _run(self, cfg: DictConfig, task: Any, result: str = "") -> JobReturn:
-        """Hydra's own job bookkeeping (output folder, ``.hydra/``, callbacks, return value)."""
+    def _run(self, cfg: DictConfig, task: Any) -> JobReturn:
+        """Hydra's own job bookkeeping (output folder, ``.hydra/``, callbacks, return value).
+        Each job's line is l2lab's (with its run id), printed when the job ends."""
         overrides = " ".join(filter_overrides(cfg.hydra.overrides.task))
-        log.info(f"\t#{cfg.hydra.job.num} : {overrides}{result}")
+        log.debug(f"\t#{cfg.hydra.job.num} : {overrides}")
         ret = run_job(hydra_context=self.hydra_context, task_function=task, config=cfg,
                       job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return ret
 
-    def _train_group(self, configs: list[DictConfig]) -> tuple[list[float], list[str]]:
-        """Train the group; per job its objective (final val/ce) and its one-line result."""
+    def _train_group(self, configs: list[DictConfig]) -> list[float]:
+        """Train the group (each job's line is printed as it ends); per job its objective, the
+        final val/ce."""
+        import pytorch_lightning  # noqa: F401  (sets its loggers to INFO: import, then quieten)
+
         from l2lab import tracking as tr
         from l2lab.console import quiet_libraries
         from l2lab.engine import train_group
         from l2lab.sweep import SWEEP_INFO
-        from l2lab.train import job_line
 
         quiet_libraries()
         dirs, tasks, overrides = [], [], []
@@ -154,12 +157,10 @@ class VectorizedLauncher(Launcher):
         sweep = json.loads(info_path.read_text()) if info_path.exists() else None
         try:
             results = train_group(tasks, overrides, [os.path.abspath(d) for d in dirs],
-                                  sweep=sweep, max_models=self.max_models)
+                                  sweep=sweep, max_models=self.max_models,
+                                  job_nums=[int(c.hydra.job.num) for c in configs])
         except Exception as e:  # its runs are FAILED with the reason; the sweep goes on
             log.error(f"l2lab: a stacked group failed: {tr.one_line(e)}")
             results = [e] * len(configs)
-        values = [float(r.get("val/ce", math.nan)) if isinstance(r, dict) else math.nan
-                  for r in results]
-        lines = [job_line(c, r) if isinstance(r, dict) else f"  -> FAILED: {tr.one_line(r)}"
-                 for c, r in zip(tasks, results, strict=True)]
-        return values, lines
+        return [float(r.get("val/ce", math.nan)) if isinstance(r, dict) else math.nan
+                for r in results]

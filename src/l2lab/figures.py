@@ -1,0 +1,248 @@
+"""The sweep's figures: the λ curve with 95% bands, learning curves and weight norms per λ.
+
+Figures are drawn on ``matplotlib.figure.Figure`` with the Agg canvas directly: no pyplot, no
+global backend switch at import (a notebook that imports l2lab keeps its own backend), and no
+figure registry to leak. Constrained layout keeps the legends outside the axes (they would hide
+curves with many λ) without clipping them, and without tight_layout's warnings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib import colormaps, ticker
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import BoundaryNorm, ListedColormap
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from l2lab.stats import FINISHED, Group, RunRecord, fmt_value, group_columns, short_key
+
+DPI = 120
+TRAIN_COLOR = "tab:blue"
+VAL_COLOR = "tab:orange"
+LAMBDA_LABEL = "λ (L2 strength)"
+CE_LABEL = "final cross-entropy (nats)"
+NORM_LABEL = r"$\Sigma\,\Vert W\Vert_F^2$ of selected layers"  # renders as Σ‖W‖²_F
+#: Up to this many groups get distinct qualitative colours and a legend; more get a colour scale
+#: in λ order with a labelled colour bar (a legend of 30 entries reads as badly as 30 colours).
+MAX_LEGEND = 10
+
+
+def new_figure(width: float = 8.0, height: float = 4.6) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save(fig: Figure, path: Path) -> None:
+    fig.savefig(path, dpi=DPI)
+
+
+def placeholder(ax: Axes, text: str) -> None:
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=14,
+            color="0.4")
+    ax.set_xticks([])  # a 0..1 scale would suggest data that is not there
+    ax.set_yticks([])
+
+
+def group_label(group: Group) -> str:
+    return ", ".join([f"λ={fmt_value(group.lam)}",
+                      *(f"{short_key(k)}={fmt_value(v)}" for k, v in group.values.items())])
+
+
+def group_colors(n: int) -> list[tuple[float, float, float, float]]:
+    """Distinct colours (tab10) for a legend's worth of groups; beyond that a perceptual scale in
+    group order (viridis, stopping short of its pale yellow end), read off a colour bar."""
+    if n <= MAX_LEGEND:
+        return [colormaps["tab10"](i) for i in range(n)]
+    cmap = colormaps["viridis"]
+    return [cmap(0.9 * i / (n - 1)) for i in range(n)]
+
+
+def _colorbar(fig: Figure, axes: Sequence[Axes] | Axes, groups: Sequence[Group],
+              colors: Sequence) -> None:
+    """A discrete colour bar: one band per group, labelled with its λ (every k-th when many)."""
+    n = len(groups)
+    cmap = ListedColormap(list(colors))
+    norm = BoundaryNorm(np.arange(n + 1) - 0.5, n)
+    sm = _ScalarMappable(norm, cmap)
+    bar = fig.colorbar(sm, ax=axes, pad=0.02, fraction=0.05)
+    step = max(1, int(np.ceil(n / 20)))
+    ticks = list(range(0, n, step))
+    bar.set_ticks(ticks)
+    bar.set_ticklabels([group_label(groups[i]).removeprefix("λ=") if not groups[i].values
+                        else group_label(groups[i]) for i in ticks])
+    bar.set_label("λ" if not any(g.values for g in groups) else "group")
+    bar.ax.tick_params(labelsize="small")
+
+
+def _ScalarMappable(norm, cmap):  # noqa: N802 (a constructor, named as one)
+    from matplotlib.cm import ScalarMappable
+
+    return ScalarMappable(norm=norm, cmap=cmap)
+
+
+def lambda_axis(ax: Axes, lams: np.ndarray) -> None:
+    """Symlog x axis (so λ = 0 shows) with readable ticks: the swept λ values themselves when
+    there are few, else every power of ten, always as plain numbers (0.001, not 10⁻³)."""
+    positive = lams[lams > 0]
+    if not positive.size:
+        ax.set_xticks(sorted(set(lams.tolist())))
+        return
+    linthresh = float(positive.min())
+    ax.set_xscale("symlog", linthresh=linthresh, linscale=0.5)
+    values = np.unique(lams)
+    if values.size <= 10:
+        ticks = values
+    else:
+        lo, hi = np.floor(np.log10(positive.min())), np.ceil(np.log10(positive.max()))
+        ticks = np.concatenate([[0.0] if (lams == 0).any() else [],
+                                10.0 ** np.arange(lo, hi + 1)])
+    ax.xaxis.set_major_locator(ticker.FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
+    if len(ticks) > 6:
+        for label in ax.get_xticklabels():
+            label.set_rotation(45)
+            label.set_horizontalalignment("right")
+
+
+def readable_log_y(ax: Axes, values: Sequence[np.ndarray]) -> None:
+    """Log y when every value is positive and they span a decade or more; otherwise linear, so
+    that a narrow range still gets several labelled ticks (a log axis over 40..60 has one)."""
+    flat = np.concatenate([np.asarray(v, dtype=float) for v in values]) if values else np.array([])
+    flat = flat[np.isfinite(flat)]
+    if flat.size and np.all(flat > 0) and flat.max() / flat.min() >= 10:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+    else:
+        ax.yaxis.set_major_locator(ticker.MaxNLocator(nbins=6))
+
+
+def plot_lambda_curve(summary: pd.DataFrame, path: Path) -> None:
+    """Final train/val CE vs λ with the 95% t-interval over seeds as a band: the U-shape of
+    val/ce is the over- vs underfitting trade-off. Every label is in the legend, outside the
+    axes, so none covers a point."""
+    fig = new_figure()
+    ax = fig.add_subplot()
+    ax.set_xlabel(LAMBDA_LABEL)
+    ax.set_ylabel(CE_LABEL)
+    ax.set_title("Final cross-entropy vs L2 strength (mean, band: 95% interval over seeds)",
+                 fontsize="medium")
+    done = summary[summary["val/ce_mean"].notna() | summary["train/ce_mean"].notna()] \
+        if not summary.empty else summary
+    if done.empty:
+        placeholder(ax, "no finished runs")
+        save(fig, path)
+        return
+    others = [k for k in group_columns(summary) if k != "lam"]
+    combos = [((), done)] if not others else [
+        (c if isinstance(c, tuple) else (c,), d) for c, d in done.groupby(others, sort=False)]
+    markers, styles = "osD^vph<>", ["-", "--", ":", "-."]
+    handles: list[Line2D] = []
+    best_xy: tuple[float, float] | None = None
+    for i, (combo, data) in enumerate(combos):
+        data = data.sort_values("lam")
+        lam = data["lam"].to_numpy(dtype=float)
+        suffix = ", ".join(f"{short_key(k)}={fmt_value(v)}"
+                           for k, v in zip(others, combo, strict=True))
+        marker, style = markers[i % len(markers)], styles[i % len(styles)]
+        for split, color in (("train", TRAIN_COLOR), ("val", VAL_COLOR)):
+            mean = data[f"{split}/ce_mean"].to_numpy(dtype=float)
+            half = data[f"{split}/ce_ci95"].to_numpy(dtype=float)
+            label = f"{split} ({suffix})" if suffix else split
+            (line,) = ax.plot(lam, mean, linestyle=style, color=color, marker=marker,
+                              markersize=5, label=label)
+            handles.append(line)
+            ok = np.isfinite(half) & np.isfinite(mean)
+            if ok.any():
+                ax.fill_between(lam[ok], (mean - half)[ok], (mean + half)[ok], color=color,
+                                alpha=0.2, linewidth=0)
+            zero = lam == 0
+            ax.plot(lam[zero], mean[zero], linestyle="none", marker=marker, color=color,
+                    markerfacecolor="white", markeredgewidth=1.8, markersize=9)
+        val = data["val/ce_mean"].to_numpy(dtype=float)
+        if np.isfinite(val).any():
+            j = int(np.nanargmin(val))
+            if best_xy is None or val[j] < best_xy[1]:
+                best_xy = (float(lam[j]), float(val[j]))
+    if best_xy is not None:
+        (star,) = ax.plot([best_xy[0]], [best_xy[1]], marker="*", markersize=16, color=VAL_COLOR,
+                          markeredgecolor="black", linestyle="none", zorder=5,
+                          label=f"lowest val/ce: λ={fmt_value(best_xy[0])}")
+        handles.append(star)
+    if (done["lam"] == 0).any():
+        handles.append(Line2D([], [], marker="o", markerfacecolor="white", markeredgewidth=1.8,
+                              color="0.3", linestyle="none", markersize=9, label="λ=0 (no L2)"))
+    has_band = any(done[f"{s}/ce_ci95"].notna().any() for s in ("train", "val"))
+    if has_band:
+        from matplotlib.patches import Patch
+
+        handles.append(Patch(color="0.5", alpha=0.3, label="95% interval over seeds"))
+    lambda_axis(ax, done["lam"].to_numpy(dtype=float))
+    ax.grid(True, alpha=0.3)
+    fig.legend(handles=handles, loc="outside right upper", fontsize="small")
+    save(fig, path)
+
+
+def mean_curve(runs: Sequence[RunRecord], metric: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Mean over seeds aligned by step; a step missing in some seeds averages the others."""
+    series = []
+    for run in runs:
+        points = run.history.get(metric) or []
+        if not points:
+            continue
+        s = pd.Series([float(v) for _, v in points], index=[int(st) for st, _ in points])
+        series.append(s[~s.index.duplicated(keep="last")])
+    if not series:
+        return None
+    mean = pd.concat(series, axis=1).sort_index().mean(axis=1, skipna=True).dropna()
+    if mean.empty:
+        return None
+    return mean.index.to_numpy(dtype=float), mean.to_numpy(dtype=float)
+
+
+def plot_curves(groups: Sequence[Group], path: Path, *, weights: bool) -> None:
+    """Learning curves (train and val CE, side by side) or weight norms against epoch, mean
+    over seeds, one colour per group: distinct colours with a legend for up to MAX_LEGEND
+    groups, a colour scale in λ order with a labelled colour bar beyond."""
+    panels = [("weights/sq_norm_total", NORM_LABEL)] if weights else \
+        [("train/ce", "train cross-entropy (nats)"), ("val/ce", "val cross-entropy (nats)")]
+    fig = new_figure(8.0 if weights else 11.0, 4.6)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    fig.suptitle("Weight norm during training (mean over seeds)" if weights else
+                 "Learning curves (mean over seeds)", fontsize="medium")
+    shown = [g for g in groups if any(r.status == FINISHED for r in g.runs)]
+    colors = group_colors(len(shown))
+    drawn_any = False
+    for ax, (metric, ylabel) in zip(axes, panels, strict=True):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        values = []
+        for group, color in zip(shown, colors, strict=True):
+            curve = mean_curve(group.finished, metric)
+            if curve is None:
+                continue
+            ax.plot(*curve, color=color, linewidth=1.6, label=group_label(group))
+            values.append(curve[1])
+        if not values:
+            placeholder(ax, "no finished runs" if not shown else "no history recorded")
+            continue
+        drawn_any = True
+        readable_log_y(ax, values)
+        ax.grid(True, alpha=0.3)
+    if drawn_any:
+        if len(shown) <= MAX_LEGEND:
+            handles = [Line2D([], [], color=c, linewidth=2, label=group_label(g))
+                       for g, c in zip(shown, colors, strict=True)]
+            fig.legend(handles=handles, loc="outside right upper", fontsize="small")
+        else:
+            _colorbar(fig, list(axes), shown, colors)
+    save(fig, path)

@@ -1,0 +1,421 @@
+"""The numbers of a λ sweep: one row per seed group, 95% t-intervals, and the best-λ verdict.
+
+This module knows nothing about MLflow, torch, Lightning or matplotlib: the caller converts tracked
+runs into :class:`RunRecord` objects, so the statistics can be tested on synthetic rows with known
+answers and re-run offline on exported data.
+
+The seeds of a sweep are *paired* across λ: seed k gives the same initialisation and the same
+shuffling at every λ, so most of the seed-to-seed spread is shared by all rows. The verdict
+therefore tests the per-seed differences (a paired t-test), which sees a small but consistent
+difference that mean ± std over seeds would call noise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+LAM_KEY = "regularization.lam"
+FINISHED = "FINISHED"
+#: Final metrics summarised per group, in column order; test metrics join when a run has them.
+FINAL_METRICS: tuple[str, ...] = ("train/ce", "val/ce", "gap/ce", "val/acc")
+TEST_METRICS: tuple[str, ...] = ("test/ce", "test/acc")
+STATS: tuple[str, ...] = ("mean", "std", "ci95")
+#: The level of the intervals and of the verdict's test.
+ALPHA = 0.05
+#: The power at which "about M seeds would tell" is computed.
+POWER = 0.8
+MAX_SEEDS = 1000
+
+
+@dataclass
+class RunRecord:
+    """One training run, already flattened out of the tracking store."""
+
+    run_id: str
+    name: str  # readable run name, e.g. "lam=0.01 seed=1"
+    status: str  # "FINISHED" | "FAILED" | "KILLED" | "RUNNING"
+    group: dict[str, str]  # swept keys other than `seed`; may be {}
+    lam: float  # regularization.lam of the run (>= 0)
+    seed: int
+    failure: str | None = None  # reason, for FAILED runs
+    final: dict[str, float] = field(default_factory=dict)  # last-epoch metric values
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # metric -> points
+    experiment_id: str = ""  # for links into the MLflow UI
+
+
+def stat_columns(metrics: Sequence[str] = FINAL_METRICS) -> list[str]:
+    """Every column after the λ and group-key columns, in order."""
+    return ["runs", "failed",
+            *(f"{m}_{s}" for m in metrics for s in STATS),
+            *(f"best_val_ce_{s}" for s in STATS),
+            *(f"best_epoch_{s}" for s in STATS)]
+
+
+#: The columns of a summary without test metrics (the default digits sweep), after ``lam``.
+STAT_COLUMNS: tuple[str, ...] = tuple(stat_columns())
+
+
+# --------------------------------------------------------------------------- grouping
+
+
+@dataclass
+class Group:
+    """Runs that differ only in seed: one summary row and one curve per group."""
+
+    values: dict[str, str]  # the group keys other than λ
+    lam: float
+    runs: list[RunRecord]
+
+    @property
+    def finished(self) -> list[RunRecord]:
+        return [r for r in self.runs if r.status == FINISHED]
+
+
+def rejected(run: RunRecord) -> bool:
+    """A run that never trained an epoch (rejected by validation, or failed while building):
+    not FINISHED and no metrics. It has no numbers to show, so it gets no row or curve."""
+    return run.status != FINISHED and not run.final and not any(run.history.values())
+
+
+def trained(runs: Sequence[RunRecord]) -> list[RunRecord]:
+    return [r for r in runs if not rejected(r)]
+
+
+def other_keys(runs: Sequence[RunRecord]) -> list[str]:
+    """Swept keys other than λ (and seed), in order of first appearance."""
+    keys: list[str] = []
+    for run in runs:
+        for key in run.group:
+            if key != LAM_KEY and key not in keys:
+                keys.append(key)
+    return keys
+
+
+def value_sort_key(value: str) -> tuple[int, float, str]:
+    """Order swept values numerically when they parse as numbers (so "500" < "1000")."""
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def group_runs(runs: Sequence[RunRecord]) -> tuple[list[str], list[Group]]:
+    """Split runs into seed groups, sorted by λ then by the other keys. λ is always part of a
+    group's identity (as a number: "1e-3" and "0.001" are one λ), so runs with different λ are
+    never averaged together."""
+    keys = other_keys(runs)
+    groups: dict[tuple[float, tuple[str, ...]], Group] = {}
+    for run in runs:
+        lam = float(run.lam)
+        values = {k: str(run.group.get(k, "")) for k in keys}
+        ident = (lam, tuple(values[k] for k in keys))
+        if ident not in groups:
+            groups[ident] = Group(values=values, lam=lam, runs=[])
+        groups[ident].runs.append(run)
+    ordered = sorted(groups.values(),
+                     key=lambda g: (g.lam, tuple(value_sort_key(g.values[k]) for k in keys)))
+    return keys, ordered
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def t_quantile(df: int, q: float = 1 - ALPHA / 2) -> float:
+    from scipy import stats
+
+    return float(stats.t.ppf(q, df))
+
+
+def mean_std_ci(values: Sequence[float]) -> tuple[float, float, float]:
+    """Mean, sample std (ddof=1) and the half-width of the 95% t-interval of the mean over
+    seeds; NaN values are skipped, std and interval are NaN for fewer than two values (one seed
+    is never mistaken for zero spread)."""
+    arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    if arr.size == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(arr.mean())
+    if arr.size < 2:
+        return mean, math.nan, math.nan
+    std = float(arr.std(ddof=1))
+    return mean, std, t_quantile(arr.size - 1) * std / math.sqrt(arr.size)
+
+
+def best_val(run: RunRecord) -> tuple[float, float]:
+    """(min val/ce, its step) over the run's history: the early-stopping optimum, which tells
+    how much of the final val/ce is due to training too long rather than to λ."""
+    points = sorted((int(s), float(v)) for s, v in run.history.get("val/ce", [])
+                    if not math.isnan(float(v)))
+    if not points:
+        return math.nan, math.nan
+    step, value = min(points, key=lambda p: p[1])  # first occurrence on ties (sorted by step)
+    return value, float(step)
+
+
+def final_value(run: RunRecord, metric: str) -> float:
+    """A final metric; ``gap/ce`` is derived as val − train when the record lacks it."""
+    if metric in run.final:
+        return float(run.final[metric])
+    if metric == "gap/ce" and "val/ce" in run.final and "train/ce" in run.final:
+        return float(run.final["val/ce"]) - float(run.final["train/ce"])
+    return math.nan
+
+
+def metrics_of(runs: Sequence[RunRecord]) -> list[str]:
+    """The final metrics a summary shows: train/val always, test/* when some run has them."""
+    return [*FINAL_METRICS, *(m for m in TEST_METRICS if any(m in r.final for r in runs))]
+
+
+def summarize(runs: Sequence[RunRecord]) -> pd.DataFrame:
+    """One row per seed group: ``lam``, the other group keys, then mean/std/95% half-width of
+    the final metrics and of each run's best val/ce and its epoch.
+
+    Only FINISHED runs feed the statistics (a crashed run's last values are not comparable);
+    the others are counted in ``failed`` so a thin group is visible rather than silently small.
+    Runs that never trained (:func:`rejected`) are left out: :func:`l2lab.stats.format_table`
+    names them.
+    """
+    kept = trained(runs)
+    keys, groups = group_runs(kept)
+    metrics = metrics_of(kept)
+    rows: list[dict[str, object]] = []
+    for group in groups:
+        done = group.finished
+        row: dict[str, object] = {"lam": group.lam, **group.values,
+                                  "runs": len(done), "failed": len(group.runs) - len(done)}
+        for metric in metrics:
+            stats = mean_std_ci([final_value(r, metric) for r in done])
+            row.update({f"{metric}_{s}": v for s, v in zip(STATS, stats, strict=True)})
+        best = [best_val(r) for r in done]
+        for name, values in (("best_val_ce", [b[0] for b in best]),
+                             ("best_epoch", [b[1] for b in best])):
+            stats = mean_std_ci(values)
+            row.update({f"{name}_{s}": v for s, v in zip(STATS, stats, strict=True)})
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=["lam", *keys, *stat_columns(metrics)])
+    frame["lam"] = frame["lam"].astype(float)
+    frame[["runs", "failed"]] = frame[["runs", "failed"]].astype(int)
+    return frame
+
+
+def group_columns(summary: pd.DataFrame) -> list[str]:
+    """``lam`` and the other group keys: every column before ``runs``."""
+    columns = list(summary.columns)
+    return columns[: columns.index("runs")] if "runs" in columns else []
+
+
+# --------------------------------------------------------------------------- the verdict
+
+
+@dataclass
+class Verdict:
+    """Is the row with the lowest mean val/ce clearly the best?"""
+
+    best: int | None  # row of the lowest mean val/ce (None: no finished runs)
+    clear: bool
+    text: str  # "clear (p = …)" or "not distinguishable with N seeds; about M seeds would tell"
+    rival: int | None = None  # the row hardest to tell from the best (largest p)
+    p: float = math.nan
+    seeds: int = 0  # seeds (pairs) the deciding test used
+    seeds_needed: int | None = None  # about how many would give the test power POWER
+
+    @property
+    def mark(self) -> str:
+        return "*" if self.clear else "~"
+
+
+def seeds_needed(diff: float, sd: float, *, alpha: float = ALPHA, power: float = POWER,
+                 cap: int = MAX_SEEDS) -> int | None:
+    """Smallest number of paired seeds at which a two-sided paired t-test at ``alpha`` would
+    detect a mean difference ``diff`` with per-seed spread ``sd`` with probability ``power``
+    (noncentral t); None when no number up to ``cap`` would (``diff`` 0 or tiny)."""
+    from scipy import stats
+
+    if not (math.isfinite(diff) and math.isfinite(sd)) or diff == 0:
+        return None
+    if sd == 0:
+        return 2
+    n = np.arange(2, cap + 1)
+    df = n - 1
+    crit = stats.t.ppf(1 - alpha / 2, df)
+    nc = abs(diff) / sd * np.sqrt(n)
+    achieved = stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc)
+    ok = np.nonzero(achieved >= power)[0]
+    return int(n[ok[0]]) if ok.size else None
+
+
+def _per_seed(group: Group) -> dict[int, float]:
+    return {r.seed: final_value(r, "val/ce") for r in group.finished
+            if math.isfinite(final_value(r, "val/ce"))}
+
+
+def _compare(best: dict[int, float], other: dict[int, float]
+             ) -> tuple[float, int, float, float, str] | None:
+    """(p, seeds, mean difference, sd of the difference, test) of other − best: paired over the
+    seeds both rows have when there are two or more, else Welch's test; None when neither row
+    has the two values a test needs."""
+    from scipy import stats
+
+    common = sorted(set(best) & set(other))
+    if len(common) >= 2:
+        d = np.array([other[s] - best[s] for s in common])
+        sd = float(d.std(ddof=1))
+        if sd == 0:
+            p = 0.0 if d.mean() != 0 else 1.0
+        else:  # the textbook statistic (scipy's warns on nearly equal differences)
+            t = float(d.mean()) / (sd / math.sqrt(len(d)))
+            p = float(2 * stats.t.sf(abs(t), len(d) - 1))
+        return p, len(common), float(d.mean()), sd, "paired"
+    a, b = np.array(list(best.values())), np.array(list(other.values()))
+    if len(a) >= 2 and len(b) >= 2:
+        p = float(stats.ttest_ind(b, a, equal_var=False).pvalue)
+        sd = math.hypot(float(a.std(ddof=1)), float(b.std(ddof=1)))
+        return p, min(len(a), len(b)), float(b.mean() - a.mean()), sd, "Welch"
+    return None
+
+
+def row_label(summary: pd.DataFrame, pos: int) -> str:
+    row = summary.iloc[pos]
+    return ", ".join(f"{short_key(k)}={fmt_value(row[k])}" for k in group_columns(summary))
+
+
+def verdict(summary: pd.DataFrame, runs: Sequence[RunRecord]) -> Verdict:
+    """The best-λ verdict: the row with the lowest mean val/ce against every other row, by a
+    paired t-test over the seeds the two rows share (seed k has the same initialisation at
+    every λ). It is *clear* when every comparison gives p < ALPHA; otherwise the row hardest to
+    tell apart decides, with about how many seeds would tell them apart at POWER."""
+    if summary.empty or "val/ce_mean" not in summary:
+        return Verdict(None, False, "no finished runs")
+    means = summary["val/ce_mean"].to_numpy(dtype=float)
+    if np.all(np.isnan(means)):
+        return Verdict(None, False, "no finished runs")
+    best = int(np.nanargmin(means))  # ties: the smallest λ (rows are in λ order)
+    _, groups = group_runs(trained(runs))
+    per_seed = [_per_seed(g) for g in groups]
+    others = [i for i in range(len(means)) if i != best and np.isfinite(means[i])]
+    if not others:
+        return Verdict(best, True, "the only row with finished runs")
+    results = {i: _compare(per_seed[best], per_seed[i]) for i in others}
+    untestable = [i for i, r in results.items() if r is None]
+    if untestable:
+        rival = min(untestable, key=lambda i: means[i])
+        n = min(len(per_seed[best]), len(per_seed[rival]))
+        return Verdict(best, False, (
+            f"not distinguishable with {n} seed{'s' * (n != 1)}: a test needs two or more "
+            f"per row (add seeds, e.g. seed=0,1,2,3,4)"), rival=rival, seeds=n)
+    rival = max(others, key=lambda i: (results[i][0], -means[i]))
+    p, n, diff, sd, test = results[rival]
+    label = row_label(summary, rival)
+    if p < ALPHA and diff > 0:
+        return Verdict(best, True, (f"clear (p = {p:.2g}, {test} t-test over {n} seeds against "
+                                    f"{label}, the closest)"), rival, p, n)
+    need = seeds_needed(diff, sd)
+    tell = (f"about {need} seeds would tell" if need is not None
+            else f"more than {MAX_SEEDS} seeds would be needed to tell")
+    return Verdict(best, False, (f"not distinguishable from {label} with {n} seeds (p = {p:.2g},"
+                                 f" {test} t-test); {tell}"), rival, p, n, need)
+
+
+# --------------------------------------------------------------------------- text table
+
+
+def short_key(key: str) -> str:
+    """Header for a group key: ``regularization.lam`` reads as ``lam``."""
+    return key.removeprefix("regularization.")
+
+
+def fmt_value(value: object) -> str:
+    """A group value as a reader wants it: numbers at 4 significant digits (an Optuna λ has 17),
+    integers as integers, anything else as given."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return str(value)
+    if math.isnan(number):
+        return str(value)
+    return f"{number:.4g}"
+
+
+def fmt_stat(mean: float, spread: float, decimals: int) -> str:
+    if mean is None or math.isnan(mean):
+        return "n/a"
+    if spread is None or math.isnan(spread):
+        return f"{mean:.{decimals}f}"
+    return f"{mean:.{decimals}f} ± {spread:.{decimals}f}"
+
+
+def fmt_interval(mean: float, half: float, decimals: int) -> str:
+    if mean is None or math.isnan(mean) or half is None or math.isnan(half):
+        return ""
+    return f"[{mean - half:.{decimals}f}, {mean + half:.{decimals}f}]"
+
+
+#: (header, column prefix, decimals) of the table's metric columns.
+TABLE_METRICS: tuple[tuple[str, str, int], ...] = (
+    ("train/ce", "train/ce", 4), ("val/ce", "val/ce", 4), ("gap/ce", "gap/ce", 4),
+    ("val/acc", "val/acc", 3), ("test/acc", "test/acc", 3),
+    ("best val/ce", "best_val_ce", 4), ("best epoch", "best_epoch", 1),
+)
+
+
+def table_metrics(summary: pd.DataFrame) -> list[tuple[str, str, int]]:
+    return [m for m in TABLE_METRICS if f"{m[1]}_mean" in summary.columns]
+
+
+def format_table(summary: pd.DataFrame, runs: Sequence[RunRecord], *,
+                 name_rejected: bool = True) -> str:
+    """Fixed-width table for the terminal: mean ± std over seeds, the 95% t-interval of val/ce,
+    failed runs listed with their reason, and the best row marked ``*`` when the paired test
+    calls it clear and ``~`` when it does not.
+
+    Failures are spelled out because a sweep whose best λ had half its seeds crash deserves a
+    second look before anyone trusts the ranking. Runs that never trained have no row: a sweep
+    names each (``name_rejected``), ``compare`` over many runs gives their count.
+    """
+    keys = group_columns(summary)
+    metrics = table_metrics(summary)
+    header = ([short_key(k) for k in keys] + ["runs"] + [m[0] for m in metrics]
+              + ["val/ce 95% CI"])
+    ver = verdict(summary, runs)
+    body: list[list[str]] = []
+    for pos in range(len(summary)):
+        row = summary.iloc[pos]
+        cells = [fmt_value(row[k]) for k in keys] + [str(int(row["runs"]))]
+        for _, prefix, decimals in metrics:
+            cells.append(fmt_stat(float(row[f"{prefix}_mean"]), float(row[f"{prefix}_std"]),
+                                  decimals))
+        cells.append(fmt_interval(float(row["val/ce_mean"]), float(row["val/ce_ci95"]), 4))
+        body.append(cells)
+    widths = [max(len(c) for c in col) for col in zip(header, *body, strict=True)]
+
+    def line(cells: list[str], mark: str) -> str:
+        return mark + " " + "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))
+
+    lines = [line(header, " "), "  " + "-" * (sum(widths) + 2 * (len(widths) - 1))]
+    if not body:
+        lines.append("  (no runs)")
+    for pos, cells in enumerate(body):
+        lines.append(line(cells, ver.mark if pos == ver.best else " "))
+
+    never = [r for r in runs if rejected(r)]
+    problems = [r for r in runs if r.status != FINISHED and (name_rejected or not rejected(r))]
+    if problems:
+        lines.append("")
+        for run in problems:
+            reason = run.failure or "no reason recorded"
+            lines.append(f"{run.status}  {run.name}  ({run.run_id}): {reason}")
+    if never:
+        lines.append("")
+        lines.append(f"{len(never)} run(s) never trained (rejected config, or failed before the "
+                     "first epoch): no row in the table" + ("." if name_rejected else
+                                                           "; see their l2lab.failure tag."))
+    lines.append("")
+    if ver.best is None:
+        lines.append("* lowest mean val/ce: n/a (no finished runs)")
+    else:
+        lines.append(f"{ver.mark} lowest mean val/ce: {row_label(summary, ver.best)}: {ver.text}")
+    return "\n".join(line.rstrip() for line in lines) + "\n"

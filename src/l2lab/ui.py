@@ -1,0 +1,83 @@
+"""Links into the MLflow UI, always in its training view.
+
+MLflow 3 opens an experiment in its GenAI view unless the URL says otherwise (the choice is then
+the browser's saved one, which starts as GenAI): an assistant panel, and a runs table without
+metric or param columns. ``?workflowType=machine_learning`` opens "Model training" with Runs,
+Models and Traces in the side bar; ``&compareRunsMode=CHART`` opens the runs' chart view. Every
+link the harness prints or writes is built here.
+
+``python -m l2lab.ui`` prints the runs page of the store's most recently used experiment (what
+``make ui`` shows before it starts the UI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+UI_URL = "http://127.0.0.1:5000"  # `make ui`
+UI_ENV = "L2LAB_UI_URL"  # where `make ui` runs when it is not 127.0.0.1:5000
+TRAINING_VIEW = "workflowType=machine_learning"
+CHART_VIEW = "compareRunsMode=CHART"
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # read by other versions
+
+
+def ui_base(tracking_uri: str | None = None) -> str:
+    """The UI that shows this store: a tracking server serves its own UI; for a local store it is
+    ``make ui`` (``$L2LAB_UI_URL``, else http://127.0.0.1:5000)."""
+    if tracking_uri and tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri.rstrip("/")
+    return os.environ.get(UI_ENV, UI_URL).rstrip("/")
+
+
+def runs_url(base: str, experiment_id: str | None = None, *, chart: bool = False) -> str:
+    """An experiment's runs (its chart view with ``chart``), or the experiment list."""
+    query = TRAINING_VIEW + (f"&{CHART_VIEW}" if chart else "")
+    if experiment_id is None:
+        return f"{base}/#/experiments?{query}"
+    return f"{base}/#/experiments/{experiment_id}/runs?{query}"
+
+
+def run_url(base: str, experiment_id: str, run_id: str, artifact: str | None = None) -> str:
+    """A run's page, or one of its artifacts shown in the run's Artifacts tab."""
+    path = f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    if artifact:
+        path += f"/artifacts/{artifact}"
+    return f"{path}?{TRAINING_VIEW}"
+
+
+def latest_experiment(client) -> str | None:
+    """The experiment of the most recently started run (None for an empty store)."""
+    exps = [e.experiment_id for e in client.search_experiments()]
+    if not exps:
+        return None
+    runs = client.search_runs(exps, order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.experiment_id if runs else exps[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m l2lab.ui", description=__doc__.splitlines()[0])
+    ap.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or ./mlruns/mlflow.db")
+    ap.add_argument("--base", help=f"where the UI runs (default: ${UI_ENV} or {UI_URL})")
+    args = ap.parse_args(argv)
+
+    from l2lab import tracking as tr
+    from l2lab.console import quiet_libraries
+
+    quiet_libraries()
+    base = (args.base or ui_base()).rstrip("/")
+    uri = tr.resolve_uri(args.tracking_uri)
+    exp = None
+    db = tr.sqlite_path(uri)
+    if db is None or db.exists():  # `make ui` on a fresh checkout: no store yet, no error
+        try:
+            exp = latest_experiment(tr.connect(uri))
+        except Exception as e:  # the UI still starts; the link then opens the experiment list
+            print(f"l2lab: could not read {uri}: {tr.one_line(e)}", file=sys.stderr)
+    print(f"l2lab: MLflow UI (training view): {runs_url(base, exp)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
