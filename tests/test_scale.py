@@ -4,7 +4,11 @@ launcher records."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
+import yaml
 from conftest import TINY, make_cfg, run_cli, runs_of
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -15,6 +19,7 @@ from hydra.types import RunMode
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from hydra_plugins.l2lab_launchers.vectorized_launcher import to_yaml as launcher_yaml
 from l2lab import CONF_DIR
 from l2lab.composing import SweepConfigs, split
 from l2lab.train import train_group
@@ -69,6 +74,8 @@ def test_jobs_that_differ_in_stackable_keys_are_derived_equal_to_their_compositi
         assert derived.hydra.job.override_dirname == composed.hydra.job.override_dirname
         assert OmegaConf.is_struct(derived) and not OmegaConf.is_readonly(derived.hydra)
     assert configs.compositions == 2  # taking them composed nothing more
+    # the launcher writes each stacked job's .hydra/ files with libyaml: the same documents
+    assert yaml.safe_load(launcher_yaml(derived)) == yaml.safe_load(OmegaConf.to_yaml(derived))
     assert isinstance(configs.take(master, batch[3]).regularization.lam, float)
 
 
@@ -151,8 +158,17 @@ def _sweep(tmp_path, *extra: str) -> tuple[dict[tuple[str, str], dict], str]:
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"summary.csv",
                                                                           "figures"}
     assert "Sweep multirun: 4 runs" in r.stdout
-    return _read(client, runs_of(client, **{"mlflow.parentRunId": parent.info.run_id})), \
-        r.stdout + r.stderr
+    children = runs_of(client, **{"mlflow.parentRunId": parent.info.run_id})
+    for c in children:  # Hydra's files of each job, as run_job writes them
+        out = Path(c.data.tags["l2lab.output_dir"])
+        written = {f: OmegaConf.load(out / ".hydra" / f) for f in
+                   ("config.yaml", "hydra.yaml", "overrides.yaml")}
+        assert str(written["config.yaml"].regularization.lam) == \
+            c.data.params["regularization.lam"]
+        assert written["hydra.yaml"].hydra.runtime.output_dir == str(out)
+        assert list(written["overrides.yaml"]) == json.loads(c.data.tags["l2lab.overrides"])
+        assert (out / "train.log").exists()
+    return _read(client, children), r.stdout + r.stderr
 
 
 def _same_as_serial(runs: dict, serial: dict) -> None:
