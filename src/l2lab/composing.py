@@ -17,6 +17,7 @@ Light (Hydra and OmegaConf only): the sweeper and the launcher plugins import it
 
 from __future__ import annotations
 
+import functools
 import pickle
 import re
 from collections.abc import Sequence
@@ -47,13 +48,16 @@ def parse(line: str) -> Override:
     return _parsed[line]
 
 
-def stackable(o: Override) -> bool:
-    """An override that only sets a stackable value (no delete, no package, a plain value)."""
-    key = o.key_or_group
-    return (not o.is_delete() and o.package is None and not o.is_sweep_override()
-            and (key in STACKED_LEAVES or (key.startswith(STACKED_PREFIXES) and
-                                           key.count(".") == 2))
-            and isinstance(o.value(), _PRIMITIVE))
+@functools.lru_cache(maxsize=65536)
+def _kind(line: str) -> tuple[bool, bool]:
+    """(only sets a stackable value, may write over a stackable key otherwise), per string."""
+    o = parse(line)
+    key, value = o.key_or_group, None if o.is_delete() else o.value()
+    stacks = (not o.is_delete() and o.package is None and not o.is_sweep_override()
+              and (key in STACKED_LEAVES or (key.startswith(STACKED_PREFIXES) and
+                                             key.count(".") == 2))
+              and isinstance(value, _PRIMITIVE))
+    return stacks, not stacks and (o.is_delete() or not isinstance(value, str))
 
 
 def split(overrides: Sequence[str]) -> tuple[tuple[str, ...], list[Override]] | None:
@@ -62,7 +66,7 @@ def split(overrides: Sequence[str]) -> tuple[tuple[str, ...], list[Override]] | 
     base, stacked, keys = [], [], set()
     for line in overrides:
         o = parse(line)
-        if stackable(o):
+        if _kind(line)[0]:
             if o.key_or_group in keys:
                 return None
             keys.add(o.key_or_group)
@@ -70,10 +74,9 @@ def split(overrides: Sequence[str]) -> tuple[tuple[str, ...], list[Override]] | 
             base.append(f"{o.get_key_element()}=<stacked>")
         else:
             base.append(line)
-    for o in map(parse, overrides):  # another override writing over a stackable key (a dict,
-        k = o.key_or_group           # a delete; not a group choice): then order would matter
-        if not stackable(o) and (o.is_delete() or not isinstance(o.value(), str)) and \
-                any(s.startswith(k + ".") for s in keys):
+    for line in overrides:  # another override writing over a stackable key (a dict, a
+        k = parse(line).key_or_group  # delete; not a group choice): then order would matter
+        if keys and _kind(line)[1] and any(s.startswith(k + ".") for s in keys):
             return None
     return tuple(base), stacked
 

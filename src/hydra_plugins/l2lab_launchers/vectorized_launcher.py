@@ -118,7 +118,7 @@ class VectorizedLauncher(Launcher):
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
-        self._tasks: dict[int, DictConfig] = {}  # stacked jobs' task configs, by position
+        self._tasks: list[DictConfig] = []  # each job's config without hydra.*, by position
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
               config: DictConfig) -> None:
@@ -140,7 +140,8 @@ class VectorizedLauncher(Launcher):
             with open_dict(cfg):
                 cfg.hydra.job.id = cfg.hydra.job.num = initial_job_idx + i
             configs.append(cfg)
-        groups = plan([group_key(c) for c in configs])
+        self._tasks = [task_config(c) for c in configs]  # made once: group_key, workers, JobReturn
+        groups = plan([group_key(t) for t in self._tasks])
         stacks = [g for g in groups if len(g) > 1]
         devices = self._devices(len(stacks))
         where = ("as Ray tasks" if self.backend == "ray" else
@@ -181,18 +182,18 @@ class VectorizedLauncher(Launcher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return ret
 
-    def _stack(self, configs: list[DictConfig]) -> Stack:
+    def _stack(self, configs: list[DictConfig], group: list[int]) -> Stack:
         """What a worker needs to train these jobs: task configs, overrides, output folders."""
-        dirs, tasks, overrides = [], [], []
+        dirs, overrides = [], []
         for cfg in configs:
-            HydraConfig.instance().set_config(cfg)  # resolves hydra.sweep.subdir for this job
+            if "${hydra:" in str(OmegaConf.to_container(cfg.hydra.sweep)):  # that resolver
+                HydraConfig.instance().set_config(cfg)  # reads HydraConfig: set to this job
             dirs.append(os.path.abspath(Path(str(cfg.hydra.sweep.dir)) /
                                         str(cfg.hydra.sweep.subdir)))
             with read_write(cfg.hydra.runtime), open_dict(cfg.hydra.runtime):
                 cfg.hydra.runtime.output_dir = dirs[-1]  # as run_job sets it
             overrides.append(list(cfg.hydra.overrides.task))
-            tasks.append(task_config(cfg))
-        return Stack(tasks, overrides, dirs)
+        return Stack([self._tasks[i] for i in group], overrides, dirs)
 
     def _train(self, configs: list[DictConfig], groups: list[list[int]],
                devices: list[int | None]) -> Iterator[tuple[int, list]]:
@@ -204,9 +205,7 @@ class VectorizedLauncher(Launcher):
 
         info_path = Path(str(self.config.hydra.sweep.dir)) / SWEEP_INFO
         sweep = json.loads(info_path.read_text()) if info_path.exists() else None
-        stacks = [self._stack([configs[i] for i in g]) for g in groups]
-        self._tasks = {i: t for g, st in zip(groups, stacks, strict=True)
-                       for i, t in zip(g, st.cfgs, strict=True)}
+        stacks = [self._stack([configs[i] for i in g], g) for g in groups]
         if self.backend == "ray":
             outcomes = scaleout.on_ray(stacks, self.ray, sweep, self.max_models)
         elif devices:
@@ -225,21 +224,27 @@ class VectorizedLauncher(Launcher):
         from l2lab.tracking import one_line
         from l2lab.train import job_line
 
-        for i, r in zip(group, results, strict=True):
-            value = float(r.get("val/ce", math.nan)) if isinstance(r, dict) else math.nan
+        values = []
+        for i, r in zip(group, results, strict=True):  # logged first: then each job's logging
+            values.append(float(r.get("val/ce", math.nan)) if isinstance(r, dict) else math.nan)
             line = (job_line(configs[i], r) if isinstance(r, dict)
                     else f"  -> FAILED: {one_line(r)}")
-            returns[i] = self._done(configs[i], self._tasks.pop(i), value, line)
+            log.info(f"\t#{configs[i].hydra.job.num} : "
+                     f"{' '.join(filter_overrides(configs[i].hydra.overrides.task))}{line}")
+        for i, value in zip(group, values, strict=True):
+            returns[i] = self._done(configs[i], self._tasks[i], value)
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
 
-    def _done(self, cfg: DictConfig, task_cfg: DictConfig, value: float,
-              result: str) -> JobReturn:
+    def _done(self, cfg: DictConfig, task_cfg: DictConfig, value: float) -> JobReturn:
         """``run_job`` for a job trained in a stack: the same folder, ``.hydra/`` files, job
-        logging, callbacks and JobReturn, without its four copies of the config (two thirds of
-        its ~0.1 s). The rare ``hydra.job.chdir=true`` goes through ``run_job`` itself."""
+        logging, callbacks and JobReturn, without its four copies of the config and with the YAML
+        emitted by libyaml (run_job took ~0.3 s a job here, two thirds of it in those). The rare
+        ``hydra.job.chdir=true`` goes through ``run_job`` itself. The caller restores Hydra's own
+        logging after a group's jobs."""
         if cfg.hydra.job.chdir:
-            return self._run(cfg, lambda _cfg: value, result)
-        log.info(f"\t#{cfg.hydra.job.num} : "
-                 f"{' '.join(filter_overrides(cfg.hydra.overrides.task))}{result}")
+            return run_job(hydra_context=self.hydra_context, task_function=lambda _cfg: value,
+                           config=cfg, job_dir_key="hydra.sweep.dir",
+                           job_subdir_key="hydra.sweep.subdir")
         hydra_context, orig = self.hydra_context, HydraConfig.instance().cfg
         HydraConfig.instance().set_config(cfg)  # with runtime.output_dir (set by _stack)
         try:
@@ -264,8 +269,7 @@ class VectorizedLauncher(Launcher):
             hydra_context.callbacks.on_job_end(config=cfg, job_return=ret)
             return ret
         finally:
-            HydraConfig.instance().cfg = orig
-            configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+            HydraConfig.instance().cfg = orig  # (hydra logging: restored by _record)
 
 
 def _here(stack: Stack, sweep: Any, max_models: int | None) -> Any:
