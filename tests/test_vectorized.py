@@ -81,9 +81,11 @@ def test_jobs_are_grouped_only_when_they_differ_in_lam_lam_per_layer_and_seed():
 
 
 def test_vectorized_sweep_records_every_job_and_its_faults(tmp_path):
-    """6 stacked jobs (max 4 a stack) of which 2 diverge, and 2 jobs rejected by validation."""
+    """6 stacked jobs (max 4 a stack) of which 2 diverge, and 2 jobs rejected by validation;
+    the grouped sweeper composes one of the 8 and derives the others, λ=-1 included."""
     store = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
-    r = run_cli("l2lab.train", "-m", "hydra/launcher=vectorized", "hydra.launcher.max_models=4",
+    r = run_cli("l2lab.train", "-m", "hydra/launcher=vectorized", "hydra/sweeper=grouped",
+                "hydra.launcher.max_models=4",
                 "regularization.lam=0,0.01,1e8,-1", "seed=0,1", *TINY,
                 f"tracking.uri={store}", f"hydra.sweep.dir={tmp_path}/multirun/v", cwd=tmp_path)
     assert r.returncode == 1, r.stderr[-3000:]

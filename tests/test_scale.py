@@ -1,0 +1,199 @@
+"""Sweeps at scale: one composition per group of jobs (hydra/sweeper=grouped), and the vectorized
+launcher's stacks trained on worker processes and as Ray tasks, recording what the serial
+launcher records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import TINY, make_cfg, run_cli, runs_of
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra._internal.utils import create_config_search_path
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import ConfigCompositionException
+from hydra.types import RunMode
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from hydra_plugins.l2lab_launchers.vectorized_launcher import to_yaml as launcher_yaml
+from l2lab import CONF_DIR
+from l2lab.composing import SweepConfigs, split
+from l2lab.train import train_group
+
+
+def _loader_and_master(*overrides: str) -> tuple[ConfigLoaderImpl, DictConfig]:
+    """Hydra's loader and the master config of `python -m l2lab.train -m OVERRIDES`."""
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(CONF_DIR)))
+    master = loader.load_configuration("train", overrides=list(overrides),
+                                       run_mode=RunMode.MULTIRUN)
+    return loader, master
+
+
+def _batch(*sweep: str) -> list[list[str]]:
+    (batch,) = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(
+        list(sweep)), None)
+    return batch
+
+
+def _node_types(cfg: DictConfig | ListConfig, path: str = "") -> dict[str, str]:
+    """Every node's class, object type and element type: the schema's typing, not only values."""
+    out = {path: f"{type(cfg).__name__}:{OmegaConf.get_type(cfg)}:{cfg._metadata.element_type}"}
+    for key in (list(cfg.keys()) if isinstance(cfg, DictConfig) else range(len(cfg))):
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig | ListConfig):
+            out.update(_node_types(node, f"{path}.{key}"))
+        else:
+            out[f"{path}.{key}"] = type(node).__name__
+    return out
+
+
+def test_jobs_that_differ_in_stackable_keys_are_derived_equal_to_their_composition():
+    """3 λ × 2 seeds × 2 per-layer λ × 2 learning rates: 2 compositions for 24 jobs, and every
+    sampled derived config equals Hydra's own composition of that job, hydra node included
+    (overrides.task, override_dirname, which here names the job's folder), node types included."""
+    loader, master = _loader_and_master(
+        "hydra/sweeper=grouped", "hydra/launcher=vectorized", "model=cnn",
+        "hydra.sweep.subdir=${hydra.job.override_dirname}")
+    batch = _batch("regularization.lam=0,1e-3,0.5", "seed=0,3",
+                   "+regularization.lam_per_layer.fc1=0,0.25", "optimizer.lr=0.1,0.01",
+                   "data.batch_size=32")
+    assert len(batch) == 24
+    configs = SweepConfigs(loader)
+    configs.validate(master, batch)
+    assert configs.compositions == 2  # one per learning rate
+    for overrides in batch[::5] + [batch[-1]]:
+        derived = configs.take(master, overrides)
+        composed = loader.load_sweep_config(master, list(overrides))
+        assert OmegaConf.to_yaml(derived) == OmegaConf.to_yaml(composed), overrides
+        assert _node_types(derived) == _node_types(composed)
+        assert list(derived.hydra.overrides.task) == overrides
+        assert derived.hydra.job.override_dirname == composed.hydra.job.override_dirname
+        assert OmegaConf.is_struct(derived) and not OmegaConf.is_readonly(derived.hydra)
+    assert configs.compositions == 2  # taking them composed nothing more
+    # the launcher writes each stacked job's .hydra/ files with libyaml: the same documents
+    assert yaml.safe_load(launcher_yaml(derived)) == yaml.safe_load(OmegaConf.to_yaml(derived))
+    assert isinstance(configs.take(master, batch[3]).regularization.lam, float)
+
+
+def test_every_value_is_still_type_checked_and_range_checks_stay_with_the_job():
+    loader, master = _loader_and_master("hydra/sweeper=grouped")
+    configs = SweepConfigs(loader)
+    bad = ["regularization.lam=0.1", "seed=abc"]
+    with pytest.raises(ConfigCompositionException) as hydra_says:
+        loader.load_sweep_config(master, bad)
+    with pytest.raises(ConfigCompositionException) as grouped_says:
+        configs.validate(master, [["regularization.lam=0.1", "seed=1"], bad])
+    assert str(grouped_says.value) == str(hydra_says.value) == "Error merging override seed=abc"
+    assert configs.compositions == 2  # the representative, then Hydra's own word on the bad one
+    configs.validate(master, [["regularization.lam=-1", "seed=2"], ["regularization.lam=nan",
+                                                                    "seed=0"]])
+    assert configs.compositions == 2  # composable: derived, and refused by the job (FAILED)
+    assert configs.take(master, ["regularization.lam=-1", "seed=2"]).regularization.lam == -1.0
+
+
+def test_overrides_that_touch_a_stacked_key_otherwise_are_composed():
+    assert split(["seed=1", "~regularization.lam_per_layer"]) is not None  # no stacked per-layer
+    assert split(["+regularization.lam_per_layer.fc1=1", "regularization.lam_per_layer={}"]) \
+        is None
+    assert split(["seed=1", "seed=2"]) is None
+    assert split(["seed=${data.split_seed}", "regularization=none"])[0] == (
+        "seed=<stacked>", "regularization=none")  # a group choice: applied before any value
+
+
+def test_sweep_presets_use_the_grouped_sweeper():
+    for preset in ("lambda_sweep", "mnist1d_sweep"):
+        _, master = _loader_and_master(f"experiment={preset}")
+        assert master.hydra.sweeper._target_.endswith("GroupedSweeper"), preset
+        assert master.hydra.launcher._target_.endswith("VectorizedLauncher"), preset
+        assert "regularization.lam" in master.hydra.sweeper.params
+
+
+# -- stacks beyond one process -----------------------------------------------------------------
+LAMS, LRS = ("0", "0.1"), ("0.05", "0.2")  # 2 stacks (one per lr) of 2 jobs
+SWEEP = ["-m", "hydra/launcher=vectorized", "hydra/sweeper=grouped",
+         f"regularization.lam={','.join(LAMS)}", f"optimizer.lr={','.join(LRS)}", *TINY]
+
+
+def _read(client: MlflowClient, runs: list) -> dict[tuple[str, str], dict]:
+    """Per job (λ, lr): status, stack id, params but the store's URI, metric histories."""
+    out = {}
+    for c in runs:
+        params = {k: v for k, v in c.data.params.items() if k != "tracking.uri"}
+        out[(params["regularization.lam"], params["optimizer.lr"])] = {
+            "status": c.info.status, "group": c.data.tags.get("l2lab.vectorized_group"),
+            "params": params,
+            **{k: [(m.step, m.value) for m in sorted(client.get_metric_history(
+                c.info.run_id, k), key=lambda m: m.step)] for k in c.data.metrics}}
+    return out
+
+
+@pytest.fixture(scope="module")
+def serial(tmp_path_factory) -> dict[tuple[str, str], dict]:
+    """The serial launcher's stacks: ``train_group`` in this process, as it calls it."""
+    tmp = tmp_path_factory.mktemp("serial")
+    store = f"sqlite:///{tmp}/mlflow.db"
+    for lr in LRS:
+        ovs = [[f"regularization.lam={lam}", f"optimizer.lr={lr}", *TINY] for lam in LAMS]
+        cfgs = [make_cfg(*ov, f"tracking.uri={store}", tiny=False) for ov in ovs]
+        assert all(isinstance(r, dict) for r in train_group(
+            cfgs, ovs, [tmp / f"{lr}-{lam}" for lam in LAMS]))
+    client = MlflowClient(store)
+    return _read(client, runs_of(client))
+
+
+def _sweep(tmp_path, *extra: str) -> tuple[dict[tuple[str, str], dict], str]:
+    """Run the sweep; its jobs as :func:`_read` gives them, and what it printed. The parent run
+    ends FINISHED with its table and figures, as any sweep's."""
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    r = run_cli("l2lab.train", *SWEEP, *extra, f"tracking.uri={store}",
+                f"hydra.sweep.dir={tmp_path}/multirun", cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    client = MlflowClient(store)
+    (parent,) = runs_of(client, **{"l2lab.role": "sweep"})
+    assert parent.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"summary.csv",
+                                                                          "figures"}
+    assert "Sweep multirun: 4 runs" in r.stdout
+    children = runs_of(client, **{"mlflow.parentRunId": parent.info.run_id})
+    for c in children:  # Hydra's files of each job, as run_job writes them
+        out = Path(c.data.tags["l2lab.output_dir"])
+        written = {f: OmegaConf.load(out / ".hydra" / f) for f in
+                   ("config.yaml", "hydra.yaml", "overrides.yaml")}
+        assert str(written["config.yaml"].regularization.lam) == \
+            c.data.params["regularization.lam"]
+        assert written["hydra.yaml"].hydra.runtime.output_dir == str(out)
+        assert list(written["overrides.yaml"]) == json.loads(c.data.tags["l2lab.overrides"])
+        assert (out / "train.log").exists()
+    return _read(client, children), r.stdout + r.stderr
+
+
+def _same_as_serial(runs: dict, serial: dict) -> None:
+    assert sorted(runs) == sorted(serial) and len(runs) == 4
+    assert all(r["status"] == "FINISHED" for r in runs.values())
+    assert len({r["group"] for r in runs.values()}) == 2  # 2 stacks, each of its 2 jobs
+    for job, run in runs.items():
+        keys = [k for k in serial[job] if "/" in k]
+        assert "val/ce" in keys and "weights/sq_norm/fc1" in keys
+        assert run["params"] == serial[job]["params"]
+        for key in keys:  # CPU training is deterministic: the very same numbers
+            assert [s for s, _ in run[key]] == [0, 1, 2], (job, key)
+            assert run[key] == serial[job][key], (job, key)
+
+
+def test_stacks_on_two_worker_processes_record_what_the_serial_launcher_does(tmp_path, serial):
+    runs, printed = _sweep(tmp_path, "hydra.launcher.workers=2")
+    assert "4 stacked in 2 group(s), trained on 2 worker processes" in printed
+    _same_as_serial(runs, serial)
+
+
+def test_stacks_as_tasks_of_a_local_ray_instance_record_what_the_serial_launcher_does(
+        tmp_path, serial):
+    runs, printed = _sweep(tmp_path, "hydra.launcher.backend=ray",
+                           "hydra.launcher.ray.init.num_cpus=2",
+                           "+hydra.launcher.ray.init.include_dashboard=false")
+    assert "4 stacked in 2 group(s), trained as Ray tasks" in printed
+    _same_as_serial(runs, serial)
