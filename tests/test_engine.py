@@ -280,9 +280,13 @@ def test_a_longer_resume_is_a_new_run_that_reuse_and_compare_see(tmp_path, store
 
 
 def test_config_hash_keeps_the_order_of_lam_per_layer():
+    from omegaconf import open_dict
+
     from l2lab.runs import config_hash
 
-    a = make_cfg("+regularization.lam_per_layer.fc1=0.1", "+regularization.lam_per_layer.f*=0.2")
-    b = make_cfg("+regularization.lam_per_layer.f*=0.2", "+regularization.lam_per_layer.fc1=0.1")
+    a, b = make_cfg(), make_cfg()
+    with open_dict(a), open_dict(b):  # as a config file would write them (no * on the CLI)
+        a.regularization.lam_per_layer = {"fc1": 0.1, "f*": 0.2}
+        b.regularization.lam_per_layer = {"f*": 0.2, "fc1": 0.1}
     assert config_hash(a) != config_hash(b)  # first match wins: fc1 gets 0.1 in a, 0.2 in b
     assert config_hash(a) == config_hash(a.copy())

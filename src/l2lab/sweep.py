@@ -170,7 +170,7 @@ class SweepCallback(Callback):
         _quiet_optuna()
         client = tr.connect(uri)
         exp = tr.experiment_id(client, str(config.experiment_name), uri)
-        for key, value in ui.EXPERIMENT_KIND.items():  # also on experiments made before
+        for key, value in tr.EXPERIMENT_KIND.items():  # also on experiments made before
             client.set_experiment_tag(exp, key, value)
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)

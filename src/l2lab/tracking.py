@@ -94,6 +94,9 @@ class _TimedClient:
         return timed
 
 _EXPERIMENTS: dict[tuple[str, str], str] = {}
+#: A training experiment, for the MLflow versions that read it (3.17 follows the link's
+#: ``?workflowType=machine_learning`` instead).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def connect(uri: str):
@@ -149,7 +152,6 @@ def _experiment_id(client, name: str, uri: str) -> str:
                     "(mlflow experiments restore) or choose another experiment_name."
                 )
             return exp.experiment_id
-        from l2lab.ui import EXPERIMENT_KIND  # a training experiment (MLflow UIs that read it)
 
         return client.create_experiment(name, artifact_location=artifact_location(uri),
                                         tags=EXPERIMENT_KIND)

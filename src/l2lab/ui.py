@@ -20,7 +20,6 @@ UI_URL = "http://127.0.0.1:5000"  # `make ui`
 UI_ENV = "L2LAB_UI_URL"  # where `make ui` runs when it is not 127.0.0.1:5000
 TRAINING_VIEW = "workflowType=machine_learning"
 CHART_VIEW = "compareRunsMode=CHART"
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # read by other versions
 
 
 def ui_base(tracking_uri: str | None = None) -> str:
