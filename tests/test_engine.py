@@ -147,7 +147,7 @@ def test_the_harness_trains_what_the_plain_loop_trains(tmp_path, store, extra):
     for key in ("train/ce", "train/l2", "val/ce", "weights/sq_norm_total"):
         logged = [v for _, v in _history(client, run.info.run_id, key)]
         assert logged == pytest.approx([m[key] for m in history], rel=1e-5, abs=1e-7), key
-    assert final["val/acc"] == pytest.approx(history[-1]["val/acc"], abs=1e-9)
+    assert final["val/acc"] == pytest.approx(history[-1]["val/acc"], abs=1e-6)  # float32 mean
 
 
 def test_clipping_is_per_network_and_equals_torch_for_each():

@@ -223,7 +223,12 @@ def clip_per_network(grads: Sequence[torch.Tensor], k: int, max_norm: float) -> 
     min(1, max_norm / (norm + 1e-6)), exactly as torch computes it for one network."""
     if not grads:
         return
-    norms = torch.stack([torch.linalg.vector_norm(g.reshape(k, -1), 2, dim=1) for g in grads])
+    if grads[0].device.type == "cpu":  # one norm per network: independent of K (see _sq)
+        norms = torch.stack([torch.stack([torch.linalg.vector_norm(g[i], 2) for i in range(k)])
+                             for g in grads])
+    else:
+        norms = torch.stack([torch.linalg.vector_norm(g.reshape(k, -1), 2, dim=1)
+                             for g in grads])
     total = torch.linalg.vector_norm(norms, 2, dim=0)  # (K,)
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for g in grads:

@@ -171,8 +171,14 @@ class L2Penalty(nn.Module):
         return 1.0
 
     def _sq(self, p: torch.Tensor) -> torch.Tensor:
-        """Σ p² over one network's tensor: a scalar, or K of them for a stacked tensor."""
-        return p.pow(2).flatten(1).sum(1) if self.stacked else p.pow(2).sum()
+        """Σ p² over one network's tensor: a scalar, or K of them for a stacked tensor (on CPU
+        one sum per network: a large sum's threading depends on its size, and network k's value
+        must not depend on how many networks share the stack)."""
+        if not self.stacked:
+            return p.pow(2).sum()
+        if p.device.type == "cpu":
+            return torch.stack([p[i].pow(2).sum() for i in range(p.shape[0])])
+        return p.pow(2).flatten(1).sum(1)
 
     def sq_norms(self) -> torch.Tensor:
         """||W_l||_F² (plus ||b_l||² when biases are penalised) per selected layer: (L,) or

@@ -36,7 +36,13 @@ class NotStackable(ValueError):
 
 
 class StackedLinear(nn.Module):
-    """K ``nn.Linear`` of one shape: weight (K, out, in), a batched matmul."""
+    """K ``nn.Linear`` of one shape: weight (K, out, in).
+
+    On CUDA one batched matmul runs them all. On CPU each network's rows go through its own
+    ``F.linear``: the CPU kernels choose their blocking and threading by the problem's size, so a
+    batched matmul over K networks may round differently from the same network in a stack of
+    one; a matmul per network is the same computation whatever K is.
+    """
 
     def __init__(self, layers: Sequence[nn.Linear]) -> None:
         super().__init__()
@@ -48,6 +54,10 @@ class StackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(self.k, -1, x.shape[-1])
+        if x.device.type == "cpu":
+            return torch.cat([F.linear(x[i], self.weight[i],
+                                       None if self.bias is None else self.bias[i])
+                              for i in range(self.k)])
         w = self.weight.transpose(1, 2)
         y = torch.baddbmm(self.bias.unsqueeze(1), x, w) if self.bias is not None else x.bmm(w)
         return y.reshape(-1, y.shape[-1])
