@@ -341,6 +341,8 @@ def _fit_stack(jobs: Sequence[Job], members: Mapping[int, Member], splits, write
     recorder = Recorder([j.tracker for j in jobs], [j.ckpt_path for j in jobs], echo=echo,
                         flush_every_s=flush_every_s(cfg0), writer=writer)
     ckpt = jobs[0].ckpt if len(jobs) == 1 else None
+    if label == "run" and len(jobs) == 1:  # a single run's progress names the run
+        label = f"run {jobs[0].tracker.run_id[:8]}"
     lightning_fit(cfg0, module, splits, recorder, [int(j.cfg.seed) for j in jobs],
                   jobs[0].output_dir, ckpt, tracker=jobs[0].tracker, label=label)
     unstack_into(module, [members[id(j)].net for j in jobs])
