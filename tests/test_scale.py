@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import TINY, make_cfg, run_cli, runs_of
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
@@ -192,8 +193,12 @@ def test_stacks_on_two_worker_processes_record_what_the_serial_launcher_does(tmp
 
 def test_stacks_as_tasks_of_a_local_ray_instance_record_what_the_serial_launcher_does(
         tmp_path, serial):
+    # a Ray task gets OMP_NUM_THREADS = its num_cpus; the CPU kernels' rounding follows the
+    # thread count, so the task is given the serial run's threads to be compared exactly
+    threads = torch.get_num_threads()
     runs, printed = _sweep(tmp_path, "hydra.launcher.backend=ray",
-                           "hydra.launcher.ray.init.num_cpus=2",
+                           f"hydra.launcher.ray.init.num_cpus={max(2, threads)}",
+                           f"hydra.launcher.ray.remote.num_cpus={threads}",
                            "+hydra.launcher.ray.init.include_dashboard=false")
     assert "4 stacked in 2 group(s), trained as Ray tasks" in printed
     _same_as_serial(runs, serial)
