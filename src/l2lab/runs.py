@@ -87,7 +87,7 @@ def copy_history(client, source, run_id: str, skip: tuple[str, ...] = ()) -> Non
     from l2lab.tracking import RunTracker
 
     points: dict[tuple[int, int], dict[str, float]] = {}
-    for key in (k for k in source.data.metrics if not k.startswith(skip) or not skip):
+    for key in (k for k in source.data.metrics if not k.startswith(skip)):
         for m in client.get_metric_history(source.info.run_id, key):
             points.setdefault((m.step, m.timestamp), {})[key] = m.value
     RunTracker(client, run_id).log_epochs(

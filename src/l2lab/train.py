@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from l2lab import cli, schema, store
 from l2lab.base import CONF_DIR, ConfigError
-from l2lab.console import SHOWN, job_line, say  # noqa: F401  (job_line re-exported)
+from l2lab.console import job_line, say  # noqa: F401  (job_line re-exported)
 from l2lab.engine import build_net, train_group  # noqa: F401  (public names, re-exported)
 
 SWEEP_INFO = ".l2lab_sweep.json"  # written by l2lab.sweep.SweepCallback
