@@ -382,3 +382,107 @@ def test_group_writer_on_postgresql_directly_and_through_its_server(tmp_path, re
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(pg_dir, ignore_errors=True)
     assert not leftovers, "the server script left processes behind"
+
+
+# -- histories read back in bulk (the sweep summary, compare) --------------------------------
+def _histories_store(template: Path, tmp: Path) -> tuple[str, list[str]]:
+    """Four runs: full histories of the summary's keys (a NaN, +inf, a step logged twice, a
+    timestamp tie), one key missing, one run with no metrics at all, a param that varies."""
+    from l2lab.runs import HISTORY_KEYS
+
+    uri, _ = new_store(template, tmp, "hist")
+    client = MlflowClient(uri)
+    exp = tr.experiment_id(tr.connect(uri), "hist", uri)
+    ids = []
+    for k in range(4):
+        r = client.create_run(exp, run_name=f"lam={k} seed=0",
+                              tags={"l2lab.overrides": f'["regularization.lam={k}"]'}).info.run_id
+        client.log_batch(r, params=[Param("regularization.lam", str(k)), Param("seed", "0")])
+        keys = HISTORY_KEYS if k != 1 else HISTORY_KEYS[:2]  # run 1 lacks the weight norm
+        metrics = [Metric(key, 1.0 / (1 + s + k + j), T0 + 10 * s, s)
+                   for s in range(3 + k) for j, key in enumerate(keys)] if k != 3 else []
+        if k == 0:
+            metrics += [Metric("val/ce", math.nan, T0 + 5, 1),      # NaN, at a step logged twice
+                        Metric("val/ce", 0.25, T0 + 99, 1),         # the same step again, later
+                        Metric("train/ce", math.inf, T0 + 7, 2),
+                        Metric("train/ce", 0.0, T0 + 10, 1),        # a (timestamp, step) tie
+                        Metric("other", 3.0, T0, 0)]                # not a summary key
+        if metrics:
+            client.log_batch(r, metrics=metrics)
+        client.set_terminated(r, status="FAILED" if k == 2 else "FINISHED")
+        ids.append(r)
+    return uri, ids
+
+
+def _plain(x: Any) -> Any:
+    """NaN-safe equality: floats by repr, containers and records element by element."""
+    if isinstance(x, float):
+        return repr(x)
+    if isinstance(x, Metric):
+        return (x.key, x.step, x.timestamp, repr(x.value))
+    if isinstance(x, Mapping):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    if hasattr(x, "__dataclass_fields__"):
+        return {f: _plain(getattr(x, f)) for f in x.__dataclass_fields__}
+    return x
+
+
+@pytest.mark.parametrize("path", ["sql", "fallback"])
+def test_metric_histories_in_bulk_equal_each_runs_history(tmp_path, monkeypatch, path, template):
+    from l2lab.runs import HISTORY_KEYS
+
+    uri, ids = _histories_store(template, tmp_path)
+    client = MlflowClient(uri)
+    keys = [*HISTORY_KEYS, "other", "never-logged"]
+    want = {r: {k: client.get_metric_history(r, k) for k in keys} for r in ids}
+    assert [m.step for m in want[ids[0]]["val/ce"]].count(1) == 3
+    assert any(math.isnan(m.value) for m in want[ids[0]]["val/ce"])
+    if path == "fallback":
+        monkeypatch.setattr(gs, "expected_revision", lambda: "0123456789ab")
+    writer = gs.GroupWriter(uri)
+    assert writer.mode == ("sql" if path == "sql" else "client"), writer.why
+    before = writer.round_trips
+    got = writer.metric_histories([*ids, ids[0]], keys)  # a repeated id is read once
+    assert writer.round_trips - before == (1 if path == "sql" else len(ids) * len(keys))
+    assert list(got) == ids
+    assert _plain(got) == _plain(want)  # same rows, same order, NaN as NaN
+    assert writer.metric_histories([], keys) == {}
+
+
+@pytest.mark.parametrize("path", ["sql", "fallback"])
+def test_load_records_reads_histories_in_bulk_with_the_same_records(tmp_path, monkeypatch, path,
+                                                                     template):
+    from l2lab import runs as rr
+
+    uri, ids = _histories_store(template, tmp_path)
+    client = MlflowClient(uri)
+    found = [client.get_run(r) for r in ids]
+
+    class Unnamed:  # a client that does not say its store: asked run by run, as before
+        def __getattr__(self, name: str) -> Any:
+            if name == "tracking_uri":
+                raise AttributeError(name)
+            return getattr(client, name)
+
+    calls = []
+    monkeypatch.setattr(client, "get_metric_history",
+                        lambda *a, _f=client.get_metric_history: calls.append(a) or _f(*a))
+    want = rr.load_records(Unnamed(), found)
+    assert len(calls) == 3 * len(rr.HISTORY_KEYS)  # the run without metrics is not asked
+    assert "nan" in repr(want[0].history["val/ce"]) and want[3].history == {}
+    assert want[1].history["weights/sq_norm_total"] == []
+
+    if path == "fallback":
+        monkeypatch.setattr(gs, "expected_revision", lambda: "0123456789ab")
+    bulk = []
+    real = gs.GroupWriter.metric_histories
+    monkeypatch.setattr(gs.GroupWriter, "metric_histories",
+                        lambda self, *a: bulk.append(self.mode) or real(self, *a))
+    calls.clear()
+    made = rr.load_records(client, found)  # a writer made on the client's store
+    assert bulk == ["sql" if path == "sql" else "client"]
+    assert len(calls) == (0 if path == "sql" else 3 * len(rr.HISTORY_KEYS))
+    given = rr.load_records(client, found, writer=gs.GroupWriter(uri, client))
+    assert _plain(made) == _plain(want) and _plain(given) == _plain(want)

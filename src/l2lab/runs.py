@@ -211,13 +211,34 @@ def varying_keys(runs: Iterable) -> list[str]:
     return sorted(varying, key=lambda k: (k != "regularization.lam", k))
 
 
-def load_records(client, runs: Iterable) -> list:
+def _histories(client, runs: Sequence, writer=None) -> dict[str, dict[str, list]]:
+    """``HISTORY_KEYS``' histories ``{run_id: {key: [Metric, ...]}}`` of the runs that have
+    metrics, read together through a ``groupstore.GroupWriter`` (one SQL query per 500 runs,
+    or the runs' calls concurrently for a server) instead of one store call per run and key.
+    The writer is made on the client's own store when none is given; a client that does not say
+    its store (``tracking_uri``) is asked run by run."""
+    ids = [r.info.run_id for r in runs if r.data.metrics]
+    if not ids:
+        return {}
+    uri = getattr(client, "tracking_uri", None)
+    if writer is None and isinstance(uri, str) and uri:
+        from l2lab.groupstore import GroupWriter
+
+        writer = GroupWriter(uri, client)
+    if writer is not None:
+        return writer.metric_histories(ids, HISTORY_KEYS)
+    return {r: {k: client.get_metric_history(r, k) for k in HISTORY_KEYS} for r in ids}
+
+
+def load_records(client, runs: Iterable, writer=None) -> list:
     """MLflow runs -> ``stats.RunRecord`` (final values, test/* included, and the histories the
-    figures need)."""
+    figures need). The histories are read for all runs at once (``_histories``): through
+    ``writer`` (a ``groupstore.GroupWriter`` on the client's store) when given."""
     from l2lab.stats import RunRecord
 
     runs = list(runs)
     keys = varying_keys(runs)
+    histories = _histories(client, runs, writer)
     records = []
     for run in runs:
         params, tags = run.data.params, run.data.tags
@@ -227,11 +248,8 @@ def load_records(client, runs: Iterable) -> list:
             lam = float(params.get("regularization.lam", "nan"))
         except ValueError:
             lam = math.nan
-        history = {}
-        if run.data.metrics:
-            for k in HISTORY_KEYS:
-                points = client.get_metric_history(run.info.run_id, k)
-                history[k] = sorted((m.step, m.value) for m in points)
+        history = {k: sorted((m.step, m.value) for m in points)
+                   for k, points in histories.get(run.info.run_id, {}).items()}
         records.append(RunRecord(
             run_id=run.info.run_id, name=tags.get("mlflow.runName", run.info.run_id),
             status=run.info.status, group=group, lam=lam,

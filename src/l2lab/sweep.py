@@ -35,13 +35,14 @@ def sweep_children(client, info: dict) -> list:
 
 
 def summarize_runs(client, runs: list, out_dir: Path, *, name_rejected: bool = True,
-                   context=None) -> tuple[str, dict[str, Path], list]:
+                   context=None, writer=None) -> tuple[str, dict[str, Path], list]:
     """Table text, written files (``summary.csv``, figures, ``index.html``) and records for a set
-    of runs (shared with ``compare``)."""
+    of runs (shared with ``compare``). The runs' histories are read in bulk (``writer``, a
+    ``groupstore.GroupWriter`` on the client's store, if the caller has one; else one is made)."""
     from l2lab import report
     from l2lab.runs import load_records
 
-    records = load_records(client, runs)
+    records = load_records(client, runs, writer=writer)
     paths = report.write_report(records, out_dir, context)
     table = report.format_table(report.summarize(records), records, name_rejected=name_rejected)
     return table, paths, records
