@@ -54,10 +54,11 @@ class StackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(self.k, -1, x.shape[-1])
-        if x.device.type == "cpu":
-            return torch.cat([F.linear(x[i], self.weight[i],
-                                       None if self.bias is None else self.bias[i])
-                              for i in range(self.k)])
+        if x.device.type == "cpu":  # unbind, not [i]: its backward is one stack, where K
+            # selects would each scatter into a zero tensor of all K networks (O(K²))
+            biases = self.bias.unbind(0) if self.bias is not None else [None] * self.k
+            return torch.cat([F.linear(xi, w, b) for xi, w, b in
+                              zip(x.unbind(0), self.weight.unbind(0), biases, strict=True)])
         w = self.weight.transpose(1, 2)
         y = torch.baddbmm(self.bias.unsqueeze(1), x, w) if self.bias is not None else x.bmm(w)
         return y.reshape(-1, y.shape[-1])
@@ -88,11 +89,11 @@ class StackedConv(nn.Module):
         k, spatial = self.k, x.shape[2:]
         b = x.shape[0] // k
         args = (self.stride, self.padding, self.dilation)
-        if x.device.type == "cpu":
-            xs = x.reshape(k, b, *x.shape[1:])
-            return torch.cat([
-                self.conv(xs[i], self.weight[i], None if self.bias is None else self.bias[i],
-                          *args) for i in range(k)])
+        if x.device.type == "cpu":  # unbind: see StackedLinear
+            xs = x.reshape(k, b, *x.shape[1:]).unbind(0)
+            biases = self.bias.unbind(0) if self.bias is not None else [None] * k
+            return torch.cat([self.conv(xi, w, bi, *args) for xi, w, bi in
+                              zip(xs, self.weight.unbind(0), biases, strict=True)])
         # (K·B, C, ...) -> (B, K·C, ...): network k's channels become group k
         xg = x.reshape(k, b, *x.shape[1:]).transpose(0, 1).reshape(b, -1, *spatial)
         w = self.weight.reshape(-1, *self.weight.shape[2:])
