@@ -18,11 +18,21 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException
 from hydra.types import RunMode
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from hydra_plugins.l2lab_launchers.vectorized_launcher import HYDRA_JOB_KEYS
 from hydra_plugins.l2lab_launchers.vectorized_launcher import to_yaml as launcher_yaml
 from l2lab import CONF_DIR
-from l2lab.composing import SweepConfigs, split
+from l2lab.composing import (
+    MEMBER_KEYS,
+    SweepConfigs,
+    YamlTemplate,
+    dump_yaml,
+    split,
+    substitute,
+    with_values,
+)
+from l2lab.stackable import group_key, shape_key, task_config, valid_lams
 from l2lab.train import train_group
 
 
@@ -78,6 +88,71 @@ def test_jobs_that_differ_in_stackable_keys_are_derived_equal_to_their_compositi
     # the launcher writes each stacked job's .hydra/ files with libyaml: the same documents
     assert yaml.safe_load(launcher_yaml(derived)) == yaml.safe_load(OmegaConf.to_yaml(derived))
     assert isinstance(configs.take(master, batch[3]).regularization.lam, float)
+
+
+def test_a_member_is_its_derived_config_and_renders_its_documents():
+    """Without a config of its own, a job is its composition plus its values: they make the
+    config Hydra composes for it, its stack key, and (from templates) the very YAML documents
+    of its config and hydra node; λ=0 stays as the schema converts it, λ=-1 trains alone."""
+    loader, master = _loader_and_master("hydra/sweeper=grouped", "hydra/launcher=vectorized",
+                                        "model=cnn")
+    batch = _batch("regularization.lam=0,1e-3,-1", "seed=0,3",
+                   "+regularization.lam_per_layer.fc1=0,0.25", "optimizer.lr=0.1,0.01")
+    configs = SweepConfigs(loader)
+    configs.validate(master, batch)
+    templates: dict[int, tuple[YamlTemplate, YamlTemplate]] = {}
+    for num, overrides in enumerate(batch):
+        member = configs.member(master, overrides)
+        full = configs.take(master, overrides)
+        with open_dict(full):
+            full.hydra.job.num = full.hydra.job.id = num
+            full.hydra.runtime.output_dir = f"/sweep/{num}"
+        task = OmegaConf.to_container(task_config(full))
+        assert set(member.values) == set(MEMBER_KEYS)
+        own = OmegaConf.to_container(with_values(member.rep, member.values))
+        own.pop("hydra")
+        assert own == task and member.values["regularization.lam"] == full.regularization.lam
+        assert member.task == list(full.hydra.overrides.task)
+        assert member.dirname == full.hydra.job.override_dirname
+        key = shape_key(OmegaConf.to_container(task_config(member.rep), resolve=True)) \
+            if valid_lams({"lam": member.values["regularization.lam"],
+                           "lam_per_layer": member.values["regularization.lam_per_layer"]}) \
+            else None
+        assert key == group_key(full) and (key is None) == ("regularization.lam=-1" in overrides)
+        if member.group not in templates:
+            rep = member.rep
+            templates[member.group] = (
+                YamlTemplate({k: v for k, v in OmegaConf.to_container(rep).items()
+                              if k != "hydra"}, MEMBER_KEYS),
+                YamlTemplate({"hydra": OmegaConf.to_container(rep.hydra)}, HYDRA_JOB_KEYS))
+        config_doc, hydra_doc = templates[member.group]
+        assert config_doc.render(member.values) == dump_yaml(task)
+        assert hydra_doc.render({
+            "hydra.job.num": num, "hydra.job.id": str(num),
+            "hydra.job.override_dirname": member.dirname, "hydra.overrides.task": member.task,
+            "hydra.runtime.output_dir": f"/sweep/{num}"}) == dump_yaml(
+                {"hydra": OmegaConf.to_container(full.hydra)})
+        assert yaml.safe_load(config_doc.render(member.values)) == yaml.safe_load(
+            OmegaConf.to_yaml(task))
+    assert len(templates) == 2 and configs.compositions == 2
+    # a stacked value that is an interpolation: no member form, its own config as before
+    configs.validate(master, [["seed=${data.split_seed}", "regularization.lam=0.5"]])
+    assert configs.member(master, ["seed=${data.split_seed}", "regularization.lam=0.5"]) is None
+
+
+def test_a_yaml_template_renders_what_dumping_gives_whatever_the_values():
+    tree = {"a": {"b": "x", "c": [1, 2], "d": {"p": 1.0, "q": 2}}, "e": 0}
+    template = YamlTemplate(tree, ["a.b", "a.c", "a.d", "e"])
+    assert template.ok
+    for values in (
+        {"a.b": "y", "a.c": ["k=1", "j=2", "z"], "a.d": {"p": 0.5, "q": 3}, "e": 7},
+        {"a.b": "'quoted' yes: no", "a.c": [1e-5, None, True], "a.d": {"p": 0, "q": 1}, "e": "1"},
+        {"a.b": "two\nlines", "a.c": [], "a.d": {"q": 1, "p": 0}, "e": 1.0},  # fall back
+        {"a.b": "a " * 80, "a.c": [{"x": 1}], "a.d": {}, "e": [1]},  # fall back
+        {"a.b": {"nested": 1}, "a.c": "not a list", "a.d": {"p": 1, "r": 2}, "e": None},
+    ):
+        assert template.render(values) == dump_yaml(substitute(tree, values)), values
+    assert tree == {"a": {"b": "x", "c": [1, 2], "d": {"p": 1.0, "q": 2}}, "e": 0}  # untouched
 
 
 def test_every_value_is_still_type_checked_and_range_checks_stay_with_the_job():
@@ -202,3 +277,40 @@ def test_stacks_as_tasks_of_a_local_ray_instance_record_what_the_serial_launcher
                            "+hydra.launcher.ray.init.include_dashboard=false")
     assert "4 stacked in 2 group(s), trained as Ray tasks" in printed
     _same_as_serial(runs, serial)
+
+
+PROBE = """
+import json
+from hydra.experimental.callback import Callback
+
+
+class Probe(Callback):
+    def __init__(self, path):
+        self.path = path
+
+    def on_job_end(self, config, job_return, **kwargs):
+        with open(self.path, "a") as f:
+            f.write(json.dumps({
+                "num": config.hydra.job.num, "lam": config.regularization.lam,
+                "lr": config.optimizer.lr, "out": config.hydra.runtime.output_dir,
+                "ret_lam": job_return.cfg.regularization.lam,
+                "ret_num": job_return.hydra_cfg.hydra.job.num,
+                "value": job_return.return_value}) + "\\n")
+"""
+
+
+def test_a_callback_with_job_hooks_sees_each_stacked_job_as_run_job_gives_it(tmp_path, serial):
+    """A callback that acts at a job's end gets that job's own config and JobReturn (the
+    launcher then makes each job's config; without such a callback it makes none)."""
+    (tmp_path / "probe.py").write_text(PROBE)
+    seen = tmp_path / "seen.jsonl"
+    runs, _ = _sweep(tmp_path, "+hydra.callbacks.probe._target_=probe.Probe",
+                     f"+hydra.callbacks.probe.path={seen}")
+    _same_as_serial(runs, serial)
+    lines = [json.loads(line) for line in seen.read_text().splitlines()]
+    assert sorted(x["num"] for x in lines) == [0, 1, 2, 3]
+    for x in lines:
+        run = runs[(str(float(x["lam"])), str(x["lr"]))]
+        assert x["ret_lam"] == x["lam"] and x["ret_num"] == x["num"]
+        assert x["value"] == run["val/ce"][-1][1]
+        assert x["out"] == str(tmp_path / "multirun" / str(x["num"]))

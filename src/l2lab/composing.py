@@ -12,7 +12,15 @@ are set as Hydra's ``load_sweep_config`` sets them. Each distinct value is type-
 batch is validated; a value the check refuses is composed the ordinary way, so Hydra raises its
 own error for it. Range checks (λ >= 0 ...) stay where they were: in the job, which ends FAILED.
 
-Light (Hydra and OmegaConf only): the sweeper and the launcher plugins import it at start-up.
+A job need not become a config of its own at all: :meth:`SweepConfigs.member` gives it as its
+group's representative plus its :class:`Member` values (the stacked keys, complete, as the schema
+converts them), which is all the vectorized launcher and the engine need per job (a config of its
+own costs ~10 ms to derive and as much again each time it is copied, resolved or dumped).
+:func:`substitute` and :class:`YamlTemplate` give a member's resolved tree and YAML documents from
+its representative's, in microseconds.
+
+Light (Hydra, OmegaConf and PyYAML only): the sweeper and the launcher plugins import it at
+start-up.
 """
 
 from __future__ import annotations
@@ -20,19 +28,24 @@ from __future__ import annotations
 import functools
 import pickle
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf._utils import OmegaConfDumper
 from omegaconf.errors import OmegaConfBaseException
 
 #: Override keys whose values a job may set on a copy of its group's representative.
 STACKED_LEAVES = ("seed", "regularization.lam")
 STACKED_PREFIXES = ("regularization.lam_per_layer.",)
+#: A member's values: these keys, always all three (so that members of different compositions
+#: can share one representative in a stack).
+MEMBER_KEYS = ("seed", "regularization.lam", "regularization.lam_per_layer")
 _PRIMITIVE = (str, int, float, bool, type(None))
 
 _parser: OverridesParser | None = None
@@ -102,6 +115,207 @@ def overrides_dirname(overrides: Sequence[Override], hydra_job: DictConfig) -> s
     return re.sub("[=]", str(conf.kv_sep), str(conf.item_sep).join(lines))
 
 
+_INTERPOLATION = object()  # a stacked value that is an interpolation: no member form
+
+
+def _read(cfg: DictConfig, key: str) -> Any:
+    """A stacked key's value as the schema converted it."""
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    if OmegaConf.is_interpolation(node, leaf):
+        return _INTERPOLATION
+    return node[leaf]
+
+
+def _reads_stacked(text: str) -> bool:
+    """Whether an interpolation may read a stacked key (any resolver may: assume it does)."""
+    return any(":" in m or m.split(".")[0] in ("seed", "regularization")
+               for m in re.findall(r"\$\{([^}]*)\}", text))
+
+
+def _member_base(rep: DictConfig) -> dict[str, Any]:
+    """The representative's MEMBER_KEYS; ``{"unusable": True}`` when members cannot be made
+    from it: a stacked key that is an interpolation, or an interpolation of the task config
+    that may read one."""
+    reg = rep.regularization
+    per_layer = reg.get("lam_per_layer")
+    if (OmegaConf.is_interpolation(rep, "seed") or OmegaConf.is_interpolation(reg, "lam")
+            or OmegaConf.is_interpolation(reg, "lam_per_layer")
+            or (per_layer is not None
+                and any(OmegaConf.is_interpolation(per_layer, k) for k in per_layer))):
+        return {"unusable": True}
+    texts: list[str] = []
+    tree = OmegaConf.to_container(rep, resolve=False)
+    _strings({k: v for k, v in tree.items() if k != "hydra"}, texts)
+    if any(_reads_stacked(t) for t in texts):
+        return {"unusable": True}
+    return {"seed": rep.seed, "regularization.lam": reg.lam,
+            "regularization.lam_per_layer": dict(per_layer.items()) if per_layer else {}}
+
+
+def _strings(tree: Any, out: list[str]) -> None:
+    """Every string of ``tree`` that holds an interpolation."""
+    if isinstance(tree, Mapping):
+        for v in tree.values():
+            _strings(v, out)
+    elif isinstance(tree, list):
+        for v in tree:
+            _strings(v, out)
+    elif isinstance(tree, str) and "${" in tree:
+        out.append(tree)
+
+
+@dataclass
+class Member:
+    """A job of a group, without a config of its own: its group's representative (shared,
+    never to be changed) and what differs."""
+
+    rep: DictConfig
+    values: dict[str, Any]  # MEMBER_KEYS -> this job's value
+    task: list[str]  # hydra.overrides.task
+    dirname: str  # hydra.job.override_dirname
+    group: int  # members of one composition share it (and its YAML templates)
+
+
+def with_values(cfg: DictConfig, values: Mapping[str, Any]) -> DictConfig:
+    """A copy of ``cfg`` with a member's values set (its own config, for what needs one)."""
+    cfg = cfg.copy()
+    for key, value in values.items():
+        OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+    return cfg
+
+
+KeyPath = str | tuple[str, ...]  # a dotted key, or its parts (a layer name may hold dots)
+
+
+def _parts(key: KeyPath) -> tuple[str, ...]:
+    return tuple(key.split(".")) if isinstance(key, str) else key
+
+
+def substitute(tree: Mapping[str, Any], values: Mapping[KeyPath, Any]) -> dict[str, Any]:
+    """``tree`` (a plain container) with the keys of ``values`` set; only the dicts on their
+    paths are copied, the rest is shared (so: read the result, do not change it)."""
+    out = dict(tree)
+    fresh = {id(out)}
+    for key, value in values.items():
+        *parents, leaf = _parts(key)
+        node = out
+        for p in parents:
+            child = node.get(p)
+            if not (isinstance(child, dict) and id(child) in fresh):
+                child = dict(child) if isinstance(child, Mapping) else {}
+                node[p] = child
+                fresh.add(id(child))
+            node = child
+        node[leaf] = value
+    return out
+
+
+def _get(tree: Mapping[str, Any], key: KeyPath) -> Any:
+    for p in _parts(key):
+        tree = tree.get(p) if isinstance(tree, Mapping) else None
+    return tree
+
+
+# -- YAML, fast --------------------------------------------------------------------------------
+class _LibyamlDumper(getattr(yaml, "CDumper", yaml.Dumper)):  # type: ignore[misc]
+    """OmegaConf's YAML dumper on libyaml's emitter (the same representers)."""
+
+
+_LibyamlDumper.add_representer(str, OmegaConfDumper.str_representer)
+
+
+def dump_yaml(tree: Any) -> str:
+    """A plain container as ``OmegaConf.to_yaml`` writes it, emitted by libyaml: the same
+    document, several times faster (long strings may wrap differently)."""
+    return yaml.dump(tree, Dumper=_LibyamlDumper, default_flow_style=False,
+                     allow_unicode=True, sort_keys=False)
+
+
+def to_yaml(cfg: Any) -> str:
+    """``OmegaConf.to_yaml`` (unresolved) through :func:`dump_yaml`."""
+    return dump_yaml(OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
+                     if OmegaConf.is_config(cfg) else cfg)
+
+
+class YamlTemplate:
+    """The YAML documents of trees that differ only at a few keys (the jobs of a group): dumped
+    once with a token at each leaf of those keys, then each document is that text with the
+    tokens replaced (microseconds, where dumping a job's hydra node costs ~5 ms). A value that
+    would not render as the template's one line (a multi-line string, a dict of other keys, an
+    empty list) is dumped the slow way: the result is always the same as
+    ``dump_yaml(substitute(tree, values))``."""
+
+    def __init__(self, tree: Mapping[str, Any], keys: Sequence[str]) -> None:
+        self.tree, self.keys = tree, list(keys)
+        self.shapes: dict[str, list[str] | None] = {}  # a dict-valued key: its keys, in order
+        slots: dict[KeyPath, Any] = {}
+        for key in self.keys:
+            current = _get(tree, key)
+            if isinstance(current, Mapping):  # a slot per key (none for an empty dict)
+                self.shapes[key] = list(current)
+                for sub in current:
+                    slots[(*_parts(key), sub)] = None
+            else:
+                self.shapes[key] = None
+                slots[key] = [None] if isinstance(current, list) else None
+        self.tokens = {path: f"L2LABSLOT{i}X" for i, path in enumerate(slots)}
+        marked = {p: [t] if isinstance(slots[p], list) else t for p, t in self.tokens.items()}
+        self.text = dump_yaml(substitute(tree, marked))
+        self.ok = all(self.text.count(t) == 1 for t in self.tokens.values())
+
+    def render(self, values: Mapping[str, Any]) -> str:
+        text = self.text if self.ok else None
+        leaves: dict[KeyPath, Any] = {}
+        for key in self.keys:
+            value, shape = values[key], self.shapes[key]
+            if shape is not None or isinstance(value, Mapping):
+                if not isinstance(value, Mapping) or list(value) != shape:
+                    text = None
+                    break
+                leaves.update(((*_parts(key), sub), v) for sub, v in value.items())
+            else:
+                leaves[key] = value
+        for path, value in leaves.items() if text is not None else ():
+            token = self.tokens[path]
+            if isinstance(value, list | tuple):
+                text = _render_list(text, token, value)
+            else:
+                one = _scalar(value)
+                text = None if one is None else text.replace(token, one)
+            if text is None:
+                break
+        return text if text is not None else dump_yaml(substitute(self.tree, values))
+
+
+@functools.lru_cache(maxsize=65536)
+def _scalar_cached(value: Any, kind: type) -> str | None:
+    out = dump_yaml({"k": value})
+    if not out.startswith("k: ") or out.count("\n") != 1:
+        return None
+    return out[3:-1]
+
+
+def _scalar(value: Any) -> str | None:
+    """One value as it follows ``key: `` in a block mapping (None: not on one line)."""
+    if not isinstance(value, str | int | float | bool | type(None)):
+        return None
+    return _scalar_cached(value, type(value))  # 1 and 1.0 and True are different YAML
+
+
+def _render_list(text: str, token: str, items: Sequence[Any]) -> str | None:
+    """The list's one-item block sequence (``<indent>- TOKEN``) made ``items``' lines."""
+    start = text.index(token)
+    line_start = text.rfind("\n", 0, start) + 1
+    prefix = text[line_start:start]
+    if not items or not prefix.strip() == "-":
+        return None
+    lines = [_scalar(v) for v in items]
+    if any(v is None for v in lines):
+        return None
+    return text[:line_start] + "\n".join(prefix + v for v in lines) + text[start + len(token):]
+
+
 @dataclass
 class _Group:
     """A composed representative, pickled once: unpickling is ~10× cheaper than composing."""
@@ -109,6 +323,9 @@ class _Group:
     blob: bytes
     scratch: DictConfig  # a copy on which each distinct stackable value is type-checked
     checked: set[str] = field(default_factory=set)
+    rep: DictConfig | None = None  # the composition, kept for members (never changed)
+    base: dict[str, Any] = field(default_factory=dict)  # MEMBER_KEYS as composed
+    values: dict[str, Any] = field(default_factory=dict)  # override line -> value, converted
 
 
 class SweepConfigs:
@@ -148,12 +365,15 @@ class SweepConfigs:
                 blob = pickle.dumps(cfg, protocol=pickle.HIGHEST_PROTOCOL)
                 group = self._groups[(id(master), base)] = _Group(blob, pickle.loads(blob))
                 group.checked.update(o.input_line for o in stacked)
+                group.values.update((o.input_line, _read(cfg, o.key_or_group)) for o in stacked)
+                self._derived[job] = (group, stacked)
                 continue
             try:
                 for o in stacked:
                     if o.input_line not in group.checked:
                         apply(group.scratch, o)
                         group.checked.add(o.input_line)
+                        group.values[o.input_line] = _read(group.scratch, o.key_or_group)
             except ConfigCompositionException:  # Hydra's own composition says why, or passes
                 group.scratch = pickle.loads(group.blob)
                 self._composed[job] = self._compose(master, overrides)
@@ -173,6 +393,35 @@ class SweepConfigs:
             return self._derive(master_config, group, stacked, sweep_overrides)
         cfg = self._composed[job] = self._compose(master_config, sweep_overrides)
         return cfg
+
+    def member(self, master_config: DictConfig, sweep_overrides: Sequence[str]
+               ) -> Member | None:
+        """The job as its group's representative plus its values, without a config of its own
+        (``None``: take its config; a value that is an interpolation, or a representative whose
+        config may read the stacked keys, has no member form)."""
+        job = (id(master_config), tuple(sweep_overrides))
+        if job not in self._derived:
+            return None
+        group, stacked = self._derived[job]
+        if group.rep is None:
+            group.rep = pickle.loads(group.blob)
+            OmegaConf.copy_cache(from_config=master_config, to_config=group.rep)
+            group.base = _member_base(group.rep)
+        values = [group.values[o.input_line] for o in stacked]
+        if group.base.get("unusable") or any(v is _INTERPOLATION for v in values):
+            return None
+        self._composed.pop(job, None)  # the representative's own: not needed any more
+        own = dict(group.base)
+        per_layer = dict(own["regularization.lam_per_layer"])
+        for o, value in zip(stacked, values, strict=True):
+            if o.key_or_group.startswith(STACKED_PREFIXES):
+                per_layer[o.key_or_group.rpartition(".")[2]] = value
+            else:
+                own[o.key_or_group] = value
+        own["regularization.lam_per_layer"] = per_layer
+        app = [o for o in map(parse, sweep_overrides) if not o.is_hydra_override()]
+        return Member(group.rep, own, [o.input_line for o in app],
+                      overrides_dirname(app, group.rep.hydra.job), id(group))
 
     def take(self, master_config: DictConfig, sweep_overrides: Sequence[str]) -> DictConfig:
         """The job's config for the launcher that runs it (nothing kept for a later call)."""

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from l2lab import lifecycle, schema
 from l2lab import tracking as tr
 from l2lab.base import CONF_DIR, ConfigError
+from l2lab.composing import MEMBER_KEYS, YamlTemplate, dump_yaml, substitute, with_values
 
 if TYPE_CHECKING:
     import torch
@@ -46,12 +47,12 @@ def prepared(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def run_name(overrides: Sequence[str], cfg: DictConfig, swept: Sequence[str] | None = None) -> str:
+def run_name(overrides: Sequence[str], cfg: Mapping, swept: Sequence[str] | None = None) -> str:
     """``["regularization.lam=0.01", "seed=1"]`` -> ``"lam=0.01 seed=1"`` (in a sweep, only the
     swept keys, so that the runs of one sweep read apart at a glance)."""
     parts = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in tr.parse_overrides(overrides).items()
              if not k.startswith(_NAME_SKIP) and (swept is None or k in swept)]
-    return " ".join(parts) or f"lam={cfg.regularization.lam} seed={cfg.seed}"
+    return " ".join(parts) or f"lam={cfg['regularization']['lam']} seed={cfg['seed']}"
 
 
 def quick_checks(cfg: DictConfig) -> None:
@@ -75,34 +76,57 @@ def optimizer_factory(cfg: DictConfig) -> Callable[[torch.nn.Module], torch.opti
     return lambda net: partial(net.parameters())
 
 
-def build_net(cfg: DictConfig, splits) -> torch.nn.Module:
-    """The network of ``cfg.model`` for the data's input shape and classes."""
+def net_factory(cfg: DictConfig) -> Callable[[Any], torch.nn.Module]:
+    """A function splits -> the network of ``cfg.model`` for the data's input shape and
+    classes (instantiated once per stack: a Hydra ``instantiate`` per job cost ~15 ms)."""
     model_cfg = _strip(cfg.model, "name")
     if not str(model_cfg.get("_target_", "")).startswith("l2lab.models."):
         raise ConfigError(f"model must be one of mlp, cnn (l2lab.models.*), got {cfg.model}.")
+
+    def explained(e: Exception) -> ConfigError:
+        cause = e if isinstance(e, ConfigError) else e.__cause__  # instantiate wraps ours
+        if isinstance(cause, ConfigError):
+            return cause
+        return ConfigError(f"model: cannot build {model_cfg['_target_']}: {e}")
+
     try:
-        return hydra.utils.instantiate(model_cfg, in_shape=splits.in_shape,
-                                       num_classes=splits.num_classes)
-    except Exception as e:  # instantiate wraps our ConfigError
-        cause = e.__cause__ if isinstance(e.__cause__, ConfigError) else None
-        if cause:
-            raise cause from None
-        raise ConfigError(f"model: cannot build {model_cfg['_target_']}: {e}") from None
+        partial = hydra.utils.instantiate(model_cfg, _partial_=True)
+    except Exception as e:
+        raise explained(e) from None
+
+    def make(splits) -> torch.nn.Module:
+        try:
+            return partial(in_shape=splits.in_shape, num_classes=splits.num_classes)
+        except Exception as e:
+            raise explained(e) from None
+
+    return make
 
 
-def build_member(cfg: DictConfig, splits) -> Member:
+def build_net(cfg: DictConfig, splits) -> torch.nn.Module:
+    """The network of ``cfg.model`` for the data's input shape and classes."""
+    return net_factory(cfg)(splits)
+
+
+def build_member(cfg: DictConfig, splits, seed: int | None = None,
+                 regularization: Mapping | None = None, check_optimizer: bool = True,
+                 make_net: Callable[[Any], torch.nn.Module] | None = None) -> Member:
     """One job's network, penalty and dropout generator, seeded by its own ``seed``; every check
-    that needs the network (layer patterns, ``lam_per_layer`` keys) runs here."""
+    that needs the network (layer patterns, ``lam_per_layer`` keys) runs here. A job of a stack
+    gives its own ``seed`` and ``regularization`` (its other keys are ``cfg``'s); the optimizer's
+    checks and the network's factory are once per stack."""
     import pytorch_lightning as pl
     import torch
 
     from l2lab.regularization import build_penalty
     from l2lab.stacked import Member
 
-    pl.seed_everything(int(cfg.seed), workers=False, verbose=False)
-    net = build_net(cfg, splits)
-    penalty = build_penalty(net, cfg.regularization, dataset_size=len(splits.train[1]))
-    optimizer_factory(cfg)  # its checks, before any training
+    pl.seed_everything(int(cfg.seed if seed is None else seed), workers=False, verbose=False)
+    net = (make_net or net_factory(cfg))(splits)
+    penalty = build_penalty(net, cfg.regularization if regularization is None else regularization,
+                            dataset_size=len(splits.train[1]))
+    if check_optimizer:
+        optimizer_factory(cfg)  # its checks, before any training
     return Member(net, penalty, torch.Generator().set_state(torch.get_rng_state()))
 
 
@@ -158,10 +182,13 @@ def flush_every_s(cfg: DictConfig) -> float:
 # -- the run lifecycle ----------------------------------------------------------------------------
 @dataclass
 class Job:
-    """One training job: its config and where it goes. ``tracker`` is set for a run that is
-    continued (``resume``), ``ckpt`` is the checkpoint it continues from."""
+    """One training job: its config and where it goes. A job of a stack is its stack's config
+    (``base``) with its own ``values`` of the stacked keys (``composing.MEMBER_KEYS``): its own
+    config, ``cfg``, is made only when something needs it (~10 ms), while ``seed`` and the
+    resolved ``tree`` cost microseconds. ``tracker`` is set for a run that is continued
+    (``resume``), ``ckpt`` is the checkpoint it continues from."""
 
-    cfg: DictConfig
+    base: DictConfig
     overrides: list[str]
     output_dir: Path
     name: str = ""
@@ -171,6 +198,29 @@ class Job:
     reopened: bool = False  # the same MLflow run continues (its params are logged already)
     logged_test: bool = False  # the run already holds test/* (continued after its test pass)
     result: dict[str, float] | BaseException | None = None
+    values: dict[str, Any] = field(default_factory=dict)
+    _cfg: DictConfig | None = field(default=None, repr=False)
+    _tree: dict[str, Any] | None = field(default=None, repr=False)
+
+    @property
+    def cfg(self) -> DictConfig:
+        """The job's own config."""
+        if not self.values:
+            return self.base
+        if self._cfg is None:
+            self._cfg = with_values(self.base, self.values)
+        return self._cfg
+
+    @property
+    def seed(self) -> int:
+        return int(self.values["seed"] if self.values else self.base.seed)
+
+    @property
+    def tree(self) -> dict[str, Any]:
+        """The job's config, resolved, as plain containers (shared parts: read only)."""
+        if self._tree is None:
+            self._tree = OmegaConf.to_container(self.cfg, resolve=True)
+        return self._tree
 
     @property
     def ckpt_path(self) -> Path:
@@ -202,22 +252,28 @@ def open_runs(client, writer, jobs: Sequence[Job], sweep: Mapping | None) -> Non
         tags_list.append({
             "l2lab.overrides": json.dumps(list(job.overrides)),
             "l2lab.output_dir": str(job.output_dir),
-            runs.HASH_TAG: runs.config_hash(job.cfg),
+            runs.HASH_TAG: runs.config_hash(job.tree),
             **({"mlflow.source.git.commit": commit} if commit else {}),
             **({"l2lab.sweep_id": sweep["sweep_id"],
                 "mlflow.parentRunId": sweep["parent_run_id"]} if sweep else {}),
             **job.tags,
         })
-    cfg = jobs[0].cfg
+    cfg = jobs[0].base
     exp = tr.experiment_id(client, str(cfg.experiment_name), cfg.tracking.uri)
     ids = writer.create_runs(exp, [j.name for j in jobs], tags_list)
     params, texts = {}, {}
+    templates: dict[int, YamlTemplate] = {}  # per stack config: its jobs' config.yaml
     for job, rid in zip(jobs, ids, strict=True):
         job.tracker = tr.RunTracker(client, rid)
-        resolved = OmegaConf.to_container(job.cfg, resolve=True)
-        params[rid] = tr.flatten_params(resolved)
-        texts[rid] = {"config/config.yaml": OmegaConf.to_yaml(resolved),
-                      "config/overrides.yaml": OmegaConf.to_yaml(list(job.overrides))}
+        params[rid] = tr.flatten_params(job.tree)
+        if job.values:
+            if id(job.base) not in templates:
+                templates[id(job.base)] = YamlTemplate(_base_tree(job.base), MEMBER_KEYS)
+            config = templates[id(job.base)].render(job.values)
+        else:
+            config = dump_yaml(job.tree)
+        texts[rid] = {"config/config.yaml": config,
+                      "config/overrides.yaml": dump_yaml(list(job.overrides))}
     writer.log_params(params)
     writer.log_texts(texts)
 
@@ -258,8 +314,8 @@ def train_jobs(jobs: Sequence[Job], *, sweep: Mapping | None = None,
     """
     from l2lab.data import load_data
 
-    client = tr.connect(jobs[0].cfg.tracking.uri)
-    writer = writer_for(jobs[0].cfg.tracking.uri, client)
+    client = tr.connect(jobs[0].base.tracking.uri)
+    writer = writer_for(jobs[0].base.tracking.uri, client)
     opened: list[Job] = []
 
     def fail(job: Job, e: BaseException) -> None:
@@ -274,30 +330,39 @@ def train_jobs(jobs: Sequence[Job], *, sweep: Mapping | None = None,
             for job in jobs:
                 if on_open:
                     on_open(job)
-            live = []
+            live, passed = [], set()  # stack configs that one of their jobs passed in full
             for job in jobs:
                 try:
-                    quick_checks(job.cfg)
+                    if job.values and id(job.base) in passed:  # it differs only in its values
+                        schema.check_member(job.values)
+                    else:
+                        quick_checks(job.cfg)
+                        passed.add(id(job.base))
                     live.append(job)
                 except ConfigError as e:
                     fail(job, e)
             try:
-                splits = load_data(jobs[0].cfg.data) if live else None
+                splits = load_data(jobs[0].base.data) if live else None
             except ConfigError as e:
                 for job in live:
                     fail(job, e)
                 live = []
             members: dict[int, Member] = {}
+            factories: dict[int, Callable] = {}  # per stack config that built: its factory
             for job in live:
                 try:
-                    members[id(job)] = build_member(job.cfg, splits)
+                    make = factories.get(id(job.base)) or net_factory(job.base)
+                    members[id(job)] = build_member(
+                        job.base, splits, job.seed, job.tree["regularization"],
+                        check_optimizer=id(job.base) not in factories, make_net=make)
+                    factories[id(job.base)] = make
                 except ConfigError as e:
                     fail(job, e)
             ready = [j for j in live if id(j) in members]
             if ready and not max_models:
                 from l2lab.stacked import default_max_models
 
-                max_models = default_max_models(members[id(ready[0])].net, splits, ready[0].cfg)
+                max_models = default_max_models(members[id(ready[0])].net, splits, ready[0].base)
             size = max(1, max_models or 1)
             stacks = -(-len(ready) // size)
             for start in range(0, len(ready), size):
@@ -330,7 +395,7 @@ def _fit_stack(jobs: Sequence[Job], members: Mapping[int, Member], splits, write
     from l2lab.recorder import Recorder
     from l2lab.stacked import unstack_into
 
-    cfg0 = jobs[0].cfg
+    cfg0 = jobs[0].base
     group = {"l2lab.vectorized_group": uuid.uuid4().hex[:12]} if vectorized else None
     selection = {j.tracker.run_id: {"l2.layers": ",".join(members[id(j)].penalty.layer_names),
                                     "l2.num_params": str(members[id(j)].penalty.num_params)}
@@ -343,7 +408,7 @@ def _fit_stack(jobs: Sequence[Job], members: Mapping[int, Member], splits, write
     ckpt = jobs[0].ckpt if len(jobs) == 1 else None
     if label == "run" and len(jobs) == 1:  # a single run's progress names the run
         label = f"run {jobs[0].tracker.run_id[:8]}"
-    lightning_fit(cfg0, module, splits, recorder, [int(j.cfg.seed) for j in jobs],
+    lightning_fit(cfg0, module, splits, recorder, [j.seed for j in jobs],
                   jobs[0].output_dir, ckpt, tracker=jobs[0].tracker, label=label)
     unstack_into(module, [members[id(j)].net for j in jobs])
     for k, job in enumerate(jobs):
@@ -367,28 +432,60 @@ def train_group(cfgs: Sequence[DictConfig], overrides: Sequence[Sequence[str]],
                 output_dirs: Sequence[Path], *, sweep: Mapping | None = None,
                 max_models: int | None = None, job_nums: Sequence[int] | None = None
                 ) -> list[dict[str, float] | BaseException]:
-    """Train jobs whose configs differ only in λ, per-layer λ and seed as stacks of networks
-    (the vectorized launcher's groups). Each job is its own MLflow run with everything an
-    ordinary run records, plus the tag ``l2lab.vectorized_group``. Returns, per job, its final
-    metrics or the exception that ended it; with ``job_nums`` (a sweep's job numbers) each job's
-    line is printed, in job order, as an ordinary sweep job says it."""
+    """Train jobs whose configs differ only in λ, per-layer λ and seed as stacks of networks.
+    Each job is its own MLflow run with everything an ordinary run records, plus the tag
+    ``l2lab.vectorized_group``. Returns, per job, its final metrics or the exception that ended
+    it. (:func:`train_stack` with ``cfgs[0]`` and each job's values.)"""
+    from l2lab.stackable import member_values
+
+    return train_stack(cfgs[0], [member_values(c) for c in cfgs], overrides, output_dirs,
+                       sweep=sweep, max_models=max_models, job_nums=job_nums)
+
+
+def train_stack(cfg: DictConfig, values: Sequence[Mapping[str, Any]],
+                overrides: Sequence[Sequence[str]], output_dirs: Sequence[Path], *,
+                sweep: Mapping | None = None, max_models: int | None = None,
+                job_nums: Sequence[int] | None = None) -> list[dict[str, float] | BaseException]:
+    """The vectorized launcher's groups: one config and, per job, its ``values`` of the stacked
+    keys (``composing.MEMBER_KEYS``; all jobs of a group share every other key). No job gets a
+    config of its own unless something needs one: per job the bookkeeping is microseconds.
+    With ``job_nums`` (a sweep's job numbers) each job's line is printed, in job order, as an
+    ordinary sweep job says it."""
     from l2lab.console import quiet_libraries
 
     quiet_libraries()
     swept = sweep.get("swept") if sweep else None
-    jobs = [Job(prepared(c), list(ov), Path(d).resolve())
-            for c, ov, d in zip(cfgs, overrides, output_dirs, strict=True)]
-    for job in jobs:
-        job.name = run_name(job.overrides, job.cfg, swept)
+    base = prepared(cfg)
+    tree = _base_tree(base)
+    jobs = []
+    for v, ov, d in zip(values, overrides, output_dirs, strict=True):
+        v = dict(v)
+        lam = v["regularization.lam"]
+        if isinstance(lam, int) and not isinstance(lam, bool):
+            v["regularization.lam"] = float(lam)  # as prepared(): "lam=0" logs as 0.0
+        job = Job(base, list(ov), Path(d).resolve(), values=v, _tree=substitute(tree, v))
+        job.name = run_name(job.overrides, job.tree, swept)
+        jobs.append(job)
     train_jobs(jobs, sweep=sweep, max_models=max_models, vectorized=True)
     if job_nums is not None:
         from l2lab.console import job_line, say
 
+        epochs = int(base.trainer.max_epochs)
         for job, num in zip(jobs, job_nums, strict=True):
             label, rid = f"#{num} {job.name}", job.tracker.run_id
             if isinstance(job.result, dict):
-                say(job_line(label, rid, int(job.cfg.trainer.max_epochs), job.result))
+                say(job_line(label, rid, epochs, job.result))
             else:
                 say(f"l2lab: {label}: run {rid[:8]} FAILED: {job.result}", err=True)
     return [job.result for job in jobs]  # type: ignore[misc]
 
+
+_TREES: dict[int, tuple[DictConfig, dict[str, Any]]] = {}
+
+
+def _base_tree(cfg: DictConfig) -> dict[str, Any]:
+    """A stack config, resolved (once per config object)."""
+    if _TREES.get(id(cfg), (None,))[0] is not cfg:
+        _TREES.clear()
+        _TREES[id(cfg)] = (cfg, OmegaConf.to_container(cfg, resolve=True))
+    return _TREES[id(cfg)][1]

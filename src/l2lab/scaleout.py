@@ -3,7 +3,7 @@ device), or as Ray tasks (one per stack).
 
 Why a module of its own: the workers (spawned processes, Ray workers) import these functions by
 name, which a Hydra plugin module, executed by Hydra's plugin scanner, is not safe to be. Each
-worker calls :func:`l2lab.train.train_group` exactly as the launcher does in-process, so a stack
+worker calls :func:`l2lab.engine.train_stack` exactly as the launcher does in-process, so a stack
 records the same runs wherever it trains; the launcher keeps Hydra's per-job bookkeeping.
 
 Light until used: Hydra imports the launcher (and so this module) at start-up.
@@ -28,7 +28,8 @@ Results = list  # per job: its final metrics (a dict) or the exception that ende
 class Stack:
     """A group of jobs to train as one stack: what a worker needs, nothing of Hydra's."""
 
-    cfgs: list[DictConfig]
+    cfg: DictConfig  # the jobs' shared config (without ``hydra``)
+    values: list[dict[str, Any]]  # per job: its values of the stacked keys
     overrides: list[list[str]]
     output_dirs: list[str]
     job_nums: list[int] | None = None  # the sweep's job numbers: each job's line is printed
@@ -37,10 +38,10 @@ class Stack:
 def train_here(stack: Stack, sweep: Mapping | None, max_models: int | None) -> Results:
     """Train one stack in this process (the serial path, a worker process, a Ray task)."""
     from l2lab.console import quiet_libraries
-    from l2lab.engine import train_group
+    from l2lab.engine import train_stack
 
     quiet_libraries()
-    return train_group(stack.cfgs, stack.overrides, stack.output_dirs, sweep=sweep,
+    return train_stack(stack.cfg, stack.values, stack.overrides, stack.output_dirs, sweep=sweep,
                        max_models=max_models, job_nums=stack.job_nums)
 
 

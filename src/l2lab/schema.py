@@ -16,7 +16,7 @@ login live in the stdlib-only :mod:`l2lab.store`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -188,6 +188,18 @@ def check_lam(key: str, value: object) -> float:
     if not math.isfinite(lam) or lam < 0:
         raise ConfigError(f"{key} must be a finite number >= 0 (0 disables L2), got {value!r}.")
     return lam
+
+
+def check_member(values: Mapping[str, Any]) -> None:
+    """:func:`validate`'s checks of the keys in which the jobs of a stack differ (its
+    ``composing.MEMBER_KEYS``), in its order: for a job whose other keys passed ``validate`` as
+    another job of its stack, the same first error."""
+    check_lam("regularization.lam", values["regularization.lam"])
+    for layer, lam in (values["regularization.lam_per_layer"] or {}).items():
+        check_lam(f"regularization.lam_per_layer.{layer}", lam)
+    seed = values["seed"]
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise _fail("seed", "an integer >= 0", seed)
 
 
 def _int(cfg: Any, key: str, low: int, *, optional: bool = False, what: str = "") -> None:

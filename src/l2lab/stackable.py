@@ -8,8 +8,6 @@ import math
 
 from omegaconf import DictConfig, OmegaConf
 
-#: The keys in which the jobs of one stack may differ.
-STACKED_KEYS = ("regularization.lam", "regularization.lam_per_layer", "seed")
 STACKABLE_MODELS = ("l2lab.models.MLP", "l2lab.models.CNN")
 #: Optimizers whose update is elementwise (so one instance over stacked tensors equals K).
 STACKABLE_OPTIMIZERS = ("torch.optim.SGD", "torch.optim.Adam", "torch.optim.AdamW")
@@ -40,17 +38,31 @@ def group_key(cfg: DictConfig) -> str | None:
         tree = OmegaConf.to_container(task_config(cfg), resolve=True)
     except Exception:  # an interpolation error is the ordinary path's to report
         return None
+    return shape_key(tree) if valid_lams(tree.get("regularization") or {}) else None
+
+
+def shape_key(tree: dict) -> str | None:
+    """:func:`group_key` of a resolved task config, its λ values not judged (a member's are its
+    own: :func:`valid_lams`)."""
     reg = tree.get("regularization") or {}
     if (tree.get("resume") or tree.get("reuse")
             or (tree.get("model") or {}).get("_target_") not in STACKABLE_MODELS
             or (tree.get("optimizer") or {}).get("_target_") not in STACKABLE_OPTIMIZERS
-            or not _stackable_trainer(tree.get("trainer") or {})
-            or not _valid_lams(reg)):
+            or not _stackable_trainer(tree.get("trainer") or {})):
         return None
-    for key in STACKED_KEYS:
-        parent, _, leaf = key.rpartition(".")
-        (tree.get(parent) if parent else tree).pop(leaf, None)
+    tree = {**tree, "regularization": {k: v for k, v in reg.items()
+                                       if k not in ("lam", "lam_per_layer")}}
+    tree.pop("seed", None)
     return json.dumps(tree, sort_keys=True, default=str)
+
+
+def member_values(cfg: DictConfig) -> dict:
+    """A job's values of the stacked keys (``composing.MEMBER_KEYS``), resolved."""
+    reg = cfg.regularization
+    per_layer = reg.get("lam_per_layer")
+    return {"seed": cfg.seed, "regularization.lam": reg.lam,
+            "regularization.lam_per_layer":
+                OmegaConf.to_container(per_layer, resolve=True) if per_layer else {}}
 
 
 def task_config(cfg: DictConfig) -> DictConfig:
@@ -58,7 +70,7 @@ def task_config(cfg: DictConfig) -> DictConfig:
     return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
 
 
-def _valid_lams(reg: dict) -> bool:
+def valid_lams(reg: dict) -> bool:
     """Jobs with a bad λ go the ordinary way, which records them FAILED with the reason."""
     values = [reg.get("lam"), *((reg.get("lam_per_layer") or {}).values())]
     try:

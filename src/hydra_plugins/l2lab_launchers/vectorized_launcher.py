@@ -2,9 +2,15 @@
 
 Jobs whose composed configs differ only in ``regularization.lam``,
 ``regularization.lam_per_layer.*`` and ``seed`` train together, as one stack of K networks in one
-Lightning fit (``l2lab.train.train_group``); every other job runs the ordinary way, in the same
+Lightning fit (``l2lab.engine.train_stack``); every other job runs the ordinary way, in the same
 sweep. Each job keeps its own output folder, ``.hydra/`` files, MLflow run and return value, so
 sweepers, callbacks and ``compare`` see an ordinary sweep.
+
+Per job, nothing costs more than microseconds: a job of a group is its composition plus its
+values (``composing.Member``), its ``.hydra/`` documents are rendered from its composition's
+templates, and its own config (~10 ms to derive, as much again to copy or dump) is made only if
+something reads it: a callback with job hooks (then ``run_job``'s own bookkeeping, logging
+included), a JobReturn's ``cfg``, ``hydra.job.chdir``, a sweep subdir other than the job number.
 
 Where the stacks train (``l2lab.scaleout``): in this process, in job order; with several CUDA
 devices (or ``workers=N``), on one worker process per device, in parallel; with
@@ -19,12 +25,11 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import (
@@ -38,14 +43,17 @@ from hydra.core.utils import (
     run_job,
     setup_globals,
 )
+from hydra.core.utils import JobReturn as _JobReturn
+from hydra.experimental.callback import Callback
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
-from omegaconf._utils import OmegaConfDumper
 
-from l2lab.composing import SweepConfigs
+from l2lab.composing import MEMBER_KEYS, Member, SweepConfigs, YamlTemplate, dump_yaml, to_yaml
 from l2lab.scaleout import Stack
-from l2lab.stackable import group_key, task_config  # noqa: F401  (re-exported)
+from l2lab.stackable import group_key, member_values, shape_key, task_config, valid_lams
+
+__all__ = ["VectorizedLauncher", "group_key", "plan", "to_yaml"]
 
 log = logging.getLogger(__name__)
 
@@ -91,20 +99,72 @@ def plan(keys: Sequence[str | None]) -> list[list[int]]:
     return out
 
 
-class _LibyamlDumper(getattr(yaml, "CDumper", yaml.Dumper)):
-    """OmegaConf's YAML dumper on libyaml's emitter (the same representers)."""
+#: What a job's hydra node holds of its own, beyond its group's composition.
+HYDRA_JOB_KEYS = ("hydra.job.num", "hydra.job.id", "hydra.job.override_dirname",
+                  "hydra.overrides.task", "hydra.runtime.output_dir")
+_LOG_FILE = "${hydra.runtime.output_dir}/${hydra.job.name}.log"
 
 
-_LibyamlDumper.add_representer(str, OmegaConfDumper.str_representer)
+@dataclass
+class _Job:
+    """One job of the batch: a member of a composition (no config of its own) or, where it has
+    no member form, its own config."""
+
+    num: int
+    overrides: list[str]
+    member: Optional[Member] = None  # noqa: UP045
+    cfg: Optional[DictConfig] = None  # noqa: UP045 its own config, once made
+    output_dir: Optional[str] = None  # noqa: UP045
 
 
-def to_yaml(cfg: Any) -> str:
-    """``OmegaConf.to_yaml``, emitted by libyaml: the same document, 2-3× faster (a job's
-    ``.hydra/`` files were the larger part of its bookkeeping); long strings may wrap
-    differently."""
-    return yaml.dump(OmegaConf.to_container(cfg, resolve=False, enum_to_str=True),
-                     Dumper=_LibyamlDumper, default_flow_style=False, allow_unicode=True,
-                     sort_keys=False)
+@dataclass
+class _Group:
+    """What the members of one composition share, made once."""
+
+    rep: DictConfig
+    shape: Optional[str] = None  # noqa: UP045 stackable.shape_key (None: train alone)
+    base: Optional[DictConfig] = None  # noqa: UP045 the task config (no hydra node)
+    sweep_dir: Optional[str] = None  # noqa: UP045 None: a job's folder needs its config
+    files: Any = None  # (config template, hydra template, output subdir, log files) or False
+
+
+class _StackedJobReturn(_JobReturn):
+    """A stacked job's JobReturn. Its ``cfg`` and ``hydra_cfg`` (the job's own config: ~20 ms to
+    derive) are made when first read; Hydra's sweepers read the overrides, status and value."""
+
+    def __init__(self, make: Callable[[], tuple[DictConfig, DictConfig]], **kwargs: Any) -> None:
+        self._make, self._made = make, None
+        super().__init__(**kwargs)
+
+    def _configs(self) -> tuple[DictConfig, DictConfig]:
+        if self._made is None:
+            self._made = self._make()
+        return self._made
+
+    @property
+    def cfg(self) -> DictConfig:  # type: ignore[override]
+        return self._configs()[0]
+
+    @cfg.setter
+    def cfg(self, value: Any) -> None:
+        if value is not None:
+            self._made = (value, self._configs()[1])
+
+    @property
+    def hydra_cfg(self) -> DictConfig:  # type: ignore[override]
+        return self._configs()[1]
+
+    @hydra_cfg.setter
+    def hydra_cfg(self, value: Any) -> None:
+        if value is not None:
+            self._made = (self._configs()[0], value)
+
+
+def _job_hooks(callbacks: Any) -> bool:
+    """Whether a callback does anything at a job's start or end (l2lab's own does not)."""
+    return any(type(c).on_job_start is not Callback.on_job_start
+               or type(c).on_job_end is not Callback.on_job_end
+               for c in getattr(callbacks, "callbacks", [object()]))
 
 
 class VectorizedLauncher(Launcher):
@@ -118,7 +178,7 @@ class VectorizedLauncher(Launcher):
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
-        self._tasks: list[DictConfig] = []  # each job's config without hydra.*, by position
+        self._groups: dict[int, _Group] = {}
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
               config: DictConfig) -> None:
@@ -134,37 +194,102 @@ class VectorizedLauncher(Launcher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        configs = []
-        for i, overrides in enumerate(job_overrides):
-            cfg = self.hydra_context.config_loader.take(self.config, list(overrides))
-            with open_dict(cfg):
-                cfg.hydra.job.id = cfg.hydra.job.num = initial_job_idx + i
-            configs.append(cfg)
-        self._tasks = [task_config(c) for c in configs]  # made once: group_key, workers, JobReturn
-        groups = plan([group_key(t) for t in self._tasks])
+        loader = self.hydra_context.config_loader
+        jobs = [_Job(initial_job_idx + i, list(ov), loader.member(self.config, list(ov)))
+                for i, ov in enumerate(job_overrides)]
+        groups = plan([self._key(job) for job in jobs])
         stacks = [g for g in groups if len(g) > 1]
         devices = self._devices(len(stacks))
         where = ("as Ray tasks" if self.backend == "ray" else
                  f"on {len(devices)} worker processes" if devices else "here")
-        log.info(f"Launching {len(configs)} jobs: {sum(map(len, stacks))} stacked in "
+        log.info(f"Launching {len(jobs)} jobs: {sum(map(len, stacks))} stacked in "
                  f"{len(stacks)} group(s), trained {where}; "
-                 f"{len(configs) - sum(map(len, stacks))} ordinary")
+                 f"{len(jobs) - sum(map(len, stacks))} ordinary")
         returns: dict[int, JobReturn] = {}
         if self.backend == "local" and not devices:  # in this process, in job order
             for group in groups:
                 if len(group) == 1:
-                    returns[group[0]] = self._run(configs[group[0]], self.task_function)
+                    returns[group[0]] = self._run(self._config(jobs[group[0]]))
                 else:
-                    for _, results in self._train(configs, [group], devices):
-                        self._record(configs, group, results, returns)
-            return [returns[i] for i in range(len(configs))]
-        for s, results in self._train(configs, stacks, devices):  # as each stack ends
-            self._record(configs, stacks[s], results, returns)
+                    for _, results in self._train(jobs, [group], devices):
+                        self._record([jobs[i] for i in group], group, results, returns)
+            return [returns[i] for i in range(len(jobs))]
+        for s, results in self._train(jobs, stacks, devices):  # as each stack ends
+            self._record([jobs[i] for i in stacks[s]], stacks[s], results, returns)
         for group in groups:
             if len(group) == 1:
-                returns[group[0]] = self._run(configs[group[0]], self.task_function)
-        return [returns[i] for i in range(len(configs))]
+                returns[group[0]] = self._run(self._config(jobs[group[0]]))
+        return [returns[i] for i in range(len(jobs))]
 
+    # -- a job without a config of its own -------------------------------------------------------
+    def _group(self, member: Member) -> _Group:
+        if member.group not in self._groups:
+            g = self._groups[member.group] = _Group(member.rep)
+            try:
+                g.base = task_config(member.rep)
+                g.shape = shape_key(OmegaConf.to_container(g.base, resolve=True))
+            except Exception:  # an interpolation error is the ordinary path's to report
+                g.shape = None
+            sweep = OmegaConf.to_container(member.rep.hydra.sweep, resolve=False)
+            if sweep.get("subdir") == "${hydra.job.num}" and "${hydra:" not in str(sweep):
+                g.sweep_dir = str(member.rep.hydra.sweep.dir)
+        return self._groups[member.group]
+
+    def _key(self, job: _Job) -> str | None:
+        """The job's stack (``stackable.group_key``), from its composition when a member."""
+        if job.member is None:
+            return group_key(self._config(job))
+        values = job.member.values
+        if not valid_lams({"lam": values["regularization.lam"],
+                           "lam_per_layer": values["regularization.lam_per_layer"]}):
+            return None
+        return self._group(job.member).shape
+
+    def _config(self, job: _Job) -> DictConfig:
+        """The job's own config (derived from its composition when a member: ~10 ms)."""
+        if job.cfg is None:
+            assert self.hydra_context is not None
+            cfg = self.hydra_context.config_loader.take(self.config, job.overrides)
+            with open_dict(cfg):
+                cfg.hydra.job.id = cfg.hydra.job.num = job.num
+            job.cfg = cfg
+            if job.output_dir is not None:
+                self._set_output_dir(cfg, job.output_dir)
+        return job.cfg
+
+    @staticmethod
+    def _set_output_dir(cfg: DictConfig, output_dir: str) -> None:
+        with read_write(cfg.hydra.runtime), open_dict(cfg.hydra.runtime):
+            cfg.hydra.runtime.output_dir = output_dir  # as run_job sets it
+
+    def _output_dir(self, job: _Job) -> str:
+        """The job's folder, as run_job makes it."""
+        if job.output_dir is None:
+            g = self._group(job.member) if job.member is not None else None
+            if g is not None and g.sweep_dir is not None:
+                job.output_dir = os.path.abspath(Path(g.sweep_dir) / str(job.num))
+            else:
+                cfg = self._config(job)
+                if "${hydra:" in str(OmegaConf.to_container(cfg.hydra.sweep)):  # that resolver
+                    HydraConfig.instance().set_config(cfg)  # reads HydraConfig: set to this job
+                job.output_dir = os.path.abspath(Path(str(cfg.hydra.sweep.dir)) /
+                                                 str(cfg.hydra.sweep.subdir))
+                self._set_output_dir(cfg, job.output_dir)
+        return job.output_dir
+
+    def _task(self, job: _Job) -> tuple[DictConfig, dict[str, Any]]:
+        """(the job's config without ``hydra``, its values of the stacked keys)."""
+        if job.member is not None:
+            return self._group(job.member).base, job.member.values
+        cfg = task_config(self._config(job))
+        return cfg, member_values(cfg)
+
+    def _overrides(self, job: _Job) -> list[str]:
+        if job.member is not None:
+            return list(job.member.task)
+        return list(self._config(job).hydra.overrides.task)
+
+    # -- where the stacks train -------------------------------------------------------------------
     def _devices(self, n_stacks: int) -> list[int | None]:
         """Worker processes' devices; none (train here) for one stack or one device."""
         if self.backend != "local" or n_stacks < 2:
@@ -173,30 +298,25 @@ class VectorizedLauncher(Launcher):
 
         return worker_devices(self.workers)[:n_stacks]
 
-    def _run(self, cfg: DictConfig, task: Any, result: str = "") -> JobReturn:
+    def _run(self, cfg: DictConfig, task: Any = None) -> JobReturn:
         """Hydra's own job bookkeeping (output folder, ``.hydra/``, callbacks, return value)."""
         overrides = " ".join(filter_overrides(cfg.hydra.overrides.task))
         log.debug(f"\t#{cfg.hydra.job.num} : {overrides}")
-        ret = run_job(hydra_context=self.hydra_context, task_function=task, config=cfg,
-                      job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+        ret = run_job(hydra_context=self.hydra_context, task_function=task or self.task_function,
+                      config=cfg, job_dir_key="hydra.sweep.dir",
+                      job_subdir_key="hydra.sweep.subdir")
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return ret
 
-    def _stack(self, configs: list[DictConfig], group: list[int]) -> Stack:
-        """What a worker needs to train these jobs: task configs, overrides, output folders."""
-        dirs, overrides = [], []
-        for cfg in configs:
-            if "${hydra:" in str(OmegaConf.to_container(cfg.hydra.sweep)):  # that resolver
-                HydraConfig.instance().set_config(cfg)  # reads HydraConfig: set to this job
-            dirs.append(os.path.abspath(Path(str(cfg.hydra.sweep.dir)) /
-                                        str(cfg.hydra.sweep.subdir)))
-            with read_write(cfg.hydra.runtime), open_dict(cfg.hydra.runtime):
-                cfg.hydra.runtime.output_dir = dirs[-1]  # as run_job sets it
-            overrides.append(list(cfg.hydra.overrides.task))
-        return Stack([self._tasks[i] for i in group], overrides, dirs,
-                      [int(c.hydra.job.num) for c in configs])
+    def _stack(self, jobs: list[_Job]) -> Stack:
+        """What a worker needs to train these jobs: one config, each job's values, overrides and
+        output folder (no job's own config)."""
+        tasks = [self._task(job) for job in jobs]
+        return Stack(tasks[0][0], [values for _, values in tasks],
+                     [self._overrides(job) for job in jobs],
+                     [self._output_dir(job) for job in jobs], [job.num for job in jobs])
 
-    def _train(self, configs: list[DictConfig], groups: list[list[int]],
+    def _train(self, jobs: list[_Job], groups: list[list[int]],
                devices: list[int | None]) -> Iterator[tuple[int, list]]:
         """Train the groups where this launcher is set to; per group as it ends, its results
         (per job its final metrics or the exception that ended it)."""
@@ -206,7 +326,7 @@ class VectorizedLauncher(Launcher):
 
         info_path = Path(str(self.config.hydra.sweep.dir)) / SWEEP_INFO
         sweep = json.loads(info_path.read_text()) if info_path.exists() else None
-        stacks = [self._stack([configs[i] for i in g], g) for g in groups]
+        stacks = [self._stack([jobs[i] for i in g]) for g in groups]
         if self.backend == "ray":
             outcomes = scaleout.on_ray(stacks, self.ray, sweep, self.max_models)
         elif devices:
@@ -219,31 +339,95 @@ class VectorizedLauncher(Launcher):
                 results = [results] * len(groups[s])
             yield s, results
 
-    def _record(self, configs: list[DictConfig], group: list[int], results: list,
+    # -- Hydra's bookkeeping of a trained job -----------------------------------------------------
+    def _record(self, jobs: list[_Job], group: list[int], results: list,
                 returns: dict[int, JobReturn]) -> None:
         """Hydra's bookkeeping of each job of a trained group, its objective the final val/ce
         (each job's line, with its run id, was printed where the stack trained)."""
+        assert self.hydra_context is not None
         values = [float(r.get("val/ce", math.nan)) if isinstance(r, dict) else math.nan
                   for r in results]
-        for i, value in zip(group, values, strict=True):
-            returns[i] = self._done(configs[i], self._tasks[i], value)
-        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        hooks = _job_hooks(self.hydra_context.callbacks)
+        slow = False
+        for i, job, value in zip(group, jobs, values, strict=True):
+            files = None if hooks or job.member is None else self._files(job.member)
+            if files:
+                returns[i] = self._done_fast(job, files, value)
+            else:
+                returns[i] = self._done(self._config(job), value)
+                slow = True
+        _flush_loggers()
+        if slow:
+            configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
 
-    def _done(self, cfg: DictConfig, task_cfg: DictConfig, value: float) -> JobReturn:
+    def _files(self, member: Member) -> Any:
+        """A composition's (config.yaml template, hydra.yaml template, output subdir, log file
+        names), or False where a job needs ``run_job``'s own way: ``hydra.job.chdir``, or a log
+        file named otherwise than ``<output dir>/<job name>.log``."""
+        g = self._group(member)
+        if g.files is None:
+            rep = g.rep
+            logging_cfg = OmegaConf.to_container(rep.hydra.job_logging, resolve=False) or {}
+            names = [h.get("filename") for h in (logging_cfg.get("handlers") or {}).values()
+                     if isinstance(h, dict) and "filename" in h]
+            if rep.hydra.job.chdir or any(n != _LOG_FILE for n in names) or g.base is None:
+                g.files = False
+            else:
+                task = OmegaConf.to_container(g.base, resolve=False, enum_to_str=True)
+                hydra = {"hydra": OmegaConf.to_container(rep.hydra, resolve=False,
+                                                         enum_to_str=True)}
+                subdir = rep.hydra.output_subdir
+                g.files = (YamlTemplate(task, MEMBER_KEYS), YamlTemplate(hydra, HYDRA_JOB_KEYS),
+                           None if subdir is None else str(subdir),
+                           [f"{rep.hydra.job.name}.log"] if names else [])
+        return g.files
+
+    def _done_fast(self, job: _Job, files: Any, value: float) -> JobReturn:
+        """``run_job``'s record of a stacked job, from its composition's templates: its folder,
+        ``.hydra/`` files (the documents ``run_job`` writes) and log file, and a JobReturn whose
+        configs are made if read. No job logging is configured: nothing logs here, and no
+        callback has job hooks (else :meth:`_done`)."""
+        config, hydra, subdir, logs = files
+        member = job.member
+        out = Path(self._output_dir(job))
+        out.mkdir(parents=True, exist_ok=True)
+        for name in logs:
+            (out / name).touch()
+        if subdir is not None:
+            (out / subdir).mkdir(exist_ok=True)
+            own = {"hydra.job.num": job.num, "hydra.job.id": str(job.num),
+                   "hydra.job.override_dirname": member.dirname,
+                   "hydra.overrides.task": list(member.task),
+                   "hydra.runtime.output_dir": str(out)}
+            for name, text in (("config.yaml", config.render(member.values)),
+                               ("hydra.yaml", hydra.render(own)),
+                               ("overrides.yaml", dump_yaml(list(member.task)))):
+                (out / subdir / name).write_text(text, encoding="utf-8")
+        ret = _StackedJobReturn(lambda: self._configs(job), overrides=list(member.task),
+                                working_dir=os.getcwd(),
+                                task_name=JobRuntime.instance().get("name"))
+        ret.return_value, ret.status = value, JobStatus.COMPLETED
+        return ret
+
+    def _configs(self, job: _Job) -> tuple[DictConfig, DictConfig]:
+        """(task config, hydra config) of a job, as ``run_job`` leaves them in its JobReturn."""
+        cfg = self._config(job)
+        return task_config(cfg), OmegaConf.masked_copy(cfg, "hydra")
+
+    def _done(self, cfg: DictConfig, value: float) -> JobReturn:
         """``run_job`` for a job trained in a stack: the same folder, ``.hydra/`` files, job
         logging, callbacks and JobReturn, without its four copies of the config and with the YAML
-        emitted by libyaml (run_job took ~0.3 s a job here, two thirds of it in those). The rare
-        ``hydra.job.chdir=true`` goes through ``run_job`` itself. The caller restores Hydra's own
-        logging after a group's jobs."""
+        emitted by libyaml. The rare ``hydra.job.chdir=true`` goes through ``run_job`` itself.
+        The caller restores Hydra's own logging after a group's jobs."""
         if cfg.hydra.job.chdir:
             return run_job(hydra_context=self.hydra_context, task_function=lambda _cfg: value,
                            config=cfg, job_dir_key="hydra.sweep.dir",
                            job_subdir_key="hydra.sweep.subdir")
         hydra_context, orig = self.hydra_context, HydraConfig.instance().cfg
-        HydraConfig.instance().set_config(cfg)  # with runtime.output_dir (set by _stack)
+        HydraConfig.instance().set_config(cfg)  # with runtime.output_dir (set by _output_dir)
         try:
             ret = JobReturn()
-            ret.cfg, ret.hydra_cfg = task_cfg, HydraConfig.instance().cfg
+            ret.cfg, ret.hydra_cfg = task_config(cfg), HydraConfig.instance().cfg
             ret.overrides = list(cfg.hydra.overrides.task)
             ret.working_dir = os.getcwd()
             out = Path(str(cfg.hydra.runtime.output_dir))
@@ -252,7 +436,7 @@ class VectorizedLauncher(Launcher):
             if cfg.hydra.output_subdir is not None:
                 files = out / str(cfg.hydra.output_subdir)
                 files.mkdir(parents=True, exist_ok=True)
-                for name, node in (("config.yaml", task_cfg), ("hydra.yaml", ret.hydra_cfg),
+                for name, node in (("config.yaml", ret.cfg), ("hydra.yaml", ret.hydra_cfg),
                                    ("overrides.yaml", cfg.hydra.overrides.task)):
                     (files / name).write_text(to_yaml(node), encoding="utf-8")
             with env_override(ret.hydra_cfg.hydra.job.env_set):
