@@ -517,3 +517,18 @@ def test_report_renders_in_a_real_browser(tmp_path: Path) -> None:
     assert "Lowest mean final val/ce: λ = 0.001: not distinguishable" in verdict_text
     assert command == "python -m l2lab.train -m 'seed=0,1'"
     assert (tmp_path / "report.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_mean_curve_averages_seeds_by_step_skipping_nan_and_keeping_a_steps_last_value():
+    from l2lab.figures import mean_curve
+
+    def run(points):
+        return RunRecord("r", "n", "FINISHED", {}, 0.0, 0, None, {}, {"val/ce": points})
+
+    runs = [run([(0, 1.0), (1, 2.0), (1, 4.0), (2, math.nan)]),  # step 1 logged twice
+            run([(0, 3.0), (2, 5.0), (3, math.nan)]),
+            run([])]
+    steps, mean = mean_curve(runs, "val/ce")
+    assert steps.tolist() == [0.0, 1.0, 2.0]  # step 3 has no finite value: left out
+    assert mean.tolist() == [2.0, 4.0, 5.0]  # step 1: the last value of the one run with it
+    assert mean_curve([run([(0, math.nan)])], "val/ce") is None

@@ -8,6 +8,7 @@ curves with many λ) without clipping them, and without tight_layout's warnings.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -193,20 +194,22 @@ def plot_lambda_curve(summary: pd.DataFrame, path: Path) -> None:
 
 
 def mean_curve(runs: Sequence[RunRecord], metric: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """Mean over seeds aligned by step; a step missing in some seeds averages the others."""
-    series = []
+    """Mean over seeds aligned by step; a step missing in some seeds averages the others (a
+    step logged twice counts its last value; NaN is skipped). Plain dicts: a sweep has one
+    curve per run, and a pandas Series each cost more than the figure."""
+    sums: dict[int, list[float]] = {}
     for run in runs:
-        points = run.history.get(metric) or []
-        if not points:
-            continue
-        s = pd.Series([float(v) for _, v in points], index=[int(st) for st, _ in points])
-        series.append(s[~s.index.duplicated(keep="last")])
-    if not series:
+        last = {int(step): float(v) for step, v in run.history.get(metric) or []}
+        for step, v in last.items():
+            if not math.isnan(v):
+                acc = sums.setdefault(step, [0.0, 0])
+                acc[0] += v
+                acc[1] += 1
+    if not sums:
         return None
-    mean = pd.concat(series, axis=1).sort_index().mean(axis=1, skipna=True).dropna()
-    if mean.empty:
-        return None
-    return mean.index.to_numpy(dtype=float), mean.to_numpy(dtype=float)
+    steps = sorted(sums)
+    return (np.array(steps, dtype=float),
+            np.array([sums[st][0] / sums[st][1] for st in steps], dtype=float))
 
 
 def plot_curves(groups: Sequence[Group], path: Path, *, weights: bool) -> None:
