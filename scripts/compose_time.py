@@ -35,8 +35,9 @@ from l2lab import CONF_DIR
 from l2lab.composing import SweepConfigs
 
 STUB = """import sys, time
+import l2lab.engine as e
 import l2lab.train as t
-t.train_group = lambda cfgs, *a, **k: [{"val/ce": 1.0, "train/ce": 1.0} for _ in cfgs]
+e.train_stack = lambda cfg, values, *a, **k: [{"val/ce": 1.0, "train/ce": 1.0} for _ in values]
 sys.argv = ["l2lab.train", *sys.argv[1:]]
 tic = time.perf_counter()
 try:

@@ -10,8 +10,10 @@ case "${1:-}" in
 Usage: scripts/gpu_check.sh [extra l2lab.bench arguments]
 
 On a CUDA machine, one command: the GPU tests (pytest -m gpu), the harness-vs-plain-PyTorch
-benchmark on the GPU (python -m l2lab.bench --device cuda ARGS), and a 16-λ sweep benchmark,
-vectorized vs basic launcher (python -m l2lab.bench --sweep).
+benchmark on the GPU (python -m l2lab.bench --device cuda ARGS), a 16-λ sweep benchmark,
+vectorized vs basic launcher (python -m l2lab.bench --sweep), and a 500-job MNIST-1D sweep
+(100 λ × 5 seeds, 50 epochs) against one ordinary run of the same config, with their ratio
+(python -m l2lab.bench --vs-run 100 5).
 
 Uses $PYTHON, else .venv/bin/python (made with `make venv` when missing).
 Exit status: 0 when all pass; 3 when torch sees no GPU (rather than passing with every GPU test
@@ -40,3 +42,8 @@ echo "== benchmark: harness vs a plain PyTorch loop (l2lab.bench --device cuda)"
 echo "== sweep benchmark: 16 λ, vectorized vs basic launcher (l2lab.bench --sweep)"
 "$PY" -m l2lab.bench --sweep --repeats 1 -- \
     regularization.lam=0,1e-4,3e-4,1e-3,3e-3,1e-2,2e-2,3e-2,5e-2,0.1,0.2,0.3,0.5,1,2,3 seed=0
+
+# 500 MNIST-1D jobs (100 λ × 5 seeds, 50 epochs each) as stacks, against one ordinary run
+echo "== scale benchmark: a 500-job MNIST-1D sweep vs one run (l2lab.bench --vs-run 100 5)"
+"$PY" -m l2lab.bench --vs-run 100 5 | tee /dev/stderr | "$PY" -c \
+    'import json, sys; print("gpu_check: 500-job sweep / one run = %.2f" % json.load(sys.stdin)["ratio"])'

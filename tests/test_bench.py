@@ -92,3 +92,27 @@ def test_bench_sweep_times_every_side_and_they_train_the_same_thing(tmp_path):
     assert set(result["plain"]["final_val_ce_per_lam"]) == {"0", "0.5"}
     for side, diff in result["max_rel_diff_final_val_ce_vs_plain"].items():
         assert diff < 1e-4, side
+
+
+@pytest.mark.slow
+def test_bench_per_job_and_vs_run_time_whole_sweeps_and_report_their_ratios(tmp_path):
+    """The two scale benchmarks at toy sizes: per-job cost from sweeps of 5 and 10 jobs (with
+    the plain loop's compute per job beside it), and a 2 λ × 1 seed sweep against one run."""
+    tiny = ["data.train_size=100", "trainer.max_epochs=1"]
+    r = run_cli("l2lab.bench", "--per-job", "5", "10", "--", *tiny, cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    per_job = json.loads(r.stdout)
+    assert per_job["settings"]["sizes"] == [5, 10]
+    med = {int(n): v for n, v in per_job["median_s"].items()}
+    assert per_job["per_job_ms"] == pytest.approx(1000 * (med[10] - med[5]) / 5)
+    assert per_job["plain_ms_per_job"] > 0
+    assert per_job["bookkeeping_ms_per_job"] == pytest.approx(
+        per_job["per_job_ms"] - per_job["plain_ms_per_job"])
+    assert "repeat 0, 10 jobs" in r.stderr
+    r = run_cli("l2lab.bench", "--vs-run", "2", "1", "--", *tiny, cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    vs = json.loads(r.stdout)
+    assert vs["settings"]["jobs"] == 2 and len(vs["seconds"]["run"]) == 1
+    assert vs["ratio"] == pytest.approx(vs["median_s"]["sweep"] / vs["median_s"]["run"])
+    assert 0.5 < vs["ratio"] < 20  # a 2-job sweep costs about one run, not nothing
+    assert not list(tmp_path.glob("mlruns"))  # the benchmarks' stores are temporary

@@ -303,8 +303,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--per-job", nargs=2, type=int, metavar=("M", "N"), default=None,
                    help="instead: the bookkeeping cost per job, (T(N) - T(M)) / (N - M), from "
                    "whole MNIST-1D sweeps of M and N jobs with tiny compute (e.g. 20 500)")
+    p.add_argument("--vs-run", nargs=2, type=int, metavar=("LAMS", "SEEDS"), default=None,
+                   help="instead: a whole MNIST-1D sweep of LAMS λ × SEEDS seeds against one "
+                   "ordinary run of the same config, and their ratio (e.g. 100 5 on a GPU)")
     p.add_argument("overrides", nargs="*",
-                   help="with --sweep or --per-job: Hydra overrides for the sweep")
+                   help="with --sweep, --per-job or --vs-run: Hydra overrides for every run")
     args = p.parse_args(argv)
     try:
         widths = [int(h) for h in args.hidden.split(",") if h.strip()]
@@ -317,7 +320,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.hidden = ",".join(map(str, widths))
     if args.per_job and not (5 <= args.per_job[0] < args.per_job[1]):
         p.error("--per-job M N needs 5 <= M < N (jobs are λ × 5 seeds)")
-    args.repeats = args.repeats or (3 if args.sweep else 1 if args.per_job else 7)
+    if args.vs_run and min(args.vs_run) < 1:
+        p.error("--vs-run LAMS SEEDS needs LAMS, SEEDS >= 1")
+    args.repeats = args.repeats or (3 if args.sweep else 1 if args.per_job or args.vs_run
+                                    else 7)
     return args
 
 
@@ -329,7 +335,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            if args.per_job:
+            if args.vs_run:
+                from l2lab.bench_sweep import bench_vs_run
+
+                result = bench_vs_run(*args.vs_run, list(args.overrides), args.repeats)
+            elif args.per_job:
                 from l2lab.bench_sweep import bench_per_job
 
                 result = bench_per_job(tuple(args.per_job), list(args.overrides), args.repeats)

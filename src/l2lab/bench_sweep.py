@@ -86,6 +86,24 @@ def stacked_mirrors(cfg) -> str | None:
         f"the note's loss over every layer's weights; these settings differ: {', '.join(wrong)}")
 
 
+def plain_per_job(spec: dict) -> dict[str, float]:
+    """Seconds per job of the plain loop training ``spec["jobs"]`` jobs of one composed config
+    (λ and seed varied as a sweep varies them) in this process, imports, composition and data
+    loading left out: the compute a job costs anywhere."""
+    from l2lab import reference
+    from l2lab.data import load_data
+
+    cfg = _job_cfg(spec, 0.0, 0)
+    splits = load_data(cfg.data)
+    reference.train(cfg, splits)  # warm-up, untimed
+    jobs = int(spec["jobs"])
+    t0 = time.perf_counter()
+    for i in range(jobs):
+        cfg.regularization.lam, cfg.seed = 1e-3 * (i % 7), i
+        reference.train(cfg, splits)
+    return {"s_per_job": (time.perf_counter() - t0) / jobs}
+
+
 def plain_stacked_loop(spec: dict) -> list[float]:
     """The same jobs as one vmap-ed stack (the usual torch.func ensemble recipe)."""
     import copy
@@ -301,6 +319,7 @@ def bench_sweep(repeats: int, overrides: list[str], single: bool = True) -> dict
 # -- per-job cost ---------------------------------------------------------------------------------
 PER_JOB = ["experiment=mnist1d_sweep", "data.train_size=500", "trainer.max_epochs=2"]
 PER_JOB_SEEDS = 5
+PLAIN_JOBS = 20
 
 
 def _lams(n: int) -> list[float]:
@@ -338,13 +357,79 @@ def bench_per_job(sizes: tuple[int, int], overrides: list[str], repeats: int = 1
                 times[n].append(seconds)
                 print(f"l2lab.bench --per-job: repeat {r}, {n} jobs: {seconds:.2f} s",
                       file=sys.stderr, flush=True)
+        # the compute of one job, side by side: the plain loop, in-process, the same config
+        plain = []
+        for _ in range(repeats):
+            cmd = [sys.executable, "-m", "l2lab.bench_sweep", "--child", "plain_per_job",
+                   json.dumps({"overrides": [*PER_JOB, *overrides, f"data.root={root}"],
+                               "jobs": PLAIN_JOBS})]
+            _, r = _timed(cmd, tmp, env)
+            plain.append(json.loads(r.stdout.strip().splitlines()[-1])["s_per_job"])
     small, large = sizes
     med = {n: statistics.median(t) for n, t in times.items()}
     out["seconds"] = {str(n): t for n, t in times.items()}
     out["median_s"] = {str(n): v for n, v in med.items()}
     out["per_job_ms"] = 1000 * (med[large] - med[small]) / (large - small)
+    out["plain_ms_per_job"] = 1000 * statistics.median(plain)
+    out["plain_ms_per_job_each"] = [1000 * v for v in plain]
+    out["bookkeeping_ms_per_job"] = out["per_job_ms"] - out["plain_ms_per_job"]
+    out["notes"] = {
+        "per_job_ms": "(T(N) - T(M)) / (N - M): what one more job adds to a whole sweep process "
+                      "(vectorized launcher, one SQLite store), its compute included",
+        "plain_ms_per_job": f"the plain loop (l2lab.reference) training {PLAIN_JOBS} such jobs "
+                            "one after another in one process: one job's compute without the "
+                            "harness",
+        "bookkeeping_ms_per_job": "per_job_ms - plain_ms_per_job: what the harness adds per job "
+                                  "(negative: stacking saves more than the bookkeeping costs)"}
     out["env"] = {"python": sys.version.split()[0], "cpu_count": os.cpu_count(),
                   "load_avg_1m_at_end": os.getloadavg()[0]}
+    return out
+
+
+def bench_vs_run(n_lams: int, n_seeds: int, overrides: list[str], repeats: int = 1
+                 ) -> dict[str, Any]:
+    """Whole-process time of an MNIST-1D sweep of ``n_lams`` λ × ``n_seeds`` seeds
+    (``experiment=mnist1d_sweep``, vectorized launcher) against one ordinary run of the same
+    config (λ=1e-3, seed 0), interleaved, into one existing SQLite store: on a GPU the sweep's
+    networks train as stacks, so the ratio says what the other jobs cost."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    jobs = n_lams * n_seeds
+    out: dict[str, Any] = {"settings": {"overrides": ["experiment=mnist1d_sweep", *overrides],
+                                        "lams": n_lams, "seeds": n_seeds, "jobs": jobs,
+                                        "repeats": repeats}}
+    with tempfile.TemporaryDirectory(prefix="l2lab-bench-vs-run-") as d:
+        tmp = Path(d)
+        store = _store(tmp, env)
+        root = tmp / "data"
+        subprocess.run([sys.executable, "-c", "from l2lab.data import load_data; load_data("
+                        f"{{'name': 'mnist1d', 'root': {str(root)!r}, 'val_size': 500}})"],
+                       env=env, check=True, capture_output=True)
+        base = [sys.executable, "-m", "l2lab.train", "experiment=mnist1d_sweep", *overrides,
+                f"data.root={root}", f"tracking.uri={store}"]
+        lams = _lams(n_lams)
+        times: dict[str, list[float]] = {"run": [], "sweep": []}
+        for r in range(repeats):
+            for side in (("run", "sweep") if r % 2 == 0 else ("sweep", "run")):
+                work = Path(tempfile.mkdtemp(dir=tmp, prefix=f"{side}-"))
+                grid = [f"regularization.lam={','.join(map(str, lams))}",
+                        f"seed={','.join(map(str, range(n_seeds)))}"]
+                cmd = ([*base, "regularization.lam=1e-3", "seed=0", f"hydra.run.dir={work}/run"]
+                       if side == "run" else
+                       [*base[:3], "-m", *base[3:], *grid, f"hydra.sweep.dir={work}/multirun"])
+                seconds, _ = _timed(cmd, work, env)
+                times[side].append(seconds)
+                print(f"l2lab.bench --vs-run: repeat {r}, {side}: {seconds:.2f} s",
+                      file=sys.stderr, flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    out.update(seconds=times, median_s=med, ratio=med["sweep"] / med["run"],
+               env={"python": sys.version.split()[0], "cpu_count": os.cpu_count(),
+                    "load_avg_1m_at_end": os.getloadavg()[0]},
+               notes={"run": "python -m l2lab.train experiment=mnist1d_sweep (one job), whole "
+                             "process",
+                      "sweep": f"python -m l2lab.train -m experiment=mnist1d_sweep with {n_lams} "
+                               f"λ × {n_seeds} seeds, whole process",
+                      "ratio": "sweep / run (medians)"})
     return out
 
 
@@ -364,12 +449,14 @@ _NOTES = {
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="l2lab-bench --sweep", description=__doc__.splitlines()[0])
-    p.add_argument("--child", choices=("plain", "plain_stacked"), help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=("plain", "plain_stacked", "plain_per_job"),
+                   help=argparse.SUPPRESS)
     p.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     spec = json.loads(args.spec)
-    finals = plain_loop(spec) if args.child == "plain" else plain_stacked_loop(spec)
-    print(json.dumps(finals))
+    child = {"plain": plain_loop, "plain_stacked": plain_stacked_loop,
+             "plain_per_job": plain_per_job}[args.child]
+    print(json.dumps(child(spec)))
 
 
 if __name__ == "__main__":
