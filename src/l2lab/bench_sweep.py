@@ -333,23 +333,33 @@ def _lams(n: int) -> list[float]:
     return [0.0] + [float(f"{1e-4 * (3e4 ** (i / max(n - 2, 1))):.6g}") for i in range(n - 1)]
 
 
+def _scale_env() -> dict[str, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def _mnist1d(tmp: Path, env: dict) -> Path:
+    """MNIST-1D's cache under ``tmp``, made outside the timings (a researcher's is there after
+    one run)."""
+    root = tmp / "data"
+    subprocess.run([sys.executable, "-c", "from l2lab.data import load_data; load_data("
+                    f"{{'name': 'mnist1d', 'root': {str(root)!r}, 'val_size': 500}})"],
+                   env=env, check=True, capture_output=True)
+    return root
+
+
 def bench_per_job(sizes: tuple[int, int], overrides: list[str], repeats: int = 1
                   ) -> dict[str, Any]:
     """Whole-process time of an MNIST-1D sweep with tiny compute at two sizes M < N (λ × 5
     seeds, ``PER_JOB`` settings, vectorized launcher, one existing SQLite store); the
     bookkeeping per job is (T(N) − T(M)) / (N − M): what one more job costs."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = _scale_env()
     out: dict[str, Any] = {"settings": {"overrides": [*PER_JOB, *overrides], "sizes": sizes,
                                         "seeds": PER_JOB_SEEDS, "repeats": repeats}}
     with tempfile.TemporaryDirectory(prefix="l2lab-bench-per-job-") as d:
         tmp = Path(d)
-        store = _store(tmp, env)
-        # the data cache, once, outside the timings (a researcher's is there after one run)
-        root = tmp / "data"
-        subprocess.run([sys.executable, "-c", "from l2lab.data import load_data; load_data("
-                        f"{{'name': 'mnist1d', 'root': {str(root)!r}, 'val_size': 500}})"],
-                       env=env, check=True, capture_output=True)
+        store, root = _store(tmp, env), _mnist1d(tmp, env)
         times: dict[int, list[float]] = {n: [] for n in sizes}
         for r in range(repeats):
             for n in (sizes if r % 2 == 0 else sizes[::-1]):
@@ -398,19 +408,14 @@ def bench_vs_run(n_lams: int, n_seeds: int, overrides: list[str], repeats: int =
     (``experiment=mnist1d_sweep``, vectorized launcher) against one ordinary run of the same
     config (λ=1e-3, seed 0), interleaved, into one existing SQLite store: on a GPU the sweep's
     networks train as stacks, so the ratio says what the other jobs cost."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = _scale_env()
     jobs = n_lams * n_seeds
     out: dict[str, Any] = {"settings": {"overrides": ["experiment=mnist1d_sweep", *overrides],
                                         "lams": n_lams, "seeds": n_seeds, "jobs": jobs,
                                         "repeats": repeats}}
     with tempfile.TemporaryDirectory(prefix="l2lab-bench-vs-run-") as d:
         tmp = Path(d)
-        store = _store(tmp, env)
-        root = tmp / "data"
-        subprocess.run([sys.executable, "-c", "from l2lab.data import load_data; load_data("
-                        f"{{'name': 'mnist1d', 'root': {str(root)!r}, 'val_size': 500}})"],
-                       env=env, check=True, capture_output=True)
+        store, root = _store(tmp, env), _mnist1d(tmp, env)
         base = [sys.executable, "-m", "l2lab.train", "experiment=mnist1d_sweep", *overrides,
                 f"data.root={root}", f"tracking.uri={store}"]
         lams = _lams(n_lams)
