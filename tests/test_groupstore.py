@@ -14,7 +14,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -333,7 +332,7 @@ def test_group_writer_on_postgresql_directly_and_through_its_server(tmp_path, re
     """``scripts/mlflow_server.sh --local``: the same sweep written straight into its PostgreSQL
     (one transaction per call) and through the server (concurrent REST calls) reads back equal
     to the client-written reference."""
-    from test_scaleout import _free_port, _pids_with
+    from test_scaleout import _free_port, stop_server
 
     port = _free_port()
     pg_dir = Path(f"/tmp/l2lab-pg-gs-{os.getpid()}-{port}")  # postgres must enter it
@@ -372,15 +371,7 @@ def test_group_writer_on_postgresql_directly_and_through_its_server(tmp_path, re
                 for field in want[key]:
                     assert got[key][field] == want[key][field], (store, key, field)
     finally:
-        server.send_signal(signal.SIGTERM)  # the script stops mlflow, then PostgreSQL
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        leftovers = _pids_with(str(pg_dir)) + _pids_with(f"--port {port}")
-        for pid in leftovers:
-            os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(pg_dir, ignore_errors=True)
+        leftovers = stop_server(server, pg_dir, port)
     assert not leftovers, "the server script left processes behind"
 
 

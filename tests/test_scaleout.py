@@ -117,6 +117,21 @@ def _pids_with(text: str) -> list[int]:
     return pids
 
 
+def stop_server(server: subprocess.Popen, pg_dir: Path, port: int) -> list[int]:
+    """Stop ``scripts/mlflow_server.sh`` (SIGTERM: it stops mlflow, then PostgreSQL), kill what
+    it left behind and remove its data folder; returns the processes it left (none expected)."""
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+    leftovers = _pids_with(str(pg_dir)) + _pids_with(f"--port {port}")
+    for pid in leftovers:
+        os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(pg_dir, ignore_errors=True)
+    return leftovers
+
+
 @pytest.mark.skipif(bool(_postgres_missing()), reason=_postgres_missing() or "")
 def test_parallel_sweep_into_mlflow_server_on_postgresql(tmp_path):
     port = _free_port()
@@ -153,13 +168,5 @@ def test_parallel_sweep_into_mlflow_server_on_postgresql(tmp_path):
                                                        str(tmp_path)))
         pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "cmp" / "summary.csv"), logged)
     finally:
-        server.send_signal(signal.SIGTERM)  # the script stops mlflow, then PostgreSQL
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        leftovers = _pids_with(str(pg_dir)) + _pids_with(f"--port {port}")
-        for pid in leftovers:
-            os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(pg_dir, ignore_errors=True)
+        leftovers = stop_server(server, pg_dir, port)
     assert not leftovers, "the server script left processes behind"

@@ -14,8 +14,6 @@ import json
 import os
 import re
 import secrets
-import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -27,7 +25,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import run_cli, runs_of
 from mlflow.tracking import MlflowClient
-from test_scaleout import _free_port, _pids_with, _postgres_missing, check_sweep
+from test_scaleout import _free_port, _postgres_missing, check_sweep, stop_server
 
 from l2lab import CONF_DIR, ConfigError, compare, store
 
@@ -178,15 +176,7 @@ def team(tmp_path_factory):
         yield SimpleNamespace(uri=uri, pw=pw, tmp=tmp, log=log, pg_dir=pg_dir, pg_port=pg_port,
                               startup_s=startup_s)
     finally:
-        server.send_signal(signal.SIGTERM)  # the script stops mlflow, then PostgreSQL
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        leftovers = _pids_with(str(pg_dir)) + _pids_with(f"--port {port}")
-        for pid in leftovers:
-            os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(pg_dir, ignore_errors=True)
+        leftovers = stop_server(server, pg_dir, port)
     assert not leftovers, "the server script left processes behind"
     # the private auth config (it holds the admin's password) is gone with the server
     assert not glob.glob(str(tmp / "tmpdir" / "l2lab-auth.*"))
