@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -53,3 +56,19 @@ def runs_of(client: MlflowClient, **filters: str) -> list:
     exps = [e.experiment_id for e in client.search_experiments()]
     flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in filters.items())
     return client.search_runs(exps, filter_string=flt, max_results=1000)
+
+
+def wait_healthy(base: str, proc: subprocess.Popen, timeout: float,
+                 output: Callable[[], str]) -> None:
+    """Wait until the MLflow server at ``base`` answers ``/health``; fail with its ``output()``
+    if it exits, or when ``timeout`` seconds pass."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            assert proc.poll() is None, output()[-3000:]
+            assert time.time() < deadline, f"the mlflow server at {base} did not start"
+            time.sleep(0.5)

@@ -18,12 +18,12 @@ import sqlite3
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import wait_healthy
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
@@ -345,16 +345,7 @@ def test_group_writer_on_postgresql_directly_and_through_its_server(tmp_path, re
             env={**os.environ, "MLFLOW": str(Path(sys.executable).parent / "mlflow")})
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 240
-        while True:
-            try:
-                with urllib.request.urlopen(uri + "/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                assert server.poll() is None, log.read_text()[-3000:]
-                assert time.time() < deadline, "mlflow server on PostgreSQL did not start"
-                time.sleep(1)
+        wait_healthy(uri, server, 240, log.read_text)
         pg_port = re.search(r"throwaway PostgreSQL in .* on 127\.0\.0\.1:(\d+)",
                             log.read_text()).group(1)
         pg = f"postgresql://postgres@127.0.0.1:{pg_port}/mlflow"

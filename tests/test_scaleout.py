@@ -10,13 +10,11 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import run_cli, runs_of
+from conftest import run_cli, runs_of, wait_healthy
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
@@ -143,16 +141,7 @@ def test_parallel_sweep_into_mlflow_server_on_postgresql(tmp_path):
         start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 240
-        while True:
-            try:
-                with urllib.request.urlopen(uri + "/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                assert server.poll() is None, server.stdout.read()[-3000:]
-                assert time.time() < deadline, "mlflow server on PostgreSQL did not start"
-                time.sleep(1)
+        wait_healthy(uri, server, 240, server.stdout.read)
         r = run_cli("l2lab.train", "-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2",
                     "regularization.lam=0,0.1", *JOB,
                     f"hydra.sweep.dir={tmp_path}/multirun/pg", cwd=tmp_path,

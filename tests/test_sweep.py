@@ -6,13 +6,12 @@ import json
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import TINY, run_cli, runs_of
+from conftest import TINY, run_cli, runs_of, wait_healthy
 from mlflow.tracking import MlflowClient
 
 from l2lab import compare
@@ -114,16 +113,7 @@ def test_mlflow_server_serves_the_sweep(swept):
         cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                assert server.poll() is None, server.stderr.read().decode()[-2000:]
-                assert time.time() < deadline, "mlflow server did not start"
-                time.sleep(0.5)
+        wait_healthy(base, server, 120, lambda: server.stderr.read().decode())
         exps = _post(base + "/api/2.0/mlflow/experiments/search", {"max_results": 10})
         ids = [e["experiment_id"] for e in exps["experiments"]]
         runs = _post(base + "/api/2.0/mlflow/runs/search",

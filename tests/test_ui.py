@@ -8,13 +8,12 @@ import re
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 from browser import Browser, chromium_path
-from conftest import TINY, run_cli
+from conftest import TINY, run_cli, wait_healthy
 
 from l2lab import ui
 
@@ -42,16 +41,8 @@ def server(tmp_path_factory):
         cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 300  # a loaded 2-core machine takes a minute or more
-        while True:
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-                assert time.time() < deadline, "mlflow server did not start"
-                time.sleep(0.5)
+        wait_healthy(base, proc, 300, lambda: proc.stderr.read().decode())  # a loaded 2-core
+        # machine takes a minute or more
         yield root, base
     finally:
         proc.terminate()
