@@ -133,8 +133,8 @@ def _reads_stacked(text: str) -> bool:
                for m in re.findall(r"\$\{([^}]*)\}", text))
 
 
-def _member_base(rep: DictConfig) -> dict[str, Any]:
-    """The representative's MEMBER_KEYS; ``{"unusable": True}`` when members cannot be made
+def _member_base(rep: DictConfig) -> dict[str, Any] | None:
+    """The representative's MEMBER_KEYS; ``None`` when members cannot be made
     from it: a stacked key that is an interpolation, or an interpolation of the task config
     that may read one."""
     reg = rep.regularization
@@ -143,12 +143,12 @@ def _member_base(rep: DictConfig) -> dict[str, Any]:
             or OmegaConf.is_interpolation(reg, "lam_per_layer")
             or (per_layer is not None
                 and any(OmegaConf.is_interpolation(per_layer, k) for k in per_layer))):
-        return {"unusable": True}
+        return None
     texts: list[str] = []
     tree = OmegaConf.to_container(rep, resolve=False)
     _strings({k: v for k, v in tree.items() if k != "hydra"}, texts)
     if any(_reads_stacked(t) for t in texts):
-        return {"unusable": True}
+        return None
     return {"seed": rep.seed, "regularization.lam": reg.lam,
             "regularization.lam_per_layer": dict(per_layer.items()) if per_layer else {}}
 
@@ -324,7 +324,7 @@ class _Group:
     scratch: DictConfig  # a copy on which each distinct stackable value is type-checked
     checked: set[str] = field(default_factory=set)
     rep: DictConfig | None = None  # the composition, kept for members (never changed)
-    base: dict[str, Any] = field(default_factory=dict)  # MEMBER_KEYS as composed
+    base: dict[str, Any] | None = None  # MEMBER_KEYS as composed (None: no members; set with rep)
     values: dict[str, Any] = field(default_factory=dict)  # override line -> value, converted
 
 
@@ -408,7 +408,7 @@ class SweepConfigs:
             OmegaConf.copy_cache(from_config=master_config, to_config=group.rep)
             group.base = _member_base(group.rep)
         values = [group.values[o.input_line] for o in stacked]
-        if group.base.get("unusable") or any(v is _INTERPOLATION for v in values):
+        if group.base is None or any(v is _INTERPOLATION for v in values):
             return None
         self._composed.pop(job, None)  # the representative's own: not needed any more
         own = dict(group.base)

@@ -268,7 +268,7 @@ def open_runs(client, writer, jobs: Sequence[Job], sweep: Mapping | None) -> Non
         params[rid] = tr.flatten_params(job.tree)
         if job.values:
             if id(job.base) not in templates:
-                templates[id(job.base)] = YamlTemplate(_base_tree(job.base), MEMBER_KEYS)
+                templates[id(job.base)] = YamlTemplate(job.tree, MEMBER_KEYS)  # any job's
             config = templates[id(job.base)].render(job.values)
         else:
             config = dump_yaml(job.tree)
@@ -456,7 +456,7 @@ def train_stack(cfg: DictConfig, values: Sequence[Mapping[str, Any]],
     quiet_libraries()
     swept = sweep.get("swept") if sweep else None
     base = prepared(cfg)
-    tree = _base_tree(base)
+    tree = OmegaConf.to_container(base, resolve=True)
     jobs = []
     for v, ov, d in zip(values, overrides, output_dirs, strict=True):
         v = dict(v)
@@ -478,14 +478,3 @@ def train_stack(cfg: DictConfig, values: Sequence[Mapping[str, Any]],
             else:
                 say(f"l2lab: {label}: run {rid[:8]} FAILED: {job.result}", err=True)
     return [job.result for job in jobs]  # type: ignore[misc]
-
-
-_TREES: dict[int, tuple[DictConfig, dict[str, Any]]] = {}
-
-
-def _base_tree(cfg: DictConfig) -> dict[str, Any]:
-    """A stack config, resolved (once per config object)."""
-    if _TREES.get(id(cfg), (None,))[0] is not cfg:
-        _TREES.clear()
-        _TREES[id(cfg)] = (cfg, OmegaConf.to_container(cfg, resolve=True))
-    return _TREES[id(cfg)][1]
