@@ -34,7 +34,7 @@ test: $(STAMP_ALL)
 # Prints the link to the latest experiment's runs in the training view, then serves the UI.
 ui: $(STAMP)
 	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-$(STORE)}" \
-		$(BIN)/python -m l2lab.ui --base http://127.0.0.1:$(PORT)
+		$(BIN)/python -m l2lab.tracking.ui --base http://127.0.0.1:$(PORT)
 	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-$(STORE)}" \
 		--host 127.0.0.1 --port $(PORT)
 

@@ -30,12 +30,12 @@ from hydra._internal.utils import create_config_search_path
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 
-import l2lab.schema  # noqa: F401  (the schemas conf/ names)
+import l2lab.config.schema  # noqa: F401  (the schemas conf/ names)
 from l2lab import CONF_DIR
-from l2lab.composing import SweepConfigs
+from l2lab.config.composing import SweepConfigs
 
 STUB = """import sys, time
-import l2lab.engine as e
+import l2lab.run.engine as e
 import l2lab.train as t
 e.train_stack = lambda cfg, values, *a, **k: [{"val/ce": 1.0, "train/ce": 1.0} for _ in values]
 sys.argv = ["l2lab.train", *sys.argv[1:]]

@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-#: l2lab's data names -> torchvision dataset classes (see l2lab.data).
+#: l2lab's data names -> torchvision dataset classes (see l2lab.core.data).
 DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}
 
 

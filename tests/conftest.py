@@ -14,7 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
-import l2lab.schema  # noqa: F401  (registers the config schemas that conf/ names)
+import l2lab.config.schema  # noqa: F401  (registers the config schemas that conf/ names)
 from l2lab import CONF_DIR
 
 # Tiny, fast settings shared by the end-to-end tests (digits: no download).

@@ -11,8 +11,8 @@ from conftest import make_cfg, run_cli
 from hydra import compose, initialize_config_dir
 
 from l2lab import CONF_DIR, ConfigError
-from l2lab.cli import check_overrides, cli_overrides
-from l2lab.schema import validate
+from l2lab.config.cli import check_overrides, cli_overrides
+from l2lab.config.schema import validate
 
 
 @pytest.mark.parametrize("group, options", [
@@ -220,14 +220,15 @@ def test_fast_paths_import_neither_torch_lightning_nor_mlflow(tmp_path, args, co
 
 
 def test_import_l2lab_stays_light():
-    code = ("import sys, l2lab, l2lab.train, l2lab.sweep, l2lab.compare, l2lab.reproduce; "
+    code = ("import sys, l2lab, l2lab.train, l2lab.run.sweep, l2lab.compare, l2lab.reproduce; "
             "print([m for m in ('torch', 'mlflow', 'pandas', 'matplotlib') if m in sys.modules])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.stdout.strip() == "[]", r.stdout + r.stderr
 
 
 def test_the_schema_lists_agree_with_the_code():
-    from l2lab import data, models, schema
-
+    from l2lab import models
+    from l2lab.config import schema
+    from l2lab.core import data
     assert set(schema.ACTIVATIONS) == set(models.ACTIVATIONS)
     assert set(schema.DATA_NAMES) == set(data.DATASETS)

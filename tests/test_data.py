@@ -11,7 +11,7 @@ import torch
 import torchvision
 
 from l2lab import ConfigError
-from l2lab.data import TensorBatches, load_data
+from l2lab.core.data import TensorBatches, load_data
 
 
 def _cfg(**kw):

@@ -35,7 +35,7 @@ def _ranks_alive(tmp_path: Path) -> list[int]:
             cmd = (d / "cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue
-        if "l2lab.ddp_worker" in cmd and str(tmp_path) in cmd:
+        if "l2lab.run.ddp_worker" in cmd and str(tmp_path) in cmd:
             pids.append(int(d.name))
     return pids
 

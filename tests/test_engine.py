@@ -18,11 +18,11 @@ import torch
 from conftest import make_cfg, run_cli, runs_of
 from mlflow.tracking import MlflowClient
 
-from l2lab import reference
-from l2lab.data import load_data
-from l2lab.engine import train_group
-from l2lab.module import clip_per_network
-from l2lab.resume import epochs_done
+from l2lab.core import reference
+from l2lab.core.data import load_data
+from l2lab.core.module import clip_per_network
+from l2lab.run.engine import train_group
+from l2lab.run.resume import epochs_done
 from l2lab.train import train
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -73,8 +73,15 @@ def test_mnist1d_sweep_children_equal_their_ordinary_runs_for_all_50_epochs(tmp_
         assert len(_history(client, child.info.run_id, "val/ce")) == 50
         assert "l2lab.vectorized_group" in child.data.tags
         _assert_same_run(client, ordinary, child, tmp_path)
-    # the two λ really train differently (the comparison is not vacuous)
-    assert pairs[0][0].data.metrics["train/ce"] < pairs[1][0].data.metrics["train/ce"] / 10
+    # the two λ really train differently (the comparison is not vacuous). Where a chaotic run
+    # ends depends on the CPU (λ=0 ended at train/ce 0.001 on one machine and 0.240 on another),
+    # so only what holds on any machine is asserted: the penalty keeps the weights smaller, and
+    # their val/ce curves differ.
+    (plain, _), (shrunk, _) = pairs
+    norm = "weights/sq_norm_total"
+    assert shrunk.data.metrics[norm] < plain.data.metrics[norm] / 2
+    assert _history(client, plain.info.run_id, "val/ce")[1:] != \
+        _history(client, shrunk.info.run_id, "val/ce")[1:]
 
 
 @pytest.mark.slow
@@ -137,7 +144,7 @@ def test_conv1d_stack_equals_its_ordinary_runs(tmp_path, store):
     ["optimizer=sgd", "trainer.gradient_clip_val=0.05"],
 ], ids=["sgd-loss", "adam-optimizer", "adamw-decoupled", "sgd-clip"])
 def test_the_harness_trains_what_the_plain_loop_trains(tmp_path, store, extra):
-    """``l2lab.reference`` (torch.optim's own weight_decay, torch.nn.utils clipping, no
+    """``l2lab.core.reference`` (torch.optim's own weight_decay, torch.nn.utils clipping, no
     Lightning) is the spec: the harness follows it to float rounding, epoch by epoch."""
     cfg = make_cfg(f"tracking.uri={store}", "trainer.max_epochs=4", "data.batch_size=40", *extra)
     final = train(cfg, output_dir=tmp_path / "run")
@@ -172,7 +179,7 @@ def test_clipping_is_per_network_and_equals_torch_for_each():
 
 
 def test_sixteen_bit_and_unproven_settings_train_alone():
-    from l2lab.stackable import group_key
+    from l2lab.config.stackable import group_key
 
     base = ["regularization.lam=0.1", "seed=0"]
     assert group_key(make_cfg(*base, "trainer.gradient_clip_val=0.5")) is not None
@@ -226,13 +233,13 @@ def test_no_import_cycle_counting_function_level_imports():
     for m in sorted(modules):
         if m not in state:
             visit(m, [])
-    assert "l2lab.engine" in edges["l2lab.train"]  # the walk saw real edges
+    assert "l2lab.run.engine" in edges["l2lab.train"]  # the walk saw real edges
 
 
 def test_reading_runs_imports_neither_torch_nor_lightning():
     r = run_cli("l2lab.compare", "--help", cwd=SRC)
     assert r.returncode == 0
-    code = ("import sys, l2lab, l2lab.runs, l2lab.compare, l2lab.sweep; "
+    code = ("import sys, l2lab, l2lab.tracking.runs, l2lab.compare, l2lab.run.sweep; "
             "l2lab.load_runs; "
             "print(sorted(m for m in ('torch', 'pytorch_lightning') if m in sys.modules))")
     import subprocess
@@ -244,7 +251,7 @@ def test_reading_runs_imports_neither_torch_nor_lightning():
 
 
 def test_a_longer_resume_is_a_new_run_that_reuse_and_compare_see(tmp_path, store):
-    from l2lab import runs
+    from l2lab.tracking import runs
 
     client = MlflowClient(store)
     five = train(make_cfg(f"tracking.uri={store}", "trainer.max_epochs=5"),
@@ -282,7 +289,7 @@ def test_a_longer_resume_is_a_new_run_that_reuse_and_compare_see(tmp_path, store
 def test_config_hash_keeps_the_order_of_lam_per_layer():
     from omegaconf import open_dict
 
-    from l2lab.runs import config_hash
+    from l2lab.tracking.runs import config_hash
 
     a, b = make_cfg(), make_cfg()
     with open_dict(a), open_dict(b):  # as a config file would write them (no * on the CLI)

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from l2lab import CONF_DIR
-from l2lab.data import load_data
+from l2lab.core.data import load_data
 from l2lab.train import build_net, train
 
 

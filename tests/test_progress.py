@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 from conftest import make_cfg
 
-from l2lab import progress
+from l2lab.run import progress
 
 
 def test_line_format_and_eta() -> None:
@@ -77,7 +77,7 @@ def test_a_run_shows_progress_and_links_the_training_view(tmp_path, store, clien
 def test_optuna_log_lines_carry_no_colour_codes() -> None:
     import optuna
 
-    from l2lab.sweep import _quiet_optuna
+    from l2lab.run.sweep import _quiet_optuna
 
     optuna.logging.get_logger("optuna")  # installs optuna's colorlog handler
     _quiet_optuna()  # pytest's stderr is not a terminal

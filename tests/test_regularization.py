@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from l2lab import ConfigError
+from l2lab.core.regularization import build_penalty, select_layers
 from l2lab.models import CNN, MLP
-from l2lab.regularization import build_penalty, select_layers
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,6 @@
-"""l2lab.stats, l2lab.figures and l2lab.report: statistics checked against hand-computed numbers
-and known answers, figures as PNGs, and the HTML report rendered by a real (headless) chromium."""
+"""l2lab.report.stats, l2lab.report.figures and l2lab.report.html: statistics checked against
+hand-computed numbers and known answers, figures as PNGs, and the HTML report rendered by a real
+(headless) chromium."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from l2lab.report import ReportContext, write_report
-from l2lab.stats import (
+from l2lab.report.html import ReportContext, write_report
+from l2lab.report.stats import (
     STAT_COLUMNS,
     RunRecord,
     format_table,
@@ -451,7 +452,8 @@ def test_figures_module_leaves_the_backend_alone() -> None:
     import subprocess
     import sys
 
-    code = ("import matplotlib; matplotlib.use('svg'); import l2lab.report, l2lab.figures; "
+    code = ("import matplotlib; matplotlib.use('svg'); "
+            "import l2lab.report.html, l2lab.report.figures; "
             "print(matplotlib.get_backend())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
@@ -520,7 +522,7 @@ def test_report_renders_in_a_real_browser(tmp_path: Path) -> None:
 
 
 def test_mean_curve_averages_seeds_by_step_skipping_nan_and_keeping_a_steps_last_value():
-    from l2lab.figures import mean_curve
+    from l2lab.report.figures import mean_curve
 
     def run(points):
         return RunRecord("r", "n", "FINISHED", {}, 0.0, 0, None, {}, {"val/ce": points})

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from hydra_plugins.l2lab_launchers.vectorized_launcher import HYDRA_JOB_KEYS
 from hydra_plugins.l2lab_launchers.vectorized_launcher import to_yaml as launcher_yaml
 from l2lab import CONF_DIR
-from l2lab.composing import (
+from l2lab.config.composing import (
     MEMBER_KEYS,
     SweepConfigs,
     YamlTemplate,
@@ -32,7 +32,7 @@ from l2lab.composing import (
     substitute,
     with_values,
 )
-from l2lab.stackable import group_key, shape_key, task_config, valid_lams
+from l2lab.config.stackable import group_key, shape_key, task_config, valid_lams
 from l2lab.train import train_group
 
 

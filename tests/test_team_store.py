@@ -27,7 +27,8 @@ from conftest import run_cli, runs_of
 from mlflow.tracking import MlflowClient
 from test_scaleout import _free_port, _postgres_missing, check_sweep, stop_server
 
-from l2lab import CONF_DIR, ConfigError, compare, store
+from l2lab import CONF_DIR, ConfigError, compare
+from l2lab.tracking import store
 
 ROOT = CONF_DIR.parent
 SERVER_SH = str(ROOT / "scripts" / "mlflow_server.sh")
@@ -98,7 +99,7 @@ def test_ray_workers_get_the_login_through_ray_runtime_env_hook(monkeypatch):
 
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw-for-the-workers")
-    monkeypatch.setenv(store.RAY_HOOK, "l2lab.store.ray_runtime_env")
+    monkeypatch.setenv(store.RAY_HOOK, "l2lab.tracking.store.ray_runtime_env")
     env = _maybe_modify_runtime_env({"env_vars": {"OTHER": "1"}}, False)
     assert env["env_vars"] == {"OTHER": "1", "MLFLOW_TRACKING_USERNAME": "alice",
                                "MLFLOW_TRACKING_PASSWORD": "pw-for-the-workers"}

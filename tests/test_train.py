@@ -101,7 +101,7 @@ def test_multirun_in_a_subprocess_gives_one_finished_run_per_job(tmp_path, store
 
 
 def test_default_store_and_env_uri(tmp_path, monkeypatch):
-    from l2lab.tracking import resolve_uri
+    from l2lab.tracking.tracker import resolve_uri
 
     assert resolve_uri(None, cwd=tmp_path) == f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     assert resolve_uri("sqlite:///rel/x.db", cwd=tmp_path) == f"sqlite:///{tmp_path}/rel/x.db"

@@ -15,7 +15,7 @@ import pytest
 from browser import Browser, chromium_path
 from conftest import TINY, run_cli, wait_healthy
 
-from l2lab import ui
+from l2lab.tracking import ui
 
 pytestmark = pytest.mark.skipif(
     chromium_path() is None,

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from hydra_plugins.l2lab_launchers.vectorized_launcher import group_key, plan
 from l2lab import reproduce
-from l2lab.data import StackedBatches, TensorBatches
+from l2lab.core.data import StackedBatches, TensorBatches
 from l2lab.train import train
 
 LAMS, SEEDS = (0.0, 0.01, 0.3), (0, 1)
@@ -47,11 +47,11 @@ def test_stacked_batches_give_each_network_its_own_order():
 
 def test_buffered_metrics_reach_the_store_in_one_call_per_flush(tmp_path, store, client,
                                                                 monkeypatch):
-    from l2lab.groupstore import GroupWriter
+    from l2lab.tracking.bulk import BulkStore
 
     calls = []
-    original = GroupWriter.log_metrics
-    monkeypatch.setattr(GroupWriter, "log_metrics",
+    original = BulkStore.log_metrics
+    monkeypatch.setattr(BulkStore, "log_metrics",
                         lambda self, epochs: (calls.append(dict(epochs)), original(self, epochs)))
     train(make_cfg(f"tracking.uri={store}", "trainer.max_epochs=4",
                    "tracking.flush_every_s=1e9"), output_dir=tmp_path)

@@ -9,7 +9,7 @@ def __getattr__(name: str):
     """``l2lab.load_runs``, ``l2lab.train``, ``l2lab.train_group`` without importing pandas,
     torch or MLflow on ``import l2lab``."""
     if name == "load_runs":
-        from l2lab.runs import load_runs
+        from l2lab.tracking.runs import load_runs
 
         return load_runs
     if name == "train":
@@ -17,7 +17,7 @@ def __getattr__(name: str):
 
         return train
     if name == "train_group":
-        from l2lab.engine import train_group
+        from l2lab.run.engine import train_group
 
         return train_group
     raise AttributeError(f"module 'l2lab' has no attribute {name!r}")

@@ -13,8 +13,9 @@ Sides (interleaved, order rotated per repeat, each warmed up once with one epoch
   region (once per run, not per epoch; the same for any loop).
 - ``harness_no_mlflow``: the same with a tracker that drops metrics (Lightning + checkpoint), so
   that the MLflow share of the overhead can be read off.
-- ``plain``: ``l2lab.reference.train``, the hand-written loop: seed, build net/penalty/optimizer,
-  then ``for epoch: for x, y in batches: step`` and a validation pass at each epoch end.
+- ``plain``: ``l2lab.core.reference.train``, the hand-written loop: seed, build
+  net/penalty/optimizer, then ``for epoch: for x, y in batches: step`` and a validation pass at
+  each epoch end.
 
 Prints one JSON object on stdout (anything else the libraries print goes to stderr).
 """
@@ -44,12 +45,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from l2lab import engine, reference
-from l2lab import tracking as tr
 from l2lab.base import CONF_DIR, ConfigError
-from l2lab.data import Splits, load_data
-from l2lab.recorder import Recorder
-from l2lab.stacked import unstack_into
+from l2lab.core import reference
+from l2lab.core.data import Splits, load_data
+from l2lab.core.stacked import unstack_into
+from l2lab.run import engine
+from l2lab.run.recorder import Recorder
+from l2lab.tracking import tracker as tr
 
 SIDES = ("harness", "harness_no_mlflow", "plain")
 AGREE_RTOL = 1e-5
@@ -79,7 +81,7 @@ def run_harness(cfg: DictConfig, splits: Splits, tracker: Any,
 
 def run_plain(cfg: DictConfig, splits: Splits,
               device: torch.device) -> tuple[torch.nn.Module, Metrics]:
-    """The loop a researcher would write by hand (``l2lab.reference``)."""
+    """The loop a researcher would write by hand (``l2lab.core.reference``)."""
     net, history = reference.train(cfg, splits, device)
     return net, history[-1]
 

@@ -6,7 +6,7 @@ imports and data loading included, as a user waits for them):
 
 - ``vectorized``: ``python -m l2lab.train -m experiment=lambda_sweep`` (stacked networks);
 - ``basic``: the same sweep with ``hydra/launcher=basic`` (one job after another);
-- ``plain``: ``l2lab.reference``, the plain PyTorch loop, training the same jobs one after
+- ``plain``: ``l2lab.core.reference``, the plain PyTorch loop, training the same jobs one after
   another from the composed config with each job's λ and seed set on it (same data split,
   initialisation, batches, penalty, optimizer and settings; no logging);
 - ``plain_stacked``: a plain stacked-model loop (``torch.func`` ``stack_module_state`` +
@@ -46,8 +46,8 @@ def _job_cfg(spec: dict, lam: float, seed: int):
     """The job's composed config: exactly what the harness's sweep composes for it."""
     from hydra import compose, initialize_config_dir
 
-    from l2lab import schema  # noqa: F401 (registers the config schemas)
     from l2lab.base import CONF_DIR
+    from l2lab.config import schema  # noqa: F401 (registers the config schemas)
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("train", overrides=[*spec["overrides"], f"regularization.lam={lam}",
@@ -55,12 +55,12 @@ def _job_cfg(spec: dict, lam: float, seed: int):
 
 
 def plain_loop(spec: dict) -> list[float]:
-    """The hand-written loop (``l2lab.reference``), one job after another; returns each job's
+    """The hand-written loop (``l2lab.core.reference``), one job after another; returns each job's
     final val/ce. The config is composed once and each job sets its λ and seed on it, as a
     script with its settings written out would (composing each job with Hydra would add ~0.4 s a
     job that no plain script pays); the jobs differ in nothing else."""
-    from l2lab import reference
-    from l2lab.data import load_data
+    from l2lab.core import reference
+    from l2lab.core.data import load_data
 
     jobs = _jobs(spec)
     cfg = _job_cfg(spec, *jobs[0])
@@ -96,8 +96,8 @@ def plain_per_job(spec: dict) -> dict[str, float]:
     """Seconds per job of the plain loop training ``spec["jobs"]`` jobs of one composed config
     (λ and seed varied as a sweep varies them) in this process, imports, composition and data
     loading left out: the compute a job costs anywhere."""
-    from l2lab import reference
-    from l2lab.data import load_data
+    from l2lab.core import reference
+    from l2lab.core.data import load_data
 
     cfg = _job_cfg(spec, 0.0, 0)
     splits = load_data(cfg.data)
@@ -118,7 +118,7 @@ def plain_stacked_loop(spec: dict) -> list[float]:
     import torch.nn.functional as F
     from torch.func import functional_call, stack_module_state, vmap
 
-    from l2lab.data import EpochShuffle, load_data
+    from l2lab.core.data import EpochShuffle, load_data
     from l2lab.models import MLP
 
     device = torch.device(spec.get("device", "cpu"))
@@ -171,8 +171,8 @@ def _spec(overrides: list[str]) -> dict:
     that axis of its grid. The plain sides compose each job's config from the same overrides."""
     from hydra import compose, initialize_config_dir
 
-    from l2lab import schema  # noqa: F401 (registers the config schemas)
     from l2lab.base import CONF_DIR
+    from l2lab.config import schema  # noqa: F401 (registers the config schemas)
 
     grid = {k: v for k, _, v in (o.partition("=") for o in overrides) if k in GRID}
     rest = ["experiment=lambda_sweep", *(o for o in overrides if o.partition("=")[0] not in GRID)]
@@ -343,7 +343,7 @@ def _mnist1d(tmp: Path, env: dict) -> Path:
     """MNIST-1D's cache under ``tmp``, made outside the timings (a researcher's is there after
     one run)."""
     root = tmp / "data"
-    subprocess.run([sys.executable, "-c", "from l2lab.data import load_data; load_data("
+    subprocess.run([sys.executable, "-c", "from l2lab.core.data import load_data; load_data("
                     f"{{'name': 'mnist1d', 'root': {str(root)!r}, 'val_size': 500}})"],
                    env=env, check=True, capture_output=True)
     return root
@@ -392,7 +392,8 @@ def bench_per_job(sizes: tuple[int, int], overrides: list[str], repeats: int = 1
     out["notes"] = {
         "per_job_ms": "(T(N) - T(M)) / (N - M): what one more job adds to a whole sweep process "
                       "(vectorized launcher, one SQLite store), its compute included",
-        "plain_ms_per_job": f"the plain loop (l2lab.reference) training {PLAIN_JOBS} such jobs "
+        "plain_ms_per_job": f"the plain loop (l2lab.core.reference) training {PLAIN_JOBS} "
+                            "such jobs "
                             "one after another in one process: one job's compute without the "
                             "harness",
         "bookkeeping_ms_per_job": "per_job_ms - plain_ms_per_job: what the harness adds per job "

@@ -66,10 +66,10 @@ def main(argv: list[str] | None = None) -> int:
                     "run (params, final metrics, best val/ce and epoch) on stdout")
     args = ap.parse_args(argv)
 
-    from l2lab import runs as rs
-    from l2lab import tracking as tr
     from l2lab.console import quiet_libraries
-    from l2lab.sweep import summarize_runs
+    from l2lab.run.sweep import summarize_runs
+    from l2lab.tracking import runs as rs
+    from l2lab.tracking import tracker as tr
 
     quiet_libraries()
     try:
@@ -108,9 +108,9 @@ def report_context(client, runs: list, label: str, uri: str, argv: list[str] | N
     import json
     import shlex
 
-    from l2lab import ui
-    from l2lab.report import ReportContext
-    from l2lab.sweep import reproduce_command
+    from l2lab.report.html import ReportContext
+    from l2lab.run.sweep import reproduce_command
+    from l2lab.tracking import ui
 
     args = sys.argv[1:] if argv is None else argv
     commands = [" ".join(["python -m l2lab.compare", *map(shlex.quote, args)])]

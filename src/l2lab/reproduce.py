@@ -64,7 +64,7 @@ def safe_config(text: str) -> DictConfig:
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True)
     except Exception as e:
-        from l2lab.tracking import one_line
+        from l2lab.tracking.tracker import one_line
 
         raise ConfigError(f"the logged config does not resolve: {one_line(e)}") from None
     _refuse_foreign_targets(resolved, "after resolving interpolations")
@@ -83,8 +83,8 @@ def compare_metrics(old: dict[str, float], new: dict[str, float], rtol: float) -
 
 def reproduce(run_id: str, *, uri: str, source_uri: str | None = None, check: bool = False,
               out: Path | None = None) -> int:
-    from l2lab import tracking as tr
     from l2lab.console import quiet_libraries
+    from l2lab.tracking import tracker as tr
 
     quiet_libraries()
     src = tr.connect(source_uri or uri)
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--source-uri", help="store holding RUN_ID (default: --tracking-uri)")
     ap.add_argument("--out", type=Path, help="output folder of the new run")
     args = ap.parse_args(argv)
-    from l2lab import tracking as tr  # MLflow and torch: not needed for --help
+    from l2lab.tracking import tracker as tr  # MLflow and torch: not needed for --help
 
     try:
         uri = tr.resolve_uri(args.tracking_uri)

@@ -2,11 +2,11 @@
 
 ``train(cfg)`` is a plain function (tests and ``reproduce`` call it directly); ``main`` is the thin
 Hydra wrapper that returns the sweep objective (final ``val/ce``). The training itself is
-:mod:`l2lab.engine`'s, the same for an ordinary run (a stack of one) and a vectorized sweep.
+:mod:`l2lab.run.engine`'s, the same for an ordinary run (a stack of one) and a vectorized sweep.
 
-This module imports only Hydra, OmegaConf and :mod:`l2lab.schema` at load time: ``--help``,
+This module imports only Hydra, OmegaConf and :mod:`l2lab.config.schema` at load time: ``--help``,
 ``--cfg`` and a bad key or value are answered in about a second, and torch, Lightning and MLflow
-are imported once the config has passed :func:`l2lab.schema.validate`.
+are imported once the config has passed :func:`l2lab.config.schema.validate`.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from l2lab import cli, schema, store
 from l2lab.base import CONF_DIR, ConfigError
+from l2lab.config import cli, schema
 from l2lab.console import job_line, say  # noqa: F401  (job_line re-exported)
-from l2lab.engine import build_net, train_group  # noqa: F401  (public names, re-exported)
-
-SWEEP_INFO = ".l2lab_sweep.json"  # written by l2lab.sweep.SweepCallback
+from l2lab.run.engine import build_net, train_group  # noqa: F401  (public names, re-exported)
+from l2lab.run.sweep import SWEEP_INFO
+from l2lab.tracking import store
 
 # conf/hydra/launcher/{ray,submitit_local}.yaml extend the plugins' schemas of the same name on
 # purpose; Hydra warns about that on every composition.
@@ -42,11 +42,12 @@ def train(cfg: DictConfig, *, overrides: Sequence[str] = (), output_dir: Path | 
     tag ``l2lab.failure`` on errors, KILLED on Ctrl-C/SIGTERM; what was logged stays. With
     ``reuse=true`` a FINISHED run of the same config is returned instead of training (in a sweep,
     listed by a new child run tagged ``l2lab.reused_from``); ``resume=RUN_ID`` continues a run
-    (:mod:`l2lab.resume`).
+    (:mod:`l2lab.run.resume`).
     """
-    from l2lab import engine, lifecycle, resume, runs
-    from l2lab import tracking as tr
     from l2lab.console import quiet_libraries
+    from l2lab.run import engine, lifecycle, resume
+    from l2lab.tracking import runs
+    from l2lab.tracking import tracker as tr
 
     quiet_libraries()
     cfg = engine.prepared(cfg)
@@ -132,7 +133,7 @@ def _job_label(name: str) -> str:
 def ui_url(client, run_id: str, tracking_uri: str | None = None) -> str:
     """The run's page in the MLflow UI's training view: the tracking server's own UI, or
     ``make ui`` (127.0.0.1:5000) over a local store."""
-    from l2lab import ui
+    from l2lab.tracking import ui
 
     exp = client.get_run(run_id).info.experiment_id
     return ui.run_url(ui.ui_base(tracking_uri), exp, run_id)
@@ -150,7 +151,7 @@ def _reuse(client, found, exp: str, name: str, overrides: Sequence[str], sweep: 
            tags: Mapping[str, str] | None) -> dict[str, float]:
     """``reuse=true`` and a FINISHED run of the same config exists: no training. In a sweep a
     child run lists it (tag ``l2lab.reused_from``) so the sweep's table and figures include it."""
-    from l2lab import runs
+    from l2lab.tracking import runs
 
     metrics = dict(found.data.metrics)
     shown = "  ".join(f"{k}={metrics[k]:.4f}" for k in ("train/ce", "val/ce", "gap/ce", "val/acc")
@@ -181,7 +182,7 @@ def hydra_main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from l2lab.lifecycle import Interrupted
+    from l2lab.run.lifecycle import Interrupted
 
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
@@ -204,8 +205,8 @@ def hydra_main(cfg: DictConfig) -> float:
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as e:
-        from l2lab.module import NonFiniteLossError
-        from l2lab.tracking import one_line
+        from l2lab.core.module import NonFiniteLossError
+        from l2lab.tracking.tracker import one_line
 
         known = isinstance(e, ConfigError | NonFiniteLossError)
         if multirun:  # a failed job must not stop the sweep: it is a FAILED child run

@@ -2,17 +2,17 @@
 
 Jobs whose composed configs differ only in ``regularization.lam``,
 ``regularization.lam_per_layer.*`` and ``seed`` train together, as one stack of K networks in one
-Lightning fit (``l2lab.engine.train_stack``); every other job runs the ordinary way, in the same
+Lightning fit (``l2lab.run.engine.train_stack``); every other job runs the ordinary way, in the same
 sweep. Each job keeps its own output folder, ``.hydra/`` files, MLflow run and return value, so
 sweepers, callbacks and ``compare`` see an ordinary sweep.
 
 Per job, nothing costs more than microseconds: a job of a group is its composition plus its
-values (``composing.Member``), its ``.hydra/`` documents are rendered from its composition's
+values (``composing.JobValues``), its ``.hydra/`` documents are rendered from its composition's
 templates, and its own config (~10 ms to derive, as much again to copy or dump) is made only if
 something reads it: a callback with job hooks (then ``run_job``'s own bookkeeping, logging
 included), a JobReturn's ``cfg``, ``hydra.job.chdir``, a sweep subdir other than the job number.
 
-Where the stacks train (``l2lab.scaleout``): in this process, in job order; with several CUDA
+Where the stacks train (``l2lab.run.scaleout``): in this process, in job order; with several CUDA
 devices (or ``workers=N``), on one worker process per device, in parallel; with
 ``backend=ray``, each stack as one Ray task. Jobs that cannot stack run here, after the stacks.
 
@@ -49,9 +49,16 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from l2lab.composing import MEMBER_KEYS, Member, SweepConfigs, YamlTemplate, dump_yaml, to_yaml
-from l2lab.scaleout import Stack
-from l2lab.stackable import group_key, member_values, shape_key, task_config, valid_lams
+from l2lab.config.composing import (
+    MEMBER_KEYS,
+    JobValues,
+    SweepConfigs,
+    YamlTemplate,
+    dump_yaml,
+    to_yaml,
+)
+from l2lab.config.stackable import group_key, member_values, shape_key, task_config, valid_lams
+from l2lab.run.scaleout import Stack
 
 __all__ = ["VectorizedLauncher", "group_key", "plan", "to_yaml"]
 
@@ -112,13 +119,13 @@ class _Job:
 
     num: int
     overrides: list[str]
-    member: Optional[Member] = None  # noqa: UP045
+    member: Optional[JobValues] = None  # noqa: UP045
     cfg: Optional[DictConfig] = None  # noqa: UP045 its own config, once made
     output_dir: Optional[str] = None  # noqa: UP045
 
 
 @dataclass
-class _Group:
+class _CompositionCache:
     """What the members of one composition share, made once."""
 
     rep: DictConfig
@@ -178,7 +185,7 @@ class VectorizedLauncher(Launcher):
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
-        self._groups: dict[int, _Group] = {}
+        self._groups: dict[int, _CompositionCache] = {}
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
               config: DictConfig) -> None:
@@ -222,9 +229,9 @@ class VectorizedLauncher(Launcher):
         return [returns[i] for i in range(len(jobs))]
 
     # -- a job without a config of its own -------------------------------------------------------
-    def _group(self, member: Member) -> _Group:
+    def _group(self, member: JobValues) -> _CompositionCache:
         if member.group not in self._groups:
-            g = self._groups[member.group] = _Group(member.rep)
+            g = self._groups[member.group] = _CompositionCache(member.rep)
             try:
                 g.base = task_config(member.rep)
                 g.shape = shape_key(OmegaConf.to_container(g.base, resolve=True))
@@ -294,7 +301,7 @@ class VectorizedLauncher(Launcher):
         """Worker processes' devices; none (train here) for one stack or one device."""
         if self.backend != "local" or n_stacks < 2:
             return []
-        from l2lab.scaleout import worker_devices
+        from l2lab.run.scaleout import worker_devices
 
         return worker_devices(self.workers)[:n_stacks]
 
@@ -320,9 +327,9 @@ class VectorizedLauncher(Launcher):
                devices: list[int | None]) -> Iterator[tuple[int, list]]:
         """Train the groups where this launcher is set to; per group as it ends, its results
         (per job its final metrics or the exception that ended it)."""
-        from l2lab import scaleout
-        from l2lab.sweep import SWEEP_INFO
-        from l2lab.tracking import one_line
+        from l2lab.run import scaleout
+        from l2lab.run.sweep import SWEEP_INFO
+        from l2lab.tracking.tracker import one_line
 
         info_path = Path(str(self.config.hydra.sweep.dir)) / SWEEP_INFO
         sweep = json.loads(info_path.read_text()) if info_path.exists() else None
@@ -360,7 +367,7 @@ class VectorizedLauncher(Launcher):
         if slow:
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
 
-    def _files(self, member: Member) -> Any:
+    def _files(self, member: JobValues) -> Any:
         """A composition's (config.yaml template, hydra.yaml template, output subdir, log file
         names), or False where a job needs ``run_job``'s own way: ``hydra.job.chdir``, or a log
         file named otherwise than ``<output dir>/<job name>.log``."""
@@ -452,7 +459,7 @@ class VectorizedLauncher(Launcher):
 
 def _here(stack: Stack, sweep: Any, max_models: int | None) -> Any:
     """Train in this process; an exception is the group's outcome, as from a worker."""
-    from l2lab.scaleout import train_here
+    from l2lab.run.scaleout import train_here
 
     try:
         return train_here(stack, sweep, max_models)

@@ -2,7 +2,7 @@
 
 Hydra's BasicSweeper composes every job of a batch to validate it (0.2-0.5 s each here); this one
 keeps its override grammar, batches and job order, and validates through
-:class:`l2lab.composing.SweepConfigs`: one composition per distinct set of non-stackable
+:class:`l2lab.config.composing.SweepConfigs`: one composition per distinct set of non-stackable
 overrides, a type check per distinct stackable value (``seed``, ``regularization.lam``,
 ``regularization.lam_per_layer.*``), and jobs derived from their group's composition when a
 launcher asks for them. (Plugin module: no ``from __future__ import annotations``, see the
@@ -20,7 +20,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
-from l2lab.composing import SweepConfigs
+from l2lab.config.composing import SweepConfigs
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ metric or param columns. ``?workflowType=machine_learning`` opens "Model trainin
 Models and Traces in the side bar; ``&compareRunsMode=CHART`` opens the runs' chart view. Every
 link the harness prints or writes is built here.
 
-``python -m l2lab.ui`` prints the runs page of the store's most recently used experiment (what
-``make ui`` shows before it starts the UI).
+``python -m l2lab.tracking.ui`` prints the runs page of the store's most recently used experiment
+(what ``make ui`` shows before it starts the UI).
 """
 
 from __future__ import annotations
@@ -56,13 +56,14 @@ def latest_experiment(client) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m l2lab.ui", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m l2lab.tracking.ui",
+                                 description=__doc__.splitlines()[0])
     ap.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or ./mlruns/mlflow.db")
     ap.add_argument("--base", help=f"where the UI runs (default: ${UI_ENV} or {UI_URL})")
     args = ap.parse_args(argv)
 
-    from l2lab import tracking as tr
     from l2lab.console import quiet_libraries
+    from l2lab.tracking import tracker as tr
 
     quiet_libraries()
     base = (args.base or ui_base()).rstrip("/")

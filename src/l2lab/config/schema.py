@@ -7,10 +7,11 @@ torch, Lightning and MLflow. This module imports only Hydra and OmegaConf. Three
   in each YAML's defaults list, so Hydra itself refuses ``data.batch_size=1.5`` at composition,
   naming the key;
 * **ranges** — :func:`validate` runs right after composition (λ ≥ 0 and finite, sizes, enums…);
-* **keys** — :mod:`l2lab.cli` reads the command line before Hydra does and refuses unknown keys.
+* **keys** — :mod:`l2lab.config.cli` reads the command line before Hydra does and refuses
+  unknown keys.
 
 Also here, for the same reason, nothing else: the checks of ``tracking.uri`` and of the server's
-login live in the stdlib-only :mod:`l2lab.store`.
+login live in the stdlib-only :mod:`l2lab.tracking.store`.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ batch is validated; a value the check refuses is composed the ordinary way, so H
 own error for it. Range checks (λ >= 0 ...) stay where they were: in the job, which ends FAILED.
 
 A job need not become a config of its own at all: :meth:`SweepConfigs.member` gives it as its
-group's representative plus its :class:`Member` values (the stacked keys, complete, as the schema
+group's representative plus its :class:`JobValues` values (the stacked keys, complete, as the schema
 converts them), which is all the vectorized launcher and the engine need per job (a config of its
 own costs ~10 ms to derive and as much again each time it is copied, resolved or dumped).
 :func:`substitute` and :class:`YamlTemplate` give a member's resolved tree and YAML documents from
@@ -166,7 +166,7 @@ def _strings(tree: Any, out: list[str]) -> None:
 
 
 @dataclass
-class Member:
+class JobValues:
     """A job of a group, without a config of its own: its group's representative (shared,
     never to be changed) and what differs."""
 
@@ -317,7 +317,7 @@ def _render_list(text: str, token: str, items: Sequence[Any]) -> str | None:
 
 
 @dataclass
-class _Group:
+class _Composition:
     """A composed representative, pickled once: unpickling is ~10× cheaper than composing."""
 
     blob: bytes
@@ -339,8 +339,8 @@ class SweepConfigs:
     def __init__(self, loader: Any) -> None:
         self._loader = loader
         self._composed: dict[tuple, DictConfig] = {}
-        self._groups: dict[tuple, _Group] = {}
-        self._derived: dict[tuple, tuple[_Group, list[Override]]] = {}
+        self._groups: dict[tuple, _Composition] = {}
+        self._derived: dict[tuple, tuple[_Composition, list[Override]]] = {}
         self.compositions = 0  # how many jobs were composed by Hydra (the rest were derived)
 
     def _compose(self, master: DictConfig, overrides: Sequence[str]) -> DictConfig:
@@ -363,7 +363,7 @@ class SweepConfigs:
                 cfg = self._compose(master, overrides)
                 self._composed[job] = cfg
                 blob = pickle.dumps(cfg, protocol=pickle.HIGHEST_PROTOCOL)
-                group = self._groups[(id(master), base)] = _Group(blob, pickle.loads(blob))
+                group = self._groups[(id(master), base)] = _Composition(blob, pickle.loads(blob))
                 group.checked.update(o.input_line for o in stacked)
                 group.values.update((o.input_line, _read(cfg, o.key_or_group)) for o in stacked)
                 self._derived[job] = (group, stacked)
@@ -395,7 +395,7 @@ class SweepConfigs:
         return cfg
 
     def member(self, master_config: DictConfig, sweep_overrides: Sequence[str]
-               ) -> Member | None:
+               ) -> JobValues | None:
         """The job as its group's representative plus its values, without a config of its own
         (``None``: take its config; a value that is an interpolation, or a representative whose
         config may read the stacked keys, has no member form)."""
@@ -420,7 +420,7 @@ class SweepConfigs:
                 own[o.key_or_group] = value
         own["regularization.lam_per_layer"] = per_layer
         app = [o for o in map(parse, sweep_overrides) if not o.is_hydra_override()]
-        return Member(group.rep, own, [o.input_line for o in app],
+        return JobValues(group.rep, own, [o.input_line for o in app],
                       overrides_dirname(app, group.rep.hydra.job), id(group))
 
     def take(self, master_config: DictConfig, sweep_overrides: Sequence[str]) -> DictConfig:
@@ -431,7 +431,7 @@ class SweepConfigs:
         return self._compose(master_config, sweep_overrides)
 
     @staticmethod
-    def _derive(master: DictConfig, group: _Group, stacked: list[Override],
+    def _derive(master: DictConfig, group: _Composition, stacked: list[Override],
                 overrides: Sequence[str]) -> DictConfig:
         cfg = pickle.loads(group.blob)
         for o in stacked:

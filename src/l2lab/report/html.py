@@ -4,7 +4,8 @@ The HTML report holds what a reader needs to judge a λ sweep without the termin
 the table with 95% t-intervals over seeds, the figures (embedded as PNG, so the one file can be
 mailed or opened from MLflow's artifact viewer), each row's runs linked into the MLflow UI, the
 verdict of the paired test, and the command that reproduces the sweep. The statistics live in
-:mod:`l2lab.stats`, the figures in :mod:`l2lab.figures`; this module only writes files.
+:mod:`l2lab.report.stats`, the figures in :mod:`l2lab.report.figures`; this module only writes
+files.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from l2lab import figures, ui
-from l2lab.stats import (  # noqa: F401  (re-exported: the report's public names)
+from l2lab.report import figures
+from l2lab.report.stats import (  # noqa: F401  (re-exported: the report's public names)
     FINISHED,
     LAM_KEY,
     STAT_COLUMNS,
@@ -35,7 +36,8 @@ from l2lab.stats import (  # noqa: F401  (re-exported: the report's public names
     trained,
     verdict,
 )
-from l2lab.stats import fmt_value as _fmt_value
+from l2lab.report.stats import fmt_value as _fmt_value
+from l2lab.tracking import ui
 
 FIGURES: tuple[tuple[str, str], ...] = (
     ("lambda_curve", "Final train and val cross-entropy against λ (symlog axis, so λ = 0 "

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from l2lab.module import L2Module
-from l2lab.regularization import L2Penalty, SelectedLayer
+from l2lab.core.module import L2Module
+from l2lab.core.regularization import L2Penalty, SelectedLayer
 
 #: Parameter-free modules that treat every row of the batch on its own.
 _ROWWISE = (nn.ReLU, nn.Tanh, nn.GELU, nn.Sigmoid, nn.Identity, nn.Flatten, nn.MaxPool1d,
@@ -166,7 +166,7 @@ def member_state(stacked_state: dict[str, torch.Tensor], k: int) -> dict[str, to
 
 # -- building a stack from the ordinary pieces -------------------------------------------------
 @dataclass
-class Member:
+class StackMember:
     """One job's network, built as an ordinary run builds it (its own initialisation), its penalty
     (the layer selection and λ), and the generator its dropout draws from."""
 
@@ -175,7 +175,7 @@ class Member:
     generator: torch.Generator
 
 
-def stack_members(members: Sequence[Member],
+def stack_members(members: Sequence[StackMember],
                   make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
                   mode: str = "loss", batch_size: int = 64) -> L2Module:
     """The module that trains ``members`` as one stack: stacked weights, per-network λ per

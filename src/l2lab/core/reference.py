@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from l2lab.data import Splits, TensorBatches
-from l2lab.engine import build_net
-from l2lab.regularization import build_penalty
+from l2lab.core.data import Splits, TensorBatches
+from l2lab.core.regularization import build_penalty
+from l2lab.run.engine import build_net
 
 VAL_BATCH = 1024
 Metrics = dict[str, float]

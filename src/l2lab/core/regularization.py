@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from l2lab.base import ConfigError
-from l2lab.schema import MODES, NORMALIZE, check_lam
+from l2lab.config.schema import MODES, NORMALIZE, check_lam
 
 
 @dataclass(frozen=True)

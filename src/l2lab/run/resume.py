@@ -19,11 +19,11 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from l2lab import lifecycle
-from l2lab import tracking as tr
 from l2lab.base import ConfigError
 from l2lab.console import say
-from l2lab.engine import Job, run_name
+from l2lab.run import lifecycle
+from l2lab.run.engine import Job, run_name
+from l2lab.tracking import tracker as tr
 
 CONTINUED_FROM, CONTINUED_BY = "l2lab.continued_from", "l2lab.continued_by"
 
@@ -127,7 +127,7 @@ def continue_job(client, cfg: DictConfig, overrides: Sequence[str],
 
 def copy_into(client, job: Job, source_id: str) -> None:
     """Once the new run exists: the old run's history into it, and a pointer both ways."""
-    from l2lab.runs import copy_history
+    from l2lab.tracking.runs import copy_history
 
     # test/* is the continued run's own, measured once at its end
     copy_history(client, client.get_run(source_id), job.tracker.run_id, skip=("test/",))

@@ -1,7 +1,7 @@
 """The command line, read before Hydra composes: unknown keys and wrong types are refused with the
 closest valid keys (Hydra's own hint, "use +key", would silently add a key nobody reads), and
 ``--help`` renders the harness's help page without Hydra's slower one. Light: Hydra and OmegaConf
-only, like :mod:`l2lab.schema`, whose types and ranges it applies.
+only, like :mod:`l2lab.config.schema`, whose types and ranges it applies.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from l2lab.base import CONF_DIR, ConfigError
-from l2lab.schema import OPEN_DICTS
+from l2lab.config.schema import OPEN_DICTS
 
 # -- keys ----------------------------------------------------------------------------------------
 _VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from l2lab.regularization import L2Penalty
+from l2lab.core.regularization import L2Penalty
 
 
 class NonFiniteLossError(FloatingPointError):

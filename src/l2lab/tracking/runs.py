@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from l2lab.tracking import parse_overrides
+from l2lab.tracking.tracker import parse_overrides
 
 HASH_TAG = "l2lab.config_hash"
 REUSED_TAG = "l2lab.reused_from"
@@ -84,7 +84,7 @@ def list_reused(client, source, experiment_id: str, run_name: str,
 def copy_history(client, source, run_id: str, skip: tuple[str, ...] = ()) -> None:
     """Every metric's full history of run ``source`` into run ``run_id`` (whole epochs a call),
     but for keys starting with one of ``skip``."""
-    from l2lab.tracking import RunTracker
+    from l2lab.tracking.tracker import RunTracker
 
     points: dict[tuple[int, int], dict[str, float]] = {}
     for key in (k for k in source.data.metrics if not k.startswith(skip)):
@@ -182,8 +182,8 @@ def load_runs(experiment: str | None = None, sweep: str | None = None,
     >>> df = l2lab.load_runs(experiment="digits-mlp")
     >>> df.groupby("regularization.lam")["val/ce"].agg(["mean", "std", "count"])
     """
-    from l2lab import tracking as tr
     from l2lab.console import quiet_libraries
+    from l2lab.tracking import tracker as tr
 
     quiet_libraries()
     client = tr.connect(tr.resolve_uri(tracking_uri))
@@ -213,7 +213,7 @@ def varying_keys(runs: Iterable) -> list[str]:
 
 def _histories(client, runs: Sequence, writer=None) -> dict[str, dict[str, list]]:
     """``HISTORY_KEYS``' histories ``{run_id: {key: [Metric, ...]}}`` of the runs that have
-    metrics, read together through a ``groupstore.GroupWriter`` (one SQL query per 500 runs,
+    metrics, read together through a ``bulk.BulkStore`` (one SQL query per 500 runs,
     or the runs' calls concurrently for a server) instead of one store call per run and key.
     The writer is made on the client's own store when none is given; a client that does not say
     its store (``tracking_uri``) is asked run by run."""
@@ -222,9 +222,9 @@ def _histories(client, runs: Sequence, writer=None) -> dict[str, dict[str, list]
         return {}
     uri = getattr(client, "tracking_uri", None)
     if writer is None and isinstance(uri, str) and uri:
-        from l2lab.groupstore import GroupWriter
+        from l2lab.tracking.bulk import BulkStore
 
-        writer = GroupWriter(uri, client)
+        writer = BulkStore(uri, client)
     if writer is not None:
         return writer.metric_histories(ids, HISTORY_KEYS)
     return {r: {k: client.get_metric_history(r, k) for k in HISTORY_KEYS} for r in ids}
@@ -233,8 +233,8 @@ def _histories(client, runs: Sequence, writer=None) -> dict[str, dict[str, list]
 def load_records(client, runs: Iterable, writer=None) -> list:
     """MLflow runs -> ``stats.RunRecord`` (final values, test/* included, and the histories the
     figures need). The histories are read for all runs at once (``_histories``): through
-    ``writer`` (a ``groupstore.GroupWriter`` on the client's store) when given."""
-    from l2lab.stats import RunRecord
+    ``writer`` (a ``bulk.BulkStore`` on the client's store) when given."""
+    from l2lab.report.stats import RunRecord
 
     runs = list(runs)
     keys = varying_keys(runs)

@@ -1,7 +1,7 @@
 """Multi-device training (``trainer.devices=N``, Lightning DDP) with one MLflow run.
 
 Rank 0 is the job Hydra started: it creates and writes the run. It starts ranks 1..N-1 itself,
-as ``python -m l2lab.ddp_worker HANDOFF`` with the torch.distributed environment set, before
+as ``python -m l2lab.run.ddp_worker HANDOFF`` with the torch.distributed environment set, before
 ``fit`` (Lightning then sees the processes as launched externally, and launches nothing). The
 handoff file carries rank 0's effective config (after ``resume``), its output folder and
 checkpoint, so the other ranks never compose a config, never read the store and never create a
@@ -165,7 +165,7 @@ def ranks(cfg: DictConfig, trainer, output_dir: Path, ckpt: Path | None,
     saved = {k: os.environ.get(k) for k in _ENV_KEYS}
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
                        "WORLD_SIZE": str(world), "NODE_RANK": "0", "LOCAL_RANK": "0"})
-    procs = [subprocess.Popen([sys.executable, "-m", "l2lab.ddp_worker", str(handoff)],
+    procs = [subprocess.Popen([sys.executable, "-m", "l2lab.run.ddp_worker", str(handoff)],
                               env={**os.environ, "LOCAL_RANK": str(r),
                                    "L2LAB_DDP_HANDOFF": str(handoff)})
              for r in range(1, world)]

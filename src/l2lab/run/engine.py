@@ -22,16 +22,17 @@ from typing import TYPE_CHECKING, Any
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from l2lab import lifecycle, schema
-from l2lab import tracking as tr
 from l2lab.base import CONF_DIR, ConfigError
-from l2lab.composing import MEMBER_KEYS, YamlTemplate, dump_yaml, substitute, with_values
+from l2lab.config import schema
+from l2lab.config.composing import MEMBER_KEYS, YamlTemplate, dump_yaml, substitute, with_values
+from l2lab.run import lifecycle
+from l2lab.tracking import tracker as tr
 
 if TYPE_CHECKING:
     import torch
 
-    from l2lab.module import L2Module
-    from l2lab.stacked import Member
+    from l2lab.core.module import L2Module
+    from l2lab.core.stacked import StackMember
 
 _NAME_SKIP = ("hydra.", "tracking.", "experiment", "resume", "reuse")
 
@@ -57,7 +58,7 @@ def run_name(overrides: Sequence[str], cfg: Mapping, swept: Sequence[str] | None
 
 def quick_checks(cfg: DictConfig) -> None:
     """Checks that need no data: the schema's ranges, then the multi-device settings."""
-    from l2lab import distributed
+    from l2lab.run import distributed
 
     schema.validate(cfg)
     distributed.check(cfg)
@@ -110,7 +111,7 @@ def build_net(cfg: DictConfig, splits) -> torch.nn.Module:
 
 def build_member(cfg: DictConfig, splits, seed: int | None = None,
                  regularization: Mapping | None = None, check_optimizer: bool = True,
-                 make_net: Callable[[Any], torch.nn.Module] | None = None) -> Member:
+                 make_net: Callable[[Any], torch.nn.Module] | None = None) -> StackMember:
     """One job's network, penalty and dropout generator, seeded by its own ``seed``; every check
     that needs the network (layer patterns, ``lam_per_layer`` keys) runs here. A job of a stack
     gives its own ``seed`` and ``regularization`` (its other keys are ``cfg``'s); the optimizer's
@@ -118,8 +119,8 @@ def build_member(cfg: DictConfig, splits, seed: int | None = None,
     import pytorch_lightning as pl
     import torch
 
-    from l2lab.regularization import build_penalty
-    from l2lab.stacked import Member
+    from l2lab.core.regularization import build_penalty
+    from l2lab.core.stacked import StackMember
 
     pl.seed_everything(int(cfg.seed if seed is None else seed), workers=False, verbose=False)
     net = (make_net or net_factory(cfg))(splits)
@@ -127,11 +128,11 @@ def build_member(cfg: DictConfig, splits, seed: int | None = None,
                             dataset_size=len(splits.train[1]))
     if check_optimizer:
         optimizer_factory(cfg)  # its checks, before any training
-    return Member(net, penalty, torch.Generator().set_state(torch.get_rng_state()))
+    return StackMember(net, penalty, torch.Generator().set_state(torch.get_rng_state()))
 
 
-def stack(cfg: DictConfig, members: Sequence[Member]) -> L2Module:
-    from l2lab.stacked import stack_members
+def stack(cfg: DictConfig, members: Sequence[StackMember]) -> L2Module:
+    from l2lab.core.stacked import stack_members
 
     return stack_members(members, optimizer_factory(cfg), mode=cfg.regularization.mode,
                          batch_size=int(cfg.data.batch_size))
@@ -146,10 +147,10 @@ def lightning_fit(cfg: DictConfig, module: L2Module, splits, recorder, seeds: Se
     here and each takes its shard of every global batch."""
     import pytorch_lightning as pl
 
-    from l2lab import distributed, progress
     from l2lab.console import quiet_libraries
-    from l2lab.data import StackedBatches, TensorBatches
-    from l2lab.stacked import val_batch_size
+    from l2lab.core.data import StackedBatches, TensorBatches
+    from l2lab.core.stacked import val_batch_size
+    from l2lab.run import distributed, progress
 
     quiet_libraries()  # again: importing Lightning puts its INFO chatter back
 
@@ -174,7 +175,7 @@ def lightning_fit(cfg: DictConfig, module: L2Module, splits, recorder, seeds: Se
 
 
 def flush_every_s(cfg: DictConfig) -> float:
-    from l2lab.recorder import FLUSH_EVERY_S
+    from l2lab.run.recorder import FLUSH_EVERY_S
 
     return float(cfg.tracking.get("flush_every_s", FLUSH_EVERY_S))
 
@@ -232,10 +233,10 @@ _WRITERS: dict[str, Any] = {}
 
 def writer_for(uri: str, client) -> Any:
     """The group writer of a store (once per process and store: its path is chosen once)."""
-    from l2lab.groupstore import GroupWriter
+    from l2lab.tracking.bulk import BulkStore
 
     if uri not in _WRITERS:
-        _WRITERS[uri] = GroupWriter(uri, client)
+        _WRITERS[uri] = BulkStore(uri, client)
     return _WRITERS[uri]
 
 
@@ -243,7 +244,7 @@ def open_runs(client, writer, jobs: Sequence[Job], sweep: Mapping | None) -> Non
     """Create the jobs' MLflow runs (a sweep's children when in one), tagged with their config's
     hash (``reuse`` and ``compare`` find runs of the same config), with their config as params
     and artifacts (what ``reproduce`` re-runs): a few store round trips for all of them."""
-    from l2lab import runs
+    from l2lab.tracking import runs
 
     commit = tr.git_commit(CONF_DIR.parent)
     tags_list = []
@@ -312,7 +313,7 @@ def train_jobs(jobs: Sequence[Job], *, sweep: Mapping | None = None,
     sweep's parent, KILLED first), and re-raises anything else that stops the whole stack (every
     unfinished run FAILED with the reason first).
     """
-    from l2lab.data import load_data
+    from l2lab.core.data import load_data
 
     client = tr.connect(jobs[0].base.tracking.uri)
     writer = writer_for(jobs[0].base.tracking.uri, client)
@@ -347,7 +348,7 @@ def train_jobs(jobs: Sequence[Job], *, sweep: Mapping | None = None,
                 for job in live:
                     fail(job, e)
                 live = []
-            members: dict[int, Member] = {}
+            members: dict[int, StackMember] = {}
             factories: dict[int, Callable] = {}  # per stack config that built: its factory
             for job in live:
                 try:
@@ -360,7 +361,7 @@ def train_jobs(jobs: Sequence[Job], *, sweep: Mapping | None = None,
                     fail(job, e)
             ready = [j for j in live if id(j) in members]
             if ready and not max_models:
-                from l2lab.stacked import default_max_models
+                from l2lab.core.stacked import default_max_models
 
                 max_models = default_max_models(members[id(ready[0])].net, splits, ready[0].base)
             size = max(1, max_models or 1)
@@ -388,12 +389,12 @@ def train_jobs(jobs: Sequence[Job], *, sweep: Mapping | None = None,
             raise
 
 
-def _fit_stack(jobs: Sequence[Job], members: Mapping[int, Member], splits, writer,
+def _fit_stack(jobs: Sequence[Job], members: Mapping[int, StackMember], splits, writer,
                vectorized: bool, echo: bool, label: str) -> None:
     """One Lightning fit of ``jobs`` as one stack; fills each job's ``result``."""
-    from l2lab.module import NonFiniteLossError
-    from l2lab.recorder import Recorder
-    from l2lab.stacked import unstack_into
+    from l2lab.core.module import NonFiniteLossError
+    from l2lab.core.stacked import unstack_into
+    from l2lab.run.recorder import Recorder
 
     cfg0 = jobs[0].base
     group = {"l2lab.vectorized_group": uuid.uuid4().hex[:12]} if vectorized else None
@@ -436,7 +437,7 @@ def train_group(cfgs: Sequence[DictConfig], overrides: Sequence[Sequence[str]],
     Each job is its own MLflow run with everything an ordinary run records, plus the tag
     ``l2lab.vectorized_group``. Returns, per job, its final metrics or the exception that ended
     it. (:func:`train_stack` with ``cfgs[0]`` and each job's values.)"""
-    from l2lab.stackable import member_values
+    from l2lab.config.stackable import member_values
 
     return train_stack(cfgs[0], [member_values(c) for c in cfgs], overrides, output_dirs,
                        sweep=sweep, max_models=max_models, job_nums=job_nums)

@@ -19,7 +19,10 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from l2lab.base import CONF_DIR, ConfigError
-from l2lab.train import SWEEP_INFO
+
+#: The sweep's parent run and experiment, handed to jobs in other processes (read by train.py and
+#: the vectorized launcher).
+SWEEP_INFO = ".l2lab_sweep.json"
 
 # Hydra instantiates this callback for every run, a single one included: the reporting and
 # tracking modules (matplotlib, torch, MLflow) are imported inside the hooks, when a sweep needs
@@ -38,9 +41,9 @@ def summarize_runs(client, runs: list, out_dir: Path, *, name_rejected: bool = T
                    context=None, writer=None) -> tuple[str, dict[str, Path], list]:
     """Table text, written files (``summary.csv``, figures, ``index.html``) and records for a set
     of runs (shared with ``compare``). The runs' histories are read in bulk (``writer``, a
-    ``groupstore.GroupWriter`` on the client's store, if the caller has one; else one is made)."""
-    from l2lab import report
-    from l2lab.runs import load_records
+    ``bulk.BulkStore`` on the client's store, if the caller has one; else one is made)."""
+    from l2lab.report import html as report
+    from l2lab.tracking.runs import load_records
 
     records = load_records(client, runs, writer=writer)
     paths = report.write_report(records, out_dir, context)
@@ -59,7 +62,7 @@ def reproduce_command(overrides: list[str], commit: str | None = None) -> list[s
 def description(sweep_id: str, exp: str, parent: str, base: str, verdict: str = "") -> str:
     """The parent run's description (MLflow's ``mlflow.note.content``, Markdown): where the
     report is, and how to chart val/ce against λ in the UI itself."""
-    from l2lab import ui
+    from l2lab.tracking import ui
 
     head = f"**Best λ**: {verdict}\n\n" if verdict else ""
     return (
@@ -88,7 +91,7 @@ def swept_keys(overrides: list[str], sweeper_params: Mapping) -> list[str]:
 def _write_timing(sweep_dir: Path) -> None:
     """Where the sweep's time went (read by ``l2lab.bench --sweep``): the seconds this process
     spent inside MLflow client calls (jobs in other processes are not counted)."""
-    from l2lab import tracking as tr
+    from l2lab.tracking import tracker as tr
 
     (sweep_dir / "timing.json").write_text(json.dumps({"mlflow_s": tr.MLFLOW_SECONDS[0]}))
 
@@ -104,7 +107,7 @@ def _exit_on_error(hook):
             print(f"l2lab: error: {e}", file=sys.stderr, flush=True)
             sys.exit(2)
         except Exception as e:
-            from l2lab.tracking import one_line
+            from l2lab.tracking.tracker import one_line
 
             print(f"l2lab: sweep {hook.__name__} failed: {one_line(e)}", file=sys.stderr,
                   flush=True)
@@ -154,7 +157,7 @@ def _optuna_sweeper() -> bool:
 class SweepCallback(Callback):
     @_exit_on_error
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from l2lab import store
+        from l2lab.tracking import store
 
         uri = store.resolve_uri(config.tracking.uri)
         if uri.startswith(("http://", "https://")):
@@ -162,10 +165,10 @@ class SweepCallback(Callback):
             # MLflow load and before any run exists; then Ray workers get the login too
             store.probe_server(uri)
             if store.credentials():
-                os.environ.setdefault(store.RAY_HOOK, "l2lab.store.ray_runtime_env")
-        from l2lab import tracking as tr
-        from l2lab import ui
+                os.environ.setdefault(store.RAY_HOOK, "l2lab.tracking.store.ray_runtime_env")
         from l2lab.console import quiet_libraries
+        from l2lab.tracking import tracker as tr
+        from l2lab.tracking import ui
 
         quiet_libraries()
         _quiet_optuna()
@@ -194,9 +197,9 @@ class SweepCallback(Callback):
 
     @_exit_on_error
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from l2lab import tracking as tr
-        from l2lab import ui
-        from l2lab.report import ReportContext
+        from l2lab.report.html import ReportContext
+        from l2lab.tracking import tracker as tr
+        from l2lab.tracking import ui
 
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         info = json.loads((sweep_dir / SWEEP_INFO).read_text())

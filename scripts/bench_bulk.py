@@ -1,13 +1,13 @@
 """Store round trips and wall time of one stack's record: the group writer vs the public client.
 
 K runs are created, get ~30 params and 3 tags, have E epochs x 14 metrics flushed one epoch at a
-time (the worst case: live curves), and are finished -- once through ``GroupWriter`` and once
+time (the worst case: live curves), and are finished -- once through ``BulkStore`` and once
 through ``MlflowClient`` one run at a time, into two fresh SQLite stores, side by side in one
 process. Round trips are counted on the SQLAlchemy engine (transactions committed, statements
 sent), so both paths are measured the same way; CPU time is given too, as wall time on a shared
 machine depends on its load.
 
-    PYTHONPATH=src python scripts/bench_groupstore.py [--runs 100] [--epochs 20]
+    PYTHONPATH=src python scripts/bench_bulk.py [--runs 100] [--epochs 20]
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from mlflow.tracking import MlflowClient
 from mlflow.tracking._tracking_service.utils import _get_store
 from sqlalchemy import event
 
-from l2lab import groupstore as gs
-from l2lab import tracking as tr
+from l2lab.tracking import bulk as gs
+from l2lab.tracking import tracker as tr
 
 KEYS = ["train/loss", "train/ce", "train/l2", "train/acc", "val/ce", "val/acc", "gap/ce",
         "gap/acc", "weights/sq_norm/fc1", "weights/sq_norm/fc2", "weights/sq_norm/out",
@@ -45,7 +45,7 @@ def metrics_of(k: int, e: int) -> dict[str, float]:
 
 
 def by_group(uri: str, exp: str, runs: int, epochs: int) -> None:
-    w = gs.GroupWriter(uri)
+    w = gs.BulkStore(uri)
     assert w.mode == "sql", w.why
     ids = w.create_runs(exp, [f"lam={k}" for k in range(runs)],
                         [{"l2lab.sweep_id": "bench", "l2lab.vectorized_group": "g"}] * runs)
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--epochs", type=int, default=20)
     args = ap.parse_args(argv)
-    root = Path(tempfile.mkdtemp(prefix="bench-groupstore-"))
+    root = Path(tempfile.mkdtemp(prefix="bench-bulk-"))
     try:
         template = root / "template.db"
         tr.connect(f"sqlite:///{template}")  # the schema once (slow), copied for each side

@@ -3,8 +3,8 @@ device), or as Ray tasks (one per stack).
 
 Why a module of its own: the workers (spawned processes, Ray workers) import these functions by
 name, which a Hydra plugin module, executed by Hydra's plugin scanner, is not safe to be. Each
-worker calls :func:`l2lab.engine.train_stack` exactly as the launcher does in-process, so a stack
-records the same runs wherever it trains; the launcher keeps Hydra's per-job bookkeeping.
+worker calls :func:`l2lab.run.engine.train_stack` exactly as the launcher does in-process, so a
+stack records the same runs wherever it trains; the launcher keeps Hydra's per-job bookkeeping.
 
 Light until used: Hydra imports the launcher (and so this module) at start-up.
 """
@@ -38,7 +38,7 @@ class Stack:
 def train_here(stack: Stack, sweep: Mapping | None, max_models: int | None) -> Results:
     """Train one stack in this process (the serial path, a worker process, a Ray task)."""
     from l2lab.console import quiet_libraries
-    from l2lab.engine import train_stack
+    from l2lab.run.engine import train_stack
 
     quiet_libraries()
     return train_stack(stack.cfg, stack.values, stack.overrides, stack.output_dirs, sweep=sweep,

@@ -2,7 +2,7 @@
 
 A stack of K networks is K MLflow runs. Written one run at a time through ``MlflowClient``, every
 create, params, flush and finish is K store calls (each a SQLite transaction of ~15-20 ms, or an
-HTTP request), which dominated sweeps of small networks. ``GroupWriter`` takes the K runs together:
+HTTP request), which dominated sweeps of small networks. ``BulkStore`` takes the K runs together:
 
 - **SQL stores** (``sqlite://``, ``postgresql://``...): one transaction per call for all K runs,
   written through MLflow's own ORM tables (``SqlRun``, ``SqlTag``, ``SqlParam``, ``SqlMetric``,
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from l2lab import tracking as tr
+from l2lab.tracking import tracker as tr
 
 # (step, {key: value}, timestamp in ms): one epoch of one run, as RunTracker.log_epochs takes it
 Epoch = tuple[int, Mapping[str, float], int]
@@ -104,7 +104,7 @@ def _relative(artifact_path: str | None) -> str:
     return "" if p == "." else p
 
 
-class GroupWriter:
+class BulkStore:
     """Writes the runs of one stack (or any set of runs in one store) together.
 
     Every method takes all runs at once and returns when the store has them. ``round_trips``
@@ -607,7 +607,7 @@ class GroupWriter:
 class _Counting:
     """A client whose every call adds one to its writer's ``round_trips`` (thread-safe)."""
 
-    def __init__(self, client: Any, writer: GroupWriter) -> None:
+    def __init__(self, client: Any, writer: BulkStore) -> None:
         self._client, self._writer, self._lock = client, writer, threading.Lock()
 
     def __getattr__(self, name: str) -> Any:

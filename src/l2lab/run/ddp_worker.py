@@ -1,6 +1,6 @@
-"""``python -m l2lab.ddp_worker HANDOFF``: rank 1..N-1 of a ``trainer.devices=N`` run.
+"""``python -m l2lab.run.ddp_worker HANDOFF``: rank 1..N-1 of a ``trainer.devices=N`` run.
 
-Rank 0 (``l2lab.distributed``) starts these with rank 0's effective config, output folder and
+Rank 0 (``l2lab.run.distributed``) starts these with rank 0's effective config, output folder and
 checkpoint in the handoff file. A rank trains the same stack of one through the same engine, in
 step with rank 0, and records nothing: only rank 0 talks to MLflow.
 """
@@ -15,11 +15,11 @@ from omegaconf import OmegaConf
 
 def worker_main(handoff: Path) -> None:
     """Rank 0's config, data and network, trained in step with it."""
-    from l2lab import engine, lifecycle
     from l2lab.console import quiet_libraries
-    from l2lab.data import load_data
-    from l2lab.recorder import Recorder
-    from l2lab.tracking import NullTracker
+    from l2lab.core.data import load_data
+    from l2lab.run import engine, lifecycle
+    from l2lab.run.recorder import Recorder
+    from l2lab.tracking.tracker import NullTracker
 
     quiet_libraries()
     spec = OmegaConf.load(handoff)
@@ -37,6 +37,6 @@ if __name__ == "__main__":
     try:
         worker_main(Path(sys.argv[1]))
     except BaseException as e:  # noqa: BLE001  (an interrupt too: rank 0 reports the run)
-        from l2lab.lifecycle import Interrupted
+        from l2lab.run.lifecycle import Interrupted
 
         sys.exit(e.exit_code if isinstance(e, Interrupted) else 1)

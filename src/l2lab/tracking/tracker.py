@@ -24,12 +24,13 @@ from filelock import FileLock
 if TYPE_CHECKING:
     import torch
 
-from l2lab import store
 from l2lab.base import ConfigError
+from l2lab.tracking import store
 
-# The URI and login checks need neither torch nor MLflow: they live in l2lab.store (a single run's
-# unreachable server or refused login is reported before the heavy imports), re-exported here.
-from l2lab.store import ENV_URI, PROBE_TIMEOUT_S, probe_server, resolve_uri  # noqa: F401
+# The URI and login checks need neither torch nor MLflow: they live in l2lab.tracking.store (a
+# single run's unreachable server or refused login is reported before the heavy imports),
+# re-exported here.
+from l2lab.tracking.store import ENV_URI, PROBE_TIMEOUT_S, probe_server, resolve_uri  # noqa: F401
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep CLI output readable
 _VALID_KEY = re.compile(r"^[/\w.\- :]*$")

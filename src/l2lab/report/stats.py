@@ -64,7 +64,7 @@ STAT_COLUMNS: tuple[str, ...] = tuple(stat_columns())
 
 
 @dataclass
-class Group:
+class Cell:
     """Runs that differ only in seed: one summary row and one curve per group."""
 
     values: dict[str, str]  # the group keys other than λ
@@ -104,18 +104,18 @@ def value_sort_key(value: str) -> tuple[int, float, str]:
         return (1, 0.0, value)
 
 
-def group_runs(runs: Sequence[RunRecord]) -> tuple[list[str], list[Group]]:
+def group_runs(runs: Sequence[RunRecord]) -> tuple[list[str], list[Cell]]:
     """Split runs into seed groups, sorted by λ then by the other keys. λ is always part of a
     group's identity (as a number: "1e-3" and "0.001" are one λ), so runs with different λ are
     never averaged together."""
     keys = other_keys(runs)
-    groups: dict[tuple[float, tuple[str, ...]], Group] = {}
+    groups: dict[tuple[float, tuple[str, ...]], Cell] = {}
     for run in runs:
         lam = float(run.lam)
         values = {k: str(run.group.get(k, "")) for k in keys}
         ident = (lam, tuple(values[k] for k in keys))
         if ident not in groups:
-            groups[ident] = Group(values=values, lam=lam, runs=[])
+            groups[ident] = Cell(values=values, lam=lam, runs=[])
         groups[ident].runs.append(run)
     ordered = sorted(groups.values(),
                      key=lambda g: (g.lam, tuple(value_sort_key(g.values[k]) for k in keys)))
@@ -176,7 +176,7 @@ def summarize(runs: Sequence[RunRecord]) -> pd.DataFrame:
 
     Only FINISHED runs feed the statistics (a crashed run's last values are not comparable);
     the others are counted in ``failed`` so a thin group is visible rather than silently small.
-    Runs that never trained (:func:`rejected`) are left out: :func:`l2lab.stats.format_table`
+    Runs that never trained (:func:`rejected`) are left out: :func:`l2lab.report.stats.format_table`
     names them.
     """
     kept = trained(runs)
@@ -248,7 +248,7 @@ def seeds_needed(diff: float, sd: float, *, alpha: float = ALPHA, power: float =
     return int(n[ok[0]]) if ok.size else None
 
 
-def _per_seed(group: Group) -> dict[int, float]:
+def _per_seed(group: Cell) -> dict[int, float]:
     return {r.seed: final_value(r, "val/ce") for r in group.finished
             if math.isfinite(final_value(r, "val/ce"))}
 

@@ -16,9 +16,9 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from l2lab import progress
-from l2lab.stacked import member_checkpoints
-from l2lab.tracking import RunTracker
+from l2lab.core.stacked import member_checkpoints
+from l2lab.run import progress
+from l2lab.tracking.tracker import RunTracker
 
 FLUSH_EVERY_S = 5.0
 ECHOED = ("train/ce", "train/l2", "val/ce", "gap/ce", "val/acc")
@@ -81,7 +81,7 @@ class Recorder(pl.callbacks.Checkpoint):
                  echo: bool = False, flush_every_s: float = FLUSH_EVERY_S,
                  writer: Any = None) -> None:
         self.trackers, self.ckpt_paths = list(trackers), [Path(p) for p in ckpt_paths]
-        self.writer = writer  # groupstore.GroupWriter: every run's epochs in one store call
+        self.writer = writer  # bulk.BulkStore: every run's epochs in one store call
         self.echo, self.flush_every_s = echo, float(flush_every_s)
         self.buffers = [MetricBuffer(t) for t in self.trackers]
         self.last: list[tuple[int, dict[str, float]] | None] = [None] * len(self.trackers)

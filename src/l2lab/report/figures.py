@@ -21,7 +21,7 @@ from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from l2lab.stats import FINISHED, Group, RunRecord, fmt_value, group_columns, short_key
+from l2lab.report.stats import FINISHED, Cell, RunRecord, fmt_value, group_columns, short_key
 
 DPI = 120
 TRAIN_COLOR = "tab:blue"
@@ -51,7 +51,7 @@ def placeholder(ax: Axes, text: str) -> None:
     ax.set_yticks([])
 
 
-def group_label(group: Group) -> str:
+def group_label(group: Cell) -> str:
     return ", ".join([f"λ={fmt_value(group.lam)}",
                       *(f"{short_key(k)}={fmt_value(v)}" for k, v in group.values.items())])
 
@@ -65,7 +65,7 @@ def group_colors(n: int) -> list[tuple[float, float, float, float]]:
     return [cmap(0.9 * i / (n - 1)) for i in range(n)]
 
 
-def _colorbar(fig: Figure, axes: Sequence[Axes] | Axes, groups: Sequence[Group],
+def _colorbar(fig: Figure, axes: Sequence[Axes] | Axes, groups: Sequence[Cell],
               colors: Sequence) -> None:
     """A discrete colour bar: one band per group, labelled with its λ (every k-th when many)."""
     n = len(groups)
@@ -212,7 +212,7 @@ def mean_curve(runs: Sequence[RunRecord], metric: str) -> tuple[np.ndarray, np.n
             np.array([sums[st][0] / sums[st][1] for st in steps], dtype=float))
 
 
-def plot_curves(groups: Sequence[Group], path: Path, *, weights: bool) -> None:
+def plot_curves(groups: Sequence[Cell], path: Path, *, weights: bool) -> None:
     """Learning curves (train and val CE, side by side) or weight norms against epoch, mean
     over seeds, one colour per group: distinct colours with a legend for up to MAX_LEGEND
     groups, a colour scale in λ order with a labelled colour bar beyond."""

@@ -2,7 +2,7 @@
 
 The same small sweep (a parent, K=5 children with params, tags, 20 epochs x 14 metrics in three
 flushes, a run that fails with a reason and non-finite values, text and file artifacts) is written
-once through ``GroupWriter`` and once through ``MlflowClient``, one run and one call at a time, into
+once through ``BulkStore`` and once through ``MlflowClient``, one run and one call at a time, into
 two real stores; then every run is read back through ``MlflowClient`` and compared.
 """
 
@@ -27,8 +27,8 @@ from conftest import wait_healthy
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from l2lab import groupstore as gs
-from l2lab import tracking as tr
+from l2lab.tracking import bulk as gs
+from l2lab.tracking import tracker as tr
 
 K, EPOCHS = 5, 20
 KEYS = ["train/loss", "train/ce", "train/l2", "train/acc", "val/ce", "val/acc", "gap/ce",
@@ -40,7 +40,7 @@ REASON = "NonFiniteLossError: train/loss is nan at epoch 12"
 
 
 class ClientSide:
-    """GroupWriter's API done the ordinary way: the public client, one run and call at a time."""
+    """BulkStore's API done the ordinary way: the public client, one run and call at a time."""
 
     def __init__(self, uri: str) -> None:
         self.client = MlflowClient(uri)
@@ -234,7 +234,7 @@ def test_group_writer_leaves_the_record_the_public_client_leaves(tmp_path, monke
     uri, db = new_store(template, tmp_path, "group")
     if path == "fallback":  # a store at another alembic revision than this MLflow's head
         monkeypatch.setattr(gs, "expected_revision", lambda: "0123456789ab")
-    writer = gs.GroupWriter(uri)
+    writer = gs.BulkStore(uri)
     assert writer.mode == ("sql" if path == "sql" else "client"), writer.why
     exp = tr.experiment_id(writer.client, "gs", uri)
     before = writer.round_trips
@@ -260,7 +260,7 @@ def test_group_writer_leaves_the_record_the_public_client_leaves(tmp_path, monke
 
 def test_group_writer_keeps_the_busy_timeout_and_reads_back_steps(tmp_path, template):
     uri, _ = new_store(template, tmp_path, "s")
-    writer = gs.GroupWriter(uri)
+    writer = gs.BulkStore(uri)
     exp = tr.experiment_id(writer.client, "gs", uri)
     ids = writer.create_runs(exp, ["a", "b"], [{}, {}])
     writer.log_metrics({ids[0]: [(0, {"x": 1.0}, T0), (1, {"x": 2.0}, T0)],
@@ -284,7 +284,7 @@ def test_group_writer_keeps_the_busy_timeout_and_reads_back_steps(tmp_path, temp
 
 def _write_group(uri: str, tag: str, start: float) -> None:
     """One sweep's group, as a vectorized job writes it: 5 runs, 20 epochs flushed 2 at a time."""
-    w = gs.GroupWriter(uri)
+    w = gs.BulkStore(uri)
     assert w.mode == "sql", w.why
     exp = tr.experiment_id(w.client, "gs", uri)
     while time.time() < start:
@@ -339,7 +339,7 @@ def test_group_writer_on_postgresql_directly_and_through_its_server(tmp_path, re
     log = tmp_path / "server.log"
     with open(log, "w") as out:  # a file, not a pipe: the server's access log never blocks it
         server = subprocess.Popen(
-            [str(Path(gs.__file__).parents[2] / "scripts" / "mlflow_server.sh"), "--local",
+            [str(Path(gs.__file__).parents[3] / "scripts" / "mlflow_server.sh"), "--local",
              "--dir", str(pg_dir), "--port", str(port), "--artifacts", str(tmp_path / "art")],
             cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "MLFLOW": str(Path(sys.executable).parent / "mlflow")})
@@ -351,7 +351,7 @@ def test_group_writer_on_postgresql_directly_and_through_its_server(tmp_path, re
         pg = f"postgresql://postgres@127.0.0.1:{pg_port}/mlflow"
         want, _ = reference
         for store, name in ((pg, "gs-pg"), (uri, "gs-rest")):
-            writer = gs.GroupWriter(store)
+            writer = gs.BulkStore(store)
             assert writer.mode == ("sql" if store == pg else "rest"), writer.why
             exp = writer.client.create_experiment(  # artifacts as local files, or the server's
                 name, artifact_location=(tmp_path / name).as_uri() if store == pg else None)
@@ -370,7 +370,7 @@ def test_group_writer_on_postgresql_directly_and_through_its_server(tmp_path, re
 def _histories_store(template: Path, tmp: Path) -> tuple[str, list[str]]:
     """Four runs: full histories of the summary's keys (a NaN, +inf, a step logged twice, a
     timestamp tie), one key missing, one run with no metrics at all, a param that varies."""
-    from l2lab.runs import HISTORY_KEYS
+    from l2lab.tracking.runs import HISTORY_KEYS
 
     uri, _ = new_store(template, tmp, "hist")
     client = MlflowClient(uri)
@@ -413,7 +413,7 @@ def _plain(x: Any) -> Any:
 
 @pytest.mark.parametrize("path", ["sql", "fallback"])
 def test_metric_histories_in_bulk_equal_each_runs_history(tmp_path, monkeypatch, path, template):
-    from l2lab.runs import HISTORY_KEYS
+    from l2lab.tracking.runs import HISTORY_KEYS
 
     uri, ids = _histories_store(template, tmp_path)
     client = MlflowClient(uri)
@@ -423,7 +423,7 @@ def test_metric_histories_in_bulk_equal_each_runs_history(tmp_path, monkeypatch,
     assert any(math.isnan(m.value) for m in want[ids[0]]["val/ce"])
     if path == "fallback":
         monkeypatch.setattr(gs, "expected_revision", lambda: "0123456789ab")
-    writer = gs.GroupWriter(uri)
+    writer = gs.BulkStore(uri)
     assert writer.mode == ("sql" if path == "sql" else "client"), writer.why
     before = writer.round_trips
     got = writer.metric_histories([*ids, ids[0]], keys)  # a repeated id is read once
@@ -436,7 +436,7 @@ def test_metric_histories_in_bulk_equal_each_runs_history(tmp_path, monkeypatch,
 @pytest.mark.parametrize("path", ["sql", "fallback"])
 def test_load_records_reads_histories_in_bulk_with_the_same_records(tmp_path, monkeypatch, path,
                                                                      template):
-    from l2lab import runs as rr
+    from l2lab.tracking import runs as rr
 
     uri, ids = _histories_store(template, tmp_path)
     client = MlflowClient(uri)
@@ -459,12 +459,12 @@ def test_load_records_reads_histories_in_bulk_with_the_same_records(tmp_path, mo
     if path == "fallback":
         monkeypatch.setattr(gs, "expected_revision", lambda: "0123456789ab")
     bulk = []
-    real = gs.GroupWriter.metric_histories
-    monkeypatch.setattr(gs.GroupWriter, "metric_histories",
+    real = gs.BulkStore.metric_histories
+    monkeypatch.setattr(gs.BulkStore, "metric_histories",
                         lambda self, *a: bulk.append(self.mode) or real(self, *a))
     calls.clear()
     made = rr.load_records(client, found)  # a writer made on the client's store
     assert bulk == ["sql" if path == "sql" else "client"]
     assert len(calls) == (0 if path == "sql" else 3 * len(rr.HISTORY_KEYS))
-    given = rr.load_records(client, found, writer=gs.GroupWriter(uri, client))
+    given = rr.load_records(client, found, writer=gs.BulkStore(uri, client))
     assert _plain(made) == _plain(want) and _plain(given) == _plain(want)

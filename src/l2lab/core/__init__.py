@@ -1,0 +1,1 @@
+"""The science: the penalty, the LightningModule, stacked layers, data, the reference loop."""

@@ -1,0 +1,1 @@
+"""What a sweep shows: statistics, figures, the HTML report."""

@@ -1,0 +1,1 @@
+"""Running jobs: the engine, recording, interrupts, resume, progress, DDP, scale-out, sweeps."""
