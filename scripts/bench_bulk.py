@@ -45,7 +45,7 @@ def metrics_of(k: int, e: int) -> dict[str, float]:
 
 
 def by_group(uri: str, exp: str, runs: int, epochs: int) -> None:
-    w = gs.BulkStore(uri)
+    w = gs.open_store(uri)
     assert w.mode == "sql", w.why
     ids = w.create_runs(exp, [f"lam={k}" for k in range(runs)],
                         [{"l2lab.sweep_id": "bench", "l2lab.vectorized_group": "g"}] * runs)

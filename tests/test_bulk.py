@@ -27,8 +27,10 @@ from conftest import wait_healthy
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from l2lab.compat import mlflow as cm
 from l2lab.tracking import bulk as gs
 from l2lab.tracking import tracker as tr
+from l2lab.tracking.bulk_sql import SqlBulkStore
 
 K, EPOCHS = 5, 20
 KEYS = ["train/loss", "train/ce", "train/l2", "train/acc", "val/ce", "val/acc", "gap/ce",
@@ -233,8 +235,8 @@ def test_group_writer_leaves_the_record_the_public_client_leaves(tmp_path, monke
                                                                   template, reference):
     uri, db = new_store(template, tmp_path, "group")
     if path == "fallback":  # a store at another alembic revision than this MLflow's head
-        monkeypatch.setattr(gs, "expected_revision", lambda: "0123456789ab")
-    writer = gs.BulkStore(uri)
+        monkeypatch.setattr(cm, "head_revision", lambda: "0123456789ab")
+    writer = gs.open_store(uri)
     assert writer.mode == ("sql" if path == "sql" else "client"), writer.why
     exp = tr.experiment_id(writer.client, "gs", uri)
     before = writer.round_trips
@@ -260,7 +262,7 @@ def test_group_writer_leaves_the_record_the_public_client_leaves(tmp_path, monke
 
 def test_group_writer_keeps_the_busy_timeout_and_reads_back_steps(tmp_path, template):
     uri, _ = new_store(template, tmp_path, "s")
-    writer = gs.BulkStore(uri)
+    writer = gs.open_store(uri)
     exp = tr.experiment_id(writer.client, "gs", uri)
     ids = writer.create_runs(exp, ["a", "b"], [{}, {}])
     writer.log_metrics({ids[0]: [(0, {"x": 1.0}, T0), (1, {"x": 2.0}, T0)],
@@ -284,7 +286,7 @@ def test_group_writer_keeps_the_busy_timeout_and_reads_back_steps(tmp_path, temp
 
 def _write_group(uri: str, tag: str, start: float) -> None:
     """One sweep's group, as a vectorized job writes it: 5 runs, 20 epochs flushed 2 at a time."""
-    w = gs.BulkStore(uri)
+    w = gs.open_store(uri)
     assert w.mode == "sql", w.why
     exp = tr.experiment_id(w.client, "gs", uri)
     while time.time() < start:
@@ -351,7 +353,7 @@ def test_group_writer_on_postgresql_directly_and_through_its_server(tmp_path, re
         pg = f"postgresql://postgres@127.0.0.1:{pg_port}/mlflow"
         want, _ = reference
         for store, name in ((pg, "gs-pg"), (uri, "gs-rest")):
-            writer = gs.BulkStore(store)
+            writer = gs.open_store(store)
             assert writer.mode == ("sql" if store == pg else "rest"), writer.why
             exp = writer.client.create_experiment(  # artifacts as local files, or the server's
                 name, artifact_location=(tmp_path / name).as_uri() if store == pg else None)
@@ -422,8 +424,8 @@ def test_metric_histories_in_bulk_equal_each_runs_history(tmp_path, monkeypatch,
     assert [m.step for m in want[ids[0]]["val/ce"]].count(1) == 3
     assert any(math.isnan(m.value) for m in want[ids[0]]["val/ce"])
     if path == "fallback":
-        monkeypatch.setattr(gs, "expected_revision", lambda: "0123456789ab")
-    writer = gs.BulkStore(uri)
+        monkeypatch.setattr(cm, "head_revision", lambda: "0123456789ab")
+    writer = gs.open_store(uri)
     assert writer.mode == ("sql" if path == "sql" else "client"), writer.why
     before = writer.round_trips
     got = writer.metric_histories([*ids, ids[0]], keys)  # a repeated id is read once
@@ -457,14 +459,108 @@ def test_load_records_reads_histories_in_bulk_with_the_same_records(tmp_path, mo
     assert want[1].history["weights/sq_norm_total"] == []
 
     if path == "fallback":
-        monkeypatch.setattr(gs, "expected_revision", lambda: "0123456789ab")
+        monkeypatch.setattr(cm, "head_revision", lambda: "0123456789ab")
     bulk = []
-    real = gs.BulkStore.metric_histories
-    monkeypatch.setattr(gs.BulkStore, "metric_histories",
+    backend = SqlBulkStore if path == "sql" else gs.ClientBulkStore
+    real = backend.metric_histories
+    monkeypatch.setattr(backend, "metric_histories",
                         lambda self, *a: bulk.append(self.mode) or real(self, *a))
     calls.clear()
     made = rr.load_records(client, found)  # a writer made on the client's store
     assert bulk == ["sql" if path == "sql" else "client"]
     assert len(calls) == (0 if path == "sql" else 3 * len(rr.HISTORY_KEYS))
-    given = rr.load_records(client, found, writer=gs.BulkStore(uri, client))
+    given = rr.load_records(client, found, writer=gs.open_store(uri, client))
     assert _plain(made) == _plain(want) and _plain(given) == _plain(want)
+
+
+# -- the backend choice and the errors: both backends are one interface -------------------------
+
+def test_choose_mode_takes_each_branch(tmp_path, template, monkeypatch):
+    """Every branch of the choice: a server, the SQL path, another alembic revision, another
+    store class, a private name missing from this MLflow, a store that fails to open."""
+    uri, _ = new_store(template, tmp_path, "m")
+    assert gs.choose_mode("http://127.0.0.1:1").mode == "rest"
+    assert isinstance(gs.open_store("https://example.invalid", MlflowClient(uri)),
+                      gs.ClientBulkStore)
+    ok = gs.choose_mode(uri)
+    assert (ok.mode, ok.store is not None) == ("sql", True), ok.why
+    assert isinstance(gs.open_store(uri), SqlBulkStore)
+    with monkeypatch.context() as m:
+        m.setattr(cm, "head_revision", lambda: "0123456789ab")
+        c = gs.choose_mode(uri)
+        assert c.mode == "client" and "alembic revision" in c.why and "0123456789ab" in c.why
+    with monkeypatch.context() as m:
+        m.setattr(cm, "sql_store_class", lambda: type(None))
+        c = gs.choose_mode(uri)
+        assert c.mode == "client" and "not a plain SqlAlchemyStore" in c.why
+
+    def missing() -> None:
+        raise ImportError("cannot import name '_get_schema_version'")
+
+    with monkeypatch.context() as m:
+        m.setattr(cm, "check_all", missing)
+        c = gs.choose_mode(uri)
+        assert c.mode == "client" and "_get_schema_version" in c.why
+        assert isinstance(gs.open_store(uri), gs.ClientBulkStore)
+
+    def broken(_uri: str) -> None:
+        raise RuntimeError("database is locked")
+
+    with monkeypatch.context() as m:
+        m.setattr(cm, "tracking_store", broken)
+        c = gs.choose_mode(uri)
+        assert c.mode == "client" and "database is locked" in c.why
+
+
+def _error(fn) -> tuple[str, str]:
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException) as e:
+        fn()
+    return e.value.error_code, str(e.value.message)
+
+
+def _errors_of(w: gs.BulkStore, uri: str) -> dict[str, tuple[str, str]]:
+    """The errors one backend raises for each bad input, in a fresh store."""
+    client = MlflowClient(uri)
+    exp = tr.experiment_id(w.client, "errors", uri)
+    gone = client.create_experiment("gone")
+    client.delete_experiment(gone)
+    ids = w.create_runs(exp, ["a", "b"], [{}, {}])
+    w.log_params({ids[0]: {"p": 1}})
+    client.delete_run(ids[1])
+    return {
+        "missing experiment": _error(lambda: w.create_runs("987654", ["x"], [{}])),
+        "deleted experiment": _error(lambda: w.create_runs(gone, ["x"], [{}])),
+        "name against tag": _error(lambda: w.create_runs(exp, ["x"], [{"mlflow.runName": "y"}])),
+        "missing run": _error(lambda: w.log_params({"f" * 32: {"p": 1}})),
+        "deleted run": _error(lambda: w.set_tags({ids[1]: {"t": "v"}})),
+        "changed param": _error(lambda: w.log_params({ids[0]: {"p": 2}})),
+        "bad param key": _error(lambda: w.log_params({ids[0]: {"../p": 1}})),
+        "bad metric key": _error(lambda: w.log_metrics({ids[0]: [(0, {"../m": 1.0}, T0)]})),
+        "finish deleted": _error(lambda: w.finish({ids[1]: ("FINISHED", None)})),
+    }
+
+
+@pytest.fixture(scope="module")
+def bad_input_errors(template, tmp_path_factory) -> dict[str, dict[str, tuple[str, str]]]:
+    """The errors each backend raises for the same bad inputs, each in a fresh store."""
+    sql_uri, _ = new_store(template, tmp_path_factory.mktemp("errors-sql"), "e")
+    client_uri, _ = new_store(template, tmp_path_factory.mktemp("errors-client"), "e")
+    sql = gs.open_store(sql_uri)
+    assert sql.mode == "sql", sql.why
+    return {"sql": _errors_of(sql, sql_uri),
+            "client": _errors_of(gs.ClientBulkStore(client_uri, None, gs.Choice("client", "")),
+                                 client_uri)}
+
+
+@pytest.mark.parametrize("case", ["missing experiment", "deleted experiment", "name against tag",
+                                  "missing run", "deleted run", "changed param", "bad param key",
+                                  "bad metric key", "finish deleted"])
+def test_both_backends_raise_the_same_error_for_the_same_bad_input(bad_input_errors, case):
+    sql, client = bad_input_errors["sql"][case], bad_input_errors["client"][case]
+    assert sql[0] == client[0], (sql, client)  # the same error code
+    # the same message, up to the ids and the path MLflow's validation names
+    norm = [re.sub(r"[0-9a-f]{32}|params\[\d+\]|tags\[\d+\]|metrics\[\d+\]", "<>", m)
+            for m in (sql[1], client[1])]
+    assert norm[0] == norm[1], (sql, client)

@@ -36,7 +36,6 @@ from hydra.core.utils import (
     JobReturn,
     JobRuntime,
     JobStatus,
-    _flush_loggers,
     configure_log,
     env_override,
     filter_overrides,
@@ -49,6 +48,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from l2lab.compat.hydra import flush_loggers
 from l2lab.config.composing import (
     MEMBER_KEYS,
     JobValues,
@@ -363,7 +363,7 @@ class VectorizedLauncher(Launcher):
             else:
                 returns[i] = self._done(self._config(job), value)
                 slow = True
-        _flush_loggers()
+        flush_loggers()
         if slow:
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
 
@@ -450,7 +450,7 @@ class VectorizedLauncher(Launcher):
                 hydra_context.callbacks.on_job_start(config=cfg, task_function=self.task_function)
                 ret.return_value, ret.status = value, JobStatus.COMPLETED
             ret.task_name = JobRuntime.instance().get("name")
-            _flush_loggers()
+            flush_loggers()
             hydra_context.callbacks.on_job_end(config=cfg, job_return=ret)
             return ret
         finally:

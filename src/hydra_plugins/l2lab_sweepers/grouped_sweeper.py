@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Dict, Optional  # noqa: UP035 (OmegaConf reads these annotations)
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
+from l2lab.compat.hydra import BasicSweeper
 from l2lab.config.composing import SweepConfigs
 
 log = logging.getLogger(__name__)

@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from l2lab.base import CONF_DIR, ConfigError
+from l2lab.compat.omegaconf import child_node
 from l2lab.config.schema import OPEN_DICTS
 
 # -- keys ----------------------------------------------------------------------------------------
@@ -58,7 +59,7 @@ def _keys(node: Any, prefix: str = "") -> list[str]:
             full = f"{prefix}{k}"
             out.append(full)
             if full not in OPEN_DICTS:
-                out += _keys(node._get_node(k), full + ".")
+                out += _keys(child_node(node, k), full + ".")
     return out
 
 

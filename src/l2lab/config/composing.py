@@ -37,8 +37,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf._utils import OmegaConfDumper
 from omegaconf.errors import OmegaConfBaseException
+
+from l2lab.compat.omegaconf import yaml_str_representer
 
 #: Override keys whose values a job may set on a copy of its group's representative.
 STACKED_LEAVES = ("seed", "regularization.lam")
@@ -222,7 +223,7 @@ class _LibyamlDumper(getattr(yaml, "CDumper", yaml.Dumper)):  # type: ignore[mis
     """OmegaConf's YAML dumper on libyaml's emitter (the same representers)."""
 
 
-_LibyamlDumper.add_representer(str, OmegaConfDumper.str_representer)
+_LibyamlDumper.add_representer(str, yaml_str_representer())
 
 
 def dump_yaml(tree: Any) -> str:

@@ -251,7 +251,9 @@ def member_checkpoints(trainer, states: Sequence[dict | None],
     """Network k's ``last.ckpt``: the checkpoint of a stack of one holding network k alone (its
     weights and optimizer state, the shared loop state, its recorder state), so that
     ``resume=RUN_ID`` continues any run, a child of a stack included, as a stack of one."""
-    base = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+    from l2lab.compat.lightning import dump_checkpoint
+
+    base = dump_checkpoint(trainer)
     stacked_state = base.pop("state_dict")
     optimizer = base.pop("optimizer_states")[0]
     base.pop("callbacks", None)

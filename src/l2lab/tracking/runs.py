@@ -222,9 +222,9 @@ def _histories(client, runs: Sequence, writer=None) -> dict[str, dict[str, list]
         return {}
     uri = getattr(client, "tracking_uri", None)
     if writer is None and isinstance(uri, str) and uri:
-        from l2lab.tracking.bulk import BulkStore
+        from l2lab.tracking.bulk import open_store
 
-        writer = BulkStore(uri, client)
+        writer = open_store(uri, client)
     if writer is not None:
         return writer.metric_histories(ids, HISTORY_KEYS)
     return {r: {k: client.get_metric_history(r, k) for k in HISTORY_KEYS} for r in ids}

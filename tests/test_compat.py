@@ -1,0 +1,209 @@
+"""Every private name of MLflow, Hydra, OmegaConf and Lightning that l2lab uses (``l2lab/compat/``)
+imported and exercised, so that a release that moves or changes one fails here, by name. And the
+launcher's copy of ``run_job``: a stacked job's ``.hydra/`` files equal those Hydra's basic
+launcher writes for the same job."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import TINY, run_cli
+from mlflow.exceptions import MlflowException
+from omegaconf import OmegaConf
+
+from l2lab.compat import hydra as ch
+from l2lab.compat import lightning as cl
+from l2lab.compat import mlflow as cm
+from l2lab.compat import omegaconf as co
+
+
+@pytest.mark.parametrize("module,dist", [(cm, "mlflow"), (ch, "hydra-core"), (co, "omegaconf"),
+                                         (cl, "pytorch-lightning")])
+def test_each_compat_module_names_the_minor_version_installed(module, dist):
+    """The header's version is the installed minor: a new minor needs this module re-checked."""
+    name, checked = module.CHECKED_WITH.split()
+    assert name == dist
+    installed = importlib.metadata.version(dist)
+    assert installed.split(".")[:2] == checked.split(".")[:2], (installed, checked)
+
+
+# -- MLflow ------------------------------------------------------------------------------------
+
+def test_mlflow_store_schema_and_tables(tmp_path):
+    from l2lab.tracking import tracker as tr
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tr.connect(uri)  # creates the schema
+    cm.check_all()
+    store = cm.tracking_store(uri)
+    assert type(store) is cm.sql_store_class()
+    head = cm.head_revision()
+    assert re.fullmatch(r"[0-9a-f]{12}", head)
+    assert cm.schema_revision(store.engine) == head
+    t = cm.sql_models()
+    assert {m.__tablename__ for m in vars(t).values()} == {
+        "experiments", "runs", "tags", "params", "metrics", "latest_metrics"}
+    assert {"run_uuid", "key", "value", "timestamp", "step", "is_nan"} <= set(
+        t.Metric.__table__.columns.keys())
+
+
+def test_mlflow_validation_and_run_names():
+    assert re.fullmatch(r"[a-z]+-[a-z]+-\d+", cm.random_run_name())
+    p = cm.validate_param("regularization.lam", "0.1", path="params[0]")
+    assert (p.key, p.value) == ("regularization.lam", "0.1")
+    t = cm.validate_tag("l2lab.role", "sweep", path="tags[0]")
+    assert (t.key, t.value) == ("l2lab.role", "sweep")
+    cm.validate_metric("val/ce", 0.5, 1, 0)
+    for bad in (lambda: cm.validate_param("../p", "1", path="params[3]"),
+                lambda: cm.validate_tag("../t", "1", path="tags[0]"),
+                lambda: cm.validate_metric("../m", 1.0, 1, 0, path="metrics[2]")):
+        with pytest.raises(MlflowException) as e:
+            bad()
+        assert e.value.error_code == "INVALID_PARAMETER_VALUE"
+    with pytest.raises(MlflowException, match=r"metrics\[2\]"):
+        cm.validate_metric("../m", 1.0, 1, 0, path="metrics[2]")
+    with pytest.raises(MlflowException):
+        cm.validate_metric("m", "abc", 1, 0)  # a value must be a number
+
+
+# -- OmegaConf ---------------------------------------------------------------------------------
+
+def test_omegaconf_str_representer_quotes_as_to_yaml_does():
+    from l2lab.config.composing import dump_yaml
+
+    tree = {"a": "true", "b": "1e-3", "c": "null", "d": "plain", "e": "0.1", "f": "${x}"}
+    assert callable(co.yaml_str_representer())
+    assert dump_yaml(tree) == OmegaConf.to_yaml(OmegaConf.create(tree))
+    assert yaml.safe_load(dump_yaml(tree)) == tree  # strings stay strings
+
+
+def test_omegaconf_child_node_leaves_interpolations_unresolved():
+    cfg = OmegaConf.create({"x": 1, "y": "${x}", "z": {"w": 2}})
+    assert co.child_node(cfg, "y")._value() == "${x}"
+    assert OmegaConf.is_config(co.child_node(cfg, "z"))
+    assert co.child_node(cfg, "x")._value() == 1
+
+
+# -- Lightning ---------------------------------------------------------------------------------
+
+def test_lightning_dump_checkpoint_without_writing(tmp_path):
+    import pytorch_lightning as pl
+    import torch
+
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, _i):
+            return self.lin(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(4, 2)),
+                                       batch_size=2)
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    trainer.fit(Tiny(), data)
+    ckpt = cl.dump_checkpoint(trainer)
+    assert ckpt["epoch"] == 1 and ckpt["global_step"] == 2  # after fit: 1 epoch done
+    assert set(ckpt["state_dict"]) == {"lin.weight", "lin.bias"}
+    assert len(ckpt["optimizer_states"]) == 1 and "loops" in ckpt
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+# -- Hydra -------------------------------------------------------------------------------------
+
+def test_hydra_basic_sweeper_and_flush_loggers():
+    from hydra.plugins.sweeper import Sweeper
+
+    from hydra_plugins.l2lab_sweepers.grouped_sweeper import GroupedSweeper
+
+    assert issubclass(ch.BasicSweeper, Sweeper) and issubclass(GroupedSweeper, ch.BasicSweeper)
+    assert callable(ch.BasicSweeper.validate_batch_is_legal)
+    flushed = []
+
+    class Probe(logging.Handler):
+        def emit(self, record):
+            pass
+
+        def flush(self):
+            flushed.append(True)
+
+    handler = Probe()
+    logging.getLogger().addHandler(handler)
+    try:
+        ch.flush_loggers()
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert flushed
+
+
+HOOKS = """
+from hydra.experimental.callback import Callback
+
+
+class Hooks(Callback):
+    def on_job_end(self, config, job_return, **kwargs):
+        pass
+"""
+# What differs by design between two launchers' jobs: the launcher's and sweeper's own settings,
+# the folders, and the command line that chose them.
+SKIP = ("hydra.launcher", "hydra.sweeper", "hydra.sweep.dir", "hydra.runtime.output_dir",
+        "hydra.runtime.cwd", "hydra.overrides.hydra", "hydra.runtime.choices.hydra/launcher",
+        "hydra.runtime.choices.hydra/sweeper", "hydra.callbacks.hooks", "hydra.job.name")
+
+
+def _flat(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        out: dict = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def _hydra_files(tmp_path: Path, name: str, *launcher: str) -> dict[int, dict[str, dict]]:
+    store = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    out = tmp_path / name
+    r = run_cli("l2lab.train", "-m", *launcher, "regularization.lam=0,0.1", "seed=0",
+                *TINY, "trainer.max_epochs=1", f"tracking.uri={store}",
+                f"hydra.sweep.dir={out}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    files = {}
+    for job in (0, 1):
+        files[job] = {f: _flat(yaml.safe_load((out / str(job) / ".hydra" / f).read_text()))
+                      for f in ("config.yaml", "hydra.yaml")}
+        files[job]["overrides.yaml"] = yaml.safe_load(
+            (out / str(job) / ".hydra" / "overrides.yaml").read_text())
+    return files
+
+
+@pytest.mark.slow
+def test_stacked_jobs_write_the_hydra_files_of_the_basic_launcher(tmp_path):
+    """The launcher's copy of ``run_job`` (templates without job hooks; its own bookkeeping with
+    them) against Hydra's basic launcher: every field of ``config.yaml``, ``hydra.yaml`` and
+    ``overrides.yaml`` equal, apart from the launcher's and sweeper's settings and folders."""
+    (tmp_path / "hooks.py").write_text(HOOKS)
+    basic = _hydra_files(tmp_path, "basic", "hydra/launcher=basic", "hydra/sweeper=basic")
+    stacked = _hydra_files(tmp_path, "stacked", "hydra/launcher=vectorized",
+                           "hydra/sweeper=grouped")
+    hooked = _hydra_files(tmp_path, "hooked", "hydra/launcher=vectorized",
+                          "hydra/sweeper=grouped", "+hydra.callbacks.hooks._target_=hooks.Hooks")
+    for other in (stacked, hooked):
+        for job in (0, 1):
+            assert other[job]["overrides.yaml"] == basic[job]["overrides.yaml"]
+            assert other[job]["config.yaml"] == basic[job]["config.yaml"]
+            a, b = basic[job]["hydra.yaml"], other[job]["hydra.yaml"]
+            keep = [k for k in {*a, *b} if not k.startswith(SKIP)]
+            assert len(keep) > 50
+            diff = {k: (a.get(k), b.get(k)) for k in keep if a.get(k) != b.get(k)}
+            assert not diff, diff
+            assert b["hydra.runtime.output_dir"].endswith(f"/{job}")
