@@ -207,3 +207,54 @@ def test_stacked_jobs_write_the_hydra_files_of_the_basic_launcher(tmp_path):
             diff = {k: (a.get(k), b.get(k)) for k in keep if a.get(k) != b.get(k)}
             assert not diff, diff
             assert b["hydra.runtime.output_dir"].endswith(f"/{job}")
+
+
+# -- a run logged before the package moved -----------------------------------------------------
+
+OLD = Path(__file__).parent / "data" / "run_before_the_move.json"
+
+
+def test_a_run_logged_before_the_move_still_reproduces_and_is_reused(tmp_path):
+    """The config, tags and params that l2lab wrote at commit 26a10fe (``l2lab.models.MLP`` as
+    ``_target_``, the config hash of that code). Its final metrics are this machine's: the
+    same overrides trained now, by today's code, in another store (exact CPU numbers depend on
+    the CPU, and the numbers themselves are the engine's tests' business)."""
+    import json
+
+    from conftest import make_cfg
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    from l2lab.tracking import runs as rr
+    from l2lab.train import train
+
+    old = json.loads(OLD.read_text())
+    overrides = [o for o in yaml.safe_load(old["overrides_yaml"]) if not o.startswith("tracking.")]
+    today = f"sqlite:///{tmp_path}/today/mlflow.db"
+    cfg = make_cfg(*overrides, f"tracking.uri={today}", tiny=False)
+    assert rr.config_hash(cfg) == old["tags"][rr.HASH_TAG]  # reuse's identity did not move
+    metrics = train(cfg, overrides=overrides, output_dir=tmp_path / "today-run")
+
+    store = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    client = MlflowClient(store)
+    exp = client.create_experiment("digits-mlp")
+    run = client.create_run(exp, run_name=old["tags"]["mlflow.runName"])
+    rid = run.info.run_id
+    client.log_batch(rid, params=[Param(k, v) for k, v in old["params"].items()],
+                     tags=[RunTag(k, v) for k, v in old["tags"].items()],
+                     metrics=[Metric(k, float(v), 0, 2) for k, v in metrics.items()])
+    client.log_text(rid, old["config_yaml"], "config/config.yaml")
+    client.log_text(rid, old["overrides_yaml"], "config/overrides.yaml")
+    client.set_terminated(rid, "FINISHED")
+
+    r = run_cli("l2lab.reproduce", rid, "--check", "--tracking-uri", store, cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
+    assert "differ" not in r.stdout and "val/ce" in r.stdout
+
+    r = run_cli("l2lab.train", *overrides, "reuse=true", f"tracking.uri={store}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert rid[:8] in r.stdout + r.stderr
+    trained = [x for x in client.search_runs([exp], max_results=100)
+               if x.data.tags.get(rr.HASH_TAG) == old["tags"][rr.HASH_TAG]
+               and rr.REPRODUCED_TAG not in x.data.tags]
+    assert [x.info.run_id for x in trained] == [rid]  # found, not trained again

@@ -1,4 +1,6 @@
-"""Everything that talks to MLflow: the store, a run's life, params/tags/metrics/artifacts.
+"""One run's MLflow record through the public client: the store, a run's life, its params, tags,
+metrics and artifacts. (Many runs at once: :mod:`l2lab.tracking.bulk`; reading runs back:
+:mod:`l2lab.tracking.runs`.)
 
 The default store is SQLite at ``<cwd>/mlruns/mlflow.db`` with artifacts as plain files under
 ``mlruns/artifacts``. Several processes (parallel sweep jobs) may write to it at once, so the schema
