@@ -28,8 +28,11 @@ venv: $(STAMP)
 sweep: $(STAMP)
 	$(BIN)/python -m l2lab.train -m experiment=lambda_sweep $(ARGS)
 
+# -n auto: one xdist worker per core; --dist loadscope: a module's tests (and its module-scoped
+# fixtures: one shared sweep, one server) stay on one worker. ARGS='-m "not slow"' skips the few
+# end-to-end tests for a quick local run; CI runs everything.
 test: $(STAMP_ALL)
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n auto --dist loadscope --durations=25 $(ARGS)
 
 # Prints the link to the latest experiment's runs in the training view, then serves the UI.
 ui: $(STAMP)
