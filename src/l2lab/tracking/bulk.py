@@ -42,8 +42,6 @@ from l2lab.tracking import tracker as tr
 
 # (step, {key: value}, timestamp in ms): one epoch of one run, as RunTracker.log_epochs takes it
 Epoch = tuple[int, Mapping[str, float], int]
-FAILURE_TAG = "l2lab.failure"
-FAILURE_MAX_CHARS = 7000  # as RunTracker.finish: well inside MLflow's 8000-character tag values
 _IN_CHUNK = 500  # ids per SQL IN (...) list: far below every backend's bound-parameter limit
 REST_WORKERS = 8
 
@@ -516,7 +514,7 @@ class BulkStore:
         def write() -> None:
             with self._session() as s:
                 self._active_runs(s, run_ids)
-                self._set_tags_sql(s, {r: {FAILURE_TAG: why[:FAILURE_MAX_CHARS]}
+                self._set_tags_sql(s, {r: {tr.FAILURE_TAG: why[:tr.FAILURE_MAX_CHARS]}
                                        for r, (_, why) in ends.items() if why})
                 _update(s, SqlRun, [dict(run_uuid=r, status=statuses[r], end_time=end)
                                            for r in run_ids])
@@ -539,7 +537,7 @@ class BulkStore:
                 _update(s, SqlRun, [dict(run_uuid=r, status="RUNNING") for r in run_ids])
                 for chunk in _chunks(list(run_ids), _IN_CHUNK):
                     s.execute(delete(SqlTag).where(SqlTag.run_uuid.in_(chunk),
-                                                   SqlTag.key == FAILURE_TAG))
+                                                   SqlTag.key == tr.FAILURE_TAG))
 
         self._timed(write)
 
