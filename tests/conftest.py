@@ -11,6 +11,7 @@ import pwd
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -37,9 +38,33 @@ def _no_env_store(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
+@pytest.fixture(scope="session")
+def store_template(tmp_path_factory) -> Path:
+    """An empty SQLite store with MLflow's schema, made once per session (per xdist worker):
+    creating the schema (MLflow's migrations) takes 3-10 s on 2 busy cores, copying it none."""
+    from l2lab.tracking import tracker
+
+    db = tmp_path_factory.mktemp("store-template") / "mlflow.db"
+    tracker.connect(f"sqlite:///{db}")
+    with sqlite3.connect(db) as con:  # everything in the one file, nothing in its -wal
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return db
+
+
+def copy_store(template: Path, folder: Path) -> str:
+    """A fresh store at ``folder/mlruns/mlflow.db`` (where the harness puts its default one),
+    copied from ``template``; returns its URI."""
+    db = folder / "mlruns" / "mlflow.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(template, db)
+    return f"sqlite:///{db}"
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+def store(tmp_path: Path, store_template: Path) -> str:
+    """This test's own SQLite store (already created: in-process code and the CLI alike find
+    the schema in place)."""
+    return copy_store(store_template, tmp_path)
 
 
 @pytest.fixture
