@@ -1,8 +1,17 @@
-"""Shared fixtures: a temporary SQLite store, tiny configs, and the CLI in a subprocess."""
+"""Shared fixtures and helpers: a temporary SQLite store, tiny configs, the CLI in a subprocess,
+free ports, MLflow servers (started, waited for, stopped) and the checks of a finished sweep.
+
+Test modules import helpers from here only, never from one another."""
 
 from __future__ import annotations
 
+import glob
 import os
+import pwd
+import shutil
+import signal
+import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -10,6 +19,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
@@ -28,9 +38,33 @@ def _no_env_store(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
+@pytest.fixture(scope="session")
+def store_template(tmp_path_factory) -> Path:
+    """An empty SQLite store with MLflow's schema, made once per session (per xdist worker):
+    creating the schema (MLflow's migrations) takes 3-10 s on 2 busy cores, copying it none."""
+    from l2lab.tracking import tracker
+
+    db = tmp_path_factory.mktemp("store-template") / "mlflow.db"
+    tracker.connect(f"sqlite:///{db}")
+    with sqlite3.connect(db) as con:  # everything in the one file, nothing in its -wal
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return db
+
+
+def copy_store(template: Path, folder: Path) -> str:
+    """A fresh store at ``folder/mlruns/mlflow.db`` (where the harness puts its default one),
+    copied from ``template``; returns its URI."""
+    db = folder / "mlruns" / "mlflow.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(template, db)
+    return f"sqlite:///{db}"
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+def store(tmp_path: Path, store_template: Path) -> str:
+    """This test's own SQLite store (already created: in-process code and the CLI alike find
+    the schema in place)."""
+    return copy_store(store_template, tmp_path)
 
 
 @pytest.fixture
@@ -72,3 +106,73 @@ def wait_healthy(base: str, proc: subprocess.Popen, timeout: float,
             assert proc.poll() is None, output()[-3000:]
             assert time.time() < deadline, f"the mlflow server at {base} did not start"
             time.sleep(0.5)
+
+
+def free_port() -> int:
+    """A loopback port free now (the OS picks it, so parallel xdist workers never collide)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- the team store (scripts/mlflow_server.sh on a throwaway PostgreSQL) ------------------------
+def postgres_missing() -> str | None:
+    """Why ``scripts/mlflow_server.sh --local`` cannot run here, or None when it can."""
+    if not (shutil.which("initdb") or glob.glob("/usr/lib/postgresql/*/bin/initdb")):
+        return "PostgreSQL is not installed (no initdb on PATH or in /usr/lib/postgresql/*/bin)"
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            return "running as root and there is no postgres user to run PostgreSQL as"
+    return None
+
+
+def _pids_with(text: str) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if text in cmd:
+                pids.append(int(d.name))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def stop_server(server: subprocess.Popen, pg_dir: Path, port: int) -> list[int]:
+    """Stop ``scripts/mlflow_server.sh`` (SIGTERM: it stops mlflow, then PostgreSQL), kill what
+    it left behind and remove its data folder; returns the processes it left (none expected)."""
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+    leftovers = _pids_with(str(pg_dir)) + _pids_with(f"--port {port}")
+    for pid in leftovers:
+        os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(pg_dir, ignore_errors=True)
+    return leftovers
+
+
+def check_sweep(client: MlflowClient, r: subprocess.CompletedProcess, tmp_path: Path,
+                lams: tuple[str, ...] = ("0.0", "0.1"), epochs: int = 3) -> None:
+    """One FINISHED parent, one FINISHED child per λ with every epoch logged, and the summary
+    (its rows agree with the children's final val/ce)."""
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    (parent,) = runs_of(client, **{"l2lab.role": "sweep"})
+    assert parent.info.status == "FINISHED"
+    children = runs_of(client, **{"mlflow.parentRunId": parent.info.run_id})
+    assert sorted(c.data.params["regularization.lam"] for c in children) == sorted(lams)
+    for c in children:
+        assert c.info.status == "FINISHED"
+        for key in ("train/ce", "val/ce", "weights/sq_norm_total"):
+            steps = [m.step for m in client.get_metric_history(c.info.run_id, key)]
+            assert sorted(steps) == list(range(epochs)), key
+    df = pd.read_csv(client.download_artifacts(parent.info.run_id, "summary.csv",
+                                               str(tmp_path)))
+    assert [f"{x:g}" for x in df["lam"]] == [f"{float(x):g}" for x in sorted(lams, key=float)]
+    by_lam = {c.data.params["regularization.lam"]: c.data.metrics["val/ce"] for c in children}
+    assert df["val/ce_mean"].tolist() == pytest.approx([by_lam[x] for x in sorted(lams,
+                                                                                 key=float)])
+    assert "lam" in r.stdout and "val/ce" in r.stdout

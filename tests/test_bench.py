@@ -1,7 +1,8 @@
-"""``python -m l2lab.bench`` end to end, tiny: the JSON is complete and both sides agree.
+"""``python -m l2lab.bench`` end to end, tiny: the JSON is complete and the sides agree.
 
-No timing is asserted (machines are noisy); what must hold everywhere is that the harness and the
-plain loop train the same thing, which is what makes the timing comparison meaningful.
+No timing is asserted (machines are noisy), nor is the bench's own arithmetic recomputed; what must
+hold everywhere is that every side trains the same thing as the others and as ``l2lab.train``,
+which is what makes the timing comparison meaningful.
 """
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_cli
+from conftest import make_cfg, run_cli
 
 from l2lab.bench import parse_args
+from l2lab.train import train
 
 SIDES = ("harness", "harness_no_mlflow", "plain")
 PER_SIDE = ("median_s", "min_s", "s_per_epoch", "steps_per_s", "times_s", "peak_rss_mib",
@@ -19,41 +21,47 @@ PER_SIDE = ("median_s", "min_s", "s_per_epoch", "steps_per_s", "times_s", "peak_
 
 
 @pytest.mark.slow
-def test_bench_prints_one_json_object_and_both_sides_agree(tmp_path):
-    out = tmp_path / "bench.json"
+def test_bench_prints_one_json_object_and_every_side_trains_what_train_trains(tmp_path, store):
+    """The three sides end with the numbers of each other and of ``l2lab.train`` run on the
+    bench's own overrides, so the times it reports compare like with like."""
+    out, cwd = tmp_path / "bench.json", tmp_path / "bench"
+    cwd.mkdir()
     r = run_cli("l2lab.bench", "--epochs", "2", "--train-size", "100", "--batch-size", "32",
-                "--repeats", "1", "--hidden", "16", "--device", "cpu", "--out", str(out),
-                cwd=tmp_path, timeout=300)
+                "--repeats", "2", "--hidden", "16", "--device", "cpu", "--out", str(out),
+                cwd=cwd, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout)  # stdout is exactly one JSON document
     assert json.loads(out.read_text()) == result
 
     assert result["settings"] == {"epochs": 2, "train_size": 100, "val_size": 597,
                                   "batch_size": 32, "hidden": [16], "steps_per_epoch": 4,
-                                  "repeats": 1, "device": "cpu"}
+                                  "repeats": 2, "device": "cpu"}
     assert "trainer.max_epochs=2" in result["overrides"]
     assert "regularization.lam=1e-3" in result["overrides"]
     for side in SIDES:
         s = result[side]
         assert set(PER_SIDE) <= set(s), side
-        assert len(s["times_s"]) == 1 and s["median_s"] > 0 and s["min_s"] > 0
-        assert s["s_per_epoch"] == pytest.approx(s["median_s"] / 2)
-        assert s["steps_per_s"] == pytest.approx(8 / s["median_s"])
-        assert s["peak_rss_mib"] > 0
-    h, n, p = (result[s]["median_s"] for s in SIDES)
-    assert result["ratio_harness_over_plain"] == pytest.approx(h / p)
-    assert result["ratio_harness_no_mlflow_over_plain"] == pytest.approx(n / p)
-    assert result["ratio_harness_over_plain_min"] == pytest.approx(
-        result["harness"]["min_s"] / result["plain"]["min_s"])
+        assert len(s["times_s"]) == 2 and min(s["times_s"]) == s["min_s"] > 0
+        assert s["min_s"] <= s["median_s"] <= max(s["times_s"]) and s["peak_rss_mib"] > 0
+    assert {"ratio_harness_over_plain", "ratio_harness_no_mlflow_over_plain",
+            "ratio_harness_over_plain_min"} <= set(result)
 
+    # Agreement: the harness with and without MLflow and the plain loop end equal (weights and
+    # val/ce), and the harness equals an ordinary `l2lab.train` run of the bench's overrides.
     assert result["same_result"] is True, result["agreement"]
-    assert result["harness"]["final_train_ce"] == pytest.approx(
-        result["plain"]["final_train_ce"], rel=1e-5)
-    assert result["harness"]["final_val_ce"] == pytest.approx(
-        result["plain"]["final_val_ce"], rel=1e-5)
+    for side in ("harness", "harness_no_mlflow"):
+        assert result[side]["final_train_ce"] == pytest.approx(
+            result["plain"]["final_train_ce"], rel=1e-5)
+        assert result[side]["final_val_ce"] == pytest.approx(
+            result["plain"]["final_val_ce"], rel=1e-5)
+    assert result["harness"]["final_val_ce"] == result["harness_no_mlflow"]["final_val_ce"]
+    ordinary = train(make_cfg(*result["overrides"], f"tracking.uri={store}", tiny=False),
+                     output_dir=tmp_path / "run")
+    assert result["harness"]["final_train_ce"] == ordinary["train/ce"]
+    assert result["harness"]["final_val_ce"] == ordinary["val/ce"]
     env = result["env"]
     assert {"torch", "lightning", "device_name", "cpu_count", "torch_threads"} <= set(env)
-    assert not (tmp_path / "mlruns").exists()  # the bench's store is temporary
+    assert not (cwd / "mlruns").exists()  # the bench's store is temporary
 
 
 @pytest.mark.parametrize("argv", [["--hidden", "16,x"], ["--hidden", "0"], ["--epochs", "0"],
@@ -81,17 +89,14 @@ def test_bench_sweep_times_every_side_and_they_train_the_same_thing(tmp_path):
         assert len(result[side]["times_s"]) == 1 and result[side]["median_s"] > 0
     for side in ("vectorized", "basic"):  # MLflow's share was measured inside the sweep
         assert 0 < result[side]["mlflow_s"] < result[side]["median_s"]
-        assert result[side]["mlflow_share"] == pytest.approx(
-            result[side]["mlflow_s"] / result[side]["median_s"])
-    med = {k: result[k]["median_s"] for k in sides}
-    assert result["ratios"]["vectorized_over_plain"] == pytest.approx(
-        med["vectorized"] / med["plain"])
-    assert result["ratios"]["basic_over_vectorized"] == pytest.approx(
-        med["basic"] / med["vectorized"])
-    # every side trained the same jobs to the same final val/ce (per λ, mean over seeds)
-    assert set(result["plain"]["final_val_ce_per_lam"]) == {"0", "0.5"}
-    for side, diff in result["max_rel_diff_final_val_ce_vs_plain"].items():
-        assert diff < 1e-4, side
+    assert {"vectorized_over_plain", "basic_over_vectorized"} <= set(result["ratios"])
+    # every side trained the same jobs to the same final val/ce (per λ, mean over seeds): the
+    # stacked sweep, the job-by-job sweep, the plain loop and the torch.func stack
+    plain = result["plain"]["final_val_ce_per_lam"]
+    assert set(plain) == {"0", "0.5"} and plain["0"] != plain["0.5"]
+    for side in ("vectorized", "basic", "plain_stacked"):
+        got = result[side]["final_val_ce_per_lam"]
+        assert got == pytest.approx(plain, rel=1e-4), side
 
 
 @pytest.mark.slow
@@ -103,16 +108,14 @@ def test_bench_per_job_and_vs_run_time_whole_sweeps_and_report_their_ratios(tmp_
     assert r.returncode == 0, r.stderr[-3000:]
     per_job = json.loads(r.stdout)
     assert per_job["settings"]["sizes"] == [5, 10]
-    med = {int(n): v for n, v in per_job["median_s"].items()}
-    assert per_job["per_job_ms"] == pytest.approx(1000 * (med[10] - med[5]) / 5)
+    assert set(per_job["median_s"]) == {"5", "10"}
+    assert "repeat 0, 5 jobs" in r.stderr and "repeat 0, 10 jobs" in r.stderr
+    assert {"per_job_ms", "plain_ms_per_job", "bookkeeping_ms_per_job"} <= set(per_job)
     assert per_job["plain_ms_per_job"] > 0
-    assert per_job["bookkeeping_ms_per_job"] == pytest.approx(
-        per_job["per_job_ms"] - per_job["plain_ms_per_job"])
-    assert "repeat 0, 10 jobs" in r.stderr
     r = run_cli("l2lab.bench", "--vs-run", "2", "1", "--", *tiny, cwd=tmp_path, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     vs = json.loads(r.stdout)
     assert vs["settings"]["jobs"] == 2 and len(vs["seconds"]["run"]) == 1
-    assert vs["ratio"] == pytest.approx(vs["median_s"]["sweep"] / vs["median_s"]["run"])
-    assert 0.5 < vs["ratio"] < 20  # a 2-job sweep costs about one run, not nothing
+    assert "repeat 0, run" in r.stderr and "repeat 0, sweep" in r.stderr
+    assert vs["median_s"]["sweep"] > 0 and vs["median_s"]["run"] > 0 and "ratio" in vs
     assert not list(tmp_path.glob("mlruns"))  # the benchmarks' stores are temporary

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_healthy
+from conftest import free_port, postgres_missing, stop_server, wait_healthy
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
@@ -322,21 +322,13 @@ def test_concurrent_group_writers_lose_nothing(tmp_path, template):
 
 
 # -- a team's store: PostgreSQL, directly (SQL path) and through its MLflow server (REST path) --
-def _postgres_missing() -> str | None:
-    from test_scaleout import _postgres_missing as missing
-
-    return missing()
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(bool(_postgres_missing()), reason=_postgres_missing() or "")
+@pytest.mark.skipif(bool(postgres_missing()), reason=postgres_missing() or "")
 def test_group_writer_on_postgresql_directly_and_through_its_server(tmp_path, reference):
     """``scripts/mlflow_server.sh --local``: the same sweep written straight into its PostgreSQL
     (one transaction per call) and through the server (concurrent REST calls) reads back equal
     to the client-written reference."""
-    from test_scaleout import _free_port, stop_server
-
-    port = _free_port()
+    port = free_port()
     pg_dir = Path(f"/tmp/l2lab-pg-gs-{os.getpid()}-{port}")  # postgres must enter it
     log = tmp_path / "server.log"
     with open(log, "w") as out:  # a file, not a pipe: the server's access log never blocks it

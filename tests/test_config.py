@@ -15,16 +15,54 @@ from l2lab.config.cli import check_overrides, cli_overrides
 from l2lab.config.schema import validate
 
 
-@pytest.mark.parametrize("group, options", [
-    ("data", ["digits", "mnist1d", "mnist", "fashion_mnist", "cifar10"]),
-    ("model", ["mlp", "cnn"]),
-    ("regularization", ["l2", "none", "l2_dense", "l2_hidden"]),
-    ("optimizer", ["sgd", "adam", "adamw"]),
-])
-def test_every_preset_composes(group, options):
-    for opt in options:
-        cfg = make_cfg(f"{group}={opt}", tiny=False)
-        assert cfg[group].name == opt
+def _options(group: str) -> list[str]:
+    """A config group's options, as the files in ``conf/<group>/`` name them."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+# Every option of every group of conf/*/*.yaml, as the override that selects it. An experiment is
+# composed with every model (its experiment_model file is chosen by the pair), and the
+# experiment_model group, which no override names, is covered through those pairs.
+_GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra")
+PRESETS = [[f"{g}={o}"] for g in _GROUPS if g not in ("experiment", "experiment_model")
+           for o in _options(g)] + [[f"experiment={e}", f"model={m}"]
+                                    for e in _options("experiment") for m in _options("model")]
+
+
+def test_the_preset_list_is_every_file_of_conf():
+    assert {"data", "model", "regularization", "optimizer", "trainer", "experiment",
+            "experiment_model"} <= set(_GROUPS)
+    selected = {o for p in PRESETS for o in p}
+    for g in _GROUPS:
+        if g != "experiment_model":
+            assert {f"{g}={o}" for o in _options(g)} <= selected, g
+    assert {"data=mnist1d", "experiment=mnist1d", "experiment=mnist1d_sweep"} <= selected
+    pairs = {f"{e}_{m}" for e in _options("experiment") for m in _options("model")}
+    assert set(_options("experiment_model")) <= pairs  # each one is picked by some pair
+
+
+@pytest.mark.parametrize("overrides", PRESETS, ids=" ".join)
+def test_every_preset_composes(overrides):
+    cfg = make_cfg(*overrides, tiny=False)
+    for o in overrides:
+        group, opt = o.split("=")
+        if group in ("data", "model", "regularization", "optimizer"):
+            assert cfg[group].name == opt
+    if overrides[0].startswith("experiment="):
+        exp, model = (o.split("=")[1] for o in overrides)
+        shape = CONF_DIR / "experiment_model" / f"{exp}_{model}.yaml"
+        if shape.exists():  # the experiment's own network shape for this model was applied
+            for key, value in _shape(shape).items():
+                assert cfg.model[key] == value, (overrides, key)
+
+
+def _shape(path) -> dict:
+    """An experiment_model file's keys, with those of the files its defaults list names."""
+    own = yaml.safe_load(path.read_text()) or {}
+    merged: dict = {}
+    for name in own.pop("defaults", []):
+        merged.update(_shape(path.with_name(f"{name}.yaml")))
+    return {**merged, **own}
 
 
 def test_defaults_match_the_contract():
@@ -118,13 +156,9 @@ def test_range_checks_name_the_key_and_the_allowed_values(override, words):
         assert w in str(e.value), str(e.value)
 
 
-def test_every_preset_passes_the_range_checks():
-    for group, opts in [("data", ["digits", "mnist", "fashion_mnist", "cifar10"]),
-                        ("model", ["mlp", "cnn"]), ("optimizer", ["sgd", "adam", "adamw"]),
-                        ("regularization", ["l2", "none", "l2_dense", "l2_hidden"]),
-                        ("experiment", ["lambda_sweep", "lambda_search"])]:
-        for opt in opts:
-            validate(make_cfg(f"{group}={opt}", tiny=False))
+@pytest.mark.parametrize("overrides", PRESETS, ids=" ".join)
+def test_every_preset_passes_the_range_checks(overrides):
+    validate(make_cfg(*overrides, tiny=False))
 
 
 # -- unknown keys: refused before anything runs, with the closest valid key ------------------

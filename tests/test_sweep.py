@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import TINY, run_cli, runs_of, wait_healthy
+from conftest import TINY, free_port, run_cli, runs_of, wait_healthy
 from mlflow.tracking import MlflowClient
 
 from l2lab import compare
@@ -91,12 +90,6 @@ def test_compare_reproduces_the_sweep_table(swept, tmp_path, capsys):
     assert compare.main(["--tracking-uri", store, "--experiment", "nope"]) == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: dict) -> dict:
     req = urllib.request.Request(url, data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
@@ -106,7 +99,7 @@ def _post(url: str, body: dict) -> dict:
 
 def test_mlflow_server_serves_the_sweep(swept):
     root, store, _ = swept
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", store,
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],

@@ -23,9 +23,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import run_cli, runs_of
+from conftest import TINY, check_sweep, free_port, postgres_missing, run_cli, runs_of, stop_server
 from mlflow.tracking import MlflowClient
-from test_scaleout import _free_port, _postgres_missing, check_sweep, stop_server
 
 from l2lab import CONF_DIR, ConfigError, compare
 from l2lab.tracking import store
@@ -34,8 +33,6 @@ ROOT = CONF_DIR.parent
 SERVER_SH = str(ROOT / "scripts" / "mlflow_server.sh")
 USERS_PY = str(ROOT / "scripts" / "mlflow_users.py")
 MLFLOW_BIN = str(Path(sys.executable).parent / "mlflow")  # the server of this test's venv
-JOB = ["data.train_size=120", "data.val_size=60", "data.batch_size=40", "model.hidden=[32]",
-       "trainer.max_epochs=3"]
 VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
@@ -129,10 +126,10 @@ def _secret_file(path: Path, text: str) -> Path:
 @pytest.fixture(scope="module")
 def team(tmp_path_factory):
     """The authenticated store: an admin, a member (EDIT on digits-mlp) and a viewer (READ)."""
-    if why := _postgres_missing():
+    if why := postgres_missing():
         pytest.skip(why)
     tmp = tmp_path_factory.mktemp("team")
-    port = _free_port()
+    port = free_port()
     pg_dir = Path(f"/tmp/l2lab-pg-team-{os.getpid()}-{port}")  # postgres must enter it
     pw = {who: f"{who}-{secrets.token_urlsafe(12)}" for who in ("admin", "member", "viewer")}
     files = {who: _secret_file(tmp / f"{who}.pw", p) for who, p in pw.items()}
@@ -230,7 +227,7 @@ def test_bad_logins_fail_before_training(team, tmp_path, monkeypatch):
                  f"hydra.sweep.dir={tmp_path}/sweep{i}"] if sweep
                 else [f"hydra.run.dir={tmp_path}/run{i}"])
         t0 = time.monotonic()
-        r = run_cli("l2lab.train", *args, *JOB, cwd=tmp_path, timeout=120,
+        r = run_cli("l2lab.train", *args, *TINY, cwd=tmp_path, timeout=120,
                     env={"MLFLOW_TRACKING_URI": team.uri, **login})
         elapsed = time.monotonic() - t0
         print(f"bad login ({'sweep' if sweep else 'single run'}, "
@@ -251,7 +248,7 @@ def test_bad_logins_fail_before_training(team, tmp_path, monkeypatch):
 def test_a_members_parallel_sweep_and_no_password_anywhere(team, tmp_path, monkeypatch):
     login = {"MLFLOW_TRACKING_USERNAME": "member", "MLFLOW_TRACKING_PASSWORD": team.pw["member"]}
     r = run_cli("l2lab.train", "-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2",
-                "regularization.lam=0,0.1", *JOB, f"hydra.sweep.dir={tmp_path}/multirun/team",
+                "regularization.lam=0,0.1", *TINY, f"hydra.sweep.dir={tmp_path}/multirun/team",
                 cwd=tmp_path, env={"MLFLOW_TRACKING_URI": team.uri, **login})
     for name, value in login.items():
         monkeypatch.setenv(name, value)

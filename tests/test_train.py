@@ -131,6 +131,26 @@ def test_bad_input_is_a_failed_run_with_the_reason(tmp_path, store, client, over
     assert run.data.metrics == {}
 
 
+def test_a_long_failure_reason_is_cut_at_one_limit_by_both_writers(store):
+    """The group writer (one SQL transaction) and a run's own tracker (the client) record the
+    same reason under the same tag, cut at the same length."""
+    from l2lab.tracking import tracker as tr
+    from l2lab.tracking.bulk import BulkStore
+
+    writer = BulkStore(store)
+    assert writer.mode == "sql", writer.why
+    bulk, single = writer.create_runs(tr.experiment_id(writer.client, "cut", store),
+                                      ["bulk", "single"], [{}, {}])
+    reason = "NonFiniteLossError: " + "".join(f"{i:05d} " for i in range(2000))  # 12020 chars
+    writer.finish({bulk: ("FAILED", reason)})
+    tr.RunTracker(writer.client, single).finish("FAILED", reason)
+    for rid in (bulk, single):
+        run = writer.client.get_run(rid)
+        assert run.info.status == "FAILED"
+        assert run.data.tags["l2lab.failure"] == reason[:tr.FAILURE_MAX_CHARS]
+    assert tr.FAILURE_TAG == "l2lab.failure" and 1000 < tr.FAILURE_MAX_CHARS < 8000
+
+
 def test_bad_input_on_the_command_line_exits_nonzero_without_traceback(tmp_path, store):
     r = run_cli("l2lab.train", f"tracking.uri={store}", *TINY, "regularization.lam=-1",
                 cwd=tmp_path)

@@ -5,7 +5,6 @@ report reachable from the parent run."""
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from browser import Browser, chromium_path
-from conftest import TINY, run_cli, wait_healthy
+from conftest import TINY, free_port, run_cli, wait_healthy
 
 from l2lab.tracking import ui
 
@@ -22,17 +21,11 @@ pytestmark = pytest.mark.skipif(
     reason="headless chromium is not installed (apt-get install chromium; .ci/run does)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """``mlflow server`` on a temporary SQLite store, serving artifacts, on a free loopback port."""
     root = tmp_path_factory.mktemp("ui")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server",
          "--backend-store-uri", f"sqlite:///{root}/mlflow.db",

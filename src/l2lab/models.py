@@ -22,31 +22,48 @@ def _activation(name: str) -> nn.Module:
     return ACTIVATIONS[name]()
 
 
-class MLP(nn.Module):
-    """Flatten -> [fc_i -> activation -> dropout] * len(hidden) -> out (logits)."""
+class _Net(nn.Module):
+    """What both networks share: the activation, the dropout and the dense head.
 
-    def __init__(self, in_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (256,),
-                 activation: str = "relu", dropout: float = 0.0) -> None:
+    The head is ``fc1 .. fcK -> out`` on the flattened input; each ``fc_i`` is followed by the
+    activation and dropout. Built and run here only, so that MLP and CNN name, initialise (in
+    registration order, from the same seeded generator) and apply it identically."""
+
+    def __init__(self, activation: str, dropout: float) -> None:
         super().__init__()
         if not 0.0 <= float(dropout) < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {dropout!r}.")
         self.act = _activation(activation)
         self.drop = nn.Dropout(float(dropout))
-        width = 1
-        for d in in_shape:
-            width *= int(d)
-        self.hidden_names = []
+
+    def _add_head(self, width: int, hidden: Sequence[int], num_classes: int) -> None:
+        self.fc_names = []
         for i, h in enumerate(hidden, start=1):
             setattr(self, f"fc{i}", nn.Linear(width, int(h)))
-            self.hidden_names.append(f"fc{i}")
+            self.fc_names.append(f"fc{i}")
             width = int(h)
         self.out = nn.Linear(width, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)
-        for name in self.hidden_names:
+        for name in self.fc_names:
             x = self.drop(self.act(getattr(self, name)(x)))
         return self.out(x)
+
+
+class MLP(_Net):
+    """Flatten -> [fc_i -> activation -> dropout] * len(hidden) -> out (logits)."""
+
+    def __init__(self, in_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (256,),
+                 activation: str = "relu", dropout: float = 0.0) -> None:
+        super().__init__(activation, dropout)
+        width = 1
+        for d in in_shape:
+            width *= int(d)
+        self._add_head(width, hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._head(x)
 
 
 def _per_layer(key: str, value: int | Sequence[int], n: int) -> list[int]:
@@ -59,7 +76,7 @@ def _per_layer(key: str, value: int | Sequence[int], n: int) -> list[int]:
     return values
 
 
-class CNN(nn.Module):
+class CNN(_Net):
     """[conv_i -> activation -> (2-max-pool)] * len(channels) -> (adaptive avg-pool) -> fc_i -> out.
 
     The input's rank picks the convolution: (C, L) sequences such as MNIST-1D get ``Conv1d``,
@@ -77,7 +94,7 @@ class CNN(nn.Module):
                  kernel_size: int | Sequence[int] = 3, stride: int | Sequence[int] = 1,
                  padding: int | Sequence[int] = 1, pool: bool = True,
                  pooled: int | None = 4) -> None:
-        super().__init__()
+        super().__init__(activation, dropout)
         if len(in_shape) not in (2, 3):
             raise ConfigError(
                 "model=cnn needs sequences (C, L) or images (C, H, W), got inputs of shape "
@@ -91,9 +108,7 @@ class CNN(nn.Module):
         if any(s < 1 for s in strides) or any(k < 1 for k in kernels):
             raise ConfigError(f"model.kernel_size and model.stride must be >= 1, got "
                               f"{kernel_size!r} and {stride!r}.")
-        self.act = _activation(activation)
-        self.drop = nn.Dropout(float(dropout))
-        self.conv_names, self.fc_names, self.pool_after = [], [], []
+        self.conv_names, self.pool_after = [], []
         c, sizes = int(in_shape[0]), [int(d) for d in in_shape[1:]]
         for i, (ch, k, s, p) in enumerate(zip(channels, kernels, strides, pads, strict=True),
                                           start=1):
@@ -115,11 +130,7 @@ class CNN(nn.Module):
         width = c
         for d in sizes if pooled is None else [int(pooled)] * dims:
             width *= d
-        for i, h in enumerate(hidden, start=1):
-            setattr(self, f"fc{i}", nn.Linear(width, int(h)))
-            self.fc_names.append(f"fc{i}")
-            width = int(h)
-        self.out = nn.Linear(width, num_classes)
+        self._add_head(width, hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for name, pool in zip(self.conv_names, self.pool_after, strict=True):
@@ -128,7 +139,4 @@ class CNN(nn.Module):
                 x = self.pool(x)
         if self.squeeze is not None:
             x = self.squeeze(x)
-        x = x.flatten(1)
-        for name in self.fc_names:
-            x = self.drop(self.act(getattr(self, name)(x)))
-        return self.out(x)
+        return self._head(x)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from l2lab.tracking.tracker import FAILURE_TAG
+
 LAM_KEY = "regularization.lam"
 FINISHED = "FINISHED"
 #: Final metrics summarised per group, in column order; test metrics join when a run has them.
@@ -412,7 +414,7 @@ def format_table(summary: pd.DataFrame, runs: Sequence[RunRecord], *,
         lines.append("")
         lines.append(f"{len(never)} run(s) never trained (rejected config, or failed before the "
                      "first epoch): no row in the table" + ("." if name_rejected else
-                                                           "; see their l2lab.failure tag."))
+                                                           f"; see their {FAILURE_TAG} tag."))
     lines.append("")
     if ver.best is None:
         lines.append("* lowest mean val/ce: n/a (no finished runs)")

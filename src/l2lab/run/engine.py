@@ -280,10 +280,11 @@ def open_runs(client, writer, jobs: Sequence[Job], sweep: Mapping | None) -> Non
 
 
 def finish(writer, ends: Sequence[tuple[Job, str, str | None]]) -> None:
-    """End runs together (a failure reason to ``l2lab.failure`` first); each run once."""
+    """End runs together (a failure reason to ``l2lab.failure`` first, cut by the writer);
+    each run once."""
     ends = [(j, status, why) for j, status, why in ends if not j.tracker.ended]
     if ends:
-        writer.finish({j.tracker.run_id: (status, why and why[:7000]) for j, status, why in ends})
+        writer.finish({j.tracker.run_id: (status, why) for j, status, why in ends})
         for j, _, _ in ends:
             j.tracker.ended = True
 

@@ -43,8 +43,6 @@ from l2lab.tracking import tracker as tr
 
 # (step, {key: value}, timestamp in ms): one epoch of one run, as RunTracker.log_epochs takes it
 Epoch = tuple[int, Mapping[str, float], int]
-FAILURE_TAG = "l2lab.failure"
-FAILURE_MAX_CHARS = 7000  # as RunTracker.finish: well inside MLflow's 8000-character tag values
 REST_WORKERS = 8
 
 

@@ -20,8 +20,6 @@ from typing import Any
 from l2lab.compat import mlflow as cm
 from l2lab.tracking import tracker as tr
 from l2lab.tracking.bulk import (
-    FAILURE_MAX_CHARS,
-    FAILURE_TAG,
     BulkStore,
     Choice,
     Epoch,
@@ -353,7 +351,7 @@ class SqlBulkStore(BulkStore):
         def write() -> None:
             with self._session() as s:
                 self._active_runs(s, run_ids)
-                self._set_tags_sql(s, {r: {FAILURE_TAG: why[:FAILURE_MAX_CHARS]}
+                self._set_tags_sql(s, {r: {tr.FAILURE_TAG: why[:tr.FAILURE_MAX_CHARS]}
                                        for r, (_, why) in ends.items() if why})
                 _update(s, SqlRun, [dict(run_uuid=r, status=statuses[r], end_time=end)
                                            for r in run_ids])
@@ -373,7 +371,7 @@ class SqlBulkStore(BulkStore):
                 _update(s, SqlRun, [dict(run_uuid=r, status="RUNNING") for r in run_ids])
                 for chunk in _chunks(list(run_ids), _IN_CHUNK):
                     s.execute(delete(SqlTag).where(SqlTag.run_uuid.in_(chunk),
-                                                   SqlTag.key == FAILURE_TAG))
+                                                   SqlTag.key == tr.FAILURE_TAG))
 
         self._timed(write)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from l2lab.tracking.tracker import parse_overrides
+from l2lab.tracking.tracker import FAILURE_TAG, parse_overrides
 
 HASH_TAG = "l2lab.config_hash"
 REUSED_TAG = "l2lab.reused_from"
@@ -146,7 +146,7 @@ def to_frame(client, runs: Sequence):
             "status": r.info.status, "sweep_id": tags.get("l2lab.sweep_id"),
             "experiment_id": r.info.experiment_id,
             "reused_from": tags.get(REUSED_TAG), "reproduced_from": tags.get(REPRODUCED_TAG),
-            "failure": tags.get("l2lab.failure"),
+            "failure": tags.get(FAILURE_TAG),
         }
         row.update({k: _number(v) for k, v in sorted(r.data.params.items())})
         row.update(sorted(r.data.metrics.items()))
@@ -253,7 +253,7 @@ def load_records(client, runs: Iterable, writer=None) -> list:
         records.append(RunRecord(
             run_id=run.info.run_id, name=tags.get("mlflow.runName", run.info.run_id),
             status=run.info.status, group=group, lam=lam,
-            seed=int(params.get("seed", 0) or 0), failure=tags.get("l2lab.failure"),
+            seed=int(params.get("seed", 0) or 0), failure=tags.get(FAILURE_TAG),
             final=dict(run.data.metrics), history=history,
             experiment_id=run.info.experiment_id))
     return records

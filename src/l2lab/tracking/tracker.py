@@ -192,6 +192,8 @@ def git_commit(cwd: Path | None = None) -> str | None:
 
 
 MAX_METRICS = 1000  # MLflow's cap on metrics per log_batch
+FAILURE_TAG = "l2lab.failure"  # why a run ended FAILED or KILLED (design.md §4)
+FAILURE_MAX_CHARS = 7000  # a reason is cut here: well inside MLflow's 8000-character tag values
 
 
 def epoch_chunks(epochs: list[tuple[int, Mapping[str, float], int]], size: int) -> list[list]:
@@ -237,8 +239,8 @@ class RunTracker:
     def reopen(cls, client, run_id: str) -> RunTracker:
         """Continue a run (resume): RUNNING again, and the old failure reason no longer holds."""
         client.update_run(run_id, status="RUNNING")
-        if "l2lab.failure" in client.get_run(run_id).data.tags:
-            client.delete_tag(run_id, "l2lab.failure")
+        if FAILURE_TAG in client.get_run(run_id).data.tags:
+            client.delete_tag(run_id, FAILURE_TAG)
         return cls(client, run_id)
 
     def _log_batch(self, kind: str, items: list, size: int, **extra: list) -> None:
@@ -294,7 +296,7 @@ class RunTracker:
         if self.ended:
             return
         if failure:
-            self.client.set_tag(self.run_id, "l2lab.failure", failure[:7000])
+            self.client.set_tag(self.run_id, FAILURE_TAG, failure[:FAILURE_MAX_CHARS])
         self.client.set_terminated(self.run_id, status=status, end_time=end_time)
         self.ended = True
 
