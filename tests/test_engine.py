@@ -48,17 +48,29 @@ def _assert_same_run(client, a, b, tmp: Path) -> None:
         assert torch.equal(wa[name], wb[name]), name
 
 
-def _ordinary_and_stacked(tmp_path, store, jobs: list[list[str]], *extra: str):
-    """Each job trained alone (an ordinary run) and all of them as one stack."""
+def _ordinary_and_stacked(tmp_path, store, jobs: list[list[str]], *extra: str,
+                          also_max_models: int | None = None):
+    """Each job trained alone (an ordinary run) and all of them as one stack (and, with
+    ``also_max_models``, once more split into stacks of at most that many)."""
     cfgs = [make_cfg(f"tracking.uri={store}", *extra, *ov, tiny=False) for ov in jobs]
     for i, (cfg, ov) in enumerate(zip(cfgs, jobs, strict=True)):
         train(cfg, overrides=ov, output_dir=tmp_path / f"ordinary{i}")
     results = train_group(cfgs, jobs, [tmp_path / f"stacked{i}" for i in range(len(jobs))])
     assert all(isinstance(r, dict) for r in results), results
+    if also_max_models:
+        split = train_group(cfgs, jobs, [tmp_path / f"split{i}" for i in range(len(jobs))],
+                            max_models=also_max_models)
+        assert split == results
     client = MlflowClient(store)
     by_dir = {r.data.tags["l2lab.output_dir"]: r for r in runs_of(client)}
     pairs = [(by_dir[str(tmp_path / f"ordinary{i}")], by_dir[str(tmp_path / f"stacked{i}")])
              for i in range(len(jobs))]
+    if also_max_models:
+        split_runs = [by_dir[str(tmp_path / f"split{i}")] for i in range(len(jobs))]
+        groups = {r.data.tags["l2lab.vectorized_group"] for r in split_runs}
+        assert len(groups) == -(-len(jobs) // also_max_models)
+        for (_, child), again in zip(pairs, split_runs, strict=True):
+            _assert_same_run(client, child, again, tmp_path)
     return client, pairs, results
 
 
@@ -125,6 +137,63 @@ def test_a_stack_equals_its_ordinary_runs_exactly(tmp_path, store, extra):
     for ordinary, child in pairs:
         _assert_same_run(client, ordinary, child, tmp_path)
     assert len({round(r["train/ce"], 6) for r in results}) == len(jobs)
+
+
+#: One stack per family of per-network settings (``stackable.STACKED``), the jobs differing in
+#: them (and in seed and λ): each child must equal its ordinary run exactly.
+MIXED = {
+    "sgd-lr-momentum": (["optimizer=sgd"], [
+        ["optimizer.lr=0.05", "optimizer.momentum=0.9", "seed=0"],
+        ["optimizer.lr=0.1", "optimizer.momentum=0", "seed=1"],
+        ["optimizer.lr=0.05", "optimizer.momentum=0.5", "optimizer.nesterov=true", "seed=1"],
+        ["optimizer.lr=0.02", "optimizer.momentum=0.9", "optimizer.dampening=0.1", "seed=0"]]),
+    "adam-betas-eps": (["optimizer=adam", "optimizer.lr=0.003"], [
+        ["seed=0"],
+        ["optimizer.betas=[0.8,0.99]", "optimizer.eps=1e-6", "seed=1"],
+        ["optimizer.amsgrad=true", "optimizer.lr=0.01", "seed=0"]]),
+    "adamw-decoupled-decay": (["optimizer=adamw", "regularization.mode=optimizer"], [
+        ["optimizer.lr=0.01", "regularization.lam=0.3", "seed=0"],
+        ["optimizer.lr=0.003", "regularization.lam=3", "seed=1"],
+        ["optimizer.lr=0.01", "regularization.lam=0", "seed=1"]]),
+    "selections": (["model.hidden=[64]", "regularization.lam=0.3"], [
+        ["regularization=l2"],
+        ["regularization=l2_dense", "seed=1"],
+        ["regularization=l2_hidden", "regularization.include_bias=true"],
+        ["regularization.layers=[out]", "regularization.lam=1"]]),
+    "normalize-mode": (["regularization.lam=0.1"], [
+        ["regularization.normalize=batch", "regularization.mode=loss"],
+        ["regularization.normalize=dataset", "regularization.mode=optimizer", "seed=1"],
+        ["regularization.normalize=none", "regularization.lam=0.003"],
+        ["regularization.mode=optimizer", "regularization.include_bias=true"]]),
+    "dropout": ([], [["model.dropout=0"], ["model.dropout=0.3", "seed=1"],
+                     ["model.dropout=0.5"]]),
+    "clipping": (["optimizer=adam"], [
+        ["trainer.gradient_clip_val=0.05"],
+        ["trainer.gradient_clip_val=0.01", "trainer.gradient_clip_algorithm=value"],
+        ["seed=1"],
+        ["trainer.gradient_clip_val=0.5", "trainer.gradient_clip_algorithm=norm", "seed=1"]]),
+}
+TINY_MIXED = ["data.train_size=230", "data.val_size=60", "data.batch_size=50",
+              "model.hidden=[32]", "trainer.max_epochs=4"]
+
+
+@pytest.mark.parametrize("case", list(MIXED), ids=list(MIXED))
+def test_a_stack_of_mixed_settings_equals_its_ordinary_runs_exactly(tmp_path, store, case):
+    """Jobs that differ in optimizer settings, selection, normalize, mode, dropout or clipping
+    train as one stack, each child equal to its ordinary run (every epoch, every metric, the
+    final weights; a short last batch every epoch); split in stacks of 2, the same numbers."""
+    extra, jobs = MIXED[case]
+    client, pairs, results = _ordinary_and_stacked(
+        tmp_path, store, jobs, *TINY_MIXED, *extra,
+        also_max_models=2 if case == "sgd-lr-momentum" else None)
+    assert len({c.data.tags["l2lab.vectorized_group"] for _, c in pairs}) == 1
+    for ordinary, child in pairs:
+        _assert_same_run(client, ordinary, child, tmp_path)
+        assert child.data.params["l2.layers"] == ordinary.data.params["l2.layers"]
+    assert len({round(r["train/ce"], 6) for r in results}) == len(jobs)  # they differ
+    if case == "selections":
+        assert [c.data.params["l2.layers"] for _, c in pairs] == [
+            "fc1,out", "fc1", "fc1", "out"]
 
 
 def test_conv1d_stack_equals_its_ordinary_runs(tmp_path, store):

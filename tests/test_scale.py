@@ -24,7 +24,6 @@ from hydra_plugins.l2lab_launchers.vectorized_launcher import HYDRA_JOB_KEYS
 from hydra_plugins.l2lab_launchers.vectorized_launcher import to_yaml as launcher_yaml
 from l2lab import CONF_DIR
 from l2lab.config.composing import (
-    MEMBER_KEYS,
     SweepConfigs,
     YamlTemplate,
     dump_yaml,
@@ -32,7 +31,15 @@ from l2lab.config.composing import (
     substitute,
     with_values,
 )
-from l2lab.config.stackable import group_key, shape_key, task_config, valid_lams
+from l2lab.config.stackable import (
+    STACKED,
+    group_key,
+    member_lams,
+    shape_key,
+    task_config,
+    valid_lams,
+    values_of,
+)
 from l2lab.train import train_group
 
 
@@ -63,7 +70,8 @@ def _node_types(cfg: DictConfig | ListConfig, path: str = "") -> dict[str, str]:
 
 
 def test_jobs_that_differ_in_stackable_keys_are_derived_equal_to_their_composition():
-    """3 λ × 2 seeds × 2 per-layer λ × 2 learning rates: 2 compositions for 24 jobs, and every
+    """3 λ × 2 seeds × 2 per-layer λ × 2 learning rates × 2 batch sizes: 2 compositions (one
+    per batch size: the learning rate is a per-network setting) for 48 jobs, and every
     sampled derived config equals Hydra's own composition of that job, hydra node included
     (overrides.task, override_dirname, which here names the job's folder), node types included."""
     loader, master = _loader_and_master(
@@ -71,11 +79,11 @@ def test_jobs_that_differ_in_stackable_keys_are_derived_equal_to_their_compositi
         "hydra.sweep.subdir=${hydra.job.override_dirname}")
     batch = _batch("regularization.lam=0,1e-3,0.5", "seed=0,3",
                    "+regularization.lam_per_layer.fc1=0,0.25", "optimizer.lr=0.1,0.01",
-                   "data.batch_size=32")
-    assert len(batch) == 24
+                   "data.batch_size=32,64")
+    assert len(batch) == 48
     configs = SweepConfigs(loader)
     configs.validate(master, batch)
-    assert configs.compositions == 2  # one per learning rate
+    assert configs.compositions == 2  # one per batch size
     for overrides in batch[::5] + [batch[-1]]:
         derived = configs.take(master, overrides)
         composed = loader.load_sweep_config(master, list(overrides))
@@ -97,7 +105,8 @@ def test_a_member_is_its_derived_config_and_renders_its_documents():
     loader, master = _loader_and_master("hydra/sweeper=grouped", "hydra/launcher=vectorized",
                                         "model=cnn")
     batch = _batch("regularization.lam=0,1e-3,-1", "seed=0,3",
-                   "+regularization.lam_per_layer.fc1=0,0.25", "optimizer.lr=0.1,0.01")
+                   "+regularization.lam_per_layer.fc1=0,0.25", "optimizer.lr=0.1,0.01",
+                   "regularization.layers=[fc1],[fc1,out]", "model.hidden=[8],[16]")
     configs = SweepConfigs(loader)
     configs.validate(master, batch)
     templates: dict[int, tuple[YamlTemplate, YamlTemplate]] = {}
@@ -108,22 +117,22 @@ def test_a_member_is_its_derived_config_and_renders_its_documents():
             full.hydra.job.num = full.hydra.job.id = num
             full.hydra.runtime.output_dir = f"/sweep/{num}"
         task = OmegaConf.to_container(task_config(full))
-        assert set(member.values) == set(MEMBER_KEYS)
+        assert set(member.values) == set(values_of(task)) and set(member.values) <= set(STACKED)
+        assert "optimizer.lr" in member.values and "model.dropout" in member.values
         own = OmegaConf.to_container(with_values(member.rep, member.values))
         own.pop("hydra")
         assert own == task and member.values["regularization.lam"] == full.regularization.lam
         assert member.task == list(full.hydra.overrides.task)
         assert member.dirname == full.hydra.job.override_dirname
         key = shape_key(OmegaConf.to_container(task_config(member.rep), resolve=True)) \
-            if valid_lams({"lam": member.values["regularization.lam"],
-                           "lam_per_layer": member.values["regularization.lam_per_layer"]}) \
+            if valid_lams(member_lams(member.values)) \
             else None
         assert key == group_key(full) and (key is None) == ("regularization.lam=-1" in overrides)
         if member.group not in templates:
             rep = member.rep
             templates[member.group] = (
                 YamlTemplate({k: v for k, v in OmegaConf.to_container(rep).items()
-                              if k != "hydra"}, MEMBER_KEYS),
+                              if k != "hydra"}, list(member.values)),
                 YamlTemplate({"hydra": OmegaConf.to_container(rep.hydra)}, HYDRA_JOB_KEYS))
         config_doc, hydra_doc = templates[member.group]
         assert config_doc.render(member.values) == dump_yaml(task)

@@ -63,21 +63,65 @@ def test_buffered_metrics_reach_the_store_in_one_call_per_flush(tmp_path, store,
         "pending"]] == [0, 1, 2, 3]
 
 
-def test_jobs_are_grouped_only_when_they_differ_in_lam_lam_per_layer_and_seed():
+def test_jobs_are_grouped_unless_they_differ_in_a_shape_the_data_or_the_optimizer_class():
     base = ["regularization.lam=0.1", "seed=0"]
     cfgs = [
         make_cfg(*base),
         make_cfg("regularization.lam=0.3", "seed=2"),
         make_cfg("regularization.lam=0.3", "seed=2", "+regularization.lam_per_layer.fc1=1"),
-        make_cfg(*base, "optimizer.lr=0.01"),            # another lr: another group
-        make_cfg(*base, "optimizer=adam"),
+        make_cfg(*base, "optimizer.lr=0.01", "optimizer.momentum=0.5",
+                 "optimizer.nesterov=true"),                # per-network optimizer settings
+        make_cfg(*base, "regularization=l2_hidden", "regularization.normalize=dataset",
+                 "regularization.mode=optimizer", "regularization.include_bias=true"),
+        make_cfg(*base, "model.dropout=0.2", "trainer.gradient_clip_val=0.5",
+                 "trainer.gradient_clip_algorithm=value"),
+        make_cfg(*base, "optimizer=adam"),                  # another optimizer class
+        make_cfg(*base, "optimizer=adam", "optimizer.betas=[0.8,0.9]", "optimizer.eps=1e-6"),
         make_cfg("regularization.lam=-1"),                 # rejected: ordinary path records it
         make_cfg(*base, "resume=abc"),                     # resume: ordinary
         make_cfg(*base, "+optimizer.alpha=0.9", "optimizer._target_=torch.optim.RMSprop"),
-        make_cfg(*base, "model=cnn"),
+        make_cfg(*base, "model=cnn"),                      # shapes
+        make_cfg(*base, "model.hidden=[16]"),
+        make_cfg(*base, "data.batch_size=20"),             # the data stream
+        make_cfg(*base, "trainer.max_epochs=2"),
     ]
-    assert plan([group_key(c) for c in cfgs]) == [[0, 1, 2], [3], [4], [5], [6], [7], [8]]
-    assert group_key(cfgs[5]) is None and group_key(cfgs[6]) is None
+    assert plan([group_key(c) for c in cfgs]) == [[0, 1, 2, 3, 4, 5], [6, 7], [8], [9], [10],
+                                                  [11], [12], [13], [14]]
+    assert group_key(cfgs[8]) is None and group_key(cfgs[9]) is None
+
+
+def test_a_lr_by_selection_by_lam_by_seed_grid_trains_as_one_stack(tmp_path):
+    """The issue's grid on experiment=lambda_sweep (shrunk): its 16 children share one
+    vectorized group, children with another lr train otherwise, and a child re-run alone
+    (reproduce --check) gives its numbers exactly."""
+    store = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    r = run_cli("l2lab.train", "-m", "experiment=lambda_sweep", "optimizer.lr=0.01,0.05",
+                "regularization=l2,l2_dense", "regularization.lam=0,0.1", "seed=0,1",
+                "data.train_size=90", "data.val_size=60", "data.batch_size=40",
+                "model.hidden=[64,64]", "trainer.max_epochs=2", f"tracking.uri={store}",
+                f"hydra.sweep.dir={tmp_path}/multirun/g", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "16 stacked in 1 group(s)" in r.stdout + r.stderr
+    client = MlflowClient(store)
+    (parent,) = runs_of(client, **{"l2lab.role": "sweep"})
+    kids = runs_of(client, **{"mlflow.parentRunId": parent.info.run_id})
+    assert len(kids) == 16 and all(c.info.status == "FINISHED" for c in kids)
+    assert len({c.data.tags["l2lab.vectorized_group"] for c in kids}) == 1
+    by = {(c.data.params["optimizer.lr"], c.data.params["regularization.name"],
+           c.data.params["regularization.lam"], c.data.params["seed"]): c for c in kids}
+    assert len(by) == 16
+    assert by[("0.05", "l2_dense", "0.1", "1")].data.params["l2.layers"] == "fc1,fc2"
+    assert by[("0.05", "l2", "0.1", "1")].data.params["l2.layers"] == "fc1,fc2,out"
+    for reg in ("l2", "l2_dense"):
+        for lam in ("0.0", "0.1"):
+            for seed in ("0", "1"):
+                slow, fast = by[("0.01", reg, lam, seed)], by[("0.05", reg, lam, seed)]
+                assert _history(client, slow.info.run_id, "train/ce") != \
+                    _history(client, fast.info.run_id, "train/ce")
+    child = by[("0.05", "l2_dense", "0.1", "1")]
+    rc = reproduce.main([child.info.run_id, "--check", "--tracking-uri", store,
+                         "--out", str(tmp_path / "again")])
+    assert rc == 0
 
 
 def test_vectorized_sweep_records_every_job_and_its_faults(tmp_path):

@@ -1,9 +1,10 @@
-"""``hydra/launcher=vectorized``: a sweep's λ × seed jobs trained as stacks of networks.
+"""``hydra/launcher=vectorized``: a sweep's jobs trained as stacks of networks.
 
-Jobs whose composed configs differ only in ``regularization.lam``,
-``regularization.lam_per_layer.*`` and ``seed`` train together, as one stack of K networks in one
-Lightning fit (``l2lab.run.engine.train_stack``); every other job runs the ordinary way, in the same
-sweep. Each job keeps its own output folder, ``.hydra/`` files, MLflow run and return value, so
+Jobs whose composed configs differ only in per-network settings (``stackable.STACKED``: seed,
+every ``regularization`` key, the optimizer's hyperparameters, ``model.dropout``, gradient
+clipping) train together, as one stack of K networks in one Lightning fit
+(``l2lab.run.engine.train_stack``); every other job runs the ordinary way, in the same sweep.
+Each job keeps its own output folder, ``.hydra/`` files, MLflow run and return value, so
 sweepers, callbacks and ``compare`` see an ordinary sweep.
 
 Per job, nothing costs more than microseconds: a job of a group is its composition plus its
@@ -50,14 +51,20 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from l2lab.compat.hydra import flush_loggers
 from l2lab.config.composing import (
-    MEMBER_KEYS,
     JobValues,
     SweepConfigs,
     YamlTemplate,
     dump_yaml,
     to_yaml,
 )
-from l2lab.config.stackable import group_key, member_values, shape_key, task_config, valid_lams
+from l2lab.config.stackable import (
+    group_key,
+    member_lams,
+    member_values,
+    shape_key,
+    task_config,
+    valid_lams,
+)
 from l2lab.run.scaleout import Stack
 
 __all__ = ["VectorizedLauncher", "group_key", "plan", "to_yaml"]
@@ -247,8 +254,7 @@ class VectorizedLauncher(Launcher):
         if job.member is None:
             return group_key(self._config(job))
         values = job.member.values
-        if not valid_lams({"lam": values["regularization.lam"],
-                           "lam_per_layer": values["regularization.lam_per_layer"]}):
+        if not valid_lams(member_lams(values)):
             return None
         return self._group(job.member).shape
 
@@ -384,7 +390,8 @@ class VectorizedLauncher(Launcher):
                 hydra = {"hydra": OmegaConf.to_container(rep.hydra, resolve=False,
                                                          enum_to_str=True)}
                 subdir = rep.hydra.output_subdir
-                g.files = (YamlTemplate(task, MEMBER_KEYS), YamlTemplate(hydra, HYDRA_JOB_KEYS),
+                g.files = (YamlTemplate(task, list(member.values)),
+                           YamlTemplate(hydra, HYDRA_JOB_KEYS),
                            None if subdir is None else str(subdir),
                            [f"{rep.hydra.job.name}.log"] if names else [])
         return g.files

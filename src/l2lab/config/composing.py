@@ -2,7 +2,8 @@
 
 Why: Hydra composes every job of a sweep (0.2-0.5 s each here), once when the sweeper validates
 the batch and again when a launcher runs it; 300 MNIST-1D jobs spent a minute in composition
-before the first one started. Jobs that differ only in *stackable* overrides (``seed``,
+before the first one started. Jobs that differ only in *stackable* overrides (a key of
+``stackable.STACKED`` set to a plain value or a list of them, e.g. ``seed``, ``optimizer.lr``,
 ``regularization.lam``, ``regularization.lam_per_layer.<layer>``) compose to the same config but
 for those values and a few ``hydra.*`` fields, so :class:`SweepConfigs` composes one
 representative per distinct set of other overrides and derives each other job from a copy of it:
@@ -40,13 +41,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from l2lab.compat.omegaconf import yaml_str_representer
+from l2lab.config.stackable import STACKED, STACKED_DICTS
 
-#: Override keys whose values a job may set on a copy of its group's representative.
-STACKED_LEAVES = ("seed", "regularization.lam")
-STACKED_PREFIXES = ("regularization.lam_per_layer.",)
-#: A member's values: these keys, always all three (so that members of different compositions
-#: can share one representative in a stack).
-MEMBER_KEYS = ("seed", "regularization.lam", "regularization.lam_per_layer")
+#: Override keys whose values a job may set on a copy of its group's representative: the stacked
+#: keys (``stackable.STACKED``), a dict-valued one entry by entry.
+STACKED_LEAVES = tuple(k for k in STACKED if k not in STACKED_DICTS)
+STACKED_PREFIXES = tuple(f"{k}." for k in STACKED_DICTS)
 _PRIMITIVE = (str, int, float, bool, type(None))
 
 _parser: OverridesParser | None = None
@@ -67,10 +67,12 @@ def _kind(line: str) -> tuple[bool, bool]:
     """(only sets a stackable value, may write over a stackable key otherwise), per string."""
     o = parse(line)
     key, value = o.key_or_group, None if o.is_delete() else o.value()
+    plain = isinstance(value, _PRIMITIVE) or (
+        isinstance(value, list) and all(isinstance(v, _PRIMITIVE) for v in value))
     stacks = (not o.is_delete() and o.package is None and not o.is_sweep_override()
               and (key in STACKED_LEAVES or (key.startswith(STACKED_PREFIXES) and
                                              key.count(".") == 2))
-              and isinstance(value, _PRIMITIVE))
+              and plain)
     return stacks, not stacks and (o.is_delete() or not isinstance(value, str))
 
 
@@ -125,33 +127,39 @@ def _read(cfg: DictConfig, key: str) -> Any:
     node = OmegaConf.select(cfg, parent) if parent else cfg
     if OmegaConf.is_interpolation(node, leaf):
         return _INTERPOLATION
-    return node[leaf]
+    value = node[leaf]
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 def _reads_stacked(text: str) -> bool:
     """Whether an interpolation may read a stacked key (any resolver may: assume it does)."""
-    return any(":" in m or m.split(".")[0] in ("seed", "regularization")
+    return any(":" in m or any(m == k or k.startswith(m + ".") or m.startswith(k + ".")
+                               for k in STACKED)
                for m in re.findall(r"\$\{([^}]*)\}", text))
 
 
 def _member_base(rep: DictConfig) -> dict[str, Any] | None:
-    """The representative's MEMBER_KEYS; ``None`` when members cannot be made
-    from it: a stacked key that is an interpolation, or an interpolation of the task config
-    that may read one."""
-    reg = rep.regularization
-    per_layer = reg.get("lam_per_layer")
-    if (OmegaConf.is_interpolation(rep, "seed") or OmegaConf.is_interpolation(reg, "lam")
-            or OmegaConf.is_interpolation(reg, "lam_per_layer")
-            or (per_layer is not None
-                and any(OmegaConf.is_interpolation(per_layer, k) for k in per_layer))):
-        return None
-    texts: list[str] = []
+    """The representative's values of the stacked keys it has; ``None`` when members cannot
+    be made from it: a stacked key that is (or holds) an interpolation, or an interpolation of
+    the task config that may read one."""
     tree = OmegaConf.to_container(rep, resolve=False)
-    _strings({k: v for k, v in tree.items() if k != "hydra"}, texts)
+    task = {k: v for k, v in tree.items() if k != "hydra"}
+    base: dict[str, Any] = {}
+    for key in STACKED:
+        parent, _, leaf = key.rpartition(".")
+        node = task.get(parent) if parent else task
+        if not isinstance(node, Mapping) or leaf not in node:
+            continue
+        texts: list[str] = []
+        _strings({leaf: node[leaf]}, texts)
+        if texts:
+            return None
+        base[key] = node[leaf]
+    texts = []
+    _strings(task, texts)
     if any(_reads_stacked(t) for t in texts):
         return None
-    return {"seed": rep.seed, "regularization.lam": reg.lam,
-            "regularization.lam_per_layer": dict(per_layer.items()) if per_layer else {}}
+    return base
 
 
 def _strings(tree: Any, out: list[str]) -> None:
@@ -172,7 +180,7 @@ class JobValues:
     never to be changed) and what differs."""
 
     rep: DictConfig
-    values: dict[str, Any]  # MEMBER_KEYS -> this job's value
+    values: dict[str, Any]  # stacked key (``stackable.STACKED``) -> this job's value
     task: list[str]  # hydra.overrides.task
     dirname: str  # hydra.job.override_dirname
     group: int  # members of one composition share it (and its YAML templates)
@@ -309,8 +317,11 @@ def _render_list(text: str, token: str, items: Sequence[Any]) -> str | None:
     start = text.index(token)
     line_start = text.rfind("\n", 0, start) + 1
     prefix = text[line_start:start]
-    if not items or not prefix.strip() == "-":
+    if not prefix.strip() == "-":
         return None
+    if not items:  # "key:\n- TOKEN" -> "key: []"
+        return None if line_start == 0 else \
+            text[:line_start - 1] + " []" + text[start + len(token):]
     lines = [_scalar(v) for v in items]
     if any(v is None for v in lines):
         return None
@@ -325,7 +336,7 @@ class _Composition:
     scratch: DictConfig  # a copy on which each distinct stackable value is type-checked
     checked: set[str] = field(default_factory=set)
     rep: DictConfig | None = None  # the composition, kept for members (never changed)
-    base: dict[str, Any] | None = None  # MEMBER_KEYS as composed (None: no members; set with rep)
+    base: dict[str, Any] | None = None  # stacked values as composed (None: no members; with rep)
     values: dict[str, Any] = field(default_factory=dict)  # override line -> value, converted
 
 
@@ -413,13 +424,12 @@ class SweepConfigs:
             return None
         self._composed.pop(job, None)  # the representative's own: not needed any more
         own = dict(group.base)
-        per_layer = dict(own["regularization.lam_per_layer"])
         for o, value in zip(stacked, values, strict=True):
             if o.key_or_group.startswith(STACKED_PREFIXES):
-                per_layer[o.key_or_group.rpartition(".")[2]] = value
+                key, _, entry = o.key_or_group.rpartition(".")
+                own[key] = {**(own.get(key) or {}), entry: value}
             else:
                 own[o.key_or_group] = value
-        own["regularization.lam_per_layer"] = per_layer
         app = [o for o in map(parse, sweep_overrides) if not o.is_hydra_override()]
         return JobValues(group.rep, own, [o.input_line for o in app],
                       overrides_dirname(app, group.rep.hydra.job), id(group))

@@ -1,12 +1,42 @@
 """Which jobs of a sweep may train together as one stack of networks, decided from their composed
-configs alone (light: the vectorized launcher imports it when Hydra starts)."""
+configs alone, and the one list of the settings a stack holds per network (light: the vectorized
+launcher imports it when Hydra starts).
+
+A setting stacks when it keeps the network's shapes and the data stream and l2lab has proven it
+per network (``tests/test_engine.py``: each child equals its ordinary run bit for bit on CPU):
+the seed, every key of ``regularization``, one optimizer class's hyperparameters (each network's
+step is its own torch param group), ``model.dropout`` (each network its own rate and generator)
+and gradient clipping (each network by its own norm or value). The composer
+(``composing.SweepConfigs``), the launcher, the engine and the tests all read :data:`STACKED`.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+#: The per-network settings of a stack: dotted keys of the task config. A job's values are those
+#: of these keys that its config has (an optimizer class has its own keys; the jobs of a stack
+#: share the class, so they share the key set).
+STACKED = (
+    "seed",
+    "regularization.name", "regularization.lam", "regularization.lam_per_layer",
+    "regularization.layers", "regularization.exclude", "regularization.types",
+    "regularization.min_params", "regularization.include_bias", "regularization.normalize",
+    "regularization.mode",
+    "optimizer.lr", "optimizer.momentum", "optimizer.dampening", "optimizer.nesterov",
+    "optimizer.betas", "optimizer.eps", "optimizer.weight_decay", "optimizer.amsgrad",
+    "model.dropout",
+    "trainer.gradient_clip_val", "trainer.gradient_clip_algorithm",
+)
+#: Of those, the keys whose value is a dict set entry by entry (``+key.<name>=value``).
+STACKED_DICTS = ("regularization.lam_per_layer",)
+#: The optimizer's hyperparameters among them: networks that differ here get their own param group.
+OPTIMIZER_KEYS = tuple(k for k in STACKED if k.startswith("optimizer."))
 
 STACKABLE_MODELS = ("l2lab.models.MLP", "l2lab.models.CNN")
 #: Optimizers whose update is elementwise (so one instance over stacked tensors equals K).
@@ -15,17 +45,19 @@ ANY = object()
 #: Trainer settings proven to act per network in a stack (``tests/test_engine.py``), with the
 #: values allowed; any other setting or value makes the job train alone (a stack of one). For
 #: example 16-bit precision would share one GradScaler: one overflow would skip every network's
-#: step.
+#: step. (``gradient_clip_*`` are per network: :data:`STACKED`.)
 STACKABLE_TRAINER: dict[str, object] = {
     "max_epochs": ANY, "accelerator": ANY, "deterministic": ANY, "enable_progress_bar": ANY,
     "devices": (1, "1"), "num_nodes": (1,), "strategy": ("auto",),
-    "precision": ("32-true", "32", 32), "gradient_clip_val": ANY,
-    "gradient_clip_algorithm": (None, "norm", "value"),
+    "precision": ("32-true", "32", 32),
 }
+_MARK = "<stacked>"
 
 
 def _stackable_trainer(trainer: dict) -> bool:
     for key, value in trainer.items():
+        if f"trainer.{key}" in STACKED:
+            continue
         allowed = STACKABLE_TRAINER.get(key)
         if allowed is None or (allowed is not ANY and value not in allowed):  # type: ignore
             return False
@@ -43,26 +75,40 @@ def group_key(cfg: DictConfig) -> str | None:
 
 def shape_key(tree: dict) -> str | None:
     """:func:`group_key` of a resolved task config, its λ values not judged (a member's are its
-    own: :func:`valid_lams`)."""
-    reg = tree.get("regularization") or {}
+    own: :func:`valid_lams`): the config with each stacked key's value blanked (a key that is
+    absent stays absent, so optimizers with other keys never share a stack)."""
     if (tree.get("resume") or tree.get("reuse")
             or (tree.get("model") or {}).get("_target_") not in STACKABLE_MODELS
             or (tree.get("optimizer") or {}).get("_target_") not in STACKABLE_OPTIMIZERS
             or not _stackable_trainer(tree.get("trainer") or {})):
         return None
-    tree = {**tree, "regularization": {k: v for k, v in reg.items()
-                                       if k not in ("lam", "lam_per_layer")}}
-    tree.pop("seed", None)
-    return json.dumps(tree, sort_keys=True, default=str)
+    return json.dumps(_blank(tree), sort_keys=True, default=str)
 
 
-def member_values(cfg: DictConfig) -> dict:
-    """A job's values of the stacked keys (``composing.MEMBER_KEYS``), resolved."""
-    reg = cfg.regularization
-    per_layer = reg.get("lam_per_layer")
-    return {"seed": cfg.seed, "regularization.lam": reg.lam,
-            "regularization.lam_per_layer":
-                OmegaConf.to_container(per_layer, resolve=True) if per_layer else {}}
+def _blank(tree: Mapping[str, Any]) -> dict[str, Any]:
+    out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in tree.items()}
+    for key in STACKED:
+        parent, _, leaf = key.rpartition(".")
+        node = out.get(parent) if parent else out
+        if isinstance(node, dict) and leaf in node:
+            node[leaf] = _MARK
+    return out
+
+
+def values_of(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`STACKED` keys that a config tree has, with their values (as they are)."""
+    out: dict[str, Any] = {}
+    for key in STACKED:
+        parent, _, leaf = key.rpartition(".")
+        node = tree.get(parent) if parent else tree
+        if isinstance(node, Mapping) and leaf in node:
+            out[key] = node[leaf]
+    return out
+
+
+def member_values(cfg: DictConfig) -> dict[str, Any]:
+    """A job's values of the stacked keys, resolved, as plain containers."""
+    return values_of(OmegaConf.to_container(task_config(cfg), resolve=True))
 
 
 def task_config(cfg: DictConfig) -> DictConfig:
@@ -77,3 +123,14 @@ def valid_lams(reg: dict) -> bool:
         return all(math.isfinite(float(v)) and float(v) >= 0 for v in values)
     except (TypeError, ValueError):
         return False
+
+
+def member_lams(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A member's λ values as :func:`valid_lams` reads them."""
+    return {"lam": values.get("regularization.lam"),
+            "lam_per_layer": values.get("regularization.lam_per_layer")}
+
+
+def optimizer_key(values: Mapping[str, Any]) -> str:
+    """Members with equal keys share one optimizer param group (sorted together in a stack)."""
+    return json.dumps({k: values.get(k) for k in OPTIMIZER_KEYS}, sort_keys=True, default=str)

@@ -6,9 +6,11 @@ computation (on CPU bit for bit; ``tests/test_engine.py``). The networks share n
 operation mixes their rows, so the gradient of Σ_k J_k w.r.t. network k's weights is that of J_k.
 
 Settings that act on the optimizer as a whole act per network here: gradient clipping uses each
-network's own norm, and ``mode=optimizer`` applies each network's own decay 2λ_k/n, after
-clipping, as torch's ``weight_decay`` would (coupled: to the gradient for SGD/Adam; decoupled: to
-the weights for AdamW). Per-step values stay on the device and become floats once per epoch.
+network's own norm (or value) and its own threshold, and ``mode=optimizer`` applies each
+network's own decay 2λ_k/n_k, after clipping, as torch's ``weight_decay`` would (coupled: to the
+gradient for SGD/Adam; decoupled: to the weights for AdamW, with the network's own lr). Networks
+of one stack may differ in mode: a network's λ is masked to 0 in the other mode's term, which
+adds exact zeros. Per-step values stay on the device and become floats once per epoch.
 """
 
 from __future__ import annotations
@@ -44,11 +46,25 @@ class L2Module(pl.LightningModule):
 
     def __init__(self, net: nn.Module, penalty: L2Penalty,
                  make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
-                 mode: str = "loss", batch_size: int = 64) -> None:
+                 mode: str = "loss", batch_size: int = 64, *,
+                 modes: Sequence[str] | None = None,
+                 clips: Sequence[tuple[float | None, str | None]] | None = None,
+                 selections: Sequence[Sequence[str]] | None = None) -> None:
         super().__init__()
         self.net, self.penalty, self.make_optimizer = net, penalty, make_optimizer
-        self.mode, self.batch_size = mode, int(batch_size)
+        self.batch_size = int(batch_size)
         self.k = int(penalty.lams.shape[1])
+        self.modes = list(modes) if modes is not None else [mode] * self.k
+        # per network (threshold, algorithm); None: the Trainer's, for every network
+        self.clips = list(clips) if clips is not None else None
+        self.selections = [list(s) for s in selections] if selections is not None \
+            else [penalty.layer_names] * self.k
+        loss = torch.tensor([m == "loss" for m in self.modes])
+        lams = penalty.lams
+        # λ in the loss (None: no network there) and in the optimizer's decay, per network
+        self._loss_lams = None if not loss.any() else lams if loss.all() else lams * loss
+        self._opt_lams = None if loss.all() else lams if not loss.any() else lams * ~loss
+        self._is_loss = loss
         self.alive = [True] * self.k
         self.failures: dict[int, str] = {}
         self.epoch_metrics: list[dict[str, float] | None] = []
@@ -113,13 +129,16 @@ class L2Module(pl.LightningModule):
     # -- training ------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         ce, n = self._ce_step(batch, "train")
-        if self.mode == "loss":
-            l2 = self.penalty(n)
+        if self._loss_lams is not None:
+            l2 = self.penalty(n, self._loss_lams)
             loss = (ce + l2).sum()
-        else:  # the optimizer step applies it; log the equivalent with the nominal n
-            with torch.no_grad():
-                l2 = self.penalty(self.batch_size)
+        else:
             loss = ce.sum()
+        if self._opt_lams is not None:  # the optimizer step applies it; log the equivalent
+            with torch.no_grad():  # with the nominal n
+                decayed = self.penalty(self.batch_size, self._opt_lams)
+            l2 = decayed if self._loss_lams is None else \
+                torch.where(self._is_loss.to(ce.device), l2.detach(), decayed)
         self._add("train/ce", ce, n)
         self._add("train/l2", l2, n)
         return loss
@@ -127,31 +146,39 @@ class L2Module(pl.LightningModule):
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
                                     gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
-        """Clip each network by its own gradient norm (or values), then apply ``mode=optimizer``
-        decay: the order of an ordinary torch loop, where clipping precedes ``optimizer.step``
-        and the step adds weight decay."""
-        if gradient_clip_val:
+        """Clip each network by its own gradient norm (or values), with its own threshold, then
+        apply ``mode=optimizer`` decay: the order of an ordinary torch loop, where clipping
+        precedes ``optimizer.step`` and the step adds weight decay."""
+        clips = self.clips or [(gradient_clip_val, gradient_clip_algorithm)] * self.k
+        if any(v for v, _ in clips):
             grads = [p.grad for p in self.net.parameters() if p.grad is not None]
-            if (gradient_clip_algorithm or "norm") == "value":
-                for g in grads:
-                    g.clamp_(-gradient_clip_val, gradient_clip_val)
-            else:
-                clip_per_network(grads, self.k, float(gradient_clip_val))
-        if self.mode == "optimizer":
+            by_value = [float(v) if v and a == "value" else None for v, a in clips]
+            by_norm = [float(v) if v and (a or "norm") == "norm" else None for v, a in clips]
+            if any(v is not None for v in by_value):
+                clip_values_per_network(grads, by_value)
+            if any(v is not None for v in by_norm):
+                clip_per_network(grads, self.k, by_norm)
+        if self._opt_lams is not None:
             self._decay(optimizer)
 
     def _decay(self, optimizer: torch.optim.Optimizer) -> None:
-        """Each network's weight decay 2λ_k/n on its selected tensors: added to the gradient
+        """Each network's weight decay 2λ_k/n_k on its selected tensors: added to the gradient
         (SGD, Adam: coupled) or applied to the weights (AdamW: decoupled, as torch does it,
-        before the update)."""
-        decoupled = isinstance(optimizer, torch.optim.AdamW) or \
+        before the update, with the network's own lr)."""
+        from l2lab.core.stacked import network_lrs, optimizer_class
+
+        cls = optimizer_class(optimizer)
+        decoupled = issubclass(cls, torch.optim.AdamW) or \
             bool(optimizer.defaults.get("decoupled_weight_decay", False))
-        lr = float(optimizer.param_groups[0]["lr"])
-        decay = self.penalty.decay(self.batch_size)  # (L, K) float64
+        lr = torch.tensor(network_lrs(optimizer, self.k), dtype=torch.float64)
+        decay = self.penalty.decay(self.batch_size, self._opt_lams)  # (L, K) float64
+        mask = self.penalty.bias_mask
         with torch.no_grad():
-            for layer, wd in zip(self.penalty.selected, decay, strict=True):
+            for i, (layer, wd) in enumerate(zip(self.penalty.selected, decay, strict=True)):
                 for p in layer.params:
                     shape = (self.k,) + (1,) * (p.dim() - 1)
+                    if mask is not None and p is layer.bias:
+                        wd = wd * mask[i].double()  # 1.0 or 0.0: exact
                     if decoupled:
                         p.mul_((1.0 - lr * wd).to(p.dtype).to(p.device).view(shape))
                     elif p.grad is not None:
@@ -175,9 +202,12 @@ class L2Module(pl.LightningModule):
                 self._silence(k)
                 per_net.append(None)
                 continue
+            own = self.selections[k]
             for name, values in zip(sq, sq_vals, strict=True):
-                d[f"weights/sq_norm/{name}"] = values[k]
-            d["weights/sq_norm_total"] = sum(d[f"weights/sq_norm/{name}"] for name in sq)
+                if name in own:
+                    d[f"weights/sq_norm/{name}"] = values[k]
+            d["weights/sq_norm_total"] = sum(d[f"weights/sq_norm/{name}"] for name in sq
+                                             if name in own)
             d.update({key: v[k] for key, v in val.items()})
             if "val/ce" in d:
                 d["gap/ce"] = d["val/ce"] - d["train/ce"]
@@ -190,13 +220,12 @@ class L2Module(pl.LightningModule):
     def _silence(self, k: int) -> None:
         """A diverged network trains on as zeros: its NaNs never touch the others (no operation
         mixes slices), but zeros keep the stack's arithmetic quiet and fast."""
+        from l2lab.core.stacked import zero_member_state
+
         with torch.no_grad():
             for p in self.net.parameters():
                 p[k].zero_()
-            for state in self.trainer.optimizers[0].state.values():
-                for v in state.values():
-                    if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == self.k:
-                        v[k].zero_()
+        zero_member_state(self.trainer.optimizers[0], k, self.k)
 
     # -- evaluation ----------------------------------------------------------------------------
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -217,10 +246,12 @@ class L2Module(pl.LightningModule):
         self.test_metrics = [{key: v[k] for key, v in means.items()} for k in range(self.k)]
 
 
-def clip_per_network(grads: Sequence[torch.Tensor], k: int, max_norm: float) -> None:
+def clip_per_network(grads: Sequence[torch.Tensor], k: int,
+                     max_norm: float | Sequence[float | None]) -> None:
     """``torch.nn.utils.clip_grad_norm_`` for each of K stacked networks on its own: network k's
     total norm is the 2-norm of its per-tensor norms, and its gradients are scaled by
-    min(1, max_norm / (norm + 1e-6)), exactly as torch computes it for one network."""
+    min(1, max_norm_k / (norm + 1e-6)), exactly as torch computes it for one network. A network
+    whose ``max_norm`` is None is left as it is (scaled by exactly 1.0)."""
     if not grads:
         return
     if grads[0].device.type == "cpu":  # one norm per network: independent of K (see _sq)
@@ -230,6 +261,29 @@ def clip_per_network(grads: Sequence[torch.Tensor], k: int, max_norm: float) -> 
         norms = torch.stack([torch.linalg.vector_norm(g.reshape(k, -1), 2, dim=1)
                              for g in grads])
     total = torch.linalg.vector_norm(norms, 2, dim=0)  # (K,)
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    limits = [float(max_norm)] * k if isinstance(max_norm, int | float) else list(max_norm)
+    coef = None
+    for limit in dict.fromkeys(v for v in limits if v is not None):  # as torch: a float / norm
+        own = torch.clamp(limit / (total + 1e-6), max=1.0)
+        if coef is None and all(v == limit for v in limits):
+            coef = own
+            break
+        mine = torch.tensor([v == limit for v in limits], device=total.device)
+        coef = torch.where(mine, own, torch.ones_like(own) if coef is None else coef)
     for g in grads:
         g.mul_(coef.to(g.dtype).view((k,) + (1,) * (g.dim() - 1)))
+
+
+def clip_values_per_network(grads: Sequence[torch.Tensor], limits: Sequence[float | None]) -> None:
+    """``torch.nn.utils.clip_grad_value_`` for each stacked network with its own limit (None:
+    not clipped): a clamp, exact whichever way it is computed."""
+    k = len(limits)
+    for limit in dict.fromkeys(v for v in limits if v is not None):
+        if all(v == limit for v in limits):
+            for g in grads:
+                g.clamp_(-limit, limit)
+            return
+        mine = [i for i, v in enumerate(limits) if v == limit]
+        for g in grads:
+            view = g.view(k, -1)
+            view[mine] = view[mine].clamp(-limit, limit)

@@ -137,7 +137,9 @@ class L2Penalty(nn.Module):
     """
 
     def __init__(self, selected: list[SelectedLayer], normalize: str = "batch",
-                 dataset_size: int | None = None, lams: torch.Tensor | None = None) -> None:
+                 dataset_size: int | None = None, lams: torch.Tensor | None = None,
+                 bias_mask: torch.Tensor | None = None,
+                 normalizes: Sequence[str] | None = None) -> None:
         super().__init__()
         if normalize not in NORMALIZE:
             raise ConfigError(
@@ -153,6 +155,14 @@ class L2Penalty(nn.Module):
         lams = torch.tensor([s.lam for s in selected]) if lams is None else lams
         self.stacked = lams.dim() == 2
         self.register_buffer("lams", lams, persistent=False)
+        # a stack whose networks differ: (L, K) 1.0/0.0, whether network k penalises layer l's
+        # bias (x + 1.0·y and x + 0.0·y are exactly x + y and x); per network its normalize
+        self.bias_mask = bias_mask
+        self.normalizes = list(normalizes) if normalizes and len(set(normalizes)) > 1 else None
+        for n in self.normalizes or ():
+            if n not in NORMALIZE:
+                raise ConfigError(
+                    f"regularization.normalize must be one of {list(NORMALIZE)}, got {n!r}.")
 
     @property
     def layer_names(self) -> list[str]:
@@ -162,11 +172,18 @@ class L2Penalty(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for s in self.selected for p in s.params)
 
-    def divisor(self, batch_size: int) -> float:
-        """The n of λ/n for a mini-batch of ``batch_size`` examples."""
-        if self.normalize == "batch":
+    def divisor(self, batch_size: int) -> float | torch.Tensor:
+        """The n of λ/n for a mini-batch of ``batch_size`` examples (K of them, float64, for a
+        stack whose networks normalize differently)."""
+        if self.normalizes is not None:
+            return torch.tensor([self._divisor(n, batch_size) for n in self.normalizes],
+                                dtype=torch.float64)
+        return self._divisor(self.normalize, batch_size)
+
+    def _divisor(self, normalize: str, batch_size: int) -> float:
+        if normalize == "batch":
             return float(batch_size)
-        if self.normalize == "dataset":
+        if normalize == "dataset":
             return float(self.dataset_size)  # type: ignore[arg-type]
         return 1.0
 
@@ -183,20 +200,30 @@ class L2Penalty(nn.Module):
     def sq_norms(self) -> torch.Tensor:
         """||W_l||_F² (plus ||b_l||² when biases are penalised) per selected layer: (L,) or
         (L, K)."""
-        return torch.stack([sum(self._sq(p) for p in s.params) for s in self.selected])
+        if self.bias_mask is None:
+            return torch.stack([sum(self._sq(p) for p in s.params) for s in self.selected])
+        mask = self.bias_mask.to(self.selected[0].weight)
+        return torch.stack([self._sq(s.weight) if s.bias is None
+                            else self._sq(s.weight) + mask[i] * self._sq(s.bias)
+                            for i, s in enumerate(self.selected)])
 
     def weight_sq_norms(self) -> dict[str, torch.Tensor]:
         """||W_l||_F² of each selected layer's weight alone (the logged ``weights/sq_norm/*``)."""
         return {s.name: self._sq(s.weight.detach()) for s in self.selected}
 
-    def forward(self, batch_size: int) -> torch.Tensor:
-        lams = self.lams.to(device=self.selected[0].weight.device,
-                            dtype=self.selected[0].weight.dtype)
-        return (lams * self.sq_norms()).sum(0) / self.divisor(batch_size)
+    def forward(self, batch_size: int, lams: torch.Tensor | None = None) -> torch.Tensor:
+        """The penalty, with the given λ ((L, K); default the penalty's own)."""
+        w = self.selected[0].weight
+        lams = (self.lams if lams is None else lams).to(device=w.device, dtype=w.dtype)
+        divisor = self.divisor(batch_size)
+        if torch.is_tensor(divisor):
+            divisor = divisor.to(device=w.device, dtype=w.dtype)
+        return (lams * self.sq_norms()).sum(0) / divisor
 
-    def decay(self, batch_size: int) -> torch.Tensor:
+    def decay(self, batch_size: int, lams: torch.Tensor | None = None) -> torch.Tensor:
         """Per-layer weight decay 2λ/n equivalent to the penalty (float64; (L,) or (L, K))."""
-        return 2.0 * self.lams.double() / self.divisor(batch_size)
+        lams = self.lams if lams is None else lams
+        return 2.0 * lams.double() / self.divisor(batch_size)
 
     def param_groups(self, model: nn.Module, batch_size: int) -> list[dict]:
         """Optimizer groups that apply the same penalty as weight decay (``mode=optimizer``).

@@ -16,8 +16,8 @@ generator, seeded where the global generator stands after the network is built.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -103,17 +103,22 @@ class StackedConv(nn.Module):
 
 
 class StackedDropout(nn.Module):
-    """Dropout with one generator per network, so that each keeps its own random stream.
+    """Dropout with one rate and one generator per network, so that each keeps its own stream.
 
     On CPU ``F.dropout`` is ``x * bernoulli(1 - p) / (1 - p)`` drawn from the global generator; each
     network's generator starts where the global one stood after that network was built, so the
-    masks equal the ordinary run's. On CUDA the ordinary run uses a fused kernel, so the masks
+    masks equal the ordinary run's. A network with rate 0 gets a mask of ones and draws nothing,
+    as its ordinary run (x · 1.0 is x). On CUDA the ordinary run uses a fused kernel, so the masks
     differ (statistically the same), as GPU runs differ in rounding anyway.
     """
 
-    def __init__(self, p: float, generators: Sequence[torch.Generator]) -> None:
+    def __init__(self, p: float | Sequence[float], generators: Sequence[torch.Generator]) -> None:
         super().__init__()
-        self.p, self.generators = float(p), list(generators)
+        self.generators = list(generators)
+        ps = [float(p)] * len(self.generators) if isinstance(p, int | float) else \
+            [float(v) for v in p]
+        self.ps = ps
+        self.p = ps[0] if len(set(ps)) == 1 else None  # one rate for all, or None
 
     def _generator(self, k: int, device: torch.device) -> torch.Generator:
         g = self.generators[k]
@@ -127,9 +132,16 @@ class StackedDropout(nn.Module):
             return x
         k = len(self.generators)
         mask = torch.empty_like(x).reshape(k, -1, *x.shape[1:])
-        for i in range(k):
-            mask[i].bernoulli_(1.0 - self.p, generator=self._generator(i, x.device))
-        return x * mask.div_(1.0 - self.p).reshape(x.shape)
+        if self.p is not None:
+            for i in range(k):
+                mask[i].bernoulli_(1.0 - self.p, generator=self._generator(i, x.device))
+            return x * mask.div_(1.0 - self.p).reshape(x.shape)
+        for i, p in enumerate(self.ps):
+            if p == 0.0:
+                mask[i].fill_(1.0)
+            else:
+                mask[i].bernoulli_(1.0 - p, generator=self._generator(i, x.device)).div_(1.0 - p)
+        return x * mask.reshape(x.shape)
 
 
 def stack_networks(nets: Sequence[nn.Module], generators: Sequence[torch.Generator]) -> nn.Module:
@@ -153,7 +165,7 @@ def stack_networks(nets: Sequence[nn.Module], generators: Sequence[torch.Generat
         elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
             setattr(parent, attr, StackedConv(members))
         elif isinstance(module, nn.Dropout):
-            setattr(parent, attr, StackedDropout(module.p, generators))
+            setattr(parent, attr, StackedDropout([m.p for m in members], generators))
         elif not isinstance(module, _ROWWISE) or any(True for _ in module.parameters()):
             raise NotStackable(f"layer {name} ({type(module).__name__}) is not vectorized")
     return stacked
@@ -167,34 +179,180 @@ def member_state(stacked_state: dict[str, torch.Tensor], k: int) -> dict[str, to
 # -- building a stack from the ordinary pieces -------------------------------------------------
 @dataclass
 class StackMember:
-    """One job's network, built as an ordinary run builds it (its own initialisation), its penalty
-    (the layer selection and λ), and the generator its dropout draws from."""
+    """One job's network, built as an ordinary run builds it (its own initialisation and dropout
+    rate), its penalty (the layer selection and λ), the generator its dropout draws from, and
+    its other per-network settings: the optimizer's hyperparameters, the penalty's mode, the
+    gradient clipping (value, algorithm)."""
 
     net: nn.Module
     penalty: L2Penalty
     generator: torch.Generator
+    optimizer: dict = field(default_factory=dict)
+    mode: str = "loss"
+    clip: tuple[float | None, str | None] = (None, None)
 
 
-def stack_members(members: Sequence[StackMember],
-                  make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
-                  mode: str = "loss", batch_size: int = 64) -> L2Module:
-    """The module that trains ``members`` as one stack: stacked weights, per-network λ per
-    layer. A stack of one is how an ordinary run trains."""
-    names = [m.penalty.layer_names for m in members]
-    if any(n != names[0] for n in names):
-        raise NotStackable(f"the jobs select different layers: {names}")
-    first = members[0].penalty
+def stack_members(members: Sequence[StackMember], optimizer_class: type[torch.optim.Optimizer],
+                  batch_size: int = 64) -> L2Module:
+    """The module that trains ``members`` as one stack: stacked weights, per network its λ per
+    layer, its selection, normalize, mode, clipping and optimizer settings. A stack of one is how
+    an ordinary run trains.
+
+    The penalty runs over the union of the members' selections, in the network's layer order; a
+    layer a member does not select has λ = 0 for it, which adds exact zeros (to the penalty, to
+    the gradient), so each member's numbers are those of its own selection.
+    """
+    first = members[0].net
+    order = [name for name, _ in first.named_modules()]
+    chosen = {s.name for m in members for s in m.penalty.selected}
+    names = [n for n in order if n in chosen]
     net = stack_networks([m.net for m in members], [m.generator for m in members])
-    selected = [
-        SelectedLayer(s.name, s.lam, net.get_submodule(s.name).weight,
-                      net.get_submodule(s.name).bias if s.bias is not None else None)
-        for s in first.selected
-    ]
-    lams = torch.tensor([[m.penalty.selected[i].lam for m in members]  # (L, K), row-major
-                         for i in range(len(first.selected))])
-    penalty = L2Penalty(selected, normalize=first.normalize, dataset_size=first.dataset_size,
-                        lams=lams)
-    return L2Module(net, penalty, make_optimizer, mode=mode, batch_size=batch_size)
+    own = [{s.name: s for s in m.penalty.selected} for m in members]
+    with_bias = [any(n in o and o[n].bias is not None for o in own) for n in names]
+    selected = [SelectedLayer(n, 0.0, net.get_submodule(n).weight,
+                              net.get_submodule(n).bias if b else None)
+                for n, b in zip(names, with_bias, strict=True)]
+    lams = torch.tensor([[o[n].lam if n in o else 0.0 for o in own] for n in names])  # (L, K)
+    bias = torch.tensor([[1.0 if n in o and o[n].bias is not None else 0.0 for o in own]
+                         for n in names])
+    uniform_bias = all(bool((row == 1.0).all()) for row, b in zip(bias, with_bias, strict=True)
+                       if b)
+    sizes = {m.penalty.dataset_size for m in members}
+    if len(sizes) > 1:
+        raise NotStackable(f"the jobs train on different data sizes: {sorted(sizes)}")
+    p0 = members[0].penalty
+    penalty = L2Penalty(selected, normalize=p0.normalize, dataset_size=p0.dataset_size,
+                        lams=lams, bias_mask=None if uniform_bias else bias,
+                        normalizes=[m.penalty.normalize for m in members])
+    segments: list[tuple[int, int, dict]] = []
+    for k, m in enumerate(members):  # runs of equal settings: one param group each
+        if segments and segments[-1][2] == m.optimizer:
+            segments[-1] = (segments[-1][0], k + 1, m.optimizer)
+        else:
+            segments.append((k, k + 1, m.optimizer))
+
+    def make_optimizer(stacked: nn.Module) -> torch.optim.Optimizer:
+        if len(segments) == 1:
+            return optimizer_class(stacked.parameters(), **segments[0][2])
+        return SegmentedOptimizer(stacked.parameters(), optimizer_class, segments)
+
+    return L2Module(net, penalty, make_optimizer, batch_size=batch_size,
+                    modes=[m.mode for m in members], clips=[m.clip for m in members],
+                    selections=[m.penalty.layer_names for m in members])
+
+
+class SegmentedOptimizer(torch.optim.Optimizer):
+    """One optimizer class over K stacked networks whose hyperparameters differ: per run of
+    networks [a, b) with equal settings, one torch optimizer (its own param group) over views
+    ``p[a:b]`` of the stacked tensors, stepped on the views of their gradients. Each network's
+    step is then its ordinary run's (same class, settings and elementwise kernels); the stack
+    pays one optimizer call per distinct setting, not per network.
+
+    Its ``state_dict`` is that of one optimizer over the stacked tensors (each state tensor with
+    a leading K dimension), plus each segment's param groups, so that a member's checkpoint is a
+    stack of one's (``member_checkpoints``).
+    """
+
+    def __init__(self, params, optimizer_class: type[torch.optim.Optimizer],
+                 segments: Sequence[tuple[int, int, dict]]) -> None:
+        params = list(params)
+        super().__init__(params, {})
+        self.optimizer_class = optimizer_class
+        self.segments = []
+        for a, b, kwargs in segments:
+            views = [p.detach()[a:b] for p in params]
+            self.segments.append((a, b, views, optimizer_class(views, **kwargs)))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201 (torch's signature)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = self.param_groups[0]["params"]
+        for a, b, views, opt in self.segments:
+            for p, v in zip(params, views, strict=True):
+                v.grad = None if p.grad is None else p.grad[a:b]
+            opt.step()
+            for v in views:
+                v.grad = None
+        return loss
+
+    def member_groups(self, k: int) -> list[dict]:
+        """Network k's param groups, as its stack of one's optimizer has them."""
+        for a, b, _, opt in self.segments:
+            if a <= k < b:
+                return opt.state_dict()["param_groups"]
+        raise IndexError(k)
+
+    def lrs(self) -> list[float]:
+        """Each network's learning rate."""
+        return [float(opt.param_groups[0]["lr"]) for a, b, _, opt in self.segments
+                for _ in range(a, b)]
+
+    def member_state(self, k: int) -> list[dict]:
+        """Network k's state tensors (views into its segment's, to zero in place)."""
+        for a, b, views, opt in self.segments:
+            if a <= k < b:
+                return [{key: v[k - a] for key, v in opt.state.get(view, {}).items()
+                         if torch.is_tensor(v) and v.dim() > 0} for view in views]
+        raise IndexError(k)
+
+    def state_dict(self) -> dict:
+        params = self.param_groups[0]["params"]
+        state: dict[int, dict] = {}
+        for i, p in enumerate(params):
+            parts = [(a, b, opt.state.get(views[i], {})) for a, b, views, opt in self.segments]
+            keys = list(dict.fromkeys(key for _, _, st in parts for key in st))
+            merged = {}
+            for key in keys:
+                values = [st.get(key) for _, _, st in parts]
+                shaped = [v for v in values if torch.is_tensor(v) and v.dim() > 0]
+                if not shaped:  # a scalar ("step"): the same in every segment
+                    v = next(v for v in values if v is not None)
+                    merged[key] = v.clone() if torch.is_tensor(v) else v
+                    continue
+                merged[key] = torch.cat([
+                    v if torch.is_tensor(v) and v.dim() > 0
+                    else torch.zeros_like(p.detach()[a:b])
+                    for (a, b, _), v in zip(parts, values, strict=True)])
+            if merged:
+                state[i] = merged
+        return {"state": state, "param_groups": self.segments[0][3].state_dict()["param_groups"],
+                "member_param_groups": [self.member_groups(k) for k in range(len(self.lrs()))]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for a, b, _, opt in self.segments:
+            own = {i: {key: v[a:b] if torch.is_tensor(v) and v.dim() > 0 else v
+                       for key, v in st.items()} for i, st in state_dict["state"].items()}
+            opt.load_state_dict({"state": own,
+                                 "param_groups": opt.state_dict()["param_groups"]})
+
+
+def optimizer_class(optimizer: torch.optim.Optimizer) -> type:
+    """The torch class that steps the networks (a segmented optimizer's inner class)."""
+    return getattr(optimizer, "optimizer_class", type(optimizer))
+
+
+def network_lrs(optimizer: torch.optim.Optimizer, k: int) -> list[float]:
+    """Each of the K networks' learning rate."""
+    if isinstance(optimizer, SegmentedOptimizer):
+        return optimizer.lrs()
+    return [float(optimizer.param_groups[0]["lr"])] * k
+
+
+def zero_member_state(optimizer: torch.optim.Optimizer, k: int, n: int) -> None:
+    """Zero network k's optimizer state (of ``n`` stacked networks) in place."""
+    with torch.no_grad():
+        if isinstance(optimizer, SegmentedOptimizer):
+            for st in optimizer.member_state(k):
+                for v in st.values():
+                    v.zero_()
+            return
+        for state in optimizer.state.values():
+            for v in state.values():
+                if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n:
+                    v[k].zero_()
 
 
 def unstack_into(module: L2Module, nets: Sequence[nn.Module]) -> None:
@@ -262,7 +420,8 @@ def member_checkpoints(trainer, states: Sequence[dict | None],
         if state is None:
             out.append(None)
             continue
-        opt = {"param_groups": optimizer["param_groups"],
+        groups = optimizer.get("member_param_groups")
+        opt = {"param_groups": groups[k] if groups else optimizer["param_groups"],
                "state": {i: {key: _member_value(v, k) for key, v in st.items()}
                          for i, st in optimizer["state"].items()}}
         out.append({**base, "state_dict": {n: v[k:k + 1].clone() for n, v in

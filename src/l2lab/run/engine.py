@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from l2lab.base import CONF_DIR, ConfigError
 from l2lab.config import schema
-from l2lab.config.composing import MEMBER_KEYS, YamlTemplate, dump_yaml, substitute, with_values
+from l2lab.config.composing import YamlTemplate, dump_yaml, substitute, with_values
+from l2lab.config.stackable import optimizer_key
 from l2lab.run import lifecycle
 from l2lab.tracking import tracker as tr
 
@@ -77,9 +78,19 @@ def optimizer_factory(cfg: DictConfig) -> Callable[[torch.nn.Module], torch.opti
     return lambda net: partial(net.parameters())
 
 
-def net_factory(cfg: DictConfig) -> Callable[[Any], torch.nn.Module]:
-    """A function splits -> the network of ``cfg.model`` for the data's input shape and
-    classes (instantiated once per stack: a Hydra ``instantiate`` per job cost ~15 ms)."""
+def optimizer_settings(tree: Mapping[str, Any]) -> tuple[type, dict]:
+    """(the optimizer class, its keyword arguments) of a resolved config: what a stack's
+    networks share, and what each sets for itself."""
+    opt = dict(tree["optimizer"])
+    target = opt.pop("_target_")
+    opt.pop("name", None)
+    return hydra.utils.get_class(target), opt
+
+
+def net_factory(cfg: DictConfig) -> Callable[..., torch.nn.Module]:
+    """A function (splits, dropout=None) -> the network of ``cfg.model`` for the data's input
+    shape and classes, with a job's own dropout rate (instantiated once per stack: a Hydra
+    ``instantiate`` per job cost ~15 ms)."""
     model_cfg = _strip(cfg.model, "name")
     if not str(model_cfg.get("_target_", "")).startswith("l2lab.models."):
         raise ConfigError(f"model must be one of mlp, cnn (l2lab.models.*), got {cfg.model}.")
@@ -95,9 +106,10 @@ def net_factory(cfg: DictConfig) -> Callable[[Any], torch.nn.Module]:
     except Exception as e:
         raise explained(e) from None
 
-    def make(splits) -> torch.nn.Module:
+    def make(splits, dropout: float | None = None) -> torch.nn.Module:
+        own = {} if dropout is None else {"dropout": dropout}
         try:
-            return partial(in_shape=splits.in_shape, num_classes=splits.num_classes)
+            return partial(in_shape=splits.in_shape, num_classes=splits.num_classes, **own)
         except Exception as e:
             raise explained(e) from None
 
@@ -109,33 +121,40 @@ def build_net(cfg: DictConfig, splits) -> torch.nn.Module:
     return net_factory(cfg)(splits)
 
 
-def build_member(cfg: DictConfig, splits, seed: int | None = None,
-                 regularization: Mapping | None = None, check_optimizer: bool = True,
-                 make_net: Callable[[Any], torch.nn.Module] | None = None) -> StackMember:
-    """One job's network, penalty and dropout generator, seeded by its own ``seed``; every check
-    that needs the network (layer patterns, ``lam_per_layer`` keys) runs here. A job of a stack
-    gives its own ``seed`` and ``regularization`` (its other keys are ``cfg``'s); the optimizer's
-    checks and the network's factory are once per stack."""
+def build_member(cfg: DictConfig, splits, tree: Mapping[str, Any] | None = None,
+                 check_optimizer: bool = True,
+                 make_net: Callable[..., torch.nn.Module] | None = None) -> StackMember:
+    """One job's network, penalty and dropout generator, seeded by its own ``seed``, with its
+    own per-network settings (``stackable.STACKED``) read from ``tree``, the job's resolved
+    config (default: ``cfg``'s); every check that needs the network (layer patterns,
+    ``lam_per_layer`` keys, a selection that selects nothing) runs here. The optimizer's checks
+    and the network's factory are once per stack."""
     import pytorch_lightning as pl
     import torch
 
     from l2lab.core.regularization import build_penalty
     from l2lab.core.stacked import StackMember
 
-    pl.seed_everything(int(cfg.seed if seed is None else seed), workers=False, verbose=False)
-    net = (make_net or net_factory(cfg))(splits)
-    penalty = build_penalty(net, cfg.regularization if regularization is None else regularization,
-                            dataset_size=len(splits.train[1]))
+    tree = OmegaConf.to_container(cfg, resolve=True) if tree is None else tree
+    pl.seed_everything(int(tree["seed"]), workers=False, verbose=False)
+    net = (make_net or net_factory(cfg))(splits, (tree.get("model") or {}).get("dropout"))
+    reg = tree["regularization"]
+    penalty = build_penalty(net, reg, dataset_size=len(splits.train[1]))
     if check_optimizer:
         optimizer_factory(cfg)  # its checks, before any training
-    return StackMember(net, penalty, torch.Generator().set_state(torch.get_rng_state()))
+    trainer = tree.get("trainer") or {}
+    return StackMember(net, penalty, torch.Generator().set_state(torch.get_rng_state()),
+                       optimizer=optimizer_settings(tree)[1], mode=str(reg.get("mode", "loss")),
+                       clip=(trainer.get("gradient_clip_val"),
+                             trainer.get("gradient_clip_algorithm")))
 
 
 def stack(cfg: DictConfig, members: Sequence[StackMember]) -> L2Module:
+    """The module that trains ``members`` (built by :func:`build_member`) as one stack."""
     from l2lab.core.stacked import stack_members
 
-    return stack_members(members, optimizer_factory(cfg), mode=cfg.regularization.mode,
-                         batch_size=int(cfg.data.batch_size))
+    cls, _ = optimizer_settings(OmegaConf.to_container(cfg, resolve=True))
+    return stack_members(members, cls, batch_size=int(cfg.data.batch_size))
 
 
 # -- fitting ------------------------------------------------------------------------------------
@@ -184,7 +203,7 @@ def flush_every_s(cfg: DictConfig) -> float:
 @dataclass
 class Job:
     """One training job: its config and where it goes. A job of a stack is its stack's config
-    (``base``) with its own ``values`` of the stacked keys (``composing.MEMBER_KEYS``): its own
+    (``base``) with its own ``values`` of the stacked keys (``stackable.STACKED``): its own
     config, ``cfg``, is made only when something needs it (~10 ms), while ``seed`` and the
     resolved ``tree`` cost microseconds. ``tracker`` is set for a run that is continued
     (``resume``), ``ckpt`` is the checkpoint it continues from."""
@@ -228,6 +247,13 @@ class Job:
         return self.output_dir / "checkpoints" / "last.ckpt"
 
 
+def _settings(values: Mapping[str, Any]) -> str:
+    """A job's stacked values other than seed and λ (those ``schema.check_member`` checks)."""
+    return json.dumps({k: v for k, v in values.items() if k not in
+                       ("seed", "regularization.lam", "regularization.lam_per_layer")},
+                      sort_keys=True, default=str)
+
+
 _WRITERS: dict[str, Any] = {}
 
 
@@ -269,7 +295,7 @@ def open_runs(client, writer, jobs: Sequence[Job], sweep: Mapping | None) -> Non
         params[rid] = tr.flatten_params(job.tree)
         if job.values:
             if id(job.base) not in templates:
-                templates[id(job.base)] = YamlTemplate(job.tree, MEMBER_KEYS)  # any job's
+                templates[id(job.base)] = YamlTemplate(job.tree, list(job.values))  # any job's
             config = templates[id(job.base)].render(job.values)
         else:
             config = dump_yaml(job.tree)
@@ -306,9 +332,9 @@ def train_jobs(jobs: Sequence[Job], *, sweep: Mapping | None = None,
                max_models: int | None = None, vectorized: bool = False,
                echo: bool = False, on_open: Callable[[Job], None] | None = None,
                label: str = "run") -> None:
-    """Train ``jobs`` (configs that differ at most in λ, per-layer λ and seed) as stacks of at
-    most ``max_models`` networks; fills each job's ``result`` with its final metrics or the
-    exception that ended it. One job is an ordinary run.
+    """Train ``jobs`` (configs that differ at most in the stacked keys, ``stackable.STACKED``)
+    as stacks of at most ``max_models`` networks; fills each job's ``result`` with its final
+    metrics or the exception that ended it. One job is an ordinary run.
 
     Raises :class:`lifecycle.Interrupted` on Ctrl-C/SIGTERM (every unfinished run, and the
     sweep's parent, KILLED first), and re-raises anything else that stops the whole stack (every
@@ -332,14 +358,15 @@ def train_jobs(jobs: Sequence[Job], *, sweep: Mapping | None = None,
             for job in jobs:
                 if on_open:
                     on_open(job)
-            live, passed = [], set()  # stack configs that one of their jobs passed in full
+            live, passed = [], set()  # (stack config, settings) one of their jobs passed in full
             for job in jobs:
                 try:
-                    if job.values and id(job.base) in passed:  # it differs only in its values
+                    seen = (id(job.base), _settings(job.values))
+                    if job.values and seen in passed:  # it differs only in seed and λ
                         schema.check_member(job.values)
                     else:
                         quick_checks(job.cfg)
-                        passed.add(id(job.base))
+                        passed.add(seen)
                     live.append(job)
                 except ConfigError as e:
                     fail(job, e)
@@ -355,12 +382,14 @@ def train_jobs(jobs: Sequence[Job], *, sweep: Mapping | None = None,
                 try:
                     make = factories.get(id(job.base)) or net_factory(job.base)
                     members[id(job)] = build_member(
-                        job.base, splits, job.seed, job.tree["regularization"],
+                        job.base, splits, job.tree,
                         check_optimizer=id(job.base) not in factories, make_net=make)
                     factories[id(job.base)] = make
                 except ConfigError as e:
                     fail(job, e)
-            ready = [j for j in live if id(j) in members]
+            # networks of equal optimizer settings side by side: one param group per setting
+            ready = sorted((j for j in live if id(j) in members),
+                           key=lambda j: optimizer_key(j.values))
             if ready and not max_models:
                 from l2lab.core.stacked import default_max_models
 
@@ -434,7 +463,7 @@ def train_group(cfgs: Sequence[DictConfig], overrides: Sequence[Sequence[str]],
                 output_dirs: Sequence[Path], *, sweep: Mapping | None = None,
                 max_models: int | None = None, job_nums: Sequence[int] | None = None
                 ) -> list[dict[str, float] | BaseException]:
-    """Train jobs whose configs differ only in λ, per-layer λ and seed as stacks of networks.
+    """Train jobs whose configs differ only in stacked keys (``stackable.STACKED``) as stacks.
     Each job is its own MLflow run with everything an ordinary run records, plus the tag
     ``l2lab.vectorized_group``. Returns, per job, its final metrics or the exception that ended
     it. (:func:`train_stack` with ``cfgs[0]`` and each job's values.)"""
@@ -449,7 +478,7 @@ def train_stack(cfg: DictConfig, values: Sequence[Mapping[str, Any]],
                 sweep: Mapping | None = None, max_models: int | None = None,
                 job_nums: Sequence[int] | None = None) -> list[dict[str, float] | BaseException]:
     """The vectorized launcher's groups: one config and, per job, its ``values`` of the stacked
-    keys (``composing.MEMBER_KEYS``; all jobs of a group share every other key). No job gets a
+    keys (``stackable.STACKED``; all jobs of a group share every other key). No job gets a
     config of its own unless something needs one: per job the bookkeeping is microseconds.
     With ``job_nums`` (a sweep's job numbers) each job's line is printed, in job order, as an
     ordinary sweep job says it."""
@@ -462,7 +491,7 @@ def train_stack(cfg: DictConfig, values: Sequence[Mapping[str, Any]],
     jobs = []
     for v, ov, d in zip(values, overrides, output_dirs, strict=True):
         v = dict(v)
-        lam = v["regularization.lam"]
+        lam = v.get("regularization.lam")
         if isinstance(lam, int) and not isinstance(lam, bool):
             v["regularization.lam"] = float(lam)  # as prepared(): "lam=0" logs as 0.0
         job = Job(base, list(ov), Path(d).resolve(), values=v, _tree=substitute(tree, v))
