@@ -17,13 +17,14 @@ from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 
 from l2lab.compat import hydra as ch
+from l2lab.compat import hydra_run_job as rj
 from l2lab.compat import lightning as cl
 from l2lab.compat import mlflow as cm
 from l2lab.compat import omegaconf as co
 
 
 @pytest.mark.parametrize("module,dist", [(cm, "mlflow"), (ch, "hydra-core"), (co, "omegaconf"),
-                                         (cl, "pytorch-lightning")])
+                                         (cl, "pytorch-lightning"), (rj, "hydra-core")])
 def test_each_compat_module_names_the_minor_version_installed(module, dist):
     """The header's version is the installed minor: a new minor needs this module re-checked."""
     name, checked = module.CHECKED_WITH.split()
@@ -144,6 +145,42 @@ def test_hydra_basic_sweeper_and_flush_loggers():
     finally:
         logging.getLogger().removeHandler(handler)
     assert flushed
+
+
+def test_run_job_copy_lazy_return_and_job_hooks():
+    """``JobReturn`` still has the fields the lazy return shadows; the configs are made once,
+    when first read; a callback counts as having job hooks only if it overrides one."""
+    import dataclasses
+
+    from hydra.core.utils import JobReturn, JobStatus
+    from hydra.experimental.callback import Callback
+
+    assert {"cfg", "hydra_cfg", "overrides", "_return_value", "status"} <= {
+        f.name for f in dataclasses.fields(JobReturn)}
+    made = []
+    cfg, hydra_cfg = OmegaConf.create({"a": 1}), OmegaConf.create({"hydra": {"b": 2}})
+    ret = rj.completed(lambda: made.append(1) or (cfg, hydra_cfg), ["a=1"], 0.25)
+    assert isinstance(ret, JobReturn) and made == []
+    assert (ret.return_value, ret.status, ret.overrides) == (0.25, JobStatus.COMPLETED, ["a=1"])
+    assert ret.cfg is cfg and ret.hydra_cfg is hydra_cfg and made == [1]
+    other = OmegaConf.create({"a": 3})
+    ret.cfg = other
+    assert ret.cfg is other and ret.hydra_cfg is hydra_cfg and made == [1]
+
+    class Quiet(Callback):
+        def on_multirun_end(self, config, **kwargs):
+            pass
+
+    class Hooked(Callback):
+        def on_job_end(self, config, job_return, **kwargs):
+            pass
+
+    def callbacks(*cs):
+        return type("Callbacks", (), {"callbacks": list(cs)})()
+
+    assert not rj.has_job_hooks(callbacks(Quiet()))
+    assert rj.has_job_hooks(callbacks(Quiet(), Hooked()))
+    assert rj.has_job_hooks(object())  # unknown: take run_job's own way
 
 
 HOOKS = """

@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -35,21 +35,17 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import (
     JobReturn,
-    JobRuntime,
-    JobStatus,
     configure_log,
-    env_override,
     filter_overrides,
     run_job,
     setup_globals,
 )
-from hydra.core.utils import JobReturn as _JobReturn
-from hydra.experimental.callback import Callback
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from l2lab.compat.hydra import flush_loggers
+from l2lab.compat.hydra_run_job import LOG_FILE, completed, has_job_hooks, record_job
 from l2lab.config.composing import (
     JobValues,
     SweepConfigs,
@@ -116,7 +112,6 @@ def plan(keys: Sequence[str | None]) -> list[list[int]]:
 #: What a job's hydra node holds of its own, beyond its group's composition.
 HYDRA_JOB_KEYS = ("hydra.job.num", "hydra.job.id", "hydra.job.override_dirname",
                   "hydra.overrides.task", "hydra.runtime.output_dir")
-_LOG_FILE = "${hydra.runtime.output_dir}/${hydra.job.name}.log"
 
 
 @dataclass
@@ -140,45 +135,6 @@ class _CompositionCache:
     base: Optional[DictConfig] = None  # noqa: UP045 the task config (no hydra node)
     sweep_dir: Optional[str] = None  # noqa: UP045 None: a job's folder needs its config
     files: Any = None  # (config template, hydra template, output subdir, log files) or False
-
-
-class _StackedJobReturn(_JobReturn):
-    """A stacked job's JobReturn. Its ``cfg`` and ``hydra_cfg`` (the job's own config: ~20 ms to
-    derive) are made when first read; Hydra's sweepers read the overrides, status and value."""
-
-    def __init__(self, make: Callable[[], tuple[DictConfig, DictConfig]], **kwargs: Any) -> None:
-        self._make, self._made = make, None
-        super().__init__(**kwargs)
-
-    def _configs(self) -> tuple[DictConfig, DictConfig]:
-        if self._made is None:
-            self._made = self._make()
-        return self._made
-
-    @property
-    def cfg(self) -> DictConfig:  # type: ignore[override]
-        return self._configs()[0]
-
-    @cfg.setter
-    def cfg(self, value: Any) -> None:
-        if value is not None:
-            self._made = (value, self._configs()[1])
-
-    @property
-    def hydra_cfg(self) -> DictConfig:  # type: ignore[override]
-        return self._configs()[1]
-
-    @hydra_cfg.setter
-    def hydra_cfg(self, value: Any) -> None:
-        if value is not None:
-            self._made = (self._configs()[0], value)
-
-
-def _job_hooks(callbacks: Any) -> bool:
-    """Whether a callback does anything at a job's start or end (l2lab's own does not)."""
-    return any(type(c).on_job_start is not Callback.on_job_start
-               or type(c).on_job_end is not Callback.on_job_end
-               for c in getattr(callbacks, "callbacks", [object()]))
 
 
 class VectorizedLauncher(Launcher):
@@ -360,7 +316,7 @@ class VectorizedLauncher(Launcher):
         assert self.hydra_context is not None
         values = [float(r.get("val/ce", math.nan)) if isinstance(r, dict) else math.nan
                   for r in results]
-        hooks = _job_hooks(self.hydra_context.callbacks)
+        hooks = has_job_hooks(self.hydra_context.callbacks)
         slow = False
         for i, job, value in zip(group, jobs, values, strict=True):
             files = None if hooks or job.member is None else self._files(job.member)
@@ -383,7 +339,7 @@ class VectorizedLauncher(Launcher):
             logging_cfg = OmegaConf.to_container(rep.hydra.job_logging, resolve=False) or {}
             names = [h.get("filename") for h in (logging_cfg.get("handlers") or {}).values()
                      if isinstance(h, dict) and "filename" in h]
-            if rep.hydra.job.chdir or any(n != _LOG_FILE for n in names) or g.base is None:
+            if rep.hydra.job.chdir or any(n != LOG_FILE for n in names) or g.base is None:
                 g.files = False
             else:
                 task = OmegaConf.to_container(g.base, resolve=False, enum_to_str=True)
@@ -417,11 +373,7 @@ class VectorizedLauncher(Launcher):
                                ("hydra.yaml", hydra.render(own)),
                                ("overrides.yaml", dump_yaml(list(member.task)))):
                 (out / subdir / name).write_text(text, encoding="utf-8")
-        ret = _StackedJobReturn(lambda: self._configs(job), overrides=list(member.task),
-                                working_dir=os.getcwd(),
-                                task_name=JobRuntime.instance().get("name"))
-        ret.return_value, ret.status = value, JobStatus.COMPLETED
-        return ret
+        return completed(lambda: self._configs(job), list(member.task), value)
 
     def _configs(self, job: _Job) -> tuple[DictConfig, DictConfig]:
         """(task config, hydra config) of a job, as ``run_job`` leaves them in its JobReturn."""
@@ -429,39 +381,9 @@ class VectorizedLauncher(Launcher):
         return task_config(cfg), OmegaConf.masked_copy(cfg, "hydra")
 
     def _done(self, cfg: DictConfig, value: float) -> JobReturn:
-        """``run_job`` for a job trained in a stack: the same folder, ``.hydra/`` files, job
-        logging, callbacks and JobReturn, without its four copies of the config and with the YAML
-        emitted by libyaml. The rare ``hydra.job.chdir=true`` goes through ``run_job`` itself.
-        The caller restores Hydra's own logging after a group's jobs."""
-        if cfg.hydra.job.chdir:
-            return run_job(hydra_context=self.hydra_context, task_function=lambda _cfg: value,
-                           config=cfg, job_dir_key="hydra.sweep.dir",
-                           job_subdir_key="hydra.sweep.subdir")
-        hydra_context, orig = self.hydra_context, HydraConfig.instance().cfg
-        HydraConfig.instance().set_config(cfg)  # with runtime.output_dir (set by _output_dir)
-        try:
-            ret = JobReturn()
-            ret.cfg, ret.hydra_cfg = task_config(cfg), HydraConfig.instance().cfg
-            ret.overrides = list(cfg.hydra.overrides.task)
-            ret.working_dir = os.getcwd()
-            out = Path(str(cfg.hydra.runtime.output_dir))
-            out.mkdir(parents=True, exist_ok=True)
-            configure_log(cfg.hydra.job_logging, cfg.hydra.verbose)
-            if cfg.hydra.output_subdir is not None:
-                files = out / str(cfg.hydra.output_subdir)
-                files.mkdir(parents=True, exist_ok=True)
-                for name, node in (("config.yaml", ret.cfg), ("hydra.yaml", ret.hydra_cfg),
-                                   ("overrides.yaml", cfg.hydra.overrides.task)):
-                    (files / name).write_text(to_yaml(node), encoding="utf-8")
-            with env_override(ret.hydra_cfg.hydra.job.env_set):
-                hydra_context.callbacks.on_job_start(config=cfg, task_function=self.task_function)
-                ret.return_value, ret.status = value, JobStatus.COMPLETED
-            ret.task_name = JobRuntime.instance().get("name")
-            flush_loggers()
-            hydra_context.callbacks.on_job_end(config=cfg, job_return=ret)
-            return ret
-        finally:
-            HydraConfig.instance().cfg = orig  # (hydra logging: restored by _record)
+        """``run_job``'s bookkeeping of a job trained in a stack (``compat.hydra_run_job``)."""
+        return record_job(self.hydra_context, self.task_function, cfg, value, task_config(cfg),
+                          to_yaml)
 
 
 def _here(stack: Stack, sweep: Any, max_models: int | None) -> Any:
