@@ -267,6 +267,7 @@ def test_stacks_on_two_worker_processes_record_what_the_serial_launcher_does(tmp
     _same_as_serial(runs, serial)
 
 
+@pytest.mark.slow
 def test_stacks_as_tasks_of_a_local_ray_instance_record_what_the_serial_launcher_does(
         tmp_path, serial):
     # a Ray task gets OMP_NUM_THREADS = its num_cpus; the CPU kernels' rounding follows the
