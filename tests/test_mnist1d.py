@@ -29,11 +29,9 @@ def _compose(*overrides: str, hydra: bool = False):
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    """One generated copy shared by the tests that only read it."""
-    path = tmp_path_factory.mktemp("mnist1d_data")
-    load_data(_data(path))
-    return path
+def root(mnist1d_root):
+    """One generated copy (the session's) shared by the tests that only read it."""
+    return mnist1d_root
 
 
 def test_generation_is_deterministic_offline_and_cached(tmp_path, monkeypatch, root):
