@@ -72,6 +72,18 @@ def client(store: str) -> MlflowClient:
     return MlflowClient(store)
 
 
+@pytest.fixture(scope="session")
+def mnist1d_root(tmp_path_factory) -> Path:
+    """MNIST-1D generated once per session (per xdist worker), for ``data.root=``: generating
+    it takes 2-12 s on 2 cores, and the cached file serves every split and size."""
+    from l2lab.core.data import load_data
+
+    root = tmp_path_factory.mktemp("mnist1d_data")
+    load_data({"name": "mnist1d", "root": str(root), "train_size": None, "val_size": 500,
+               "split_seed": 0, "batch_size": 100})
+    return root
+
+
 def make_cfg(*overrides: str, tiny: bool = True):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("train", overrides=[*(TINY if tiny else []), *overrides])

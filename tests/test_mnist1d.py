@@ -29,14 +29,12 @@ def _compose(*overrides: str, hydra: bool = False):
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    """One generated copy shared by the tests that only read it."""
-    path = tmp_path_factory.mktemp("mnist1d_data")
-    load_data(_data(path))
-    return path
+def root(mnist1d_root):
+    """One generated copy (the session's) shared by the tests that only read it."""
+    return mnist1d_root
 
 
-def test_generation_is_deterministic_offline_and_cached(tmp_path, monkeypatch):
+def test_generation_is_deterministic_offline_and_cached(tmp_path, monkeypatch, root):
     import mnist1d.data
 
     def no_network(*a, **kw):
@@ -46,24 +44,22 @@ def test_generation_is_deterministic_offline_and_cached(tmp_path, monkeypatch):
     np.random.seed(123)
     random.seed(123)
     before = (np.random.get_state()[1].copy(), random.getstate())
-    a = load_data(_data(tmp_path / "a"))
+    b = load_data(_data(tmp_path / "b"))  # an independent generation (the module's is another)
     # the generator seeds numpy's and random's global state; loading leaves both as they were
     assert np.array_equal(np.random.get_state()[1], before[0]) and random.getstate() == before[1]
-    (cache,) = (tmp_path / "a" / "mnist1d").glob("*.npz")
-    b = load_data(_data(tmp_path / "b"))  # a second, independent generation
-    for split in ("train", "val", "test"):
-        for t_a, t_b in zip(getattr(a, split), getattr(b, split), strict=True):
-            assert torch.equal(t_a, t_b), split
+    (cache,) = (root / "mnist1d").glob("*.npz")
 
-    # the second load of the same root reads the cache: the generator is not called again
+    # loading the module's root reads its cache: the generator is not called again
     def generator_called(*a, **kw):
         raise AssertionError("the cached file should have been used")
 
     monkeypatch.setattr(mnist1d.data, "make_dataset", generator_called)
     stamp = cache.stat().st_mtime_ns
-    c = load_data(_data(tmp_path / "a"))
+    a = load_data(_data(root))
     assert cache.stat().st_mtime_ns == stamp
-    assert torch.equal(a.test[0], c.test[0]) and torch.equal(a.train[1], c.train[1])
+    for split in ("train", "val", "test"):  # two generations, the same data
+        for t_a, t_b in zip(getattr(a, split), getattr(b, split), strict=True):
+            assert torch.equal(t_a, t_b), split
 
     # shapes, classes and sizes: 4000 train (here 3500 + 500 val) and 1000 test sequences of 1×40
     assert a.in_shape == (1, 40) and a.num_classes == 10

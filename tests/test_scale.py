@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY, make_cfg, run_cli, runs_of
+from conftest import TINY, copy_store, make_cfg, run_cli, runs_of
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra._internal.utils import create_config_search_path
@@ -217,10 +217,10 @@ def _read(client: MlflowClient, runs: list) -> dict[tuple[str, str], dict]:
 
 
 @pytest.fixture(scope="module")
-def serial(tmp_path_factory) -> dict[tuple[str, str], dict]:
+def serial(tmp_path_factory, store_template) -> dict[tuple[str, str], dict]:
     """The serial launcher's stacks: ``train_group`` in this process, as it calls it."""
     tmp = tmp_path_factory.mktemp("serial")
-    store = f"sqlite:///{tmp}/mlflow.db"
+    store = copy_store(store_template, tmp)
     for lr in LRS:
         ovs = [[f"regularization.lam={lam}", f"optimizer.lr={lr}", *TINY] for lam in LAMS]
         cfgs = [make_cfg(*ov, f"tracking.uri={store}", tiny=False) for ov in ovs]
@@ -232,7 +232,8 @@ def serial(tmp_path_factory) -> dict[tuple[str, str], dict]:
 
 def _sweep(tmp_path, *extra: str) -> tuple[dict[tuple[str, str], dict], str]:
     """Run the sweep; its jobs as :func:`_read` gives them, and what it printed. The parent run
-    ends FINISHED with its table and figures, as any sweep's."""
+    ends FINISHED with its table and figures, as any sweep's. The store is new (no template):
+    the worker processes create its schema together, as a user's first sweep does."""
     store = f"sqlite:///{tmp_path}/mlflow.db"
     r = run_cli("l2lab.train", *SWEEP, *extra, f"tracking.uri={store}",
                 f"hydra.sweep.dir={tmp_path}/multirun", cwd=tmp_path)
@@ -275,6 +276,7 @@ def test_stacks_on_two_worker_processes_record_what_the_serial_launcher_does(tmp
     _same_as_serial(runs, serial)
 
 
+@pytest.mark.slow
 def test_stacks_as_tasks_of_a_local_ray_instance_record_what_the_serial_launcher_does(
         tmp_path, serial):
     # a Ray task gets OMP_NUM_THREADS = its num_cpus; the CPU kernels' rounding follows the

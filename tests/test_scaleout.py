@@ -46,6 +46,7 @@ def test_launcher_presets_compose(launcher, target):
         assert hl.tasks_per_node == 1 and hl.nodes == 1
 
 
+@pytest.mark.slow
 def test_ray_sweep_has_parent_children_and_summary(tmp_path, store, client):
     r = run_cli("l2lab.train", "-m", "hydra/launcher=ray",
                 "+hydra.launcher.ray.init.num_cpus=2",
@@ -67,6 +68,7 @@ def test_submitit_local_sweep_has_parent_children_and_summary(tmp_path, store, c
 
 
 # -- the team store ------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.skipif(bool(postgres_missing()), reason=postgres_missing() or "")
 def test_parallel_sweep_into_mlflow_server_on_postgresql(tmp_path):
     port = free_port()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import TINY, free_port, run_cli, runs_of, wait_healthy
+from conftest import TINY, copy_store, free_port, run_cli, runs_of, wait_healthy
 from mlflow.tracking import MlflowClient
 
 from l2lab import compare
@@ -20,10 +20,10 @@ LAMS = ["0.0", "0.01", "1.0"]
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory):
-    """A real multirun of 3 λ × 2 seeds into a fresh SQLite store (run once for this module)."""
+def swept(tmp_path_factory, store_template):
+    """A real multirun of 3 λ × 2 seeds into a new SQLite store (run once for this module)."""
     root = tmp_path_factory.mktemp("sweep")
-    store = f"sqlite:///{root}/mlruns/mlflow.db"
+    store = copy_store(store_template, root)
     r = run_cli("l2lab.train", "-m", "regularization.lam=0,0.01,1", "seed=0,1", *TINY,
                 f"tracking.uri={store}", f"hydra.sweep.dir={root}/multirun/s1", cwd=root)
     return root, store, r
@@ -150,6 +150,7 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path, store, client):
     assert summary["failed"].sum() == 1
 
 
+@pytest.mark.slow  # the whole default sweep: 24 jobs of 40 epochs
 def test_default_sweep_tells_the_notes_story(tmp_path, store, client):
     """The lambda_sweep preset (what `make sweep` runs): for every seed the gap shrinks as λ
     grows, the largest λ underfits, and val CE is lowest at an interior λ."""

@@ -180,6 +180,7 @@ def team(tmp_path_factory):
     assert not glob.glob(str(tmp / "tmpdir" / "l2lab-auth.*"))
 
 
+@pytest.mark.slow  # the server (PostgreSQL + MLflow with auth): ~45 s to start
 def test_the_store_needs_a_login(team):
     search = "/api/2.0/mlflow/experiments/search?max_results=1"
     assert _rest(team.uri, search)[0] == 401
@@ -190,6 +191,7 @@ def test_the_store_needs_a_login(team):
     assert status == 200 and "digits-mlp" in text
 
 
+@pytest.mark.slow
 def test_a_viewer_reads_but_cannot_write(team):
     viewer = ("viewer", team.pw["viewer"])
     status, text = _rest(team.uri, "/api/2.0/mlflow/experiments/get-by-name"
@@ -213,6 +215,7 @@ def _all_runs(uri: str, admin_pw: str, monkeypatch) -> list:
     return runs
 
 
+@pytest.mark.slow
 def test_bad_logins_fail_before_training(team, tmp_path, monkeypatch):
     before = _all_runs(team.uri, team.pw["admin"], monkeypatch)
     cases = [  # (login, sweep?)
@@ -245,6 +248,7 @@ def test_bad_logins_fail_before_training(team, tmp_path, monkeypatch):
     assert not [r for r in after if r.info.status == "RUNNING"]
 
 
+@pytest.mark.slow
 def test_a_members_parallel_sweep_and_no_password_anywhere(team, tmp_path, monkeypatch):
     login = {"MLFLOW_TRACKING_USERNAME": "member", "MLFLOW_TRACKING_PASSWORD": team.pw["member"]}
     r = run_cli("l2lab.train", "-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2",

@@ -16,7 +16,7 @@ from conftest import TINY, free_port, run_cli, wait_healthy
 
 from l2lab.tracking import ui
 
-pytestmark = pytest.mark.skipif(
+needs_chromium = pytest.mark.skipif(
     chromium_path() is None,
     reason="headless chromium is not installed (apt-get install chromium; .ci/run does)")
 
@@ -61,6 +61,7 @@ def _printed(stdout: str, label: str) -> str:
     return match.group(1)
 
 
+@pytest.mark.slow
 def test_every_printed_link_opens_the_training_view(server, sweep):
     root, base = server
     parent = _printed(sweep.stdout, "parent run:")
@@ -77,6 +78,8 @@ def test_every_printed_link_opens_the_training_view(server, sweep):
     assert "[HYDRA] \t#" not in sweep.stdout and "GPU available" not in sweep.stdout
 
 
+@pytest.mark.slow
+@needs_chromium
 def test_the_parent_link_shows_the_training_view_and_the_report(server, sweep, tmp_path):
     root, base = server
     parent = _printed(sweep.stdout, "parent run:")
