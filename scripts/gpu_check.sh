@@ -13,7 +13,8 @@ On a CUDA machine, one command: the GPU tests (pytest -m gpu), the harness-vs-pl
 benchmark on the GPU (python -m l2lab.bench --device cuda ARGS), a 16-λ sweep benchmark,
 vectorized vs basic launcher (python -m l2lab.bench --sweep), and a 500-job MNIST-1D sweep
 (100 λ × 5 seeds, 50 epochs) against one ordinary run of the same config, with their ratio
-(python -m l2lab.bench --vs-run 100 5).
+(python -m l2lab.bench --vs-run 100 5), and the two-factor grid (5 lr × 8 λ × 3 seeds, 120
+networks) as one stack against one stack per lr (python -m l2lab.bench --sweep --two-factor).
 
 Uses $PYTHON, else .venv/bin/python (made with `make venv` when missing).
 Exit status: 0 when all pass; 3 when torch sees no GPU (rather than passing with every GPU test
@@ -47,3 +48,10 @@ echo "== sweep benchmark: 16 λ, vectorized vs basic launcher (l2lab.bench --swe
 echo "== scale benchmark: a 500-job MNIST-1D sweep vs one run (l2lab.bench --vs-run 100 5)"
 "$PY" -m l2lab.bench --vs-run 100 5 | tee /dev/stderr | "$PY" -c \
     'import json, sys; print("gpu_check: 500-job sweep / one run = %.2f" % json.load(sys.stdin)["ratio"])'
+
+# λ × lr: 5 lr × 8 λ × 3 seeds (120 networks) as one stack, against one stack per lr
+echo "== two-factor benchmark: 120 networks, one stack vs one per lr (bench --sweep --two-factor)"
+"$PY" -m l2lab.bench --sweep --two-factor --repeats 1 -- \
+    optimizer.lr=0.01,0.02,0.05,0.1,0.2 regularization.lam=0,1e-3,1e-2,3e-2,0.1,0.3,1,3 \
+    seed=0,1,2 | tee /dev/stderr | "$PY" -c \
+    'import json, sys; r = json.load(sys.stdin); print("gpu_check: per-lr stacks / one stack = %.2f, same numbers: %s" % (r["ratio_per_lr_over_one_stack"], r["same_final_val_ce"]))'

@@ -119,3 +119,22 @@ def test_bench_per_job_and_vs_run_time_whole_sweeps_and_report_their_ratios(tmp_
     assert "repeat 0, run" in r.stderr and "repeat 0, sweep" in r.stderr
     assert vs["median_s"]["sweep"] > 0 and vs["median_s"]["run"] > 0 and "ratio" in vs
     assert not list(tmp_path.glob("mlruns"))  # the benchmarks' stores are temporary
+
+
+@pytest.mark.slow
+def test_bench_two_factor_times_one_stack_against_one_stack_per_lr(tmp_path):
+    """``bench --sweep --two-factor``: the λ × seed × lr grid as one stack and as one stack per
+    lr, whole processes; both train the same numbers."""
+    r = run_cli("l2lab.bench", "--sweep", "--two-factor", "--repeats", "1", "--",
+                "trainer.max_epochs=2", "data.train_size=60", "model.hidden=[16]",
+                "regularization.lam=0,0.5", "seed=0,1", "optimizer.lr=0.01,0.05",
+                cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout)
+    assert result["settings"]["lrs"] == [0.01, 0.05] and result["settings"]["jobs"] == 8
+    med = result["median_s"]
+    assert result["ratio_per_lr_over_one_stack"] == pytest.approx(
+        med["per_lr"] / med["one_stack"])
+    assert result["same_final_val_ce"] is True
+    assert len(result["final_val_ce"]) == 4  # 2 lr × 2 λ rows
+    assert "max_models=4" in result["sides"]["per_lr"]

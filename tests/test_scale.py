@@ -198,17 +198,20 @@ def test_sweep_presets_use_the_grouped_sweeper():
 
 
 # -- stacks beyond one process -----------------------------------------------------------------
-LAMS, LRS = ("0", "0.1"), ("0.05", "0.2")  # 2 stacks (one per lr) of 2 jobs
+# 2 stacks (one per batch size: another data stream; an lr would stack) of 2 jobs
+LAMS, SIZES = ("0", "0.1"), ("40", "20")
+_TINY = [o for o in TINY if not o.startswith("data.batch_size=")]
 SWEEP = ["-m", "hydra/launcher=vectorized", "hydra/sweeper=grouped",
-         f"regularization.lam={','.join(LAMS)}", f"optimizer.lr={','.join(LRS)}", *TINY]
+         f"regularization.lam={','.join(LAMS)}", f"data.batch_size={','.join(SIZES)}", *_TINY]
 
 
 def _read(client: MlflowClient, runs: list) -> dict[tuple[str, str], dict]:
-    """Per job (λ, lr): status, stack id, params but the store's URI, metric histories."""
+    """Per job (λ, batch size): status, stack id, params but the store's URI, metric
+    histories."""
     out = {}
     for c in runs:
         params = {k: v for k, v in c.data.params.items() if k != "tracking.uri"}
-        out[(params["regularization.lam"], params["optimizer.lr"])] = {
+        out[(params["regularization.lam"], params["data.batch_size"])] = {
             "status": c.info.status, "group": c.data.tags.get("l2lab.vectorized_group"),
             "params": params,
             **{k: [(m.step, m.value) for m in sorted(client.get_metric_history(
@@ -221,11 +224,11 @@ def serial(tmp_path_factory, store_template) -> dict[tuple[str, str], dict]:
     """The serial launcher's stacks: ``train_group`` in this process, as it calls it."""
     tmp = tmp_path_factory.mktemp("serial")
     store = copy_store(store_template, tmp)
-    for lr in LRS:
-        ovs = [[f"regularization.lam={lam}", f"optimizer.lr={lr}", *TINY] for lam in LAMS]
+    for bs in SIZES:
+        ovs = [[f"regularization.lam={lam}", f"data.batch_size={bs}", *_TINY] for lam in LAMS]
         cfgs = [make_cfg(*ov, f"tracking.uri={store}", tiny=False) for ov in ovs]
         assert all(isinstance(r, dict) for r in train_group(
-            cfgs, ovs, [tmp / f"{lr}-{lam}" for lam in LAMS]))
+            cfgs, ovs, [tmp / f"{bs}-{lam}" for lam in LAMS]))
     client = MlflowClient(store)
     return _read(client, runs_of(client))
 
@@ -303,7 +306,7 @@ class Probe(Callback):
         with open(self.path, "a") as f:
             f.write(json.dumps({
                 "num": config.hydra.job.num, "lam": config.regularization.lam,
-                "lr": config.optimizer.lr, "out": config.hydra.runtime.output_dir,
+                "bs": config.data.batch_size, "out": config.hydra.runtime.output_dir,
                 "ret_lam": job_return.cfg.regularization.lam,
                 "ret_num": job_return.hydra_cfg.hydra.job.num,
                 "value": job_return.return_value}) + "\\n")
@@ -321,7 +324,7 @@ def test_a_callback_with_job_hooks_sees_each_stacked_job_as_run_job_gives_it(tmp
     lines = [json.loads(line) for line in seen.read_text().splitlines()]
     assert sorted(x["num"] for x in lines) == [0, 1, 2, 3]
     for x in lines:
-        run = runs[(str(float(x["lam"])), str(x["lr"]))]
+        run = runs[(str(float(x["lam"])), str(x["bs"]))]
         assert x["ret_lam"] == x["lam"] and x["ret_num"] == x["num"]
         assert x["value"] == run["val/ce"][-1][1]
         assert x["out"] == str(tmp_path / "multirun" / str(x["num"]))

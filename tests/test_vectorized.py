@@ -233,3 +233,53 @@ def test_interrupted_stack_is_killed_and_a_child_resumes_alone(tmp_path, store, 
     assert ce[-1] < ce[0]  # it trained on from the stack's weights, not from scratch
     old = client.get_run(rid)
     assert old.info.status == "KILLED" and old.data.tags["l2lab.continued_by"] == new.info.run_id
+
+
+def test_the_lr_by_decay_preset_is_one_stack_of_108_networks():
+    """experiment=mnist1d_lr_decay: 2 arms × 3 lr × 6 λ × 3 seeds, composed twice (one per arm)
+    and planned as one stack; each arm's own unit of λ (the README's λ × lr figures)."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from l2lab import CONF_DIR
+    from l2lab.config.composing import SweepConfigs
+    from l2lab.config.stackable import member_lams, shape_key, task_config, valid_lams
+
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(CONF_DIR)))
+    master = loader.load_configuration("train", overrides=["experiment=mnist1d_lr_decay"],
+                                       run_mode=RunMode.MULTIRUN)
+    params = ["experiment=mnist1d_lr_decay",
+              *(f"{k}={v}" for k, v in master.hydra.sweeper.params.items())]
+    (batch,) = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(params), None)
+    assert len(batch) == 108
+    configs = SweepConfigs(loader)
+    configs.validate(master, batch)
+    assert configs.compositions == 2
+    members = [configs.member(master, ov) for ov in batch]
+    keys = {shape_key(OmegaConf.to_container(task_config(m.rep), resolve=True))
+            for m in members if valid_lams(member_lams(m.values))}
+    assert len(keys) == 1 and None not in keys
+    arms = {(m.values["regularization.name"], m.values["regularization.mode"],
+             m.values["regularization.normalize"]) for m in members}
+    assert arms == {("l2", "loss", "batch"), ("decoupled", "optimizer", "none")}
+    assert {m.rep.optimizer._target_ for m in members} == {"torch.optim.AdamW"}
+    assert {m.rep.model.hidden[0] for m in members} == {100}  # the paper's MLP
+
+
+def test_adamw_without_weight_decay_steps_as_adam():
+    """The preset's L2 arm runs on AdamW (one optimizer class, one stack): with weight_decay 0
+    its step is Adam's, bit for bit."""
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(50, 7))
+    b = torch.nn.Parameter(a.detach().clone())
+    opts = [torch.optim.Adam([a], lr=3e-3), torch.optim.AdamW([b], lr=3e-3, weight_decay=0.0)]
+    for step in range(20):
+        g = torch.randn(50, 7) * (step + 1)
+        for p, opt in zip((a, b), opts, strict=True):
+            p.grad = g.clone()
+            opt.step()
+        assert torch.equal(a, b)

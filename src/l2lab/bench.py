@@ -302,6 +302,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="instead: the default λ sweep through the vectorized and the basic "
                    "launcher, a plain loop and a plain stacked loop, as whole processes "
                    "(--repeats defaults to 3 there; overrides after --)")
+    p.add_argument("--two-factor", action="store_true",
+                   help="with --sweep: the λ × seed grid crossed with learning rates "
+                   "(optimizer.lr=a,b after --; default 0.01,0.05) as one stack against one "
+                   "stack per lr, whole processes")
     p.add_argument("--per-job", nargs=2, type=int, metavar=("M", "N"), default=None,
                    help="instead: the bookkeeping cost per job, (T(N) - T(M)) / (N - M), from "
                    "whole MNIST-1D sweeps of M and N jobs with tiny compute (e.g. 20 500)")
@@ -322,6 +326,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.hidden = ",".join(map(str, widths))
     if args.per_job and not (5 <= args.per_job[0] < args.per_job[1]):
         p.error("--per-job M N needs 5 <= M < N (jobs are λ × 5 seeds)")
+    if args.two_factor and not args.sweep:
+        p.error("--two-factor goes with --sweep")
     if args.vs_run and min(args.vs_run) < 1:
         p.error("--vs-run LAMS SEEDS needs LAMS, SEEDS >= 1")
     args.repeats = args.repeats or (3 if args.sweep else 1 if args.per_job or args.vs_run
@@ -345,6 +351,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 from l2lab.bench_sweep import bench_per_job
 
                 result = bench_per_job(tuple(args.per_job), list(args.overrides), args.repeats)
+            elif args.sweep and args.two_factor:
+                from l2lab.bench_sweep import bench_two_factor
+
+                result = bench_two_factor(args.repeats, list(args.overrides))
             elif args.sweep:
                 from l2lab.bench_sweep import bench_sweep
 

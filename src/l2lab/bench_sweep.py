@@ -322,6 +322,69 @@ def bench_sweep(repeats: int, overrides: list[str], single: bool = True) -> dict
     return result
 
 
+# -- two factors: one stack against one stack per lr ------------------------------------------
+TWO_FACTOR_LRS = "0.01,0.05"
+
+
+def _summary(work: Path) -> dict[str, float]:
+    """The sweep's summary.csv as {row without its numbers: mean final val/ce}."""
+    import csv
+
+    with open(work / "multirun" / "s" / "report" / "summary.csv") as f:
+        reader = csv.DictReader(f)
+        keys = reader.fieldnames[:reader.fieldnames.index("runs")]  # the row's condition, λ
+        return {" ".join(f"{k}={r[k]}" for k in keys): float(r["val/ce_mean"]) for r in reader}
+
+
+def bench_two_factor(repeats: int, overrides: list[str]) -> dict[str, Any]:
+    """The default sweep's λ × seed grid crossed with learning rates (an ``optimizer.lr=a,b,…``
+    override; default 0.01,0.05), two whole ``python -m l2lab.train -m`` processes side by side,
+    interleaved: ``one_stack`` (every job in one stack: lr is a per-network setting) and
+    ``per_lr`` (``hydra.launcher.max_models`` = the jobs of one lr: the stacks that grouping by
+    lr gave before lr was stacked; jobs are ordered by their optimizer settings, so each stack
+    holds one lr). Both must train the same numbers: each child equals its ordinary run."""
+    lrs = next((o.partition("=")[2] for o in overrides if o.startswith("optimizer.lr=")),
+               TWO_FACTOR_LRS)
+    rest = [o for o in overrides if not o.startswith("optimizer.lr=")]
+    spec = _spec(rest)
+    per_lr = len(spec["lams"]) * len(spec["seeds"])
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    sides = {"one_stack": [], "per_lr": [f"hydra.launcher.max_models={per_lr}"]}
+    times: dict[str, list[float]] = {s: [] for s in sides}
+    finals: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="l2lab-bench-two-factor-") as d:
+        tmp = Path(d)
+        store = _store(tmp, env)
+        for r in range(repeats):
+            for side in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+                work = Path(tempfile.mkdtemp(dir=tmp, prefix=f"{side}-"))
+                cmd = [sys.executable, "-m", "l2lab.train", "-m", *spec["overrides"],
+                       f"optimizer.lr={lrs}",
+                       f"regularization.lam={','.join(map(str, spec['lams']))}",
+                       f"seed={','.join(map(str, spec['seeds']))}", *sides[side],
+                       f"hydra.sweep.dir={work}/multirun/s", f"tracking.uri={store}"]
+                seconds, _ = _timed(cmd, work, env)
+                times[side].append(seconds)
+                finals[side] = _summary(work)
+                print(f"l2lab.bench --sweep --two-factor: repeat {r} {side}: {seconds:.2f} s",
+                      file=sys.stderr, flush=True)
+    med = {s: statistics.median(t) for s, t in times.items()}
+    n_lrs = len(lrs.split(","))
+    return {"settings": {**spec, "lrs": [float(v) for v in lrs.split(",")],
+                         "jobs": per_lr * n_lrs, "repeats": repeats, "overrides": overrides},
+            "sides": {"one_stack": f"python -m l2lab.train -m experiment=lambda_sweep with "
+                                   f"{n_lrs} lr × {per_lr} jobs: one stack of {per_lr * n_lrs}",
+                      "per_lr": f"the same with hydra.launcher.max_models={per_lr}: {n_lrs} "
+                                f"stacks of {per_lr}, one per lr"},
+            "seconds": times, "median_s": med,
+            "ratio_per_lr_over_one_stack": med["per_lr"] / med["one_stack"],
+            "same_final_val_ce": finals["one_stack"] == finals["per_lr"],
+            "final_val_ce": finals["one_stack"],
+            "env": {"python": sys.version.split()[0], "cpu_count": os.cpu_count(),
+                    "load_avg_1m_at_end": os.getloadavg()[0]}}
+
+
 # -- per-job cost ---------------------------------------------------------------------------------
 PER_JOB = ["experiment=mnist1d_sweep", "data.train_size=500", "trainer.max_epochs=2"]
 PER_JOB_SEEDS = 5

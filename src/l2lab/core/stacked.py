@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from l2lab.core.module import L2Module
+from l2lab.core.module import L2Module, SegmentedOptimizer
 from l2lab.core.regularization import L2Penalty, SelectedLayer
 
 #: Parameter-free modules that treat every row of the batch on its own.
@@ -239,120 +239,6 @@ def stack_members(members: Sequence[StackMember], optimizer_class: type[torch.op
     return L2Module(net, penalty, make_optimizer, batch_size=batch_size,
                     modes=[m.mode for m in members], clips=[m.clip for m in members],
                     selections=[m.penalty.layer_names for m in members])
-
-
-class SegmentedOptimizer(torch.optim.Optimizer):
-    """One optimizer class over K stacked networks whose hyperparameters differ: per run of
-    networks [a, b) with equal settings, one torch optimizer (its own param group) over views
-    ``p[a:b]`` of the stacked tensors, stepped on the views of their gradients. Each network's
-    step is then its ordinary run's (same class, settings and elementwise kernels); the stack
-    pays one optimizer call per distinct setting, not per network.
-
-    Its ``state_dict`` is that of one optimizer over the stacked tensors (each state tensor with
-    a leading K dimension), plus each segment's param groups, so that a member's checkpoint is a
-    stack of one's (``member_checkpoints``).
-    """
-
-    def __init__(self, params, optimizer_class: type[torch.optim.Optimizer],
-                 segments: Sequence[tuple[int, int, dict]]) -> None:
-        params = list(params)
-        super().__init__(params, {})
-        self.optimizer_class = optimizer_class
-        self.segments = []
-        for a, b, kwargs in segments:
-            views = [p.detach()[a:b] for p in params]
-            self.segments.append((a, b, views, optimizer_class(views, **kwargs)))
-
-    @torch.no_grad()
-    def step(self, closure=None):  # noqa: ANN001, ANN201 (torch's signature)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        params = self.param_groups[0]["params"]
-        for a, b, views, opt in self.segments:
-            for p, v in zip(params, views, strict=True):
-                v.grad = None if p.grad is None else p.grad[a:b]
-            opt.step()
-            for v in views:
-                v.grad = None
-        return loss
-
-    def member_groups(self, k: int) -> list[dict]:
-        """Network k's param groups, as its stack of one's optimizer has them."""
-        for a, b, _, opt in self.segments:
-            if a <= k < b:
-                return opt.state_dict()["param_groups"]
-        raise IndexError(k)
-
-    def lrs(self) -> list[float]:
-        """Each network's learning rate."""
-        return [float(opt.param_groups[0]["lr"]) for a, b, _, opt in self.segments
-                for _ in range(a, b)]
-
-    def member_state(self, k: int) -> list[dict]:
-        """Network k's state tensors (views into its segment's, to zero in place)."""
-        for a, b, views, opt in self.segments:
-            if a <= k < b:
-                return [{key: v[k - a] for key, v in opt.state.get(view, {}).items()
-                         if torch.is_tensor(v) and v.dim() > 0} for view in views]
-        raise IndexError(k)
-
-    def state_dict(self) -> dict:
-        params = self.param_groups[0]["params"]
-        state: dict[int, dict] = {}
-        for i, p in enumerate(params):
-            parts = [(a, b, opt.state.get(views[i], {})) for a, b, views, opt in self.segments]
-            keys = list(dict.fromkeys(key for _, _, st in parts for key in st))
-            merged = {}
-            for key in keys:
-                values = [st.get(key) for _, _, st in parts]
-                shaped = [v for v in values if torch.is_tensor(v) and v.dim() > 0]
-                if not shaped:  # a scalar ("step"): the same in every segment
-                    v = next(v for v in values if v is not None)
-                    merged[key] = v.clone() if torch.is_tensor(v) else v
-                    continue
-                merged[key] = torch.cat([
-                    v if torch.is_tensor(v) and v.dim() > 0
-                    else torch.zeros_like(p.detach()[a:b])
-                    for (a, b, _), v in zip(parts, values, strict=True)])
-            if merged:
-                state[i] = merged
-        return {"state": state, "param_groups": self.segments[0][3].state_dict()["param_groups"],
-                "member_param_groups": [self.member_groups(k) for k in range(len(self.lrs()))]}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        for a, b, _, opt in self.segments:
-            own = {i: {key: v[a:b] if torch.is_tensor(v) and v.dim() > 0 else v
-                       for key, v in st.items()} for i, st in state_dict["state"].items()}
-            opt.load_state_dict({"state": own,
-                                 "param_groups": opt.state_dict()["param_groups"]})
-
-
-def optimizer_class(optimizer: torch.optim.Optimizer) -> type:
-    """The torch class that steps the networks (a segmented optimizer's inner class)."""
-    return getattr(optimizer, "optimizer_class", type(optimizer))
-
-
-def network_lrs(optimizer: torch.optim.Optimizer, k: int) -> list[float]:
-    """Each of the K networks' learning rate."""
-    if isinstance(optimizer, SegmentedOptimizer):
-        return optimizer.lrs()
-    return [float(optimizer.param_groups[0]["lr"])] * k
-
-
-def zero_member_state(optimizer: torch.optim.Optimizer, k: int, n: int) -> None:
-    """Zero network k's optimizer state (of ``n`` stacked networks) in place."""
-    with torch.no_grad():
-        if isinstance(optimizer, SegmentedOptimizer):
-            for st in optimizer.member_state(k):
-                for v in st.values():
-                    v.zero_()
-            return
-        for state in optimizer.state.values():
-            for v in state.values():
-                if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n:
-                    v[k].zero_()
 
 
 def unstack_into(module: L2Module, nets: Sequence[nn.Module]) -> None:
