@@ -84,10 +84,9 @@ def train(cfg: DictConfig, *, overrides: Sequence[str] = (), output_dir: Path | 
     except lifecycle.Interrupted as e:
         rid = job.tracker.run_id if job.tracker else "?"
         logged = len(job.tracker.logged_steps("train/loss")) if job.tracker else 0
-        saved = resume.epochs_done(job.ckpt_path)
-        since = f", resumes from its checkpoint at epoch {saved}" if saved < logged else ""
         say(f"\nl2lab: run {rid} ({job.name}) KILLED after {logged} of "
-            f"{job.cfg.trainer.max_epochs} epochs ({e.reason}{since}); continue it with: "
+            f"{job.cfg.trainer.max_epochs} epochs ({e.reason}"
+            f"{resume.from_where(job.ckpt_path, logged)}); continue it with: "
             f"{lifecycle.resume_command(rid)}", err=True)
         raise
     except BaseException as e:

@@ -90,9 +90,9 @@ def continue_job(client, cfg: DictConfig, overrides: Sequence[str],
     cfg = resume_config(cfg, overrides, logged)
     old_dir = Path(run.data.tags["l2lab.output_dir"])
     ckpt = old_dir / "checkpoints" / "last.ckpt"
-    if not ckpt.exists():
-        raise ConfigError(f"resume: run {rid} has no checkpoint at {ckpt}.")
     done, total = epochs_done(ckpt), int(cfg.trainer.max_epochs)
+    if not done and run.info.status != "FINISHED":  # stopped in its first epoch: nothing
+        ckpt = None  # to continue from; it trains from the start, as the same run
     planned = int(logged.trainer.max_epochs)
     old_overrides = yaml.safe_load(run.data.tags.get("l2lab.overrides", "[]")) or []
     if total == planned:
@@ -115,11 +115,13 @@ def continue_job(client, cfg: DictConfig, overrides: Sequence[str],
     new_dir = Path(output_dir or Path("outputs") / datetime.now().strftime(
         "%Y-%m-%d_%H-%M-%S-%f")).resolve()
     (new_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(ckpt, new_dir / "checkpoints" / "last.ckpt")
+    if ckpt is not None:
+        shutil.copyfile(ckpt, new_dir / "checkpoints" / "last.ckpt")
     with open_dict(cfg):
         cfg.resume = None  # the new run's own config: what it trains, not how it started
     job = Job(cfg, new_overrides, new_dir, run_name(new_overrides, cfg),
-              tags={CONTINUED_FROM: rid}, ckpt=new_dir / "checkpoints" / "last.ckpt")
+              tags={CONTINUED_FROM: rid},
+              ckpt=new_dir / "checkpoints" / "last.ckpt" if ckpt is not None else None)
     say(f"l2lab: continuing run {rid} ({name}, {run.info.status} after {done} epochs) as a new "
         f"run trained to {total} epochs (its params say {planned})")
     return job
@@ -132,3 +134,13 @@ def copy_into(client, job: Job, source_id: str) -> None:
     # test/* is the continued run's own, measured once at its end
     copy_history(client, client.get_run(source_id), job.tracker.run_id, skip=("test/",))
     client.set_tag(source_id, CONTINUED_BY, job.tracker.run_id)
+
+
+def from_where(ckpt: Path, logged: int) -> str:
+    """Where a stopped run's resume starts, as its KILLED line says it: only a checkpoint that
+    exists is named."""
+    saved = epochs_done(ckpt)
+    if not saved:
+        return "; no epoch was completed, so it starts over" if not logged else \
+            "; no checkpoint, so it starts over (the logged epochs are not logged twice)"
+    return f", resumes from its checkpoint at epoch {saved}" if saved < logged else ""
