@@ -86,7 +86,7 @@ class Recorder(pl.callbacks.Checkpoint):
         self.echo, self.flush_every_s = echo, float(flush_every_s)
         self.buffers = [MetricBuffer(t) for t in self.trackers]
         self.last: list[tuple[int, dict[str, float]] | None] = [None] * len(self.trackers)
-        self._restored: dict[str, Any] | None = None
+        self._restored: list[dict[str, Any]] | None = None
         self._flushed_at = time.monotonic()
         self._snapshot: tuple[dict, list] | None = None  # the last epoch's, not yet on disk
 
@@ -97,12 +97,16 @@ class Recorder(pl.callbacks.Checkpoint):
         return self._state(0) if len(self.trackers) == 1 else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """A resumed run (a stack of one) gets its checkpoint's recorder state here."""
-        self.last[0], self._restored = state_dict.get("last"), state_dict
+        """A resumed run (a stack of one) gets its checkpoint's recorder state here; a stack of
+        resumed runs (``resume.stack_resume``) each network's, under ``members``."""
+        members = state_dict.get("members") or [state_dict]
+        for k, state in enumerate(members[:len(self.last)]):
+            self.last[k] = state.get("last")
+        self._restored = members
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._restored is not None:
-            self.buffers[0].restore(self._restored)
+        for k, state in enumerate(self._restored or []):
+            self.buffers[k].restore(state)
         for k, buffer in enumerate(self.buffers):  # continued without a checkpoint: from
             if getattr(self.trackers[k], "reopened", False) and not buffer.logged:  # scratch
                 buffer.logged = self.trackers[k].logged_steps("train/loss")
