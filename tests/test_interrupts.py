@@ -3,10 +3,13 @@ sweep continues as one sweep."""
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 
 import pytest
-from conftest import make_cfg, runs_of
+from conftest import TINY, make_cfg, runs_of
 
 from l2lab.run import lifecycle
 from l2lab.run.resume import epochs_done
@@ -59,3 +62,57 @@ def test_a_run_stopped_anywhere_resumes_to_the_numbers_of_one_never_stopped(
     train(make_cfg(uri, *EPOCHS, *ov), overrides=ov)
     assert client.get_run(rid).info.status == "FINISHED"
     assert _histories(client, rid) == _histories(client, whole.info.run_id)  # every step once
+
+
+def _stop_sweep(args: list[str], cwd, sig: int) -> tuple[int, str]:
+    """Start a sweep, send ``sig`` once its second epoch line shows, return (exit code, output)."""
+    env = {**os.environ, "L2LAB_PROGRESS": "1", "L2LAB_PROGRESS_EVERY_S": "0",
+           "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "l2lab.train", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "epoch 2/" in line:
+            proc.send_signal(sig)
+            break
+    rest, _ = proc.communicate(timeout=180)
+    return proc.returncode, "".join(seen) + rest
+
+
+@pytest.mark.parametrize("launcher, sig", [("vectorized", signal.SIGINT),
+                                           ("basic", signal.SIGTERM)])
+def test_a_stopped_sweep_continues_with_its_one_command(tmp_path, store, client, launcher, sig):
+    sweep = ["-m", f"hydra/launcher={launcher}", "regularization.lam=0,0.1",
+             f"tracking.uri={store}", *TINY, "trainer.max_epochs=6",
+             f"hydra.sweep.dir={tmp_path}/multirun/s"]
+    sweep += ["seed=0,1", "hydra.launcher.max_models=2"] if launcher == "vectorized" else []
+    rc, out = _stop_sweep(sweep, tmp_path, sig)
+    assert rc == 128 + sig and "Traceback" not in out, out[-3000:]
+    (parent,) = runs_of(client, **{"l2lab.role": "sweep"})
+    assert client.get_run(parent.info.run_id).info.status == "KILLED"
+    assert not [r for r in runs_of(client) if r.info.status == "RUNNING"]
+    commands = [ln.strip() for ln in out.splitlines() if "-m l2lab.train" in ln]
+    assert len(commands) == 1 and f"hydra.sweep.dir={tmp_path}/multirun/s" in commands[0], out
+    # pasted into a shell without the virtualenv on its PATH
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "L2LAB_PROGRESS": "0",
+           **({"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {})}
+    again = subprocess.run(["bash", "-c", commands[0]], cwd="/", env=env, text=True,
+                           capture_output=True, timeout=300)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert "continuing sweep s" in again.stdout and "Sweep s: " in again.stdout
+    kids = [r for r in runs_of(client, **{"l2lab.sweep_id": "s"})
+            if r.data.tags.get("l2lab.role") != "sweep"]
+    jobs = 4 if launcher == "vectorized" else 2
+    assert len(kids) == jobs and {k.info.status for k in kids} == {"FINISHED"}
+    for kid in kids:  # each epoch once, across the stop
+        assert [s for s, _ in _histories(client, kid.info.run_id)["val/ce"]] == list(range(6))
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    # the first job was stopped mid-way and continued: its numbers are those of a run never
+    # stopped (a vectorized child equals its ordinary run on CPU)
+    first = next(k for k in kids if k.data.tags["mlflow.runName"] in ("lam=0 seed=0", "lam=0"))
+    ov = ["regularization.lam=0", "trainer.max_epochs=6"]
+    train(make_cfg(f"tracking.uri={store}", *ov, "experiment_name=whole"), overrides=ov,
+          output_dir=tmp_path / "whole")
+    (whole,) = [r for r in runs_of(client) if r.info.experiment_id != parent.info.experiment_id]
+    assert _histories(client, first.info.run_id) == _histories(client, whole.info.run_id)
