@@ -143,7 +143,8 @@ def _cuda_available() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="l2lab-reproduce", description=__doc__.splitlines()[0])
-    ap.add_argument("run_id")
+    ap.add_argument("run_id", help="the run to re-run: its id, or a unique prefix of 6 or more "
+                    "characters")
     ap.add_argument("--check", action="store_true",
                     help="exit 1 when a final metric differs (exact on CPU; rtol 1e-4 on GPU "
                     "or for a job of a vectorized sweep)")
@@ -157,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         uri = tr.resolve_uri(args.tracking_uri)
         source = tr.resolve_uri(args.source_uri) if args.source_uri else None
-        return reproduce(args.run_id, uri=uri, source_uri=source, check=args.check, out=args.out)
+        from l2lab.tracking.runs import resolve_run_id
+
+        run_id = resolve_run_id(args.run_id, source or uri)
+        return reproduce(run_id, uri=uri, source_uri=source, check=args.check, out=args.out)
     except ConfigError as e:
         print(f"l2lab-reproduce: error: {e}", file=sys.stderr)
         return 2

@@ -201,6 +201,13 @@ def hydra_main(cfg: DictConfig) -> float:
             schema.validate(cfg)
             if (uri := store.resolve_uri(cfg.tracking.uri)).startswith(("http://", "https://")):
                 store.probe_server(uri)
+            if cfg.resume:  # a prefix, as the lines print it; a bad one said at once
+                from omegaconf import open_dict
+
+                from l2lab.tracking.runs import resolve_run_id
+
+                with open_dict(cfg):
+                    cfg.resume = resolve_run_id(str(cfg.resume), uri, "resume")
         except ConfigError as e:
             _error(str(e))
             sys.exit(2)

@@ -82,10 +82,9 @@ def continue_job(client, cfg: DictConfig, overrides: Sequence[str],
                  output_dir: Path | None) -> Job | dict[str, float]:
     """The job that continues run ``cfg.resume``, or its final metrics when there is nothing to
     train (a FINISHED run asked for no more epochs)."""
-    try:
-        run = client.get_run(str(cfg.resume))
-    except Exception:
-        raise ConfigError(f"resume: no run {cfg.resume!r} in {cfg.tracking.uri}.") from None
+    from l2lab.tracking.runs import resolve_run_id
+
+    run = client.get_run(resolve_run_id(str(cfg.resume), cfg.tracking.uri, "resume"))
     rid, name = run.info.run_id, run.data.tags.get("mlflow.runName", run.info.run_id)
     logged = logged_config(client, rid)
     cfg = resume_config(cfg, overrides, logged)
