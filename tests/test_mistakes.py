@@ -54,3 +54,35 @@ def test_commands_refuse_an_unknown_id_in_one_paragraph(tmp_path, id_store, comm
     assert r.returncode == 2, r.stderr[-2000:]
     assert "no run whose id starts with 'fedcba98'" in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("typo, closest, options", [
+    ("data=mnsit", "data=mnist", "cifar10, digits, fashion_mnist, mnist, mnist1d"),
+    ("model=mpl", "model=mlp", "cnn, mlp"),
+    ("optimizer=adma", "optimizer=adam", "adam, adamw, sgd"),
+    ("regularization=l2dense", "regularization=l2_dense", "l2, l2_dense, l2_hidden, none"),
+])
+def test_a_misspelt_option_names_the_closest_and_the_groups_options(tmp_path, typo, closest,
+                                                                     options):
+    r = run_cli("l2lab.train", "-m", "seed=0,1", typo, cwd=tmp_path, timeout=60)
+    group = typo.split("=")[0]
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"Did you mean `{closest}`? Options of {group}: {options}." in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "multirun").exists() and not (tmp_path / "mlruns").exists()
+
+
+def test_valid_choices_pass_and_a_missing_plugin_names_its_extra(monkeypatch):
+    from l2lab.config import cli
+
+    cli.check_choices(["data=mnist1d", "model=mlp,cnn", "hydra/launcher=vectorized",
+                       "experiment=lambda_search", "hydra/sweeper=optuna"])
+    monkeypatch.setitem(cli._PLUGINS, ("hydra/launcher", "parallel"),
+                        ("hydra_plugins.not_installed_launcher", "parallel"))
+    monkeypatch.setitem(cli._PLUGINS, ("hydra/sweeper", "optuna"),
+                        ("hydra_plugins.not_installed_sweeper", "optuna"))
+    with pytest.raises(ConfigError, match=r'pip install -e "\.\[parallel\]"'):
+        cli.check_choices(["hydra/launcher=parallel"])
+    # a preset that chooses the sweeper needs its extra too
+    with pytest.raises(ConfigError, match=r'hydra/sweeper=optuna .*pip install -e "\.\[optuna\]"'):
+        cli.check_choices(["experiment=lambda_search"])
