@@ -105,6 +105,7 @@ def test_a_stopped_sweep_continues_with_its_one_command(tmp_path, store, client,
             if r.data.tags.get("l2lab.role") != "sweep"]
     jobs = 4 if launcher == "vectorized" else 2
     assert len(kids) == jobs and {k.info.status for k in kids} == {"FINISHED"}
+    assert all("l2lab.env.torch_threads" in k.data.tags for k in kids)  # stacked ones too
     for kid in kids:  # each epoch once, across the stop
         assert [s for s, _ in _histories(client, kid.info.run_id)["val/ce"]] == list(range(6))
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
@@ -116,3 +117,42 @@ def test_a_stopped_sweep_continues_with_its_one_command(tmp_path, store, client,
           output_dir=tmp_path / "whole")
     (whole,) = [r for r in runs_of(client) if r.info.experiment_id != parent.info.experiment_id]
     assert _histories(client, first.info.run_id) == _histories(client, whole.info.run_id)
+
+
+def test_every_run_records_its_environment_and_reproduce_says_what_changed(
+        tmp_path, store, client, capsys):
+    import torch
+
+    from l2lab import reproduce
+    from l2lab.tracking import environment
+
+    train(make_cfg(f"tracking.uri={store}"), output_dir=tmp_path / "orig")
+    (orig,) = runs_of(client)
+    tags, rid = orig.data.tags, orig.info.run_id
+    env = {k[len(environment.PREFIX):]: v for k, v in tags.items()
+           if k.startswith(environment.PREFIX)}
+    assert env["torch"] == torch.__version__ and env["torch_threads"] == \
+        str(torch.get_num_threads())
+    assert env["device"] == "cpu" and env["git_dirty"] in ("true", "false")
+    assert "torch.use_deterministic_algorithms=" in env["deterministic"]
+    if env["git_dirty"] == "true":  # the uncommitted changes, as an artifact
+        diff = client.download_artifacts(rid, environment.DIFF_ARTIFACT, str(tmp_path))
+        assert open(diff).read().startswith("diff --git")
+    for name in ("python", "lightning", "hydra", "omegaconf", "mlflow"):
+        assert env[name][0].isdigit(), name
+    # a run made elsewhere: another thread count and torch build, a dirty tree
+    client.set_tag(rid, "l2lab.env.torch_threads", "999")
+    client.set_tag(rid, "l2lab.env.torch", "1.0.0")
+    assert reproduce.main([rid[:8], "--check", "--tracking-uri", store,
+                           "--out", str(tmp_path / "again")]) == 0
+    out = capsys.readouterr().out
+    assert "environment: differs from the run's" in out
+    assert f"torch_threads  logged 999  |  now {torch.get_num_threads()}" in out
+    assert f"logged 1.0.0  |  now {torch.__version__}" in out
+    assert out.index("environment:") < out.index("reproduced ")  # said before comparing
+    assert "yet the results agree" in out
+    # had the numbers differed, the verdict says the environment can explain it
+    diffs = environment.differences({**tags, "l2lab.env.torch_threads": "999"},
+                                    environment.tags(make_cfg()))
+    assert "can explain the mismatch" in environment.verdict(diffs, True)
+    assert "not explained" in environment.verdict([], True)

@@ -244,9 +244,11 @@ def open_runs(client, writer, jobs: Sequence[Job], sweep: Mapping | None) -> Non
     """Create the jobs' MLflow runs (a sweep's children when in one), tagged with their config's
     hash (``reuse`` and ``compare`` find runs of the same config), with their config as params
     and artifacts (what ``reproduce`` re-runs): a few store round trips for all of them."""
-    from l2lab.tracking import runs
+    from l2lab.tracking import environment, runs
 
     commit = tr.git_commit(CONF_DIR.parent)
+    env = environment.tags(jobs[0].base)  # once per stack: its K runs share it
+    diff = environment.diff_artifact()
     tags_list = []
     for job in jobs:
         job.output_dir.mkdir(parents=True, exist_ok=True)
@@ -254,7 +256,7 @@ def open_runs(client, writer, jobs: Sequence[Job], sweep: Mapping | None) -> Non
             "l2lab.overrides": json.dumps(list(job.overrides)),
             "l2lab.output_dir": str(job.output_dir),
             runs.HASH_TAG: runs.config_hash(job.tree),
-            **({"mlflow.source.git.commit": commit} if commit else {}),
+            **({"mlflow.source.git.commit": commit} if commit else {}), **env,
             **({"l2lab.sweep_id": sweep["sweep_id"],
                 "mlflow.parentRunId": sweep["parent_run_id"]} if sweep else {}),
             **job.tags,
@@ -274,7 +276,7 @@ def open_runs(client, writer, jobs: Sequence[Job], sweep: Mapping | None) -> Non
         else:
             config = dump_yaml(job.tree)
         texts[rid] = {"config/config.yaml": config,
-                      "config/overrides.yaml": dump_yaml(list(job.overrides))}
+                      "config/overrides.yaml": dump_yaml(list(job.overrides)), **diff}
     writer.log_params(params)
     writer.log_texts(texts)
 
