@@ -249,7 +249,9 @@ def _mem_available() -> int:
 def stack_checkpoint(trainer) -> dict:
     """The whole stack's checkpoint now, its tensors copied (one copy per stacked tensor): what
     :func:`member_checkpoints` splits later, though training has moved on."""
-    dump = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+    from l2lab.compat.lightning import dump_checkpoint
+
+    dump = dump_checkpoint(trainer)
 
     def copied(v):
         if torch.is_tensor(v):
@@ -270,8 +272,9 @@ def member_checkpoints(trainer, states: Sequence[dict | None],
     weights and optimizer state, the shared loop state, its recorder state), so that
     ``resume=RUN_ID`` continues any run, a child of a stack included, as a stack of one. From
     ``base`` (a :func:`stack_checkpoint` taken earlier) when given, else from the stack now."""
-    base = dict(base) if base is not None else \
-        trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+    from l2lab.compat.lightning import dump_checkpoint
+
+    base = dict(base) if base is not None else dump_checkpoint(trainer)
     stacked_state = base.pop("state_dict")
     optimizer = base.pop("optimizer_states")[0]
     base.pop("callbacks", None)

@@ -1,0 +1,17 @@
+"""PyTorch Lightning's private names that l2lab uses.
+
+Checked against pytorch-lightning 2.6.6 (``pyproject.toml``: ``pytorch-lightning>=2.5,<2.7``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+CHECKED_WITH = "pytorch-lightning 2.6.6"
+
+
+def dump_checkpoint(trainer: Any) -> dict[str, Any]:
+    """The checkpoint dict Lightning would save now (loop state, optimizer states, callbacks),
+    without writing it: a stack's ``last.ckpt`` per network is cut from it
+    (``core/stacked.member_checkpoints``). Lightning has no public call that returns it."""
+    return trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
