@@ -12,7 +12,8 @@ STAMP_ALL := $(VENV)/.installed-all
 STORE  := sqlite:///$(CURDIR)/mlruns/mlflow.db
 LOCK   := requirements.lock
 # this machine's own pip caps (pip config global.constraint), so that the lock installs here too
-LOCK_CAPS := $(shell $(PYTHON) -m pip config get global.constraint 2>/dev/null)
+LOCK_CAPS := $(shell $(PYTHON) -m pip config list 2>/dev/null | \
+	sed -n "s/^global\.constraint='\(.*\)'$$/\1/p") $(PIP_CONSTRAINT)
 PORT   ?= 5000
 
 .PHONY: venv sweep test ui bench lint clean lock check-lock

@@ -5,8 +5,6 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import tomllib
-
 ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("check_lock", ROOT / "scripts" / "check_lock.py")
 check_lock = importlib.util.module_from_spec(spec)
@@ -14,7 +12,7 @@ spec.loader.exec_module(check_lock)
 
 
 def test_the_lock_matches_pyproject_and_a_stale_one_is_named():
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    pyproject = check_lock.tomllib.loads((ROOT / "pyproject.toml").read_text())
     lock = (ROOT / "requirements.lock").read_text()
     assert check_lock.problems(pyproject, lock) == []
     pinned, direct = check_lock.pins(lock)
