@@ -16,6 +16,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from l2lab.console import log
 from l2lab.core.stacked import member_checkpoints, stack_checkpoint
 from l2lab.run import lifecycle, progress
 from l2lab.tracking.tracker import RunTracker
@@ -121,10 +122,12 @@ class Recorder(pl.callbacks.Checkpoint):
             if metrics is not None and not self.trackers[k].ended:
                 self.last[k] = (epoch, metrics)
                 self.buffers[k].add(epoch, metrics)
-        if self.echo and pl_module.epoch_metrics and pl_module.epoch_metrics[0]:
+        if len(self.trackers) == 1 and pl_module.epoch_metrics and pl_module.epoch_metrics[0]:
             m = pl_module.epoch_metrics[0]
-            progress.echo(f"epoch {epoch:3d}  " +  # above a live progress bar
-                          "  ".join(f"{k}={m[k]:.4f}" for k in ECHOED if k in m))
+            text = f"epoch {epoch:3d}  " + "  ".join(f"{k}={m[k]:.4f}" for k in ECHOED if k in m)
+            if self.echo:
+                progress.echo(text)  # above a live progress bar
+            log.info(text)  # the run's train.log, in a sweep too (Hydra's job log: file only)
         for k, reason in pl_module.failures.items():
             if not self.trackers[k].ended:
                 self.buffers[k].flush()
