@@ -111,17 +111,18 @@ def continue_command(sweep_dir: Path, overrides: list[str], uri: str) -> str:
 
 
 def continued(client, info_path: Path, uri: str) -> dict | None:
-    """The earlier sweep of this folder, if it was in this store and did not finish cleanly."""
+    """The earlier sweep of this folder, if it was in this store and was stopped (a sweep that
+    ended, FINISHED or FAILED, is not continued: the folder then holds a new sweep, as before)."""
     if not info_path.exists():
         return None
     try:
         before = json.loads(info_path.read_text())
         if before.get("tracking_uri") != uri:
             return None
-        client.get_run(before["parent_run_id"])
+        status = client.get_run(before["parent_run_id"]).info.status
     except Exception:  # another store, a deleted parent, a damaged file: a new sweep
         return None
-    return before
+    return before if status in ("KILLED", "RUNNING") else None  # stopped (RUNNING: SIGKILL)
 
 
 def stopped(signum: int) -> int:
