@@ -87,3 +87,15 @@ def test_optuna_log_lines_carry_no_colour_codes() -> None:
                                None)
     for h in handlers:
         assert "\x1b[" not in h.format(record) and "Trial 0 finished" in h.format(record)
+
+
+def test_a_vectorized_sweeps_stacks_know_their_place_in_the_sweep(monkeypatch) -> None:
+    monkeypatch.setattr(progress, "SWEEP", {})
+    progress.sweep_started(45)
+    plain = io.StringIO()
+    for _ in range(2):  # two stacks of 16, each a group of its own ("stack 1/1")
+        _drive(progress.Progress("stack 1/1", 16, 4, stream=plain, every_s=0), 4)
+    lines = plain.getvalue().splitlines()
+    assert lines[0].startswith("l2lab: stack 1, jobs 1-16 of 45: epoch 1/4, 16 jobs in the stack")
+    assert lines[3].startswith("l2lab: stack 2, jobs 17-32 of 45: epoch 1/4")
+    assert all(", sweep ETA " in ln for ln in lines) and progress.SWEEP["done"] == 32

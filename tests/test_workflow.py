@@ -42,6 +42,8 @@ def test_a_run_says_what_happened_and_writes_it_to_train_log(tmp_path, store, cl
         assert line in r.stdout, (line, r.stdout)
     log = (Path(folder) / "train.log").read_text()
     assert first in log and last in log and url in log
+    epochs = [ln for ln in r.stdout.splitlines() if ln.startswith("epoch ")]
+    assert len(epochs) == 3 and all(ln in log for ln in epochs)  # per-epoch lines too
     # quiet: no MLflow/alembic INFO lines, no library chatter on the console
     both = r.stdout + r.stderr
     assert "Creating initial MLflow database tables" not in both and "INFO" not in both

@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
                                  epilog="A reproduction or reuse listing of a selected run is "
                                  "left out (it repeats that run); runs that never trained get no "
                                  "row. --format prints every selected run, one row each.")
-    ap.add_argument("run_ids", nargs="*", help="explicit MLflow run ids")
+    ap.add_argument("run_ids", nargs="*", help="explicit MLflow run ids (or unique prefixes of "
+                    "6 or more characters)")
     ap.add_argument("--experiment", help="every training run of this experiment")
     ap.add_argument("--sweep", help="the runs of this sweep id (its multirun folder name)")
     ap.add_argument("--out", type=Path, help="output folder (default: reports/<label>)")
@@ -66,17 +67,23 @@ def main(argv: list[str] | None = None) -> int:
                     "run (params, final metrics, best val/ce and epoch) on stdout")
     args = ap.parse_args(argv)
 
-    from l2lab.console import quiet_libraries
-    from l2lab.run.sweep import summarize_runs
     from l2lab.tracking import runs as rs
     from l2lab.tracking import tracker as tr
 
+    try:  # ids as people type them (a prefix), answered before MLflow is imported
+        uri = tr.resolve_uri(args.tracking_uri)
+        ids = [rs.resolve_run_id(r, uri) for r in args.run_ids]
+    except ConfigError as e:
+        print(f"l2lab-compare: error: {e}", file=sys.stderr)
+        return 2
+    from l2lab.console import quiet_libraries
+    from l2lab.run.sweep import summarize_runs
+
     quiet_libraries()
     try:
-        uri = tr.resolve_uri(args.tracking_uri)
         client = tr.connect(uri)
         runs, label = select_runs(client, experiment=args.experiment, sweep=args.sweep,
-                                  run_ids=args.run_ids)
+                                  run_ids=ids)
     except ConfigError as e:
         print(f"l2lab-compare: error: {e}", file=sys.stderr)
         return 2

@@ -107,6 +107,7 @@ def reproduce(run_id: str, *, uri: str, source_uri: str | None = None, check: bo
         print(f"l2lab-reproduce: warning: the run was made at commit {old_commit[:10]}, this "
               f"checkout is at {now_commit[:10]}; results may differ (git checkout "
               f"{old_commit[:10]} to reproduce exactly).", file=sys.stderr)
+    env_diffs = environment_differences(run.data.tags, cfg, old_commit, now_commit)
 
     from l2lab.train import train
 
@@ -132,7 +133,33 @@ def reproduce(run_id: str, *, uri: str, source_uri: str | None = None, check: bo
     differ = [r[0] for r in rows if not r[3]]
     if differ:
         print(f"\n{len(differ)} metric(s) differ: {', '.join(differ)}")
+    if env_diffs is not None:
+        from l2lab.tracking.environment import verdict
+
+        print(f"\n{verdict(env_diffs, bool(differ))}")
     return 1 if (check and differ) else 0
+
+
+def environment_differences(tags: dict[str, str], cfg: DictConfig, old_commit: str | None,
+                            now_commit: str | None) -> list[tuple[str, str, str]] | None:
+    """Print what differs between the environment the run logged and today's, before anything
+    is compared; None for a run that logged none (made before it was recorded)."""
+    from l2lab.tracking import environment
+
+    if not any(k.startswith(environment.PREFIX) for k in tags):
+        print("environment: the run recorded none (made before l2lab recorded it)")
+        return None
+    diffs = environment.differences(tags, environment.tags(cfg))
+    if old_commit and now_commit and old_commit != now_commit:
+        diffs.insert(0, ("git_commit", old_commit[:10], now_commit[:10]))
+    if not diffs:
+        print("environment: the same as the run's (versions, device, threads, flags, code)")
+        return diffs
+    width = max(len(k) for k, _, _ in diffs)
+    print("environment: differs from the run's")
+    for key, then, now in diffs:
+        print(f"  {key:<{width}}  logged {then}  |  now {now}")
+    return diffs
 
 
 def _cuda_available() -> bool:
@@ -143,10 +170,13 @@ def _cuda_available() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="l2lab-reproduce", description=__doc__.splitlines()[0])
-    ap.add_argument("run_id")
+    ap.add_argument("run_id", help="the run to re-run: its id, or a unique prefix of 6 or more "
+                    "characters")
     ap.add_argument("--check", action="store_true",
-                    help="exit 1 when a final metric differs (exact on CPU; rtol 1e-4 on GPU "
-                    "or for a job of a vectorized sweep)")
+                    help="exit 1 when a final metric differs: exact on CPU (a job of a "
+                    "vectorized sweep too: one engine, the same computation as a stack of one); "
+                    f"rtol {GPU_RTOL:g} on GPU. What differs in the environment (versions, "
+                    "device, threads, flags, code) is printed first")
     ap.add_argument("--tracking-uri", help="store for the new run (default: $MLFLOW_TRACKING_URI "
                     "or ./mlruns/mlflow.db; never the URI logged in the old config)")
     ap.add_argument("--source-uri", help="store holding RUN_ID (default: --tracking-uri)")
@@ -157,7 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         uri = tr.resolve_uri(args.tracking_uri)
         source = tr.resolve_uri(args.source_uri) if args.source_uri else None
-        return reproduce(args.run_id, uri=uri, source_uri=source, check=args.check, out=args.out)
+        from l2lab.tracking.runs import resolve_run_id
+
+        run_id = resolve_run_id(args.run_id, source or uri)
+        return reproduce(run_id, uri=uri, source_uri=source, check=args.check, out=args.out)
     except ConfigError as e:
         print(f"l2lab-reproduce: error: {e}", file=sys.stderr)
         return 2

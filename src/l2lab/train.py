@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
@@ -53,7 +54,13 @@ def train(cfg: DictConfig, *, overrides: Sequence[str] = (), output_dir: Path | 
     cfg = engine.prepared(cfg)
     client = tr.connect(cfg.tracking.uri)
     sweep = _sweep_info()
-    if cfg.resume:
+    found = resume.in_sweep(client, sweep, cfg, overrides, _job_label) \
+        if sweep and sweep.get("continuing") and not cfg.resume else None
+    if isinstance(found, dict):  # a continued sweep keeps the job's FINISHED or FAILED run
+        return found
+    if found is not None:  # a stopped job of a continued sweep: the same run, on from its
+        job = found  # last completed epoch
+    elif cfg.resume:
         job = resume.continue_job(client, cfg, overrides, output_dir)
         if isinstance(job, dict):
             return job
@@ -84,10 +91,13 @@ def train(cfg: DictConfig, *, overrides: Sequence[str] = (), output_dir: Path | 
     except lifecycle.Interrupted as e:
         rid = job.tracker.run_id if job.tracker else "?"
         logged = len(job.tracker.logged_steps("train/loss")) if job.tracker else 0
-        saved = resume.epochs_done(job.ckpt_path)
-        since = f", resumes from its checkpoint at epoch {saved}" if saved < logged else ""
+        if sweep:  # the sweep's one line says how to continue the whole sweep
+            say(f"\nl2lab: {_job_label(job.name)}: run {rid[:8]} KILLED after {logged} of "
+                f"{job.cfg.trainer.max_epochs} epochs ({e.reason})", err=True)
+            raise
         say(f"\nl2lab: run {rid} ({job.name}) KILLED after {logged} of "
-            f"{job.cfg.trainer.max_epochs} epochs ({e.reason}{since}); continue it with: "
+            f"{job.cfg.trainer.max_epochs} epochs ({e.reason}"
+            f"{resume.from_where(job.ckpt_path, logged)}); continue it with: "
             f"{lifecycle.resume_command(rid)}", err=True)
         raise
     except BaseException as e:
@@ -191,6 +201,13 @@ def hydra_main(cfg: DictConfig) -> float:
             schema.validate(cfg)
             if (uri := store.resolve_uri(cfg.tracking.uri)).startswith(("http://", "https://")):
                 store.probe_server(uri)
+            if cfg.resume:  # a prefix, as the lines print it; a bad one said at once
+                from omegaconf import open_dict
+
+                from l2lab.tracking.runs import resolve_run_id
+
+                with open_dict(cfg):
+                    cfg.resume = resolve_run_id(str(cfg.resume), uri, "resume")
         except ConfigError as e:
             _error(str(e))
             sys.exit(2)
@@ -200,7 +217,7 @@ def hydra_main(cfg: DictConfig) -> float:
         return float(metrics.get("val/ce", math.nan))
     except Interrupted as e:  # the runs are KILLED and the line printed: stop, as Ctrl-C does
         if multirun:
-            raise KeyboardInterrupt(str(e)) from None  # Hydra's launchers stop the sweep
+            raise  # past Hydra's launcher (not an Exception) to main(), which ends the sweep
         sys.exit(e.exit_code)
     except (KeyboardInterrupt, SystemExit):
         raise
@@ -235,7 +252,16 @@ def main() -> None:
             print(cli.help_text([a for a in cli.cli_overrides(argv)
                                     if not a.startswith(("hydra/", "hydra."))]))
             return
-    hydra_main()
+    if not any(a in ("-m", "--multirun") for a in argv):
+        hydra_main()
+        return
+    from l2lab.run import lifecycle, sweep
+
+    try:
+        with lifecycle.interrupts():  # also between jobs, and while a launcher waits
+            hydra_main()
+    except (lifecycle.Interrupted, KeyboardInterrupt) as e:
+        sys.exit(sweep.stopped(getattr(e, "signum", signal.SIGINT)))
 
 
 if __name__ == "__main__":

@@ -177,6 +177,9 @@ class VectorizedLauncher(Launcher):
                  f"{len(jobs) - sum(map(len, stacks))} ordinary")
         returns: dict[int, JobReturn] = {}
         if self.backend == "local" and not devices:  # in this process, in job order
+            from l2lab.run.progress import sweep_started
+
+            sweep_started(sum(map(len, stacks)))  # each stack's line places it in the sweep
             for group in groups:
                 if len(group) == 1:
                     returns[group[0]] = self._run(self._config(jobs[group[0]]))

@@ -290,14 +290,35 @@ def _mem_available() -> int:
     return 4 << 30
 
 
-def member_checkpoints(trainer, states: Sequence[dict | None],
-                       recorder_key: str) -> list[dict | None]:
-    """Network k's ``last.ckpt``: the checkpoint of a stack of one holding network k alone (its
-    weights and optimizer state, the shared loop state, its recorder state), so that
-    ``resume=RUN_ID`` continues any run, a child of a stack included, as a stack of one."""
+def stack_checkpoint(trainer) -> dict:
+    """The whole stack's checkpoint now, its tensors copied (one copy per stacked tensor): what
+    :func:`member_checkpoints` splits later, though training has moved on."""
     from l2lab.compat.lightning import dump_checkpoint
 
-    base = dump_checkpoint(trainer)
+    dump = dump_checkpoint(trainer)
+
+    def copied(v):
+        if torch.is_tensor(v):
+            return v.detach().clone()
+        if isinstance(v, dict):
+            return {k: copied(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [copied(x) for x in v]
+        return v
+
+    return {k: copied(v) if k in ("state_dict", "optimizer_states") else v
+            for k, v in dump.items()}
+
+
+def member_checkpoints(trainer, states: Sequence[dict | None],
+                       recorder_key: str, base: dict | None = None) -> list[dict | None]:
+    """Network k's ``last.ckpt``: the checkpoint of a stack of one holding network k alone (its
+    weights and optimizer state, the shared loop state, its recorder state), so that
+    ``resume=RUN_ID`` continues any run, a child of a stack included, as a stack of one. From
+    ``base`` (a :func:`stack_checkpoint` taken earlier) when given, else from the stack now."""
+    from l2lab.compat.lightning import dump_checkpoint
+
+    base = dict(base) if base is not None else dump_checkpoint(trainer)
     stacked_state = base.pop("state_dict")
     optimizer = base.pop("optimizer_states")[0]
     base.pop("callbacks", None)

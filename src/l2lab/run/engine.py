@@ -270,9 +270,11 @@ def open_runs(client, writer, jobs: Sequence[Job], sweep: Mapping | None) -> Non
     """Create the jobs' MLflow runs (a sweep's children when in one), tagged with their config's
     hash (``reuse`` and ``compare`` find runs of the same config), with their config as params
     and artifacts (what ``reproduce`` re-runs): a few store round trips for all of them."""
-    from l2lab.tracking import runs
+    from l2lab.tracking import environment, runs
 
     commit = tr.git_commit(CONF_DIR.parent)
+    env = environment.tags(jobs[0].base)  # once per stack: its K runs share it
+    diff = environment.diff_artifact()
     tags_list = []
     for job in jobs:
         job.output_dir.mkdir(parents=True, exist_ok=True)
@@ -280,7 +282,7 @@ def open_runs(client, writer, jobs: Sequence[Job], sweep: Mapping | None) -> Non
             "l2lab.overrides": json.dumps(list(job.overrides)),
             "l2lab.output_dir": str(job.output_dir),
             runs.HASH_TAG: runs.config_hash(job.tree),
-            **({"mlflow.source.git.commit": commit} if commit else {}),
+            **({"mlflow.source.git.commit": commit} if commit else {}), **env,
             **({"l2lab.sweep_id": sweep["sweep_id"],
                 "mlflow.parentRunId": sweep["parent_run_id"]} if sweep else {}),
             **job.tags,
@@ -300,7 +302,7 @@ def open_runs(client, writer, jobs: Sequence[Job], sweep: Mapping | None) -> Non
         else:
             config = dump_yaml(job.tree)
         texts[rid] = {"config/config.yaml": config,
-                      "config/overrides.yaml": dump_yaml(list(job.overrides))}
+                      "config/overrides.yaml": dump_yaml(list(job.overrides)), **diff}
     writer.log_params(params)
     writer.log_texts(texts)
 
@@ -436,7 +438,7 @@ def _fit_stack(jobs: Sequence[Job], members: Mapping[int, StackMember], splits, 
     module = stack(cfg0, [members[id(j)] for j in jobs])
     recorder = Recorder([j.tracker for j in jobs], [j.ckpt_path for j in jobs], echo=echo,
                         flush_every_s=flush_every_s(cfg0), writer=writer)
-    ckpt = jobs[0].ckpt if len(jobs) == 1 else None
+    ckpt = jobs[0].ckpt if len(jobs) == 1 else resume_stack(jobs)
     if label == "run" and len(jobs) == 1:  # a single run's progress names the run
         label = f"run {jobs[0].tracker.run_id[:8]}"
     lightning_fit(cfg0, module, splits, recorder, [j.seed for j in jobs],
@@ -457,6 +459,12 @@ def _fit_stack(jobs: Sequence[Job], members: Mapping[int, StackMember], splits, 
              if module.test_metrics and k not in module.failures and not j.logged_test}
     if tests:  # test/* once, even for a run continued after its test pass
         writer.log_metrics(tests)
+
+
+def resume_stack(jobs: Sequence[Job]) -> Path | None:
+    from l2lab.run.resume import stack_resume
+
+    return stack_resume(jobs) if any(j.ckpt for j in jobs) else None
 
 
 def train_group(cfgs: Sequence[DictConfig], overrides: Sequence[Sequence[str]],
@@ -497,7 +505,13 @@ def train_stack(cfg: DictConfig, values: Sequence[Mapping[str, Any]],
         job = Job(base, list(ov), Path(d).resolve(), values=v, _tree=substitute(tree, v))
         job.name = run_name(job.overrides, job.tree, swept)
         jobs.append(job)
-    train_jobs(jobs, sweep=sweep, max_models=max_models, vectorized=True)
+    groups = [jobs]
+    if sweep and sweep.get("continuing"):  # a stopped sweep continues (l2lab.run.resume)
+        from l2lab.run.resume import continue_stack
+
+        groups = continue_stack(tr.connect(base.tracking.uri), sweep, jobs)
+    for group in groups:
+        train_jobs(group, sweep=sweep, max_models=max_models, vectorized=True)
     if job_nums is not None:
         from l2lab.console import job_line, say
 

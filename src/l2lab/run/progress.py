@@ -26,6 +26,24 @@ EVERY_S = 10.0
 _ACTIVE: list[tqdm] = []  # the live bar, so that other lines are written above it
 
 
+#: The vectorized sweep this process trains, stack after stack: its job count, when it started,
+#: and the jobs and stacks done, so that each stack's line places it in the whole sweep.
+SWEEP: dict[str, float] = {}
+
+
+def sweep_started(jobs: int) -> None:
+    SWEEP.clear()
+    SWEEP.update(jobs=int(jobs), started=time.monotonic(), done=0, stacks=0)
+
+
+def sweep_eta(jobs_done: float) -> str:
+    """The whole sweep's ETA from its rate so far (jobs done, counting a stack's part-way)."""
+    elapsed = time.monotonic() - SWEEP["started"]
+    if jobs_done <= 0:
+        return "?"
+    return std_tqdm.format_interval(elapsed / jobs_done * (SWEEP["jobs"] - jobs_done))
+
+
 def enabled() -> bool:
     return os.environ.get(ENV, "").strip().lower() not in ("0", "false", "no", "off")
 
@@ -67,9 +85,17 @@ class Progress(pl.Callback):
     def _rank0(self, trainer: pl.Trainer) -> bool:
         return trainer.is_global_zero
 
+    def _in_sweep(self) -> bool:
+        return bool(SWEEP) and self.label.startswith("stack ")
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._rank0(trainer):
             return
+        if self._in_sweep():  # "stack 2, jobs 17-32 of 45" rather than this group's "1/1"
+            SWEEP["stacks"] += 1
+            first = int(SWEEP["done"]) + 1
+            self.label = (f"stack {int(SWEEP['stacks'])}, jobs {first}-"
+                          f"{first + self.jobs - 1} of {int(SWEEP['jobs'])}")
         self.started = self.last_line = time.monotonic()
         self.done = self.start = trainer.current_epoch  # a resumed run starts part-way
         if self.tty:
@@ -88,6 +114,9 @@ class Progress(pl.Callback):
         if now - self.last_line >= self.every_s and self.done < self.total:
             text = line(self.label, self.done, self.total, self.jobs, now - self.started,
                         self.start)
+            if self._in_sweep():
+                part = self.jobs * (self.done - self.start) / max(self.total - self.start, 1)
+                text += f", sweep ETA {sweep_eta(SWEEP['done'] + part)}"
             if self.bar is None:
                 print(text, file=self.stream, flush=True)
             log.info(text)  # train.log, whether or not the console shows the line
@@ -102,6 +131,8 @@ class Progress(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close()
+        if self._in_sweep() and self._rank0(trainer):
+            SWEEP["done"] += self.jobs
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:

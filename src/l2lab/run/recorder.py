@@ -16,8 +16,9 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from l2lab.core.stacked import member_checkpoints
-from l2lab.run import progress
+from l2lab.console import log
+from l2lab.core.stacked import member_checkpoints, stack_checkpoint
+from l2lab.run import lifecycle, progress
 from l2lab.tracking.tracker import RunTracker
 
 FLUSH_EVERY_S = 5.0
@@ -67,9 +68,10 @@ def save_atomic(obj: Any, path: Path) -> None:
 class Recorder(pl.callbacks.Checkpoint):
     """Every epoch's metrics (``step = epoch``) into each network's buffer; every
     ``flush_every_s`` and at the last epoch: each network's ``last.ckpt`` first, then the
-    buffered metrics; on an error or interrupt: the buffered metrics (the weights are mid-epoch
-    then, so no checkpoint). A network that diverges has its run ended FAILED at once, with its
-    reason, while the others train on.
+    buffered metrics. Between saves the last completed epoch's checkpoint is kept in memory (one
+    copy of the stack's tensors), and on an error or interrupt it is written with the buffered
+    metrics: a run stopped at any point resumes from its last completed epoch. A network that
+    diverges has its run ended FAILED at once, with its reason, while the others train on.
 
     It is a ``Checkpoint`` so that Lightning calls it after the module's ``on_train_epoch_end``
     (where the epoch's numbers are made) and adds no checkpoint callback of its own. The buffered
@@ -85,8 +87,9 @@ class Recorder(pl.callbacks.Checkpoint):
         self.echo, self.flush_every_s = echo, float(flush_every_s)
         self.buffers = [MetricBuffer(t) for t in self.trackers]
         self.last: list[tuple[int, dict[str, float]] | None] = [None] * len(self.trackers)
-        self._restored: dict[str, Any] | None = None
+        self._restored: list[dict[str, Any]] | None = None
         self._flushed_at = time.monotonic()
+        self._snapshot: tuple[dict, list] | None = None  # the last epoch's, not yet on disk
 
     def _state(self, k: int) -> dict[str, Any]:
         return {"last": self.last[k], "pending": list(self.buffers[k].pending)}
@@ -95,12 +98,19 @@ class Recorder(pl.callbacks.Checkpoint):
         return self._state(0) if len(self.trackers) == 1 else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """A resumed run (a stack of one) gets its checkpoint's recorder state here."""
-        self.last[0], self._restored = state_dict.get("last"), state_dict
+        """A resumed run (a stack of one) gets its checkpoint's recorder state here; a stack of
+        resumed runs (``resume.stack_resume``) each network's, under ``members``."""
+        members = state_dict.get("members") or [state_dict]
+        for k, state in enumerate(members[:len(self.last)]):
+            self.last[k] = state.get("last")
+        self._restored = members
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._restored is not None:
-            self.buffers[0].restore(self._restored)
+        for k, state in enumerate(self._restored or []):
+            self.buffers[k].restore(state)
+        for k, buffer in enumerate(self.buffers):  # continued without a checkpoint: from
+            if getattr(self.trackers[k], "reopened", False) and not buffer.logged:  # scratch
+                buffer.logged = self.trackers[k].logged_steps("train/loss")
 
     def _due(self, trainer: pl.Trainer) -> bool:
         last = trainer.current_epoch >= (trainer.max_epochs or 0) - 1 or trainer.should_stop
@@ -112,24 +122,32 @@ class Recorder(pl.callbacks.Checkpoint):
             if metrics is not None and not self.trackers[k].ended:
                 self.last[k] = (epoch, metrics)
                 self.buffers[k].add(epoch, metrics)
-        if self.echo and pl_module.epoch_metrics and pl_module.epoch_metrics[0]:
+        if len(self.trackers) == 1 and pl_module.epoch_metrics and pl_module.epoch_metrics[0]:
             m = pl_module.epoch_metrics[0]
-            progress.echo(f"epoch {epoch:3d}  " +  # above a live progress bar
-                          "  ".join(f"{k}={m[k]:.4f}" for k in ECHOED if k in m))
+            text = f"epoch {epoch:3d}  " + "  ".join(f"{k}={m[k]:.4f}" for k in ECHOED if k in m)
+            if self.echo:
+                progress.echo(text)  # above a live progress bar
+            log.info(text)  # the run's train.log, in a sweep too (Hydra's job log: file only)
         for k, reason in pl_module.failures.items():
             if not self.trackers[k].ended:
                 self.buffers[k].flush()
                 self.trackers[k].finish("FAILED", failure=f"NonFiniteLossError: {reason}")
         # under DDP every rank must take the same decision: rank 0's
-        if trainer.strategy.broadcast(self._due(trainer)):
-            live = [k for k, t in enumerate(self.trackers) if not t.ended]
+        due = trainer.strategy.broadcast(self._due(trainer))
+        live = [k for k, t in enumerate(self.trackers) if not t.ended]
+        with lifecycle.held():  # a Ctrl-C now waits for the epoch's record to be whole
             if trainer.is_global_zero:  # the only rank that writes
                 states = [self._state(k) if k in live else None for k in range(len(self.last))]
-                ckpts = member_checkpoints(trainer, states, self.state_key)
-                for k in live:
-                    save_atomic(ckpts[k], self.ckpt_paths[k])
-            self._flush(live)
-            self._flushed_at = time.monotonic()
+                if due:
+                    ckpts = member_checkpoints(trainer, states, self.state_key)
+                    for k in live:
+                        save_atomic(ckpts[k], self.ckpt_paths[k])
+                    self._snapshot = None
+                else:  # kept in memory: written if training stops before the next save
+                    self._snapshot = (stack_checkpoint(trainer), states)
+            if due:
+                self._flush(live)
+                self._flushed_at = time.monotonic()
 
     def _flush(self, ks: Sequence[int]) -> None:
         """The buffered epochs of networks ``ks``: with a group writer, one store call for all
@@ -148,4 +166,16 @@ class Recorder(pl.callbacks.Checkpoint):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
-        self._flush([k for k, t in enumerate(self.trackers) if not t.ended])
+        """A stop or an error mid-training: the last completed epoch's checkpoint (from the
+        in-memory snapshot, when it is newer than the file) and its metrics, so that nothing
+        trained is lost and ``resume`` continues from exactly there."""
+        with lifecycle.held():  # a second Ctrl-C waits the few milliseconds this takes
+            live = [k for k, t in enumerate(self.trackers) if not t.ended]
+            if self._snapshot is not None and trainer.is_global_zero:
+                base, states = self._snapshot
+                ckpts = member_checkpoints(trainer, states, self.state_key, base=base)
+                for k in live:
+                    if ckpts[k] is not None:
+                        save_atomic(ckpts[k], self.ckpt_paths[k])
+                self._snapshot = None
+            self._flush(live)

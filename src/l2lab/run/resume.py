@@ -10,6 +10,7 @@ from the checkpoint. ``reuse``, ``compare`` and ``load_runs`` then see the epoch
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -81,18 +82,17 @@ def continue_job(client, cfg: DictConfig, overrides: Sequence[str],
                  output_dir: Path | None) -> Job | dict[str, float]:
     """The job that continues run ``cfg.resume``, or its final metrics when there is nothing to
     train (a FINISHED run asked for no more epochs)."""
-    try:
-        run = client.get_run(str(cfg.resume))
-    except Exception:
-        raise ConfigError(f"resume: no run {cfg.resume!r} in {cfg.tracking.uri}.") from None
+    from l2lab.tracking.runs import resolve_run_id
+
+    run = client.get_run(resolve_run_id(str(cfg.resume), cfg.tracking.uri, "resume"))
     rid, name = run.info.run_id, run.data.tags.get("mlflow.runName", run.info.run_id)
     logged = logged_config(client, rid)
     cfg = resume_config(cfg, overrides, logged)
     old_dir = Path(run.data.tags["l2lab.output_dir"])
     ckpt = old_dir / "checkpoints" / "last.ckpt"
-    if not ckpt.exists():
-        raise ConfigError(f"resume: run {rid} has no checkpoint at {ckpt}.")
     done, total = epochs_done(ckpt), int(cfg.trainer.max_epochs)
+    if not done and run.info.status != "FINISHED":  # stopped in its first epoch: nothing
+        ckpt = None  # to continue from; it trains from the start, as the same run
     planned = int(logged.trainer.max_epochs)
     old_overrides = yaml.safe_load(run.data.tags.get("l2lab.overrides", "[]")) or []
     if total == planned:
@@ -115,11 +115,13 @@ def continue_job(client, cfg: DictConfig, overrides: Sequence[str],
     new_dir = Path(output_dir or Path("outputs") / datetime.now().strftime(
         "%Y-%m-%d_%H-%M-%S-%f")).resolve()
     (new_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(ckpt, new_dir / "checkpoints" / "last.ckpt")
+    if ckpt is not None:
+        shutil.copyfile(ckpt, new_dir / "checkpoints" / "last.ckpt")
     with open_dict(cfg):
         cfg.resume = None  # the new run's own config: what it trains, not how it started
     job = Job(cfg, new_overrides, new_dir, run_name(new_overrides, cfg),
-              tags={CONTINUED_FROM: rid}, ckpt=new_dir / "checkpoints" / "last.ckpt")
+              tags={CONTINUED_FROM: rid},
+              ckpt=new_dir / "checkpoints" / "last.ckpt" if ckpt is not None else None)
     say(f"l2lab: continuing run {rid} ({name}, {run.info.status} after {done} epochs) as a new "
         f"run trained to {total} epochs (its params say {planned})")
     return job
@@ -132,3 +134,134 @@ def copy_into(client, job: Job, source_id: str) -> None:
     # test/* is the continued run's own, measured once at its end
     copy_history(client, client.get_run(source_id), job.tracker.run_id, skip=("test/",))
     client.set_tag(source_id, CONTINUED_BY, job.tracker.run_id)
+
+
+def from_where(ckpt: Path, logged: int) -> str:
+    """Where a stopped run's resume starts, as its KILLED line says it: only a checkpoint that
+    exists is named."""
+    saved = epochs_done(ckpt)
+    if not saved:
+        return "; no epoch was completed, so it starts over" if not logged else \
+            "; no checkpoint, so it starts over (the logged epochs are not logged twice)"
+    return f", resumes from its checkpoint at epoch {saved}" if saved < logged else ""
+
+
+_SWEEP_RUNS: dict[str, dict[str, object]] = {}
+
+
+def in_sweep(client, sweep: Mapping, cfg: DictConfig, overrides: Sequence[str],
+             label=None) -> Job | dict[str, float] | None:  # noqa: ANN001
+    """A job of a continued sweep (the same command in the same sweep folder): its earlier run,
+    found by config hash among the sweep's children. FINISHED or FAILED: kept, its final metrics
+    returned (nothing trains). KILLED, or RUNNING (a process killed outright): the same run
+    continues from its last completed epoch. None: the job never started; it trains."""
+    from l2lab.tracking import runs
+
+    run = sweep_runs(client, sweep).get(runs.config_hash(cfg))
+    if run is None:
+        return None
+    rid, name = run.info.run_id, run.data.tags.get("mlflow.runName", run.info.run_id)
+    if run.info.status in ("FINISHED", "FAILED"):
+        from l2lab.console import SHOWN
+
+        shown = "  ".join(f"{k}={run.data.metrics[k]:.4f}" for k in SHOWN
+                          if k in run.data.metrics)
+        said = label(name) if label else name
+        say(f"l2lab: {said}: kept run {rid[:8]} ({run.info.status})  {shown}".rstrip())
+        return {**dict(run.data.metrics), "val/ce": run.data.metrics.get("val/ce", math.nan)}
+    return stopped_job(client, run, cfg, overrides)
+
+
+def stopped_job(client, run, cfg: DictConfig, overrides: Sequence[str]) -> Job:
+    """The job that continues a stopped run as the same run: from its checkpoint, or from the
+    start when it stopped in its first epoch (its logged epochs are not logged again)."""
+    rid, name = run.info.run_id, run.data.tags.get("mlflow.runName", run.info.run_id)
+    out = Path(run.data.tags["l2lab.output_dir"])
+    ckpt = out / "checkpoints" / "last.ckpt"
+    done = epochs_done(ckpt)
+    say(f"l2lab: {name}: run {rid[:8]} continues from epoch {done} of "
+        f"{cfg.trainer.max_epochs} (was {run.info.status})")
+    return Job(cfg, list(overrides), out, name, tracker=tr.RunTracker.reopen(client, rid),
+               reopened=True, ckpt=ckpt if done else None,
+               logged_test="test/ce" in run.data.metrics)
+
+
+def sweep_runs(client, sweep: Mapping) -> dict[str, object]:
+    """The sweep's children by config hash (the latest run of each), read once per process:
+    before any job of the continued sweep has made a run."""
+    from l2lab.run.sweep import sweep_children
+    from l2lab.tracking import runs
+
+    if sweep["sweep_id"] not in _SWEEP_RUNS:
+        found = {}
+        for run in sweep_children(client, sweep):  # oldest first: the latest wins
+            if runs.HASH_TAG in run.data.tags and runs.REUSED_TAG not in run.data.tags:
+                found[run.data.tags[runs.HASH_TAG]] = run
+        _SWEEP_RUNS[sweep["sweep_id"]] = found
+    return _SWEEP_RUNS[sweep["sweep_id"]]
+
+
+def continue_stack(client, sweep: Mapping, jobs: Sequence[Job]) -> list[list[Job]]:
+    """The vectorized launcher's jobs of a continued sweep, as :func:`in_sweep` treats one: kept
+    ones get their run and result (they do not train); stopped ones are reopened. Returns the
+    jobs to train in groups that can share a stack: the new ones, and the stopped ones by the
+    epoch they continue from (a stack continues from one merged checkpoint)."""
+    from l2lab.tracking import runs
+
+    fresh: list[Job] = []
+    stopped: dict[int, list[Job]] = {}
+    found = sweep_runs(client, sweep)
+    for job in jobs:
+        run = found.get(runs.config_hash(job.tree))
+        if run is None:
+            fresh.append(job)
+            continue
+        rid = run.info.run_id
+        if run.info.status in ("FINISHED", "FAILED"):
+            job.tracker = tr.RunTracker(client, rid)
+            job.tracker.ended = True
+            job.result = dict(run.data.metrics) if run.info.status == "FINISHED" else \
+                RuntimeError(f"kept (FAILED before): {run.data.tags.get('l2lab.failure', '')}")
+            continue
+        ckpt = Path(run.data.tags["l2lab.output_dir"]) / "checkpoints" / "last.ckpt"
+        done = epochs_done(ckpt)
+        job.tracker, job.reopened = tr.RunTracker.reopen(client, rid), True
+        job.ckpt, job.logged_test = (ckpt if done else None), "test/ce" in run.data.metrics
+        job.output_dir = ckpt.parent.parent
+        stopped.setdefault(done, []).append(job)
+    if stopped:
+        say(f"l2lab: {sum(map(len, stopped.values()))} stopped job(s) continue as stacks from "
+            f"epoch(s) {', '.join(map(str, sorted(stopped)))}; {len(fresh)} new")
+    return [g for g in (fresh, *stopped.values()) if g]
+
+
+def stack_resume(jobs: Sequence[Job]) -> Path | None:
+    """One checkpoint for a stack of stopped jobs that continue together, merged from their own
+    (each a stack of one, at the same epoch), beside the first job's: None unless all have one."""
+    import torch
+
+    paths = [j.ckpt for j in jobs]
+    if len(jobs) < 2 or any(p is None or not p.exists() for p in paths):
+        return None
+    cks = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
+    first = cks[0]
+    if len({c.get("epoch") for c in cks}) != 1:
+        return None
+
+    def joined(values: list):
+        v = values[0]
+        return torch.cat(values) if torch.is_tensor(v) and v.dim() > 0 else v
+
+    opt = first["optimizer_states"][0]
+    merged = {**first,
+              "state_dict": {n: torch.cat([c["state_dict"][n] for c in cks])
+                             for n in first["state_dict"]},
+              "optimizer_states": [{
+                  "param_groups": opt["param_groups"],
+                  "state": {i: {k: joined([c["optimizer_states"][0]["state"][i][k] for c in cks])
+                                for k in st} for i, st in opt["state"].items()}}],
+              "callbacks": {key: {"members": [c["callbacks"][key] for c in cks]}
+                            for key in first.get("callbacks", {})}}
+    out = paths[0].parent / "stack.ckpt"
+    torch.save(merged, out)
+    return out

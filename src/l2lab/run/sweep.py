@@ -8,6 +8,7 @@ the parent; a sweep with a failed job ends FAILED and exits non-zero.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -86,6 +87,73 @@ def swept_keys(overrides: list[str], sweeper_params: Mapping) -> list[str]:
     parsed = OverridesParser.create().parse_overrides(overrides)
     keys = [o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()]
     return keys + [str(k) for k in sweeper_params if str(k) not in keys]
+
+
+#: The sweep this process runs (its SWEEP_INFO), for the stop handler of ``l2lab.train``.
+ACTIVE: dict[str, Any] = {}
+
+
+def continue_command(sweep_dir: Path, overrides: list[str], uri: str) -> str:
+    """The command that continues this sweep: this very command line, pinned to its sweep folder
+    (the sweep's identity), run by this interpreter from this folder, so that it works pasted
+    into any shell, with or without the virtualenv. Its store is named when it came from the
+    environment (a new shell may not have it)."""
+    import shlex
+
+    args = [a for a in sys.argv[1:] if not a.startswith("hydra.sweep.dir=")]
+    if not any(a.startswith("-m") or a == "--multirun" for a in args):
+        args = ["-m", *args]  # (a sweep that Hydra's config turned on)
+    if os.environ.get("MLFLOW_TRACKING_URI") and not any(
+            a.startswith("tracking.uri=") for a in args):
+        args.append(f"tracking.uri={uri}")
+    line = [sys.executable, "-m", "l2lab.train", *args, f"hydra.sweep.dir={sweep_dir}"]
+    return f"cd {shlex.quote(os.getcwd())} && {' '.join(map(shlex.quote, line))}"
+
+
+def continued(client, info_path: Path, uri: str) -> dict | None:
+    """The earlier sweep of this folder, if it was in this store and was stopped (a sweep that
+    ended, FINISHED or FAILED, is not continued: the folder then holds a new sweep, as before)."""
+    if not info_path.exists():
+        return None
+    try:
+        before = json.loads(info_path.read_text())
+        if before.get("tracking_uri") != uri:
+            return None
+        status = client.get_run(before["parent_run_id"]).info.status
+    except Exception:  # another store, a deleted parent, a damaged file: a new sweep
+        return None
+    return before if status in ("KILLED", "RUNNING") else None  # stopped (RUNNING: SIGKILL)
+
+
+def stopped(signum: int) -> int:
+    """Ctrl-C or SIGTERM reached the sweep's process: every run of the sweep still RUNNING (a
+    worker that could not say so, a job between two steps) ends KILLED with the reason, then the
+    one line that continues the whole sweep. Returns the exit code (128 + signal)."""
+    from l2lab.run import lifecycle
+
+    reason = lifecycle.Interrupted(signum).reason
+    if not ACTIVE:
+        return 128 + signum
+    info = dict(ACTIVE)
+    counts = {}
+    with lifecycle.held(), contextlib.suppress(Exception):
+        from l2lab.tracking import tracker as tr
+
+        client = tr.connect(info["tracking_uri"])
+        kids = sweep_children(client, info)
+        for kid in kids:
+            if kid.info.status == "RUNNING":
+                tr.RunTracker(client, kid.info.run_id).finish("KILLED", failure=reason)
+        parent = client.get_run(info["parent_run_id"])
+        if parent.info.status == "RUNNING":
+            tr.RunTracker(client, info["parent_run_id"]).finish("KILLED", failure=reason)
+        for kid in sweep_children(client, info):
+            counts[kid.info.status] = counts.get(kid.info.status, 0) + 1
+    done = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no runs yet"
+    print(f"\nl2lab: sweep {info['sweep_id']} stopped ({reason}; {done}). Continue the whole "
+          f"sweep (finished jobs kept, stopped ones continued from their last completed epoch, "
+          f"the rest trained) with:\n  {info['command']}", file=sys.stderr, flush=True)
+    return 128 + signum
 
 
 def _write_timing(sweep_dir: Path) -> None:
@@ -185,12 +253,31 @@ class SweepCallback(Callback):
                 "l2lab.overrides": json.dumps(overrides), "l2lab.role": "sweep"}
         if commit := tr.git_commit(CONF_DIR.parent):
             tags["mlflow.source.git.commit"] = commit
-        parent = tr.RunTracker.start(client, exp, f"sweep {sweep_dir.name}", tags)
-        parent.set_tags({"mlflow.note.content": description(sweep_dir.name, exp,
-                                                             parent.run_id, base)})
-        info = {"sweep_id": sweep_dir.name, "parent_run_id": parent.run_id,
-                "experiment_id": exp, "tracking_uri": uri, "swept": swept}
+        command = continue_command(sweep_dir, overrides, uri)
+        before = continued(client, sweep_dir / SWEEP_INFO, uri)
+        if before is not None:  # this folder's sweep was stopped: the same sweep continues
+            parent = tr.RunTracker.reopen(client, before["parent_run_id"])
+            info = {**before, "swept": swept, "continuing": True, "command": command}
+        else:
+            parent = tr.RunTracker.start(client, exp, f"sweep {sweep_dir.name}", tags)
+            parent.set_tags({"mlflow.note.content": description(sweep_dir.name, exp,
+                                                                 parent.run_id, base)})
+            info = {"sweep_id": sweep_dir.name, "parent_run_id": parent.run_id,
+                    "experiment_id": exp, "tracking_uri": uri, "swept": swept,
+                    "command": command}
         (sweep_dir / SWEEP_INFO).write_text(json.dumps(info))
+        ACTIVE.clear()
+        ACTIVE.update(info)
+        if before is not None:
+            kids = sweep_children(client, info)
+            counts = {s: sum(k.info.status == s for k in kids)
+                      for s in ("FINISHED", "FAILED", "KILLED", "RUNNING")}
+            print(f"l2lab: continuing sweep {sweep_dir.name}: {counts['FINISHED']} finished "
+                  f"and {counts['FAILED']} failed job(s) kept, "
+                  f"{counts['KILLED'] + counts['RUNNING']} stopped job(s) continue from their "
+                  f"last completed epoch as the same runs, the others train\n"
+                  f"       parent run: {ui.run_url(base, exp, parent.run_id)}", flush=True)
+            return
         print(f"l2lab: sweep {sweep_dir.name} over {', '.join(swept) or '(no swept keys)'} in "
               f"experiment {config.experiment_name!r}; one line per job as it ends\n"
               f"       parent run: {ui.run_url(base, exp, parent.run_id)}", flush=True)

@@ -9,6 +9,7 @@ run rather than adding a seed. MLflow is imported only when a function here need
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -257,3 +258,65 @@ def load_records(client, runs: Iterable, writer=None) -> list:
             final=dict(run.data.metrics), history=history,
             experiment_id=run.info.experiment_id))
     return records
+
+
+# -- run ids as people type them ------------------------------------------------------------
+MIN_PREFIX = 6
+
+
+def resolve_run_id(prefix: str, uri: str, what: str = "run id") -> str:
+    """The full id of the run whose id starts with ``prefix`` (6 or more characters: the job
+    lines print 8). An unknown or ambiguous prefix is a one-paragraph ``ConfigError``. A SQLite
+    store is asked directly (no MLflow import: the answer comes in well under a second)."""
+    from l2lab.base import ConfigError
+
+    given = str(prefix).strip().lower()
+    if len(given) < MIN_PREFIX or not all(c in "0123456789abcdef" for c in given):
+        raise ConfigError(
+            f"{what}: {prefix!r} is not a run id: give the 32 hex digits or a unique prefix of at "
+            f"least {MIN_PREFIX} (the lines print 8).")
+    found = _runs_with_prefix(given, uri)
+    if len(found) == 1:
+        return found[0][0]
+    if not found:
+        raise ConfigError(
+            f"{what}: no run whose id starts with {given!r} in {uri}. Check the store (the "
+            "`tracking.uri` or MLFLOW_TRACKING_URI it was logged to); `python -m l2lab.compare "
+            "--format csv` lists the runs there.")
+    shown = "; ".join(f"{rid} ({name}, {status})" for rid, name, status in found[:10])
+    more = f"; and {len(found) - 10} more" if len(found) > 10 else ""
+    raise ConfigError(f"{what}: {given!r} matches {len(found)} runs: {shown}{more}. Give more "
+                      "characters.")
+
+
+def _runs_with_prefix(prefix: str, uri: str) -> list[tuple[str, str, str]]:
+    """(id, name, status) of the active runs whose id starts with ``prefix``."""
+    from l2lab.tracking.tracker import sqlite_path
+
+    db = sqlite_path(uri)
+    if db is not None:
+        import sqlite3
+
+        if not db.exists():
+            return []
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True,
+                                                timeout=30)) as con:
+            try:
+                return [tuple(r) for r in con.execute(
+                    "SELECT run_uuid, name, status FROM runs WHERE run_uuid LIKE ? "
+                    "AND lifecycle_stage = 'active' ORDER BY start_time", (prefix + "%",))]
+            except sqlite3.OperationalError:  # not (yet) an MLflow store
+                return []
+    from l2lab.tracking.tracker import connect
+
+    client = connect(uri)
+    if len(prefix) == 32:
+        try:
+            run = client.get_run(prefix)
+            return [(run.info.run_id, run.info.run_name or "", run.info.status)]
+        except Exception:
+            return []
+    exps = [e.experiment_id for e in client.search_experiments()]
+    return [(r.info.run_id, r.info.run_name or "", r.info.status)
+            for r in client.search_runs(exps, filter_string=f"attributes.run_id LIKE '{prefix}%'",
+                                        max_results=100)]

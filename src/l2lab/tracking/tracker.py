@@ -221,7 +221,7 @@ class RunTracker:
 
     def __init__(self, client, run_id: str) -> None:
         self.client, self.run_id = client, run_id
-        self.ended = False
+        self.ended = self.reopened = False
 
     @classmethod
     def start(cls, client, exp_id: str, run_name: str, tags: Mapping[str, str],
@@ -241,7 +241,9 @@ class RunTracker:
         client.update_run(run_id, status="RUNNING")
         if FAILURE_TAG in client.get_run(run_id).data.tags:
             client.delete_tag(run_id, FAILURE_TAG)
-        return cls(client, run_id)
+        tracker = cls(client, run_id)
+        tracker.reopened = True  # its logged epochs are not logged again
+        return tracker
 
     def _log_batch(self, kind: str, items: list, size: int, **extra: list) -> None:
         """MLflow caps a batch at 100 params/tags or 1000 metrics: send in chunks."""

@@ -1,0 +1,158 @@
+"""Stops at any point lose nothing: the last completed epoch is resumable, exactly; a stopped
+sweep continues as one sweep."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from conftest import TINY, make_cfg, runs_of
+
+from l2lab.run import lifecycle
+from l2lab.run.resume import epochs_done
+from l2lab.train import train
+
+EPOCHS = ["trainer.max_epochs=6"]  # TINY: 3 batches an epoch
+
+
+def _stop_at_batch(monkeypatch, n: int) -> None:
+    """SIGINT to this process as the n-th training batch (1-based) is taken: mid-epoch."""
+    from l2lab.core import data
+
+    original, seen = data.StackedBatches.__iter__, [0]
+
+    def batches(self):
+        for batch in original(self):
+            seen[0] += 1
+            if seen[0] == n:
+                signal.raise_signal(signal.SIGINT)
+            yield batch
+
+    monkeypatch.setattr(data.StackedBatches, "__iter__", batches)
+
+
+def _histories(client, rid: str) -> dict[str, list[tuple[int, float]]]:
+    keys = ("train/loss", "train/ce", "val/ce", "val/acc", "weights/sq_norm_total", "test/acc")
+    return {k: sorted((m.step, m.value) for m in client.get_metric_history(rid, k))
+            for k in keys}
+
+
+@pytest.mark.parametrize("batch, completed", [(11, 3), (2, 0)])
+def test_a_run_stopped_anywhere_resumes_to_the_numbers_of_one_never_stopped(
+        tmp_path, store, client, monkeypatch, batch, completed):
+    uri = f"tracking.uri={store}"
+    train(make_cfg(uri, *EPOCHS, "experiment_name=whole"), overrides=EPOCHS,
+          output_dir=tmp_path / "whole")
+    (whole,) = runs_of(client)
+    _stop_at_batch(monkeypatch, batch)
+    with pytest.raises(lifecycle.Interrupted):
+        train(make_cfg(uri, *EPOCHS), overrides=EPOCHS, output_dir=tmp_path / "stopped")
+    monkeypatch.undo()
+    (stopped,) = [r for r in runs_of(client) if r.info.run_id != whole.info.run_id]
+    rid = stopped.info.run_id
+    assert client.get_run(rid).info.status == "KILLED"
+    # no periodic save was due (flush_every_s=5): the stop wrote the last completed epoch
+    ckpt = tmp_path / "stopped" / "checkpoints" / "last.ckpt"
+    assert epochs_done(ckpt) == completed and ckpt.exists() == bool(completed)
+    assert [s for s, _ in _histories(client, rid)["train/loss"]] == list(range(completed))
+    ov = [f"resume={rid}"]
+    train(make_cfg(uri, *EPOCHS, *ov), overrides=ov)
+    assert client.get_run(rid).info.status == "FINISHED"
+    assert _histories(client, rid) == _histories(client, whole.info.run_id)  # every step once
+
+
+def _stop_sweep(args: list[str], cwd, sig: int) -> tuple[int, str]:
+    """Start a sweep, send ``sig`` once its second epoch line shows, return (exit code, output)."""
+    env = {**os.environ, "L2LAB_PROGRESS": "1", "L2LAB_PROGRESS_EVERY_S": "0",
+           "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "l2lab.train", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "epoch 2/" in line:
+            proc.send_signal(sig)
+            break
+    rest, _ = proc.communicate(timeout=180)
+    return proc.returncode, "".join(seen) + rest
+
+
+@pytest.mark.parametrize("launcher, sig", [("vectorized", signal.SIGINT),
+                                           ("basic", signal.SIGTERM)])
+def test_a_stopped_sweep_continues_with_its_one_command(tmp_path, store, client, launcher, sig):
+    sweep = ["-m", f"hydra/launcher={launcher}", "regularization.lam=0,0.1",
+             f"tracking.uri={store}", *TINY, "trainer.max_epochs=6",
+             f"hydra.sweep.dir={tmp_path}/multirun/s"]
+    sweep += ["seed=0,1", "hydra.launcher.max_models=2"] if launcher == "vectorized" else []
+    rc, out = _stop_sweep(sweep, tmp_path, sig)
+    assert rc == 128 + sig and "Traceback" not in out, out[-3000:]
+    (parent,) = runs_of(client, **{"l2lab.role": "sweep"})
+    assert client.get_run(parent.info.run_id).info.status == "KILLED"
+    assert not [r for r in runs_of(client) if r.info.status == "RUNNING"]
+    commands = [ln.strip() for ln in out.splitlines() if "-m l2lab.train" in ln]
+    assert len(commands) == 1 and f"hydra.sweep.dir={tmp_path}/multirun/s" in commands[0], out
+    # pasted into a shell without the virtualenv on its PATH
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "L2LAB_PROGRESS": "0",
+           **({"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {})}
+    again = subprocess.run(["bash", "-c", commands[0]], cwd="/", env=env, text=True,
+                           capture_output=True, timeout=300)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert "continuing sweep s" in again.stdout and "Sweep s: " in again.stdout
+    kids = [r for r in runs_of(client, **{"l2lab.sweep_id": "s"})
+            if r.data.tags.get("l2lab.role") != "sweep"]
+    jobs = 4 if launcher == "vectorized" else 2
+    assert len(kids) == jobs and {k.info.status for k in kids} == {"FINISHED"}
+    assert all("l2lab.env.torch_threads" in k.data.tags for k in kids)  # stacked ones too
+    for kid in kids:  # each epoch once, across the stop
+        assert [s for s, _ in _histories(client, kid.info.run_id)["val/ce"]] == list(range(6))
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    # the first job was stopped mid-way and continued: its numbers are those of a run never
+    # stopped (a vectorized child equals its ordinary run on CPU)
+    first = next(k for k in kids if k.data.tags["mlflow.runName"] in ("lam=0 seed=0", "lam=0"))
+    ov = ["regularization.lam=0", "trainer.max_epochs=6"]
+    train(make_cfg(f"tracking.uri={store}", *ov, "experiment_name=whole"), overrides=ov,
+          output_dir=tmp_path / "whole")
+    (whole,) = [r for r in runs_of(client) if r.info.experiment_id != parent.info.experiment_id]
+    assert _histories(client, first.info.run_id) == _histories(client, whole.info.run_id)
+
+
+def test_every_run_records_its_environment_and_reproduce_says_what_changed(
+        tmp_path, store, client, capsys):
+    import torch
+
+    from l2lab import reproduce
+    from l2lab.tracking import environment
+
+    train(make_cfg(f"tracking.uri={store}"), output_dir=tmp_path / "orig")
+    (orig,) = runs_of(client)
+    tags, rid = orig.data.tags, orig.info.run_id
+    env = {k[len(environment.PREFIX):]: v for k, v in tags.items()
+           if k.startswith(environment.PREFIX)}
+    assert env["torch"] == torch.__version__ and env["torch_threads"] == \
+        str(torch.get_num_threads())
+    assert env["device"] == "cpu" and env["git_dirty"] in ("true", "false")
+    assert "torch.use_deterministic_algorithms=" in env["deterministic"]
+    if env["git_dirty"] == "true":  # the uncommitted changes, as an artifact
+        diff = client.download_artifacts(rid, environment.DIFF_ARTIFACT, str(tmp_path))
+        assert open(diff).read().startswith("diff --git")
+    for name in ("python", "lightning", "hydra", "omegaconf", "mlflow"):
+        assert env[name][0].isdigit(), name
+    # a run made elsewhere: another thread count and torch build, a dirty tree
+    client.set_tag(rid, "l2lab.env.torch_threads", "999")
+    client.set_tag(rid, "l2lab.env.torch", "1.0.0")
+    assert reproduce.main([rid[:8], "--check", "--tracking-uri", store,
+                           "--out", str(tmp_path / "again")]) == 0
+    out = capsys.readouterr().out
+    assert "environment: differs from the run's" in out
+    assert f"torch_threads  logged 999  |  now {torch.get_num_threads()}" in out
+    assert f"logged 1.0.0  |  now {torch.__version__}" in out
+    assert out.index("environment:") < out.index("reproduced ")  # said before comparing
+    assert "yet the results agree" in out
+    # had the numbers differed, the verdict says the environment can explain it
+    diffs = environment.differences({**tags, "l2lab.env.torch_threads": "999"},
+                                    environment.tags(make_cfg()))
+    assert "can explain the mismatch" in environment.verdict(diffs, True)
+    assert "not explained" in environment.verdict([], True)
