@@ -111,8 +111,15 @@ def test_final_metric_means_and_sample_stds(summary: pd.DataFrame) -> None:
     assert r0["train/ce_std"] == pytest.approx(0.02 / SQRT2)
     assert r0["val/ce_mean"] == pytest.approx(0.62)
     assert r0["val/ce_std"] == pytest.approx(0.04 / SQRT2)
-    # 95% t-interval half-width, 1 degree of freedom: t = 12.706, s = 0.04/√2, n = 2
-    assert r0["val/ce_ci95"] == pytest.approx(12.7062 * 0.04 / SQRT2 / SQRT2, rel=1e-4)
+    # 95% t-interval on the log (cross-entropy > 0), 1 degree of freedom: t = 12.706
+    logs = np.log([0.60, 0.64])
+    half = 12.7062 * logs.std(ddof=1) / SQRT2
+    assert r0["val/ce_lo"] == pytest.approx(math.exp(logs.mean() - half), rel=1e-4)
+    assert r0["val/ce_hi"] == pytest.approx(math.exp(logs.mean() + half), rel=1e-4)
+    assert 0 < r0["val/ce_lo"] < 0.60 and r0["val/ce_hi"] > 0.64
+    # accuracy and gap/ce: the t-interval (inside [0, 1] here: nothing to cut)
+    assert r0["val/acc_hi"] == pytest.approx(0.79 + 12.7062 * 0.01, rel=1e-4)
+    assert r0["gap/ce_lo"] == pytest.approx(0.51 - 12.7062 * 0.01, rel=1e-4)
     assert r0["gap/ce_mean"] == pytest.approx(0.51)
     assert r0["gap/ce_std"] == pytest.approx(0.02 / SQRT2)
     assert r0["val/acc_mean"] == pytest.approx(0.79)
@@ -156,7 +163,7 @@ def test_single_run_has_nan_std() -> None:
     assert r["best_val_ce_mean"] == pytest.approx(0.25)
     assert r["best_epoch_mean"] == pytest.approx(1.0)
     for col in ("train/ce_std", "val/ce_std", "gap/ce_std", "val/acc_std", "best_epoch_std",
-                "val/ce_ci95"):
+                "val/ce_lo", "val/ce_hi", "best_epoch_lo"):
         assert math.isnan(r[col])
 
 
@@ -239,8 +246,8 @@ def test_format_table(summary: pd.DataFrame) -> None:
     assert len(marked) == 1 and "0.001" in marked[0]
     assert "0.4300 ± 0.0283" in marked[0]  # val/ce
     assert "0.870 ± 0.014" in marked[0]  # val/acc, 3 decimals
-    assert "2.5 ± 0.7" in marked[0]  # best epoch, 1 decimal
-    assert "[0.1759, 0.6841]" in marked[0]  # 0.43 ± 12.706 · 0.02
+    assert "2.5 [2–3]" in marked[0]  # best epoch: median [min–max]
+    assert "[0.2378, 0.7760]" in marked[0]  # exp(mean log ± 12.706 · sd log / √2): 0.45, 0.41
     assert lines[-1].startswith(
         "~ lowest mean val/ce: lam=0.001: not distinguishable from lam=0 with 2 seeds "
         "(p = 0.13, paired t-test); about 3 seeds "), lines[-1]

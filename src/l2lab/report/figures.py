@@ -157,15 +157,15 @@ def plot_lambda_curve(summary: pd.DataFrame, path: Path) -> None:
         marker, style = markers[i % len(markers)], styles[i % len(styles)]
         for split, color in (("train", TRAIN_COLOR), ("val", VAL_COLOR)):
             mean = data[f"{split}/ce_mean"].to_numpy(dtype=float)
-            half = data[f"{split}/ce_ci95"].to_numpy(dtype=float)
+            lo = data[f"{split}/ce_lo"].to_numpy(dtype=float)
+            hi = data[f"{split}/ce_hi"].to_numpy(dtype=float)
             label = f"{split} ({suffix})" if suffix else split
             (line,) = ax.plot(lam, mean, linestyle=style, color=color, marker=marker,
                               markersize=5, label=label)
             handles.append(line)
-            ok = np.isfinite(half) & np.isfinite(mean)
+            ok = np.isfinite(lo) & np.isfinite(hi) & np.isfinite(mean)
             if ok.any():
-                ax.fill_between(lam[ok], (mean - half)[ok], (mean + half)[ok], color=color,
-                                alpha=0.2, linewidth=0)
+                ax.fill_between(lam[ok], lo[ok], hi[ok], color=color, alpha=0.2, linewidth=0)
             zero = lam == 0
             ax.plot(lam[zero], mean[zero], linestyle="none", marker=marker, color=color,
                     markerfacecolor="white", markeredgewidth=1.8, markersize=9)
@@ -182,7 +182,7 @@ def plot_lambda_curve(summary: pd.DataFrame, path: Path) -> None:
     if (done["lam"] == 0).any():
         handles.append(Line2D([], [], marker="o", markerfacecolor="white", markeredgewidth=1.8,
                               color="0.3", linestyle="none", markersize=9, label="λ=0 (no L2)"))
-    has_band = any(done[f"{s}/ce_ci95"].notna().any() for s in ("train", "val"))
+    has_band = any(done[f"{s}/ce_lo"].notna().any() for s in ("train", "val"))
     if has_band:
         from matplotlib.patches import Patch
 

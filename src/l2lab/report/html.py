@@ -112,13 +112,17 @@ def _link(url: str | None, text: str) -> str:
 
 
 def _cell(row: pd.Series, prefix: str, decimals: int) -> str:
-    mean, half = float(row[f"{prefix}_mean"]), float(row[f"{prefix}_ci95"])
+    """Mean and, below it, its 95% interval; the best epoch as median and min-max range."""
+    centre = "median" if prefix == "best_epoch" else "mean"
+    mean, lo, hi = (float(row[f"{prefix}_{s}"]) for s in (centre, "lo", "hi"))
     if math.isnan(mean):
         return "n/a"
+    if prefix == "best_epoch":
+        text = f"{mean:g}"
+        return text + ("" if math.isnan(lo) else f'<span class="ci">[{lo:g}–{hi:g}]</span>')
     text = f"{mean:.{decimals}f}"
-    if not math.isnan(half):
-        text += (f'<span class="ci">[{mean - half:.{decimals}f}, '
-                 f'{mean + half:.{decimals}f}]</span>')
+    if not math.isnan(lo):
+        text += f'<span class="ci">[{lo:.{decimals}f}, {hi:.{decimals}f}]</span>'
     return text
 
 
