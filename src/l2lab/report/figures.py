@@ -52,8 +52,10 @@ def placeholder(ax: Axes, text: str) -> None:
 
 
 def group_label(group: Cell) -> str:
-    return ", ".join([f"λ={fmt_value(group.lam)}",
-                      *(f"{short_key(k)}={fmt_value(v)}" for k, v in group.values.items())])
+    """λ and the condition, short: the key's last part (``train_size=500``), long values cut."""
+    text = ", ".join([f"λ={fmt_value(group.lam)}",
+                      *(f"{k.rsplit('.', 1)[-1]}={fmt_value(v)}" for k, v in group.values.items())])
+    return text if len(text) <= 40 else text[:39] + "…"
 
 
 def group_colors(n: int) -> list[tuple[float, float, float, float]]:
@@ -248,4 +250,155 @@ def plot_curves(groups: Sequence[Cell], path: Path, *, weights: bool) -> None:
             fig.legend(handles=handles, loc="outside right upper", fontsize="small")
         else:
             _colorbar(fig, list(axes), shown, colors)
+    save(fig, path)
+
+
+# --------------------------------------------------------------------------- conditions
+
+
+def _panel_grid(fig: Figure, n: int) -> list[Axes]:
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
+    flat = list(axes.ravel())
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return flat[:n]
+
+
+def plot_condition_curves(conditions: Sequence, path: Path) -> None:
+    """One panel per condition (a :class:`l2lab.report.conditions.Condition`): final train and
+    val CE against λ with their 95% bands, the condition's best λ starred and the λ not
+    distinguishable from it shaded. Shared y, so the panels compare at a glance; titles are the
+    short condition labels, the one legend sits outside the panels."""
+    n = len(conditions)
+    cols = min(n, 4)
+    fig = new_figure(min(3.4 * cols + 1.6, 16.0), 3.2 * math.ceil(n / cols) + 0.6)
+    fig.suptitle("Final cross-entropy vs λ per condition (band: 95% interval over seeds; shaded: "
+                 "λ not distinguishable from the best)", fontsize="medium")
+    axes = _panel_grid(fig, n)
+    for ax, cond in zip(axes, conditions, strict=True):
+        data = cond.summary[cond.summary["runs"] > 0].sort_values("lam")
+        ax.set_title(cond.label, fontsize="small")
+        ax.set_xlabel(LAMBDA_LABEL, fontsize="small")
+        if data.empty:
+            placeholder(ax, "no finished runs")
+            continue
+        lam = data["lam"].to_numpy(dtype=float)
+        for split, color in (("train", TRAIN_COLOR), ("val", VAL_COLOR)):
+            mean = data[f"{split}/ce_mean"].to_numpy(dtype=float)
+            lo = data[f"{split}/ce_lo"].to_numpy(dtype=float)
+            hi = data[f"{split}/ce_hi"].to_numpy(dtype=float)
+            ax.plot(lam, mean, color=color, marker="o", markersize=4)
+            ok = np.isfinite(lo) & np.isfinite(hi)
+            if ok.any():
+                ax.fill_between(lam[ok], lo[ok], hi[ok], color=color, alpha=0.2, linewidth=0)
+        ties = cond.tie_lams
+        if len(ties) > 1:
+            ax.axvspan(ties[0], ties[-1], color="0.85", zorder=0)
+        if math.isfinite(cond.best_lam):
+            ax.plot([cond.best_lam], [cond.best_val], marker="*", markersize=14, color=VAL_COLOR,
+                    markeredgecolor="black", linestyle="none", zorder=5)
+        lambda_axis(ax, lam)
+        ax.tick_params(labelsize="small")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel(CE_LABEL)
+    from matplotlib.patches import Patch
+
+    handles = [Line2D([], [], color=TRAIN_COLOR, marker="o", label="train"),
+               Line2D([], [], color=VAL_COLOR, marker="o", label="val"),
+               Line2D([], [], marker="*", markersize=12, color=VAL_COLOR, markeredgecolor="black",
+                      linestyle="none", label="best λ"),
+               Patch(color="0.85", label="not distinguishable"),
+               Patch(color="0.5", alpha=0.3, label="95% interval")]
+    fig.legend(handles=handles, loc="outside right upper", fontsize="small")
+    save(fig, path)
+
+
+def plot_best_lambda(keys: Sequence[str], conditions: Sequence, path: Path, *,
+                     numeric: bool) -> None:
+    """Best λ against the condition, the range of λ not distinguishable from it as an error bar:
+    a number axis (log when every value is positive) for one numeric key, else one tick per
+    condition. λ is on a symlog axis, so a best λ of 0 shows."""
+    fig = new_figure(7.5, 4.2)
+    ax = fig.add_subplot()
+    shown = [c for c in conditions if math.isfinite(c.best_lam)]
+    ax.set_ylabel("best λ (lowest mean final val/ce)")
+    ax.set_title("Best λ per condition (bar: λ not distinguishable from it)", fontsize="medium")
+    if not shown:
+        placeholder(ax, "no finished runs")
+        save(fig, path)
+        return
+    best = np.array([c.best_lam for c in shown])
+    lo = np.array([c.tie_lams[0] for c in shown])
+    hi = np.array([c.tie_lams[-1] for c in shown])
+    if numeric:
+        x = np.array([float(c.values[keys[0]]) for c in shown])
+        ax.set_xlabel(keys[0])
+        if np.all(x > 0):
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(ticker.FixedLocator(x))
+            ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_locator(ticker.NullLocator())
+    else:
+        x = np.arange(len(shown), dtype=float)
+        ax.set_xticks(x, [c.label for c in shown], rotation=20 if len(shown) > 2 else 0,
+                      ha="right" if len(shown) > 2 else "center", fontsize="small")
+        ax.set_xlim(-0.5, len(shown) - 0.5)
+        ax.set_xlabel(", ".join(keys))
+    ax.errorbar(x, best, yerr=[best - lo, hi - best], fmt="o", color=VAL_COLOR, ecolor="0.3",
+                capsize=5, markersize=8, markeredgecolor="black")
+    grid = np.unique(np.concatenate([c.summary["lam"].to_numpy(dtype=float) for c in shown]))
+    positive = grid[grid > 0]
+    if positive.size:
+        ax.set_yscale("symlog", linthresh=float(positive.min()), linscale=0.5)
+        ax.yaxis.set_major_locator(ticker.FixedLocator(grid))
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_locator(ticker.NullLocator())
+        ax.set_ylim(-0.3 * float(positive.min()) if (grid == 0).any() else positive.min() / 2,
+                    float(positive.max()) * 2)
+    ax.grid(True, alpha=0.3)
+    save(fig, path)
+
+
+def plot_heatmap(summary: pd.DataFrame, key: str, path: Path) -> None:
+    """Mean final val/ce over λ (columns) × one numeric factor (rows), as in Loshchilov & Hutter
+    2019, Fig. 2: each row's best cell boxed, the overall best starred, values written in the
+    cells when the grid is small enough to read them."""
+    data = summary[summary["runs"] > 0]
+    lams = sorted(data["lam"].astype(float).unique())
+    rows = sorted(data[key].astype(str).unique(), key=lambda v: float(v))
+    grid = np.full((len(rows), len(lams)), np.nan)
+    for _, r in data.iterrows():
+        grid[rows.index(str(r[key])), lams.index(float(r["lam"]))] = float(r["val/ce_mean"])
+    fig = new_figure(max(5.5, 0.9 * len(lams) + 3.0), max(3.2, 0.55 * len(rows) + 1.8))
+    ax = fig.add_subplot()
+    image = ax.imshow(grid, cmap="viridis_r", aspect="auto", origin="lower")
+    ax.set_xticks(range(len(lams)), [f"{x:g}" for x in lams], fontsize="small",
+                  rotation=45 if len(lams) > 6 else 0)
+    ax.set_yticks(range(len(rows)), [fmt_value(v) for v in rows], fontsize="small")
+    ax.set_xlabel("λ")
+    ax.set_ylabel(key)
+    ax.set_title("Mean final val/ce (box: each row's best λ; star: the lowest)",
+                 fontsize="medium")
+    from matplotlib.patches import Rectangle
+
+    finite = np.isfinite(grid)
+    if grid.size <= 120 and finite.any():
+        mid = np.nanmean(grid)
+        for i in range(len(rows)):
+            for j in range(len(lams)):
+                if finite[i, j]:
+                    ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center",
+                            fontsize="x-small", color="white" if grid[i, j] > mid else "black")
+    for i in range(len(rows)):
+        if finite[i].any():
+            j = int(np.nanargmin(grid[i]))
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red",
+                                   linewidth=2))
+    if finite.any():
+        i, j = np.unravel_index(int(np.nanargmin(grid)), grid.shape)
+        ax.plot([j], [i + 0.3], marker="*", markersize=14, color="red",
+                markeredgecolor="white", linestyle="none")
+    fig.colorbar(image, ax=ax, label="mean final val/ce (nats)")
     save(fig, path)
