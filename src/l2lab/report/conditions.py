@@ -153,7 +153,10 @@ def too_short(cond: Condition) -> tuple[int, int, int] | None:
 
 
 def _nice(x: float) -> str:
-    return f"{float(f'{x:.2g}'):g}"
+    """The nearest 1, 2, 3 or 5 times a power of ten (in log distance): 9 -> 10, 0.0027 -> 0.003."""
+    power = 10.0 ** math.floor(math.log10(x))
+    steps = [power * m for m in (1, 2, 3, 5, 10)]
+    return f"{float(f'{min(steps, key=lambda v: abs(math.log(v / x))):.3g}'):g}"
 
 
 def narrow_grid(cond: Condition) -> str | None:
@@ -361,3 +364,24 @@ def best_table(conditions: Iterable[Condition]) -> pd.DataFrame:
                      "lam_lo": ties[0] if ties else np.nan, "lam_hi": ties[-1] if ties else np.nan,
                      "val_ce": c.best_val, "clear": c.verdict.clear})
     return pd.DataFrame(rows)
+
+
+def heatmap_grid(summary: pd.DataFrame, key: str
+                 ) -> tuple[list[str], list[float], np.ndarray, list[int | None],
+                            tuple[int, int] | None]:
+    """Mean final val/ce over (value of ``key``) × λ: the row values (numeric order), the λ
+    (ascending), the grid (NaN where no finished run), each row's best column, and the lowest
+    cell (row, column)."""
+    data = summary[summary["runs"] > 0]
+    lams = sorted(float(x) for x in data["lam"].unique())
+    rows = sorted({str(v) for v in data[key]}, key=value_sort_key)
+    grid = np.full((len(rows), len(lams)), np.nan)
+    for _, r in data.iterrows():
+        grid[rows.index(str(r[key])), lams.index(float(r["lam"]))] = float(r["val/ce_mean"])
+    finite = np.isfinite(grid)
+    row_best = [int(np.nanargmin(grid[i])) if finite[i].any() else None for i in range(len(rows))]
+    low = None
+    if finite.any():
+        i, j = np.unravel_index(int(np.nanargmin(grid)), grid.shape)
+        low = (int(i), int(j))
+    return rows, lams, grid, row_best, low

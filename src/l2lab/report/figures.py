@@ -365,12 +365,9 @@ def plot_heatmap(summary: pd.DataFrame, key: str, path: Path) -> None:
     """Mean final val/ce over λ (columns) × one numeric factor (rows), as in Loshchilov & Hutter
     2019, Fig. 2: each row's best cell boxed, the overall best starred, values written in the
     cells when the grid is small enough to read them."""
-    data = summary[summary["runs"] > 0]
-    lams = sorted(data["lam"].astype(float).unique())
-    rows = sorted(data[key].astype(str).unique(), key=lambda v: float(v))
-    grid = np.full((len(rows), len(lams)), np.nan)
-    for _, r in data.iterrows():
-        grid[rows.index(str(r[key])), lams.index(float(r["lam"]))] = float(r["val/ce_mean"])
+    from l2lab.report.conditions import heatmap_grid
+
+    rows, lams, grid, row_best, low = heatmap_grid(summary, key)
     fig = new_figure(max(5.5, 0.9 * len(lams) + 3.0), max(3.2, 0.55 * len(rows) + 1.8))
     ax = fig.add_subplot()
     image = ax.imshow(grid, cmap="viridis_r", aspect="auto", origin="lower")
@@ -391,14 +388,12 @@ def plot_heatmap(summary: pd.DataFrame, key: str, path: Path) -> None:
                 if finite[i, j]:
                     ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center",
                             fontsize="x-small", color="white" if grid[i, j] > mid else "black")
-    for i in range(len(rows)):
-        if finite[i].any():
-            j = int(np.nanargmin(grid[i]))
+    for i, j in enumerate(row_best):
+        if j is not None:
             ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red",
                                    linewidth=2))
-    if finite.any():
-        i, j = np.unravel_index(int(np.nanargmin(grid)), grid.shape)
-        ax.plot([j], [i + 0.3], marker="*", markersize=14, color="red",
+    if low is not None:
+        ax.plot([low[1]], [low[0] + 0.3], marker="*", markersize=14, color="red",
                 markeredgecolor="white", linestyle="none")
     fig.colorbar(image, ax=ax, label="mean final val/ce (nats)")
     save(fig, path)
