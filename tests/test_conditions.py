@@ -5,7 +5,6 @@ sweep's own summary and by ``compare --by``."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

@@ -75,6 +75,14 @@ class Condition:
         return label_of(self.values)
 
     @property
+    def short(self) -> str:
+        """The label without the key when there is one key (a panel title, a tick label)."""
+        if len(self.values) != 1:
+            return self.label
+        text = fmt_value(next(iter(self.values.values())))
+        return text if len(text) <= 24 else text[:23] + "…"
+
+    @property
     def best_lam(self) -> float:
         return math.nan if self.verdict.best is None else float(self.summary["lam"].iloc[
             self.verdict.best])

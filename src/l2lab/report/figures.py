@@ -107,7 +107,7 @@ def lambda_axis(ax: Axes, lams: np.ndarray) -> None:
         ticks = np.concatenate([[0.0] if (lams == 0).any() else [],
                                 10.0 ** np.arange(lo, hi + 1)])
     ax.xaxis.set_major_locator(ticker.FixedLocator(ticks))
-    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))
     ax.xaxis.set_minor_locator(ticker.NullLocator())
     if len(ticks) > 6:
         for label in ax.get_xticklabels():
@@ -274,12 +274,14 @@ def plot_condition_curves(conditions: Sequence, path: Path) -> None:
     n = len(conditions)
     cols = min(n, 4)
     fig = new_figure(min(3.4 * cols + 1.6, 16.0), 3.2 * math.ceil(n / cols) + 0.6)
-    fig.suptitle("Final cross-entropy vs λ per condition (band: 95% interval over seeds; shaded: "
-                 "λ not distinguishable from the best)", fontsize="medium")
+    keys = list(conditions[0].values) if conditions else []
+    fig.suptitle("Final cross-entropy vs λ per " + (keys[0] if len(keys) == 1 else "condition")
+                 + " (band: 95% interval over seeds; grey: λ not distinguishable from the best)",
+                 fontsize="medium")
     axes = _panel_grid(fig, n)
     for ax, cond in zip(axes, conditions, strict=True):
         data = cond.summary[cond.summary["runs"] > 0].sort_values("lam")
-        ax.set_title(cond.label, fontsize="small")
+        ax.set_title(cond.short, fontsize="small")
         ax.set_xlabel(LAMBDA_LABEL, fontsize="small")
         if data.empty:
             placeholder(ax, "no finished runs")
@@ -342,7 +344,7 @@ def plot_best_lambda(keys: Sequence[str], conditions: Sequence, path: Path, *,
             ax.xaxis.set_minor_locator(ticker.NullLocator())
     else:
         x = np.arange(len(shown), dtype=float)
-        ax.set_xticks(x, [c.label for c in shown], rotation=20 if len(shown) > 2 else 0,
+        ax.set_xticks(x, [c.short for c in shown], rotation=20 if len(shown) > 2 else 0,
                       ha="right" if len(shown) > 2 else "center", fontsize="small")
         ax.set_xlim(-0.5, len(shown) - 0.5)
         ax.set_xlabel(", ".join(keys))
