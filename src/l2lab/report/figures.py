@@ -32,6 +32,8 @@ NORM_LABEL = r"$\Sigma\,\Vert W\Vert_F^2$ of selected layers"  # renders as 危鈥
 #: Up to this many groups get distinct qualitative colours and a legend; more get a colour scale
 #: in 位 order with a labelled colour bar (a legend of 30 entries reads as badly as 30 colours).
 MAX_LEGEND = 10
+#: Up to this many conditions get a row of learning-curve panels each; more share one panel.
+MAX_PANEL_ROWS = 4
 
 
 def new_figure(width: float = 8.0, height: float = 4.6) -> Figure:
@@ -398,4 +400,45 @@ def plot_heatmap(summary: pd.DataFrame, key: str, path: Path) -> None:
         ax.plot([low[1]], [low[0] + 0.3], marker="*", markersize=14, color="red",
                 markeredgecolor="white", linestyle="none")
     fig.colorbar(image, ax=ax, label="mean final val/ce (nats)")
+    save(fig, path)
+
+
+def plot_condition_histories(conditions: Sequence, path: Path, *, weights: bool) -> None:
+    """Learning curves (train and val CE) or weight norms against epoch with one row of panels
+    per condition and one colour per 位, the same 位 the same colour in every row: 4 conditions 脳
+    8 位 read as 8 legend entries, not 32."""
+    panels = [("weights/sq_norm_total", NORM_LABEL)] if weights else \
+        [("train/ce", "train CE (nats)"), ("val/ce", "val CE (nats)")]
+    n = len(conditions)
+    fig = new_figure(4.0 * len(panels) + 2.2, 2.3 * n + 0.8)
+    axes = fig.subplots(n, len(panels), squeeze=False, sharex=True)
+    fig.suptitle(("Weight norm during training" if weights else "Learning curves")
+                 + " per condition (mean over seeds)", fontsize="medium")
+    lams = sorted({c.lam for cond in conditions for c in cond.cells
+                   if any(r.status == FINISHED for r in c.runs)})
+    colors = dict(zip(lams, group_colors(len(lams)), strict=True))
+    for row, cond in zip(axes, conditions, strict=True):
+        for ax, (metric, ylabel) in zip(row, panels, strict=True):
+            ax.set_ylabel(f"{cond.short}\n{ylabel}", fontsize="small")
+            values = []
+            for cell in cond.cells:
+                curve = mean_curve(cell.finished, metric)
+                if curve is not None:
+                    ax.plot(*curve, color=colors[cell.lam], linewidth=1.5)
+                    values.append(curve[1])
+            if not values:
+                placeholder(ax, "no history recorded")
+                continue
+            readable_log_y(ax, values)
+            ax.tick_params(labelsize="small")
+            ax.grid(True, alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("epoch")
+    if len(lams) <= MAX_LEGEND:
+        handles = [Line2D([], [], color=colors[lam], linewidth=2, label=f"位={fmt_value(lam)}")
+                   for lam in lams]
+        fig.legend(handles=handles, loc="outside right upper", fontsize="small")
+    else:
+        _colorbar(fig, list(axes.ravel()), [Cell({}, lam, []) for lam in lams],
+                  [colors[lam] for lam in lams])
     save(fig, path)

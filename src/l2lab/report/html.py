@@ -99,8 +99,12 @@ def write_report(runs: Sequence[RunRecord], out_dir: Path,
             figures.plot_heatmap(summary, keys[0], paths["heatmap"])
     else:
         figures.plot_lambda_curve(summary, paths["lambda_curve"])
-    figures.plot_curves(groups, paths["learning_curves"], weights=False)
-    figures.plot_curves(groups, paths["weight_norms"], weights=True)
+    if keys and len(conds) <= figures.MAX_PANEL_ROWS:
+        figures.plot_condition_histories(conds, paths["learning_curves"], weights=False)
+        figures.plot_condition_histories(conds, paths["weight_norms"], weights=True)
+    else:
+        figures.plot_curves(groups, paths["learning_curves"], weights=False)
+        figures.plot_curves(groups, paths["weight_norms"], weights=True)
     paths["report"].write_text(render_html(summary, runs, paths, context or ReportContext()),
                                encoding="utf-8")
     return paths
