@@ -286,6 +286,47 @@ def test_four_conditions_with_long_labels_draw_without_warnings(tmp_path):
     assert "heatmap" not in paths  # names, not numbers: no heatmap
 
 
+chromium = pytest.mark.skipif(
+    __import__("browser").chromium_path() is None,
+    reason="headless chromium is not installed (apt-get install chromium; .ci/run does)")
+
+
+@chromium
+def test_the_conditions_report_renders_with_decoded_nontrivial_images(tmp_path):
+    """Chromium opens a train-size report: a section per size, the cross-condition table with
+    each size's best λ, and five figures decoded to images with real content (hundreds of
+    distinct colours, not a blank or a placeholder)."""
+    from browser import Browser
+
+    paths = write_report(size_sweep(), tmp_path)
+    with Browser() as b:
+        b.goto(paths["report"].as_uri())
+        b.wait_for("document.readyState === 'complete' && "
+                   "[...document.images].every(i => i.complete)", timeout=60)
+        images = b.evaluate("""[...document.images].map(i => {
+            const c = document.createElement('canvas');
+            c.width = i.naturalWidth; c.height = i.naturalHeight;
+            const g = c.getContext('2d'); g.drawImage(i, 0, 0);
+            const d = g.getImageData(0, 0, c.width, c.height).data, seen = new Set();
+            for (let k = 0; k < d.length; k += 4 * 7) seen.add(d[k] << 16 | d[k+1] << 8 | d[k+2]);
+            return [i.id, i.naturalWidth, i.naturalHeight, seen.size]; })""")
+        best = b.evaluate("[...document.querySelectorAll('#best-lambda tbody tr')]"
+                          ".map(r => [...r.cells].slice(0, 2).map(c => c.innerText))")
+        sections = b.evaluate("[...document.querySelectorAll('section.condition h3')]"
+                              ".map(h => h.innerText)")
+        verdict_text = b.evaluate("document.getElementById('verdict').innerText")
+        wide = b.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    assert {i[0] for i in images} == {"lambda_curve", "learning_curves", "weight_norms",
+                                      "best_lambda", "heatmap"}
+    assert all(w > 600 and h > 300 and colours > 100 for _, w, h, colours in images), images
+    assert best == [["train_size=100", "0.3"], ["train_size=200", "0.3"],
+                    ["train_size=500", "0.03"]]
+    assert sections == ["train_size=100", "train_size=200", "train_size=500"]
+    assert verdict_text.startswith("lowest mean val/ce across conditions: train_size=500 at "
+                                   "λ=0.03: clear")
+    assert wide  # no horizontal scrolling: figures and tables fit the page
+
+
 # --------------------------------------------------------------------------- one real sweep
 
 
