@@ -79,7 +79,10 @@ class Condition:
         """The label without the key when there is one key (a panel title, a tick label)."""
         if len(self.values) != 1:
             return self.label
-        text = fmt_value(next(iter(self.values.values())))
+        ((key, value),) = self.values.items()
+        if value_sort_key(value)[0] == 0:  # a number says little without its key
+            return f"{tail(key)}={fmt_value(value)}"
+        text = fmt_value(value)
         return text if len(text) <= 24 else text[:23] + "…"
 
     @property

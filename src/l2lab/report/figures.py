@@ -26,6 +26,7 @@ from l2lab.report.stats import FINISHED, Cell, RunRecord, fmt_value, group_colum
 DPI = 120
 TRAIN_COLOR = "tab:blue"
 VAL_COLOR = "tab:orange"
+TIE_COLOR = "#e4e0f0"  # the λ not distinguishable from the best: a pale violet, not a band colour
 LAMBDA_LABEL = "λ (L2 strength)"
 CE_LABEL = "final cross-entropy (nats)"
 NORM_LABEL = r"$\Sigma\,\Vert W\Vert_F^2$ of selected layers"  # renders as Σ‖W‖²_F
@@ -277,9 +278,9 @@ def plot_condition_curves(conditions: Sequence, path: Path) -> None:
     cols = min(n, 4)
     fig = new_figure(min(3.4 * cols + 1.6, 16.0), 3.2 * math.ceil(n / cols) + 0.6)
     keys = list(conditions[0].values) if conditions else []
-    fig.suptitle("Final cross-entropy vs λ per " + (keys[0] if len(keys) == 1 else "condition")
-                 + " (band: 95% interval over seeds; grey: λ not distinguishable from the best)",
-                 fontsize="medium")
+    fig.suptitle("Final cross-entropy vs λ per "
+                 + (keys[0].rsplit(".", 1)[-1] if len(keys) == 1 else "condition")
+                 + " (mean over seeds)", fontsize="medium")
     axes = _panel_grid(fig, n)
     for ax, cond in zip(axes, conditions, strict=True):
         data = cond.summary[cond.summary["runs"] > 0].sort_values("lam")
@@ -299,7 +300,7 @@ def plot_condition_curves(conditions: Sequence, path: Path) -> None:
                 ax.fill_between(lam[ok], lo[ok], hi[ok], color=color, alpha=0.2, linewidth=0)
         ties = cond.tie_lams
         if len(ties) > 1:
-            ax.axvspan(ties[0], ties[-1], color="0.85", zorder=0)
+            ax.axvspan(ties[0], ties[-1], color=TIE_COLOR, zorder=0)
         if math.isfinite(cond.best_lam):
             ax.plot([cond.best_lam], [cond.best_val], marker="*", markersize=14, color=VAL_COLOR,
                     markeredgecolor="black", linestyle="none", zorder=5)
@@ -313,8 +314,8 @@ def plot_condition_curves(conditions: Sequence, path: Path) -> None:
                Line2D([], [], color=VAL_COLOR, marker="o", label="val"),
                Line2D([], [], marker="*", markersize=12, color=VAL_COLOR, markeredgecolor="black",
                       linestyle="none", label="best λ"),
-               Patch(color="0.85", label="not distinguishable"),
-               Patch(color="0.5", alpha=0.3, label="95% interval")]
+               Patch(color=TIE_COLOR, label="λ not distinguishable\nfrom the best"),
+               Patch(color=VAL_COLOR, alpha=0.2, label="95% interval")]
     fig.legend(handles=handles, loc="outside right upper", fontsize="small")
     save(fig, path)
 
