@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -111,8 +112,15 @@ def test_final_metric_means_and_sample_stds(summary: pd.DataFrame) -> None:
     assert r0["train/ce_std"] == pytest.approx(0.02 / SQRT2)
     assert r0["val/ce_mean"] == pytest.approx(0.62)
     assert r0["val/ce_std"] == pytest.approx(0.04 / SQRT2)
-    # 95% t-interval half-width, 1 degree of freedom: t = 12.706, s = 0.04/√2, n = 2
-    assert r0["val/ce_ci95"] == pytest.approx(12.7062 * 0.04 / SQRT2 / SQRT2, rel=1e-4)
+    # 95% t-interval on the log (cross-entropy > 0), 1 degree of freedom: t = 12.706
+    logs = np.log([0.60, 0.64])
+    half = 12.7062 * logs.std(ddof=1) / SQRT2
+    assert r0["val/ce_lo"] == pytest.approx(math.exp(logs.mean() - half), rel=1e-4)
+    assert r0["val/ce_hi"] == pytest.approx(math.exp(logs.mean() + half), rel=1e-4)
+    assert 0 < r0["val/ce_lo"] < 0.60 and r0["val/ce_hi"] > 0.64
+    # accuracy and gap/ce: the t-interval (inside [0, 1] here: nothing to cut)
+    assert r0["val/acc_hi"] == pytest.approx(0.79 + 12.7062 * 0.01, rel=1e-4)
+    assert r0["gap/ce_lo"] == pytest.approx(0.51 - 12.7062 * 0.01, rel=1e-4)
     assert r0["gap/ce_mean"] == pytest.approx(0.51)
     assert r0["gap/ce_std"] == pytest.approx(0.02 / SQRT2)
     assert r0["val/acc_mean"] == pytest.approx(0.79)
@@ -156,7 +164,7 @@ def test_single_run_has_nan_std() -> None:
     assert r["best_val_ce_mean"] == pytest.approx(0.25)
     assert r["best_epoch_mean"] == pytest.approx(1.0)
     for col in ("train/ce_std", "val/ce_std", "gap/ce_std", "val/acc_std", "best_epoch_std",
-                "val/ce_ci95"):
+                "val/ce_lo", "val/ce_hi", "best_epoch_lo"):
         assert math.isnan(r[col])
 
 
@@ -239,8 +247,8 @@ def test_format_table(summary: pd.DataFrame) -> None:
     assert len(marked) == 1 and "0.001" in marked[0]
     assert "0.4300 ± 0.0283" in marked[0]  # val/ce
     assert "0.870 ± 0.014" in marked[0]  # val/acc, 3 decimals
-    assert "2.5 ± 0.7" in marked[0]  # best epoch, 1 decimal
-    assert "[0.1759, 0.6841]" in marked[0]  # 0.43 ± 12.706 · 0.02
+    assert "2.5 [2–3]" in marked[0]  # best epoch: median [min–max]
+    assert "[0.2378, 0.7760]" in marked[0]  # exp(mean log ± 12.706 · sd log / √2): 0.45, 0.41
     assert lines[-1].startswith(
         "~ lowest mean val/ce: lam=0.001: not distinguishable from lam=0 with 2 seeds "
         "(p = 0.13, paired t-test); about 3 seeds "), lines[-1]
@@ -364,11 +372,13 @@ def test_test_metrics_get_a_column_and_lambda_prints_at_four_digits() -> None:
 # --------------------------------------------------------------------------- files
 
 
-def assert_report(paths: dict[str, Path], out_dir: Path) -> None:
-    assert set(paths) == {"summary", "lambda_curve", "learning_curves", "weight_norms", "report"}
+def assert_report(paths: dict[str, Path], out_dir: Path, extra: tuple[str, ...] = ()) -> None:
+    """The files of a report; ``extra``: the figures of a sweep with conditions."""
+    figs = ("lambda_curve", "learning_curves", "weight_norms", *extra)
+    assert set(paths) == {"summary", "report", *figs}
     assert paths["summary"] == out_dir / "summary.csv"
     assert paths["report"] == out_dir / "index.html"
-    for key in ("lambda_curve", "learning_curves", "weight_norms"):
+    for key in figs:
         path = paths[key]
         assert path == out_dir / "figures" / f"{key}.png"
         data = path.read_bytes()
@@ -396,7 +406,55 @@ def test_write_report_roundtrip(tmp_path: Path) -> None:
 
 def test_write_report_single_run(tmp_path: Path) -> None:
     runs = [make_run("0.01", 7, 0.2, 0.3, 0.9, [0.5, 0.25, 0.3])]
-    assert_report(write_report(runs, tmp_path), tmp_path)
+    paths = write_report(runs, tmp_path)
+    assert_report(paths, tmp_path)
+    back = pd.read_csv(paths["summary"])
+    assert len(back) == 1
+    r = back.iloc[0]
+    assert (r["lam"], r["runs"], r["failed"]) == (0.01, 1, 0)
+    assert (r["train/ce_mean"], r["val/ce_mean"], r["val/acc_mean"]) == (0.2, 0.3, 0.9)
+    assert r["gap/ce_mean"] == pytest.approx(0.1)
+    assert (r["best_val_ce_mean"], r["best_epoch_median"]) == (0.25, 1.0)
+    assert np.isnan(r["val/ce_std"]) and np.isnan(r["val/ce_lo"])  # one seed: no spread
+    page = paths["report"].read_text()
+    rows = re.findall(r"<tr[^>]*>(.*?)</tr>", page.split('id="summary"')[1].split("</table>")[0])
+    cells = [re.sub(r"<[^>]+>", "", c) for c in re.findall(r"<td[^>]*>(.*?)</td>", rows[1])]
+    assert cells[:5] == ["0.01", "1", "0.2000", "0.3000", "0.1000"]  # λ, runs, train, val, gap
+    assert cells[-1] == "seed 7" and 'class="ci"' not in rows[1]  # no interval for one seed
+    assert "Lowest mean final val/ce: <b>λ = 0.01</b>: the only row with finished runs" in page
+    assert page.count('src="data:image/png;base64,') == 3
+
+
+def test_write_report_zero_lambda_only_and_extra_keys(tmp_path: Path) -> None:
+    zero = [make_run("0", s, 0.1, 0.5 + s / 100, 0.8, [0.7, 0.5]) for s in (1, 2)]
+    paths = write_report(zero, tmp_path / "zero")
+    assert_report(paths, tmp_path / "zero")
+    back = pd.read_csv(paths["summary"])
+    assert back["lam"].tolist() == [0.0] and back["runs"].tolist() == [2]
+    assert back["val/ce_mean"].item() == pytest.approx(0.515)
+    assert 0 < back["val/ce_lo"].item() < 0.51 and back["val/ce_hi"].item() > 0.52
+    page = paths["report"].read_text()
+    assert "Lowest mean final val/ce: <b>λ = 0</b>: the only row with finished runs" in page
+    assert "0.5150" in page and 'class="condition"' not in page  # no conditions: today's page
+
+    extra = [
+        make_run(lam, 1, 0.3, 0.5 + float(lam), 0.8, [0.6, 0.5], extra_group={"data.train_size": n})
+        for lam in ("0.0", "0.001", "0.1")
+        for n in ("500", "1000")
+    ]
+    paths = write_report(extra, tmp_path / "extra")
+    assert_report(paths, tmp_path / "extra", ("best_lambda", "heatmap"))
+    back = pd.read_csv(paths["summary"])
+    assert list(back.columns[:3]) == ["lam", "data.train_size", "runs"]
+    assert back[["lam", "data.train_size"]].values.tolist() == [
+        [0.0, 500], [0.0, 1000], [0.001, 500], [0.001, 1000], [0.1, 500], [0.1, 1000]]
+    assert back["val/ce_mean"].tolist() == pytest.approx([0.5, 0.5, 0.501, 0.501, 0.6, 0.6])
+    page = paths["report"].read_text()
+    assert page.count('class="condition"') == 2  # a section per train size
+    assert "<h3>train_size=500</h3>" in page and "<h3>train_size=1000</h3>" in page
+    assert 'id="best-lambda"' in page and page.count('src="data:image/png;base64,') == 5
+    # one seed per cell: the verdicts say a test needs more
+    assert "a test needs two or more per row" in page
 
 
 def test_write_report_all_failed(tmp_path: Path) -> None:
@@ -409,18 +467,6 @@ def test_write_report_all_failed(tmp_path: Path) -> None:
     back = pd.read_csv(paths["summary"])
     assert back.empty  # neither run trained an epoch: no rows, and placeholder figures
     assert "No finished runs" in paths["report"].read_text()
-
-
-def test_write_report_zero_lambda_only_and_extra_keys(tmp_path: Path) -> None:
-    zero = [make_run("0", s, 0.1, 0.5, 0.8, [0.7, 0.5]) for s in (1, 2)]
-    assert_report(write_report(zero, tmp_path / "zero"), tmp_path / "zero")
-
-    extra = [
-        make_run(lam, 1, 0.3, 0.5 + float(lam), 0.8, [0.6, 0.5], extra_group={"data.train_size": n})
-        for lam in ("0.0", "0.001", "0.1")
-        for n in ("500", "1000")
-    ]
-    assert_report(write_report(extra, tmp_path / "extra"), tmp_path / "extra")
 
 
 def test_many_lambdas_and_mixed_configs_draw_without_warnings(tmp_path: Path) -> None:
@@ -438,7 +484,8 @@ def test_many_lambdas_and_mixed_configs_draw_without_warnings(tmp_path: Path) ->
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert_report(write_report(many, tmp_path / "many"), tmp_path / "many")
-        assert_report(write_report(mixed, tmp_path / "mixed"), tmp_path / "mixed")
+        assert_report(write_report(mixed, tmp_path / "mixed"), tmp_path / "mixed",
+                      ("best_lambda",))  # two condition keys: no heatmap
     assert len(pd.read_csv(tmp_path / "many" / "summary.csv")) == 30
 
 

@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep", help="the runs of this sweep id (its multirun folder name)")
     ap.add_argument("--out", type=Path, help="output folder (default: reports/<label>)")
     ap.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or ./mlruns/mlflow.db")
+    ap.add_argument("--by", action="append", metavar="KEY",
+                    help="condition key(s) (repeat, or comma-separate): the best λ is found per "
+                    "value of these keys, in place of every key that varies (default); keys "
+                    "left out are pooled as replicates; --by none pools them all")
     ap.add_argument("--format", choices=("table", "csv", "json"), default="table",
                     help="table (default): the sweep table and figures; csv/json: one row per "
                     "run (params, final metrics, best val/ce and epoch) on stdout")
@@ -84,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         client = tr.connect(uri)
         runs, label = select_runs(client, experiment=args.experiment, sweep=args.sweep,
                                   run_ids=ids)
+        by = condition_keys(args.by, runs)
     except ConfigError as e:
         print(f"l2lab-compare: error: {e}", file=sys.stderr)
         return 2
@@ -96,8 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     runs, repeats = rs.drop_repeats(runs)
     out = args.out or Path("reports") / label
     context = report_context(client, runs, label, uri, argv)
-    table, paths, _ = summarize_runs(client, runs, out, name_rejected=False, context=context)
+    table, paths, _ = summarize_runs(client, runs, out, name_rejected=False, context=context,
+                                     by=by)
     print(f"{len(runs)} runs ({label}) from {uri}\n\n{table}")
+    pooled = [k for k in rs.varying_keys(runs) if k != "regularization.lam" and k not in (by or [])]
+    if by is not None and pooled:
+        print(f"Pooled over {', '.join(pooled)} (not in --by): their runs count as replicates of "
+              "a cell, one seed's runs averaged for the paired tests.\n")
     if repeats:
         kinds = sorted({"reproduction" if rs.REPRODUCED_TAG in r.data.tags else "reuse listing"
                         for r in repeats})
@@ -107,6 +117,33 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Report:  {paths['report']}\nSummary: {paths['summary']}\n"
           f"Figures: {paths['lambda_curve'].parent}")
     return 0
+
+
+def condition_keys(by: list[str] | None, runs: list) -> list[str] | None:
+    """The ``--by`` keys, checked against the selected runs' params and overrides (None: every
+    varying key, the default; ``none``: no condition, every run pooled per λ)."""
+    if not by:
+        return None
+    keys = [k.strip() for item in by for k in item.split(",") if k.strip()]
+    if keys == ["none"]:
+        return []
+    import json
+
+    from l2lab.tracking import runs as rs
+    from l2lab.tracking.tracker import parse_overrides
+
+    known = {k for r in runs for k in r.data.params}
+    known |= {k for r in runs
+              for k in parse_overrides(json.loads(r.data.tags.get("l2lab.overrides", "[]")))}
+    bad = [k for k in keys if k not in known or k in ("regularization.lam", "seed")]
+    if bad:
+        varying = [k for k in rs.varying_keys(runs) if k != "regularization.lam"]
+        raise ConfigError(
+            f"--by: {', '.join(map(repr, bad))} is not a condition key of these runs (λ and seed "
+            f"never are). Keys that vary in this selection: {', '.join(varying) or '(none)'}; "
+            "any other logged param or override key (e.g. data.train_size, optimizer.lr, "
+            "regularization) is allowed, or none.")
+    return keys
 
 
 def report_context(client, runs: list, label: str, uri: str, argv: list[str] | None):

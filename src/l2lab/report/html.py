@@ -20,12 +20,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from l2lab.report import conditions as cd
 from l2lab.report import figures
 from l2lab.report.stats import (  # noqa: F401  (re-exported: the report's public names)
+    EPOCH_RANGE,
     FINISHED,
     LAM_KEY,
     STAT_COLUMNS,
     RunRecord,
+    best_row,
     format_table,
     group_columns,
     group_runs,
@@ -46,7 +49,15 @@ FIGURES: tuple[tuple[str, str], ...] = (
                         "per λ."),
     ("weight_norms", "Σ‖W‖²_F of the penalised layers against epoch, mean over seeds: the "
                      "mechanism (L2 is weight decay)."),
+    ("best_lambda", "Best λ (lowest mean final val/ce) of each condition; the bar spans the λ "
+                    "not distinguishable from it (paired t-test over seeds, 5% level)."),
+    ("heatmap", "Mean final val/ce over λ × the condition's value; box: each row's best λ, "
+                "star: the lowest cell."),
 )
+#: The caption of the λ curve when the sweep has conditions (one panel each).
+CONDITION_CURVE = ("Final train and val cross-entropy against λ, one panel per condition "
+                   "(symlog axis, so λ = 0 shows). Bands: 95% interval over seeds; star: the "
+                   "condition's best λ; grey: the λ not distinguishable from it.")
 
 
 @dataclass
@@ -68,15 +79,32 @@ def write_report(runs: Sequence[RunRecord], out_dir: Path,
     out_dir = Path(out_dir)
     fig_dir = out_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"summary": out_dir / "summary.csv",
-             **{name: fig_dir / f"{name}.png" for name, _ in FIGURES},
-             "report": out_dir / "index.html"}
+    names = ["lambda_curve", "learning_curves", "weight_norms"]
     summary = summarize(runs)
+    keys, conds = cd.split(runs)
+    if keys:
+        names.append("best_lambda")
+        if cd.numeric_key(keys, conds):
+            names.append("heatmap")
+    paths = {"summary": out_dir / "summary.csv",
+             **{name: fig_dir / f"{name}.png" for name in names},
+             "report": out_dir / "index.html"}
     summary.to_csv(paths["summary"], index=False)
     _, groups = group_runs(trained(runs))
-    figures.plot_lambda_curve(summary, paths["lambda_curve"])
-    figures.plot_curves(groups, paths["learning_curves"], weights=False)
-    figures.plot_curves(groups, paths["weight_norms"], weights=True)
+    if keys:
+        figures.plot_condition_curves(conds, paths["lambda_curve"])
+        figures.plot_best_lambda(keys, conds, paths["best_lambda"],
+                                 numeric=cd.numeric_key(keys, conds))
+        if "heatmap" in paths:
+            figures.plot_heatmap(summary, keys[0], paths["heatmap"])
+    else:
+        figures.plot_lambda_curve(summary, paths["lambda_curve"])
+    if keys and len(conds) <= figures.MAX_PANEL_ROWS:
+        figures.plot_condition_histories(conds, paths["learning_curves"], weights=False)
+        figures.plot_condition_histories(conds, paths["weight_norms"], weights=True)
+    else:
+        figures.plot_curves(groups, paths["learning_curves"], weights=False)
+        figures.plot_curves(groups, paths["weight_norms"], weights=True)
     paths["report"].write_text(render_html(summary, runs, paths, context or ReportContext()),
                                encoding="utf-8")
     return paths
@@ -97,7 +125,7 @@ font-size:.75rem}.verdict{padding:.6rem .8rem;border-left:4px solid #e69500;back
 .verdict.clear{border-color:#2a9d3c;background:#eefaf0}
 figure{margin:1rem 0}figure img{max-width:100%;border:1px solid #eee}
 figcaption{color:#555;font-size:.85rem}pre{background:#f6f6f6;padding:.6rem;overflow-x:auto}
-.failed{color:#a00}
+.failed{color:#a00}.warn{color:#8a4b00}section.condition{border-top:1px solid #eee}
 """
 
 
@@ -112,13 +140,17 @@ def _link(url: str | None, text: str) -> str:
 
 
 def _cell(row: pd.Series, prefix: str, decimals: int) -> str:
-    mean, half = float(row[f"{prefix}_mean"]), float(row[f"{prefix}_ci95"])
+    """Mean and, below it, its 95% interval; the best epoch as median and min-max range."""
+    centre = "median" if prefix == "best_epoch" else "mean"
+    mean, lo, hi = (float(row[f"{prefix}_{s}"]) for s in (centre, "lo", "hi"))
     if math.isnan(mean):
         return "n/a"
+    if prefix == "best_epoch":
+        text = f"{mean:g}"
+        return text + ("" if math.isnan(lo) else f'<span class="ci">[{lo:g}–{hi:g}]</span>')
     text = f"{mean:.{decimals}f}"
-    if not math.isnan(half):
-        text += (f'<span class="ci">[{mean - half:.{decimals}f}, '
-                 f'{mean + half:.{decimals}f}]</span>')
+    if not math.isnan(lo):
+        text += f'<span class="ci">[{lo:.{decimals}f}, {hi:.{decimals}f}]</span>'
     return text
 
 
@@ -130,6 +162,53 @@ def _run_links(group_runs_: Sequence[RunRecord], base: str | None) -> str:
         link = _link(url, text)
         parts.append(f'<span class="failed">{link}</span>' if r.status != FINISHED else link)
     return ", ".join(parts)
+
+
+def _conditions_html(keys: Sequence[str], conds: Sequence[cd.Condition]) -> str:
+    """A section per condition (best λ, its range, its verdict, its warnings), then the
+    cross-condition table and verdict (``id="verdict"``)."""
+    acr = cd.across(conds)
+    parts = [f"<p class=\"meta\">Conditions: every swept key other than λ and seed "
+             f"({_e(', '.join(keys))}). Within a condition, best λ = lowest mean final val/ce; "
+             "its range = the λ not distinguishable from it (paired t-test over seeds, 5% "
+             "level).</p>"]
+    for i, c in enumerate(conds):
+        ver = c.verdict
+        body = ("no finished runs" if ver.best is None else
+                f"best λ = <b>{_e(_fmt_value(c.best_lam))}</b> (mean final val/ce "
+                f"{c.best_val:.4f}; {_e(cd.range_text(c))}): {_e(ver.text)}.")
+        cls = "verdict clear" if ver.clear else "verdict"
+        warn = "".join(f'<p class="warn">{_e(w)}</p>' for w in cd.warnings_of(c))
+        parts.append(f'<section class="condition" id="condition-{i}"><h3>{_e(c.label)}</h3>'
+                     f'<p class="{cls}">{body}</p>{warn}</section>')
+    rivals = {r.other: r for r in acr.rivals}
+    rows = []
+    for i, c in enumerate(conds):
+        ties = c.tie_lams
+        span = (f"{_fmt_value(ties[0])} – {_fmt_value(ties[-1])}" if len(ties) > 1
+                else _fmt_value(c.best_lam) if ties else "")
+        if i == acr.lowest:
+            against = "the lowest"
+        elif i in rivals:
+            against = cd.rivalry_text(conds, rivals[i]).split(": ", 1)[1]
+        else:
+            against = ""
+        rows.append(f"<tr><td>{_e(c.label)}</td><td>{_e(_fmt_value(c.best_lam))}</td>"
+                    f"<td>{_e(span)}</td><td>{c.best_val:.4f}</td>"
+                    f"<td>{'clear' if c.verdict.clear else 'not clear'}</td>"
+                    f"<td style=\"text-align:left\">{_e(against)}</td></tr>")
+    notes = "".join(f'<p class="meta">{_e(a)} and {_e(b)} at λ = {_e(_fmt_value(lam))} are '
+                    "the same training under two labels (no L2 under either): never compared "
+                    "as rivals.</p>" for a, b, lam in acr.same_pairs)
+    last = cd.across_verdict(conds, acr)
+    cls = "verdict clear" if last.startswith("*") else "verdict"
+    parts.append(
+        '<h3>Across conditions</h3><table id="best-lambda"><thead><tr><th>condition</th>'
+        "<th>best λ</th><th>not distinguishable</th><th>val/ce at best λ</th>"
+        "<th>within</th><th>against the lowest, each at its own best λ</th></tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>{notes}"
+        f'<p class="{cls}" id="verdict">{_e(last[2:])}.</p>')
+    return "".join(parts)
 
 
 def _image(path: Path) -> str:
@@ -148,10 +227,13 @@ def render_html(summary: pd.DataFrame, runs: Sequence[RunRecord], paths: dict[st
     head = "".join(f"<th>{_e('λ' if k == 'lam' else short_key(k))}</th>" for k in keys)
     head += "<th>runs</th>" + "".join(f"<th>{_e(m[0])}</th>" for m in metrics)
     head += "<th>MLflow runs</th>"
+    cond_keys, conds = cd.split(runs)
+    marked = {best_row(summary, c.values, c.best_lam) for c in conds} if cond_keys \
+        else {ver.best}
     rows = []
     for pos, group in enumerate(groups):
         row = summary.iloc[pos]
-        cls = ' class="best"' if pos == ver.best else ""
+        cls = ' class="best"' if pos in marked else ""
         cells = "".join(f"<td>{_e(_fmt_value(row[k]))}</td>" for k in keys)
         cells += f"<td>{int(row['runs'])}</td>"
         cells += "".join(f"<td>{_cell(row, prefix, d)}</td>" for _, prefix, d in metrics)
@@ -160,7 +242,9 @@ def render_html(summary: pd.DataFrame, runs: Sequence[RunRecord], paths: dict[st
     if not rows:
         rows.append(f'<tr><td colspan="{len(keys) + len(metrics) + 2}">no runs</td></tr>')
 
-    if ver.best is None:
+    if cond_keys:
+        verdict_html = _conditions_html(cond_keys, conds)
+    elif ver.best is None:
         verdict_html = '<p class="verdict" id="verdict">No finished runs: no verdict.</p>'
     else:
         label = ", ".join(f"{'λ' if k == 'lam' else short_key(k)} = "
@@ -168,6 +252,8 @@ def render_html(summary: pd.DataFrame, runs: Sequence[RunRecord], paths: dict[st
         cls = "verdict clear" if ver.clear else "verdict"
         verdict_html = (f'<p class="{cls}" id="verdict">Lowest mean final val/ce: '
                         f"<b>{_e(label)}</b>: {_e(ver.text)}.</p>")
+        verdict_html += "".join(f'<p class="warn">{_e(w)}</p>'
+                                for c in conds for w in cd.warnings_of(c))
 
     problems = [r for r in runs if r.status != FINISHED]
     failed_html = ""
@@ -190,8 +276,10 @@ def render_html(summary: pd.DataFrame, runs: Sequence[RunRecord], paths: dict[st
 
     figs = "".join(
         f'<figure><img id="{name}" alt="{_e(name)}" src="{_image(paths[name])}">'
-        f"<figcaption><b>{name}.png</b>: {_e(caption)}</figcaption></figure>"
-        for name, caption in FIGURES if paths[name].exists())
+        f"<figcaption><b>{name}.png</b>: "
+        f"{_e(CONDITION_CURVE if name == 'lambda_curve' and cond_keys else caption)}"
+        "</figcaption></figure>"
+        for name, caption in FIGURES if name in paths and paths[name].exists())
     commands = "\n".join(context.commands) or "(not recorded)"
     notes = "".join(f"<p>{_e(n)}</p>" for n in context.notes)
 
@@ -214,9 +302,10 @@ time.</p>
 <table id="summary"><thead><tr>{head}</tr></thead><tbody>
 {"".join(rows)}
 </tbody></table>
-<p class="meta">Final (last-epoch) metrics: mean over the seeds of each row and, below it, the 95%
-t-interval of that mean. best val/ce: each run's lowest val/ce over its epochs, and its
-epoch.</p>
+<p class="meta">Final (last-epoch) metrics: mean over the seeds of each row and, below it, its 95%
+interval, kept inside the metric's range: for cross-entropy a t-interval on the log (of the
+geometric mean; never below 0), for accuracy the t-interval cut to [0, 1], for gap/ce the
+t-interval. best val/ce: each run's lowest val/ce over its epochs; {_e(EPOCH_RANGE)}.</p>
 {failed_html}
 <h2>Figures</h2>
 {figs}

@@ -26,7 +26,22 @@ FINISHED = "FINISHED"
 #: Final metrics summarised per group, in column order; test metrics join when a run has them.
 FINAL_METRICS: tuple[str, ...] = ("train/ce", "val/ce", "gap/ce", "val/acc")
 TEST_METRICS: tuple[str, ...] = ("test/ce", "test/acc")
-STATS: tuple[str, ...] = ("mean", "std", "ci95")
+STATS: tuple[str, ...] = ("mean", "std", "lo", "hi")
+#: How each summarised quantity's 95% interval is made, so that it stays inside the quantity's
+#: range with 2-5 seeds (a plain t-interval of 2 cross-entropies easily dips below zero):
+#: ``positive`` (cross-entropy > 0): a t-interval on the log, i.e. for the geometric mean;
+#: ``unit`` (accuracy): the t-interval intersected with [0, 1] (the true mean lies in [0, 1],
+#: so the intersection keeps the interval's coverage); ``real`` (gap/ce, any sign): the
+#: t-interval. The best epoch gets its median with the min-max range over seeds (see
+#: :data:`EPOCH_RANGE`).
+KINDS: dict[str, str] = {"train/ce": "positive", "val/ce": "positive", "test/ce": "positive",
+                         "best_val_ce": "positive", "val/acc": "unit", "test/acc": "unit",
+                         "gap/ce": "real"}
+#: Said wherever the best epoch's range is shown.
+EPOCH_RANGE = ("best epoch: median over seeds, with the min-max range over seeds (an integer "
+               "count that often sits at the last epoch; min-max holds the median of the "
+               "seeds' distribution with probability 1 - 2/2^n: 50% for 2 seeds, 75% for 3, "
+               "94% for 5)")
 #: The level of the intervals and of the verdict's test.
 ALPHA = 0.05
 #: The power at which "about M seeds would tell" is computed.
@@ -55,7 +70,7 @@ def stat_columns(metrics: Sequence[str] = FINAL_METRICS) -> list[str]:
     return ["runs", "failed",
             *(f"{m}_{s}" for m in metrics for s in STATS),
             *(f"best_val_ce_{s}" for s in STATS),
-            *(f"best_epoch_{s}" for s in STATS)]
+            *(f"best_epoch_{s}" for s in ("mean", "std", "median", "lo", "hi"))]
 
 
 #: The columns of a summary without test metrics (the default digits sweep), after ``lam``.
@@ -88,7 +103,7 @@ def trained(runs: Sequence[RunRecord]) -> list[RunRecord]:
     return [r for r in runs if not rejected(r)]
 
 
-def other_keys(runs: Sequence[RunRecord]) -> list[str]:
+def all_keys(runs: Sequence[RunRecord]) -> list[str]:
     """Swept keys other than λ (and seed), in order of first appearance."""
     keys: list[str] = []
     for run in runs:
@@ -96,6 +111,42 @@ def other_keys(runs: Sequence[RunRecord]) -> list[str]:
             if key != LAM_KEY and key not in keys:
                 keys.append(key)
     return keys
+
+
+def is_preset(key: str, runs: Sequence[RunRecord]) -> bool:
+    """A config group choice (``regularization=l2_dense``, ``experiment=...``): a key without a
+    dot whose values are names, not numbers."""
+    return "." not in key and any(value_sort_key(str(r.group.get(key, "")))[0] == 1
+                                  for r in runs if key in r.group)
+
+
+def folded_keys(runs: Sequence[RunRecord]) -> dict[str, str]:
+    """Keys that vary only because a preset varies (``regularization.min_params`` when
+    ``regularization=l2,l2_dense``), each mapped to that preset: the preset's name labels them.
+    A key is folded when it lies under the preset (any key for ``experiment``, whose presets
+    set keys everywhere) and each of the preset's values fixes its value."""
+    keys = all_keys(runs)
+    presets = [k for k in keys if is_preset(k, runs)]
+    folded: dict[str, str] = {}
+    for key in keys:
+        for preset in presets:
+            if key == preset or not (key.startswith(preset + ".") or preset == "experiment"):
+                continue
+            seen: dict[str, set[str]] = {}
+            for r in runs:
+                seen.setdefault(str(r.group.get(preset, "")), set()).add(
+                    str(r.group.get(key, "")))
+            if all(len(v) == 1 for v in seen.values()):
+                folded[key] = preset
+                break
+    return folded
+
+
+def other_keys(runs: Sequence[RunRecord]) -> list[str]:
+    """The condition keys: swept keys other than λ and seed, in order of first appearance,
+    without the keys a preset's name already says (:func:`folded_keys`)."""
+    folded = folded_keys(runs)
+    return [k for k in all_keys(runs) if k not in folded]
 
 
 def value_sort_key(value: str) -> tuple[int, float, str]:
@@ -147,6 +198,35 @@ def mean_std_ci(values: Sequence[float]) -> tuple[float, float, float]:
     return mean, std, t_quantile(arr.size - 1) * std / math.sqrt(arr.size)
 
 
+def interval(values: Sequence[float], kind: str = "real") -> tuple[float, float]:
+    """The 95% interval of the mean over seeds, made to stay inside the quantity's range (see
+    :data:`KINDS`); NaN for fewer than two values. ``positive`` falls back to the t-interval
+    cut at 0 if some value is not positive (a log needs all of them)."""
+    arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    if arr.size < 2:
+        return math.nan, math.nan
+    if kind == "range":
+        return float(arr.min()), float(arr.max())
+    if kind == "positive" and np.all(arr > 0):
+        logs = np.log(arr)
+        half = t_quantile(arr.size - 1) * float(logs.std(ddof=1)) / math.sqrt(arr.size)
+        centre = float(logs.mean())
+        return math.exp(centre - half), math.exp(centre + half)
+    mean, _, half = mean_std_ci(arr)
+    lo, hi = mean - half, mean + half
+    if kind == "positive":
+        lo = max(lo, 0.0)
+    elif kind == "unit":
+        lo, hi = max(lo, 0.0), min(hi, 1.0)
+    return lo, hi
+
+
+def describe(values: Sequence[float], kind: str) -> tuple[float, float, float, float]:
+    """(mean, sample std, interval low, interval high) over seeds."""
+    mean, std, _ = mean_std_ci(values)
+    return (mean, std, *interval(values, kind))
+
+
 def best_val(run: RunRecord) -> tuple[float, float]:
     """(min val/ce, its step) over the run's history: the early-stopping optimum, which tells
     how much of the final val/ce is due to training too long rather than to λ."""
@@ -173,8 +253,9 @@ def metrics_of(runs: Sequence[RunRecord]) -> list[str]:
 
 
 def summarize(runs: Sequence[RunRecord]) -> pd.DataFrame:
-    """One row per seed group: ``lam``, the other group keys, then mean/std/95% half-width of
-    the final metrics and of each run's best val/ce and its epoch.
+    """One row per seed group: ``lam``, the other group keys, then mean, std and the 95%
+    interval (``_lo``, ``_hi``: inside the metric's range, see :data:`KINDS`) of the final
+    metrics and of each run's best val/ce, and the best epoch's mean, std, median and min-max.
 
     Only FINISHED runs feed the statistics (a crashed run's last values are not comparable);
     the others are counted in ``failed`` so a thin group is visible rather than silently small.
@@ -190,13 +271,17 @@ def summarize(runs: Sequence[RunRecord]) -> pd.DataFrame:
         row: dict[str, object] = {"lam": group.lam, **group.values,
                                   "runs": len(done), "failed": len(group.runs) - len(done)}
         for metric in metrics:
-            stats = mean_std_ci([final_value(r, metric) for r in done])
+            stats = describe([final_value(r, metric) for r in done], KINDS.get(metric, "real"))
             row.update({f"{metric}_{s}": v for s, v in zip(STATS, stats, strict=True)})
         best = [best_val(r) for r in done]
-        for name, values in (("best_val_ce", [b[0] for b in best]),
-                             ("best_epoch", [b[1] for b in best])):
-            stats = mean_std_ci(values)
-            row.update({f"{name}_{s}": v for s, v in zip(STATS, stats, strict=True)})
+        stats = describe([b[0] for b in best], "positive")
+        row.update({f"best_val_ce_{s}": v for s, v in zip(STATS, stats, strict=True)})
+        epochs = [b[1] for b in best if not math.isnan(b[1])]
+        mean, std, _ = mean_std_ci(epochs)
+        lo, hi = (min(epochs), max(epochs)) if len(epochs) >= 2 else (math.nan, math.nan)
+        row.update({"best_epoch_mean": mean, "best_epoch_std": std,
+                    "best_epoch_median": float(np.median(epochs)) if epochs else math.nan,
+                    "best_epoch_lo": lo, "best_epoch_hi": hi})
         rows.append(row)
     frame = pd.DataFrame(rows, columns=["lam", *keys, *stat_columns(metrics)])
     frame["lam"] = frame["lam"].astype(float)
@@ -224,6 +309,7 @@ class Verdict:
     p: float = math.nan
     seeds: int = 0  # seeds (pairs) the deciding test used
     seeds_needed: int | None = None  # about how many would give the test power POWER
+    ties: list[int] = field(default_factory=list)  # rows not distinguishable from the best
 
     @property
     def mark(self) -> str:
@@ -250,12 +336,18 @@ def seeds_needed(diff: float, sd: float, *, alpha: float = ALPHA, power: float =
     return int(n[ok[0]]) if ok.size else None
 
 
-def _per_seed(group: Cell) -> dict[int, float]:
-    return {r.seed: final_value(r, "val/ce") for r in group.finished
-            if math.isfinite(final_value(r, "val/ce"))}
+def per_seed(group: Cell) -> dict[int, float]:
+    """Final val/ce by seed; several runs of one seed in a cell (runs pooled over a key that
+    ``compare --by`` left out) count as their mean, so that a seed is still one pair."""
+    values: dict[int, list[float]] = {}
+    for r in group.finished:
+        v = final_value(r, "val/ce")
+        if math.isfinite(v):
+            values.setdefault(r.seed, []).append(v)
+    return {s: float(np.mean(v)) for s, v in values.items()}
 
 
-def _compare(best: dict[int, float], other: dict[int, float]
+def compare(best: dict[int, float], other: dict[int, float]
              ) -> tuple[float, int, float, float, str] | None:
     """(p, seeds, mean difference, sd of the difference, test) of other − best: paired over the
     seeds both rows have when there are two or more, else Welch's test; None when neither row
@@ -297,18 +389,19 @@ def verdict(summary: pd.DataFrame, runs: Sequence[RunRecord]) -> Verdict:
         return Verdict(None, False, "no finished runs")
     best = int(np.nanargmin(means))  # ties: the smallest λ (rows are in λ order)
     _, groups = group_runs(trained(runs))
-    per_seed = [_per_seed(g) for g in groups]
+    seeds = [per_seed(g) for g in groups]
     others = [i for i in range(len(means)) if i != best and np.isfinite(means[i])]
     if not others:
         return Verdict(best, True, "the only row with finished runs")
-    results = {i: _compare(per_seed[best], per_seed[i]) for i in others}
+    results = {i: compare(seeds[best], seeds[i]) for i in others}
+    ties = [i for i, r in results.items() if r is None or not (r[0] < ALPHA and r[2] > 0)]
     untestable = [i for i, r in results.items() if r is None]
     if untestable:
         rival = min(untestable, key=lambda i: means[i])
-        n = min(len(per_seed[best]), len(per_seed[rival]))
+        n = min(len(seeds[best]), len(seeds[rival]))
         return Verdict(best, False, (
             f"not distinguishable with {n} seed{'s' * (n != 1)}: a test needs two or more "
-            f"per row (add seeds, e.g. seed=0,1,2,3,4)"), rival=rival, seeds=n)
+            f"per row (add seeds, e.g. seed=0,1,2,3,4)"), rival=rival, seeds=n, ties=ties)
     rival = max(others, key=lambda i: (results[i][0], -means[i]))
     p, n, diff, sd, test = results[rival]
     label = row_label(summary, rival)
@@ -319,7 +412,7 @@ def verdict(summary: pd.DataFrame, runs: Sequence[RunRecord]) -> Verdict:
     tell = (f"about {need} seeds would tell" if need is not None
             else f"more than {MAX_SEEDS} seeds would be needed to tell")
     return Verdict(best, False, (f"not distinguishable from {label} with {n} seeds (p = {p:.2g},"
-                                 f" {test} t-test); {tell}"), rival, p, n, need)
+                                 f" {test} t-test); {tell}"), rival, p, n, need, ties)
 
 
 # --------------------------------------------------------------------------- text table
@@ -350,17 +443,17 @@ def fmt_stat(mean: float, spread: float, decimals: int) -> str:
     return f"{mean:.{decimals}f} ± {spread:.{decimals}f}"
 
 
-def fmt_interval(mean: float, half: float, decimals: int) -> str:
-    if mean is None or math.isnan(mean) or half is None or math.isnan(half):
+def fmt_interval(lo: float, hi: float, decimals: int) -> str:
+    if lo is None or hi is None or math.isnan(lo) or math.isnan(hi):
         return ""
-    return f"[{mean - half:.{decimals}f}, {mean + half:.{decimals}f}]"
+    return f"[{lo:.{decimals}f}, {hi:.{decimals}f}]"
 
 
 #: (header, column prefix, decimals) of the table's metric columns.
 TABLE_METRICS: tuple[tuple[str, str, int], ...] = (
     ("train/ce", "train/ce", 4), ("val/ce", "val/ce", 4), ("gap/ce", "gap/ce", 4),
     ("val/acc", "val/acc", 3), ("test/acc", "test/acc", 3),
-    ("best val/ce", "best_val_ce", 4), ("best epoch", "best_epoch", 1),
+    ("best val/ce", "best_val_ce", 4), ("best epoch", "best_epoch", 0),
 )
 
 
@@ -378,19 +471,27 @@ def format_table(summary: pd.DataFrame, runs: Sequence[RunRecord], *,
     second look before anyone trusts the ranking. Runs that never trained have no row: a sweep
     names each (``name_rejected``), ``compare`` over many runs gives their count.
     """
+    from l2lab.report import conditions as cd
+
     keys = group_columns(summary)
     metrics = table_metrics(summary)
     header = ([short_key(k) for k in keys] + ["runs"] + [m[0] for m in metrics]
               + ["val/ce 95% CI"])
     ver = verdict(summary, runs)
+    cond_keys, conds = cd.split(runs)
+    marks = {best_row(summary, c.values, c.best_lam): c.verdict.mark for c in conds} \
+        if cond_keys else {ver.best: ver.mark}
     body: list[list[str]] = []
     for pos in range(len(summary)):
         row = summary.iloc[pos]
         cells = [fmt_value(row[k]) for k in keys] + [str(int(row["runs"]))]
         for _, prefix, decimals in metrics:
+            if prefix == "best_epoch":
+                cells.append(fmt_epochs(row))
+                continue
             cells.append(fmt_stat(float(row[f"{prefix}_mean"]), float(row[f"{prefix}_std"]),
                                   decimals))
-        cells.append(fmt_interval(float(row["val/ce_mean"]), float(row["val/ce_ci95"]), 4))
+        cells.append(fmt_interval(float(row["val/ce_lo"]), float(row["val/ce_hi"]), 4))
         body.append(cells)
     widths = [max(len(c) for c in col) for col in zip(header, *body, strict=True)]
 
@@ -401,7 +502,7 @@ def format_table(summary: pd.DataFrame, runs: Sequence[RunRecord], *,
     if not body:
         lines.append("  (no runs)")
     for pos, cells in enumerate(body):
-        lines.append(line(cells, ver.mark if pos == ver.best else " "))
+        lines.append(line(cells, marks.get(pos, " ")))
 
     never = [r for r in runs if rejected(r)]
     problems = [r for r in runs if r.status != FINISHED and (name_rejected or not rejected(r))]
@@ -416,8 +517,30 @@ def format_table(summary: pd.DataFrame, runs: Sequence[RunRecord], *,
                      "first epoch): no row in the table" + ("." if name_rejected else
                                                            f"; see their {FAILURE_TAG} tag."))
     lines.append("")
-    if ver.best is None:
+    if cond_keys:
+        lines += cd.format_conditions(cond_keys, conds)
+    elif ver.best is None:
         lines.append("* lowest mean val/ce: n/a (no finished runs)")
     else:
+        lines += [f"! {w}" for c in conds for w in cd.warnings_of(c)]
         lines.append(f"{ver.mark} lowest mean val/ce: {row_label(summary, ver.best)}: {ver.text}")
     return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
+def best_row(summary: pd.DataFrame, values: dict[str, str], lam: float) -> int | None:
+    """The summary row of a condition's best λ."""
+    for pos in range(len(summary)):
+        row = summary.iloc[pos]
+        if float(row["lam"]) == lam and all(str(row[k]) == str(v) for k, v in values.items()):
+            return pos
+    return None
+
+
+def fmt_epochs(row: pd.Series) -> str:
+    """The best epoch as its median and min-max range over seeds (:data:`EPOCH_RANGE`)."""
+    median, lo, hi = (float(row[f"best_epoch_{s}"]) for s in ("median", "lo", "hi"))
+    if math.isnan(median):
+        return "n/a"
+    if math.isnan(lo):
+        return f"{median:g}"
+    return f"{median:g} [{lo:g}–{hi:g}]"

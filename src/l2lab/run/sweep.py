@@ -39,14 +39,24 @@ def sweep_children(client, info: dict) -> list:
 
 
 def summarize_runs(client, runs: list, out_dir: Path, *, name_rejected: bool = True,
-                   context=None, writer=None) -> tuple[str, dict[str, Path], list]:
+                   context=None, writer=None, by: list[str] | None = None
+                   ) -> tuple[str, dict[str, Path], list]:
     """Table text, written files (``summary.csv``, figures, ``index.html``) and records for a set
     of runs (shared with ``compare``). The runs' histories are read in bulk (``writer``, a
-    ``bulk.BulkStore`` on the client's store, if the caller has one; else one is made)."""
+    ``bulk.BulkStore`` on the client's store, if the caller has one; else one is made). ``by``:
+    the condition keys (``compare --by``) instead of every varying key."""
     from l2lab.report import html as report
     from l2lab.tracking.runs import load_records
 
     records = load_records(client, runs, writer=writer)
+    if by is not None:
+        from l2lab.report.conditions import regroup
+        from l2lab.tracking.tracker import parse_overrides
+
+        records, _ = regroup(records, by, [
+            {**r.data.params, **parse_overrides(json.loads(r.data.tags.get("l2lab.overrides",
+                                                                           "[]")))}
+            for r in runs])
     paths = report.write_report(records, out_dir, context)
     table = report.format_table(report.summarize(records), records, name_rejected=name_rejected)
     return table, paths, records
@@ -312,8 +322,9 @@ class SweepCallback(Callback):
                                                    context=context)
             failed = not runs or any(r.status != "FINISHED" for r in records)
             parent.log_file(paths["summary"])
-            for key in ("lambda_curve", "learning_curves", "weight_norms"):
-                parent.log_file(paths[key], "figures")
+            for path in paths.values():
+                if path.suffix == ".png":
+                    parent.log_file(path, "figures")
             parent.log_file(paths["report"], "report")
             if best:
                 params = {f"best.{k}": str(v) for k, v in best["best_params"].items()}

@@ -1,0 +1,398 @@
+"""How the best λ depends on a second factor: the sweep split into conditions.
+
+Every varying key other than λ and ``seed`` makes a condition (``data.train_size=100``,
+``regularization=l2_dense``); a preset's expanded keys are folded into its name
+(:func:`l2lab.report.stats.folded_keys`). Within a condition λ is the only factor, so its best λ
+(lowest mean final val/ce), the λ not distinguishable from it and its paired verdict answer the
+question the sweep was run for. Across conditions each is taken at its *own* best λ and compared,
+paired over seeds, with the lowest: the global lowest cell of a train-size sweep is of course at
+the largest training set, which nobody asked.
+
+Two cells that are the same training under two labels (λ = 0 under two layer selections: no
+penalty is no penalty) are never rivals: they are detected by label (λ = 0 and only
+``regularization*`` keys differ) or by data (identical val/ce histories for every shared seed).
+
+Like :mod:`l2lab.report.stats`, nothing here knows MLflow, torch or matplotlib.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import pandas as pd
+
+from l2lab.report.stats import (
+    ALPHA,
+    LAM_KEY,
+    MAX_SEEDS,
+    Cell,
+    RunRecord,
+    Verdict,
+    best_val,
+    compare,
+    fmt_value,
+    group_runs,
+    other_keys,
+    per_seed,
+    seeds_needed,
+    summarize,
+    trained,
+    value_sort_key,
+    verdict,
+)
+
+#: A condition label longer than this is cut (legends and table cells stay readable).
+MAX_LABEL = 32
+
+
+def tail(key: str) -> str:
+    """A key as a label: its last part (``data.train_size`` -> ``train_size``)."""
+    return key.rsplit(".", 1)[-1]
+
+
+def label_of(values: Mapping[str, str]) -> str:
+    text = ", ".join(f"{tail(k)}={fmt_value(v)}" for k, v in values.items()) or "all runs"
+    return text if len(text) <= MAX_LABEL else text[: MAX_LABEL - 1] + "…"
+
+
+@dataclass
+class Condition:
+    """The runs of one value of the condition keys, with λ the only factor left."""
+
+    values: dict[str, str]  # condition key -> value ({} for a sweep over λ and seed only)
+    runs: list[RunRecord]  # trained runs; group reduced to λ
+    summary: pd.DataFrame  # one row per λ (stats.summarize of ``runs``)
+    verdict: Verdict  # its best λ against its other λ, paired over seeds
+    cells: list[Cell] = field(default_factory=list)  # one per row of ``summary``
+    too_short: tuple[int, int, int] | None = None  # (runs best at the last epoch, runs, epochs)
+    narrow: str | None = None  # the sentence suggesting λ values to add
+
+    @property
+    def label(self) -> str:
+        return label_of(self.values)
+
+    @property
+    def short(self) -> str:
+        """The label without the key when there is one key (a panel title, a tick label)."""
+        if len(self.values) != 1:
+            return self.label
+        ((key, value),) = self.values.items()
+        if value_sort_key(value)[0] == 0:  # a number says little without its key
+            return f"{tail(key)}={fmt_value(value)}"
+        text = fmt_value(value)
+        return text if len(text) <= 24 else text[:23] + "…"
+
+    @property
+    def best_lam(self) -> float:
+        return math.nan if self.verdict.best is None else float(self.summary["lam"].iloc[
+            self.verdict.best])
+
+    @property
+    def best_cell(self) -> Cell | None:
+        return None if self.verdict.best is None else self.cells[self.verdict.best]
+
+    @property
+    def tie_lams(self) -> list[float]:
+        """The best λ and every λ not distinguishable from it, ascending."""
+        if self.verdict.best is None:
+            return []
+        rows = [self.verdict.best, *self.verdict.ties]
+        return sorted(float(self.summary["lam"].iloc[i]) for i in rows)
+
+    @property
+    def best_val(self) -> float:
+        return math.nan if self.verdict.best is None else float(
+            self.summary["val/ce_mean"].iloc[self.verdict.best])
+
+
+def regroup(runs: Sequence[RunRecord], by: Sequence[str],
+            values: Sequence[Mapping[str, str]] | None = None) -> tuple[list[RunRecord], list[str]]:
+    """Runs whose condition keys are exactly ``by`` (``compare --by``): the value of each key
+    from the run's group, else from ``values`` (the run's params, for a key that does not vary).
+    Returns the runs and the keys now pooled (varying keys left out of ``by``; their runs count
+    as replicates, and several runs of one seed in a cell are averaged for the paired tests)."""
+    pooled = sorted({k for r in runs for k in r.group if k != LAM_KEY and k not in by})
+    out = []
+    for i, run in enumerate(runs):
+        extra = values[i] if values is not None else {}
+        group = {LAM_KEY: run.group.get(LAM_KEY, fmt_value(run.lam))}
+        group.update({k: str(run.group.get(k, extra.get(k, ""))) for k in by})
+        out.append(replace(run, group=group))
+    return out, pooled
+
+
+def split(runs: Sequence[RunRecord]) -> tuple[list[str], list[Condition]]:
+    """The condition keys and one :class:`Condition` per value of them (numeric order), each
+    with its own summary, paired verdict and warnings. No condition keys: one condition."""
+    kept = trained(runs)
+    keys = other_keys(kept)
+    parts: dict[tuple[str, ...], list[RunRecord]] = {}
+    for run in kept:
+        parts.setdefault(tuple(str(run.group.get(k, "")) for k in keys), []).append(run)
+    conditions = []
+    for ident in sorted(parts, key=lambda t: tuple(value_sort_key(v) for v in t)):
+        sub = [replace(r, group={LAM_KEY: r.group.get(LAM_KEY, fmt_value(r.lam))})
+               for r in parts[ident]]
+        summary = summarize(sub)
+        cond = Condition(dict(zip(keys, ident, strict=True)), sub, summary,
+                         verdict(summary, sub), group_runs(sub)[1])
+        cond.too_short = too_short(cond)
+        cond.narrow = narrow_grid(cond)
+        conditions.append(cond)
+    return keys, conditions
+
+
+# --------------------------------------------------------------------------- warnings
+
+
+def too_short(cond: Condition) -> tuple[int, int, int] | None:
+    """(runs whose lowest val/ce is at their last epoch, finished runs with a history, epochs)
+    when that is most of the condition's runs: val/ce was still falling, so the verdict is
+    about an unfinished race."""
+    ends = []
+    for run in (r for c in cond.cells for r in c.finished):
+        steps = [int(s) for s, v in run.history.get("val/ce", []) if not math.isnan(float(v))]
+        if len(steps) >= 2:
+            ends.append((best_val(run)[1] == max(steps), max(steps) + 1))
+    at_last = sum(e[0] for e in ends)
+    if not ends or at_last * 2 <= len(ends):
+        return None
+    return at_last, len(ends), max(e[1] for e in ends)
+
+
+def _nice(x: float) -> str:
+    """The nearest 1, 2, 3 or 5 times a power of ten (in log distance): 9 -> 10, 0.0027 -> 0.003."""
+    power = 10.0 ** math.floor(math.log10(x))
+    steps = [power * m for m in (1, 2, 3, 5, 10)]
+    return f"{float(f'{min(steps, key=lambda v: abs(math.log(v / x))):.3g}'):g}"
+
+
+def narrow_grid(cond: Condition) -> str | None:
+    """The sentence for a best λ at the grid's largest, or smallest non-zero, λ: the optimum may
+    lie beyond the grid. It suggests two more λ at the grid's own spacing."""
+    best = cond.best_lam
+    lams = sorted(float(x) for x, n in zip(cond.summary["lam"], cond.summary["runs"],
+                                           strict=True) if x > 0 and n > 0)
+    if not lams or not best > 0:
+        return None
+    if best == lams[-1]:
+        ratio = lams[-1] / lams[-2] if len(lams) >= 2 else 10.0
+        add, where = [best * ratio, best * ratio ** 2], "largest"
+    elif best == lams[0]:
+        ratio = lams[1] / lams[0]
+        add, where = [best / ratio ** 2, best / ratio], "smallest non-zero"
+    else:
+        return None
+    grid = sorted({*(float(x) for x in cond.summary["lam"]), *(float(_nice(a)) for a in add)})
+    return (f"best λ={fmt_value(best)} is the grid's {where} λ: the optimum may lie beyond the "
+            f"grid; add λ = {', '.join(_nice(a) for a in sorted(add))} "
+            f"(regularization.lam={','.join(f'{x:g}' for x in grid)})")
+
+
+def warnings_of(cond: Condition) -> list[str]:
+    lines = []
+    if cond.too_short:
+        at_last, n, epochs = cond.too_short
+        lines.append(f"training may be too short: {at_last} of {n} runs reach their lowest val/ce "
+                     f"at the last epoch (val/ce still falling); try trainer.max_epochs="
+                     f"{2 * epochs}")
+    if cond.narrow:
+        lines.append(cond.narrow)
+    return lines
+
+
+# --------------------------------------------------------------------------- across conditions
+
+
+def same_training(a: Cell, a_values: Mapping[str, str], b: Cell,
+                  b_values: Mapping[str, str]) -> bool:
+    """Two cells that are one training under two labels: λ = 0 where only the layer selection
+    (``regularization*`` keys) differs, or identical val/ce histories for every shared seed."""
+    differ = [k for k in {*a_values, *b_values} if a_values.get(k) != b_values.get(k)]
+    if a.lam == 0 and b.lam == 0 and differ and all(
+            k == "regularization" or k.startswith("regularization.") for k in differ):
+        return True
+    ha = {r.seed: r.history.get("val/ce") for r in a.finished}
+    hb = {r.seed: r.history.get("val/ce") for r in b.finished}
+    common = set(ha) & set(hb)
+    return bool(common) and all(ha[s] and ha[s] == hb[s] for s in common)
+
+
+@dataclass
+class Rivalry:
+    """One condition at its best λ against the lowest condition at its best λ."""
+
+    other: int  # index into the conditions
+    same: bool  # the same training under two labels: not compared
+    p: float = math.nan
+    seeds: int = 0
+    diff: float = math.nan  # other − lowest, mean final val/ce over paired seeds
+    test: str = ""
+    need: int | None = None
+
+    @property
+    def clear(self) -> bool:
+        return not self.same and self.p < ALPHA and self.diff > 0
+
+
+@dataclass
+class Across:
+    lowest: int | None  # the condition with the lowest mean val/ce at its own best λ
+    rivals: list[Rivalry]
+    same_pairs: list[tuple[str, str, float]]  # (label, label, λ) cells that are one training
+
+
+def across(conditions: Sequence[Condition]) -> Across:
+    """The conditions at their own best λ against the lowest of them, paired over seeds; and
+    every pair of cells (at the same λ) that is the same training, to say so."""
+    same_pairs = []
+    for i, a in enumerate(conditions):
+        for b in conditions[i + 1:]:
+            for ca in a.cells:
+                for cb in b.cells:
+                    if ca.lam == cb.lam and same_training(ca, a.values, cb, b.values):
+                        same_pairs.append((a.label, b.label, ca.lam))
+    ranked = [i for i, c in enumerate(conditions) if math.isfinite(c.best_val)]
+    if not ranked:
+        return Across(None, [], same_pairs)
+    low = min(ranked, key=lambda i: conditions[i].best_val)
+    best_cell = conditions[low].best_cell
+    rivals = []
+    for i in ranked:
+        if i == low:
+            continue
+        cell = conditions[i].best_cell
+        if same_training(best_cell, conditions[low].values, cell, conditions[i].values):
+            rivals.append(Rivalry(i, True))
+            continue
+        result = compare(per_seed(best_cell), per_seed(cell))
+        if result is None:
+            rivals.append(Rivalry(i, False))
+            continue
+        p, n, diff, sd, test = result
+        need = None if (p < ALPHA and diff > 0) else seeds_needed(diff, sd)
+        rivals.append(Rivalry(i, False, p, n, diff, test, need))
+    rivals.sort(key=lambda r: conditions[r.other].best_val)
+    return Across(low, rivals, same_pairs)
+
+
+# --------------------------------------------------------------------------- text
+
+
+def at_best(cond: Condition) -> str:
+    return f"{cond.label} at λ={fmt_value(cond.best_lam)}"
+
+
+def range_text(cond: Condition) -> str:
+    ties = cond.tie_lams
+    if len(ties) <= 1:
+        return "range: this λ alone"
+    return (f"range {fmt_value(ties[0])}–{fmt_value(ties[-1])}: "
+            f"{', '.join(fmt_value(x) for x in ties)} not distinguishable")
+
+
+def condition_line(cond: Condition) -> str:
+    ver = cond.verdict
+    if ver.best is None:
+        return f"  {cond.label}: no finished runs"
+    return (f"{ver.mark} {cond.label}: best λ={fmt_value(cond.best_lam)} "
+            f"(val/ce {cond.best_val:.4f}; {range_text(cond)}): {ver.text}")
+
+
+def rivalry_text(conditions: Sequence[Condition], r: Rivalry) -> str:
+    other = conditions[r.other]
+    head = f"{at_best(other)} (val/ce {other.best_val:.4f})"
+    if r.same:
+        return f"{head}: the same training as the lowest (no L2 under either label): not a rival"
+    if r.test == "":
+        return f"{head}: not testable (a test needs two or more seeds per cell)"
+    if r.clear:
+        return f"{head}: higher by {r.diff:.4f}, clear (p = {r.p:.2g}, {r.test} t-test over " \
+               f"{r.seeds} seeds)"
+    tell = (f"about {r.need} seeds would tell" if r.need is not None
+            else f"more than {MAX_SEEDS} seeds would be needed to tell")
+    return (f"{head}: not distinguishable (difference {r.diff:+.4f}, p = {r.p:.2g}, {r.test} "
+            f"t-test over {r.seeds} seeds); {tell}")
+
+
+def across_verdict(conditions: Sequence[Condition], acr: Across) -> str:
+    """The one-line cross-condition verdict (the last line of the printed table)."""
+    if acr.lowest is None:
+        return "* lowest mean val/ce across conditions: n/a (no finished runs)"
+    low = conditions[acr.lowest]
+    real = [r for r in acr.rivals if not r.same]
+    if not real:
+        why = ("the others' best is the same training under another label" if acr.rivals
+               else "no other condition with finished runs")
+        return f"* lowest mean val/ce across conditions: {at_best(low)}: no rival ({why})"
+    open_ = [r for r in real if not r.clear]
+    if not open_:
+        return (f"* lowest mean val/ce across conditions: {at_best(low)}: clear against each "
+                f"other condition at its own best λ")
+    r = max(open_, key=lambda r: (r.p if math.isfinite(r.p) else 2.0))
+    how = (f"p = {r.p:.2g}, {r.test} t-test over {r.seeds} seeds" if r.test
+           else "not testable with one seed")
+    return (f"~ lowest mean val/ce across conditions: {at_best(low)}: not distinguishable from "
+            f"{at_best(conditions[r.other])} ({how})")
+
+
+def format_conditions(keys: Sequence[str], conditions: Sequence[Condition]) -> list[str]:
+    """The lines printed after the table of a sweep with conditions: one per condition (best λ,
+    its range, its verdict, and its warnings), then the conditions at their own best λ, ending
+    with the cross-condition verdict."""
+    lines = [f"Per condition ({', '.join(keys)}): best λ = lowest mean final val/ce; range = the "
+             "λ not distinguishable from it (paired t-test over seeds, 5% level)"]
+    for cond in conditions:
+        lines.append(condition_line(cond))
+        lines += [f"    ! {w}" for w in warnings_of(cond)]
+    acr = across(conditions)
+    lines += ["", "Across conditions, each at its own best λ (against the lowest, paired over "
+              "seeds):"]
+    for a, b, lam in acr.same_pairs:
+        lines.append(f"  note: {a} and {b} at λ={fmt_value(lam)} are the same training under "
+                     "two labels (no L2 under either): never compared as rivals")
+    lines += [f"  {rivalry_text(conditions, r)}" for r in acr.rivals]
+    lines.append(across_verdict(conditions, acr))
+    return lines
+
+
+def numeric_key(keys: Sequence[str], conditions: Sequence[Condition]) -> bool:
+    """One condition key with numeric values: best λ against it gets a number axis, and
+    λ × it a heatmap."""
+    return len(keys) == 1 and len(conditions) >= 2 and all(
+        value_sort_key(c.values[keys[0]])[0] == 0 for c in conditions)
+
+
+def best_table(conditions: Iterable[Condition]) -> pd.DataFrame:
+    """Best λ per condition with its range and mean val/ce there (the cross-condition table)."""
+    rows = []
+    for c in conditions:
+        ties = c.tie_lams
+        rows.append({"condition": c.label, **c.values, "best_lam": c.best_lam,
+                     "lam_lo": ties[0] if ties else np.nan, "lam_hi": ties[-1] if ties else np.nan,
+                     "val_ce": c.best_val, "clear": c.verdict.clear})
+    return pd.DataFrame(rows)
+
+
+def heatmap_grid(summary: pd.DataFrame, key: str
+                 ) -> tuple[list[str], list[float], np.ndarray, list[int | None],
+                            tuple[int, int] | None]:
+    """Mean final val/ce over (value of ``key``) × λ: the row values (numeric order), the λ
+    (ascending), the grid (NaN where no finished run), each row's best column, and the lowest
+    cell (row, column)."""
+    data = summary[summary["runs"] > 0]
+    lams = sorted(float(x) for x in data["lam"].unique())
+    rows = sorted({str(v) for v in data[key]}, key=value_sort_key)
+    grid = np.full((len(rows), len(lams)), np.nan)
+    for _, r in data.iterrows():
+        grid[rows.index(str(r[key])), lams.index(float(r["lam"]))] = float(r["val/ce_mean"])
+    finite = np.isfinite(grid)
+    row_best = [int(np.nanargmin(grid[i])) if finite[i].any() else None for i in range(len(rows))]
+    low = None
+    if finite.any():
+        i, j = np.unravel_index(int(np.nanargmin(grid)), grid.shape)
+        low = (int(i), int(j))
+    return rows, lams, grid, row_best, low
