@@ -69,6 +69,21 @@ def reproduce_command(overrides: list[str], commit: str | None = None) -> list[s
     return lines + [" ".join(["python -m l2lab.train -m", *map(shlex.quote, overrides)])]
 
 
+def sweep_charts_url(client, exp: str, parent_id: str, base: str) -> str:
+    """The runs' chart view opened on this sweep's children, all of them drawn: a view shared
+    through the experiment (MLflow's own format: ``compat.mlflow``), keyed by the parent's id.
+    Where the store refuses the tag, the plain chart view."""
+    from l2lab.compat import mlflow as compat
+    from l2lab.tracking import ui
+
+    url = ui.runs_url(base, exp, chart=True)
+    try:
+        compat.share_view(client, exp, parent_id, compat.sweep_view_state(parent_id))
+    except Exception:  # a read-only store: the link still opens the runs' charts
+        return url
+    return f"{url}&{compat.shared_view_query(parent_id)}"
+
+
 def description(sweep_id: str, exp: str, parent: str, base: str, verdict: str = "") -> str:
     """The parent run's description (MLflow's ``mlflow.note.content``, Markdown): where the
     report is, and how to chart val/ce against λ in the UI itself."""
@@ -253,7 +268,8 @@ class SweepCallback(Callback):
             print(f"\nSweep {info['sweep_id']}: {len(runs)} runs\n\n{table}\n", flush=True)
             print(f"Report:  {paths['report']}  (figures beside it)\n"
                   f"In the UI: {ui.run_url(base, exp, parent.run_id, 'report/index.html')}\n"
-                  f"           charts: {ui.runs_url(base, exp, chart=True)}", flush=True)
+                  f"           charts: {sweep_charts_url(client, exp, parent.run_id, base)}",
+                  flush=True)
             _write_timing(sweep_dir)
             n_failed = sum(r.status != "FINISHED" for r in records)
             parent.finish("FAILED" if failed else "FINISHED",
