@@ -396,3 +396,18 @@ def heatmap_grid(summary: pd.DataFrame, key: str
         i, j = np.unravel_index(int(np.nanargmin(grid)), grid.shape)
         low = (int(i), int(j))
     return rows, lams, grid, row_best, low
+
+
+def headline(runs: Sequence[RunRecord]) -> str:
+    """The verdict in one line (the sweep parent's description): the best λ of each condition
+    and the cross-condition verdict; without conditions, the table's verdict."""
+    keys, conds = split(runs)
+    if not keys:
+        from l2lab.report.stats import row_label
+
+        summary = summarize(runs)
+        ver = verdict(summary, runs)
+        return "" if ver.best is None else f"{row_label(summary, ver.best)}: {ver.text}"
+    per = "; ".join(f"{c.label}: λ={fmt_value(c.best_lam)}" for c in conds
+                    if math.isfinite(c.best_lam))
+    return f"{per} (each condition's own best). {across_verdict(conds, across(conds))[2:]}"

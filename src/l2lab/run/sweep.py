@@ -260,8 +260,9 @@ class SweepCallback(Callback):
                 parent.set_tags({"l2lab.best_params": json.dumps(best["best_params"]),
                                  "l2lab.best_value": str(best.get("best_value"))})
                 table += f"\n{notes[0]}\n"
-            last = table.rstrip().splitlines()[-1] if table.strip() else ""
-            verdict = last.split(": ", 1)[1] if ": " in last and "lowest" in last else ""
+            from l2lab.report.conditions import headline
+
+            verdict = headline(records)
             parent.set_tags({"mlflow.note.content": description(
                 info["sweep_id"], exp, parent.run_id, base, verdict)})
             parent.log_text(table + "\n", "summary.txt")
