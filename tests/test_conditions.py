@@ -380,6 +380,11 @@ def test_a_real_sweep_prints_one_line_per_train_size_and_logs_the_figures(size_s
     assert {"figures/best_lambda.png", "figures/heatmap.png"} <= figs
     note = parent.data.tags["mlflow.note.content"]  # the parent's description names each best λ
     assert note.startswith("**Best λ**: train_size=80: λ=") and "; train_size=120: λ=" in note
+    # ... and links the shared view of its children (tests/test_shared_view.py opens one)
+    key = f"viewStateShareKey={parent.info.run_id}"
+    assert key in note and f"&{key}" in next(ln for ln in out.splitlines() if "charts: " in ln)
+    tags = client.get_experiment(parent.info.experiment_id).tags
+    assert "mlflow.sharedViewState." + parent.info.run_id in tags
 
 
 def test_compare_by_picks_the_condition_keys(size_swept, tmp_path, capsys):

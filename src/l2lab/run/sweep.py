@@ -84,24 +84,29 @@ def sweep_charts_url(client, exp: str, parent_id: str, base: str) -> str:
     return f"{url}&{compat.shared_view_query(parent_id)}"
 
 
-def description(sweep_id: str, exp: str, parent: str, base: str, verdict: str = "") -> str:
+def description(sweep_id: str, exp: str, parent: str, base: str, verdict: str = "",
+                charts: str | None = None) -> str:
     """The parent run's description (MLflow's ``mlflow.note.content``, Markdown): where the
-    report is, and how to chart val/ce against λ in the UI itself."""
+    report is, and how to chart val/ce against λ in the UI itself (``charts``: the link that
+    opens this sweep's children, see :func:`sweep_charts_url`)."""
     from l2lab.tracking import ui
 
     head = f"**Best λ**: {verdict}\n\n" if verdict else ""
+    if charts and "viewStateShareKey=" in charts:
+        how = (f"open [this sweep's charts]({charts}) (its children, every one drawn: the "
+               f"val/ce learning curves, one line per run); ")
+    else:
+        how = (f"open the runs' [chart view]({ui.runs_url(base, exp, chart=True)}); in the runs "
+               f"list on the left, expand this sweep (⊞ next to `sweep {sweep_id}`) so that its "
+               f"children are charted, and show them all (the eye menu above the list: only the "
+               f"first 10 are drawn by default); ")
     return (
         f"{head}λ sweep `{sweep_id}`. **Report**: Artifacts → `report/index.html` (the table "
         f"with 95% intervals over seeds, the figures, the verdict, links to every run): "
         f"[open it]({ui.run_url(base, exp, parent, 'report/index.html')}). The figures are "
         f"under `figures/`, the numbers in `summary.csv`.\n\n"
-        f"**val/ce against λ in this UI**: open the runs' "
-        f"[chart view]({ui.runs_url(base, exp, chart=True)}); in the runs list on the left, "
-        f"expand this sweep (⊞ next to `sweep {sweep_id}`) so that its children are charted, "
-        f"and show them all (the eye menu above the list: only the first 10 are drawn by "
-        f"default); then *Add chart* → *Scatter chart*, X axis `regularization.lam` "
-        f"(a param), Y axis `val/ce` (a metric). Line charts of `val/ce` against step are the "
-        f"learning curves, one line per run.")
+        f"**val/ce against λ in this UI**: {how}then *Add chart* → *Scatter chart*, X axis "
+        f"`regularization.lam` (a param), Y axis `val/ce` (a metric).")
 
 
 def swept_keys(overrides: list[str], sweeper_params: Mapping) -> list[str]:
@@ -263,14 +268,14 @@ class SweepCallback(Callback):
             from l2lab.report.conditions import headline
 
             verdict = headline(records)
+            charts = sweep_charts_url(client, exp, parent.run_id, base)
             parent.set_tags({"mlflow.note.content": description(
-                info["sweep_id"], exp, parent.run_id, base, verdict)})
+                info["sweep_id"], exp, parent.run_id, base, verdict, charts)})
             parent.log_text(table + "\n", "summary.txt")
             print(f"\nSweep {info['sweep_id']}: {len(runs)} runs\n\n{table}\n", flush=True)
             print(f"Report:  {paths['report']}  (figures beside it)\n"
                   f"In the UI: {ui.run_url(base, exp, parent.run_id, 'report/index.html')}\n"
-                  f"           charts: {sweep_charts_url(client, exp, parent.run_id, base)}",
-                  flush=True)
+                  f"           charts: {charts}", flush=True)
             _write_timing(sweep_dir)
             n_failed = sum(r.status != "FINISHED" for r in records)
             parent.finish("FAILED" if failed else "FINISHED",
