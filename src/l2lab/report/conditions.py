@@ -187,9 +187,10 @@ def narrow_grid(cond: Condition) -> str | None:
     else:
         return None
     grid = sorted({*(float(x) for x in cond.summary["lam"]), *(float(_nice(a)) for a in add)})
+    override = (f" (regularization.lam={','.join(f'{x:g}' for x in grid)})" if len(grid) <= 12
+                else "")  # a search's many λ (Optuna): the values alone
     return (f"best λ={fmt_value(best)} is the grid's {where} λ: the optimum may lie beyond the "
-            f"grid; add λ = {', '.join(_nice(a) for a in sorted(add))} "
-            f"(regularization.lam={','.join(f'{x:g}' for x in grid)})")
+            f"grid; add λ = {', '.join(_nice(a) for a in sorted(add))}{override}")
 
 
 def warnings_of(cond: Condition) -> list[str]:
