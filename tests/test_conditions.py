@@ -96,6 +96,16 @@ def test_each_train_size_gets_its_own_best_lambda_the_argmin_of_its_mean():
     assert "train_size=200 at λ=0.3 (val/ce 0.8" in text and "higher by 0.3" in text
 
 
+def test_the_headline_names_each_conditions_best_lambda():
+    assert cd.headline(size_sweep()) == (
+        "train_size=100: λ=0.3; train_size=200: λ=0.3; train_size=500: λ=0.03 (each "
+        "condition's own best). lowest mean val/ce across conditions: train_size=500 at "
+        "λ=0.03: clear against each other condition at its own best λ")
+    runs = [record(lam, s, 0.5 + abs(lam - 0.1) + 0.01 * s) for lam in (0.0, 0.1, 1.0)
+            for s in (0, 1, 2)]
+    assert cd.headline(runs).startswith("lam=0.1: clear (p = ")  # today's verdict
+
+
 def test_a_preset_is_labelled_by_its_name_and_lambda_zero_is_not_a_rival(tmp_path):
     runs = preset_sweep()
     summary = summarize(runs)
@@ -368,6 +378,13 @@ def test_a_real_sweep_prints_one_line_per_train_size_and_logs_the_figures(size_s
         filter_string="tags.`l2lab.role` = 'sweep'")
     figs = {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
     assert {"figures/best_lambda.png", "figures/heatmap.png"} <= figs
+    note = parent.data.tags["mlflow.note.content"]  # the parent's description names each best λ
+    assert note.startswith("**Best λ**: train_size=80: λ=") and "; train_size=120: λ=" in note
+    # ... and links the shared view of its children (tests/test_shared_view.py opens one)
+    key = f"viewStateShareKey={parent.info.run_id}"
+    assert key in note and f"&{key}" in next(ln for ln in out.splitlines() if "charts: " in ln)
+    tags = client.get_experiment(parent.info.experiment_id).tags
+    assert "mlflow.sharedViewState." + parent.info.run_id in tags
 
 
 def test_compare_by_picks_the_condition_keys(size_swept, tmp_path, capsys):

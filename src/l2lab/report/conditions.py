@@ -187,9 +187,10 @@ def narrow_grid(cond: Condition) -> str | None:
     else:
         return None
     grid = sorted({*(float(x) for x in cond.summary["lam"]), *(float(_nice(a)) for a in add)})
+    override = (f" (regularization.lam={','.join(f'{x:g}' for x in grid)})" if len(grid) <= 12
+                else "")  # a search's many λ (Optuna): the values alone
     return (f"best λ={fmt_value(best)} is the grid's {where} λ: the optimum may lie beyond the "
-            f"grid; add λ = {', '.join(_nice(a) for a in sorted(add))} "
-            f"(regularization.lam={','.join(f'{x:g}' for x in grid)})")
+            f"grid; add λ = {', '.join(_nice(a) for a in sorted(add))}{override}")
 
 
 def warnings_of(cond: Condition) -> list[str]:
@@ -396,3 +397,18 @@ def heatmap_grid(summary: pd.DataFrame, key: str
         i, j = np.unravel_index(int(np.nanargmin(grid)), grid.shape)
         low = (int(i), int(j))
     return rows, lams, grid, row_best, low
+
+
+def headline(runs: Sequence[RunRecord]) -> str:
+    """The verdict in one line (the sweep parent's description): the best λ of each condition
+    and the cross-condition verdict; without conditions, the table's verdict."""
+    keys, conds = split(runs)
+    if not keys:
+        from l2lab.report.stats import row_label
+
+        summary = summarize(runs)
+        ver = verdict(summary, runs)
+        return "" if ver.best is None else f"{row_label(summary, ver.best)}: {ver.text}"
+    per = "; ".join(f"{c.label}: λ={fmt_value(c.best_lam)}" for c in conds
+                    if math.isfinite(c.best_lam))
+    return f"{per} (each condition's own best). {across_verdict(conds, across(conds))[2:]}"

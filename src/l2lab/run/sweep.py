@@ -70,24 +70,44 @@ def reproduce_command(overrides: list[str], commit: str | None = None) -> list[s
     return lines + [" ".join(["python -m l2lab.train -m", *map(shlex.quote, overrides)])]
 
 
-def description(sweep_id: str, exp: str, parent: str, base: str, verdict: str = "") -> str:
+def sweep_charts_url(client, exp: str, parent_id: str, base: str) -> str:
+    """The runs' chart view opened on this sweep's children, all of them drawn: a view shared
+    through the experiment (MLflow's own format: ``compat.mlflow``), keyed by the parent's id.
+    Where the store refuses the tag, the plain chart view."""
+    from l2lab.compat import mlflow as compat
+    from l2lab.tracking import ui
+
+    url = ui.runs_url(base, exp, chart=True)
+    try:
+        compat.share_view(client, exp, parent_id, compat.sweep_view_state(parent_id))
+    except Exception:  # a read-only store: the link still opens the runs' charts
+        return url
+    return f"{url}&{compat.shared_view_query(parent_id)}"
+
+
+def description(sweep_id: str, exp: str, parent: str, base: str, verdict: str = "",
+                charts: str | None = None) -> str:
     """The parent run's description (MLflow's ``mlflow.note.content``, Markdown): where the
-    report is, and how to chart val/ce against λ in the UI itself."""
+    report is, and how to chart val/ce against λ in the UI itself (``charts``: the link that
+    opens this sweep's children, see :func:`sweep_charts_url`)."""
     from l2lab.tracking import ui
 
     head = f"**Best λ**: {verdict}\n\n" if verdict else ""
+    if charts and "viewStateShareKey=" in charts:
+        how = (f"open [this sweep's charts]({charts}) (its children, every one drawn: the "
+               f"val/ce learning curves, one line per run); ")
+    else:
+        how = (f"open the runs' [chart view]({ui.runs_url(base, exp, chart=True)}); in the runs "
+               f"list on the left, expand this sweep (⊞ next to `sweep {sweep_id}`) so that its "
+               f"children are charted, and show them all (the eye menu above the list: only the "
+               f"first 10 are drawn by default); ")
     return (
         f"{head}λ sweep `{sweep_id}`. **Report**: Artifacts → `report/index.html` (the table "
         f"with 95% intervals over seeds, the figures, the verdict, links to every run): "
         f"[open it]({ui.run_url(base, exp, parent, 'report/index.html')}). The figures are "
         f"under `figures/`, the numbers in `summary.csv`.\n\n"
-        f"**val/ce against λ in this UI**: open the runs' "
-        f"[chart view]({ui.runs_url(base, exp, chart=True)}); in the runs list on the left, "
-        f"expand this sweep (⊞ next to `sweep {sweep_id}`) so that its children are charted, "
-        f"and show them all (the eye menu above the list: only the first 10 are drawn by "
-        f"default); then *Add chart* → *Scatter chart*, X axis `regularization.lam` "
-        f"(a param), Y axis `val/ce` (a metric). Line charts of `val/ce` against step are the "
-        f"learning curves, one line per run.")
+        f"**val/ce against λ in this UI**: {how}then *Add chart* → *Scatter chart*, X axis "
+        f"`regularization.lam` (a param), Y axis `val/ce` (a metric).")
 
 
 def swept_keys(overrides: list[str], sweeper_params: Mapping) -> list[str]:
@@ -332,15 +352,17 @@ class SweepCallback(Callback):
                 parent.set_tags({"l2lab.best_params": json.dumps(best["best_params"]),
                                  "l2lab.best_value": str(best.get("best_value"))})
                 table += f"\n{notes[0]}\n"
-            last = table.rstrip().splitlines()[-1] if table.strip() else ""
-            verdict = last.split(": ", 1)[1] if ": " in last and "lowest" in last else ""
+            from l2lab.report.conditions import headline
+
+            verdict = headline(records)
+            charts = sweep_charts_url(client, exp, parent.run_id, base)
             parent.set_tags({"mlflow.note.content": description(
-                info["sweep_id"], exp, parent.run_id, base, verdict)})
+                info["sweep_id"], exp, parent.run_id, base, verdict, charts)})
             parent.log_text(table + "\n", "summary.txt")
             print(f"\nSweep {info['sweep_id']}: {len(runs)} runs\n\n{table}\n", flush=True)
             print(f"Report:  {paths['report']}  (figures beside it)\n"
                   f"In the UI: {ui.run_url(base, exp, parent.run_id, 'report/index.html')}\n"
-                  f"           charts: {ui.runs_url(base, exp, chart=True)}", flush=True)
+                  f"           charts: {charts}", flush=True)
             _write_timing(sweep_dir)
             n_failed = sum(r.status != "FINISHED" for r in records)
             parent.finish("FAILED" if failed else "FINISHED",
