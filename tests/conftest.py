@@ -188,3 +188,28 @@ def check_sweep(client: MlflowClient, r: subprocess.CompletedProcess, tmp_path: 
     assert df["val/ce_mean"].tolist() == pytest.approx([by_lam[x] for x in sorted(lams,
                                                                                  key=float)])
     assert "lam" in r.stdout and "val/ce" in r.stdout
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``mlflow server`` on a temporary SQLite store, serving artifacts, on a free loopback port
+    (one per test module that asks: the UI tests)."""
+    root = tmp_path_factory.mktemp("ui")
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server",
+         "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+         "--artifacts-destination", str(root / "artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base, proc, 300, lambda: proc.stderr.read().decode())  # a loaded 2-core
+        # machine takes a minute or more
+        yield root, base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()

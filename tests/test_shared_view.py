@@ -12,7 +12,6 @@ import pytest
 from browser import Browser, chromium_path
 from conftest import TINY, run_cli
 from mlflow.tracking import MlflowClient
-from test_ui import server  # noqa: F401  (the module's own mlflow server)
 
 from l2lab.compat import mlflow as compat
 

@@ -5,44 +5,17 @@ report reachable from the parent run."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import urllib.request
-from pathlib import Path
 
 import pytest
 from browser import Browser, chromium_path
-from conftest import TINY, free_port, run_cli, wait_healthy
+from conftest import TINY, run_cli
 
 from l2lab.tracking import ui
 
 needs_chromium = pytest.mark.skipif(
     chromium_path() is None,
     reason="headless chromium is not installed (apt-get install chromium; .ci/run does)")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """``mlflow server`` on a temporary SQLite store, serving artifacts, on a free loopback port."""
-    root = tmp_path_factory.mktemp("ui")
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server",
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-         "--artifacts-destination", str(root / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(base, proc, 300, lambda: proc.stderr.read().decode())  # a loaded 2-core
-        # machine takes a minute or more
-        yield root, base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")
