@@ -176,6 +176,9 @@ def check_sweep(client: MlflowClient, r: subprocess.CompletedProcess, tmp_path: 
     assert parent.info.status == "FINISHED"
     children = runs_of(client, **{"mlflow.parentRunId": parent.info.run_id})
     assert sorted(c.data.params["regularization.lam"] for c in children) == sorted(lams)
+    # named after the swept keys only (seed is not swept here)
+    assert sorted(c.data.tags["mlflow.runName"] for c in children) == sorted(
+        f"lam={float(x):g}" for x in lams)
     for c in children:
         assert c.info.status == "FINISHED"
         for key in ("train/ce", "val/ce", "weights/sq_norm_total"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -77,7 +78,8 @@ def test_parallel_sweep_into_mlflow_server_on_postgresql(tmp_path):
         [str(ROOT / "scripts" / "mlflow_server.sh"), "--local", "--dir", str(pg_dir),
          "--port", str(port), "--artifacts", str(tmp_path / "artifacts")],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)
+        start_new_session=True,  # this interpreter's mlflow, as the other server tests use
+        env={**os.environ, "MLFLOW": str(Path(sys.executable).parent / "mlflow")})
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(uri, server, 240, server.stdout.read)

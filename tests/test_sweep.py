@@ -43,6 +43,9 @@ def test_sweep_has_one_parent_with_every_job_as_child(swept):
     assert all(c.info.experiment_id == parent.info.experiment_id for c in children)
     names = sorted(c.data.tags["mlflow.runName"] for c in children)
     assert names[0] == "lam=0 seed=0" and names[-1] == "lam=1 seed=1"
+    for c in children:  # every epoch of every job, each once
+        steps = [m.step for m in client.get_metric_history(c.info.run_id, "val/ce")]
+        assert sorted(steps) == [0, 1, 2]
 
 
 def test_summary_and_figures_are_logged_to_the_parent(swept, tmp_path):

@@ -88,18 +88,6 @@ def test_regularization_none_keeps_norms_logged(tmp_path, store, client):
     assert out["train/loss"] == out["train/ce"]
 
 
-def test_multirun_in_a_subprocess_gives_one_finished_run_per_job(tmp_path, store, client):
-    r = run_cli("l2lab.train", "-m", "regularization.lam=0,0.1", f"tracking.uri={store}",
-                f"hydra.sweep.dir={tmp_path}/sweep", *TINY, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    runs = [x for x in runs_of(client) if x.data.tags.get("l2lab.role") != "sweep"]
-    assert sorted(x.data.params["regularization.lam"] for x in runs) == ["0.0", "0.1"]
-    assert all(x.info.status == "FINISHED" for x in runs)
-    assert sorted(x.data.tags["mlflow.runName"] for x in runs) == ["lam=0", "lam=0.1"]
-    for x in runs:
-        assert len(client.get_metric_history(x.info.run_id, "val/ce")) == 3
-
-
 def test_default_store_and_env_uri(tmp_path, monkeypatch):
     from l2lab.tracking.tracker import resolve_uri
 
