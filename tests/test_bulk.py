@@ -205,13 +205,9 @@ def latest_rows(db: Path, ids: Mapping[str, str]) -> dict[str, list]:
 
 
 @pytest.fixture(scope="module")
-def template(tmp_path_factory) -> Path:
-    """An empty store with MLflow's schema: creating one takes ~10 s here, copying it none."""
-    db = tmp_path_factory.mktemp("template") / "mlflow.db"
-    tr.connect(f"sqlite:///{db}")
-    with sqlite3.connect(db) as con:
-        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    return db
+def template(store_template) -> Path:
+    """An empty store with MLflow's schema (the session's: creating one takes ~10 s here)."""
+    return store_template
 
 
 def new_store(template: Path, tmp: Path, name: str) -> tuple[str, Path]:
