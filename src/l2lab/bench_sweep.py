@@ -230,8 +230,8 @@ def _store(tmp: Path, env: dict) -> str:
     researcher's store exists after their first run (creating it costs a few seconds once)."""
     uri = f"sqlite:///{tmp}/mlruns/mlflow.db"
     if not (tmp / "mlruns" / "mlflow.db").exists():
-        subprocess.run([sys.executable, "-c", f"from l2lab import tracking; "
-                        f"tracking.connect({uri!r})"], env=env, check=True, capture_output=True)
+        subprocess.run([sys.executable, "-c", f"from l2lab.tracking import tracker; "
+                        f"tracker.connect({uri!r})"], env=env, check=True, capture_output=True)
     return uri
 
 
