@@ -366,3 +366,47 @@ def test_config_hash_keeps_the_order_of_lam_per_layer():
         b.regularization.lam_per_layer = {"f*": 0.2, "fc1": 0.1}
     assert config_hash(a) != config_hash(b)  # first match wins: fc1 gets 0.1 in a, 0.2 in b
     assert config_hash(a) == config_hash(a.copy())
+
+
+@pytest.mark.parametrize("cls, settings", [
+    (torch.optim.SGD, [{"lr": 0.1, "momentum": 0.9}, {"lr": 0.05, "momentum": 0.0},
+                       {"lr": 0.05, "momentum": 0.5, "nesterov": True}]),
+    (torch.optim.Adam, [{"lr": 0.01}, {"lr": 0.003, "betas": (0.8, 0.99), "eps": 1e-6},
+                        {"lr": 0.01, "amsgrad": True}]),
+], ids=["sgd", "adam"])
+def test_a_segmented_optimizer_steps_each_network_as_its_own_and_checkpoints_per_member(
+        cls, settings):
+    """K networks of different settings, one param group per run of equal settings: each
+    network's step equals a plain optimizer's over that network alone, and its slice of the
+    stack's state (``member_checkpoints``' form) continues there exactly."""
+    from l2lab.core.module import SegmentedOptimizer
+
+    torch.manual_seed(0)
+    k = 4
+    per_net = [settings[0], settings[0], settings[1], settings[2]]  # 3 segments
+    stacked = [torch.nn.Parameter(torch.randn(k, 5, 3)), torch.nn.Parameter(torch.randn(k, 5))]
+    alone = [[torch.nn.Parameter(p.detach()[i:i + 1].clone()) for p in stacked]
+             for i in range(k)]
+    segments = [(0, 2, settings[0]), (2, 3, settings[1]), (3, 4, settings[2])]
+    opt = SegmentedOptimizer(stacked, cls, segments)
+    plain = [cls(ps, **s) for ps, s in zip(alone, per_net, strict=True)]
+    grads = [[torch.randn_like(p) for p in stacked] for _ in range(6)]
+    for step, gs in enumerate(grads):
+        if step == 3:  # each member continues from its slice of the stack's state
+            state = opt.state_dict()
+            for i in range(k):
+                own = {j: {key: v[i:i + 1].clone() if v.dim() > 0 else v.clone()
+                           for key, v in st.items()} for j, st in state["state"].items()}
+                plain[i] = cls(alone[i], **per_net[i])
+                plain[i].load_state_dict({"state": own,
+                                          "param_groups": state["member_param_groups"][i]})
+        for p, g in zip(stacked, gs, strict=True):
+            p.grad = g.clone()
+        opt.step()
+        for i in range(k):
+            for p, g in zip(alone[i], gs, strict=True):
+                p.grad = g[i:i + 1].clone()
+            plain[i].step()
+        for i in range(k):
+            for p, q in zip(stacked, alone[i], strict=True):
+                assert torch.equal(p.detach()[i:i + 1], q.detach()), (step, i)

@@ -1,15 +1,18 @@
 """K networks of one architecture as one stacked network: the layers every run trains with.
 
 Every run is a stack (an ordinary run a stack of one), so these layers are the only kernels l2lab
-trains with. A λ × seed sweep trains K small networks that differ only in their initialisation,
-their shuffling order and their λ. One at a time, they leave the CPU (and a GPU far more) idle
-between tiny kernels, and Lightning's per-step overhead is paid K times. Stacked, every layer runs
-once for all K (a batched matmul, a grouped convolution) and the step overhead is paid once.
+trains with. A sweep trains K small networks that differ only in per-network settings (their
+initialisation and shuffling order, their λ and selection, their optimizer's hyperparameters,
+dropout rate and clipping: ``stackable.STACKED``), not in shapes or data. One at a time, they
+leave the CPU (and a GPU far more) idle between tiny kernels, and Lightning's per-step overhead
+is paid K times. Stacked, every layer runs once for all K (a batched matmul, a grouped
+convolution) and the step overhead is paid once.
 
 The K networks stay separate: activations flow as (K·B, ...) with network k's rows at [k·B,
-(k+1)·B), no operation mixes the slices, and SGD/Adam/AdamW update each element on its own, so each
-network's gradients, optimizer state and metrics are those it has in a stack of one: on CPU bit for
-bit (``tests/test_engine.py``). Dropout draws each network's masks from that network's own
+(k+1)·B), no operation mixes the slices, and SGD/Adam/AdamW update each element on its own (one
+param group per run of equal settings: ``module.SegmentedOptimizer``), so each network's
+gradients, optimizer state and metrics are those it has in a stack of one: on CPU bit for bit
+(``tests/test_engine.py``). Dropout draws each network's masks from that network's own
 generator, seeded where the global generator stands after the network is built.
 """
 
