@@ -3,8 +3,8 @@
 Hydra's BasicSweeper composes every job of a batch to validate it (0.2-0.5 s each here); this one
 keeps its override grammar, batches and job order, and validates through
 :class:`l2lab.config.composing.SweepConfigs`: one composition per distinct set of non-stackable
-overrides, a type check per distinct stackable value (``seed``, ``regularization.lam``,
-``regularization.lam_per_layer.*``), and jobs derived from their group's composition when a
+overrides, a type check per distinct stackable value (the per-network settings of
+``l2lab.config.stackable.STACKED``), and jobs derived from their group's composition when a
 launcher asks for them. (Plugin module: no ``from __future__ import annotations``, see the
 vectorized launcher.)
 """

@@ -193,7 +193,7 @@ def check_lam(key: str, value: object) -> float:
 
 def check_member(values: Mapping[str, Any]) -> None:
     """:func:`validate`'s checks of the keys in which the jobs of a stack differ (its
-    ``composing.MEMBER_KEYS``), in its order: for a job whose other keys passed ``validate`` as
+    ``stackable.STACKED``), in its order: for a job whose other keys passed ``validate`` as
     another job of its stack, the same first error."""
     check_lam("regularization.lam", values["regularization.lam"])
     for layer, lam in (values["regularization.lam_per_layer"] or {}).items():
