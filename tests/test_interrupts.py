@@ -156,3 +156,27 @@ def test_every_run_records_its_environment_and_reproduce_says_what_changed(
                                     environment.tags(make_cfg()))
     assert "can explain the mismatch" in environment.verdict(diffs, True)
     assert "not explained" in environment.verdict([], True)
+
+
+def test_the_stop_handler_leaves_no_run_of_the_sweep_running(store, client, capsys, monkeypatch):
+    """What a second Ctrl-C relies on: whatever the jobs could not end (a worker stopped at once,
+    a job between two steps), the sweep's handler ends KILLED, then prints the one command."""
+    from l2lab.run import sweep
+
+    exp = client.create_experiment("s")
+    parent = client.create_run(exp, run_name="sweep x", tags={"l2lab.sweep_id": "x",
+                                                              "l2lab.role": "sweep"})
+    pid = parent.info.run_id
+    kids = [client.create_run(exp, run_name=f"lam={i}", tags={
+        "l2lab.sweep_id": "x", "mlflow.parentRunId": pid}).info.run_id for i in range(3)]
+    client.set_terminated(kids[0], "FINISHED")
+    monkeypatch.setattr(sweep, "ACTIVE", {"sweep_id": "x", "parent_run_id": pid,
+                                          "experiment_id": exp, "tracking_uri": store,
+                                          "command": "cd /here && python -m l2lab.train -m …"})
+    assert sweep.stopped(signal.SIGTERM) == 143
+    status = {r: client.get_run(r).info.status for r in [pid, *kids]}
+    assert status == {pid: "KILLED", kids[0]: "FINISHED", kids[1]: "KILLED", kids[2]: "KILLED"}
+    assert client.get_run(kids[1]).data.tags["l2lab.failure"] == "interrupted (SIGTERM)"
+    err = capsys.readouterr().err
+    assert "sweep x stopped (interrupted (SIGTERM); 1 FINISHED, 2 KILLED)" in err
+    assert err.rstrip().endswith("cd /here && python -m l2lab.train -m …")

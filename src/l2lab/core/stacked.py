@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -344,3 +345,42 @@ def _member_value(v, k: int):
     if torch.is_tensor(v):
         return v[k:k + 1].clone() if v.dim() > 0 else v.clone()
     return v
+
+
+def epochs_done(ckpt: Path) -> int:
+    """Completed epochs saved in a run's checkpoint (0 when there is none). The file was found
+    through a tag of the store, whose contents are not trusted: tensors and plain data only."""
+    if not ckpt.exists():
+        return 0
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    return int(state.get("epoch", -1)) + 1
+
+
+def merge_member_checkpoints(paths: Sequence[Path | None]) -> Path | None:
+    """One checkpoint for a stack of stopped runs that continue together, merged from their own
+    (each a stack of one, :func:`member_checkpoints`, all at the same epoch), written beside the
+    first as ``stack.ckpt``: None unless every run has one."""
+    if len(paths) < 2 or any(p is None or not p.exists() for p in paths):
+        return None
+    cks = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
+    first = cks[0]
+    if len({c.get("epoch") for c in cks}) != 1:
+        return None
+
+    def joined(values: list):
+        v = values[0]
+        return torch.cat(values) if torch.is_tensor(v) and v.dim() > 0 else v
+
+    opt = first["optimizer_states"][0]
+    merged = {**first,
+              "state_dict": {n: torch.cat([c["state_dict"][n] for c in cks])
+                             for n in first["state_dict"]},
+              "optimizer_states": [{
+                  "param_groups": opt["param_groups"],
+                  "state": {i: {k: joined([c["optimizer_states"][0]["state"][i][k] for c in cks])
+                                for k in st} for i, st in opt["state"].items()}}],
+              "callbacks": {key: {"members": [c["callbacks"][key] for c in cks]}
+                            for key in first.get("callbacks", {})}}
+    out = paths[0].parent / "stack.ckpt"
+    torch.save(merged, out)
+    return out

@@ -462,9 +462,9 @@ def _fit_stack(jobs: Sequence[Job], members: Mapping[int, StackMember], splits, 
 
 
 def resume_stack(jobs: Sequence[Job]) -> Path | None:
-    from l2lab.run.resume import stack_resume
+    from l2lab.core.stacked import merge_member_checkpoints
 
-    return stack_resume(jobs) if any(j.ckpt for j in jobs) else None
+    return merge_member_checkpoints([j.ckpt for j in jobs]) if any(j.ckpt for j in jobs) else None
 
 
 def train_group(cfgs: Sequence[DictConfig], overrides: Sequence[Sequence[str]],
@@ -506,8 +506,8 @@ def train_stack(cfg: DictConfig, values: Sequence[Mapping[str, Any]],
         job.name = run_name(job.overrides, job.tree, swept)
         jobs.append(job)
     groups = [jobs]
-    if sweep and sweep.get("continuing"):  # a stopped sweep continues (l2lab.run.resume)
-        from l2lab.run.resume import continue_stack
+    if sweep and sweep.get("continuing"):  # a stopped sweep continues (l2lab.run.sweep)
+        from l2lab.run.sweep import continue_stack
 
         groups = continue_stack(tr.connect(base.tracking.uri), sweep, jobs)
     for group in groups:

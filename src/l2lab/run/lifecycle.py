@@ -4,7 +4,8 @@ Ctrl-C and SIGTERM raise :class:`Interrupted` (not ``KeyboardInterrupt``: Lightn
 into ``sys.exit(1)`` and leaves SIGINT ignored in the calling process), so the code that owns the
 runs ends them KILLED with a reason that names the signal, and the process's own handlers come
 back when training returns. A second Ctrl-C while the runs are being ended is held back until
-they are.
+they are. A sweep's process keeps these handlers for the whole multirun (``train.main``), so a stop
+between jobs, or while a launcher waits, ends the sweep as cleanly (``run.sweep.stopped``).
 """
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ class Recorder(pl.callbacks.Checkpoint):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """A resumed run (a stack of one) gets its checkpoint's recorder state here; a stack of
-        resumed runs (``resume.stack_resume``) each network's, under ``members``."""
+        resumed runs (``stacked.merge_member_checkpoints``) each network's, under ``members``."""
         members = state_dict.get("members") or [state_dict]
         for k, state in enumerate(members[:len(self.last)]):
             self.last[k] = state.get("last")

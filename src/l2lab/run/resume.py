@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from l2lab.base import ConfigError
 from l2lab.console import say
+from l2lab.core.stacked import epochs_done  # noqa: F401  (where a stopped run resumes from)
 from l2lab.run import lifecycle
 from l2lab.run.engine import Job, run_name
 from l2lab.tracking import tracker as tr
@@ -59,17 +60,6 @@ def resume_config(cfg: DictConfig, overrides: Sequence[str], logged: DictConfig)
         out.resume = cfg.resume
         out.tracking = cfg.tracking
     return out
-
-
-def epochs_done(ckpt: Path) -> int:
-    """Completed epochs saved in a run's checkpoint (0 when there is none). The file was found
-    through a tag of the store, whose contents are not trusted: tensors and plain data only."""
-    import torch
-
-    if not ckpt.exists():
-        return 0
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    return int(state.get("epoch", -1)) + 1
 
 
 def _with_epochs(overrides: Sequence[str], epochs: int) -> list[str]:
@@ -146,15 +136,13 @@ def from_where(ckpt: Path, logged: int) -> str:
     return f", resumes from its checkpoint at epoch {saved}" if saved < logged else ""
 
 
-_SWEEP_RUNS: dict[str, dict[str, object]] = {}
-
-
 def in_sweep(client, sweep: Mapping, cfg: DictConfig, overrides: Sequence[str],
              label=None) -> Job | dict[str, float] | None:  # noqa: ANN001
     """A job of a continued sweep (the same command in the same sweep folder): its earlier run,
     found by config hash among the sweep's children. FINISHED or FAILED: kept, its final metrics
     returned (nothing trains). KILLED, or RUNNING (a process killed outright): the same run
     continues from its last completed epoch. None: the job never started; it trains."""
+    from l2lab.run.sweep import sweep_runs
     from l2lab.tracking import runs
 
     run = sweep_runs(client, sweep).get(runs.config_hash(cfg))
@@ -184,84 +172,3 @@ def stopped_job(client, run, cfg: DictConfig, overrides: Sequence[str]) -> Job:
     return Job(cfg, list(overrides), out, name, tracker=tr.RunTracker.reopen(client, rid),
                reopened=True, ckpt=ckpt if done else None,
                logged_test="test/ce" in run.data.metrics)
-
-
-def sweep_runs(client, sweep: Mapping) -> dict[str, object]:
-    """The sweep's children by config hash (the latest run of each), read once per process:
-    before any job of the continued sweep has made a run."""
-    from l2lab.run.sweep import sweep_children
-    from l2lab.tracking import runs
-
-    if sweep["sweep_id"] not in _SWEEP_RUNS:
-        found = {}
-        for run in sweep_children(client, sweep):  # oldest first: the latest wins
-            if runs.HASH_TAG in run.data.tags and runs.REUSED_TAG not in run.data.tags:
-                found[run.data.tags[runs.HASH_TAG]] = run
-        _SWEEP_RUNS[sweep["sweep_id"]] = found
-    return _SWEEP_RUNS[sweep["sweep_id"]]
-
-
-def continue_stack(client, sweep: Mapping, jobs: Sequence[Job]) -> list[list[Job]]:
-    """The vectorized launcher's jobs of a continued sweep, as :func:`in_sweep` treats one: kept
-    ones get their run and result (they do not train); stopped ones are reopened. Returns the
-    jobs to train in groups that can share a stack: the new ones, and the stopped ones by the
-    epoch they continue from (a stack continues from one merged checkpoint)."""
-    from l2lab.tracking import runs
-
-    fresh: list[Job] = []
-    stopped: dict[int, list[Job]] = {}
-    found = sweep_runs(client, sweep)
-    for job in jobs:
-        run = found.get(runs.config_hash(job.tree))
-        if run is None:
-            fresh.append(job)
-            continue
-        rid = run.info.run_id
-        if run.info.status in ("FINISHED", "FAILED"):
-            job.tracker = tr.RunTracker(client, rid)
-            job.tracker.ended = True
-            job.result = dict(run.data.metrics) if run.info.status == "FINISHED" else \
-                RuntimeError(f"kept (FAILED before): {run.data.tags.get('l2lab.failure', '')}")
-            continue
-        ckpt = Path(run.data.tags["l2lab.output_dir"]) / "checkpoints" / "last.ckpt"
-        done = epochs_done(ckpt)
-        job.tracker, job.reopened = tr.RunTracker.reopen(client, rid), True
-        job.ckpt, job.logged_test = (ckpt if done else None), "test/ce" in run.data.metrics
-        job.output_dir = ckpt.parent.parent
-        stopped.setdefault(done, []).append(job)
-    if stopped:
-        say(f"l2lab: {sum(map(len, stopped.values()))} stopped job(s) continue as stacks from "
-            f"epoch(s) {', '.join(map(str, sorted(stopped)))}; {len(fresh)} new")
-    return [g for g in (fresh, *stopped.values()) if g]
-
-
-def stack_resume(jobs: Sequence[Job]) -> Path | None:
-    """One checkpoint for a stack of stopped jobs that continue together, merged from their own
-    (each a stack of one, at the same epoch), beside the first job's: None unless all have one."""
-    import torch
-
-    paths = [j.ckpt for j in jobs]
-    if len(jobs) < 2 or any(p is None or not p.exists() for p in paths):
-        return None
-    cks = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
-    first = cks[0]
-    if len({c.get("epoch") for c in cks}) != 1:
-        return None
-
-    def joined(values: list):
-        v = values[0]
-        return torch.cat(values) if torch.is_tensor(v) and v.dim() > 0 else v
-
-    opt = first["optimizer_states"][0]
-    merged = {**first,
-              "state_dict": {n: torch.cat([c["state_dict"][n] for c in cks])
-                             for n in first["state_dict"]},
-              "optimizer_states": [{
-                  "param_groups": opt["param_groups"],
-                  "state": {i: {k: joined([c["optimizer_states"][0]["state"][i][k] for c in cks])
-                                for k in st} for i, st in opt["state"].items()}}],
-              "callbacks": {key: {"members": [c["callbacks"][key] for c in cks]}
-                            for key in first.get("callbacks", {})}}
-    out = paths[0].parent / "stack.ckpt"
-    torch.save(merged, out)
-    return out

@@ -12,7 +12,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +184,61 @@ def stopped(signum: int) -> int:
           f"sweep (finished jobs kept, stopped ones continued from their last completed epoch, "
           f"the rest trained) with:\n  {info['command']}", file=sys.stderr, flush=True)
     return 128 + signum
+
+
+# -- a stopped sweep, continued ---------------------------------------------------------------
+_SWEEP_RUNS: dict[str, dict[str, Any]] = {}
+
+
+def sweep_runs(client, sweep: Mapping) -> dict[str, object]:
+    """The sweep's children by config hash (the latest run of each), read once per process:
+    before any job of the continued sweep has made a run."""
+    from l2lab.tracking import runs
+
+    if sweep["sweep_id"] not in _SWEEP_RUNS:
+        found = {}
+        for run in sweep_children(client, sweep):  # oldest first: the latest wins
+            if runs.HASH_TAG in run.data.tags and runs.REUSED_TAG not in run.data.tags:
+                found[run.data.tags[runs.HASH_TAG]] = run
+        _SWEEP_RUNS[sweep["sweep_id"]] = found
+    return _SWEEP_RUNS[sweep["sweep_id"]]
+
+
+def continue_stack(client, sweep: Mapping, jobs: Sequence) -> list[list]:
+    """The vectorized launcher's jobs of a continued sweep, as ``resume.in_sweep`` treats one: kept
+    ones get their run and result (they do not train); stopped ones are reopened. Returns the
+    jobs to train in groups that can share a stack: the new ones, and the stopped ones by the
+    epoch they continue from (a stack continues from one merged checkpoint)."""
+    from l2lab.console import say
+    from l2lab.core.stacked import epochs_done
+    from l2lab.tracking import runs
+    from l2lab.tracking import tracker as tr
+
+    fresh: list = []
+    stopped: dict[int, list] = {}
+    found = sweep_runs(client, sweep)
+    for job in jobs:
+        run = found.get(runs.config_hash(job.tree))
+        if run is None:
+            fresh.append(job)
+            continue
+        rid = run.info.run_id
+        if run.info.status in ("FINISHED", "FAILED"):
+            job.tracker = tr.RunTracker(client, rid)
+            job.tracker.ended = True
+            job.result = dict(run.data.metrics) if run.info.status == "FINISHED" else \
+                RuntimeError(f"kept (FAILED before): {run.data.tags.get('l2lab.failure', '')}")
+            continue
+        ckpt = Path(run.data.tags["l2lab.output_dir"]) / "checkpoints" / "last.ckpt"
+        done = epochs_done(ckpt)
+        job.tracker, job.reopened = tr.RunTracker.reopen(client, rid), True
+        job.ckpt, job.logged_test = (ckpt if done else None), "test/ce" in run.data.metrics
+        job.output_dir = ckpt.parent.parent
+        stopped.setdefault(done, []).append(job)
+    if stopped:
+        say(f"l2lab: {sum(map(len, stopped.values()))} stopped job(s) continue as stacks from "
+            f"epoch(s) {', '.join(map(str, sorted(stopped)))}; {len(fresh)} new")
+    return [g for g in (fresh, *stopped.values()) if g]
 
 
 def _write_timing(sweep_dir: Path) -> None:
