@@ -30,7 +30,7 @@ from mlflow.tracking import MlflowClient
 from l2lab.compat import mlflow as cm
 from l2lab.tracking import bulk as gs
 from l2lab.tracking import tracker as tr
-from l2lab.tracking.bulk_sql import SqlBulkStore
+from l2lab.tracking.bulk.sql import SqlBulkStore
 
 K, EPOCHS = 5, 20
 KEYS = ["train/loss", "train/ce", "train/l2", "train/acc", "val/ce", "val/acc", "gap/ce",

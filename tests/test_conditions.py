@@ -13,7 +13,8 @@ from conftest import TINY, run_cli
 
 from l2lab.report import conditions as cd
 from l2lab.report.html import write_report
-from l2lab.report.stats import RunRecord, format_table, interval, summarize
+from l2lab.report.stats import RunRecord, interval, summarize
+from l2lab.report.table import format_table
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -1,5 +1,5 @@
 """MLflow's private names and formats that l2lab uses: the bulk SQL writer's
-(``tracking/bulk_sql.py``) and the UI's shared views (the sweep's chart link).
+(``tracking/bulk/sql.py``) and the UI's shared views (the sweep's chart link).
 
 Checked against mlflow 3.17.2 (``pyproject.toml``: ``mlflow>=3,<3.18``; the shared views against
 its UI bundle, ``mlflow/server/js/build``). The SQL writer writes MLflow's own ORM tables only

@@ -28,18 +28,16 @@ from l2lab.report.stats import (  # noqa: F401  (re-exported: the report's publi
     LAM_KEY,
     STAT_COLUMNS,
     RunRecord,
-    best_row,
-    format_table,
     group_columns,
     group_runs,
     rejected,
     short_key,
     summarize,
-    table_metrics,
     trained,
     verdict,
 )
 from l2lab.report.stats import fmt_value as _fmt_value
+from l2lab.report.table import best_row, format_table, table_metrics  # noqa: F401 (re-exported)
 from l2lab.tracking import ui
 
 FIGURES: tuple[tuple[str, str], ...] = (

@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from l2lab.tracking.tracker import FAILURE_TAG
-
 LAM_KEY = "regularization.lam"
 FINISHED = "FINISHED"
 #: Final metrics summarised per group, in column order; test metrics join when a run has them.
@@ -259,7 +257,7 @@ def summarize(runs: Sequence[RunRecord]) -> pd.DataFrame:
 
     Only FINISHED runs feed the statistics (a crashed run's last values are not comparable);
     the others are counted in ``failed`` so a thin group is visible rather than silently small.
-    Runs that never trained (:func:`rejected`) are left out: :func:`l2lab.report.stats.format_table`
+    Runs that never trained (:func:`rejected`) are left out: :func:`l2lab.report.table.format_table`
     names them.
     """
     kept = trained(runs)
@@ -450,97 +448,3 @@ def fmt_interval(lo: float, hi: float, decimals: int) -> str:
 
 
 #: (header, column prefix, decimals) of the table's metric columns.
-TABLE_METRICS: tuple[tuple[str, str, int], ...] = (
-    ("train/ce", "train/ce", 4), ("val/ce", "val/ce", 4), ("gap/ce", "gap/ce", 4),
-    ("val/acc", "val/acc", 3), ("test/acc", "test/acc", 3),
-    ("best val/ce", "best_val_ce", 4), ("best epoch", "best_epoch", 0),
-)
-
-
-def table_metrics(summary: pd.DataFrame) -> list[tuple[str, str, int]]:
-    return [m for m in TABLE_METRICS if f"{m[1]}_mean" in summary.columns]
-
-
-def format_table(summary: pd.DataFrame, runs: Sequence[RunRecord], *,
-                 name_rejected: bool = True) -> str:
-    """Fixed-width table for the terminal: mean ± std over seeds, the 95% t-interval of val/ce,
-    failed runs listed with their reason, and the best row marked ``*`` when the paired test
-    calls it clear and ``~`` when it does not.
-
-    Failures are spelled out because a sweep whose best λ had half its seeds crash deserves a
-    second look before anyone trusts the ranking. Runs that never trained have no row: a sweep
-    names each (``name_rejected``), ``compare`` over many runs gives their count.
-    """
-    from l2lab.report import conditions as cd
-
-    keys = group_columns(summary)
-    metrics = table_metrics(summary)
-    header = ([short_key(k) for k in keys] + ["runs"] + [m[0] for m in metrics]
-              + ["val/ce 95% CI"])
-    ver = verdict(summary, runs)
-    cond_keys, conds = cd.split(runs)
-    marks = {best_row(summary, c.values, c.best_lam): c.verdict.mark for c in conds} \
-        if cond_keys else {ver.best: ver.mark}
-    body: list[list[str]] = []
-    for pos in range(len(summary)):
-        row = summary.iloc[pos]
-        cells = [fmt_value(row[k]) for k in keys] + [str(int(row["runs"]))]
-        for _, prefix, decimals in metrics:
-            if prefix == "best_epoch":
-                cells.append(fmt_epochs(row))
-                continue
-            cells.append(fmt_stat(float(row[f"{prefix}_mean"]), float(row[f"{prefix}_std"]),
-                                  decimals))
-        cells.append(fmt_interval(float(row["val/ce_lo"]), float(row["val/ce_hi"]), 4))
-        body.append(cells)
-    widths = [max(len(c) for c in col) for col in zip(header, *body, strict=True)]
-
-    def line(cells: list[str], mark: str) -> str:
-        return mark + " " + "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))
-
-    lines = [line(header, " "), "  " + "-" * (sum(widths) + 2 * (len(widths) - 1))]
-    if not body:
-        lines.append("  (no runs)")
-    for pos, cells in enumerate(body):
-        lines.append(line(cells, marks.get(pos, " ")))
-
-    never = [r for r in runs if rejected(r)]
-    problems = [r for r in runs if r.status != FINISHED and (name_rejected or not rejected(r))]
-    if problems:
-        lines.append("")
-        for run in problems:
-            reason = run.failure or "no reason recorded"
-            lines.append(f"{run.status}  {run.name}  ({run.run_id}): {reason}")
-    if never:
-        lines.append("")
-        lines.append(f"{len(never)} run(s) never trained (rejected config, or failed before the "
-                     "first epoch): no row in the table" + ("." if name_rejected else
-                                                           f"; see their {FAILURE_TAG} tag."))
-    lines.append("")
-    if cond_keys:
-        lines += cd.format_conditions(cond_keys, conds)
-    elif ver.best is None:
-        lines.append("* lowest mean val/ce: n/a (no finished runs)")
-    else:
-        lines += [f"! {w}" for c in conds for w in cd.warnings_of(c)]
-        lines.append(f"{ver.mark} lowest mean val/ce: {row_label(summary, ver.best)}: {ver.text}")
-    return "\n".join(line.rstrip() for line in lines) + "\n"
-
-
-def best_row(summary: pd.DataFrame, values: dict[str, str], lam: float) -> int | None:
-    """The summary row of a condition's best λ."""
-    for pos in range(len(summary)):
-        row = summary.iloc[pos]
-        if float(row["lam"]) == lam and all(str(row[k]) == str(v) for k, v in values.items()):
-            return pos
-    return None
-
-
-def fmt_epochs(row: pd.Series) -> str:
-    """The best epoch as its median and min-max range over seeds (:data:`EPOCH_RANGE`)."""
-    median, lo, hi = (float(row[f"best_epoch_{s}"]) for s in ("median", "lo", "hi"))
-    if math.isnan(median):
-        return "n/a"
-    if math.isnan(lo):
-        return f"{median:g}"
-    return f"{median:g} [{lo:g}–{hi:g}]"

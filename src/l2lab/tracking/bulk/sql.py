@@ -19,7 +19,7 @@ from typing import Any
 
 from l2lab.compat import mlflow as cm
 from l2lab.tracking import tracker as tr
-from l2lab.tracking.bulk import (
+from l2lab.tracking.bulk.base import (
     BulkStore,
     Choice,
     Epoch,

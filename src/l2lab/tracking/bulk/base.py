@@ -1,26 +1,5 @@
-"""The MLflow record of a whole stack at once: K runs cost O(1) store round trips per operation.
-
-A stack of K networks is K MLflow runs. Written one run at a time through ``MlflowClient``, every
-create, params, flush and finish is K store calls (each a SQLite transaction of ~15-20 ms, or an
-HTTP request), which dominated sweeps of small networks. ``BulkStore`` takes the K runs together:
-
-- **SQL stores** (``sqlite://``, ``postgresql://``...; ``bulk_sql.SqlBulkStore``): one
-  transaction per call for all K runs, written through MLflow's own ORM tables on the engine of
-  MLflow's own store, with MLflow's own validation, so the rows are the ones ``SqlAlchemyStore``
-  writes (``latest_metrics`` included). This is only done when the database's alembic revision is
-  the installed MLflow's head: the schema is then exactly the one these tables describe.
-  Otherwise (another revision, a workspace-aware store) the public client writes
-  (:class:`ClientBulkStore`).
-- **A tracking server** (``http(s)://``; :class:`ClientBulkStore` in mode ``rest``): REST has no
-  multi-run call, so the K runs' calls go out concurrently from a small thread pool, each batch as
-  large as MLflow allows (1000 metrics, 100 params or tags).
-- **Artifacts**: a run whose artifact URI is local (``file://``, as with the default SQLite store)
-  gets its files written in place, with no store call at all; others get one call per file.
-
-Both backends answer one interface (:class:`BulkStore`) and raise the same ``MlflowException``
-(same error code) for the same bad input; :func:`open_store` chooses. MLflow's private names are
-in :mod:`l2lab.compat.mlflow`. Nothing here imports torch or Lightning.
-"""
+"""The bulk writer's interface (:class:`BulkStore`), what both backends share (artifacts written
+in place for a local store, the counted client), and the types the backends and the factory use."""
 
 from __future__ import annotations
 
@@ -38,13 +17,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from l2lab.compat import mlflow as cm
 from l2lab.tracking import tracker as tr
 
 # (step, {key: value}, timestamp in ms): one epoch of one run, as RunTracker.log_epochs takes it
 Epoch = tuple[int, Mapping[str, float], int]
 REST_WORKERS = 8
-
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
@@ -84,37 +61,6 @@ class Choice:
     mode: str  # "sql", "rest" or "client"
     why: str
     store: Any = None  # MLflow's SqlAlchemyStore, for "sql"
-
-
-def choose_mode(uri: str) -> Choice:
-    """The bulk SQL path only where its rows are certainly MLflow's own: a plain
-    ``SqlAlchemyStore`` at the installed MLflow's alembic head whose private names all exist;
-    a server gets concurrent REST calls; anything else (an import or store error, another
-    store class, another revision) the public client."""
-    if uri.startswith(("http://", "https://")):
-        return Choice("rest", "tracking server: concurrent client calls")
-    try:
-        cm.check_all()  # the private names the SQL path uses exist in this MLflow
-        store = cm.tracking_store(uri)
-        if type(store) is not cm.sql_store_class():  # workspace-aware store, ...
-            return Choice("client", f"not a plain SqlAlchemyStore ({type(store).__name__})")
-        found, head = cm.schema_revision(store.engine), cm.head_revision()
-    except Exception as e:  # noqa: BLE001  any surprise: the public client still works
-        return Choice("client", f"SQL path unavailable ({tr.one_line(e)})")
-    if found != head:
-        return Choice("client", f"alembic revision {found} is not this MLflow's head {head}")
-    return Choice("sql", f"{store.engine.dialect.name} at alembic head {head}", store)
-
-
-def open_store(uri: str, client: Any | None = None) -> BulkStore:
-    """The bulk writer for ``uri``: :class:`~l2lab.tracking.bulk_sql.SqlBulkStore` where
-    :func:`choose_mode` allows it, else :class:`ClientBulkStore`."""
-    choice = choose_mode(uri)
-    if choice.mode == "sql":
-        from l2lab.tracking.bulk_sql import SqlBulkStore
-
-        return SqlBulkStore(uri, client, choice)
-    return ClientBulkStore(uri, client, choice)
 
 
 class BulkStore:
@@ -244,84 +190,6 @@ class BulkStore:
         self.artifact_uris(list(files))
         self._each(lambda r: [self.log_file(r, f, d) for f, d in files[r]], list(files))
 
-
-
-class ClientBulkStore(BulkStore):
-    """The public client, one run at a time: in turn for a local store (mode ``client``), the
-    runs concurrently for a tracking server (mode ``rest``: REST has no multi-run call)."""
-
-    def _tracker(self, run_id: str) -> tr.RunTracker:
-        return tr.RunTracker(self.client, run_id)
-
-    def create_runs(self, experiment_id: str, names: Sequence[str],
-                    tags_list: Sequence[Mapping[str, str]], start_time: int | None = None
-                    ) -> list[str]:
-        if len(names) != len(tags_list):
-            raise ValueError("create_runs: one tags mapping per name")
-        start = start_time or _now_ms()
-
-        def create(i: int) -> str:
-            run = self.client.create_run(experiment_id, start_time=start,
-                                         tags={k: str(v) for k, v in tags_list[i].items()},
-                                         run_name=names[i])
-            self._artifact_uris[run.info.run_id] = run.info.artifact_uri
-            return run.info.run_id
-
-        return self._timed(lambda: self._each(create, range(len(names))))
-
-    def log_params(self, params: Mapping[str, Mapping[str, Any]],
-                   tags: Mapping[str, Mapping[str, Any]] | None = None) -> None:
-        tags = tags or {}
-        run_ids = list(dict.fromkeys([*params, *tags]))
-        if run_ids:
-            self._timed(lambda: self._each(
-                lambda r: self._tracker(r).log_params(params.get(r, {}), tags.get(r)), run_ids))
-
-    def set_tags(self, tags: Mapping[str, Mapping[str, Any]]) -> None:
-        run_ids = [r for r, t in tags.items() if t]
-        if run_ids:
-            self._timed(lambda: self._each(lambda r: self._tracker(r).set_tags(tags[r]), run_ids))
-
-    def log_metrics(self, epochs: Mapping[str, Sequence[Epoch]]) -> None:
-        """One ``log_batch`` per 1000 metrics per run (whole epochs), the runs concurrently on a
-        server."""
-        run_ids = [r for r, e in epochs.items() if e and any(m for _, m, _ in e)]
-        if run_ids:
-            self._timed(lambda: self._each(lambda r: self._tracker(r).log_epochs(epochs[r]),
-                                           run_ids))
-
-    def logged_steps(self, run_ids: Sequence[str], key: str) -> dict[str, set[int]]:
-        return dict(zip(run_ids, self._timed(lambda: self._each(
-            lambda r: self._tracker(r).logged_steps(key), run_ids)), strict=True))
-
-    def metric_histories(self, run_ids: Sequence[str], keys: Sequence[str]
-                         ) -> dict[str, dict[str, list[Any]]]:
-        run_ids, keys = list(dict.fromkeys(run_ids)), list(dict.fromkeys(keys))
-        if not run_ids or not keys:
-            return {r: {k: [] for k in keys} for r in run_ids}
-
-        def per_run(r: str) -> dict[str, list[Any]]:
-            return {k: list(self.client.get_metric_history(r, k)) for k in keys}
-
-        return dict(zip(run_ids, self._timed(lambda: self._each(per_run, run_ids)), strict=True))
-
-    def finish(self, ends: Mapping[str, tuple[str, str | None]], end_time: int | None = None
-               ) -> None:
-        if ends:
-            end = end_time or _now_ms()
-            self._timed(lambda: self._each(
-                lambda r: self._tracker(r).finish(ends[r][0], failure=ends[r][1], end_time=end),
-                list(ends)))
-
-    def reopen(self, run_ids: Sequence[str]) -> None:
-        self._timed(lambda: self._each(lambda r: tr.RunTracker.reopen(self.client, r), run_ids))
-
-    def artifact_uris(self, run_ids: Sequence[str]) -> dict[str, str]:
-        if missing := [r for r in run_ids if r not in self._artifact_uris]:
-            uris = self._timed(lambda: self._each(
-                lambda r: self.client.get_run(r).info.artifact_uri, missing))
-            self._artifact_uris.update(zip(missing, uris, strict=True))
-        return {r: self._artifact_uris[r] for r in run_ids}
 
 
 class _Counting:
