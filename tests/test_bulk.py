@@ -329,7 +329,7 @@ def test_group_writer_on_postgresql_directly_and_through_its_server(tmp_path, re
     log = tmp_path / "server.log"
     with open(log, "w") as out:  # a file, not a pipe: the server's access log never blocks it
         server = subprocess.Popen(
-            [str(Path(gs.__file__).parents[3] / "scripts" / "mlflow_server.sh"), "--local",
+            [str(Path(__file__).resolve().parents[1] / "scripts" / "mlflow_server.sh"), "--local",
              "--dir", str(pg_dir), "--port", str(port), "--artifacts", str(tmp_path / "art")],
             cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "MLFLOW": str(Path(sys.executable).parent / "mlflow")})

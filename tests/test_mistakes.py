@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 from conftest import run_cli
 
-from l2lab import ConfigError
+from l2lab import CONF_DIR, ConfigError
 from l2lab.tracking.runs import resolve_run_id
 
 IDS = ["abcdef01" + "0" * 24, "abcdef02" + "0" * 24, "123456ab" + "0" * 24]
@@ -56,16 +56,18 @@ def test_commands_refuse_an_unknown_id_in_one_paragraph(tmp_path, id_store, comm
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("typo, closest, options", [
-    ("data=mnsit", "data=mnist", "cifar10, digits, fashion_mnist, mnist, mnist1d"),
-    ("model=mpl", "model=mlp", "cnn, mlp"),
-    ("optimizer=adma", "optimizer=adam", "adam, adamw, sgd"),
-    ("regularization=l2dense", "regularization=l2_dense", "l2, l2_dense, l2_hidden, none"),
+@pytest.mark.parametrize("typo, closest", [
+    ("data=mnsit", "data=mnist"),
+    ("model=mpl", "model=mlp"),
+    ("optimizer=adma", "optimizer=adam"),
+    ("regularization=l2dense", "regularization=l2_dense"),
 ])
-def test_a_misspelt_option_names_the_closest_and_the_groups_options(tmp_path, typo, closest,
-                                                                     options):
+def test_a_misspelt_option_names_the_closest_and_the_groups_options(tmp_path, typo, closest):
     r = run_cli("l2lab.train", "-m", "seed=0,1", typo, cwd=tmp_path, timeout=60)
     group = typo.split("=")[0]
+    # every option of the group, as conf/ has them (a preset added later is listed too)
+    options = ", ".join(sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")))
+    assert closest.split("=")[1] in options.split(", ")
     assert r.returncode == 2, r.stderr[-2000:]
     assert f"Did you mean `{closest}`? Options of {group}: {options}." in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1

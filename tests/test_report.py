@@ -17,12 +17,12 @@ from l2lab.report.html import ReportContext, write_report
 from l2lab.report.stats import (
     STAT_COLUMNS,
     RunRecord,
-    format_table,
     mean_std_ci,
     seeds_needed,
     summarize,
     verdict,
 )
+from l2lab.report.table import format_table
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SQRT2 = math.sqrt(2.0)
