@@ -75,12 +75,18 @@ def _ordinary_and_stacked(tmp_path, store, jobs: list[list[str]], *extra: str,
 
 
 @pytest.mark.slow
-def test_mnist1d_sweep_children_equal_their_ordinary_runs_for_all_50_epochs(tmp_path, store):
+def test_mnist1d_sweep_children_equal_their_ordinary_runs_for_all_50_epochs(tmp_path, store,
+                                                                           mnist1d_root):
     """The issue's case: λ=0 seed=0 of experiment=mnist1d_sweep used to end at val/ce 2.971 in a
-    stack and 2.598 alone (Adam lr 1e-2 amplifies rounding); λ=0.3 with it."""
-    jobs = [["regularization.lam=0", "seed=0"], ["regularization.lam=0.3", "seed=0"]]
+    stack and 2.598 alone (Adam lr 1e-2 amplifies rounding); λ=0.3 with it; and a third network
+    with its own seed, lr and betas (its own optimizer param group in the stack), so that
+    per-network optimizer settings are held to equality over a whole chaotic run too."""
+    jobs = [["regularization.lam=0", "seed=0"], ["regularization.lam=0.3", "seed=0"],
+            ["regularization.lam=0.1", "seed=1", "optimizer.lr=0.005",
+             "optimizer.betas=[0.85,0.99]"]]
     client, pairs, _ = _ordinary_and_stacked(
-        tmp_path, store, jobs, "experiment=mnist1d_sweep", f"data.root={tmp_path}/data")
+        tmp_path, store, jobs, "experiment=mnist1d_sweep", f"data.root={mnist1d_root}")
+    assert len({child.data.tags["l2lab.vectorized_group"] for _, child in pairs}) == 1
     for ordinary, child in pairs:
         assert len(_history(client, child.info.run_id, "val/ce")) == 50
         assert "l2lab.vectorized_group" in child.data.tags
@@ -89,7 +95,7 @@ def test_mnist1d_sweep_children_equal_their_ordinary_runs_for_all_50_epochs(tmp_
     # ends depends on the CPU (λ=0 ended at train/ce 0.001 on one machine and 0.240 on another),
     # so only what holds on any machine is asserted: the penalty keeps the weights smaller, and
     # their val/ce curves differ.
-    (plain, _), (shrunk, _) = pairs
+    (plain, _), (shrunk, _), _ = pairs
     norm = "weights/sq_norm_total"
     assert shrunk.data.metrics[norm] < plain.data.metrics[norm] / 2
     assert _history(client, plain.info.run_id, "val/ce")[1:] != \
