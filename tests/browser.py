@@ -102,6 +102,12 @@ class Browser:
     def goto(self, url: str) -> None:
         self.send("Page.navigate", session=True, url=url)
 
+    def open_page(self, url: str, timeout: float = 60) -> None:
+        """Navigate and wait until the page and every image on it have loaded."""
+        self.goto(url)
+        self.wait_for("document.readyState === 'complete' && "
+                      "[...document.images].every(i => i.complete)", timeout=timeout)
+
     def evaluate(self, expression: str):
         result = self.send("Runtime.evaluate", session=True, expression=expression,
                            returnByValue=True, awaitPromise=True)

@@ -5,6 +5,7 @@ Test modules import helpers from here only, never from one another."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -193,26 +194,32 @@ def check_sweep(client: MlflowClient, r: subprocess.CompletedProcess, tmp_path: 
     assert "lam" in r.stdout and "val/ce" in r.stdout
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """``mlflow server`` on a temporary SQLite store, serving artifacts, on a free loopback port
-    (one per test module that asks: the UI tests)."""
-    root = tmp_path_factory.mktemp("ui")
+@contextlib.contextmanager
+def mlflow_server(store_uri: str, cwd: Path, *args: str, timeout: float = 300) -> Iterator[str]:
+    """``mlflow server`` on ``store_uri`` on a free loopback port: yields its base URL once
+    ``/health`` answers (a loaded 2-core machine takes a minute or more), then stops it."""
     port = free_port()
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server",
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-         "--artifacts-destination", str(root / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", store_uri,
+         *args, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(base, proc, 300, lambda: proc.stderr.read().decode())  # a loaded 2-core
-        # machine takes a minute or more
-        yield root, base
+        wait_healthy(base, proc, timeout, lambda: proc.stderr.read().decode())
+        yield base
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``mlflow server`` on a temporary SQLite store, serving artifacts (one per test module
+    that asks: the UI tests)."""
+    root = tmp_path_factory.mktemp("ui")
+    with mlflow_server(f"sqlite:///{root}/mlflow.db", root,
+                       "--artifacts-destination", str(root / "artifacts")) as base:
+        yield root, base

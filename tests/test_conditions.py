@@ -311,9 +311,7 @@ def test_the_conditions_report_renders_with_decoded_nontrivial_images(tmp_path):
 
     paths = write_report(size_sweep(), tmp_path)
     with Browser() as b:
-        b.goto(paths["report"].as_uri())
-        b.wait_for("document.readyState === 'complete' && "
-                   "[...document.images].every(i => i.complete)", timeout=60)
+        b.open_page(paths["report"].as_uri())
         images = b.evaluate("""[...document.images].map(i => {
             const c = document.createElement('canvas');
             c.width = i.naturalWidth; c.height = i.naturalHeight;

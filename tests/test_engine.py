@@ -21,8 +21,8 @@ from mlflow.tracking import MlflowClient
 from l2lab.core import reference
 from l2lab.core.data import load_data
 from l2lab.core.module import clip_per_network
+from l2lab.core.stacked import epochs_done
 from l2lab.run.engine import train_group
-from l2lab.run.resume import epochs_done
 from l2lab.train import train
 
 SRC = Path(__file__).resolve().parents[1] / "src"

@@ -11,8 +11,8 @@ import sys
 import pytest
 from conftest import TINY, make_cfg, runs_of
 
+from l2lab.core.stacked import epochs_done
 from l2lab.run import lifecycle
-from l2lab.run.resume import epochs_done
 from l2lab.train import train
 
 EPOCHS = ["trainer.max_epochs=6"]  # TINY: 3 batches an epoch

@@ -547,9 +547,7 @@ def test_report_renders_in_a_real_browser(tmp_path: Path) -> None:
 
     paths, _ = report_html(tmp_path)
     with Browser() as b:
-        b.goto(paths["report"].as_uri())
-        b.wait_for("document.readyState === 'complete' && "
-                   "[...document.images].every(i => i.complete)", timeout=60)
+        b.open_page(paths["report"].as_uri())
         rows = b.evaluate("[...document.querySelectorAll('#summary tbody tr')]"
                           ".map(r => [...r.cells].map(c => c.innerText.replace(/\\n/g, ' ')))")
         images = b.evaluate("[...document.images].map(i => [i.id, i.naturalWidth, "

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import TINY, copy_store, free_port, run_cli, runs_of, wait_healthy
+from conftest import TINY, copy_store, mlflow_server, run_cli, runs_of
 from mlflow.tracking import MlflowClient
 
 from l2lab import compare
@@ -102,14 +100,7 @@ def _post(url: str, body: dict) -> dict:
 
 def test_mlflow_server_serves_the_sweep(swept):
     root, store, _ = swept
-    port = free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", store,
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(base, server, 120, lambda: server.stderr.read().decode())
+    with mlflow_server(store, root, timeout=120) as base:
         exps = _post(base + "/api/2.0/mlflow/experiments/search", {"max_results": 10})
         ids = [e["experiment_id"] for e in exps["experiments"]]
         runs = _post(base + "/api/2.0/mlflow/runs/search",
@@ -128,12 +119,6 @@ def test_mlflow_server_serves_the_sweep(swept):
             with urllib.request.urlopen(url, timeout=30) as resp:
                 hist = json.load(resp)["metrics"]
             assert sorted(m["step"] for m in hist) == [0, 1, 2]
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 def test_a_failing_job_does_not_stop_the_sweep(tmp_path, store, client):

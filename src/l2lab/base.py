@@ -10,3 +10,9 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 class ConfigError(ValueError):
     """A bad user input, reported as one clear paragraph before any training starts."""
+
+
+def last_checkpoint(output_dir: Path) -> Path:
+    """Where a run keeps the checkpoint of its last completed epoch (``resume`` continues from
+    it; a stack writes one per network, in each job's folder)."""
+    return Path(output_dir) / "checkpoints" / "last.ckpt"

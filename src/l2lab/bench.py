@@ -45,7 +45,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from l2lab.base import CONF_DIR, ConfigError
+from l2lab.base import CONF_DIR, ConfigError, last_checkpoint
 from l2lab.core import reference
 from l2lab.core.data import Splits, load_data
 from l2lab.core.stacked import unstack_into
@@ -72,7 +72,7 @@ def run_harness(cfg: DictConfig, splits: Splits, tracker: Any,
     through the engine, with the recorder writing metrics and ``last.ckpt``."""
     member = engine.build_member(cfg, splits)
     module = engine.stack(cfg, [member])
-    recorder = Recorder([tracker], [out_dir / "checkpoints" / "last.ckpt"],
+    recorder = Recorder([tracker], [last_checkpoint(out_dir)],
                         flush_every_s=engine.flush_every_s(cfg))
     engine.lightning_fit(cfg, module, splits, recorder, [int(cfg.seed)], out_dir)
     unstack_into(module, [member.net])

@@ -95,10 +95,10 @@ _PLUGINS = {  # (group, option) -> (module, extra)
 }
 
 
-def group_choices(group: str) -> list[str]:
+def group_choices(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
     """The options of a config group: its files under ``conf/``, and for Hydra's launcher and
     sweeper groups the ones Hydra and its plugins bring."""
-    d = CONF_DIR / group
+    d = conf_dir / group
     names = {p.stem for p in d.glob("*.yaml")} if d.is_dir() else set()
     return sorted(names | set(_BUILTIN_OPTIONS.get(group, ())))
 
@@ -248,12 +248,7 @@ def group_options(conf_dir: Path = CONF_DIR) -> str:
     lines = []
     for group in ("data", "model", "regularization", "optimizer", "trainer", "experiment",
                   "hydra/launcher", "hydra/sweeper"):
-        d = conf_dir / group
-        names = sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
-        if group == "hydra/launcher":
-            names = sorted({*names, "basic", "joblib"})
-        if group == "hydra/sweeper":
-            names = sorted({*names, "basic", "optuna"})
+        names = group_choices(group, conf_dir)
         lines.append(f"  {group + ':':<17} {', '.join(names)}")
     return "\n".join(lines)
 

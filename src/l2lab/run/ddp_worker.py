@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 def worker_main(handoff: Path) -> None:
     """Rank 0's config, data and network, trained in step with it."""
+    from l2lab.base import last_checkpoint
     from l2lab.console import quiet_libraries
     from l2lab.core.data import load_data
     from l2lab.run import engine, lifecycle
@@ -28,7 +29,7 @@ def worker_main(handoff: Path) -> None:
         splits = load_data(cfg.data)
         module = engine.stack(cfg, [engine.build_member(cfg, splits)])
         out = Path(spec.output_dir)
-        recorder = Recorder([NullTracker()], [out / "checkpoints" / "last.ckpt"])
+        recorder = Recorder([NullTracker()], [last_checkpoint(out)])
         engine.lightning_fit(cfg, module, splits, recorder, [int(cfg.seed)], out,
                              Path(spec.ckpt) if spec.ckpt else None)
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from l2lab.base import CONF_DIR, ConfigError
+from l2lab.base import CONF_DIR, ConfigError, last_checkpoint
 from l2lab.config import schema
 from l2lab.config.composing import YamlTemplate, dump_yaml, substitute, with_values
 from l2lab.config.stackable import optimizer_key
@@ -244,7 +244,7 @@ class Job:
 
     @property
     def ckpt_path(self) -> Path:
-        return self.output_dir / "checkpoints" / "last.ckpt"
+        return last_checkpoint(self.output_dir)
 
 
 def _settings(values: Mapping[str, Any]) -> str:

@@ -20,9 +20,9 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from l2lab.base import ConfigError
+from l2lab.base import ConfigError, last_checkpoint
 from l2lab.console import say
-from l2lab.core.stacked import epochs_done  # noqa: F401  (where a stopped run resumes from)
+from l2lab.core.stacked import epochs_done
 from l2lab.run import lifecycle
 from l2lab.run.engine import Job, run_name
 from l2lab.tracking import tracker as tr
@@ -79,7 +79,7 @@ def continue_job(client, cfg: DictConfig, overrides: Sequence[str],
     logged = logged_config(client, rid)
     cfg = resume_config(cfg, overrides, logged)
     old_dir = Path(run.data.tags["l2lab.output_dir"])
-    ckpt = old_dir / "checkpoints" / "last.ckpt"
+    ckpt = last_checkpoint(old_dir)
     done, total = epochs_done(ckpt), int(cfg.trainer.max_epochs)
     if not done and run.info.status != "FINISHED":  # stopped in its first epoch: nothing
         ckpt = None  # to continue from; it trains from the start, as the same run
@@ -106,12 +106,12 @@ def continue_job(client, cfg: DictConfig, overrides: Sequence[str],
         "%Y-%m-%d_%H-%M-%S-%f")).resolve()
     (new_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     if ckpt is not None:
-        shutil.copyfile(ckpt, new_dir / "checkpoints" / "last.ckpt")
+        shutil.copyfile(ckpt, last_checkpoint(new_dir))
     with open_dict(cfg):
         cfg.resume = None  # the new run's own config: what it trains, not how it started
     job = Job(cfg, new_overrides, new_dir, run_name(new_overrides, cfg),
               tags={CONTINUED_FROM: rid},
-              ckpt=new_dir / "checkpoints" / "last.ckpt" if ckpt is not None else None)
+              ckpt=last_checkpoint(new_dir) if ckpt is not None else None)
     say(f"l2lab: continuing run {rid} ({name}, {run.info.status} after {done} epochs) as a new "
         f"run trained to {total} epochs (its params say {planned})")
     return job
@@ -165,7 +165,7 @@ def stopped_job(client, run, cfg: DictConfig, overrides: Sequence[str]) -> Job:
     start when it stopped in its first epoch (its logged epochs are not logged again)."""
     rid, name = run.info.run_id, run.data.tags.get("mlflow.runName", run.info.run_id)
     out = Path(run.data.tags["l2lab.output_dir"])
-    ckpt = out / "checkpoints" / "last.ckpt"
+    ckpt = last_checkpoint(out)
     done = epochs_done(ckpt)
     say(f"l2lab: {name}: run {rid[:8]} continues from epoch {done} of "
         f"{cfg.trainer.max_epochs} (was {run.info.status})")

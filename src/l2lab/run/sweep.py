@@ -19,7 +19,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from l2lab.base import CONF_DIR, ConfigError
+from l2lab.base import CONF_DIR, ConfigError, last_checkpoint
 
 #: The sweep's parent run and experiment, handed to jobs in other processes (read by train.py and
 #: the vectorized launcher).
@@ -227,9 +227,9 @@ def continue_stack(client, sweep: Mapping, jobs: Sequence) -> list[list]:
             job.tracker = tr.RunTracker(client, rid)
             job.tracker.ended = True
             job.result = dict(run.data.metrics) if run.info.status == "FINISHED" else \
-                RuntimeError(f"kept (FAILED before): {run.data.tags.get('l2lab.failure', '')}")
+                RuntimeError(f"kept (FAILED before): {run.data.tags.get(tr.FAILURE_TAG, '')}")
             continue
-        ckpt = Path(run.data.tags["l2lab.output_dir"]) / "checkpoints" / "last.ckpt"
+        ckpt = last_checkpoint(Path(run.data.tags["l2lab.output_dir"]))
         done = epochs_done(ckpt)
         job.tracker, job.reopened = tr.RunTracker.reopen(client, rid), True
         job.ckpt, job.logged_test = (ckpt if done else None), "test/ce" in run.data.metrics

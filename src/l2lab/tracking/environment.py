@@ -25,7 +25,7 @@ PREFIX = "l2lab.env."
 DIFF_ARTIFACT = "environment/git.diff"
 MAX_DIFF_CHARS = 1_000_000
 #: Keys whose change can move a CPU run's numbers (the others are recorded for the record).
-NUMERIC = ("git_commit", "torch", "torch_threads", "device", "cuda", "cudnn", "deterministic",
+NUMERIC = ("torch", "torch_threads", "device", "cuda", "cudnn", "deterministic",
            "git_dirty", "git_diff_sha", "lightning", "python", "machine")
 _PACKAGES = {"torch": "torch", "lightning": "pytorch-lightning", "hydra": "hydra-core",
              "omegaconf": "omegaconf", "mlflow": "mlflow", "numpy": "numpy"}
