@@ -120,6 +120,43 @@ def test_lightning_dump_checkpoint_without_writing(tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+def test_lightning_replace_optimizer_mid_fit_steps_with_the_new_one(tmp_path):
+    """After the first epoch the module swaps its parameter and optimizer for new ones (as
+    ``L2Module.remove`` does): the following steps update the new parameter, with the new
+    optimizer's lr, and the old one no longer moves."""
+    import pytorch_lightning as pl
+    import torch
+
+    class Swapping(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.old = None
+
+        def training_step(self, batch, _i):
+            return (self.w * batch[0].sum()).sum()  # gradient: the batch's sum, 2 here
+
+        def configure_optimizers(self):
+            return torch.optim.SGD([self.w], lr=1.0)
+
+        def on_train_epoch_end(self) -> None:
+            if self.current_epoch == 0:
+                self.old = self.w
+                self.w = torch.nn.Parameter(torch.zeros(1))
+                cl.replace_optimizer(self.trainer, torch.optim.SGD([self.w], lr=0.25))
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(4, 2)),
+                                       batch_size=1)
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    module = Swapping()
+    trainer.fit(module, data)
+    assert module.old.item() == -8.0  # epoch 0: 4 steps of lr 1.0 × gradient 2
+    assert module.w.item() == -2.0  # epoch 1: 4 steps of lr 0.25 × 2, on the new parameter
+    assert trainer.optimizers[0].param_groups[0]["params"][0] is module.w
+
+
 # -- Hydra -------------------------------------------------------------------------------------
 
 def test_hydra_basic_sweeper_and_flush_loggers():

@@ -15,3 +15,11 @@ def dump_checkpoint(trainer: Any) -> dict[str, Any]:
     without writing it: a stack's ``last.ckpt`` per network is cut from it
     (``core/stacked.member_checkpoints``). Lightning has no public call that returns it."""
     return trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+
+
+def replace_optimizer(trainer: Any, optimizer: Any) -> None:
+    """Give a running fit another optimizer (a stack that lost networks has new parameters,
+    ``core/module.L2Module.remove``). The setter is public; that automatic optimization reads
+    ``trainer.optimizers[0]`` anew at every step (not once per fit) is not, so a test steps
+    through it (``tests/test_compat.py``)."""
+    trainer.strategy.optimizers = [optimizer]
