@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from l2lab.core import reference
 from l2lab.core.data import load_data
-from l2lab.core.module import clip_per_network
+from l2lab.core.module import NonFiniteLossError, clip_per_network
 from l2lab.core.stacked import epochs_done
 from l2lab.run.engine import train_group
 from l2lab.train import train
@@ -200,6 +200,74 @@ def test_a_stack_of_mixed_settings_equals_its_ordinary_runs_exactly(tmp_path, st
     if case == "selections":
         assert [c.data.params["l2.layers"] for _, c in pairs] == [
             "fc1,out", "fc1", "fc1", "out"]
+
+
+def test_networks_that_diverge_leave_the_stack_and_the_others_stay_exact(tmp_path, store,
+                                                                         monkeypatch):
+    """Two of five networks diverge (at epochs 2 and 5 of 8): each leaves the stack at the end
+    of its epoch (its slices of the weights and of the SGD momentum are cut out, the stack's
+    parameters get smaller), and the others, of three different lr/momentum settings (three
+    param groups) and dropout rates, still equal their ordinary runs exactly: every epoch, the
+    final weights, and their ``last.ckpt`` (weights and momentum, each network its own)."""
+    from l2lab.core.module import L2Module
+
+    removals = []
+    remove = L2Module.remove
+
+    def spy(self, positions):
+        before = (list(self.slots), self.k)
+        remove(self, positions)
+        opt = self.trainer.optimizers[0].state_dict()["state"]
+        removals.append((self.current_epoch, before, list(self.slots), self.k,
+                         {n: p.shape[0] for n, p in self.net.named_parameters()},
+                         {v["momentum_buffer"].shape[0] for v in opt.values()}))
+
+    monkeypatch.setattr(L2Module, "remove", spy)
+    jobs = [["regularization.lam=0.01", "seed=0", "model.dropout=0.2"],
+            ["regularization.lam=10000", "seed=1"],                       # diverges at epoch 2
+            ["regularization.lam=0.3", "seed=1", "optimizer.lr=0.1", "optimizer.momentum=0.5",
+             "model.dropout=0.1"],
+            ["regularization.lam=3000", "seed=0"],                        # diverges at epoch 5
+            ["regularization.lam=0", "seed=2", "optimizer.lr=0.02"]]
+    extra = [*TINY_MIXED, "trainer.max_epochs=8", "optimizer=sgd"]
+    cfgs = [make_cfg(f"tracking.uri={store}", *extra, *ov, tiny=False) for ov in jobs]
+    for i, (cfg, ov) in enumerate(zip(cfgs, jobs, strict=True)):
+        if i in (1, 3):
+            with pytest.raises(NonFiniteLossError):
+                train(cfg, overrides=ov, output_dir=tmp_path / f"ordinary{i}")
+        else:
+            train(cfg, overrides=ov, output_dir=tmp_path / f"ordinary{i}")
+    results = train_group(cfgs, jobs, [tmp_path / f"stacked{i}" for i in range(len(jobs))])
+    assert [type(r).__name__ for r in results] == [
+        "dict", "NonFiniteLossError", "dict", "NonFiniteLossError", "dict"]
+    # the stack is sorted by optimizer settings: positions are not job numbers, so the
+    # removed networks are named by the λ they had
+    assert [(epoch, k_before, k) for epoch, (_, k_before), _, k, _, _ in removals] == \
+        [(2, 5, 4), (5, 4, 3)]
+    for _, _, _, k, param_k, state_k in removals:
+        assert set(param_k.values()) == {k} and state_k == {k}
+    client = MlflowClient(store)
+    by_dir = {r.data.tags["l2lab.output_dir"]: r for r in runs_of(client)}
+    for i, _ in enumerate(jobs):
+        ordinary = by_dir[str(tmp_path / f"ordinary{i}")]
+        child = by_dir[str(tmp_path / f"stacked{i}")]
+        if i in (1, 3):  # FAILED in both, with the same epochs before the divergence
+            assert ordinary.info.status == child.info.status == "FAILED"
+            assert child.data.tags["l2lab.failure"] == ordinary.data.tags["l2lab.failure"]
+            for key in ("train/loss", "val/ce"):
+                steps = _history(client, child.info.run_id, key)
+                assert steps == _history(client, ordinary.info.run_id, key)
+                assert len(steps) == (2 if i == 1 else 5), key
+            continue
+        _assert_same_run(client, ordinary, child, tmp_path)
+        a, b = (torch.load(tmp_path / f"{side}{i}" / "checkpoints" / "last.ckpt",
+                           weights_only=False) for side in ("ordinary", "stacked"))
+        assert a["epoch"] == b["epoch"] == 7
+        for name, t in a["state_dict"].items():
+            assert torch.equal(t, b["state_dict"][name]), name
+        for j, st in a["optimizer_states"][0]["state"].items():
+            assert torch.equal(st["momentum_buffer"],
+                               b["optimizer_states"][0]["state"][j]["momentum_buffer"]), j
 
 
 def test_conv1d_stack_equals_its_ordinary_runs(tmp_path, store):

@@ -64,6 +64,36 @@ def test_a_run_stopped_anywhere_resumes_to_the_numbers_of_one_never_stopped(
     assert _histories(client, rid) == _histories(client, whole.info.run_id)  # every step once
 
 
+def test_a_stack_stopped_after_a_network_left_it_resumes_each_run_exactly(
+        tmp_path, store, client, monkeypatch):
+    """A stack of three where λ=30000 diverges at epoch 3 and leaves the stack; stopped in epoch
+    4, each remaining run's checkpoint (written from the in-memory copy of the smaller stack)
+    holds its own weights and optimizer state: resumed alone, each ends with the histories of
+    the same stack never stopped."""
+    from l2lab.run.engine import train_group
+
+    uri = f"tracking.uri={store}"
+    jobs = [["regularization.lam=0.1", "seed=0"], ["regularization.lam=30000", "seed=1"],
+            ["regularization.lam=0.01", "seed=2", "optimizer.lr=0.1"]]
+    cfgs = [make_cfg(uri, *EPOCHS, *ov) for ov in jobs]
+    whole = train_group(cfgs, jobs, [tmp_path / f"whole{i}" for i in range(3)])
+    assert isinstance(whole[1], FloatingPointError) and "epoch 3" in str(whole[1])
+    _stop_at_batch(monkeypatch, 14)  # epoch 4's second batch
+    with pytest.raises(lifecycle.Interrupted):
+        train_group(cfgs, jobs, [tmp_path / f"stopped{i}" for i in range(3)])
+    monkeypatch.undo()
+    by_dir = {r.data.tags["l2lab.output_dir"]: r for r in runs_of(client)}
+    for i in (0, 2):
+        rid = by_dir[str(tmp_path / f"stopped{i}")].info.run_id
+        assert client.get_run(rid).info.status == "KILLED"
+        assert epochs_done(tmp_path / f"stopped{i}" / "checkpoints" / "last.ckpt") == 4
+        ov = [f"resume={rid}"]
+        train(make_cfg(uri, *EPOCHS, *jobs[i], *ov), overrides=[*jobs[i], *ov])
+        assert client.get_run(rid).info.status == "FINISHED"
+        assert _histories(client, rid) == \
+            _histories(client, by_dir[str(tmp_path / f"whole{i}")].info.run_id), i
+
+
 def _stop_sweep(args: list[str], cwd, sig: int) -> tuple[int, str]:
     """Start a sweep, send ``sig`` once its second epoch line shows, return (exit code, output)."""
     env = {**os.environ, "L2LAB_PROGRESS": "1", "L2LAB_PROGRESS_EVERY_S": "0",

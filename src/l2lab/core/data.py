@@ -246,6 +246,11 @@ class StackedBatches:
     def __len__(self) -> int:
         return (len(self.y) + self.batch_size - 1) // self.batch_size
 
+    def keep(self, positions: list[int]) -> None:
+        """From the next epoch on, only the networks at ``positions`` (the others left the
+        stack: ``L2Module.remove``), each still in its own order."""
+        self.sampler.shuffles = [self.sampler.shuffles[p] for p in positions]
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         orders = torch.stack([s.order() for s in self.sampler.shuffles]).to(self.x.device)
         for idx in orders.split(self.batch_size, dim=1):

@@ -11,6 +11,10 @@ network's own decay 2λ_k/n_k, after clipping, as torch's ``weight_decay`` would
 gradient for SGD/Adam; decoupled: to the weights for AdamW, with the network's own lr). Networks
 of one stack may differ in mode: a network's λ is masked to 0 in the other mode's term, which
 adds exact zeros. Per-step values stay on the device and become floats once per epoch.
+
+A network that diverges leaves the stack at the end of its epoch (:meth:`L2Module.remove`): its
+slices of the weights and of the optimizer state, and its rows of the batches, are cut out, so the
+others stop paying for it; their numbers are unchanged (on CPU bit for bit).
 """
 
 from __future__ import annotations
@@ -41,20 +45,48 @@ class L2Module(pl.LightningModule):
     """K networks, stacked (``stacked.stack_networks``), trained on the note's objective.
 
     ``epoch_metrics`` is a list with one dict per network (``None`` for one that diverged, whose
-    reason is in ``failures``); ``test_metrics`` likewise.
+    reason is in ``failures``); ``test_metrics`` likewise. Both, ``failures`` and ``alive`` are
+    indexed by the network's place among the K it started with; ``slots`` maps the stack's
+    current positions to those indices (networks leave the stack: :meth:`remove`), and ``k`` is
+    how many networks the stack holds now.
     """
+
+    #: Cut diverged networks out of the stack (else they train on as zeros). Off only to
+    #: measure what dead networks cost (``python -m l2lab.bench --dead``).
+    drop_dead: bool = True
 
     def __init__(self, net: nn.Module, penalty: L2Penalty,
                  make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
                  mode: str = "loss", batch_size: int = 64, *,
                  modes: Sequence[str] | None = None,
                  clips: Sequence[tuple[float | None, str | None]] | None = None,
-                 selections: Sequence[Sequence[str]] | None = None) -> None:
+                 selections: Sequence[Sequence[str]] | None = None,
+                 restack: Callable[[Sequence[int]], L2Module] | None = None) -> None:
         super().__init__()
-        self.net, self.penalty, self.make_optimizer = net, penalty, make_optimizer
         self.batch_size = int(batch_size)
+        self._set_stack(net, penalty, make_optimizer, modes or [mode] * int(penalty.lams.shape[1]),
+                        clips, selections)
+        # the same stack built for a subset of its networks (their indices): what remove() uses
+        self.restack = restack
+        self.slots = list(range(self.k))
+        self.alive = [True] * self.k
+        self.failures: dict[int, str] = {}
+        self.removed_at: dict[int, int] = {}  # network -> the epoch after which it left
+        self.epoch_metrics: list[dict[str, float] | None] = []
+        self.test_metrics: list[dict[str, float]] = []
+        self._val_metrics: dict[str, list[float]] = {}
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, float] = {}
+
+    def _set_stack(self, net: nn.Module, penalty: L2Penalty,
+                   make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+                   modes: Sequence[str],
+                   clips: Sequence[tuple[float | None, str | None]] | None,
+                   selections: Sequence[Sequence[str]] | None) -> None:
+        """The stacked pieces and what is derived from them, per network of the stack."""
+        self.net, self.penalty, self.make_optimizer = net, penalty, make_optimizer
         self.k = int(penalty.lams.shape[1])
-        self.modes = list(modes) if modes is not None else [mode] * self.k
+        self.modes = list(modes)
         # per network (threshold, algorithm); None: the Trainer's, for every network
         self.clips = list(clips) if clips is not None else None
         self.selections = [list(s) for s in selections] if selections is not None \
@@ -65,13 +97,6 @@ class L2Module(pl.LightningModule):
         self._loss_lams = None if not loss.any() else lams if loss.all() else lams * loss
         self._opt_lams = None if loss.all() else lams if not loss.any() else lams * ~loss
         self._is_loss = loss
-        self.alive = [True] * self.k
-        self.failures: dict[int, str] = {}
-        self.epoch_metrics: list[dict[str, float] | None] = []
-        self.test_metrics: list[dict[str, float]] = []
-        self._val_metrics: dict[str, list[float]] = {}
-        self._sums: dict[str, torch.Tensor] = {}
-        self._counts: dict[str, float] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -187,41 +212,92 @@ class L2Module(pl.LightningModule):
         sq = self.penalty.weight_sq_norms()
         sq_vals = torch.stack(list(sq.values())).tolist() if sq else []
         val, self._val_metrics = self._val_metrics, {}
-        per_net: list[dict[str, float] | None] = []
-        for k in range(self.k):
+        per_net: list[dict[str, float] | None] = [None] * len(self.alive)
+        diverged = False
+        for pos, k in enumerate(self.slots):
             if not self.alive[k]:
-                per_net.append(None)
                 continue
-            d = {key: v[k] for key, v in m.items()}
+            d = {key: v[pos] for key, v in m.items()}
             d["train/loss"] = d["train/ce"] + d["train/l2"]
             if not math.isfinite(d["train/loss"]):
                 self.alive[k] = False
                 self.failures[k] = nonfinite_message(self.current_epoch, d)
-                self._silence(k)
-                per_net.append(None)
+                diverged = True
                 continue
-            own = self.selections[k]
+            own = self.selections[pos]
             for name, values in zip(sq, sq_vals, strict=True):
                 if name in own:
-                    d[f"weights/sq_norm/{name}"] = values[k]
+                    d[f"weights/sq_norm/{name}"] = values[pos]
             d["weights/sq_norm_total"] = sum(d[f"weights/sq_norm/{name}"] for name in sq
                                              if name in own)
-            d.update({key: v[k] for key, v in val.items()})
+            d.update({key: v[pos] for key, v in val.items()})
             if "val/ce" in d:
                 d["gap/ce"] = d["val/ce"] - d["train/ce"]
                 d["gap/acc"] = d["train/acc"] - d["val/acc"]
-            per_net.append(d)
+            per_net[k] = d
         self.epoch_metrics = per_net
         if not any(self.alive):
             self.trainer.should_stop = True
+        elif diverged:
+            dead = [pos for pos, k in enumerate(self.slots) if not self.alive[k]]
+            if self._can_remove():
+                self.remove(dead)
+            else:
+                for pos in dead:
+                    self._silence(pos)
 
-    def _silence(self, k: int) -> None:
-        """A diverged network trains on as zeros: its NaNs never touch the others (no operation
-        mixes slices), but zeros keep the stack's arithmetic quiet and fast."""
+    def _can_remove(self) -> bool:
+        """Networks can leave the stack in a one-process fit whose batches can leave with them
+        (under DDP every rank's wrapper holds the parameters: there they train on as zeros)."""
+        return self.drop_dead and self.restack is not None and self.trainer.world_size == 1 \
+            and hasattr(self.trainer.train_dataloader, "keep")
+
+    def remove(self, positions: Sequence[int]) -> None:
+        """Cut the networks at stack ``positions`` out of the stack, between two epochs: the
+        stack is rebuilt for the others (``restack``, the code that built it), takes their
+        slices of the weights and of the optimizer state, and the batches keep only their rows.
+        What each remaining network computes does not depend on its neighbours, so its numbers
+        are those it had in the larger stack (on CPU bit for bit: ``tests/test_engine.py``).
+        A measured choice: a dead network costs a live one's compute every step (zeros
+        multiply as fast as numbers), while the rebuild costs less than one step (2-core CPU,
+        default sweep with 24 of 48 networks dead: 7 ms, against 46 ms for a step of the 48
+        and 21 ms for one of the 24 that stay; whole sweeps: ``python -m l2lab.bench --dead``)."""
+        from l2lab.compat.lightning import replace_optimizer
+
+        gone = set(positions)
+        keep = [p for p in range(self.k) if p not in gone]
+        if not keep or self.restack is None:
+            raise ValueError("remove() needs a restack function and a network that stays")
+        index = torch.tensor(keep, device=self.device)
+        smaller = self.restack([self.slots[p] for p in keep]).to(self.device)
+        smaller.net.load_state_dict({name: t.index_select(0, index)
+                                     for name, t in self.net.state_dict().items()})
+        for old, new in zip(self.net.modules(), smaller.net.modules(), strict=True):
+            if hasattr(old, "generators"):  # dropout streams go on where they stand
+                new.generators = [old.generators[p] for p in keep]
+        state = self.trainer.optimizers[0].state_dict()["state"]
+        for p in sorted(gone):
+            self.removed_at[self.slots[p]] = self.current_epoch
+        self._set_stack(smaller.net, smaller.penalty, smaller.make_optimizer, smaller.modes,
+                        smaller.clips, smaller.selections)
+        self.slots = [self.slots[p] for p in keep]
+        optimizer = self.make_optimizer(self.net)
+        optimizer.load_state_dict({
+            "state": {i: {key: v.index_select(0, index.to(v.device))
+                          if torch.is_tensor(v) and v.dim() > 0 else v
+                          for key, v in st.items()} for i, st in state.items()},
+            "param_groups": optimizer.state_dict()["param_groups"]})
+        replace_optimizer(self.trainer, optimizer)
+        self.trainer.train_dataloader.keep(keep)
+
+    def _silence(self, pos: int) -> None:
+        """A diverged network that cannot leave the stack trains on as zeros: its NaNs never
+        touch the others (no operation mixes slices), but zeros keep the stack's arithmetic
+        quiet and fast."""
         with torch.no_grad():
             for p in self.net.parameters():
-                p[k].zero_()
-        zero_member_state(self.trainer.optimizers[0], k, self.k)
+                p[pos].zero_()
+        zero_member_state(self.trainer.optimizers[0], pos, self.k)
 
     # -- evaluation ----------------------------------------------------------------------------
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -239,7 +315,9 @@ class L2Module(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         means = self._means("test/")
-        self.test_metrics = [{key: v[k] for key, v in means.items()} for k in range(self.k)]
+        self.test_metrics = [{} for _ in self.alive]
+        for pos, k in enumerate(self.slots):
+            self.test_metrics[k] = {key: v[pos] for key, v in means.items()}
 
 
 def clip_per_network(grads: Sequence[torch.Tensor], k: int,

@@ -242,14 +242,17 @@ def stack_members(members: Sequence[StackMember], optimizer_class: type[torch.op
 
     return L2Module(net, penalty, make_optimizer, batch_size=batch_size,
                     modes=[m.mode for m in members], clips=[m.clip for m in members],
-                    selections=[m.penalty.layer_names for m in members])
+                    selections=[m.penalty.layer_names for m in members],
+                    restack=lambda keep: stack_members([members[i] for i in keep],
+                                                       optimizer_class, batch_size))
 
 
 def unstack_into(module: L2Module, nets: Sequence[nn.Module]) -> None:
-    """Copy each network's trained weights back into its own (ordinary) network."""
+    """Copy each network's trained weights back into its own (ordinary) network (a network that
+    left the stack keeps what it had)."""
     state = module.net.state_dict()
-    for k, net in enumerate(nets):
-        net.load_state_dict(member_state(state, k))
+    for pos, k in enumerate(module.slots):
+        nets[k].load_state_dict(member_state(state, pos))
 
 
 def val_batch_size(k: int, rows: int = 65536) -> int:
@@ -314,30 +317,34 @@ def stack_checkpoint(trainer) -> dict:
             for k, v in dump.items()}
 
 
-def member_checkpoints(trainer, states: Sequence[dict | None],
-                       recorder_key: str, base: dict | None = None) -> list[dict | None]:
+def member_checkpoints(trainer, states: Sequence[dict | None], recorder_key: str,
+                       base: dict | None = None,
+                       slots: Sequence[int] | None = None) -> list[dict | None]:
     """Network k's ``last.ckpt``: the checkpoint of a stack of one holding network k alone (its
     weights and optimizer state, the shared loop state, its recorder state), so that
     ``resume=RUN_ID`` continues any run, a child of a stack included, as a stack of one. From
-    ``base`` (a :func:`stack_checkpoint` taken earlier) when given, else from the stack now."""
+    ``base`` (a :func:`stack_checkpoint` taken earlier) when given, else from the stack now.
+    ``states`` (None: no checkpoint) and the result are indexed by network; ``slots`` says
+    which network each position of the stack holds (``L2Module.slots``; default: network k at
+    position k)."""
     from l2lab.compat.lightning import dump_checkpoint
 
     base = dict(base) if base is not None else dump_checkpoint(trainer)
     stacked_state = base.pop("state_dict")
     optimizer = base.pop("optimizer_states")[0]
     base.pop("callbacks", None)
-    out: list[dict | None] = []
-    for k, state in enumerate(states):
+    out: list[dict | None] = [None] * len(states)
+    for pos, k in enumerate(range(len(states)) if slots is None else slots):
+        state = states[k]
         if state is None:
-            out.append(None)
             continue
         groups = optimizer.get("member_param_groups")
-        opt = {"param_groups": groups[k] if groups else optimizer["param_groups"],
-               "state": {i: {key: _member_value(v, k) for key, v in st.items()}
+        opt = {"param_groups": groups[pos] if groups else optimizer["param_groups"],
+               "state": {i: {key: _member_value(v, pos) for key, v in st.items()}
                          for i, st in optimizer["state"].items()}}
-        out.append({**base, "state_dict": {n: v[k:k + 1].clone() for n, v in
-                                           stacked_state.items()},
-                    "optimizer_states": [opt], "callbacks": {recorder_key: state}})
+        out[k] = {**base, "state_dict": {n: v[pos:pos + 1].clone() for n, v in
+                                         stacked_state.items()},
+                  "optimizer_states": [opt], "callbacks": {recorder_key: state}}
     return out
 
 

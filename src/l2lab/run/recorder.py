@@ -89,7 +89,7 @@ class Recorder(pl.callbacks.Checkpoint):
         self.last: list[tuple[int, dict[str, float]] | None] = [None] * len(self.trackers)
         self._restored: list[dict[str, Any]] | None = None
         self._flushed_at = time.monotonic()
-        self._snapshot: tuple[dict, list] | None = None  # the last epoch's, not yet on disk
+        self._snapshot: tuple[dict, list, list] | None = None  # the last epoch's, not yet on disk
 
     def _state(self, k: int) -> dict[str, Any]:
         return {"last": self.last[k], "pending": list(self.buffers[k].pending)}
@@ -138,13 +138,14 @@ class Recorder(pl.callbacks.Checkpoint):
         with lifecycle.held():  # a Ctrl-C now waits for the epoch's record to be whole
             if trainer.is_global_zero:  # the only rank that writes
                 states = [self._state(k) if k in live else None for k in range(len(self.last))]
+                slots = list(pl_module.slots)  # which network each stack position holds
                 if due:
-                    ckpts = member_checkpoints(trainer, states, self.state_key)
+                    ckpts = member_checkpoints(trainer, states, self.state_key, slots=slots)
                     for k in live:
                         save_atomic(ckpts[k], self.ckpt_paths[k])
                     self._snapshot = None
                 else:  # kept in memory: written if training stops before the next save
-                    self._snapshot = (stack_checkpoint(trainer), states)
+                    self._snapshot = (stack_checkpoint(trainer), states, slots)
             if due:
                 self._flush(live)
                 self._flushed_at = time.monotonic()
@@ -172,8 +173,9 @@ class Recorder(pl.callbacks.Checkpoint):
         with lifecycle.held():  # a second Ctrl-C waits the few milliseconds this takes
             live = [k for k, t in enumerate(self.trackers) if not t.ended]
             if self._snapshot is not None and trainer.is_global_zero:
-                base, states = self._snapshot
-                ckpts = member_checkpoints(trainer, states, self.state_key, base=base)
+                base, states, slots = self._snapshot
+                ckpts = member_checkpoints(trainer, states, self.state_key, base=base,
+                                           slots=slots)
                 for k in live:
                     if ckpts[k] is not None:
                         save_atomic(ckpts[k], self.ckpt_paths[k])
