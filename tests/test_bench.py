@@ -138,3 +138,20 @@ def test_bench_two_factor_times_one_stack_against_one_stack_per_lr(tmp_path):
     assert result["same_final_val_ce"] is True
     assert len(result["final_val_ce"]) == 4  # 2 lr × 2 λ rows
     assert "max_models=4" in result["sides"]["per_lr"]
+
+
+@pytest.mark.slow
+def test_bench_dead_times_a_stack_with_diverged_networks_removed_and_kept(tmp_path):
+    """``bench --dead``: the grid alone, with as many diverging jobs again (removed from the
+    stack) and with them kept as zeros, whole processes; the healthy runs end with the same
+    numbers on every side, and the diverged ones are in no summary row."""
+    r = run_cli("l2lab.bench", "--dead", "--repeats", "1", "--",
+                "trainer.max_epochs=2", "data.train_size=60", "model.hidden=[16]",
+                "regularization.lam=0,0.5", "seed=0,1", cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout)
+    assert result["settings"]["dying_lams"] == [1e8, 1e9]
+    assert set(result["median_s"]) == {"healthy", "dropped", "kept"}
+    assert result["same_final_val_ce"] is True
+    assert sorted(result["final_val_ce"]) == ["lam=0.0", "lam=0.5"]
+    assert "L2Module.drop_dead = False" in result["sides"]["kept"]

@@ -306,6 +306,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="with --sweep: the λ × seed grid crossed with learning rates "
                    "(optimizer.lr=a,b after --; default 0.01,0.05) as one stack against one "
                    "stack per lr, whole processes")
+    p.add_argument("--dead", action="store_true",
+                   help="instead: what networks that diverge cost their stack: the default "
+                   "sweep alone, with as many diverging jobs again (removed from the stack), "
+                   "and with them kept in it, whole processes (overrides after --)")
     p.add_argument("--per-job", nargs=2, type=int, metavar=("M", "N"), default=None,
                    help="instead: the bookkeeping cost per job, (T(N) - T(M)) / (N - M), from "
                    "whole MNIST-1D sweeps of M and N jobs with tiny compute (e.g. 20 500)")
@@ -313,7 +317,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="instead: a whole MNIST-1D sweep of LAMS λ × SEEDS seeds against one "
                    "ordinary run of the same config, and their ratio (e.g. 100 5 on a GPU)")
     p.add_argument("overrides", nargs="*",
-                   help="with --sweep, --per-job or --vs-run: Hydra overrides for every run")
+                   help="with --sweep, --dead, --per-job or --vs-run: Hydra overrides for "
+                   "every run")
     args = p.parse_args(argv)
     try:
         widths = [int(h) for h in args.hidden.split(",") if h.strip()]
@@ -330,8 +335,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--two-factor goes with --sweep")
     if args.vs_run and min(args.vs_run) < 1:
         p.error("--vs-run LAMS SEEDS needs LAMS, SEEDS >= 1")
-    args.repeats = args.repeats or (3 if args.sweep else 1 if args.per_job or args.vs_run
-                                    else 7)
+    args.repeats = args.repeats or (3 if args.sweep or args.dead
+                                    else 1 if args.per_job or args.vs_run else 7)
     return args
 
 
@@ -347,6 +352,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 from l2lab.bench_sweep import bench_vs_run
 
                 result = bench_vs_run(*args.vs_run, list(args.overrides), args.repeats)
+            elif args.dead:
+                from l2lab.bench_sweep import bench_dead
+
+                result = bench_dead(args.repeats, list(args.overrides))
             elif args.per_job:
                 from l2lab.bench_sweep import bench_per_job
 

@@ -327,13 +327,15 @@ TWO_FACTOR_LRS = "0.01,0.05"
 
 
 def _summary(work: Path) -> dict[str, float]:
-    """The sweep's summary.csv as {row without its numbers: mean final val/ce}."""
+    """The sweep's summary.csv as {row without its numbers: mean final val/ce} (rows of runs
+    that all failed have no mean: left out)."""
     import csv
 
     with open(work / "multirun" / "s" / "report" / "summary.csv") as f:
         reader = csv.DictReader(f)
         keys = reader.fieldnames[:reader.fieldnames.index("runs")]  # the row's condition, λ
-        return {" ".join(f"{k}={r[k]}" for k in keys): float(r["val/ce_mean"]) for r in reader}
+        return {" ".join(f"{k}={r[k]}" for k in keys): float(r["val/ce_mean"]) for r in reader
+                if r["val/ce_mean"]}
 
 
 def bench_two_factor(repeats: int, overrides: list[str]) -> dict[str, Any]:
@@ -383,6 +385,85 @@ def bench_two_factor(repeats: int, overrides: list[str]) -> dict[str, Any]:
             "final_val_ce": finals["one_stack"],
             "env": {"python": sys.version.split()[0], "cpu_count": os.cpu_count(),
                     "load_avg_1m_at_end": os.getloadavg()[0]}}
+
+
+# -- dead networks: what a stack pays for them ------------------------------------------------
+def _dying(n: int) -> list[float]:
+    """n λ that diverge in the first epoch of the default sweep (1e8, 1e9, …)."""
+    return [10.0 ** (8 + i) for i in range(n)]
+
+
+def bench_dead(repeats: int, overrides: list[str]) -> dict[str, Any]:
+    """What networks that diverge cost the stack they are in, three whole ``python -m
+    l2lab.train -m`` processes side by side, interleaved: ``healthy`` (the sweep's λ × seed
+    grid), ``dropped`` (the same grid and as many λ again that diverge in the first epoch: they
+    leave the stack, ``L2Module.remove``) and ``kept`` (the same, with the diverged networks
+    left in the stack as zeros, as before they were removed). The healthy runs must end with
+    the same numbers on every side."""
+    spec = _spec(overrides)
+    dying = _dying(len(spec["lams"]))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    sides = ("healthy", "dropped", "kept")
+    times: dict[str, list[float]] = {s: [] for s in sides}
+    finals: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="l2lab-bench-dead-") as d:
+        tmp = Path(d)
+        store = _store(tmp, env)
+        for r in range(repeats):
+            for side in sides[r % 3:] + sides[:r % 3]:
+                work = Path(tempfile.mkdtemp(dir=tmp, prefix=f"{side}-"))
+                lams = spec["lams"] + (dying if side != "healthy" else [])
+                args = ["-m", *spec["overrides"],
+                        f"regularization.lam={','.join(map(str, lams))}",
+                        f"seed={','.join(map(str, spec['seeds']))}",
+                        f"hydra.sweep.dir={work}/multirun/s", f"tracking.uri={store}"]
+                cmd = [sys.executable, "-m", "l2lab.train", *args] if side != "kept" else \
+                    [sys.executable, "-m", "l2lab.bench_sweep", "--child", "keep_dead",
+                     json.dumps(args)]
+                seconds, _ = _timed_sweep(cmd, work, env)
+                times[side].append(seconds)
+                finals[side] = _summary(work)
+                print(f"l2lab.bench --dead: repeat {r} {side}: {seconds:.2f} s",
+                      file=sys.stderr, flush=True)
+    med = {s: statistics.median(t) for s, t in times.items()}
+    healthy = len(spec["lams"]) * len(spec["seeds"])
+    return {"settings": {**spec, "dying_lams": dying, "repeats": repeats,
+                         "overrides": overrides},
+            "sides": {"healthy": f"python -m l2lab.train -m experiment=lambda_sweep: "
+                                 f"{healthy} networks",
+                      "dropped": f"the same and {healthy} more that diverge in epoch 0 "
+                                 f"(λ {dying[0]:g}…{dying[-1]:g}): they leave the stack",
+                      "kept": "the same jobs as dropped, the diverged networks kept in the "
+                              "stack as zeros (L2Module.drop_dead = False)"},
+            "seconds": times, "median_s": med,
+            "dead_cost_kept_over_healthy": med["kept"] / med["healthy"],
+            "dead_cost_dropped_over_healthy": med["dropped"] / med["healthy"],
+            "kept_over_dropped": med["kept"] / med["dropped"],
+            "same_final_val_ce": finals["healthy"] == finals["dropped"] == finals["kept"],
+            "final_val_ce": finals["healthy"],
+            "env": {"python": sys.version.split()[0], "cpu_count": os.cpu_count(),
+                    "load_avg_1m_at_end": os.getloadavg()[0]}}
+
+
+def _timed_sweep(cmd: list[str], cwd: Path, env: dict) -> tuple[float, subprocess.CompletedProcess]:
+    """A sweep whose diverged jobs make it exit 1 (their runs FAILED, as they should)."""
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - t0
+    if r.returncode not in (0, 1) or "Traceback" in r.stderr:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr[-2000:]}")
+    return seconds, r
+
+
+def keep_dead_sweep(argv: list[str]) -> None:
+    """``python -m l2lab.train ARGV`` in this process, diverged networks kept in their stack."""
+    from l2lab.core.module import L2Module
+    from l2lab.train import main as train_main
+
+    L2Module.drop_dead = False
+    sys.argv = ["l2lab.train", *argv]
+    train_main()
 
 
 # -- per-job cost ---------------------------------------------------------------------------------
@@ -524,11 +605,14 @@ _NOTES = {
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="l2lab-bench --sweep", description=__doc__.splitlines()[0])
-    p.add_argument("--child", choices=("plain", "plain_stacked", "plain_per_job"),
+    p.add_argument("--child", choices=("plain", "plain_stacked", "plain_per_job", "keep_dead"),
                    help=argparse.SUPPRESS)
     p.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     spec = json.loads(args.spec)
+    if args.child == "keep_dead":
+        keep_dead_sweep(spec)
+        return
     child = {"plain": plain_loop, "plain_stacked": plain_stacked_loop,
              "plain_per_job": plain_per_job}[args.child]
     print(json.dumps(child(spec)))
