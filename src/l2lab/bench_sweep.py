@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -197,11 +198,14 @@ def _cuda(accelerator: str) -> bool:
     return accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
 
 
-def _timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, subprocess.CompletedProcess]:
+def _timed(cmd: list[str], cwd: Path, env: dict,
+           ok: tuple[int, ...] = (0,)) -> tuple[float, subprocess.CompletedProcess]:
+    """A whole process, timed; ``ok``: the exit codes it may end with (a sweep whose diverged
+    jobs FAILED, as they should, exits 1; but not with a traceback)."""
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - t0
-    if r.returncode != 0:
+    if r.returncode not in ok or (r.returncode != 0 and "Traceback" in r.stderr):
         raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr[-2000:]}")
     return seconds, r
 
@@ -338,6 +342,31 @@ def _summary(work: Path) -> dict[str, float]:
                 if r["val/ce_mean"]}
 
 
+def _interleaved(label: str, sides: dict[str, Callable[[Path, str], list[str]]],
+                 repeats: int, ok: tuple[int, ...] = (0,)) -> tuple[dict, dict]:
+    """Whole sweeps side by side, the sides' order rotated each repeat, into one store made
+    before any timing: ``sides`` maps a side to its command (from its work dir and the store's
+    URI). Returns each side's seconds and its sweep's final val/ce per row (``_summary``)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    names = list(sides)
+    times: dict[str, list[float]] = {s: [] for s in names}
+    finals: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="l2lab-bench-") as d:
+        tmp = Path(d)
+        store = _store(tmp, env)
+        for r in range(repeats):
+            shift = r % len(names)
+            for side in names[shift:] + names[:shift]:
+                work = Path(tempfile.mkdtemp(dir=tmp, prefix=f"{side}-"))
+                seconds, _ = _timed(sides[side](work, store), work, env, ok)
+                times[side].append(seconds)
+                finals[side] = _summary(work)
+                print(f"l2lab.bench {label}: repeat {r} {side}: {seconds:.2f} s",
+                      file=sys.stderr, flush=True)
+    return times, finals
+
+
 def bench_two_factor(repeats: int, overrides: list[str]) -> dict[str, Any]:
     """The default sweep's λ × seed grid crossed with learning rates (an ``optimizer.lr=a,b,…``
     override; default 0.01,0.05), two whole ``python -m l2lab.train -m`` processes side by side,
@@ -350,27 +379,16 @@ def bench_two_factor(repeats: int, overrides: list[str]) -> dict[str, Any]:
     rest = [o for o in overrides if not o.startswith("optimizer.lr=")]
     spec = _spec(rest)
     per_lr = len(spec["lams"]) * len(spec["seeds"])
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    sides = {"one_stack": [], "per_lr": [f"hydra.launcher.max_models={per_lr}"]}
-    times: dict[str, list[float]] = {s: [] for s in sides}
-    finals: dict[str, dict[str, float]] = {}
-    with tempfile.TemporaryDirectory(prefix="l2lab-bench-two-factor-") as d:
-        tmp = Path(d)
-        store = _store(tmp, env)
-        for r in range(repeats):
-            for side in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
-                work = Path(tempfile.mkdtemp(dir=tmp, prefix=f"{side}-"))
-                cmd = [sys.executable, "-m", "l2lab.train", "-m", *spec["overrides"],
-                       f"optimizer.lr={lrs}",
-                       f"regularization.lam={','.join(map(str, spec['lams']))}",
-                       f"seed={','.join(map(str, spec['seeds']))}", *sides[side],
-                       f"hydra.sweep.dir={work}/multirun/s", f"tracking.uri={store}"]
-                seconds, _ = _timed(cmd, work, env)
-                times[side].append(seconds)
-                finals[side] = _summary(work)
-                print(f"l2lab.bench --sweep --two-factor: repeat {r} {side}: {seconds:.2f} s",
-                      file=sys.stderr, flush=True)
+    extra = {"one_stack": [], "per_lr": [f"hydra.launcher.max_models={per_lr}"]}
+
+    def command(side: str) -> Callable[[Path, str], list[str]]:
+        return lambda work, store: [
+            sys.executable, "-m", "l2lab.train", "-m", *spec["overrides"], f"optimizer.lr={lrs}",
+            f"regularization.lam={','.join(map(str, spec['lams']))}",
+            f"seed={','.join(map(str, spec['seeds']))}", *extra[side],
+            f"hydra.sweep.dir={work}/multirun/s", f"tracking.uri={store}"]
+
+    times, finals = _interleaved("--sweep --two-factor", {s: command(s) for s in extra}, repeats)
     med = {s: statistics.median(t) for s, t in times.items()}
     n_lrs = len(lrs.split(","))
     return {"settings": {**spec, "lrs": [float(v) for v in lrs.split(",")],
@@ -402,30 +420,20 @@ def bench_dead(repeats: int, overrides: list[str]) -> dict[str, Any]:
     the same numbers on every side."""
     spec = _spec(overrides)
     dying = _dying(len(spec["lams"]))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    sides = ("healthy", "dropped", "kept")
-    times: dict[str, list[float]] = {s: [] for s in sides}
-    finals: dict[str, dict[str, float]] = {}
-    with tempfile.TemporaryDirectory(prefix="l2lab-bench-dead-") as d:
-        tmp = Path(d)
-        store = _store(tmp, env)
-        for r in range(repeats):
-            for side in sides[r % 3:] + sides[:r % 3]:
-                work = Path(tempfile.mkdtemp(dir=tmp, prefix=f"{side}-"))
-                lams = spec["lams"] + (dying if side != "healthy" else [])
-                args = ["-m", *spec["overrides"],
-                        f"regularization.lam={','.join(map(str, lams))}",
-                        f"seed={','.join(map(str, spec['seeds']))}",
-                        f"hydra.sweep.dir={work}/multirun/s", f"tracking.uri={store}"]
-                cmd = [sys.executable, "-m", "l2lab.train", *args] if side != "kept" else \
-                    [sys.executable, "-m", "l2lab.bench_sweep", "--child", "keep_dead",
-                     json.dumps(args)]
-                seconds, _ = _timed_sweep(cmd, work, env)
-                times[side].append(seconds)
-                finals[side] = _summary(work)
-                print(f"l2lab.bench --dead: repeat {r} {side}: {seconds:.2f} s",
-                      file=sys.stderr, flush=True)
+
+    def command(side: str) -> Callable[[Path, str], list[str]]:
+        def cmd(work: Path, store: str) -> list[str]:
+            lams = spec["lams"] + (dying if side != "healthy" else [])
+            args = ["-m", *spec["overrides"], f"regularization.lam={','.join(map(str, lams))}",
+                    f"seed={','.join(map(str, spec['seeds']))}",
+                    f"hydra.sweep.dir={work}/multirun/s", f"tracking.uri={store}"]
+            return [sys.executable, "-m", "l2lab.train", *args] if side != "kept" else \
+                [sys.executable, "-m", "l2lab.bench_sweep", "--child", "keep_dead",
+                 json.dumps(args)]
+        return cmd
+
+    times, finals = _interleaved("--dead", {s: command(s) for s in ("healthy", "dropped", "kept")},
+                                 repeats, ok=(0, 1))
     med = {s: statistics.median(t) for s, t in times.items()}
     healthy = len(spec["lams"]) * len(spec["seeds"])
     return {"settings": {**spec, "dying_lams": dying, "repeats": repeats,
@@ -444,16 +452,6 @@ def bench_dead(repeats: int, overrides: list[str]) -> dict[str, Any]:
             "final_val_ce": finals["healthy"],
             "env": {"python": sys.version.split()[0], "cpu_count": os.cpu_count(),
                     "load_avg_1m_at_end": os.getloadavg()[0]}}
-
-
-def _timed_sweep(cmd: list[str], cwd: Path, env: dict) -> tuple[float, subprocess.CompletedProcess]:
-    """A sweep whose diverged jobs make it exit 1 (their runs FAILED, as they should)."""
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
-    seconds = time.perf_counter() - t0
-    if r.returncode not in (0, 1) or "Traceback" in r.stderr:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr[-2000:]}")
-    return seconds, r
 
 
 def keep_dead_sweep(argv: list[str]) -> None:
