@@ -61,17 +61,17 @@ class L2Module(pl.LightningModule):
                  modes: Sequence[str] | None = None,
                  clips: Sequence[tuple[float | None, str | None]] | None = None,
                  selections: Sequence[Sequence[str]] | None = None,
-                 restack: Callable[[Sequence[int]], L2Module] | None = None) -> None:
+                 restack: Callable[[Sequence[int], nn.Module], L2Module] | None = None) -> None:
         super().__init__()
         self.batch_size = int(batch_size)
         self._set_stack(net, penalty, make_optimizer, modes or [mode] * int(penalty.lams.shape[1]),
                         clips, selections)
-        # the same stack built for a subset of its networks (their indices): what remove() uses
+        # (positions, net) -> the same stack built for the networks at those positions of this
+        # one, holding their weights and dropout streams from ``net``: what remove() uses
         self.restack = restack
         self.slots = list(range(self.k))
         self.alive = [True] * self.k
         self.failures: dict[int, str] = {}
-        self.removed_at: dict[int, int] = {}  # network -> the epoch after which it left
         self.epoch_metrics: list[dict[str, float] | None] = []
         self.test_metrics: list[dict[str, float]] = []
         self._val_metrics: dict[str, list[float]] = {}
@@ -213,7 +213,7 @@ class L2Module(pl.LightningModule):
         sq_vals = torch.stack(list(sq.values())).tolist() if sq else []
         val, self._val_metrics = self._val_metrics, {}
         per_net: list[dict[str, float] | None] = [None] * len(self.alive)
-        diverged = False
+        dead: list[int] = []  # stack positions of the networks that diverged in this epoch
         for pos, k in enumerate(self.slots):
             if not self.alive[k]:
                 continue
@@ -222,7 +222,7 @@ class L2Module(pl.LightningModule):
             if not math.isfinite(d["train/loss"]):
                 self.alive[k] = False
                 self.failures[k] = nonfinite_message(self.current_epoch, d)
-                diverged = True
+                dead.append(pos)
                 continue
             own = self.selections[pos]
             for name, values in zip(sq, sq_vals, strict=True):
@@ -238,8 +238,7 @@ class L2Module(pl.LightningModule):
         self.epoch_metrics = per_net
         if not any(self.alive):
             self.trainer.should_stop = True
-        elif diverged:
-            dead = [pos for pos, k in enumerate(self.slots) if not self.alive[k]]
+        elif dead:
             if self._can_remove():
                 self.remove(dead)
             else:
@@ -268,24 +267,16 @@ class L2Module(pl.LightningModule):
         keep = [p for p in range(self.k) if p not in gone]
         if not keep or self.restack is None:
             raise ValueError("remove() needs a restack function and a network that stays")
-        index = torch.tensor(keep, device=self.device)
-        smaller = self.restack([self.slots[p] for p in keep]).to(self.device)
-        smaller.net.load_state_dict({name: t.index_select(0, index)
-                                     for name, t in self.net.state_dict().items()})
-        for old, new in zip(self.net.modules(), smaller.net.modules(), strict=True):
-            if hasattr(old, "generators"):  # dropout streams go on where they stand
-                new.generators = [old.generators[p] for p in keep]
+        smaller = self.restack(keep, self.net)
         state = self.trainer.optimizers[0].state_dict()["state"]
-        for p in sorted(gone):
-            self.removed_at[self.slots[p]] = self.current_epoch
         self._set_stack(smaller.net, smaller.penalty, smaller.make_optimizer, smaller.modes,
                         smaller.clips, smaller.selections)
+        self.restack = smaller.restack  # positions in the smaller stack from now on
         self.slots = [self.slots[p] for p in keep]
         optimizer = self.make_optimizer(self.net)
         optimizer.load_state_dict({
-            "state": {i: {key: v.index_select(0, index.to(v.device))
-                          if torch.is_tensor(v) and v.dim() > 0 else v
-                          for key, v in st.items()} for i, st in state.items()},
+            "state": {i: {key: networks_at(v, keep) for key, v in st.items()}
+                      for i, st in state.items()},
             "param_groups": optimizer.state_dict()["param_groups"]})
         replace_optimizer(self.trainer, optimizer)
         self.trainer.train_dataloader.keep(keep)
@@ -461,6 +452,14 @@ def network_lrs(optimizer: torch.optim.Optimizer, k: int) -> list[float]:
     if isinstance(optimizer, SegmentedOptimizer):
         return optimizer.lrs()
     return [float(optimizer.param_groups[0]["lr"])] * k
+
+
+def networks_at(v, positions: Sequence[int]):
+    """The networks at ``positions`` of a stacked value (tensors with one row per network on
+    dim 0), copied; a 0-d tensor (an optimizer's step count) copied whole, anything else as is."""
+    if torch.is_tensor(v):
+        return v[list(positions)] if v.dim() > 0 else v.clone()
+    return v
 
 
 def zero_member_state(optimizer: torch.optim.Optimizer, k: int, n: int) -> None:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from l2lab.core.module import L2Module, SegmentedOptimizer
+from l2lab.core.module import L2Module, SegmentedOptimizer, networks_at
 from l2lab.core.regularization import L2Penalty, SelectedLayer
 
 #: Parameter-free modules that treat every row of the batch on its own.
@@ -240,11 +240,21 @@ def stack_members(members: Sequence[StackMember], optimizer_class: type[torch.op
             return optimizer_class(stacked.parameters(), **segments[0][2])
         return SegmentedOptimizer(stacked.parameters(), optimizer_class, segments)
 
+    def restack(positions: Sequence[int], stacked: nn.Module) -> L2Module:
+        """The stack of the networks at ``positions``, holding their weights and dropout
+        streams as they stand in ``stacked`` (this stack's network, trained on)."""
+        smaller = stack_members([members[p] for p in positions], optimizer_class, batch_size)
+        smaller.to(next(stacked.parameters()).device)
+        smaller.net.load_state_dict({name: networks_at(t, positions)
+                                     for name, t in stacked.state_dict().items()})
+        for old, new in zip(stacked.modules(), smaller.net.modules(), strict=True):
+            if isinstance(old, StackedDropout):  # each stream goes on where it stands
+                new.generators = [old.generators[p] for p in positions]
+        return smaller
+
     return L2Module(net, penalty, make_optimizer, batch_size=batch_size,
                     modes=[m.mode for m in members], clips=[m.clip for m in members],
-                    selections=[m.penalty.layer_names for m in members],
-                    restack=lambda keep: stack_members([members[i] for i in keep],
-                                                       optimizer_class, batch_size))
+                    selections=[m.penalty.layer_names for m in members], restack=restack)
 
 
 def unstack_into(module: L2Module, nets: Sequence[nn.Module]) -> None:
@@ -340,18 +350,12 @@ def member_checkpoints(trainer, states: Sequence[dict | None], recorder_key: str
             continue
         groups = optimizer.get("member_param_groups")
         opt = {"param_groups": groups[pos] if groups else optimizer["param_groups"],
-               "state": {i: {key: _member_value(v, pos) for key, v in st.items()}
+               "state": {i: {key: networks_at(v, [pos]) for key, v in st.items()}
                          for i, st in optimizer["state"].items()}}
-        out[k] = {**base, "state_dict": {n: v[pos:pos + 1].clone() for n, v in
+        out[k] = {**base, "state_dict": {n: networks_at(v, [pos]) for n, v in
                                          stacked_state.items()},
                   "optimizer_states": [opt], "callbacks": {recorder_key: state}}
     return out
-
-
-def _member_value(v, k: int):
-    if torch.is_tensor(v):
-        return v[k:k + 1].clone() if v.dim() > 0 else v.clone()
-    return v
 
 
 def epochs_done(ckpt: Path) -> int:
