@@ -49,13 +49,19 @@ def _assert_same_run(client, a, b, tmp: Path) -> None:
 
 
 def _ordinary_and_stacked(tmp_path, store, jobs: list[list[str]], *extra: str,
-                          also_max_models: int | None = None):
+                          also_max_models: int | None = None, dying: list[list[str]] = ()):
     """Each job trained alone (an ordinary run) and all of them as one stack (and, with
-    ``also_max_models``, once more split into stacks of at most that many)."""
+    ``also_max_models``, once more split into stacks of at most that many). ``dying``: jobs
+    that join the stack only, and must diverge in it (their children are ``dying{i}``)."""
     cfgs = [make_cfg(f"tracking.uri={store}", *extra, *ov, tiny=False) for ov in jobs]
     for i, (cfg, ov) in enumerate(zip(cfgs, jobs, strict=True)):
         train(cfg, overrides=ov, output_dir=tmp_path / f"ordinary{i}")
-    results = train_group(cfgs, jobs, [tmp_path / f"stacked{i}" for i in range(len(jobs))])
+    results = train_group(
+        cfgs + [make_cfg(f"tracking.uri={store}", *extra, *ov, tiny=False) for ov in dying],
+        jobs + list(dying), [tmp_path / f"stacked{i}" for i in range(len(jobs))]
+        + [tmp_path / f"dying{i}" for i in range(len(dying))])
+    assert all(isinstance(r, NonFiniteLossError) for r in results[len(jobs):]), results
+    results = results[:len(jobs)]
     assert all(isinstance(r, dict) for r in results), results
     if also_max_models:
         split = train_group(cfgs, jobs, [tmp_path / f"split{i}" for i in range(len(jobs))],
@@ -75,17 +81,31 @@ def _ordinary_and_stacked(tmp_path, store, jobs: list[list[str]], *extra: str,
 
 
 @pytest.mark.slow
-def test_mnist1d_sweep_children_equal_their_ordinary_runs_for_all_50_epochs(tmp_path, store,
-                                                                           mnist1d_root):
+def test_mnist1d_sweep_children_equal_their_ordinary_runs_for_all_50_epochs(
+        tmp_path, store, mnist1d_root, monkeypatch):
     """The issue's case: λ=0 seed=0 of experiment=mnist1d_sweep used to end at val/ce 2.971 in a
-    stack and 2.598 alone (Adam lr 1e-2 amplifies rounding); λ=0.3 with it; and a third network
+    stack and 2.598 alone (Adam lr 1e-2 amplifies rounding); λ=0.3 with it; a third network
     with its own seed, lr and betas (its own optimizer param group in the stack), so that
-    per-network optimizer settings are held to equality over a whole chaotic run too."""
+    per-network optimizer settings are held to equality over a whole chaotic run too; and a
+    fourth that diverges in its first epoch and leaves the stack (``L2Module.remove``), so that
+    the three train 49 of their 50 epochs in the smaller stack it leaves, still exactly."""
+    from l2lab.core.module import L2Module
+
+    removals = []
+    remove = L2Module.remove
+
+    def spy(self, positions):
+        removals.append((self.current_epoch, self.k))
+        remove(self, positions)
+
+    monkeypatch.setattr(L2Module, "remove", spy)
     jobs = [["regularization.lam=0", "seed=0"], ["regularization.lam=0.3", "seed=0"],
             ["regularization.lam=0.1", "seed=1", "optimizer.lr=0.005",
              "optimizer.betas=[0.85,0.99]"]]
     client, pairs, _ = _ordinary_and_stacked(
-        tmp_path, store, jobs, "experiment=mnist1d_sweep", f"data.root={mnist1d_root}")
+        tmp_path, store, jobs, "experiment=mnist1d_sweep", f"data.root={mnist1d_root}",
+        dying=[["regularization.lam=0.1", "seed=2", "optimizer.lr=1e30"]])
+    assert removals == [(0, 4)]
     assert len({child.data.tags["l2lab.vectorized_group"] for _, child in pairs}) == 1
     for ordinary, child in pairs:
         assert len(_history(client, child.info.run_id, "val/ce")) == 50
@@ -451,8 +471,10 @@ def test_config_hash_keeps_the_order_of_lam_per_layer():
 def test_a_segmented_optimizer_steps_each_network_as_its_own_and_checkpoints_per_member(
         cls, settings):
     """K networks of different settings, one param group per run of equal settings: each
-    network's step equals a plain optimizer's over that network alone, and its slice of the
-    stack's state (``member_checkpoints``' form) continues there exactly."""
+    network's step equals a plain optimizer's over that network alone, its slice of the
+    stack's state (``member_checkpoints``' form) continues there exactly, and so does the
+    stack's whole state loaded into a new segmented optimizer (a stack resumed whole, or
+    rebuilt when a network leaves it: Adam's step counts must not be shared by segments)."""
     from l2lab.core.module import SegmentedOptimizer
 
     torch.manual_seed(0)
@@ -474,6 +496,8 @@ def test_a_segmented_optimizer_steps_each_network_as_its_own_and_checkpoints_per
                 plain[i] = cls(alone[i], **per_net[i])
                 plain[i].load_state_dict({"state": own,
                                           "param_groups": state["member_param_groups"][i]})
+            opt = SegmentedOptimizer(stacked, cls, segments)
+            opt.load_state_dict(state)
         for p, g in zip(stacked, gs, strict=True):
             p.grad = g.clone()
         opt.step()

@@ -110,13 +110,20 @@ def _stop_sweep(args: list[str], cwd, sig: int) -> tuple[int, str]:
     return proc.returncode, "".join(seen) + rest
 
 
-@pytest.mark.parametrize("launcher, sig", [("vectorized", signal.SIGINT),
-                                           ("basic", signal.SIGTERM)])
-def test_a_stopped_sweep_continues_with_its_one_command(tmp_path, store, client, launcher, sig):
+# a stack of Adam networks with two lr (two optimizer segments) continues from one checkpoint
+# merged from its runs': each segment must count its own steps (Adam's bias correction)
+ADAM_TWO_LR = ["optimizer=adam", "optimizer.lr=0.01,0.02", "hydra.launcher.max_models=4"]
+
+
+@pytest.mark.parametrize("launcher, sig, extra", [
+    ("vectorized", signal.SIGINT, ["seed=0,1", "hydra.launcher.max_models=2"]),
+    ("vectorized", signal.SIGINT, ADAM_TWO_LR),
+    ("basic", signal.SIGTERM, [])], ids=["vectorized", "vectorized-adam-two-lr", "basic"])
+def test_a_stopped_sweep_continues_with_its_one_command(tmp_path, store, client, launcher, sig,
+                                                        extra):
     sweep = ["-m", f"hydra/launcher={launcher}", "regularization.lam=0,0.1",
              f"tracking.uri={store}", *TINY, "trainer.max_epochs=6",
-             f"hydra.sweep.dir={tmp_path}/multirun/s"]
-    sweep += ["seed=0,1", "hydra.launcher.max_models=2"] if launcher == "vectorized" else []
+             f"hydra.sweep.dir={tmp_path}/multirun/s", *extra]
     rc, out = _stop_sweep(sweep, tmp_path, sig)
     assert rc == 128 + sig and "Traceback" not in out, out[-3000:]
     (parent,) = runs_of(client, **{"l2lab.role": "sweep"})
@@ -141,8 +148,10 @@ def test_a_stopped_sweep_continues_with_its_one_command(tmp_path, store, client,
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
     # the first job was stopped mid-way and continued: its numbers are those of a run never
     # stopped (a vectorized child equals its ordinary run on CPU)
-    first = next(k for k in kids if k.data.tags["mlflow.runName"] in ("lam=0 seed=0", "lam=0"))
-    ov = ["regularization.lam=0", "trainer.max_epochs=6"]
+    first = next(k for k in kids
+                 if set(k.data.tags["mlflow.runName"].split()) <= {"lam=0", "seed=0", "lr=0.01"})
+    ov = ["regularization.lam=0", "trainer.max_epochs=6",
+          *(["optimizer=adam", "optimizer.lr=0.01"] if extra == ADAM_TWO_LR else [])]
     train(make_cfg(f"tracking.uri={store}", *ov, "experiment_name=whole"), overrides=ov,
           output_dir=tmp_path / "whole")
     (whole,) = [r for r in runs_of(client) if r.info.experiment_id != parent.info.experiment_id]

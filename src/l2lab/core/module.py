@@ -435,9 +435,12 @@ class SegmentedOptimizer(torch.optim.Optimizer):
                 "member_param_groups": [self.member_groups(k) for k in range(len(self.lrs()))]}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Each segment gets its rows of the state, copied: a scalar such as Adam's ``step``
+        is one tensor per param in the dict, which each segment's optimizer increments in
+        place (torch keeps the loaded tensor), so segments must not share it."""
         for a, b, _, opt in self.segments:
-            own = {i: {key: v[a:b] if torch.is_tensor(v) and v.dim() > 0 else v
-                       for key, v in st.items()} for i, st in state_dict["state"].items()}
+            own = {i: {key: networks_at(v, range(a, b)) for key, v in st.items()}
+                   for i, st in state_dict["state"].items()}
             opt.load_state_dict({"state": own,
                                  "param_groups": opt.state_dict()["param_groups"]})
 
