@@ -186,3 +186,14 @@ def test_every_repository_path_a_page_names_exists(page: Path) -> None:
             if not (ROOT / m.group(1)).exists():
                 missing.append(f"{page.relative_to(ROOT)}:{no}: {m.group(1)}")
     assert missing == []
+
+
+@pytest.mark.parametrize("page", PAGES[1:], ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_docs_page_says_what_it_is_for_and_links_back(page: Path) -> None:
+    """A page opens with its title and a paragraph saying what it is for, linking the README; the
+    README links every page, so none is an orphan."""
+    text = page.read_text(encoding="utf-8")
+    title, _, rest = text.partition("\n\n")
+    intro = rest.split("\n\n")[0]
+    assert title.startswith("# ") and "](../README.md" in intro
+    assert f"](docs/{page.name})" in README.read_text(encoding="utf-8")
