@@ -7,7 +7,6 @@ weights compared with ``==``, not a tolerance.
 
 from __future__ import annotations
 
-import ast
 import math
 import os
 import pickle
