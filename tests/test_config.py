@@ -9,6 +9,7 @@ import pytest
 import yaml
 from conftest import make_cfg, run_cli
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from l2lab import CONF_DIR, ConfigError
 from l2lab.config.cli import check_overrides, cli_overrides
@@ -260,9 +261,20 @@ def test_import_l2lab_stays_light():
     assert r.stdout.strip() == "[]", r.stdout + r.stderr
 
 
-def test_the_schema_lists_agree_with_the_code():
-    from l2lab import models
-    from l2lab.config import schema
-    from l2lab.core import data
-    assert set(schema.ACTIVATIONS) == set(models.ACTIVATIONS)
-    assert set(schema.DATA_NAMES) == set(data.DATASETS)
+def test_each_rule_is_written_once_and_the_configs_follow_it():
+    """core.rules is the one list of datasets, networks, activations and layer types: every
+    data and model preset is in it, and the code builds what it lists."""
+    from torch import nn
+
+    from l2lab.base import CONF_DIR
+    from l2lab.core import rules
+    from l2lab.core.data import _TORCHVISION
+
+    assert {p.stem for p in (CONF_DIR / "data").glob("*.yaml")} == set(rules.DATASETS)
+    assert set(rules.DATASETS) == {"digits", "mnist1d", *_TORCHVISION}  # load_data's branches
+    targets = {p.stem: OmegaConf.load(p)._target_ for p in (CONF_DIR / "model").glob("*.yaml")}
+    assert targets == rules.NETWORKS
+    assert all(isinstance(getattr(nn, c)(), nn.Module) for c in rules.ACTIVATIONS.values())
+    assert all(issubclass(getattr(nn, t), nn.Module) for t in rules.LAYER_TYPES)
+    assert rules.network_error("l2lab.models.MLP") is None
+    assert "model=mlp, model=cnn" in rules.network_error("os.system")

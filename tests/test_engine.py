@@ -7,7 +7,6 @@ weights compared with ``==``, not a tolerance.
 
 from __future__ import annotations
 
-import ast
 import math
 import os
 import pickle
@@ -364,39 +363,6 @@ def test_a_checkpoint_found_through_the_store_loads_as_plain_data(tmp_path, stor
 class _Payload:
     def __reduce__(self):
         return (os.getcwd, ())
-
-
-def test_no_import_cycle_counting_function_level_imports():
-    """Every ``import l2lab.x`` / ``from l2lab[.x] import y`` anywhere in a module (function
-    bodies included) is an edge; the graph of the package's modules has no cycle."""
-    modules = {p.relative_to(SRC).with_suffix("").as_posix().replace("/", "."): p
-               for p in (SRC / "l2lab").rglob("*.py")}
-    modules = {m.removesuffix(".__init__"): p for m, p in modules.items()}
-    edges: dict[str, set[str]] = {m: set() for m in modules}
-    for mod, path in modules.items():
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules
-                         else node.module for a in node.names]
-            else:
-                continue
-            edges[mod] |= {n for n in names if n in modules and n != mod}
-    state: dict[str, int] = {}
-
-    def visit(m: str, path: list[str]) -> None:
-        state[m] = 1
-        for n in sorted(edges[m]):
-            assert state.get(n) != 1, f"import cycle: {' -> '.join([*path, m, n])}"
-            if n not in state:
-                visit(n, [*path, m])
-        state[m] = 2
-
-    for m in sorted(modules):
-        if m not in state:
-            visit(m, [])
-    assert "l2lab.run.engine" in edges["l2lab.train"]  # the walk saw real edges
 
 
 def test_reading_runs_imports_neither_torch_nor_lightning():

@@ -12,14 +12,13 @@ import torch
 from torch import nn
 
 from l2lab.base import ConfigError
-
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.Sigmoid}
+from l2lab.core.rules import ACTIVATIONS
 
 
 def _activation(name: str) -> nn.Module:
     if name not in ACTIVATIONS:
         raise ConfigError(f"model.activation must be one of {list(ACTIVATIONS)}, got {name!r}.")
-    return ACTIVATIONS[name]()
+    return getattr(nn, ACTIVATIONS[name])()
 
 
 class _Net(nn.Module):

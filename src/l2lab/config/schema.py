@@ -24,14 +24,11 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-from l2lab.base import CONF_DIR, ConfigError
+from l2lab.base import ConfigError
+from l2lab.core import rules
 
-#: data.name: one of the data presets (conf/data/<name>.yaml names itself).
-DATA_NAMES = tuple(sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml")))
 NORMALIZE = ("batch", "dataset", "none")
 MODES = ("loss", "optimizer")
-ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid")
-LAYER_TYPES = ("Linear", "Conv1d", "Conv2d")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 CLIP_ALGORITHMS = ("norm", "value")
 #: Dict-valued keys whose entries the user adds with ``+key.<name>=value`` (design.md §3).
@@ -82,7 +79,7 @@ class RegularizationConfig:
     lam: float = 1e-3
     layers: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
-    types: list[str] = field(default_factory=lambda: list(LAYER_TYPES))
+    types: list[str] = field(default_factory=lambda: list(rules.LAYER_TYPES))
     min_params: int = 0
     lam_per_layer: dict[str, float] = field(default_factory=dict)
     include_bias: bool = False
@@ -239,20 +236,19 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg, "regularization.mode", MODES)
     _int(cfg, "regularization.min_params", 0)
     for t in reg.get("types") or []:
-        if t not in LAYER_TYPES:
+        if t not in rules.LAYER_TYPES:
             raise ConfigError(f"regularization.types: each must be one of "
-                              f"{', '.join(LAYER_TYPES)}; got {t!r}.")
+                              f"{', '.join(rules.LAYER_TYPES)}; got {t!r}.")
 
-    _choice(cfg, "data.name", DATA_NAMES)
+    _choice(cfg, "data.name", rules.DATASETS)
     _int(cfg, "data.train_size", 1, optional=True, what=" (null: all)")
     _int(cfg, "data.val_size", 0)
     _int(cfg, "data.batch_size", 1)
     _int(cfg, "data.split_seed", 0)
 
-    if not str(cfg.model.get("_target_", "")).startswith("l2lab.models."):
-        raise _fail("model._target_", "a network of l2lab.models (model=mlp, cnn)",
-                    cfg.model.get("_target_"))
-    _choice(cfg, "model.activation", ACTIVATIONS)
+    if why := rules.network_error(cfg.model.get("_target_")):
+        raise ConfigError(why)
+    _choice(cfg, "model.activation", tuple(rules.ACTIVATIONS))
     _number(cfg, "model.dropout", "a number in [0, 1)", lambda v: 0 <= v < 1)
     for key in ("model.hidden", "model.channels"):
         sizes = OmegaConf.select(cfg, key)

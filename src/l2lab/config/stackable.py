@@ -19,6 +19,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from l2lab.core.rules import NETWORKS
+
 #: The per-network settings of a stack: dotted keys of the task config. A job's values are those
 #: of these keys that its config has (an optimizer class has its own keys; the jobs of a stack
 #: share the class, so they share the key set).
@@ -38,7 +40,6 @@ STACKED_DICTS = ("regularization.lam_per_layer",)
 #: The optimizer's hyperparameters among them: networks that differ here get their own param group.
 OPTIMIZER_KEYS = tuple(k for k in STACKED if k.startswith("optimizer."))
 
-STACKABLE_MODELS = ("l2lab.models.MLP", "l2lab.models.CNN")
 #: Optimizers whose update is elementwise (so one instance over stacked tensors equals K).
 STACKABLE_OPTIMIZERS = ("torch.optim.SGD", "torch.optim.Adam", "torch.optim.AdamW")
 ANY = object()
@@ -78,7 +79,7 @@ def shape_key(tree: dict) -> str | None:
     own: :func:`valid_lams`): the config with each stacked key's value blanked (a key that is
     absent stays absent, so optimizers with other keys never share a stack)."""
     if (tree.get("resume") or tree.get("reuse")
-            or (tree.get("model") or {}).get("_target_") not in STACKABLE_MODELS
+            or (tree.get("model") or {}).get("_target_") not in NETWORKS.values()
             or (tree.get("optimizer") or {}).get("_target_") not in STACKABLE_OPTIMIZERS
             or not _stackable_trainer(tree.get("trainer") or {})):
         return None

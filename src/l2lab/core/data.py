@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from l2lab.base import ConfigError
+from l2lab.core.rules import DATASETS
 
-DATASETS = ("digits", "mnist1d", "mnist", "fashion_mnist", "cifar10")
 NUM_CLASSES = 10  # every supported dataset has ten classes
 
 # Per-channel (mean, std) of the official training splits.

@@ -20,6 +20,7 @@ from torch import nn
 
 from l2lab.base import ConfigError
 from l2lab.config.schema import MODES, NORMALIZE, check_lam
+from l2lab.core.rules import LAYER_TYPES
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ def select_layers(
     lam: float,
     layers: Sequence[str] = ("*",),
     exclude: Sequence[str] = (),
-    types: Sequence[str] = ("Linear", "Conv1d", "Conv2d"),
+    types: Sequence[str] = LAYER_TYPES,
     min_params: int = 0,
     lam_per_layer: Mapping[str, float] | None = None,
     include_bias: bool = False,
@@ -256,7 +257,7 @@ def build_penalty(model: nn.Module, cfg: Mapping, dataset_size: int | None = Non
         lam=cfg.get("lam", 0.0),
         layers=cfg.get("layers", ["*"]),
         exclude=cfg.get("exclude", []),
-        types=cfg.get("types", ["Linear", "Conv1d", "Conv2d"]),
+        types=cfg.get("types", LAYER_TYPES),
         min_params=cfg.get("min_params", 0),
         lam_per_layer=cfg.get("lam_per_layer") or {},
         include_bias=bool(cfg.get("include_bias", False)),

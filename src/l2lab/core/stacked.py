@@ -29,6 +29,7 @@ from torch import nn
 
 from l2lab.core.module import L2Module, SegmentedOptimizer, networks_at
 from l2lab.core.regularization import L2Penalty, SelectedLayer
+from l2lab.core.rules import NETWORKS
 
 #: Parameter-free modules that treat every row of the batch on its own.
 _ROWWISE = (nn.ReLU, nn.Tanh, nn.GELU, nn.Sigmoid, nn.Identity, nn.Flatten, nn.MaxPool1d,
@@ -155,8 +156,8 @@ def stack_networks(nets: Sequence[nn.Module], generators: Sequence[torch.Generat
     anything with an unknown parametrised or row-mixing layer (e.g. BatchNorm) is refused.
     """
     first = nets[0]
-    if not type(first).__module__.startswith("l2lab."):
-        raise NotStackable(f"model {type(first).__name__} is not an l2lab model")
+    if f"{type(first).__module__}.{type(first).__qualname__}" not in NETWORKS.values():
+        raise NotStackable(f"model {type(first).__name__} is not one of l2lab's networks")
     stacked = copy.deepcopy(first)
     for name, module in first.named_modules():
         if not name:

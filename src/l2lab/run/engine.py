@@ -26,6 +26,7 @@ from l2lab.base import CONF_DIR, ConfigError, last_checkpoint
 from l2lab.config import schema
 from l2lab.config.composing import YamlTemplate, dump_yaml, substitute, with_values
 from l2lab.config.stackable import optimizer_key
+from l2lab.core import rules
 from l2lab.run import lifecycle
 from l2lab.tracking import tracker as tr
 
@@ -92,8 +93,8 @@ def net_factory(cfg: DictConfig) -> Callable[..., torch.nn.Module]:
     shape and classes, with a job's own dropout rate (instantiated once per stack: a Hydra
     ``instantiate`` per job cost ~15 ms)."""
     model_cfg = _strip(cfg.model, "name")
-    if not str(model_cfg.get("_target_", "")).startswith("l2lab.models."):
-        raise ConfigError(f"model must be one of mlp, cnn (l2lab.models.*), got {cfg.model}.")
+    if why := rules.network_error(model_cfg.get("_target_")):
+        raise ConfigError(why)
 
     def explained(e: Exception) -> ConfigError:
         cause = e if isinstance(e, ConfigError) else e.__cause__  # instantiate wraps ours
