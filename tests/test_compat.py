@@ -72,6 +72,12 @@ def test_the_libraries_own_deprecation_channels_are_errors_here():
                                module="omegaconf.omegaconf")
 
 
+def quiet(r) -> None:
+    """What a user sees of a command: no deprecation warning (run time quiets only
+    ``console.KNOWN_WARNINGS``; Hydra's deprecations would have failed the command)."""
+    assert not re.search(r"(Deprecation|Future)Warning|is deprecated", r.stderr), r.stderr[-3000:]
+
+
 def test_known_third_party_warnings_and_others_modules_deprecations_stay_quiet():
     with warnings.catch_warnings(record=True) as seen:
         warnings.warn_explicit("The ``noload`` loader strategy is deprecated and will be removed",
@@ -314,6 +320,7 @@ def _hydra_files(tmp_path: Path, name: str, *launcher: str) -> dict[int, dict[st
                 *TINY, "trainer.max_epochs=1", f"tracking.uri={store}",
                 f"hydra.sweep.dir={out}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
+    quiet(r)
     files = {}
     for job in (0, 1):
         files[job] = {f: _flat(yaml.safe_load((out / str(job) / ".hydra" / f).read_text()))
@@ -387,9 +394,11 @@ def test_a_run_logged_before_the_move_still_reproduces_and_is_reused(tmp_path):
     r = run_cli("l2lab.reproduce", rid, "--check", "--tracking-uri", store, cwd=tmp_path)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
     assert "differ" not in r.stdout and "val/ce" in r.stdout
+    quiet(r)
 
     r = run_cli("l2lab.train", *overrides, "reuse=true", f"tracking.uri={store}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
+    quiet(r)
     assert rid[:8] in r.stdout + r.stderr
     trained = [x for x in client.search_runs([exp], max_results=100)
                if x.data.tags.get(rr.HASH_TAG) == old["tags"][rr.HASH_TAG]
