@@ -111,6 +111,27 @@ def test_a_stack_records_every_job_as_the_contract_says(tmp_path, fake):
             pytest.approx(run.final("weights/sq_norm_total"), rel=1e-5)
 
 
+def test_an_ordinary_run_is_a_stack_of_one_with_the_same_numbers(tmp_path, fake):
+    """``train_jobs`` with one job (what ``train(cfg)`` runs): no stack tag, and on CPU every
+    logged number equals that job's as the second network of a stack."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    overrides = ["regularization.lam=0.3", "seed=1"]
+    cfg = engine.prepared(make_cfg(f"tracking.uri={uri}", *SMALL,
+                                   f"trainer.max_epochs={EPOCHS}", *overrides, tiny=False))
+    job = engine.Job(cfg, overrides, tmp_path / "ordinary", engine.run_name(overrides, cfg))
+    engine.train_jobs([job])
+    assert isinstance(job.result, dict)
+    _stack(tmp_path, [["regularization.lam=0.01", "seed=0"], overrides])
+    ordinary, _, child = fake.runs.values()
+    assert ordinary.name == child.name == "lam=0.3 seed=1"
+    assert "l2lab.vectorized_group" not in ordinary.tags
+    assert ordinary.status == child.status == "FINISHED"
+    assert set(ordinary.metrics) == set(child.metrics)
+    for key in ordinary.metrics:
+        assert ordinary.history(key) == child.history(key), key
+    assert ordinary.params == child.params
+
+
 def test_test_metrics_are_logged_once_at_the_last_epoch(tmp_path, fake, mnist1d_root):
     (result,) = _stack(tmp_path, [["regularization.lam=0.01"]], "data=mnist1d",
                        f"data.root={mnist1d_root}")

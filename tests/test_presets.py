@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 
 from l2lab import CONF_DIR
 from l2lab.config.schema import SCHEMAS
+from l2lab.train import train
 
 EPOCHS = 2
 # One batch per epoch: a preset's network and optimizer, trained for two steps.
@@ -127,9 +128,6 @@ def test_every_experiment_preset_trains(preset, model, tmp_path, store, mnist1d_
     overrides = [*chosen, *job, *(f"{k}={v}" for k, v in TINY.items()), *data,
                  f"tracking.uri={store}"]
     cfg = _compose(overrides)
-
-    from l2lab.train import train
-
     final = train(cfg, overrides=[*chosen, *job], output_dir=tmp_path / "out")
 
     client = MlflowClient(store)
