@@ -27,10 +27,26 @@ from mlflow.tracking import MlflowClient
 
 import l2lab.config.schema  # noqa: F401  (registers the config schemas that conf/ names)
 from l2lab import CONF_DIR
+from l2lab.console import KNOWN_WARNINGS
 
 # Tiny, fast settings shared by the end-to-end tests (digits: no download).
 TINY = ["data.train_size=120", "data.val_size=60", "data.batch_size=40", "model.hidden=[32]",
         "trainer.max_epochs=3"]
+
+
+def ignored(message: str, category: type[Warning], module: str) -> str:
+    """A ``filterwarnings`` line (pytest's ini and mark syntax: regular expressions) that ignores
+    one of ``console.KNOWN_WARNINGS``."""
+    return f"ignore:{message}:{category.__name__}:{module}"
+
+
+#: The suite's warning filters: the third-party warnings the harness cannot fix, and no other.
+KNOWN = tuple(ignored(*w) for w in KNOWN_WARNINGS)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for line in KNOWN:
+        config.addinivalue_line("filterwarnings", line)
 
 
 @pytest.fixture(autouse=True)

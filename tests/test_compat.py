@@ -8,11 +8,12 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import re
+import warnings
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY, run_cli
+from conftest import KNOWN, TINY, run_cli
 from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 
@@ -21,6 +22,74 @@ from l2lab.compat import hydra_run_job as rj
 from l2lab.compat import lightning as cl
 from l2lab.compat import mlflow as cm
 from l2lab.compat import omegaconf as co
+
+# A deprecation names the code that calls the deprecated name (``stacklevel``): a library's
+# deprecation of a name l2lab uses is reported in l2lab's module, one inside a library in the
+# library's. Both are errors here (pytest's module field is a regular expression matched from
+# the start of the module's name); then the known third-party warnings, which win (later
+# filters take precedence), stay ignored.
+OURS = r"(l2lab|hydra_plugins\.l2lab_)"
+LIBRARIES = r"(mlflow|hydra|omegaconf|pytorch_lightning|lightning_fabric|lightning)(\.|$)"
+DEPRECATIONS_AS_ERRORS = (
+    f"error::DeprecationWarning:{OURS}",
+    f"error::FutureWarning:{OURS}",  # MLflow's and torch's deprecations are FutureWarnings
+    f"error::DeprecationWarning:{LIBRARIES}",
+    f"error::FutureWarning:{LIBRARIES}",
+    "error::lightning_fabric.utilities.rank_zero.LightningDeprecationWarning",  # any module
+    "error:(?s).*deprecated:UserWarning",  # OmegaConf's and Hydra's deprecations
+)
+pytestmark = [pytest.mark.filterwarnings(f) for f in (*DEPRECATIONS_AS_ERRORS, *KNOWN)]
+
+
+@pytest.fixture(autouse=True)
+def _hydra_deprecations_raise(monkeypatch):
+    """Hydra's own switch: its deprecations raise ``HydraDeprecationError``, here and in the
+    commands these tests start (they inherit the environment)."""
+    monkeypatch.setenv("HYDRA_DEPRECATION_WARNINGS_AS_ERRORS", "1")
+
+
+@pytest.mark.parametrize("module", ["l2lab.compat.mlflow", "hydra_plugins.l2lab_launchers",
+                                    "mlflow.tracking.client", "hydra.core.utils",
+                                    "omegaconf.omegaconf", "pytorch_lightning.trainer.trainer",
+                                    "lightning_fabric.utilities"])
+@pytest.mark.parametrize("category", [DeprecationWarning, FutureWarning])
+def test_a_deprecation_in_l2lab_or_the_libraries_is_an_error_here(module, category):
+    with pytest.raises(category):
+        warnings.warn_explicit("old_name is deprecated", category, "x.py", 1, module=module)
+
+
+def test_the_libraries_own_deprecation_channels_are_errors_here():
+    from hydra._internal.deprecation_warning import deprecation_warning
+    from hydra.errors import HydraDeprecationError
+    from lightning_fabric.utilities.rank_zero import rank_zero_deprecation
+
+    with pytest.raises(DeprecationWarning, match="gone"):  # from any module
+        rank_zero_deprecation("gone in 2.7")
+    with pytest.raises(HydraDeprecationError):
+        deprecation_warning("gone in 1.4")
+    with pytest.raises(UserWarning, match="register_resolver"):
+        warnings.warn_explicit("register_resolver() is deprecated.", UserWarning, "x.py", 1,
+                               module="omegaconf.omegaconf")
+
+
+def quiet(r) -> None:
+    """What a user sees of a command: no deprecation warning (run time quiets only
+    ``console.KNOWN_WARNINGS``; Hydra's deprecations would have failed the command)."""
+    assert not re.search(r"(Deprecation|Future)Warning|is deprecated", r.stderr), r.stderr[-3000:]
+
+
+def test_known_third_party_warnings_and_others_modules_deprecations_stay_quiet():
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.warn_explicit("The ``noload`` loader strategy is deprecated and will be removed",
+                               DeprecationWarning, "x.py", 1,
+                               module="mlflow.store.tracking.sqlalchemy_store")
+        warnings.warn_explicit("`isinstance(treespec, LeafSpec)` is deprecated, use ...",
+                               FutureWarning, "x.py", 1,
+                               module="pytorch_lightning.utilities._pytree")
+        # another library's: shown (pytest's summary), not an error: none of compat/'s
+        warnings.warn_explicit("x is deprecated", DeprecationWarning, "x.py", 1,
+                               module="sklearn.utils")
+    assert [str(w.message) for w in seen] == ["x is deprecated"]
 
 
 @pytest.mark.parametrize("module,dist", [(cm, "mlflow"), (ch, "hydra-core"), (co, "omegaconf"),
@@ -251,6 +320,7 @@ def _hydra_files(tmp_path: Path, name: str, *launcher: str) -> dict[int, dict[st
                 *TINY, "trainer.max_epochs=1", f"tracking.uri={store}",
                 f"hydra.sweep.dir={out}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
+    quiet(r)
     files = {}
     for job in (0, 1):
         files[job] = {f: _flat(yaml.safe_load((out / str(job) / ".hydra" / f).read_text()))
@@ -324,9 +394,11 @@ def test_a_run_logged_before_the_move_still_reproduces_and_is_reused(tmp_path):
     r = run_cli("l2lab.reproduce", rid, "--check", "--tracking-uri", store, cwd=tmp_path)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
     assert "differ" not in r.stdout and "val/ce" in r.stdout
+    quiet(r)
 
     r = run_cli("l2lab.train", *overrides, "reuse=true", f"tracking.uri={store}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
+    quiet(r)
     assert rid[:8] in r.stdout + r.stderr
     trained = [x for x in client.search_runs([exp], max_results=100)
                if x.data.tags.get(rr.HASH_TAG) == old["tags"][rr.HASH_TAG]
