@@ -178,6 +178,39 @@ def test_a_stack_gives_each_network_its_own_terms(_float64, cls, extra):
             assert terms[name][i].item() == value.item(), (i, name)
 
 
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no")
+def test_the_after_step_hook_sees_each_updated_network(tmp_path):
+    """A penalty class's ``after_step`` (where a max-norm constraint would project the weights)
+    runs after every optimizer step of a fit, on the stack's updated weights."""
+    import pytorch_lightning as pl
+
+    from l2lab.core.data import StackedBatches
+    from l2lab.core.stacked import StackMember, stack_members
+
+    seen: list[torch.Tensor] = []
+
+    class Watched(L2):
+        def after_step(self) -> None:
+            seen.append(self.selected[0].weight.detach().clone())
+
+    torch.manual_seed(0)
+    nets = [MLP((1, 4, 4), 10, hidden=[8]) for _ in range(2)]
+    first = [n.fc1.weight.detach().clone() for n in nets]
+    members = [StackMember(n, Watched.from_config(n, _cfg(lam=0.1)), torch.Generator(),
+                           optimizer={"lr": 0.1}) for n in nets]
+    module = stack_members(members, torch.optim.SGD, batch_size=10)
+    assert type(module.penalty) is Watched
+    x, y = torch.randn(40, 1, 4, 4), torch.randint(0, 10, (40,))
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu", default_root_dir=str(tmp_path))
+    trainer.fit(module, train_dataloaders=StackedBatches(x, y, 10, [0, 1]))
+    assert len(seen) == 4 and seen[0].shape == (2, 8, 16)  # 4 steps, the stack of 2
+    assert not torch.equal(seen[0][0], first[0]) and not torch.equal(seen[0][1], first[1])
+    assert torch.equal(seen[-1], module.net.fc1.weight.detach())
+    assert module.epoch_metrics[0]["train/l2"] > 0
+
+
 def test_core_imports_nothing_of_the_layers_above_it():
     """core/ (the science) stands alone: no import of run/, config/, tracking/, report/ or
     compat/ in any core module, at top level or inside a function."""

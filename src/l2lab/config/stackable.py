@@ -4,9 +4,11 @@ launcher imports it when Hydra starts).
 
 A setting stacks when it keeps the network's shapes and the data stream and l2lab has proven it
 per network (``tests/test_engine.py``: each child equals its ordinary run bit for bit on CPU):
-the seed, every key of ``regularization``, one optimizer class's hyperparameters (each network's
-step is its own torch param group), ``model.dropout`` (each network its own rate and generator)
-and gradient clipping (each network by its own norm or value). The composer
+the seed, every key of ``regularization`` for one penalty class (its ``_target_`` is not
+stacked: an L1 job and an L2 job train in different stacks), one optimizer class's
+hyperparameters (each network's step is its own torch param group), ``model.dropout`` (each
+network its own rate and generator) and gradient clipping (each network by its own norm or
+value). The composer
 (``composing.SweepConfigs``), the launcher, the engine and the tests all read :data:`STACKED`.
 """
 
