@@ -211,6 +211,42 @@ def test_the_after_step_hook_sees_each_updated_network(tmp_path):
     assert module.epoch_metrics[0]["train/l2"] > 0
 
 
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no")
+def test_a_constraint_without_terms_is_one_class(tmp_path):
+    """A max-norm-like constraint (no term; each selected W of each network rescaled into
+    ||W||_F <= c after every step) needs no change to the module: train/loss is train/ce."""
+    import pytorch_lightning as pl
+
+    from l2lab.core.data import StackedBatches
+    from l2lab.core.stacked import StackMember, stack_members
+
+    class Capped(Penalty):
+        TERMS = ()
+
+        def terms(self, batch_size, lams=None):
+            return {}
+
+        def after_step(self) -> None:
+            with torch.no_grad():
+                for s in self.selected:
+                    norms = s.weight.flatten(1).norm(dim=1).view(-1, 1, 1)
+                    s.weight.mul_(torch.clamp(0.5 / norms, max=1.0))
+
+    torch.manual_seed(0)
+    nets = [MLP((1, 4, 4), 10, hidden=[8]) for _ in range(2)]
+    members = [StackMember(n, Capped.from_config(n, _cfg(layers=["fc1"])), torch.Generator(),
+                           optimizer={"lr": 0.5}) for n in nets]
+    module = stack_members(members, torch.optim.SGD, batch_size=10)
+    x, y = torch.randn(40, 1, 4, 4), torch.randint(0, 10, (40,))
+    pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, accelerator="cpu", default_root_dir=str(tmp_path)
+               ).fit(module, train_dataloaders=StackedBatches(x, y, 10, [0, 1]))
+    assert module.net.fc1.weight.detach().flatten(1).norm(dim=1).max() <= 0.5 + 1e-6
+    for m in module.epoch_metrics:
+        assert m["train/loss"] == m["train/ce"] and not any(k.startswith("train/l") and
+                                                            k != "train/loss" for k in m)
+
+
 def test_core_imports_nothing_of_the_layers_above_it():
     """core/ (the science) stands alone: no import of run/, config/, tracking/, report/ or
     compat/ in any core module, at top level or inside a function."""

@@ -169,7 +169,7 @@ class L2Module(pl.LightningModule):
         ce, n = self._ce_step(batch, "train")
         if self._loss_lams is not None:
             terms = self.penalty.terms(n, self._loss_lams)
-            loss = (ce + added(terms)).sum()
+            loss = (ce + added(terms)).sum() if terms else ce.sum()
         else:
             loss = ce.sum()
         if self._opt_lams is not None:  # the optimizer step applies it; log the equivalent
@@ -238,10 +238,12 @@ class L2Module(pl.LightningModule):
             if not self.alive[i]:
                 continue
             d = {key: v[pos] for key, v in m.items()}
-            penalty = d[f"train/{names[0]}"]
-            for name in names[1:]:
-                penalty = penalty + d[f"train/{name}"]
-            d["train/loss"] = d["train/ce"] + penalty
+            d["train/loss"] = d["train/ce"]
+            if names:  # a constraint alone (max-norm) has no term
+                penalty = d[f"train/{names[0]}"]
+                for name in names[1:]:
+                    penalty = penalty + d[f"train/{name}"]
+                d["train/loss"] = d["train/ce"] + penalty
             if not math.isfinite(d["train/loss"]):
                 self.alive[i] = False
                 self.failures[i] = nonfinite_message(self.current_epoch, d, names)

@@ -163,8 +163,8 @@ class Penalty(nn.Module, ABC):
     * :meth:`settings`: its own per-network settings read from the config (elastic net's
       ``l1_ratio``), passed to ``__init__`` and, per network, by :meth:`stack`;
     * :meth:`after_step`: called after every optimizer step (default: nothing), so that a
-      constraint such as max-norm (project each selected W back into ||W|| <= c) is one more
-      class with no change to the module.
+      constraint such as max-norm (project each selected W back into ||W|| <= c; no terms,
+      ``TERMS = ()``) is one more class with no change to the module (no preset has one yet).
     """
 
     #: The names of the terms :meth:`terms` returns (``train/<name>``).
