@@ -474,3 +474,33 @@ def test_a_segmented_optimizer_steps_each_network_as_its_own_and_checkpoints_per
         for i in range(k):
             for p, q in zip(stacked, alone[i], strict=True):
                 assert torch.equal(p.detach()[i:i + 1], q.detach()), (step, i)
+
+
+#: Stacks of one penalty class whose jobs differ in every per-network setting of that penalty.
+PENALTY_STACKS = {
+    "l1": (["regularization=l1"], [
+        ["regularization.lam=0.01", "seed=0"],
+        ["regularization.lam=0.3", "seed=1", "regularization.layers=[fc1]"],
+        ["regularization.lam=0.1", "regularization.normalize=dataset",
+         "regularization.include_bias=true"]]),
+    "elastic": (["regularization=elastic"], [
+        ["regularization.lam=0.1", "regularization.l1_ratio=0.2"],
+        ["regularization.lam=0.3", "regularization.l1_ratio=0.9", "seed=1"],
+        ["regularization.lam=0.003", "regularization.normalize=none",
+         "+regularization.lam_per_layer.out=1.0", "regularization.exclude=[fc1]"]]),
+}
+
+
+@pytest.mark.parametrize("case", list(PENALTY_STACKS), ids=list(PENALTY_STACKS))
+def test_a_stack_of_l1_or_elastic_jobs_equals_their_ordinary_runs_exactly(tmp_path, store, case):
+    """The penalty interface stacks per network: L1 and elastic-net jobs with their own λ,
+    l1_ratio, selection, normalize and bias train as one stack, each child equal to its
+    ordinary run (every epoch, every metric, the final weights)."""
+    extra, jobs = PENALTY_STACKS[case]
+    client, pairs, results = _ordinary_and_stacked(tmp_path, store, jobs, *TINY_MIXED, *extra)
+    assert len({c.data.tags["l2lab.vectorized_group"] for _, c in pairs}) == 1
+    for ordinary, child in pairs:
+        _assert_same_run(client, ordinary, child, tmp_path)
+        assert "train/l1" in child.data.metrics
+        assert ("train/l2" in child.data.metrics) == (case == "elastic")
+    assert len({round(r["train/l1"], 6) for r in results}) == len(jobs)

@@ -26,9 +26,8 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from l2lab.base import ConfigError
 from l2lab.core import rules
+from l2lab.core.rules import DEFAULT_PENALTY, MODES, NORMALIZE, check_lams, check_ratio
 
-NORMALIZE = ("batch", "dataset", "none")
-MODES = ("loss", "optimizer")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 CLIP_ALGORITHMS = ("norm", "value")
 #: Dict-valued keys whose entries the user adds with ``+key.<name>=value`` (design.md §3).
@@ -75,6 +74,9 @@ class CNNConfig:
 
 @dataclass
 class RegularizationConfig:
+    """The keys every penalty shares (``core/penalties.py``): the selection, λ, n, mode."""
+
+    _target_: str = DEFAULT_PENALTY
     name: str = MISSING
     lam: float = 1e-3
     layers: list[str] = field(default_factory=lambda: ["*"])
@@ -85,6 +87,14 @@ class RegularizationConfig:
     include_bias: bool = False
     normalize: str = "batch"
     mode: str = "loss"
+
+
+@dataclass
+class ElasticNetConfig(RegularizationConfig):
+    """Elastic net: ``lam`` split into λ₁ = l1_ratio·lam and λ₂ = (1 − l1_ratio)·lam."""
+
+    _target_: str = "l2lab.core.penalties.ElasticNet"
+    l1_ratio: float = 0.5
 
 
 @dataclass
@@ -154,7 +164,7 @@ class TrainConfig:
 SCHEMAS: dict[str, dict[str, type]] = {
     "data": {"data": DataConfig},
     "model": {"mlp": MLPConfig, "cnn": CNNConfig},
-    "regularization": {"regularization": RegularizationConfig},
+    "regularization": {"regularization": RegularizationConfig, "elastic": ElasticNetConfig},
     "optimizer": {"sgd": SGDConfig, "adam": AdamConfig, "adamw": AdamWConfig},
     "trainer": {"trainer": TrainerConfig},
 }
@@ -177,24 +187,11 @@ def _fail(key: str, rule: str, value: object) -> ConfigError:
     return ConfigError(f"{key} must be {rule}, got {value!r}.")
 
 
-def check_lam(key: str, value: object) -> float:
-    """λ as a float, or a ConfigError naming ``key``: λ must be finite and >= 0."""
-    try:
-        lam = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key} must be a number >= 0, got {value!r}.") from None
-    if not math.isfinite(lam) or lam < 0:
-        raise ConfigError(f"{key} must be a finite number >= 0 (0 disables L2), got {value!r}.")
-    return lam
-
-
 def check_member(values: Mapping[str, Any]) -> None:
     """:func:`validate`'s checks of the keys in which the jobs of a stack differ (its
     ``stackable.STACKED``), in its order: for a job whose other keys passed ``validate`` as
     another job of its stack, the same first error."""
-    check_lam("regularization.lam", values["regularization.lam"])
-    for layer, lam in (values["regularization.lam_per_layer"] or {}).items():
-        check_lam(f"regularization.lam_per_layer.{layer}", lam)
+    check_lams(values["regularization.lam"], values["regularization.lam_per_layer"])
     seed = values["seed"]
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise _fail("seed", "an integer >= 0", seed)
@@ -229,9 +226,9 @@ def validate(cfg: DictConfig) -> None:
     pattern matching nothing) run later, in ``train``, still before any training.
     """
     reg = cfg.regularization
-    check_lam("regularization.lam", reg.get("lam"))
-    for layer, lam in (reg.get("lam_per_layer") or {}).items():
-        check_lam(f"regularization.lam_per_layer.{layer}", lam)
+    check_lams(reg.get("lam"), reg.get("lam_per_layer"))
+    if "l1_ratio" in reg:
+        check_ratio(reg.get("l1_ratio"))
     _choice(cfg, "regularization.normalize", NORMALIZE)
     _choice(cfg, "regularization.mode", MODES)
     _int(cfg, "regularization.min_params", 0)

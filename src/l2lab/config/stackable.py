@@ -4,22 +4,24 @@ launcher imports it when Hydra starts).
 
 A setting stacks when it keeps the network's shapes and the data stream and l2lab has proven it
 per network (``tests/test_engine.py``: each child equals its ordinary run bit for bit on CPU):
-the seed, every key of ``regularization``, one optimizer class's hyperparameters (each network's
-step is its own torch param group), ``model.dropout`` (each network its own rate and generator)
-and gradient clipping (each network by its own norm or value). The composer
+the seed, every key of ``regularization`` for one penalty class (its ``_target_`` is not
+stacked: an L1 job and an L2 job train in different stacks), one optimizer class's
+hyperparameters (each network's step is its own torch param group), ``model.dropout`` (each
+network its own rate and generator) and gradient clipping (each network by its own norm or
+value). The composer
 (``composing.SweepConfigs``), the launcher, the engine and the tests all read :data:`STACKED`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from l2lab.core.rules import NETWORKS
+from l2lab.base import ConfigError
+from l2lab.core.rules import NETWORKS, check_lams
 
 #: The per-network settings of a stack: dotted keys of the task config. A job's values are those
 #: of these keys that its config has (an optimizer class has its own keys; the jobs of a stack
@@ -29,7 +31,7 @@ STACKED = (
     "regularization.name", "regularization.lam", "regularization.lam_per_layer",
     "regularization.layers", "regularization.exclude", "regularization.types",
     "regularization.min_params", "regularization.include_bias", "regularization.normalize",
-    "regularization.mode",
+    "regularization.mode", "regularization.l1_ratio",
     "optimizer.lr", "optimizer.momentum", "optimizer.dampening", "optimizer.nesterov",
     "optimizer.betas", "optimizer.eps", "optimizer.weight_decay", "optimizer.amsgrad",
     "model.dropout",
@@ -118,12 +120,13 @@ def task_config(cfg: DictConfig) -> DictConfig:
 
 
 def valid_lams(reg: dict) -> bool:
-    """Jobs with a bad λ go the ordinary way, which records them FAILED with the reason."""
-    values = [reg.get("lam"), *((reg.get("lam_per_layer") or {}).values())]
+    """Jobs with a bad λ go the ordinary way, which records them FAILED with the reason
+    (``rules.check_lams``, the one check of λ)."""
     try:
-        return all(math.isfinite(float(v)) and float(v) >= 0 for v in values)
-    except (TypeError, ValueError):
+        check_lams(reg.get("lam"), reg.get("lam_per_layer"))
+    except ConfigError:
         return False
+    return True
 
 
 def member_lams(values: Mapping[str, Any]) -> dict[str, Any]:

@@ -230,8 +230,8 @@ class _Shuffles:
 class StackedBatches:
     """Mini-batches for K stacked networks, each in its own seed's order, as one (K·B) batch.
 
-    Network k's rows come at [k·b, (k+1)·b): the same examples, in the same order, as
-    ``TensorBatches(x, y, batch_size, shuffle=True, seed=seeds[k])`` gives that network alone.
+    Network i's rows come at [i·b, (i+1)·b): the same examples, in the same order, as
+    ``TensorBatches(x, y, batch_size, shuffle=True, seed=seeds[i])`` gives that network alone.
     With ``world > 1`` (DDP) each rank keeps its strided shard of every network's batch and the
     batch is ``(x, y, n)``, n the global batch size, as ``TensorBatches`` does.
     """

@@ -1,13 +1,16 @@
-"""The LightningModule: J_k = mean CCE_k + (λ_k/n) Σ ||W||² for a stack of K networks (K >= 1).
+"""The LightningModule: J_i = mean CCE_i + penalty_i (the note's (λ_i/n) Σ ||W||² for L2) for a
+stack of K networks (K >= 1), network i its own row of every stacked tensor.
 
 Every run is a stack: an ordinary run is a stack of one, a vectorized sweep a stack of K. One
 module, one set of kernels, so a child of a vectorized sweep and its ordinary run are the same
 computation (on CPU bit for bit; ``tests/test_engine.py``). The networks share no parameter and no
-operation mixes their rows, so the gradient of Σ_k J_k w.r.t. network k's weights is that of J_k.
+operation mixes their rows, so the gradient of Σ_i J_i w.r.t. network i's weights is that of J_i.
+The module knows no penalty by name: it adds and logs whatever terms the penalty returns
+(``regularization.Penalty``: ``train/l2``, ``train/l1``, ...).
 
 Settings that act on the optimizer as a whole act per network here: gradient clipping uses each
 network's own norm (or value) and its own threshold, and ``mode=optimizer`` applies each
-network's own decay 2λ_k/n_k, after clipping, as torch's ``weight_decay`` would (coupled: to the
+network's own decay 2λ_i/n_i, after clipping, as torch's ``weight_decay`` would (coupled: to the
 gradient for SGD/Adam; decoupled: to the weights for AdamW, with the network's own lr). Networks
 of one stack may differ in mode: a network's λ is masked to 0 in the other mode's term, which
 adds exact zeros. Per-step values stay on the device and become floats once per epoch.
@@ -21,23 +24,29 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from l2lab.core.regularization import L2Penalty
+from l2lab.core.regularization import Penalty, added
+
+#: (trainer, optimizer): give a running fit another optimizer (the run layer passes
+#: ``compat.lightning.replace_optimizer``; core imports no private name of Lightning).
+ReplaceOptimizer = Callable[[Any, torch.optim.Optimizer], None]
 
 
 class NonFiniteLossError(FloatingPointError):
     """Training diverged: the loss became NaN or infinite."""
 
 
-def nonfinite_message(epoch: int, m: dict[str, float]) -> str:
-    """Why a run stopped: the epoch and the diverged numbers, and what to change."""
-    return (f"non-finite loss at epoch {epoch}: train/loss={m['train/loss']} "
-            f"(train/ce={m['train/ce']}, train/l2={m['train/l2']}); "
+def nonfinite_message(epoch: int, m: dict[str, float], terms: Sequence[str] = ("l2",)) -> str:
+    """Why a run stopped: the epoch and the diverged numbers (the CCE and the penalty's
+    ``terms``), and what to change."""
+    parts = ", ".join(f"train/{t}={m[f'train/{t}']}" for t in ("ce", *terms))
+    return (f"non-finite loss at epoch {epoch}: train/loss={m['train/loss']} ({parts}); "
             "lower optimizer.lr or regularization.lam")
 
 
@@ -46,22 +55,23 @@ class L2Module(pl.LightningModule):
 
     ``epoch_metrics`` is a list with one dict per network (``None`` for one that diverged, whose
     reason is in ``failures``); ``test_metrics`` likewise. Both, ``failures`` and ``alive`` are
-    indexed by the network's place among the K it started with; ``slots`` maps the stack's
-    current positions to those indices (networks leave the stack: :meth:`remove`), and ``k`` is
-    how many networks the stack holds now.
+    indexed by the network's place ``i`` among the K it started with; ``slots`` maps the stack's
+    current positions ``pos`` to those indices (networks leave the stack: :meth:`remove`), and
+    ``k`` is how many networks the stack holds now (``k`` is always a count here, never an index).
     """
 
     #: Cut diverged networks out of the stack (else they train on as zeros). Off only to
     #: measure what dead networks cost (``python -m l2lab.bench --dead``).
     drop_dead: bool = True
 
-    def __init__(self, net: nn.Module, penalty: L2Penalty,
+    def __init__(self, net: nn.Module, penalty: Penalty,
                  make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
                  mode: str = "loss", batch_size: int = 64, *,
                  modes: Sequence[str] | None = None,
                  clips: Sequence[tuple[float | None, str | None]] | None = None,
                  selections: Sequence[Sequence[str]] | None = None,
-                 restack: Callable[[Sequence[int], nn.Module], L2Module] | None = None) -> None:
+                 restack: Callable[[Sequence[int], nn.Module], L2Module] | None = None,
+                 replace_optimizer: ReplaceOptimizer | None = None) -> None:
         super().__init__()
         self.batch_size = int(batch_size)
         self._set_stack(net, penalty, make_optimizer, modes or [mode] * int(penalty.lams.shape[1]),
@@ -69,6 +79,7 @@ class L2Module(pl.LightningModule):
         # (positions, net) -> the same stack built for the networks at those positions of this
         # one, holding their weights and dropout streams from ``net``: what remove() uses
         self.restack = restack
+        self.replace_optimizer = replace_optimizer
         self.slots = list(range(self.k))
         self.alive = [True] * self.k
         self.failures: dict[int, str] = {}
@@ -78,7 +89,7 @@ class L2Module(pl.LightningModule):
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, float] = {}
 
-    def _set_stack(self, net: nn.Module, penalty: L2Penalty,
+    def _set_stack(self, net: nn.Module, penalty: Penalty,
                    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
                    modes: Sequence[str],
                    clips: Sequence[tuple[float | None, str | None]] | None,
@@ -97,6 +108,8 @@ class L2Module(pl.LightningModule):
         self._loss_lams = None if not loss.any() else lams if loss.all() else lams * loss
         self._opt_lams = None if loss.all() else lams if not loss.any() else lams * ~loss
         self._is_loss = loss
+        # the penalty's hook after each optimizer step, when its class has one (max-norm ...)
+        self._after_step = type(penalty).after_step is not Penalty.after_step
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -113,11 +126,11 @@ class L2Module(pl.LightningModule):
     def _means(self, prefix: str) -> dict[str, list[float]]:
         """Epoch means (K values per key), fetched from the device in one transfer. Under DDP
         the sums and counts are first added over ranks (one collective)."""
-        keys = [k for k in self._sums if k.startswith(prefix)]
+        keys = [key for key in self._sums if key.startswith(prefix)]
         if not keys:
             return {}
-        sums = torch.stack([self._sums.pop(k) for k in keys])  # (keys, K)
-        counts = torch.tensor([float(self._counts.pop(k)) for k in keys], dtype=sums.dtype,
+        sums = torch.stack([self._sums.pop(key) for key in keys])  # (keys, K)
+        counts = torch.tensor([float(self._counts.pop(key)) for key in keys], dtype=sums.dtype,
                               device=sums.device)
         if self.trainer.world_size > 1:
             flat = self.trainer.strategy.reduce(torch.cat([sums.flatten(), counts]),
@@ -128,7 +141,7 @@ class L2Module(pl.LightningModule):
     def _ce_step(self, batch, split: str) -> tuple[torch.Tensor, int]:
         """Each network's mean CCE over the batch ((K,)), and the batch's n.
 
-        Training batches hold K blocks of rows, network k's at [k·b, (k+1)·b); an evaluation
+        Training batches hold K blocks of rows, network i's at [i·b, (i+1)·b); an evaluation
         batch is shared and every network sees all of it. A DDP shard comes as ``(x, y, n)``, n
         the global batch size: it returns ΣCCE over the shard × world/n, so that DDP's mean of
         the ranks' gradients is the gradient of the global batch's mean CCE (whatever the shard
@@ -155,18 +168,24 @@ class L2Module(pl.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         ce, n = self._ce_step(batch, "train")
         if self._loss_lams is not None:
-            l2 = self.penalty(n, self._loss_lams)
-            loss = (ce + l2).sum()
+            terms = self.penalty.terms(n, self._loss_lams)
+            loss = (ce + added(terms)).sum() if terms else ce.sum()
         else:
             loss = ce.sum()
         if self._opt_lams is not None:  # the optimizer step applies it; log the equivalent
             with torch.no_grad():  # with the nominal n
-                decayed = self.penalty(self.batch_size, self._opt_lams)
-            l2 = decayed if self._loss_lams is None else \
-                torch.where(self._is_loss.to(ce.device), l2.detach(), decayed)
+                decayed = self.penalty.terms(self.batch_size, self._opt_lams)
+            terms = decayed if self._loss_lams is None else {
+                name: torch.where(self._is_loss.to(ce.device), v.detach(), decayed[name])
+                for name, v in terms.items()}
         self._add("train/ce", ce, n)
-        self._add("train/l2", l2, n)
+        for name, v in terms.items():
+            self._add(f"train/{name}", v, n)
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:  # noqa: ANN001
+        if self._after_step:
+            self.penalty.after_step()
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
                                     gradient_clip_val: float | None = None,
@@ -214,14 +233,20 @@ class L2Module(pl.LightningModule):
         val, self._val_metrics = self._val_metrics, {}
         per_net: list[dict[str, float] | None] = [None] * len(self.alive)
         dead: list[int] = []  # stack positions of the networks that diverged in this epoch
-        for pos, k in enumerate(self.slots):
-            if not self.alive[k]:
+        names = self.penalty.TERMS
+        for pos, i in enumerate(self.slots):
+            if not self.alive[i]:
                 continue
             d = {key: v[pos] for key, v in m.items()}
-            d["train/loss"] = d["train/ce"] + d["train/l2"]
+            d["train/loss"] = d["train/ce"]
+            if names:  # a constraint alone (max-norm) has no term
+                penalty = d[f"train/{names[0]}"]
+                for name in names[1:]:
+                    penalty = penalty + d[f"train/{name}"]
+                d["train/loss"] = d["train/ce"] + penalty
             if not math.isfinite(d["train/loss"]):
-                self.alive[k] = False
-                self.failures[k] = nonfinite_message(self.current_epoch, d)
+                self.alive[i] = False
+                self.failures[i] = nonfinite_message(self.current_epoch, d, names)
                 dead.append(pos)
                 continue
             own = self.selections[pos]
@@ -234,7 +259,7 @@ class L2Module(pl.LightningModule):
             if "val/ce" in d:
                 d["gap/ce"] = d["val/ce"] - d["train/ce"]
                 d["gap/acc"] = d["train/acc"] - d["val/acc"]
-            per_net[k] = d
+            per_net[i] = d
         self.epoch_metrics = per_net
         if not any(self.alive):
             self.trainer.should_stop = True
@@ -248,7 +273,8 @@ class L2Module(pl.LightningModule):
     def _can_remove(self) -> bool:
         """Networks can leave the stack in a one-process fit whose batches can leave with them
         (under DDP every rank's wrapper holds the parameters: there they train on as zeros)."""
-        return self.drop_dead and self.restack is not None and self.trainer.world_size == 1 \
+        return self.drop_dead and self.restack is not None \
+            and self.replace_optimizer is not None and self.trainer.world_size == 1 \
             and hasattr(self.trainer.train_dataloader, "keep")
 
     def remove(self, positions: Sequence[int]) -> None:
@@ -261,12 +287,11 @@ class L2Module(pl.LightningModule):
         multiply as fast as numbers), while the rebuild costs less than one step (2-core CPU,
         default sweep with 24 of 48 networks dead: 7 ms, against 46 ms for a step of the 48
         and 21 ms for one of the 24 that stay; whole sweeps: ``python -m l2lab.bench --dead``)."""
-        from l2lab.compat.lightning import replace_optimizer
-
         gone = set(positions)
         keep = [p for p in range(self.k) if p not in gone]
-        if not keep or self.restack is None:
-            raise ValueError("remove() needs a restack function and a network that stays")
+        if not keep or self.restack is None or self.replace_optimizer is None:
+            raise ValueError("remove() needs restack and replace_optimizer, and a network that "
+                             "stays")
         smaller = self.restack(keep, self.net)
         state = self.trainer.optimizers[0].state_dict()["state"]
         self._set_stack(smaller.net, smaller.penalty, smaller.make_optimizer, smaller.modes,
@@ -275,10 +300,10 @@ class L2Module(pl.LightningModule):
         self.slots = [self.slots[p] for p in keep]
         optimizer = self.make_optimizer(self.net)
         optimizer.load_state_dict({
-            "state": {i: {key: networks_at(v, keep) for key, v in st.items()}
-                      for i, st in state.items()},
+            "state": {p: {key: networks_at(v, keep) for key, v in st.items()}
+                      for p, st in state.items()},
             "param_groups": optimizer.state_dict()["param_groups"]})
-        replace_optimizer(self.trainer, optimizer)
+        self.replace_optimizer(self.trainer, optimizer)
         self.trainer.train_dataloader.keep(keep)
 
     def _silence(self, pos: int) -> None:
@@ -288,7 +313,7 @@ class L2Module(pl.LightningModule):
         with torch.no_grad():
             for p in self.net.parameters():
                 p[pos].zero_()
-        zero_member_state(self.trainer.optimizers[0], pos, self.k)
+        zero_optimizer_state(self.trainer.optimizers[0], pos, self.k)
 
     # -- evaluation ----------------------------------------------------------------------------
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -307,15 +332,15 @@ class L2Module(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         means = self._means("test/")
         self.test_metrics = [{} for _ in self.alive]
-        for pos, k in enumerate(self.slots):
-            self.test_metrics[k] = {key: v[pos] for key, v in means.items()}
+        for pos, i in enumerate(self.slots):
+            self.test_metrics[i] = {key: v[pos] for key, v in means.items()}
 
 
 def clip_per_network(grads: Sequence[torch.Tensor], k: int,
                      max_norm: float | Sequence[float | None]) -> None:
-    """``torch.nn.utils.clip_grad_norm_`` for each of K stacked networks on its own: network k's
+    """``torch.nn.utils.clip_grad_norm_`` for each of K stacked networks on its own: network i's
     total norm is the 2-norm of its per-tensor norms, and its gradients are scaled by
-    min(1, max_norm_k / (norm + 1e-6)), exactly as torch computes it for one network. A network
+    min(1, max_norm_i / (norm + 1e-6)), exactly as torch computes it for one network. A network
     whose ``max_norm`` is None is left as it is (scaled by exactly 1.0)."""
     if not grads:
         return
@@ -391,25 +416,27 @@ class SegmentedOptimizer(torch.optim.Optimizer):
                 v.grad = None
         return loss
 
-    def member_groups(self, k: int) -> list[dict]:
-        """Network k's param groups, as its stack of one's optimizer has them."""
+    def param_groups_of(self, pos: int) -> list[dict]:
+        """The param groups of the network at stack position ``pos``, as its stack of one's
+        optimizer has them."""
         for a, b, _, opt in self.segments:
-            if a <= k < b:
+            if a <= pos < b:
                 return opt.state_dict()["param_groups"]
-        raise IndexError(k)
+        raise IndexError(pos)
 
     def lrs(self) -> list[float]:
         """Each network's learning rate."""
         return [float(opt.param_groups[0]["lr"]) for a, b, _, opt in self.segments
                 for _ in range(a, b)]
 
-    def member_state(self, k: int) -> list[dict]:
-        """Network k's state tensors (views into its segment's, to zero in place)."""
+    def optimizer_state_of(self, pos: int) -> list[dict]:
+        """The optimizer state tensors of the network at stack position ``pos`` (views into
+        its segment's, to zero in place)."""
         for a, b, views, opt in self.segments:
-            if a <= k < b:
-                return [{key: v[k - a] for key, v in opt.state.get(view, {}).items()
+            if a <= pos < b:
+                return [{key: v[pos - a] for key, v in opt.state.get(view, {}).items()
                          if torch.is_tensor(v) and v.dim() > 0} for view in views]
-        raise IndexError(k)
+        raise IndexError(pos)
 
     def state_dict(self) -> dict:
         params = self.param_groups[0]["params"]
@@ -432,7 +459,8 @@ class SegmentedOptimizer(torch.optim.Optimizer):
             if merged:
                 state[i] = merged
         return {"state": state, "param_groups": self.segments[0][3].state_dict()["param_groups"],
-                "member_param_groups": [self.member_groups(k) for k in range(len(self.lrs()))]}
+                "member_param_groups": [self.param_groups_of(pos)
+                                        for pos in range(len(self.lrs()))]}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Each segment gets its rows of the state, copied: a scalar such as Adam's ``step``
@@ -465,15 +493,16 @@ def networks_at(v, positions: Sequence[int]):
     return v
 
 
-def zero_member_state(optimizer: torch.optim.Optimizer, k: int, n: int) -> None:
-    """Zero network k's optimizer state (of ``n`` stacked networks) in place."""
+def zero_optimizer_state(optimizer: torch.optim.Optimizer, pos: int, k: int) -> None:
+    """Zero the optimizer state of the network at stack position ``pos`` (of ``k`` stacked
+    networks) in place."""
     with torch.no_grad():
         if isinstance(optimizer, SegmentedOptimizer):
-            for st in optimizer.member_state(k):
+            for st in optimizer.optimizer_state_of(pos):
                 for v in st.values():
                     v.zero_()
             return
         for state in optimizer.state.values():
             for v in state.values():
-                if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n:
-                    v[k].zero_()
+                if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == k:
+                    v[pos].zero_()

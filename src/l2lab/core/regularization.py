@@ -1,26 +1,33 @@
-"""Selective L2: which layers are penalised, and the penalty itself. Pure torch.
+"""Which layers are penalised (one rule for every penalty), and the penalty interface. Pure torch.
 
 The source note defines the regularized objective over a mini-batch of n examples as
 
     J = (1/n) Σ_i CCE(ŷ_i, y_i) + (λ/n) Σ_{l ∈ selected} ||W_l||_F²,   ||W||_F² = Σ_ij w_ij²
 
 whose gradient w.r.t. a selected W is ∂(mean CCE)/∂W + (2λ/n)·W (the note prints "2λ||W||",
-which is not the derivative of its own J). Autograd differentiates the penalty below, so the
-maths is written once: here.
+which is not the derivative of its own J). Other penalties keep the note's λ/n and its selection
+and change the norm (``core/penalties.py``: L2, L1, elastic net). Autograd differentiates each
+penalty's terms, so each formula is written once: in its class.
+
+``regularization._target_`` names the class; :func:`build_penalty` resolves it and builds it for
+a network (a class, not ``hydra.utils.instantiate``: a penalty needs the network and the data
+size, and a stack builds one penalty from its networks' own: :meth:`Penalty.stack`).
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Mapping, Sequence
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from l2lab.base import ConfigError
-from l2lab.config.schema import MODES, NORMALIZE, check_lam
-from l2lab.core.rules import LAYER_TYPES
+from l2lab.core.rules import DEFAULT_PENALTY, LAYER_TYPES, MODES, NORMALIZE, check_lams
 
 
 @dataclass(frozen=True)
@@ -64,12 +71,12 @@ def select_layers(
     no ``exclude`` pattern, and its weight has at least ``min_params`` elements. Its λ is that of
     the first ``lam_per_layer`` key matching its name, else ``lam``.
     """
-    lam = check_lam("regularization.lam", lam)
+    check_lams(lam, lam_per_layer)
+    lam = float(lam)  # type: ignore[arg-type]
     layers = _as_list("regularization.layers", layers)
     exclude = _as_list("regularization.exclude", exclude)
     types = _as_list("regularization.types", types)
-    per_layer = {str(k): check_lam(f"regularization.lam_per_layer.{k}", v)
-                 for k, v in (lam_per_layer or {}).items()}
+    per_layer = {str(key): float(v) for key, v in (lam_per_layer or {}).items()}
     try:
         min_params = int(min_params)
     except (TypeError, ValueError):
@@ -116,7 +123,8 @@ def select_layers(
             continue
         if module.weight.numel() < min_params:
             continue
-        layer_lam = next((v for k, v in per_layer.items() if fnmatch.fnmatchcase(name, k)), lam)
+        layer_lam = next((v for key, v in per_layer.items() if fnmatch.fnmatchcase(name, key)),
+                         lam)
         bias = getattr(module, "bias", None) if include_bias else None
         selected.append(SelectedLayer(name, layer_lam, module.weight,
                                       bias if isinstance(bias, nn.Parameter) else None))
@@ -129,13 +137,40 @@ def select_layers(
     return selected
 
 
-class L2Penalty(nn.Module):
-    """(λ/n) Σ ||W_l||_F² over the selected layers, with n chosen by ``normalize``.
+def _squares(t: torch.Tensor) -> torch.Tensor:
+    return t.pow(2)
 
-    ``normalize``: ``batch`` (the note: n = examples in this mini-batch), ``dataset`` (n = N, the
-    training-set size, so the penalty does not depend on the batch size), ``none`` (n = 1, as
-    Keras). It holds no parameters of its own: it reads the model's.
+
+def _magnitudes(t: torch.Tensor) -> torch.Tensor:
+    return t.abs()
+
+
+class Penalty(nn.Module, ABC):
+    """A penalty on the selected layers: the interface every ``regularization`` preset builds.
+
+    What is shared, and so written here once: the selection (:func:`select_layers`: layers,
+    exclude, types, min_params, lam_per_layer, include_bias), λ per layer ``lams`` ((L,) for one
+    network; (L, K) for K stacked networks, whose selected weights carry a leading K dimension),
+    the n of λ/n (``normalize``), and how a stack's penalty is made from its networks' own
+    (:meth:`stack`: a layer a network does not select has λ = 0 for it, which adds exact zeros).
+
+    What a penalty class says (``core/penalties.py``):
+
+    * :data:`TERMS` and :meth:`terms`: its terms per network, a dict name -> tensor (a scalar,
+      or (K,) in a stack), logged as ``train/<name>``; ``train/loss`` adds them to the CCE;
+    * :data:`MODES`: ``loss`` always; ``optimizer`` where the penalty has a weight-decay form
+      (:meth:`decay`, :meth:`param_groups`; L2 only);
+    * :meth:`settings`: its own per-network settings read from the config (elastic net's
+      ``l1_ratio``), passed to ``__init__`` and, per network, by :meth:`stack`;
+    * :meth:`after_step`: called after every optimizer step (default: nothing), so that a
+      constraint such as max-norm (project each selected W back into ||W|| <= c; no terms,
+      ``TERMS = ()``) is one more class with no change to the module (no preset has one yet).
     """
+
+    #: The names of the terms :meth:`terms` returns (``train/<name>``).
+    TERMS: ClassVar[tuple[str, ...]] = ()
+    #: The ``regularization.mode`` values this penalty supports.
+    MODES: ClassVar[tuple[str, ...]] = ("loss",)
 
     def __init__(self, selected: list[SelectedLayer], normalize: str = "batch",
                  dataset_size: int | None = None, lams: torch.Tensor | None = None,
@@ -151,12 +186,10 @@ class L2Penalty(nn.Module):
         self.selected = selected
         self.normalize = normalize
         self.dataset_size = dataset_size
-        # (L,) for one network; (L, K) for K stacked networks (``stacked``), whose selected weights
-        # carry a leading K dimension and whose penalty is then a vector of K values.
         lams = torch.tensor([s.lam for s in selected]) if lams is None else lams
         self.stacked = lams.dim() == 2
         self.register_buffer("lams", lams, persistent=False)
-        # a stack whose networks differ: (L, K) 1.0/0.0, whether network k penalises layer l's
+        # a stack whose networks differ: (L, K) 1.0/0.0, whether network i penalises layer l's
         # bias (x + 1.0·y and x + 0.0·y are exactly x + y and x); per network its normalize
         self.bias_mask = bias_mask
         self.normalizes = list(normalizes) if normalizes and len(set(normalizes)) > 1 else None
@@ -165,6 +198,60 @@ class L2Penalty(nn.Module):
                 raise ConfigError(
                     f"regularization.normalize must be one of {list(NORMALIZE)}, got {n!r}.")
 
+    # -- building ------------------------------------------------------------------------------
+    @classmethod
+    def settings(cls, cfg: Mapping) -> dict[str, Any]:
+        """The class's own settings from a ``regularization`` config, checked (default: none)."""
+        return {}
+
+    @classmethod
+    def from_config(cls, model: nn.Module, cfg: Mapping,
+                    dataset_size: int | None = None) -> Penalty:
+        """The penalty of one network, every key checked against it before training."""
+        mode = cfg.get("mode", "loss")
+        if mode not in MODES or mode not in cls.MODES:
+            only = "" if set(cls.MODES) == set(MODES) else \
+                f" for {cls.__name__} (a penalty without a weight-decay form)"
+            raise ConfigError(f"regularization.mode must be one of {list(cls.MODES)}{only}, "
+                              f"got {mode!r}.")
+        selected = select_layers(
+            model,
+            lam=cfg.get("lam", 0.0),
+            layers=cfg.get("layers", ["*"]),
+            exclude=cfg.get("exclude", []),
+            types=cfg.get("types", LAYER_TYPES),
+            min_params=cfg.get("min_params", 0),
+            lam_per_layer=cfg.get("lam_per_layer") or {},
+            include_bias=bool(cfg.get("include_bias", False)),
+        )
+        return cls(selected, normalize=cfg.get("normalize", "batch"),
+                   dataset_size=dataset_size, **cls.settings(cfg))
+
+    @classmethod
+    def stack(cls, penalties: Sequence[Penalty], selected: list[SelectedLayer]) -> Penalty:
+        """One penalty for K stacked networks from their own (one class): ``selected`` is the
+        union of their selections in the stacked network (``stacked.stack_members``), each
+        network keeps its λ per layer (0 where it does not select the layer), its bias choice,
+        its normalize and its :meth:`settings`."""
+        names = [s.name for s in selected]
+        own = [{s.name: s for s in p.selected} for p in penalties]
+        lams = torch.tensor([[o[n].lam if n in o else 0.0 for o in own] for n in names])  # (L, K)
+        bias = torch.tensor([[1.0 if n in o and o[n].bias is not None else 0.0 for o in own]
+                             for n in names])
+        uniform_bias = all(bool((row == 1.0).all()) for row, s in zip(bias, selected, strict=True)
+                           if s.bias is not None)
+        p0 = penalties[0]
+        return cls(selected, normalize=p0.normalize, dataset_size=p0.dataset_size, lams=lams,
+                   bias_mask=None if uniform_bias else bias,
+                   normalizes=[p.normalize for p in penalties],
+                   **cls.stacked_settings(penalties))
+
+    @classmethod
+    def stacked_settings(cls, penalties: Sequence[Penalty]) -> dict[str, Any]:
+        """:meth:`settings` of K networks, one value per network (default: none)."""
+        return {}
+
+    # -- what the module reads -----------------------------------------------------------------
     @property
     def layer_names(self) -> list[str]:
         return [s.name for s in self.selected]
@@ -188,78 +275,99 @@ class L2Penalty(nn.Module):
             return float(self.dataset_size)  # type: ignore[arg-type]
         return 1.0
 
-    def _sq(self, p: torch.Tensor) -> torch.Tensor:
-        """Σ p² over one network's tensor: a scalar, or K of them for a stacked tensor (on CPU
-        one sum per network: a large sum's threading depends on its size, and network k's value
-        must not depend on how many networks share the stack)."""
+    def _sum(self, p: torch.Tensor, elementwise: Callable[[torch.Tensor], torch.Tensor]
+             ) -> torch.Tensor:
+        """Σ elementwise(p) over one network's tensor: a scalar, or K of them for a stacked
+        tensor (on CPU one sum per network: a large sum's threading depends on its size, and
+        network i's value must not depend on how many networks share the stack)."""
         if not self.stacked:
-            return p.pow(2).sum()
+            return elementwise(p).sum()
         if p.device.type == "cpu":
-            return torch.stack([w.pow(2).sum() for w in p.unbind(0)])  # O(K) backward
-        return p.pow(2).flatten(1).sum(1)
+            return torch.stack([elementwise(w).sum() for w in p.unbind(0)])  # O(K) backward
+        return elementwise(p).flatten(1).sum(1)
 
-    def sq_norms(self) -> torch.Tensor:
-        """||W_l||_F² (plus ||b_l||² when biases are penalised) per selected layer: (L,) or
-        (L, K)."""
+    def layer_sums(self, elementwise: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Σ elementwise(w) over each selected layer's penalised tensors (its weight, and its
+        bias where penalised): (L,) or (L, K)."""
         if self.bias_mask is None:
-            return torch.stack([sum(self._sq(p) for p in s.params) for s in self.selected])
+            return torch.stack([sum(self._sum(p, elementwise) for p in s.params)
+                                for s in self.selected])
         mask = self.bias_mask.to(self.selected[0].weight)
-        return torch.stack([self._sq(s.weight) if s.bias is None
-                            else self._sq(s.weight) + mask[i] * self._sq(s.bias)
+        return torch.stack([self._sum(s.weight, elementwise) if s.bias is None
+                            else self._sum(s.weight, elementwise)
+                            + mask[i] * self._sum(s.bias, elementwise)
                             for i, s in enumerate(self.selected)])
 
-    def weight_sq_norms(self) -> dict[str, torch.Tensor]:
-        """||W_l||_F² of each selected layer's weight alone (the logged ``weights/sq_norm/*``)."""
-        return {s.name: self._sq(s.weight.detach()) for s in self.selected}
+    def sq_norms(self) -> torch.Tensor:
+        """||W_l||_F² (plus ||b_l||² when biases are penalised) per selected layer."""
+        return self.layer_sums(_squares)
 
-    def forward(self, batch_size: int, lams: torch.Tensor | None = None) -> torch.Tensor:
-        """The penalty, with the given λ ((L, K); default the penalty's own)."""
+    def abs_norms(self) -> torch.Tensor:
+        """||W_l||_1 = Σ|w| (plus ||b_l||_1 when biases are penalised) per selected layer."""
+        return self.layer_sums(_magnitudes)
+
+    def weight_sq_norms(self) -> dict[str, torch.Tensor]:
+        """||W_l||_F² of each selected layer's weight alone (the logged ``weights/sq_norm/*``,
+        whatever the penalty)."""
+        return {s.name: self._sum(s.weight.detach(), _squares) for s in self.selected}
+
+    def weighted(self, norms: torch.Tensor, lams: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Σ_l λ_l·norm_l / n per network: the note's (λ/n)Σ over the selected layers."""
         w = self.selected[0].weight
-        lams = (self.lams if lams is None else lams).to(device=w.device, dtype=w.dtype)
+        lams = lams.to(device=w.device, dtype=w.dtype)
         divisor = self.divisor(batch_size)
         if torch.is_tensor(divisor):
             divisor = divisor.to(device=w.device, dtype=w.dtype)
-        return (lams * self.sq_norms()).sum(0) / divisor
+        return (lams * norms).sum(0) / divisor
+
+    @abstractmethod
+    def terms(self, batch_size: int, lams: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The penalty's terms ({name: value}, in :data:`TERMS` order) for a mini-batch of
+        ``batch_size`` examples, with the given λ per layer ((L, K); default its own)."""
+
+    def forward(self, batch_size: int, lams: torch.Tensor | None = None) -> torch.Tensor:
+        """The whole penalty: its terms added (one term: that term itself)."""
+        return added(self.terms(batch_size, lams))
 
     def decay(self, batch_size: int, lams: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-layer weight decay 2λ/n equivalent to the penalty (float64; (L,) or (L, K))."""
-        lams = self.lams if lams is None else lams
-        return 2.0 * lams.double() / self.divisor(batch_size)
+        """The per-layer weight decay equivalent to the penalty (``mode=optimizer``)."""
+        raise ConfigError(f"regularization.mode must be loss for {type(self).__name__}.")
 
     def param_groups(self, model: nn.Module, batch_size: int) -> list[dict]:
-        """Optimizer groups that apply the same penalty as weight decay (``mode=optimizer``).
+        """Optimizer groups that apply the penalty as weight decay (``mode=optimizer``)."""
+        raise ConfigError(f"regularization.mode must be loss for {type(self).__name__}.")
 
-        For L = (λ/n)||W||², ∂L/∂W = (2λ/n)·W, i.e. weight_decay = 2λ/n with n = the nominal batch
-        size (or N, or 1). Every other parameter gets weight_decay = 0, so that no parameter is
-        decayed twice or decayed without being selected.
-        """
-        n = self.divisor(batch_size)
-        by_decay: dict[float, list[nn.Parameter]] = {}
-        chosen: set[int] = set()
-        for s in self.selected:
-            for p in s.params:
-                by_decay.setdefault(2.0 * s.lam / n, []).append(p)
-                chosen.add(id(p))
-        groups = [{"params": ps, "weight_decay": wd} for wd, ps in by_decay.items()]
-        rest = [p for p in model.parameters() if id(p) not in chosen]
-        if rest:
-            groups.append({"params": rest, "weight_decay": 0.0})
-        return groups
+    def after_step(self) -> None:
+        """Called after each optimizer step, with the updated weights (default: nothing). A
+        max-norm constraint would rescale each selected W here (no gradient, no term)."""
 
 
-def build_penalty(model: nn.Module, cfg: Mapping, dataset_size: int | None = None) -> L2Penalty:
-    """Build the penalty from a ``regularization`` config node (validated here, before training)."""
-    mode = cfg.get("mode", "loss")
-    if mode not in MODES:
-        raise ConfigError(f"regularization.mode must be one of {list(MODES)}, got {mode!r}.")
-    selected = select_layers(
-        model,
-        lam=cfg.get("lam", 0.0),
-        layers=cfg.get("layers", ["*"]),
-        exclude=cfg.get("exclude", []),
-        types=cfg.get("types", LAYER_TYPES),
-        min_params=cfg.get("min_params", 0),
-        lam_per_layer=cfg.get("lam_per_layer") or {},
-        include_bias=bool(cfg.get("include_bias", False)),
-    )
-    return L2Penalty(selected, normalize=cfg.get("normalize", "batch"), dataset_size=dataset_size)
+def added(terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """A penalty's terms added in their order (one term: that tensor itself, so that L2's loss
+    stays ce + l2 to the bit)."""
+    values = list(terms.values())
+    total = values[0]
+    for v in values[1:]:
+        total = total + v
+    return total
+
+
+def penalty_class(target: str) -> type[Penalty]:
+    """The class that ``regularization._target_`` names."""
+    module, _, name = str(target).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name, None) if module else None
+    except ImportError:
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, Penalty)):
+        raise ConfigError(
+            f"regularization._target_ must name a penalty class (a subclass of "
+            f"l2lab.core.regularization.Penalty, e.g. {DEFAULT_PENALTY}), got {target!r}.")
+    return cls
+
+
+def build_penalty(model: nn.Module, cfg: Mapping, dataset_size: int | None = None) -> Penalty:
+    """The penalty that a ``regularization`` config node names (``_target_``; default L2),
+    built for ``model`` and validated here, before training."""
+    return penalty_class(cfg.get("_target_") or DEFAULT_PENALTY).from_config(
+        model, cfg, dataset_size)

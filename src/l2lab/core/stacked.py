@@ -8,8 +8,8 @@ leave the CPU (and a GPU far more) idle between tiny kernels, and Lightning's pe
 is paid K times. Stacked, every layer runs once for all K (a batched matmul, a grouped
 convolution) and the step overhead is paid once.
 
-The K networks stay separate: activations flow as (K·B, ...) with network k's rows at [k·B,
-(k+1)·B), no operation mixes the slices, and SGD/Adam/AdamW update each element on its own (one
+The K networks stay separate: activations flow as (K·B, ...) with network i's rows at [i·B,
+(i+1)·B), no operation mixes the slices, and SGD/Adam/AdamW update each element on its own (one
 param group per run of equal settings: ``module.SegmentedOptimizer``), so each network's
 gradients, optimizer state and metrics are those it has in a stack of one: on CPU bit for bit
 (``tests/test_engine.py``). Dropout draws each network's masks from that network's own
@@ -19,16 +19,17 @@ generator, seeded where the global generator stands after the network is built.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from l2lab.core.module import L2Module, SegmentedOptimizer, networks_at
-from l2lab.core.regularization import L2Penalty, SelectedLayer
+from l2lab.core.regularization import Penalty, SelectedLayer
 from l2lab.core.rules import NETWORKS
 
 #: Parameter-free modules that treat every row of the batch on its own.
@@ -99,7 +100,7 @@ class StackedConv(nn.Module):
             biases = self.bias.unbind(0) if self.bias is not None else [None] * k
             return torch.cat([self.conv(xi, w, bi, *args) for xi, w, bi in
                               zip(xs, self.weight.unbind(0), biases, strict=True)])
-        # (K·B, C, ...) -> (B, K·C, ...): network k's channels become group k
+        # (K·B, C, ...) -> (B, K·C, ...): network i's channels become group i
         xg = x.reshape(k, b, *x.shape[1:]).transpose(0, 1).reshape(b, -1, *spatial)
         w = self.weight.reshape(-1, *self.weight.shape[2:])
         bias = self.bias.reshape(-1) if self.bias is not None else None
@@ -125,11 +126,11 @@ class StackedDropout(nn.Module):
         self.ps = ps
         self.p = ps[0] if len(set(ps)) == 1 else None  # one rate for all, or None
 
-    def _generator(self, k: int, device: torch.device) -> torch.Generator:
-        g = self.generators[k]
+    def _generator(self, i: int, device: torch.device) -> torch.Generator:
+        g = self.generators[i]
         if g.device != device:  # one seeded generator per network on the training device
             seed = int(torch.randint(0, 2**62, (1,), generator=g))
-            g = self.generators[k] = torch.Generator(device).manual_seed(seed)
+            g = self.generators[i] = torch.Generator(device).manual_seed(seed)
         return g
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,9 +177,10 @@ def stack_networks(nets: Sequence[nn.Module], generators: Sequence[torch.Generat
     return stacked
 
 
-def member_state(stacked_state: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    """Network k's own state dict (ordinary layer names and shapes), copied out of the stack."""
-    return {name: v[k].clone() for name, v in stacked_state.items()}
+def network_weights(stacked_state: dict[str, torch.Tensor], pos: int) -> dict[str, torch.Tensor]:
+    """The state dict of the network at stack position ``pos`` (ordinary layer names and
+    shapes), copied out of the stack."""
+    return {name: v[pos].clone() for name, v in stacked_state.items()}
 
 
 # -- building a stack from the ordinary pieces -------------------------------------------------
@@ -190,7 +192,7 @@ class StackMember:
     gradient clipping (value, algorithm)."""
 
     net: nn.Module
-    penalty: L2Penalty
+    penalty: Penalty
     generator: torch.Generator
     optimizer: dict = field(default_factory=dict)
     mode: str = "loss"
@@ -198,7 +200,9 @@ class StackMember:
 
 
 def stack_members(members: Sequence[StackMember], optimizer_class: type[torch.optim.Optimizer],
-                  batch_size: int = 64) -> L2Module:
+                  batch_size: int = 64,
+                  replace_optimizer: Callable[[Any, torch.optim.Optimizer], None] | None = None
+                  ) -> L2Module:
     """The module that trains ``members`` as one stack: stacked weights, per network its λ per
     layer, its selection, normalize, mode, clipping and optimizer settings. A stack of one is how
     an ordinary run trains.
@@ -206,8 +210,16 @@ def stack_members(members: Sequence[StackMember], optimizer_class: type[torch.op
     The penalty runs over the union of the members' selections, in the network's layer order; a
     layer a member does not select has λ = 0 for it, which adds exact zeros (to the penalty, to
     the gradient), so each member's numbers are those of its own selection.
+    ``replace_optimizer`` (trainer, optimizer), the run layer's, lets networks that diverge leave
+    the stack mid-fit (:meth:`L2Module.remove`); without it they train on as zeros.
     """
     first = members[0].net
+    kinds = {type(m.penalty) for m in members}
+    if len(kinds) > 1:
+        raise NotStackable(f"the jobs use different penalties: {sorted(c.__name__ for c in kinds)}")
+    sizes = {m.penalty.dataset_size for m in members}
+    if len(sizes) > 1:
+        raise NotStackable(f"the jobs train on different data sizes: {sorted(sizes)}")
     order = [name for name, _ in first.named_modules()]
     chosen = {s.name for m in members for s in m.penalty.selected}
     names = [n for n in order if n in chosen]
@@ -217,24 +229,13 @@ def stack_members(members: Sequence[StackMember], optimizer_class: type[torch.op
     selected = [SelectedLayer(n, 0.0, net.get_submodule(n).weight,
                               net.get_submodule(n).bias if b else None)
                 for n, b in zip(names, with_bias, strict=True)]
-    lams = torch.tensor([[o[n].lam if n in o else 0.0 for o in own] for n in names])  # (L, K)
-    bias = torch.tensor([[1.0 if n in o and o[n].bias is not None else 0.0 for o in own]
-                         for n in names])
-    uniform_bias = all(bool((row == 1.0).all()) for row, b in zip(bias, with_bias, strict=True)
-                       if b)
-    sizes = {m.penalty.dataset_size for m in members}
-    if len(sizes) > 1:
-        raise NotStackable(f"the jobs train on different data sizes: {sorted(sizes)}")
-    p0 = members[0].penalty
-    penalty = L2Penalty(selected, normalize=p0.normalize, dataset_size=p0.dataset_size,
-                        lams=lams, bias_mask=None if uniform_bias else bias,
-                        normalizes=[m.penalty.normalize for m in members])
+    penalty = kinds.pop().stack([m.penalty for m in members], selected)
     segments: list[tuple[int, int, dict]] = []
-    for k, m in enumerate(members):  # runs of equal settings: one param group each
+    for i, m in enumerate(members):  # runs of equal settings: one param group each
         if segments and segments[-1][2] == m.optimizer:
-            segments[-1] = (segments[-1][0], k + 1, m.optimizer)
+            segments[-1] = (segments[-1][0], i + 1, m.optimizer)
         else:
-            segments.append((k, k + 1, m.optimizer))
+            segments.append((i, i + 1, m.optimizer))
 
     def make_optimizer(stacked: nn.Module) -> torch.optim.Optimizer:
         if len(segments) == 1:
@@ -244,7 +245,8 @@ def stack_members(members: Sequence[StackMember], optimizer_class: type[torch.op
     def restack(positions: Sequence[int], stacked: nn.Module) -> L2Module:
         """The stack of the networks at ``positions``, holding their weights and dropout
         streams as they stand in ``stacked`` (this stack's network, trained on)."""
-        smaller = stack_members([members[p] for p in positions], optimizer_class, batch_size)
+        smaller = stack_members([members[p] for p in positions], optimizer_class, batch_size,
+                                replace_optimizer)
         smaller.to(next(stacked.parameters()).device)
         smaller.net.load_state_dict({name: networks_at(t, positions)
                                      for name, t in stacked.state_dict().items()})
@@ -255,15 +257,17 @@ def stack_members(members: Sequence[StackMember], optimizer_class: type[torch.op
 
     return L2Module(net, penalty, make_optimizer, batch_size=batch_size,
                     modes=[m.mode for m in members], clips=[m.clip for m in members],
-                    selections=[m.penalty.layer_names for m in members], restack=restack)
+                    selections=[m.penalty.layer_names for m in members],
+                    restack=restack if replace_optimizer else None,
+                    replace_optimizer=replace_optimizer)
 
 
 def unstack_into(module: L2Module, nets: Sequence[nn.Module]) -> None:
     """Copy each network's trained weights back into its own (ordinary) network (a network that
     left the stack keeps what it had)."""
     state = module.net.state_dict()
-    for pos, k in enumerate(module.slots):
-        nets[k].load_state_dict(member_state(state, pos))
+    for pos, i in enumerate(module.slots):
+        nets[i].load_state_dict(network_weights(state, pos))
 
 
 def val_batch_size(k: int, rows: int = 65536) -> int:
@@ -308,57 +312,6 @@ def _mem_available() -> int:
     return 4 << 30
 
 
-def stack_checkpoint(trainer) -> dict:
-    """The whole stack's checkpoint now, its tensors copied (one copy per stacked tensor): what
-    :func:`member_checkpoints` splits later, though training has moved on."""
-    from l2lab.compat.lightning import dump_checkpoint
-
-    dump = dump_checkpoint(trainer)
-
-    def copied(v):
-        if torch.is_tensor(v):
-            return v.detach().clone()
-        if isinstance(v, dict):
-            return {k: copied(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [copied(x) for x in v]
-        return v
-
-    return {k: copied(v) if k in ("state_dict", "optimizer_states") else v
-            for k, v in dump.items()}
-
-
-def member_checkpoints(trainer, states: Sequence[dict | None], recorder_key: str,
-                       base: dict | None = None,
-                       slots: Sequence[int] | None = None) -> list[dict | None]:
-    """Network k's ``last.ckpt``: the checkpoint of a stack of one holding network k alone (its
-    weights and optimizer state, the shared loop state, its recorder state), so that
-    ``resume=RUN_ID`` continues any run, a child of a stack included, as a stack of one. From
-    ``base`` (a :func:`stack_checkpoint` taken earlier) when given, else from the stack now.
-    ``states`` (None: no checkpoint) and the result are indexed by network; ``slots`` says
-    which network each position of the stack holds (``L2Module.slots``; default: network k at
-    position k)."""
-    from l2lab.compat.lightning import dump_checkpoint
-
-    base = dict(base) if base is not None else dump_checkpoint(trainer)
-    stacked_state = base.pop("state_dict")
-    optimizer = base.pop("optimizer_states")[0]
-    base.pop("callbacks", None)
-    out: list[dict | None] = [None] * len(states)
-    for pos, k in enumerate(range(len(states)) if slots is None else slots):
-        state = states[k]
-        if state is None:
-            continue
-        groups = optimizer.get("member_param_groups")
-        opt = {"param_groups": groups[pos] if groups else optimizer["param_groups"],
-               "state": {i: {key: networks_at(v, [pos]) for key, v in st.items()}
-                         for i, st in optimizer["state"].items()}}
-        out[k] = {**base, "state_dict": {n: networks_at(v, [pos]) for n, v in
-                                         stacked_state.items()},
-                  "optimizer_states": [opt], "callbacks": {recorder_key: state}}
-    return out
-
-
 def epochs_done(ckpt: Path) -> int:
     """Completed epochs saved in a run's checkpoint (0 when there is none). The file was found
     through a tag of the store, whose contents are not trusted: tensors and plain data only."""
@@ -370,8 +323,8 @@ def epochs_done(ckpt: Path) -> int:
 
 def merge_member_checkpoints(paths: Sequence[Path | None]) -> Path | None:
     """One checkpoint for a stack of stopped runs that continue together, merged from their own
-    (each a stack of one, :func:`member_checkpoints`, all at the same epoch), written beside the
-    first as ``stack.ckpt``: None unless every run has one."""
+    (each a stack of one, ``run.checkpoints.member_checkpoints``, all at the same epoch),
+    written beside the first as ``stack.ckpt``: None unless every run has one."""
     if len(paths) < 2 or any(p is None or not p.exists() for p in paths):
         return None
     cks = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
@@ -389,8 +342,9 @@ def merge_member_checkpoints(paths: Sequence[Path | None]) -> Path | None:
                              for n in first["state_dict"]},
               "optimizer_states": [{
                   "param_groups": opt["param_groups"],
-                  "state": {i: {k: joined([c["optimizer_states"][0]["state"][i][k] for c in cks])
-                                for k in st} for i, st in opt["state"].items()}}],
+                  "state": {p: {key: joined([c["optimizer_states"][0]["state"][p][key]
+                                             for c in cks])
+                                for key in st} for p, st in opt["state"].items()}}],
               "callbacks": {key: {"members": [c["callbacks"][key] for c in cks]}
                             for key in first.get("callbacks", {})}}
     out = paths[0].parent / "stack.ckpt"

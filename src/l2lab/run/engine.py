@@ -152,10 +152,12 @@ def build_member(cfg: DictConfig, splits, tree: Mapping[str, Any] | None = None,
 
 def stack(cfg: DictConfig, members: Sequence[StackMember]) -> L2Module:
     """The module that trains ``members`` (built by :func:`build_member`) as one stack."""
+    from l2lab.compat.lightning import replace_optimizer
     from l2lab.core.stacked import stack_members
 
     cls, _ = optimizer_settings(OmegaConf.to_container(cfg, resolve=True))
-    return stack_members(members, cls, batch_size=int(cfg.data.batch_size))
+    return stack_members(members, cls, batch_size=int(cfg.data.batch_size),
+                         replace_optimizer=replace_optimizer)
 
 
 # -- fitting ------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ import pytorch_lightning as pl
 import torch
 
 from l2lab.console import log
-from l2lab.core.stacked import member_checkpoints, stack_checkpoint
 from l2lab.run import lifecycle, progress
+from l2lab.run.checkpoints import member_checkpoints, stack_checkpoint
 from l2lab.tracking.tracker import RunTracker
 
 FLUSH_EVERY_S = 5.0

@@ -1,0 +1,61 @@
+"""Each network's ``last.ckpt`` cut from its stack's checkpoint: the run layer's, because the
+stack's checkpoint comes from Lightning's private dump (``compat.lightning.dump_checkpoint``),
+which ``core/`` does not import. The format is a stack of one's, so ``resume=RUN_ID`` continues
+any run, a child of a stack included; ``core.stacked.merge_member_checkpoints`` joins such files
+back into one stack's checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from l2lab.compat.lightning import dump_checkpoint
+from l2lab.core.module import networks_at
+
+
+def stack_checkpoint(trainer: Any) -> dict:
+    """The whole stack's checkpoint now, its tensors copied (one copy per stacked tensor): what
+    :func:`member_checkpoints` splits later, though training has moved on."""
+    dump = dump_checkpoint(trainer)
+
+    def copied(v: Any) -> Any:
+        if torch.is_tensor(v):
+            return v.detach().clone()
+        if isinstance(v, dict):
+            return {key: copied(x) for key, x in v.items()}
+        if isinstance(v, list):
+            return [copied(x) for x in v]
+        return v
+
+    return {key: copied(v) if key in ("state_dict", "optimizer_states") else v
+            for key, v in dump.items()}
+
+
+def member_checkpoints(trainer: Any, states: Sequence[dict | None], recorder_key: str,
+                       base: dict | None = None,
+                       slots: Sequence[int] | None = None) -> list[dict | None]:
+    """Network i's ``last.ckpt``: the checkpoint of a stack of one holding network i alone (its
+    weights and optimizer state, the shared loop state, its recorder state). From ``base`` (a
+    :func:`stack_checkpoint` taken earlier) when given, else from the stack now. ``states``
+    (None: no checkpoint) and the result are indexed by network; ``slots`` says which network
+    each position of the stack holds (``L2Module.slots``; default: network i at position i)."""
+    base = dict(base) if base is not None else dump_checkpoint(trainer)
+    stacked_state = base.pop("state_dict")
+    optimizer = base.pop("optimizer_states")[0]
+    base.pop("callbacks", None)
+    out: list[dict | None] = [None] * len(states)
+    for pos, i in enumerate(range(len(states)) if slots is None else slots):
+        state = states[i]
+        if state is None:
+            continue
+        groups = optimizer.get("member_param_groups")
+        opt = {"param_groups": groups[pos] if groups else optimizer["param_groups"],
+               "state": {p: {key: networks_at(v, [pos]) for key, v in st.items()}
+                         for p, st in optimizer["state"].items()}}
+        out[i] = {**base, "state_dict": {n: networks_at(v, [pos]) for n, v in
+                                         stacked_state.items()},
+                  "optimizer_states": [opt], "callbacks": {recorder_key: state}}
+    return out
