@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    """``l2lab.load_runs``, ``l2lab.train``, ``l2lab.train_group`` without importing pandas,
+    """``l2lab.load_runs``, ``l2lab.train`` without importing pandas,
     torch or MLflow on ``import l2lab``."""
     if name == "load_runs":
         from l2lab.tracking.runs import load_runs
@@ -16,11 +16,7 @@ def __getattr__(name: str):
         from l2lab.train import train
 
         return train
-    if name == "train_group":
-        from l2lab.run.engine import train_group
-
-        return train_group
     raise AttributeError(f"module 'l2lab' has no attribute {name!r}")
 
 
-__all__ = ["CONF_DIR", "ConfigError", "load_runs", "train", "train_group"]
+__all__ = ["CONF_DIR", "ConfigError", "load_runs", "train"]

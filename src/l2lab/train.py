@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from l2lab.base import CONF_DIR, ConfigError
 from l2lab.config import cli, schema
 from l2lab.console import job_line, say  # noqa: F401  (job_line re-exported)
-from l2lab.run.engine import build_net, train_group  # noqa: F401  (public names, re-exported)
+from l2lab.run.engine import build_net, fit_configs  # noqa: F401  (public names, re-exported)
 from l2lab.run.sweep import SWEEP_INFO
 from l2lab.tracking import store
 
@@ -84,7 +84,7 @@ def train(cfg: DictConfig, *, overrides: Sequence[str] = (), output_dir: Path | 
 
     try:
         # In a sweep, one line per job instead of one per epoch keeps the table readable.
-        engine.train_jobs([job], sweep=sweep, echo=sweep is None, on_open=opened,
+        engine.fit_jobs([job], sweep=sweep, echo=sweep is None, on_open=opened,
                           label=_job_label(job.name) if sweep else "run")
         if isinstance(job.result, BaseException):
             raise job.result
