@@ -81,7 +81,7 @@ def train(cfg: DictConfig, *, overrides: Sequence[str] = (), output_dir: Path | 
         say(job_line(_job_label(job.name), rid, epochs, metrics))
     else:
         say(_summary("FINISHED", rid, job.name, metrics, epochs, job.output_dir,
-                     ui_url(client, rid, job.cfg.tracking.uri)))
+                     ui_url(client, rid, uri)))
     return metrics
 
 

@@ -55,10 +55,6 @@ class Plan:
     source: Any = None
     note: str = ""
 
-    @property
-    def trains(self) -> bool:
-        return self.job is not None
-
 
 def plan(client, cfg: DictConfig, overrides: Sequence[str], output_dir: Path | None,
          sweep: Mapping | None, *, tags: Mapping[str, str] | None = None,
