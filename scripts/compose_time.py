@@ -37,7 +37,7 @@ from l2lab.config.composing import SweepConfigs
 STUB = """import sys, time
 import l2lab.run.engine as e
 import l2lab.train as t
-e.train_stack = lambda cfg, values, *a, **k: [{"val/ce": 1.0, "train/ce": 1.0} for _ in values]
+e.fit_variants = lambda cfg, values, *a, **k: [{"val/ce": 1.0, "train/ce": 1.0} for _ in values]
 sys.argv = ["l2lab.train", *sys.argv[1:]]
 tic = time.perf_counter()
 try:

@@ -21,7 +21,7 @@ from l2lab.core import reference
 from l2lab.core.data import load_data
 from l2lab.core.module import NonFiniteLossError, clip_per_network
 from l2lab.core.stacked import epochs_done
-from l2lab.run.engine import train_group
+from l2lab.run.engine import fit_configs
 from l2lab.train import train
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -55,7 +55,7 @@ def _ordinary_and_stacked(tmp_path, store, jobs: list[list[str]], *extra: str,
     cfgs = [make_cfg(f"tracking.uri={store}", *extra, *ov, tiny=False) for ov in jobs]
     for i, (cfg, ov) in enumerate(zip(cfgs, jobs, strict=True)):
         train(cfg, overrides=ov, output_dir=tmp_path / f"ordinary{i}")
-    results = train_group(
+    results = fit_configs(
         cfgs + [make_cfg(f"tracking.uri={store}", *extra, *ov, tiny=False) for ov in dying],
         jobs + list(dying), [tmp_path / f"stacked{i}" for i in range(len(jobs))]
         + [tmp_path / f"dying{i}" for i in range(len(dying))])
@@ -63,7 +63,7 @@ def _ordinary_and_stacked(tmp_path, store, jobs: list[list[str]], *extra: str,
     results = results[:len(jobs)]
     assert all(isinstance(r, dict) for r in results), results
     if also_max_models:
-        split = train_group(cfgs, jobs, [tmp_path / f"split{i}" for i in range(len(jobs))],
+        split = fit_configs(cfgs, jobs, [tmp_path / f"split{i}" for i in range(len(jobs))],
                             max_models=also_max_models)
         assert split == results
     client = MlflowClient(store)
@@ -256,7 +256,7 @@ def test_networks_that_diverge_leave_the_stack_and_the_others_stay_exact(tmp_pat
                 train(cfg, overrides=ov, output_dir=tmp_path / f"ordinary{i}")
         else:
             train(cfg, overrides=ov, output_dir=tmp_path / f"ordinary{i}")
-    results = train_group(cfgs, jobs, [tmp_path / f"stacked{i}" for i in range(len(jobs))])
+    results = fit_configs(cfgs, jobs, [tmp_path / f"stacked{i}" for i in range(len(jobs))])
     assert [type(r).__name__ for r in results] == [
         "dict", "NonFiniteLossError", "dict", "NonFiniteLossError", "dict"]
     # the stack is sorted by optimizer settings: positions are not job numbers, so the

@@ -35,7 +35,7 @@ def test_reproduce_on_gpu_within_the_documented_tolerance(tmp_path, store, clien
 
 
 def test_a_stack_on_gpu_trains_each_network_as_its_ordinary_gpu_run(tmp_path, store, client):
-    from l2lab.train import train_group
+    from l2lab.run.engine import fit_configs
 
     ovs = [[f"regularization.lam={lam}", f"seed={seed}", "trainer.accelerator=gpu",
             "model=cnn", "model.channels=[4]", "model.hidden=[16]"]
@@ -43,7 +43,7 @@ def test_a_stack_on_gpu_trains_each_network_as_its_ordinary_gpu_run(tmp_path, st
     cfgs = [make_cfg(f"tracking.uri={store}", *ov) for ov in ovs]
     alone = [train(c, overrides=ov, output_dir=tmp_path / f"o{i}")
              for i, (c, ov) in enumerate(zip(cfgs, ovs, strict=True))]
-    stacked = train_group(cfgs, ovs, [tmp_path / f"s{i}" for i in range(len(ovs))])
+    stacked = fit_configs(cfgs, ovs, [tmp_path / f"s{i}" for i in range(len(ovs))])
     for a, s in zip(alone, stacked, strict=True):  # grouped convolutions round differently
         for k in ("train/ce", "val/ce", "weights/sq_norm_total"):
             assert s[k] == pytest.approx(a[k], rel=1e-3), k

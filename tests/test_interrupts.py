@@ -70,17 +70,17 @@ def test_a_stack_stopped_after_a_network_left_it_resumes_each_run_exactly(
     4, each remaining run's checkpoint (written from the in-memory copy of the smaller stack)
     holds its own weights and optimizer state: resumed alone, each ends with the histories of
     the same stack never stopped."""
-    from l2lab.run.engine import train_group
+    from l2lab.run.engine import fit_configs
 
     uri = f"tracking.uri={store}"
     jobs = [["regularization.lam=0.1", "seed=0"], ["regularization.lam=30000", "seed=1"],
             ["regularization.lam=0.01", "seed=2", "optimizer.lr=0.1"]]
     cfgs = [make_cfg(uri, *EPOCHS, *ov) for ov in jobs]
-    whole = train_group(cfgs, jobs, [tmp_path / f"whole{i}" for i in range(3)])
+    whole = fit_configs(cfgs, jobs, [tmp_path / f"whole{i}" for i in range(3)])
     assert isinstance(whole[1], FloatingPointError) and "epoch 3" in str(whole[1])
     _stop_at_batch(monkeypatch, 14)  # epoch 4's second batch
     with pytest.raises(lifecycle.Interrupted):
-        train_group(cfgs, jobs, [tmp_path / f"stopped{i}" for i in range(3)])
+        fit_configs(cfgs, jobs, [tmp_path / f"stopped{i}" for i in range(3)])
     monkeypatch.undo()
     by_dir = {r.data.tags["l2lab.output_dir"]: r for r in runs_of(client)}
     for i in (0, 2):

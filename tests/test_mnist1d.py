@@ -15,7 +15,8 @@ from torch import nn
 
 from l2lab import CONF_DIR
 from l2lab.core.data import load_data
-from l2lab.train import build_net, train
+from l2lab.run.engine import build_net
+from l2lab.train import train
 
 
 def _data(root, **kw) -> dict:

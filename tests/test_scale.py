@@ -40,7 +40,7 @@ from l2lab.config.stackable import (
     valid_lams,
     values_of,
 )
-from l2lab.train import train_group
+from l2lab.run.engine import fit_configs
 
 
 def _loader_and_master(*overrides: str) -> tuple[ConfigLoaderImpl, DictConfig]:
@@ -221,13 +221,13 @@ def _read(client: MlflowClient, runs: list) -> dict[tuple[str, str], dict]:
 
 @pytest.fixture(scope="module")
 def serial(tmp_path_factory, store_template) -> dict[tuple[str, str], dict]:
-    """The serial launcher's stacks: ``train_group`` in this process, as it calls it."""
+    """The serial launcher's stacks: ``fit_configs`` in this process, as it calls it."""
     tmp = tmp_path_factory.mktemp("serial")
     store = copy_store(store_template, tmp)
     for bs in SIZES:
         ovs = [[f"regularization.lam={lam}", f"data.batch_size={bs}", *_TINY] for lam in LAMS]
         cfgs = [make_cfg(*ov, f"tracking.uri={store}", tiny=False) for ov in ovs]
-        assert all(isinstance(r, dict) for r in train_group(
+        assert all(isinstance(r, dict) for r in fit_configs(
             cfgs, ovs, [tmp / f"{bs}-{lam}" for lam in LAMS]))
     client = MlflowClient(store)
     return _read(client, runs_of(client))

@@ -88,6 +88,24 @@ def test_regularization_none_keeps_norms_logged(tmp_path, store, client):
     assert out["train/loss"] == out["train/ce"]
 
 
+def test_the_package_exports_the_function_without_shadowing_the_module():
+    """``l2lab.train`` is the module whatever was imported first; the function is
+    ``l2lab.train_run`` before and after ``import l2lab.train`` (a fresh interpreter: this one
+    has imported the module already)."""
+    import subprocess
+    import sys
+
+    code = ("import types, l2lab; f = l2lab.train_run; import l2lab.train; "
+            "print(f is l2lab.train_run is l2lab.train.train, "
+            "isinstance(l2lab.train, types.ModuleType), sorted(l2lab.__all__))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split("\n")[-2]
+    assert out == "True True ['CONF_DIR', 'ConfigError', 'load_runs', 'train_run']"
+    fresh = subprocess.run([sys.executable, "-c", "import l2lab; l2lab.train"],
+                           capture_output=True, text=True, timeout=120)
+    assert fresh.returncode == 1 and "no attribute 'train'" in fresh.stderr
+
+
 def test_default_store_and_env_uri(tmp_path, monkeypatch):
     from l2lab.tracking.tracker import resolve_uri
 

@@ -6,21 +6,18 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    """``l2lab.load_runs``, ``l2lab.train``, ``l2lab.train_group`` without importing pandas,
-    torch or MLflow on ``import l2lab``."""
+    """``l2lab.load_runs`` and ``l2lab.train_run`` without importing pandas, torch or MLflow on
+    ``import l2lab``. ``l2lab.train`` is the module (``python -m l2lab.train``) and nothing else:
+    a lazy attribute of that name would be replaced by the module on any ``import l2lab.train``."""
     if name == "load_runs":
         from l2lab.tracking.runs import load_runs
 
         return load_runs
-    if name == "train":
+    if name == "train_run":
         from l2lab.train import train
 
         return train
-    if name == "train_group":
-        from l2lab.run.engine import train_group
-
-        return train_group
     raise AttributeError(f"module 'l2lab' has no attribute {name!r}")
 
 
-__all__ = ["CONF_DIR", "ConfigError", "load_runs", "train", "train_group"]
+__all__ = ["CONF_DIR", "ConfigError", "load_runs", "train_run"]

@@ -1,8 +1,12 @@
-"""``python -m l2lab.train [overrides]``: compose -> build -> fit -> record. One MLflow run per job.
+"""``python -m l2lab.train [overrides]``: one job, read as plan -> fit -> return.
 
-``train(cfg)`` is a plain function (tests and ``reproduce`` call it directly); ``main`` is the thin
-Hydra wrapper that returns the sweep objective (final ``val/ce``). The training itself is
-:mod:`l2lab.run.engine`'s, the same for an ordinary run (a stack of one) and a vectorized sweep.
+``train(cfg)`` is a plain function (tests and ``reproduce`` call it; the package exports it as
+``l2lab.train_run``): it plans the run (:mod:`l2lab.run.plan`: fresh, resumed, continued, reused or
+nothing to do), returns at once when nothing trains, else fits the job with
+:mod:`l2lab.run.engine` (build, fit, test, record: the same for an ordinary run, a stack of one,
+and a vectorized sweep) and returns its final metrics. :func:`reported` is the failure policy of
+the job's lines. ``hydra_main`` is the thin Hydra task that returns the sweep objective (final
+``val/ce``).
 
 This module imports only Hydra, OmegaConf and :mod:`l2lab.config.schema` at load time: ``--help``,
 ``--cfg`` and a bad key or value are answered in about a second, and torch, Lightning and MLflow
@@ -11,32 +15,38 @@ are imported once the config has passed :func:`l2lab.config.schema.validate`.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import signal
 import sys
 import warnings
-from collections.abc import Mapping, Sequence
-from datetime import datetime
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from omegaconf import DictConfig
 
 from l2lab.base import CONF_DIR, ConfigError
 from l2lab.config import cli, schema
-from l2lab.console import job_line, say  # noqa: F401  (job_line re-exported)
-from l2lab.run.engine import build_net, train_group  # noqa: F401  (public names, re-exported)
+from l2lab.console import job_line, say
 from l2lab.run.sweep import SWEEP_INFO
 from l2lab.tracking import store
+
+if TYPE_CHECKING:
+    from l2lab.run.engine import Job
+    from l2lab.run.plan import Plan
 
 # conf/hydra/launcher/{ray,submitit_local}.yaml extend the plugins' schemas of the same name on
 # purpose; Hydra warns about that on every composition.
 warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema")
 
+Metrics = dict[str, float]
+
 
 def train(cfg: DictConfig, *, overrides: Sequence[str] = (), output_dir: Path | None = None,
-          tags: Mapping[str, str] | None = None) -> dict[str, float]:
+          tags: Mapping[str, str] | None = None) -> Metrics:
     """Train one configuration into one MLflow run and return its final metrics.
 
     Any failure after the run exists, a rejected config included, is recorded: FAILED with the
@@ -46,74 +56,98 @@ def train(cfg: DictConfig, *, overrides: Sequence[str] = (), output_dir: Path | 
     (:mod:`l2lab.run.resume`).
     """
     from l2lab.console import quiet_libraries
-    from l2lab.run import engine, lifecycle, resume
-    from l2lab.tracking import runs
+    from l2lab.run import engine
+    from l2lab.run.plan import plan
     from l2lab.tracking import tracker as tr
 
     quiet_libraries()
     cfg = engine.prepared(cfg)
-    client = tr.connect(cfg.tracking.uri)
+    uri = str(cfg.tracking.uri)
+    client = tr.connect(uri)
     sweep = _sweep_info()
-    found = resume.in_sweep(client, sweep, cfg, overrides, _job_label) \
-        if sweep and sweep.get("continuing") and not cfg.resume else None
-    if isinstance(found, dict):  # a continued sweep keeps the job's FINISHED or FAILED run
-        return found
-    if found is not None:  # a stopped job of a continued sweep: the same run, on from its
-        job = found  # last completed epoch
-    elif cfg.resume:
-        job = resume.continue_job(client, cfg, overrides, output_dir)
-        if isinstance(job, dict):
-            return job
-    else:
-        name = engine.run_name(overrides, cfg, sweep.get("swept") if sweep else None)
-        if cfg.get("reuse"):
-            exp = tr.experiment_id(client, str(cfg.experiment_name), cfg.tracking.uri)
-            found = runs.find_finished(client, exp, runs.config_hash(cfg))
-            if found is not None:
-                return _reuse(client, found, exp, name, overrides, sweep, tags)
-        output_dir = Path(output_dir or Path("outputs") / datetime.now().strftime(
-            "%Y-%m-%d_%H-%M-%S-%f")).resolve()
-        job = engine.Job(cfg, list(overrides), output_dir, name, dict(tags or {}))
-
-    def opened(job: engine.Job) -> None:
-        if source := job.tags.get(resume.CONTINUED_FROM):
-            resume.copy_into(client, job, source)
-        if not sweep and job.ckpt is None or source:
-            say(f"l2lab: run {job.tracker.run_id} ({job.name}) in experiment "
-                f"{job.cfg.experiment_name!r}, {job.cfg.trainer.max_epochs} epochs")
-
-    try:
-        # In a sweep, one line per job instead of one per epoch keeps the table readable.
-        engine.train_jobs([job], sweep=sweep, echo=sweep is None, on_open=opened,
-                          label=_job_label(job.name) if sweep else "run")
-        if isinstance(job.result, BaseException):
-            raise job.result
-    except lifecycle.Interrupted as e:
-        rid = job.tracker.run_id if job.tracker else "?"
-        logged = len(job.tracker.logged_steps("train/loss")) if job.tracker else 0
-        if sweep:  # the sweep's one line says how to continue the whole sweep
-            say(f"\nl2lab: {_job_label(job.name)}: run {rid[:8]} KILLED after {logged} of "
-                f"{job.cfg.trainer.max_epochs} epochs ({e.reason})", err=True)
-            raise
-        say(f"\nl2lab: run {rid} ({job.name}) KILLED after {logged} of "
-            f"{job.cfg.trainer.max_epochs} epochs ({e.reason}"
-            f"{resume.from_where(job.ckpt_path, logged)}); continue it with: "
-            f"{lifecycle.resume_command(rid)}", err=True)
-        raise
-    except BaseException as e:
-        if sweep and job.tracker is not None:  # the job's one line
-            say(f"l2lab: {_job_label(job.name)}: run {job.tracker.run_id[:8]} FAILED: {e}",
-                err=True)
-            e.l2lab_reported = True  # type: ignore[attr-defined]
-        raise
-    metrics, rid = job.result, job.tracker.run_id
+    todo = plan(client, cfg, overrides, output_dir, sweep, tags=tags, label=_job_label)
+    if todo.note:
+        say(todo.note)
+    if todo.kind == "reused":
+        return _list_reused(client, todo, overrides, sweep, tags)
+    if todo.job is None:  # done: a kept sweep job, or a FINISHED run resumed with no more epochs
+        return todo.metrics
+    if todo.kind == "resumed":  # the same run again: RUNNING, its old failure reason gone
+        todo.job.tracker = tr.RunTracker.reopen(client, todo.source.info.run_id)
+    metrics = _fit(todo, client, sweep)
+    job, rid = todo.job, todo.job.tracker.run_id
     epochs = int(job.cfg.trainer.max_epochs)
     if sweep:
         say(job_line(_job_label(job.name), rid, epochs, metrics))
     else:
         say(_summary("FINISHED", rid, job.name, metrics, epochs, job.output_dir,
-                     ui_url(client, rid, job.cfg.tracking.uri)))
+                     ui_url(client, rid, uri)))
     return metrics
+
+
+def reported(fit: Callable[[Plan, object, dict | None], Metrics]
+             ) -> Callable[[Plan, object, dict | None], Metrics]:
+    """The failure policy of one job's lines, in one place. Ctrl-C/SIGTERM (the runs are already
+    KILLED by the engine): alone, the line with the epochs logged, where a resume starts and the
+    command that continues it; in a sweep, the job's one line (the sweep's own line says how to
+    continue the whole sweep). Any other failure in a sweep: the job's FAILED line, once (the
+    exception is marked so that ``hydra_main`` does not say it again). Everything is re-raised."""
+
+    @functools.wraps(fit)
+    def guarded(todo: Plan, client: object, sweep: dict | None) -> Metrics:
+        from l2lab.run import lifecycle
+
+        job = todo.job
+        try:
+            return fit(todo, client, sweep)
+        except lifecycle.Interrupted as e:
+            say(_killed_line(job, sweep, e), err=True)
+            raise
+        except BaseException as e:
+            if sweep and job.tracker is not None:
+                say(f"l2lab: {_job_label(job.name)}: run {job.tracker.run_id[:8]} FAILED: {e}",
+                    err=True)
+                e.l2lab_reported = True  # type: ignore[attr-defined]
+            raise
+
+    return guarded
+
+
+@reported
+def _fit(todo: Plan, client: object, sweep: dict | None) -> Metrics:
+    """Build, fit, test and record the plan's job (:func:`l2lab.run.engine.fit_jobs`)."""
+    from l2lab.run import engine, resume
+
+    def opened(job: Job) -> None:
+        if todo.kind == "continued":  # the old run's history into the new one
+            resume.copy_into(client, job, todo.source.info.run_id)
+        if not sweep and job.ckpt is None or todo.kind == "continued":
+            say(f"l2lab: run {job.tracker.run_id} ({job.name}) in experiment "
+                f"{job.cfg.experiment_name!r}, {job.cfg.trainer.max_epochs} epochs")
+
+    job = todo.job
+    # In a sweep, one line per job instead of one per epoch keeps the table readable.
+    engine.fit_jobs([job], sweep=sweep, echo=sweep is None, on_open=opened,
+                    label=_job_label(job.name) if sweep else "run")
+    if isinstance(job.result, BaseException):
+        raise job.result
+    return job.result
+
+
+def _killed_line(job: Job, sweep: dict | None, e: BaseException) -> str:
+    """What a job stopped by Ctrl-C/SIGTERM says: its run, the epochs it logged and, alone, how
+    to continue it."""
+    from l2lab.run import lifecycle, resume
+
+    rid = job.tracker.run_id if job.tracker else "?"
+    logged = len(job.tracker.logged_steps("train/loss")) if job.tracker else 0
+    epochs = job.cfg.trainer.max_epochs
+    if sweep:
+        return (f"\nl2lab: {_job_label(job.name)}: run {rid[:8]} KILLED after {logged} of "
+                f"{epochs} epochs ({e.reason})")
+    return (f"\nl2lab: run {rid} ({job.name}) KILLED after {logged} of {epochs} epochs "
+            f"({e.reason}{resume.from_where(job.ckpt_path, logged)}); continue it with: "
+            f"{lifecycle.resume_command(rid)}")
 
 
 def _sweep_info() -> dict | None:
@@ -157,23 +191,23 @@ def _summary(status: str, run_id: str, name: str, metrics: Mapping[str, float], 
             f"       folder: {output_dir}\n       UI: {url}  (make ui)")
 
 
-def _reuse(client, found, exp: str, name: str, overrides: Sequence[str], sweep: dict | None,
-           tags: Mapping[str, str] | None) -> dict[str, float]:
-    """``reuse=true`` and a FINISHED run of the same config exists: no training. In a sweep a
-    child run lists it (tag ``l2lab.reused_from``) so the sweep's table and figures include it."""
+def _list_reused(client, todo: Plan, overrides: Sequence[str], sweep: dict | None,
+                 tags: Mapping[str, str] | None) -> Metrics:
+    """``reuse=true`` found a FINISHED run of the same config: no training. In a sweep a child
+    run lists it (tag ``l2lab.reused_from``) so the sweep's table and figures include it."""
     from l2lab.tracking import runs
 
-    metrics = dict(found.data.metrics)
+    found, metrics = todo.source, todo.metrics
     shown = "  ".join(f"{k}={metrics[k]:.4f}" for k in ("train/ce", "val/ce", "gap/ce", "val/acc")
                       if k in metrics)
     src = found.info.run_id
     if sweep:
-        listed = runs.list_reused(client, found, exp, name, {
+        listed = runs.list_reused(client, found, found.info.experiment_id, todo.name, {
             "l2lab.overrides": json.dumps(list(overrides)),
             "l2lab.sweep_id": sweep["sweep_id"], "mlflow.parentRunId": sweep["parent_run_id"],
             **(tags or {})})
-        say(f"l2lab: {_job_label(name)}: reused run {src[:8]} (FINISHED, same config; listed as "
-            f"{listed[:8]})  {shown}")
+        say(f"l2lab: {_job_label(todo.name)}: reused run {src[:8]} (FINISHED, same config; "
+            f"listed as {listed[:8]})  {shown}")
     else:
         say(f"l2lab: reuse: run {src} ({found.data.tags.get('mlflow.runName', '')}) already "
             f"FINISHED with this config; not trained again.  {shown}\n"
@@ -197,43 +231,55 @@ def hydra_main(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     if not multirun:  # a single run's bad value or store: reported now, before heavy imports
-        try:
-            schema.validate(cfg)
-            if (uri := store.resolve_uri(cfg.tracking.uri)).startswith(("http://", "https://")):
-                store.probe_server(uri)
-            if cfg.resume:  # a prefix, as the lines print it; a bad one said at once
-                from omegaconf import open_dict
-
-                from l2lab.tracking.runs import resolve_run_id
-
-                with open_dict(cfg):
-                    cfg.resume = resolve_run_id(str(cfg.resume), uri, "resume")
-        except ConfigError as e:
-            _error(str(e))
-            sys.exit(2)
+        _check_now(cfg)
     try:
         metrics = train(cfg, overrides=list(hc.overrides.task),
                         output_dir=Path(hc.runtime.output_dir))
-        return float(metrics.get("val/ce", math.nan))
     except Interrupted as e:  # the runs are KILLED and the line printed: stop, as Ctrl-C does
         if multirun:
             raise  # past Hydra's launcher (not an Exception) to main(), which ends the sweep
         sys.exit(e.exit_code)
-    except (KeyboardInterrupt, SystemExit):
-        raise
     except Exception as e:
-        from l2lab.core.module import NonFiniteLossError
-        from l2lab.tracking.tracker import one_line
+        return _failed(e, multirun)
+    return float(metrics.get("val/ce", math.nan))
 
-        known = isinstance(e, ConfigError | NonFiniteLossError)
-        if multirun:  # a failed job must not stop the sweep: it is a FAILED child run
-            if not getattr(e, "l2lab_reported", False):
-                _error(str(e) if known else f"job failed: {one_line(e)}")
-            return math.nan
-        if not known:
-            raise
+
+def _check_now(cfg: DictConfig) -> None:
+    """A single run's checks that need neither torch nor MLflow: the schema's ranges, a tracking
+    server that answers, a ``resume`` prefix made the full run id. A failure exits 2 with one
+    paragraph."""
+    try:
+        schema.validate(cfg)
+        if (uri := store.resolve_uri(cfg.tracking.uri)).startswith(("http://", "https://")):
+            store.probe_server(uri)
+        if cfg.resume:  # a prefix, as the lines print it; a bad one said at once
+            from omegaconf import open_dict
+
+            from l2lab.tracking.runs import resolve_run_id
+
+            with open_dict(cfg):
+                cfg.resume = resolve_run_id(str(cfg.resume), uri, "resume")
+    except ConfigError as e:
         _error(str(e))
-        sys.exit(2 if isinstance(e, ConfigError) else 1)
+        sys.exit(2)
+
+
+def _failed(e: Exception, multirun: bool) -> float:
+    """A job that failed (its run is FAILED already). In a sweep: its line once, and nan, so
+    that the sweep goes on. Alone: a known failure (a rejected config, a non-finite loss) is one
+    line and exit 2 or 1; anything else goes on as a traceback."""
+    from l2lab.core.module import NonFiniteLossError
+    from l2lab.tracking.tracker import one_line
+
+    known = isinstance(e, ConfigError | NonFiniteLossError)
+    if multirun:
+        if not getattr(e, "l2lab_reported", False):
+            _error(str(e) if known else f"job failed: {one_line(e)}")
+        return math.nan
+    if not known:
+        raise e
+    _error(str(e))
+    sys.exit(2 if isinstance(e, ConfigError) else 1)
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 Jobs whose composed configs differ only in per-network settings (``stackable.STACKED``: seed,
 every ``regularization`` key, the optimizer's hyperparameters, ``model.dropout``, gradient
 clipping) train together, as one stack of K networks in one Lightning fit
-(``l2lab.run.engine.train_stack``); every other job runs the ordinary way, in the same sweep.
+(``l2lab.run.engine.fit_variants``); every other job runs the ordinary way, in the same sweep.
 Each job keeps its own output folder, ``.hydra/`` files, MLflow run and return value, so
 sweepers, callbacks and ``compare`` see an ordinary sweep.
 
@@ -184,10 +184,10 @@ class VectorizedLauncher(Launcher):
                 if len(group) == 1:
                     returns[group[0]] = self._run(self._config(jobs[group[0]]))
                 else:
-                    for _, results in self._train(jobs, [group], devices):
+                    for _, results in self._fit_groups(jobs, [group], devices):
                         self._record([jobs[i] for i in group], group, results, returns)
             return [returns[i] for i in range(len(jobs))]
-        for s, results in self._train(jobs, stacks, devices):  # as each stack ends
+        for s, results in self._fit_groups(jobs, stacks, devices):  # as each stack ends
             self._record([jobs[i] for i in stacks[s]], stacks[s], results, returns)
         for group in groups:
             if len(group) == 1:
@@ -288,8 +288,8 @@ class VectorizedLauncher(Launcher):
                      [self._overrides(job) for job in jobs],
                      [self._output_dir(job) for job in jobs], [job.num for job in jobs])
 
-    def _train(self, jobs: list[_Job], groups: list[list[int]],
-               devices: list[int | None]) -> Iterator[tuple[int, list]]:
+    def _fit_groups(self, jobs: list[_Job], groups: list[list[int]],
+                    devices: list[int | None]) -> Iterator[tuple[int, list]]:
         """Train the groups where this launcher is set to; per group as it ends, its results
         (per job its final metrics or the exception that ended it)."""
         from l2lab.run import scaleout
@@ -391,9 +391,9 @@ class VectorizedLauncher(Launcher):
 
 def _here(stack: Stack, sweep: Any, max_models: int | None) -> Any:
     """Train in this process; an exception is the group's outcome, as from a worker."""
-    from l2lab.run.scaleout import train_here
+    from l2lab.run.scaleout import fit_here
 
     try:
-        return train_here(stack, sweep, max_models)
+        return fit_here(stack, sweep, max_models)
     except Exception as e:
         return e

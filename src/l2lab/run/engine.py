@@ -3,7 +3,7 @@ record every job into its own MLflow run.
 
 An ordinary run is a stack of one; a vectorized sweep's group is a stack of K. Same module, same
 kernels, same recorder: on CPU a child of a stack and its ordinary run are bit-identical for the
-whole run. :func:`train_jobs` is the run lifecycle both share: runs opened inside the interrupt
+whole run. :func:`fit_jobs` is the run lifecycle both share: runs opened inside the interrupt
 guard, each job's failure its own (FAILED with the reason; the others train on), Ctrl-C/SIGTERM
 ends every unfinished run KILLED, and nothing already logged is lost.
 """
@@ -333,13 +333,14 @@ def save_weights(writer, job: Job, net: torch.nn.Module) -> None:
     tmp.replace(path)
 
 
-def train_jobs(jobs: Sequence[Job], *, sweep: Mapping | None = None,
-               max_models: int | None = None, vectorized: bool = False,
-               echo: bool = False, on_open: Callable[[Job], None] | None = None,
-               label: str = "run") -> None:
-    """Train ``jobs`` (configs that differ at most in the stacked keys, ``stackable.STACKED``)
-    as stacks of at most ``max_models`` networks; fills each job's ``result`` with its final
-    metrics or the exception that ended it. One job is an ordinary run.
+def fit_jobs(jobs: Sequence[Job], *, sweep: Mapping | None = None,
+             max_models: int | None = None, vectorized: bool = False,
+             echo: bool = False, on_open: Callable[[Job], None] | None = None,
+             label: str = "run") -> None:
+    """Open the runs of ``jobs``, build, fit, test and record them (configs that differ at most
+    in the stacked keys, ``stackable.STACKED``) as stacks of at most ``max_models`` networks;
+    fills each job's ``result`` with its final metrics or the exception that ended it. One job
+    is an ordinary run; :func:`fit_configs` and :func:`fit_variants` make the jobs of a group.
 
     Raises :class:`lifecycle.Interrupted` on Ctrl-C/SIGTERM (every unfinished run, and the
     sweep's parent, KILLED first), and re-raises anything else that stops the whole stack (every
@@ -470,29 +471,30 @@ def resume_stack(jobs: Sequence[Job]) -> Path | None:
     return merge_member_checkpoints([j.ckpt for j in jobs]) if any(j.ckpt for j in jobs) else None
 
 
-def train_group(cfgs: Sequence[DictConfig], overrides: Sequence[Sequence[str]],
+def fit_configs(cfgs: Sequence[DictConfig], overrides: Sequence[Sequence[str]],
                 output_dirs: Sequence[Path], *, sweep: Mapping | None = None,
                 max_models: int | None = None, job_nums: Sequence[int] | None = None
                 ) -> list[dict[str, float] | BaseException]:
-    """Train jobs whose configs differ only in stacked keys (``stackable.STACKED``) as stacks.
-    Each job is its own MLflow run with everything an ordinary run records, plus the tag
-    ``l2lab.vectorized_group``. Returns, per job, its final metrics or the exception that ended
-    it. (:func:`train_stack` with ``cfgs[0]`` and each job's values.)"""
+    """Jobs given as full configs, one per job, that differ only in stacked keys
+    (``stackable.STACKED``): trained as stacks, each job its own MLflow run with everything an
+    ordinary run records, plus the tag ``l2lab.vectorized_group``. Returns, per job, its final
+    metrics or the exception that ended it. (:func:`fit_variants` with ``cfgs[0]`` and each
+    job's values.)"""
     from l2lab.config.stackable import member_values
 
-    return train_stack(cfgs[0], [member_values(c) for c in cfgs], overrides, output_dirs,
+    return fit_variants(cfgs[0], [member_values(c) for c in cfgs], overrides, output_dirs,
                        sweep=sweep, max_models=max_models, job_nums=job_nums)
 
 
-def train_stack(cfg: DictConfig, values: Sequence[Mapping[str, Any]],
-                overrides: Sequence[Sequence[str]], output_dirs: Sequence[Path], *,
-                sweep: Mapping | None = None, max_models: int | None = None,
-                job_nums: Sequence[int] | None = None) -> list[dict[str, float] | BaseException]:
-    """The vectorized launcher's groups: one config and, per job, its ``values`` of the stacked
-    keys (``stackable.STACKED``; all jobs of a group share every other key). No job gets a
-    config of its own unless something needs one: per job the bookkeeping is microseconds.
-    With ``job_nums`` (a sweep's job numbers) each job's line is printed, in job order, as an
-    ordinary sweep job says it."""
+def fit_variants(cfg: DictConfig, values: Sequence[Mapping[str, Any]],
+                 overrides: Sequence[Sequence[str]], output_dirs: Sequence[Path], *,
+                 sweep: Mapping | None = None, max_models: int | None = None,
+                 job_nums: Sequence[int] | None = None) -> list[dict[str, float] | BaseException]:
+    """Jobs given as variants of one config (the vectorized launcher's groups): ``cfg`` and, per
+    job, its ``values`` of the stacked keys (``stackable.STACKED``; all jobs of a group share
+    every other key). No job gets a config of its own unless something needs one: per job the
+    bookkeeping is microseconds. With ``job_nums`` (a sweep's job numbers) each job's line is
+    printed, in job order, as an ordinary sweep job says it."""
     from l2lab.console import quiet_libraries
 
     quiet_libraries()
@@ -514,7 +516,7 @@ def train_stack(cfg: DictConfig, values: Sequence[Mapping[str, Any]],
 
         groups = continue_stack(tr.connect(base.tracking.uri), sweep, jobs)
     for group in groups:
-        train_jobs(group, sweep=sweep, max_models=max_models, vectorized=True)
+        fit_jobs(group, sweep=sweep, max_models=max_models, vectorized=True)
     if job_nums is not None:
         from l2lab.console import job_line, say
 

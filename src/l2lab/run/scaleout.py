@@ -3,7 +3,7 @@ device), or as Ray tasks (one per stack).
 
 Why a module of its own: the workers (spawned processes, Ray workers) import these functions by
 name, which a Hydra plugin module, executed by Hydra's plugin scanner, is not safe to be. Each
-worker calls :func:`l2lab.run.engine.train_stack` exactly as the launcher does in-process, so a
+worker calls :func:`l2lab.run.engine.fit_variants` exactly as the launcher does in-process, so a
 stack records the same runs wherever it trains; the launcher keeps Hydra's per-job bookkeeping.
 
 Light until used: Hydra imports the launcher (and so this module) at start-up.
@@ -35,14 +35,14 @@ class Stack:
     job_nums: list[int] | None = None  # the sweep's job numbers: each job's line is printed
 
 
-def train_here(stack: Stack, sweep: Mapping | None, max_models: int | None) -> Results:
+def fit_here(stack: Stack, sweep: Mapping | None, max_models: int | None) -> Results:
     """Train one stack in this process (the serial path, a worker process, a Ray task)."""
     from l2lab.console import quiet_libraries
-    from l2lab.run.engine import train_stack
+    from l2lab.run.engine import fit_variants
 
     quiet_libraries()
-    return train_stack(stack.cfg, stack.values, stack.overrides, stack.output_dirs, sweep=sweep,
-                       max_models=max_models, job_nums=stack.job_nums)
+    return fit_variants(stack.cfg, stack.values, stack.overrides, stack.output_dirs, sweep=sweep,
+                        max_models=max_models, job_nums=stack.job_nums)
 
 
 def cuda_devices() -> int:
@@ -95,7 +95,7 @@ def on_workers(stacks: Sequence[Stack], devices: Sequence[int | None], sweep: Ma
         while pending or running:
             while free and pending:
                 w, s = free.pop(0), pending.pop(0)
-                running[pools[w].submit(train_here, stacks[s], sweep, max_models)] = (w, s)
+                running[pools[w].submit(fit_here, stacks[s], sweep, max_models)] = (w, s)
             done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
             for future in done:
                 w, s = running.pop(future)
@@ -122,7 +122,7 @@ def on_ray(stacks: Sequence[Stack], conf: Mapping[str, Any], sweep: Mapping | No
     remote = {k: v for k, v in dict(conf.get("remote") or {}).items() if v is not None}
     if "num_gpus" not in remote:
         remote["num_gpus"] = 1 if cuda_devices() else 0
-    task = ray.remote(**remote)(train_here)
+    task = ray.remote(**remote)(fit_here)
     refs = {task.remote(s, sweep, max_models): i for i, s in enumerate(stacks)}
     try:
         while refs:

@@ -205,8 +205,8 @@ def sweep_runs(client, sweep: Mapping) -> dict[str, object]:
 
 
 def continue_stack(client, sweep: Mapping, jobs: Sequence) -> list[list]:
-    """The vectorized launcher's jobs of a continued sweep, as ``resume.in_sweep`` treats one: kept
-    ones get their run and result (they do not train); stopped ones are reopened. Returns the
+    """The vectorized launcher's jobs of a continued sweep, as :mod:`l2lab.run.plan` plans one:
+    kept ones get their run and result (they do not train); stopped ones are reopened. Returns the
     jobs to train in groups that can share a stack: the new ones, and the stopped ones by the
     epoch they continue from (a stack continues from one merged checkpoint)."""
     from l2lab.console import say
