@@ -1,4 +1,4 @@
-"""The engine's run lifecycle (``run.engine``: ``train_jobs``, ``open_runs``, ``_fit_stack``,
+"""The engine's run lifecycle (``run.engine``: ``fit_jobs``, ``open_runs``, ``_fit_stack``,
 ``finish``) over an in-memory store (``tests/fakes.py``): real networks, real Lightning fits, no
 MLflow store. What ``test_engine.py`` and ``test_train.py`` check end to end through SQLite, here
 in a second each: a rejected job, a diverging network, the names and steps of the metrics, the
@@ -48,7 +48,7 @@ def _stack(tmp_path: Path, jobs: list[list[str]], *extra: str, epochs: int = EPO
     uri = f"sqlite:///{tmp_path}/mlflow.db"  # never created: the fake store stands in for it
     cfgs = [make_cfg(f"tracking.uri={uri}", *SMALL, f"trainer.max_epochs={epochs}", *extra, *j,
                      tiny=False) for j in jobs]
-    results = engine.train_group(cfgs, jobs, [tmp_path / f"job{i}" for i in range(len(jobs))],
+    results = engine.fit_configs(cfgs, jobs, [tmp_path / f"job{i}" for i in range(len(jobs))],
                                  sweep=sweep)
     assert not (tmp_path / "mlflow.db").exists()
     return results
@@ -112,14 +112,14 @@ def test_a_stack_records_every_job_as_the_contract_says(tmp_path, fake):
 
 
 def test_an_ordinary_run_is_a_stack_of_one_with_the_same_numbers(tmp_path, fake):
-    """``train_jobs`` with one job (what ``train(cfg)`` runs): no stack tag, and on CPU every
+    """``fit_jobs`` with one job (what ``train(cfg)`` runs): no stack tag, and on CPU every
     logged number equals that job's as the second network of a stack."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     overrides = ["regularization.lam=0.3", "seed=1"]
     cfg = engine.prepared(make_cfg(f"tracking.uri={uri}", *SMALL,
                                    f"trainer.max_epochs={EPOCHS}", *overrides, tiny=False))
     job = engine.Job(cfg, overrides, tmp_path / "ordinary", engine.run_name(overrides, cfg))
-    engine.train_jobs([job])
+    engine.fit_jobs([job])
     assert isinstance(job.result, dict)
     _stack(tmp_path, [["regularization.lam=0.01", "seed=0"], overrides])
     ordinary, _, child = fake.runs.values()
