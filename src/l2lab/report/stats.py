@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from l2lab import metrics as mt
+
 LAM_KEY = "regularization.lam"
 FINISHED = "FINISHED"
-#: Final metrics summarised per group, in column order; test metrics join when a run has them.
-FINAL_METRICS: tuple[str, ...] = ("train/ce", "val/ce", "gap/ce", "val/acc")
-TEST_METRICS: tuple[str, ...] = ("test/ce", "test/acc")
 STATS: tuple[str, ...] = ("mean", "std", "lo", "hi")
 #: How each summarised quantity's 95% interval is made, so that it stays inside the quantity's
 #: range with 2-5 seeds (a plain t-interval of 2 cross-entropies easily dips below zero):
@@ -63,7 +62,7 @@ class RunRecord:
     experiment_id: str = ""  # for links into the MLflow UI
 
 
-def stat_columns(metrics: Sequence[str] = FINAL_METRICS) -> list[str]:
+def stat_columns(metrics: Sequence[str] = mt.SUMMARY) -> list[str]:
     """Every column after the λ and group-key columns, in order."""
     return ["runs", "failed",
             *(f"{m}_{s}" for m in metrics for s in STATS),
@@ -247,7 +246,7 @@ def final_value(run: RunRecord, metric: str) -> float:
 
 def metrics_of(runs: Sequence[RunRecord]) -> list[str]:
     """The final metrics a summary shows: train/val always, test/* when some run has them."""
-    return [*FINAL_METRICS, *(m for m in TEST_METRICS if any(m in r.final for r in runs))]
+    return [*mt.SUMMARY, *(m for m in mt.SUMMARY_TEST if any(m in r.final for r in runs))]
 
 
 def summarize(runs: Sequence[RunRecord]) -> pd.DataFrame:

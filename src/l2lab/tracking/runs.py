@@ -18,6 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from l2lab import metrics as mt
 from l2lab.tracking.tracker import FAILURE_TAG, parse_overrides
 
 HASH_TAG = "l2lab.config_hash"
@@ -151,7 +152,7 @@ def to_frame(client, runs: Sequence):
         }
         row.update({k: _number(v) for k, v in sorted(r.data.params.items())})
         row.update(sorted(r.data.metrics.items()))
-        history = client.get_metric_history(r.info.run_id, "val/ce") if r.data.metrics else []
+        history = client.get_metric_history(r.info.run_id, mt.VAL_CE) if r.data.metrics else []
         finite = [(m.step, m.value) for m in history if not math.isnan(m.value)]
         if finite:
             step, value = min(sorted(finite), key=lambda p: p[1])
@@ -192,7 +193,7 @@ def load_runs(experiment: str | None = None, sweep: str | None = None,
 
 
 # -- what the sweep summary and compare read back -------------------------------------------
-HISTORY_KEYS = ("train/ce", "val/ce", "weights/sq_norm_total")
+HISTORY_KEYS = mt.HISTORY  # (the name the bulk tests read)
 _NOT_GROUPED = ("seed", "tracking.uri", "resume", "reuse", "experiment_name")
 
 
