@@ -23,6 +23,7 @@ from l2lab.report.stats import (
     verdict,
 )
 from l2lab.report.table import format_table
+from l2lab.tracking.ui import UiLinks
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SQRT2 = math.sqrt(2.0)
@@ -514,7 +515,8 @@ def report_html(tmp_path: Path) -> tuple[dict[str, Path], list[RunRecord]]:
     runs = sweep_runs()
     for r in runs:
         r.experiment_id = "7"
-    ctx = ReportContext(title="λ sweep s1 (digits-mlp)", ui_base="http://127.0.0.1:5000",
+    ctx = ReportContext(title="λ sweep s1 (digits-mlp)",
+                        links=UiLinks("http://127.0.0.1:5000"),
                         parent=("7", "p" * 32), commands=["python -m l2lab.train -m 'seed=0,1'"])
     return write_report(runs, tmp_path, ctx), runs
 

@@ -171,7 +171,7 @@ def report_context(client, runs: list, label: str, uri: str, argv: list[str] | N
         commands.append(f"# sweep {tags.get('l2lab.sweep_id', pid)}:")
         commands += reproduce_command(overrides, tags.get("mlflow.source.git.commit"))
         shown = (parent.info.experiment_id, pid) if len(parents) == 1 else None
-    return ReportContext(title=f"l2lab compare: {label}", ui_base=ui.ui_base(uri),
+    return ReportContext(title=f"l2lab compare: {label}", links=ui.UiLinks(ui.ui_base(uri)),
                          parent=shown, commands=commands)
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """The numbers of a λ sweep: one row per seed group, 95% t-intervals, and the best-λ verdict.
 
 This module knows nothing about MLflow, torch, Lightning or matplotlib: the caller converts tracked
-runs into :class:`RunRecord` objects, so the statistics can be tested on synthetic rows with known
-answers and re-run offline on exported data.
+runs into :class:`l2lab.records.RunRecord` objects, so the statistics can be tested on synthetic
+rows with known answers and re-run offline on exported data.
 
 The seeds of a sweep are *paired* across λ: seed k gives the same initialisation and the same
 shuffling at every λ, so most of the seed-to-seed spread is shared by all rows. The verdict
@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from l2lab import metrics as mt
+from l2lab.records import RunRecord
 
 LAM_KEY = "regularization.lam"
 FINISHED = "FINISHED"
@@ -44,22 +45,6 @@ ALPHA = 0.05
 #: The power at which "about M seeds would tell" is computed.
 POWER = 0.8
 MAX_SEEDS = 1000
-
-
-@dataclass
-class RunRecord:
-    """One training run, already flattened out of the tracking store."""
-
-    run_id: str
-    name: str  # readable run name, e.g. "lam=0.01 seed=1"
-    status: str  # "FINISHED" | "FAILED" | "KILLED" | "RUNNING"
-    group: dict[str, str]  # swept keys other than `seed`; may be {}
-    lam: float  # regularization.lam of the run (>= 0)
-    seed: int
-    failure: str | None = None  # reason, for FAILED runs
-    final: dict[str, float] = field(default_factory=dict)  # last-epoch metric values
-    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # metric -> points
-    experiment_id: str = ""  # for links into the MLflow UI
 
 
 def stat_columns(metrics: Sequence[str] = mt.SUMMARY) -> list[str]:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import pandas as pd
 
 from l2lab import metrics as mt
+from l2lab.records import FAILURE_TAG
 from l2lab.report import conditions as cd
 from l2lab.report.stats import (
     FINISHED,
@@ -24,7 +25,6 @@ from l2lab.report.stats import (
     short_key,
     verdict,
 )
-from l2lab.tracking.tracker import FAILURE_TAG
 
 #: (header, summary column prefix, decimals) of the table's metric columns: the metrics
 #: ``metrics.TABLE`` names (accuracies to 3 decimals), then each run's best val/ce and its epoch.

@@ -19,6 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from l2lab import metrics as mt
+from l2lab.records import RunRecord
 from l2lab.tracking.tracker import FAILURE_TAG, parse_overrides
 
 HASH_TAG = "l2lab.config_hash"
@@ -233,11 +234,9 @@ def _histories(client, runs: Sequence, writer=None) -> dict[str, dict[str, list]
 
 
 def load_records(client, runs: Iterable, writer=None) -> list:
-    """MLflow runs -> ``stats.RunRecord`` (final values, test/* included, and the histories the
+    """MLflow runs -> ``records.RunRecord`` (final values, test/* included, and the histories the
     figures need). The histories are read for all runs at once (``_histories``): through
     ``writer`` (a ``bulk.BulkStore`` on the client's store) when given."""
-    from l2lab.report.stats import RunRecord
-
     runs = list(runs)
     keys = varying_keys(runs)
     histories = _histories(client, runs, writer)

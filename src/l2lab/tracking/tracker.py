@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     import torch
 
 from l2lab.base import ConfigError
+from l2lab.records import FAILURE_TAG  # noqa: F401  (why a run ended FAILED or KILLED)
 from l2lab.tracking import store
 
 # The URI and login checks need neither torch nor MLflow: they live in l2lab.tracking.store (a
@@ -192,7 +193,6 @@ def git_commit(cwd: Path | None = None) -> str | None:
 
 
 MAX_METRICS = 1000  # MLflow's cap on metrics per log_batch
-FAILURE_TAG = "l2lab.failure"  # why a run ended FAILED or KILLED (design.md §4)
 FAILURE_MAX_CHARS = 7000  # a reason is cut here: well inside MLflow's 8000-character tag values
 
 
