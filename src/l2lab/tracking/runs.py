@@ -9,7 +9,6 @@ run rather than adding a seed. MLflow is imported only when a function here need
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -295,18 +294,9 @@ def _runs_with_prefix(prefix: str, uri: str) -> list[tuple[str, str, str]]:
 
     db = sqlite_path(uri)
     if db is not None:
-        import sqlite3
+        from l2lab.compat import mlflow as cm
 
-        if not db.exists():
-            return []
-        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True,
-                                                timeout=30)) as con:
-            try:
-                return [tuple(r) for r in con.execute(
-                    "SELECT run_uuid, name, status FROM runs WHERE run_uuid LIKE ? "
-                    "AND lifecycle_stage = 'active' ORDER BY start_time", (prefix + "%",))]
-            except sqlite3.OperationalError:  # not (yet) an MLflow store
-                return []
+        return cm.sqlite_runs_with_prefix(db, prefix)
     from l2lab.tracking.tracker import connect
 
     client = connect(uri)
