@@ -107,24 +107,38 @@ def drop_repeats(runs: Sequence) -> tuple[list, list]:
     return kept, dropped
 
 
+SWEEP_ROLE = "sweep"  # tag l2lab.role of a sweep's parent run
+
+
 def select(client, *, experiment: str | None = None, sweep: str | None = None,
-           run_ids: Iterable[str] | None = None) -> list:
-    """Training runs (not sweep parents) by ids, sweep id and/or experiment name; all when none
-    is given."""
+           run_ids: Iterable[str] | None = None, latest_sweep: bool = False,
+           option: str = "experiment") -> list:
+    """Training runs (not sweep parents), oldest first: by ids, else by sweep id and/or
+    experiment name. With none given: every training run of the store (``load_runs``), or with
+    ``latest_sweep`` those of the most recently started sweep (``compare``). An unknown
+    experiment, or no sweep to take, is a ``ConfigError`` naming ``option``."""
     from l2lab.base import ConfigError
 
     if run_ids:
         return [client.get_run(r) for r in run_ids]
-    exps = client.search_experiments()
+    everything = client.search_experiments()
+    exps = [e.experiment_id for e in everything]
     if experiment is not None:
-        exps = [e for e in exps if e.name == experiment]
+        exps = [e.experiment_id for e in everything if e.name == experiment]
         if not exps:
-            names = ", ".join(sorted(e.name for e in client.search_experiments()))
-            raise ConfigError(f"experiment: no experiment {experiment!r}; there are: {names}.")
+            names = ", ".join(sorted(e.name for e in everything))
+            raise ConfigError(f"{option}: no experiment {experiment!r}; there are: {names}.")
+    elif sweep is None and latest_sweep:
+        parents = client.search_runs(exps, filter_string=f"tags.`l2lab.role` = '{SWEEP_ROLE}'",
+                                     order_by=["attributes.start_time DESC"], max_results=1)
+        if not parents:
+            raise ConfigError("no sweep in this store yet: run `make sweep` or name runs to "
+                              "compare (--experiment NAME, --sweep ID, or RUN_IDs).")
+        sweep = parents[0].data.tags["l2lab.sweep_id"]
     flt = f"tags.`l2lab.sweep_id` = '{sweep}'" if sweep else ""
-    found = client.search_runs([e.experiment_id for e in exps], filter_string=flt,
-                               max_results=50_000, order_by=["attributes.start_time ASC"])
-    return [r for r in found if r.data.tags.get("l2lab.role") != "sweep"]
+    found = client.search_runs(exps, filter_string=flt, max_results=50_000,
+                               order_by=["attributes.start_time ASC"])
+    return [r for r in found if r.data.tags.get("l2lab.role") != SWEEP_ROLE]
 
 
 def _number(text: str) -> Any:
