@@ -293,7 +293,7 @@ def open_runs(client, writer, jobs: Sequence[Job], sweep: Mapping | None) -> Non
     params, texts = {}, {}
     templates: dict[int, YamlTemplate] = {}  # per stack config: its jobs' config.yaml
     for job, rid in zip(jobs, ids, strict=True):
-        job.tracker = tr.RunTracker(client, rid)
+        job.tracker = tr.RunTracker(writer, rid)
         params[rid] = tr.flatten_params(job.tree)
         if job.values:
             if id(job.base) not in templates:
