@@ -273,7 +273,7 @@ def open_runs(client, writer, jobs: Sequence[Job], sweep: Mapping | None) -> Non
     from l2lab.tracking import environment, runs
 
     commit = tr.git_commit(CONF_DIR.parent)
-    env = environment.tags(jobs[0].base)  # once per stack: its K runs share it
+    env = environment.tags(jobs[0].tree["trainer"])  # once per stack: its K runs share it
     diff = environment.diff_artifact()
     tags_list = []
     for job in jobs:

@@ -26,7 +26,7 @@ from l2lab.tracking.store import probe_server
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep CLI output readable
 
 
-# -- the client on a store -----------------------------------------------------------------------------------
+# -- the client on a store ---------------------------------------------------------------------
 def sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
