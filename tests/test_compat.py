@@ -122,6 +122,40 @@ def test_mlflow_store_schema_and_tables(tmp_path):
         t.Metric.__table__.columns.keys())
 
 
+def test_mlflow_runs_table_read_by_id_prefix_as_the_client_sees_it(tmp_path):
+    """The ``runs`` table read without MLflow: the active runs whose id starts with a prefix,
+    oldest first, as the public client finds them; a deleted run, a missing file and a database
+    that is not a store give nothing."""
+    from mlflow.tracking import MlflowClient
+
+    from l2lab.tracking import tracker as tr
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tr.connect(uri)
+    client = MlflowClient(uri)
+    exp = client.create_experiment("e")
+    runs = [client.create_run(exp, run_name=f"r{i}", start_time=1000 + i).info for i in range(3)]
+    client.set_terminated(runs[1].run_id, status="FAILED")
+    client.delete_run(runs[2].run_id)
+    db = tmp_path / "mlflow.db"
+    assert {"run_uuid", "name", "status", "lifecycle_stage", "start_time"} <= set(
+        cm.sql_models().Run.__table__.columns.keys())
+    got = cm.sqlite_runs_with_prefix(db, "")
+    assert got == [(runs[0].run_id, "r0", "RUNNING"), (runs[1].run_id, "r1", "FAILED")]
+    for r in runs[:2]:
+        want = [(x.info.run_id, x.info.run_name, x.info.status) for x in client.search_runs(
+            [exp], filter_string=f"attributes.run_id LIKE '{r.run_id[:6]}%'")]
+        assert cm.sqlite_runs_with_prefix(db, r.run_id[:6]) == want
+    assert cm.sqlite_runs_with_prefix(db, runs[2].run_id) == []  # deleted
+    assert cm.sqlite_runs_with_prefix(db, "g") == []
+    assert cm.sqlite_runs_with_prefix(tmp_path / "absent.db", "") == []
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "other.db") as con:
+        con.execute("CREATE TABLE t (x)")
+    assert cm.sqlite_runs_with_prefix(tmp_path / "other.db", "") == []
+
+
 def test_mlflow_validation_and_run_names():
     assert re.fullmatch(r"[a-z]+-[a-z]+-\d+", cm.random_run_name())
     p = cm.validate_param("regularization.lam", "0.1", path="params[0]")

@@ -192,7 +192,7 @@ def test_every_run_records_its_environment_and_reproduce_says_what_changed(
     assert "yet the results agree" in out
     # had the numbers differed, the verdict says the environment can explain it
     diffs = environment.differences({**tags, "l2lab.env.torch_threads": "999"},
-                                    environment.tags(make_cfg()))
+                                    environment.tags(make_cfg().trainer))
     assert "can explain the mismatch" in environment.verdict(diffs, True)
     assert "not explained" in environment.verdict([], True)
 

@@ -4,6 +4,7 @@ hand-computed numbers and known answers, figures as PNGs, and the HTML report re
 
 from __future__ import annotations
 
+import ast
 import math
 import random
 import re
@@ -23,6 +24,7 @@ from l2lab.report.stats import (
     verdict,
 )
 from l2lab.report.table import format_table
+from l2lab.tracking.ui import UiLinks
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SQRT2 = math.sqrt(2.0)
@@ -514,7 +516,8 @@ def report_html(tmp_path: Path) -> tuple[dict[str, Path], list[RunRecord]]:
     runs = sweep_runs()
     for r in runs:
         r.experiment_id = "7"
-    ctx = ReportContext(title="λ sweep s1 (digits-mlp)", ui_base="http://127.0.0.1:5000",
+    ctx = ReportContext(title="λ sweep s1 (digits-mlp)",
+                        links=UiLinks("http://127.0.0.1:5000"),
                         parent=("7", "p" * 32), commands=["python -m l2lab.train -m 'seed=0,1'"])
     return write_report(runs, tmp_path, ctx), runs
 
@@ -579,3 +582,35 @@ def test_mean_curve_averages_seeds_by_step_skipping_nan_and_keeping_a_steps_last
     assert steps.tolist() == [0.0, 1.0, 2.0]  # step 3 has no finite value: left out
     assert mean.tolist() == [2.0, 4.0, 5.0]  # step 1: the last value of the one run with it
     assert mean_curve([run([(0, math.nan)])], "val/ce") is None
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def _imported(package: str) -> dict[str, set[str]]:
+    """Every module each file of ``l2lab.<package>`` imports (function bodies included)."""
+    root = Path(__file__).resolve().parents[1] / "src" / "l2lab" / package
+    found: dict[str, set[str]] = {}
+    for path in sorted(root.rglob("*.py")):
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+        found[path.relative_to(root.parent).as_posix()] = names
+    return found
+
+
+def test_the_report_knows_no_store_and_tracking_builds_no_report():
+    """design.md §9: ``report/`` takes plain records (``l2lab.records``) and its links from the
+    caller, so it imports nothing of ``tracking/`` or MLflow; ``tracking/`` imports nothing of
+    ``report/``."""
+    def hits(package: str, banned: tuple[str, ...]) -> list[str]:
+        return sorted(f"{f} imports {n}" for f, names in _imported(package).items()
+                      for n in names if n.split(".")[0] in banned or n.startswith(banned))
+
+    report = _imported("report")
+    assert "report/stats.py" in report and "l2lab.records" in report["report/stats.py"]
+    assert hits("report", ("l2lab.tracking", "mlflow")) == []
+    assert hits("tracking", ("l2lab.report",)) == []

@@ -19,35 +19,20 @@ from l2lab.base import ConfigError
 # that `--help` answers at once.
 
 
-def _all_experiments(client) -> list[str]:
-    return [e.experiment_id for e in client.search_experiments()]
-
-
 def select_runs(client, *, experiment: str | None, sweep: str | None,
                 run_ids: list[str]) -> tuple[list, str]:
-    """The runs to compare and a label for the output folder."""
+    """The runs to compare (``tracking.runs.select``; the latest sweep when nothing is named)
+    and a label for the output folder."""
+    from l2lab.tracking import runs as rs
+
+    runs = rs.select(client, experiment=experiment, sweep=sweep, run_ids=run_ids,
+                     latest_sweep=True, option="--experiment")
     if run_ids:
-        return [client.get_run(r) for r in run_ids], "runs"
-    exps = _all_experiments(client)
-    if experiment:
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            names = ", ".join(sorted(e.name for e in client.search_experiments()))
-            raise ConfigError(f"--experiment: no experiment {experiment!r}; there are: {names}.")
-        exps = [exp.experiment_id]
-    if sweep is None and experiment is None:
-        parents = client.search_runs(exps, filter_string="tags.`l2lab.role` = 'sweep'",
-                                     order_by=["attributes.start_time DESC"], max_results=1)
-        if not parents:
-            raise ConfigError("no sweep in this store yet: run `make sweep` or name runs to "
-                              "compare (--experiment NAME, --sweep ID, or RUN_IDs).")
-        sweep = parents[0].data.tags["l2lab.sweep_id"]
-    flt = f"tags.`l2lab.sweep_id` = '{sweep}'" if sweep else ""
-    runs = client.search_runs(exps, filter_string=flt, max_results=10_000,
-                              order_by=["attributes.start_time ASC"])
-    runs = [r for r in runs if r.data.tags.get("l2lab.role") != "sweep"]  # not the parents
+        return runs, "runs"
     if not runs:
         raise ConfigError(f"no runs found for --sweep {sweep!r} / --experiment {experiment!r}.")
+    if sweep is None and experiment is None:  # the latest sweep: named by its id
+        sweep = runs[0].data.tags.get("l2lab.sweep_id")
     return runs, sweep or experiment or "runs"
 
 
@@ -171,7 +156,7 @@ def report_context(client, runs: list, label: str, uri: str, argv: list[str] | N
         commands.append(f"# sweep {tags.get('l2lab.sweep_id', pid)}:")
         commands += reproduce_command(overrides, tags.get("mlflow.source.git.commit"))
         shown = (parent.info.experiment_id, pid) if len(parents) == 1 else None
-    return ReportContext(title=f"l2lab compare: {label}", ui_base=ui.ui_base(uri),
+    return ReportContext(title=f"l2lab compare: {label}", links=ui.UiLinks(ui.ui_base(uri)),
                          parent=shown, commands=commands)
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ import sys
 import warnings
 from collections.abc import Mapping
 
+from l2lab import metrics as mt
+
 log = logging.getLogger("l2lab")
-SHOWN = ("train/ce", "val/ce", "gap/ce", "val/acc", "test/acc")  # a job's line
+SHOWN = mt.JOB_LINE  # a job's line (the name resume.py reads)
 
 
 #: Third-party warnings that l2lab cannot fix, each named by (message, category, the module that
@@ -61,5 +63,5 @@ def say(message: str, *, err: bool = False) -> None:
 
 def job_line(label: str, run_id: str, epochs: int, metrics: Mapping[str, float]) -> str:
     """A sweep job's one line when it ends: its number and name, run id and final numbers."""
-    return "  ".join([f"l2lab: {label}: run {run_id[:8]}, {epochs} epochs"] + [
-        f"{k}={metrics[k]:.4f}" for k in SHOWN if k in metrics])
+    return "  ".join(x for x in (f"l2lab: {label}: run {run_id[:8]}, {epochs} epochs",
+                                 mt.shown(metrics, mt.JOB_LINE)) if x)

@@ -149,7 +149,7 @@ def environment_differences(tags: dict[str, str], cfg: DictConfig, old_commit: s
     if not any(k.startswith(environment.PREFIX) for k in tags):
         print("environment: the run recorded none (made before l2lab recorded it)")
         return None
-    diffs = environment.differences(tags, environment.tags(cfg))
+    diffs = environment.differences(tags, environment.tags(cfg.trainer))
     if old_commit and now_commit and old_commit != now_commit:
         diffs.insert(0, ("git_commit", old_commit[:10], now_commit[:10]))
     if not diffs:

@@ -21,6 +21,7 @@ from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from l2lab import metrics as mt
 from l2lab.report.stats import FINISHED, Cell, RunRecord, fmt_value, group_columns, short_key
 
 DPI = 120
@@ -30,6 +31,9 @@ TIE_COLOR = "#e4e0f0"  # the λ not distinguishable from the best: a pale violet
 LAMBDA_LABEL = "λ (L2 strength)"
 CE_LABEL = "final cross-entropy (nats)"
 NORM_LABEL = r"$\Sigma\,\Vert W\Vert_F^2$ of selected layers"  # renders as Σ‖W‖²_F
+#: The y labels of the ``metrics.CURVES`` panels: in full, and in a grid of panels.
+CURVE_LABELS = ("train cross-entropy (nats)", "val cross-entropy (nats)")
+CURVE_LABELS_SHORT = ("train CE (nats)", "val CE (nats)")
 #: Up to this many groups get distinct qualitative colours and a legend; more get a colour scale
 #: in λ order with a labelled colour bar (a legend of 30 entries reads as badly as 30 colours).
 MAX_LEGEND = 10
@@ -221,8 +225,8 @@ def plot_curves(groups: Sequence[Cell], path: Path, *, weights: bool) -> None:
     """Learning curves (train and val CE, side by side) or weight norms against epoch, mean
     over seeds, one colour per group: distinct colours with a legend for up to MAX_LEGEND
     groups, a colour scale in λ order with a labelled colour bar beyond."""
-    panels = [("weights/sq_norm_total", NORM_LABEL)] if weights else \
-        [("train/ce", "train cross-entropy (nats)"), ("val/ce", "val cross-entropy (nats)")]
+    panels = [(mt.WEIGHT_NORM_TOTAL, NORM_LABEL)] if weights else \
+        list(zip(mt.CURVES, CURVE_LABELS, strict=True))
     fig = new_figure(8.0 if weights else 11.0, 4.6)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     fig.suptitle("Weight norm during training (mean over seeds)" if weights else
@@ -408,8 +412,8 @@ def plot_condition_histories(conditions: Sequence, path: Path, *, weights: bool)
     """Learning curves (train and val CE) or weight norms against epoch with one row of panels
     per condition and one colour per λ, the same λ the same colour in every row: 4 conditions ×
     8 λ read as 8 legend entries, not 32."""
-    panels = [("weights/sq_norm_total", NORM_LABEL)] if weights else \
-        [("train/ce", "train CE (nats)"), ("val/ce", "val CE (nats)")]
+    panels = [(mt.WEIGHT_NORM_TOTAL, NORM_LABEL)] if weights else \
+        list(zip(mt.CURVES, CURVE_LABELS_SHORT, strict=True))
     n = len(conditions)
     fig = new_figure(4.0 * len(panels) + 2.2, 2.3 * n + 0.8)
     axes = fig.subplots(n, len(panels), squeeze=False, sharex=True)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Protocol
 
 import pandas as pd
 
@@ -38,7 +39,6 @@ from l2lab.report.stats import (  # noqa: F401  (re-exported: the report's publi
 )
 from l2lab.report.stats import fmt_value as _fmt_value
 from l2lab.report.table import best_row, format_table, table_metrics  # noqa: F401 (re-exported)
-from l2lab.tracking import ui
 
 FIGURES: tuple[tuple[str, str], ...] = (
     ("lambda_curve", "Final train and val cross-entropy against λ (symlog axis, so λ = 0 "
@@ -58,13 +58,23 @@ CONDITION_CURVE = ("Final train and val cross-entropy against λ, one panel per 
                    "condition's best λ; grey: the λ not distinguishable from it.")
 
 
+class Links(Protocol):
+    """Where the report links a run and an experiment's runs to (the MLflow UI's pages): given by
+    the caller (``tracking.ui.UiLinks``), since the report knows no store."""
+
+    def run(self, experiment_id: str, run_id: str) -> str: ...
+
+    def runs(self, experiment_id: str, *, chart: bool = False) -> str: ...
+
+
 @dataclass
 class ReportContext:
-    """What the report says beyond the runs themselves: its title, where the UI is, the sweep's
-    parent run, the commands that reproduce it, and any extra lines (an Optuna study's best)."""
+    """What the report says beyond the runs themselves: its title, its links into the UI, the
+    sweep's parent run, the commands that reproduce it, and any extra lines (an Optuna study's
+    best)."""
 
     title: str = "l2lab runs"
-    ui_base: str | None = None  # None: runs are named, not linked
+    links: Links | None = None  # None: runs are named, not linked
     parent: tuple[str, str] | None = None  # (experiment id, run id) of the sweep's parent
     commands: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -152,10 +162,14 @@ def _cell(row: pd.Series, prefix: str, decimals: int) -> str:
     return text
 
 
-def _run_links(group_runs_: Sequence[RunRecord], base: str | None) -> str:
+def _run_url(links: Links | None, run: RunRecord) -> str | None:
+    return links.run(run.experiment_id, run.run_id) if links and run.experiment_id else None
+
+
+def _run_links(group_runs_: Sequence[RunRecord], links: Links | None) -> str:
     parts = []
     for r in sorted(group_runs_, key=lambda r: r.seed):
-        url = ui.run_url(base, r.experiment_id, r.run_id) if base and r.experiment_id else None
+        url = _run_url(links, r)
         text = f"seed {r.seed}" + ("" if r.status == FINISHED else f" ({r.status})")
         link = _link(url, text)
         parts.append(f'<span class="failed">{link}</span>' if r.status != FINISHED else link)
@@ -219,7 +233,7 @@ def render_html(summary: pd.DataFrame, runs: Sequence[RunRecord], paths: dict[st
     metrics = table_metrics(summary)
     ver = verdict(summary, runs)
     _, groups = group_runs(trained(runs))
-    base = context.ui_base
+    links = context.links
     exps = sorted({r.experiment_id for r in runs if r.experiment_id})
 
     head = "".join(f"<th>{_e('λ' if k == 'lam' else short_key(k))}</th>" for k in keys)
@@ -235,7 +249,7 @@ def render_html(summary: pd.DataFrame, runs: Sequence[RunRecord], paths: dict[st
         cells = "".join(f"<td>{_e(_fmt_value(row[k]))}</td>" for k in keys)
         cells += f"<td>{int(row['runs'])}</td>"
         cells += "".join(f"<td>{_cell(row, prefix, d)}</td>" for _, prefix, d in metrics)
-        cells += f'<td class="runs">{_run_links(group.runs, base)}</td>'
+        cells += f'<td class="runs">{_run_links(group.runs, links)}</td>'
         rows.append(f"<tr{cls}>{cells}</tr>")
     if not rows:
         rows.append(f'<tr><td colspan="{len(keys) + len(metrics) + 2}">no runs</td></tr>')
@@ -257,19 +271,19 @@ def render_html(summary: pd.DataFrame, runs: Sequence[RunRecord], paths: dict[st
     failed_html = ""
     if problems:
         items = "".join(
-            f"<li>{_link(ui.run_url(base, r.experiment_id, r.run_id) if base and r.experiment_id else None, r.name)}"  # noqa: E501
+            f"<li>{_link(_run_url(links, r), r.name)}"
             f" {_e(r.status)}: {_e(r.failure or 'no reason recorded')}"
             f"{' (never trained: no row)' if rejected(r) else ''}</li>" for r in problems)
         failed_html = f'<h2>Runs that did not finish</h2><ul class="failed">{items}</ul>'
 
     meta = [f"{len(runs)} runs"]
-    if context.parent and base:
+    if context.parent and links:
         exp, rid = context.parent
-        meta.append("parent run " + _link(ui.run_url(base, exp, rid), rid))
-    if base and exps:
+        meta.append("parent run " + _link(links.run(exp, rid), rid))
+    if links and exps:
         for exp in exps:
-            meta.append(_link(ui.runs_url(base, exp), f"experiment {exp} in the MLflow UI") + " ("
-                        + _link(ui.runs_url(base, exp, chart=True), "chart view") + ")")
+            meta.append(_link(links.runs(exp), f"experiment {exp} in the MLflow UI") + " ("
+                        + _link(links.runs(exp, chart=True), "chart view") + ")")
     meta.append("written " + datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
 
     figs = "".join(

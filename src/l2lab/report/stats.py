@@ -1,8 +1,8 @@
 """The numbers of a λ sweep: one row per seed group, 95% t-intervals, and the best-λ verdict.
 
 This module knows nothing about MLflow, torch, Lightning or matplotlib: the caller converts tracked
-runs into :class:`RunRecord` objects, so the statistics can be tested on synthetic rows with known
-answers and re-run offline on exported data.
+runs into :class:`l2lab.records.RunRecord` objects, so the statistics can be tested on synthetic
+rows with known answers and re-run offline on exported data.
 
 The seeds of a sweep are *paired* across λ: seed k gives the same initialisation and the same
 shuffling at every λ, so most of the seed-to-seed spread is shared by all rows. The verdict
@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from l2lab import metrics as mt
+from l2lab.records import RunRecord
+
 LAM_KEY = "regularization.lam"
 FINISHED = "FINISHED"
-#: Final metrics summarised per group, in column order; test metrics join when a run has them.
-FINAL_METRICS: tuple[str, ...] = ("train/ce", "val/ce", "gap/ce", "val/acc")
-TEST_METRICS: tuple[str, ...] = ("test/ce", "test/acc")
 STATS: tuple[str, ...] = ("mean", "std", "lo", "hi")
 #: How each summarised quantity's 95% interval is made, so that it stays inside the quantity's
 #: range with 2-5 seeds (a plain t-interval of 2 cross-entropies easily dips below zero):
@@ -47,23 +47,7 @@ POWER = 0.8
 MAX_SEEDS = 1000
 
 
-@dataclass
-class RunRecord:
-    """One training run, already flattened out of the tracking store."""
-
-    run_id: str
-    name: str  # readable run name, e.g. "lam=0.01 seed=1"
-    status: str  # "FINISHED" | "FAILED" | "KILLED" | "RUNNING"
-    group: dict[str, str]  # swept keys other than `seed`; may be {}
-    lam: float  # regularization.lam of the run (>= 0)
-    seed: int
-    failure: str | None = None  # reason, for FAILED runs
-    final: dict[str, float] = field(default_factory=dict)  # last-epoch metric values
-    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # metric -> points
-    experiment_id: str = ""  # for links into the MLflow UI
-
-
-def stat_columns(metrics: Sequence[str] = FINAL_METRICS) -> list[str]:
+def stat_columns(metrics: Sequence[str] = mt.SUMMARY) -> list[str]:
     """Every column after the λ and group-key columns, in order."""
     return ["runs", "failed",
             *(f"{m}_{s}" for m in metrics for s in STATS),
@@ -247,7 +231,7 @@ def final_value(run: RunRecord, metric: str) -> float:
 
 def metrics_of(runs: Sequence[RunRecord]) -> list[str]:
     """The final metrics a summary shows: train/val always, test/* when some run has them."""
-    return [*FINAL_METRICS, *(m for m in TEST_METRICS if any(m in r.final for r in runs))]
+    return [*mt.SUMMARY, *(m for m in mt.SUMMARY_TEST if any(m in r.final for r in runs))]
 
 
 def summarize(runs: Sequence[RunRecord]) -> pd.DataFrame:

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import pandas as pd
 
+from l2lab import metrics as mt
+from l2lab.records import FAILURE_TAG
 from l2lab.report import conditions as cd
 from l2lab.report.stats import (
     FINISHED,
@@ -23,11 +25,11 @@ from l2lab.report.stats import (
     short_key,
     verdict,
 )
-from l2lab.tracking.tracker import FAILURE_TAG
 
+#: (header, summary column prefix, decimals) of the table's metric columns: the metrics
+#: ``metrics.TABLE`` names (accuracies to 3 decimals), then each run's best val/ce and its epoch.
 TABLE_METRICS: tuple[tuple[str, str, int], ...] = (
-    ("train/ce", "train/ce", 4), ("val/ce", "val/ce", 4), ("gap/ce", "gap/ce", 4),
-    ("val/acc", "val/acc", 3), ("test/acc", "test/acc", 3),
+    *((m, m, 3 if m.endswith("/acc") else 4) for m in mt.TABLE),
     ("best val/ce", "best_val_ce", 4), ("best epoch", "best_epoch", 0),
 )
 

@@ -276,7 +276,7 @@ def open_runs(client, writer, jobs: Sequence[Job], sweep: Mapping | None) -> Non
     from l2lab.tracking import environment, runs
 
     commit = tr.git_commit(CONF_DIR.parent)
-    env = environment.tags(jobs[0].base)  # once per stack: its K runs share it
+    env = environment.tags(jobs[0].tree["trainer"])  # once per stack: its K runs share it
     diff = environment.diff_artifact()
     tags_list = []
     for job in jobs:
@@ -296,7 +296,7 @@ def open_runs(client, writer, jobs: Sequence[Job], sweep: Mapping | None) -> Non
     params, texts = {}, {}
     templates: dict[int, YamlTemplate] = {}  # per stack config: its jobs' config.yaml
     for job, rid in zip(jobs, ids, strict=True):
-        job.tracker = tr.RunTracker(client, rid)
+        job.tracker = tr.RunTracker(writer, rid)
         params[rid] = tr.flatten_params(job.tree)
         if job.values:
             if id(job.base) not in templates:

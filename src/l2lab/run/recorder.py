@@ -16,13 +16,13 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from l2lab import metrics as mt
 from l2lab.console import log
 from l2lab.run import lifecycle, progress
 from l2lab.run.checkpoints import member_checkpoints, stack_checkpoint
 from l2lab.tracking.tracker import RunTracker
 
 FLUSH_EVERY_S = 5.0
-ECHOED = ("train/ce", "train/l2", "val/ce", "gap/ce", "val/acc")
 
 
 class MetricBuffer:
@@ -46,7 +46,7 @@ class MetricBuffer:
     def restore(self, state: Mapping[str, Any] | None) -> None:
         """On resume: the epochs a checkpoint carried but the store may lack (a kill between
         saving the checkpoint and logging), then skip every epoch the store already has."""
-        self.logged = self.tracker.logged_steps("train/loss")
+        self.logged = self.tracker.logged_steps(mt.TRAIN_LOSS)
         for epoch, metrics, ts in (state or {}).get("pending") or []:
             self.add(epoch, metrics, ts)
         self.flush()
@@ -110,7 +110,7 @@ class Recorder(pl.callbacks.Checkpoint):
             self.buffers[k].restore(state)
         for k, buffer in enumerate(self.buffers):  # continued without a checkpoint: from
             if getattr(self.trackers[k], "reopened", False) and not buffer.logged:  # scratch
-                buffer.logged = self.trackers[k].logged_steps("train/loss")
+                buffer.logged = self.trackers[k].logged_steps(mt.TRAIN_LOSS)
 
     def _due(self, trainer: pl.Trainer) -> bool:
         last = trainer.current_epoch >= (trainer.max_epochs or 0) - 1 or trainer.should_stop
@@ -124,7 +124,7 @@ class Recorder(pl.callbacks.Checkpoint):
                 self.buffers[k].add(epoch, metrics)
         if len(self.trackers) == 1 and pl_module.epoch_metrics and pl_module.epoch_metrics[0]:
             m = pl_module.epoch_metrics[0]
-            text = f"epoch {epoch:3d}  " + "  ".join(f"{k}={m[k]:.4f}" for k in ECHOED if k in m)
+            text = f"epoch {epoch:3d}  " + mt.shown(m, mt.EPOCH_LINE)
             if self.echo:
                 progress.echo(text)  # above a live progress bar
             log.info(text)  # the run's train.log, in a sweep too (Hydra's job log: file only)

@@ -389,7 +389,8 @@ class SweepCallback(Callback):
                 notes.append(f"Optuna study (minimises final val/ce): best {shown}, "
                              f"val/ce={float(best.get('best_value', 'nan')):.4f}")
             context = ReportContext(
-                title=f"λ sweep {info['sweep_id']} ({config.experiment_name})", ui_base=base,
+                title=f"λ sweep {info['sweep_id']} ({config.experiment_name})",
+                links=ui.UiLinks(base),
                 parent=(exp, parent.run_id), notes=notes,
                 commands=reproduce_command(list(config.hydra.overrides.task),
                                            tr.git_commit(CONF_DIR.parent)))

@@ -64,13 +64,14 @@ def device(accelerator: str = "auto") -> str:
     return "cpu"
 
 
-def tags(cfg: Any = None) -> dict[str, str]:
-    """The environment as run tags (``l2lab.env.*``): one call per stack."""
+def tags(trainer: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The environment as run tags (``l2lab.env.*``): one call per stack. ``trainer``: the
+    run's trainer settings (its ``accelerator`` and ``deterministic`` are recorded)."""
     import hashlib
 
     import torch
 
-    trainer = (cfg or {}).get("trainer", {}) if cfg is not None else {}
+    trainer = trainer or {}
     dirty, diff = git_state()
     cuda = torch.version.cuda if torch.cuda.is_available() else None
     cudnn = torch.backends.cudnn.version() if cuda else None

@@ -9,7 +9,6 @@ run rather than adding a seed. MLflow is imported only when a function here need
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -18,6 +17,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from l2lab import metrics as mt
+from l2lab.records import RunRecord
 from l2lab.tracking.tracker import FAILURE_TAG, parse_overrides
 
 HASH_TAG = "l2lab.config_hash"
@@ -106,24 +107,38 @@ def drop_repeats(runs: Sequence) -> tuple[list, list]:
     return kept, dropped
 
 
+SWEEP_ROLE = "sweep"  # tag l2lab.role of a sweep's parent run
+
+
 def select(client, *, experiment: str | None = None, sweep: str | None = None,
-           run_ids: Iterable[str] | None = None) -> list:
-    """Training runs (not sweep parents) by ids, sweep id and/or experiment name; all when none
-    is given."""
+           run_ids: Iterable[str] | None = None, latest_sweep: bool = False,
+           option: str = "experiment") -> list:
+    """Training runs (not sweep parents), oldest first: by ids, else by sweep id and/or
+    experiment name. With none given: every training run of the store (``load_runs``), or with
+    ``latest_sweep`` those of the most recently started sweep (``compare``). An unknown
+    experiment, or no sweep to take, is a ``ConfigError`` naming ``option``."""
     from l2lab.base import ConfigError
 
     if run_ids:
         return [client.get_run(r) for r in run_ids]
-    exps = client.search_experiments()
+    everything = client.search_experiments()
+    exps = [e.experiment_id for e in everything]
     if experiment is not None:
-        exps = [e for e in exps if e.name == experiment]
+        exps = [e.experiment_id for e in everything if e.name == experiment]
         if not exps:
-            names = ", ".join(sorted(e.name for e in client.search_experiments()))
-            raise ConfigError(f"experiment: no experiment {experiment!r}; there are: {names}.")
+            names = ", ".join(sorted(e.name for e in everything))
+            raise ConfigError(f"{option}: no experiment {experiment!r}; there are: {names}.")
+    elif sweep is None and latest_sweep:
+        parents = client.search_runs(exps, filter_string=f"tags.`l2lab.role` = '{SWEEP_ROLE}'",
+                                     order_by=["attributes.start_time DESC"], max_results=1)
+        if not parents:
+            raise ConfigError("no sweep in this store yet: run `make sweep` or name runs to "
+                              "compare (--experiment NAME, --sweep ID, or RUN_IDs).")
+        sweep = parents[0].data.tags["l2lab.sweep_id"]
     flt = f"tags.`l2lab.sweep_id` = '{sweep}'" if sweep else ""
-    found = client.search_runs([e.experiment_id for e in exps], filter_string=flt,
-                               max_results=50_000, order_by=["attributes.start_time ASC"])
-    return [r for r in found if r.data.tags.get("l2lab.role") != "sweep"]
+    found = client.search_runs(exps, filter_string=flt, max_results=50_000,
+                               order_by=["attributes.start_time ASC"])
+    return [r for r in found if r.data.tags.get("l2lab.role") != SWEEP_ROLE]
 
 
 def _number(text: str) -> Any:
@@ -151,7 +166,7 @@ def to_frame(client, runs: Sequence):
         }
         row.update({k: _number(v) for k, v in sorted(r.data.params.items())})
         row.update(sorted(r.data.metrics.items()))
-        history = client.get_metric_history(r.info.run_id, "val/ce") if r.data.metrics else []
+        history = client.get_metric_history(r.info.run_id, mt.VAL_CE) if r.data.metrics else []
         finite = [(m.step, m.value) for m in history if not math.isnan(m.value)]
         if finite:
             step, value = min(sorted(finite), key=lambda p: p[1])
@@ -192,7 +207,7 @@ def load_runs(experiment: str | None = None, sweep: str | None = None,
 
 
 # -- what the sweep summary and compare read back -------------------------------------------
-HISTORY_KEYS = ("train/ce", "val/ce", "weights/sq_norm_total")
+HISTORY_KEYS = mt.HISTORY  # (the name the bulk tests read)
 _NOT_GROUPED = ("seed", "tracking.uri", "resume", "reuse", "experiment_name")
 
 
@@ -232,11 +247,9 @@ def _histories(client, runs: Sequence, writer=None) -> dict[str, dict[str, list]
 
 
 def load_records(client, runs: Iterable, writer=None) -> list:
-    """MLflow runs -> ``stats.RunRecord`` (final values, test/* included, and the histories the
+    """MLflow runs -> ``records.RunRecord`` (final values, test/* included, and the histories the
     figures need). The histories are read for all runs at once (``_histories``): through
     ``writer`` (a ``bulk.BulkStore`` on the client's store) when given."""
-    from l2lab.report.stats import RunRecord
-
     runs = list(runs)
     keys = varying_keys(runs)
     histories = _histories(client, runs, writer)
@@ -295,18 +308,9 @@ def _runs_with_prefix(prefix: str, uri: str) -> list[tuple[str, str, str]]:
 
     db = sqlite_path(uri)
     if db is not None:
-        import sqlite3
+        from l2lab.compat import mlflow as cm
 
-        if not db.exists():
-            return []
-        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True,
-                                                timeout=30)) as con:
-            try:
-                return [tuple(r) for r in con.execute(
-                    "SELECT run_uuid, name, status FROM runs WHERE run_uuid LIKE ? "
-                    "AND lifecycle_stage = 'active' ORDER BY start_time", (prefix + "%",))]
-            except sqlite3.OperationalError:  # not (yet) an MLflow store
-                return []
+        return cm.sqlite_runs_with_prefix(db, prefix)
     from l2lab.tracking.tracker import connect
 
     client = connect(uri)

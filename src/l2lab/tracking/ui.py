@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass
 
 UI_URL = "http://127.0.0.1:5000"  # `make ui`
 UI_ENV = "L2LAB_UI_URL"  # where `make ui` runs when it is not 127.0.0.1:5000
@@ -44,6 +45,19 @@ def run_url(base: str, experiment_id: str, run_id: str, artifact: str | None = N
     if artifact:
         path += f"/artifacts/{artifact}"
     return f"{path}?{TRAINING_VIEW}"
+
+
+@dataclass(frozen=True)
+class UiLinks:
+    """The links a report puts in (``report.html.Links``): pages of the UI at ``base``."""
+
+    base: str
+
+    def run(self, experiment_id: str, run_id: str) -> str:
+        return run_url(self.base, experiment_id, run_id)
+
+    def runs(self, experiment_id: str, *, chart: bool = False) -> str:
+        return runs_url(self.base, experiment_id, chart=chart)
 
 
 def latest_experiment(client) -> str | None:

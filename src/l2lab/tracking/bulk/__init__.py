@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 from l2lab.compat import mlflow as cm
-from l2lab.tracking import tracker as tr
+from l2lab.tracking import connection as cn
 from l2lab.tracking.bulk.base import (  # noqa: F401  (the writer's public names)
     BulkStore,
     Choice,
@@ -51,7 +51,7 @@ def choose_mode(uri: str) -> Choice:
             return Choice("client", f"not a plain SqlAlchemyStore ({type(store).__name__})")
         found, head = cm.schema_revision(store.engine), cm.head_revision()
     except Exception as e:  # noqa: BLE001  any surprise: the public client still works
-        return Choice("client", f"SQL path unavailable ({tr.one_line(e)})")
+        return Choice("client", f"SQL path unavailable ({cn.one_line(e)})")
     if found != head:
         return Choice("client", f"alembic revision {found} is not this MLflow's head {head}")
     return Choice("sql", f"{store.engine.dialect.name} at alembic head {head}", store)

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from l2lab.tracking import tracker as tr
+from l2lab.tracking import connection as cn
 
-# (step, {key: value}, timestamp in ms): one epoch of one run, as RunTracker.log_epochs takes it
+# (step, {key: value}, timestamp in ms): one epoch of one run
 Epoch = tuple[int, Mapping[str, float], int]
 REST_WORKERS = 8
 
@@ -64,7 +64,8 @@ class Choice:
 
 
 class BulkStore:
-    """Writes the runs of one stack (or any set of runs in one store) together.
+    """Writes the runs of one stack (or any set of runs in one store) together: the one
+    run-writing interface (``tracker.RunTracker`` is a view of one run on it).
 
     Every method takes all runs at once and returns when the store has them. ``round_trips``
     counts store round trips (SQL transactions or client calls) made by this writer; ``mode``
@@ -74,8 +75,8 @@ class BulkStore:
 
     def __init__(self, uri: str, client: Any | None, choice: Choice) -> None:
         self.uri = uri
-        client = client if client is not None else tr.connect(uri)
-        # the bare client, counted: this writer times its calls itself (tr.MLFLOW_SECONDS), once
+        client = client if client is not None else cn.connect(uri)
+        # the bare client, counted: this writer times its calls itself (cn.MLFLOW_SECONDS), once
         # for a whole group, whose calls may overlap in threads
         self.client = _Counting(getattr(client, "_client", client), self)
         self.round_trips = 0
@@ -88,7 +89,7 @@ class BulkStore:
         try:
             return fn()
         finally:
-            tr.MLFLOW_SECONDS[0] += time.perf_counter() - t0
+            cn.MLFLOW_SECONDS[0] += time.perf_counter() - t0
 
     def _each(self, fn: Callable[[Any], Any], run_ids: Sequence[Any]) -> list:
         """``fn`` per run through the client: concurrently for a server, in turn otherwise."""
@@ -133,13 +134,13 @@ class BulkStore:
 
     def finish(self, ends: Mapping[str, tuple[str, str | None]], end_time: int | None = None
                ) -> None:
-        """Ends every run with its status; a failure reason goes to tag ``l2lab.failure`` first,
-        as ``RunTracker.finish`` does."""
+        """Ends every run with its status; a failure reason (cut to ``FAILURE_MAX_CHARS``) goes
+        to tag ``l2lab.failure`` first."""
         raise NotImplementedError
 
     def reopen(self, run_ids: Sequence[str]) -> None:
-        """Runs continued by ``resume``: RUNNING again, and an old failure reason no longer
-        holds (as ``RunTracker.reopen``)."""
+        """Runs continued by ``resume``: RUNNING again, and an old failure reason (tag
+        ``l2lab.failure``) no longer holds."""
         raise NotImplementedError
 
     def artifact_uris(self, run_ids: Sequence[str]) -> dict[str, str]:

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from l2lab.compat import mlflow as cm
-from l2lab.tracking import tracker as tr
+from l2lab.tracking import connection as cn
 from l2lab.tracking.bulk.base import (
     BulkStore,
     Choice,
@@ -50,7 +50,7 @@ class SqlBulkStore(BulkStore):
         with Session(self._engine) as s:
             if self._engine.dialect.name == "sqlite":
                 s.execute(text("PRAGMA foreign_keys = ON;"))
-                s.execute(text(f"PRAGMA busy_timeout = {tr.SQLITE_BUSY_TIMEOUT_MS};"))
+                s.execute(text(f"PRAGMA busy_timeout = {cn.SQLITE_BUSY_TIMEOUT_MS};"))
             try:
                 yield s
                 s.commit()
@@ -231,9 +231,9 @@ class SqlBulkStore(BulkStore):
             self._timed(lambda: self._each_store(run_ids, epochs))
 
     def _each_store(self, run_ids: Sequence[str], epochs: Mapping[str, Sequence[Epoch]]) -> None:
-        """Run by run through MLflow's store, in whole epochs (as ``RunTracker.log_epochs``)."""
+        """Run by run through MLflow's store, in whole epochs (as the client backend sends them)."""
         for r in run_ids:
-            for chunk in tr.epoch_chunks(list(epochs[r]), tr.MAX_METRICS):
+            for chunk in cn.epoch_chunks(list(epochs[r]), cn.MAX_METRICS):
                 self.round_trips += 1
                 self._store.log_batch(r, metrics=chunk, params=[], tags=[])
 
@@ -336,7 +336,7 @@ class SqlBulkStore(BulkStore):
     def finish(self, ends: Mapping[str, tuple[str, str | None]], end_time: int | None = None
                ) -> None:
         """Ends every run with its status; a failure reason goes to tag ``l2lab.failure`` first,
-        as ``RunTracker.finish`` does. One transaction."""
+        as the client backend does. One transaction."""
         if not ends:
             return
         end = end_time or _now_ms()
@@ -351,7 +351,7 @@ class SqlBulkStore(BulkStore):
         def write() -> None:
             with self._session() as s:
                 self._active_runs(s, run_ids)
-                self._set_tags_sql(s, {r: {tr.FAILURE_TAG: why[:tr.FAILURE_MAX_CHARS]}
+                self._set_tags_sql(s, {r: {cn.FAILURE_TAG: why[:cn.FAILURE_MAX_CHARS]}
                                        for r, (_, why) in ends.items() if why})
                 _update(s, SqlRun, [dict(run_uuid=r, status=statuses[r], end_time=end)
                                            for r in run_ids])
@@ -360,7 +360,7 @@ class SqlBulkStore(BulkStore):
 
     def reopen(self, run_ids: Sequence[str]) -> None:
         """Runs continued by ``resume``: RUNNING again, and an old failure reason no longer
-        holds (as ``RunTracker.reopen``). One transaction."""
+        holds (as the client backend). One transaction."""
         from sqlalchemy import delete
 
         SqlRun, SqlTag = self._t.Run, self._t.Tag
@@ -371,7 +371,7 @@ class SqlBulkStore(BulkStore):
                 _update(s, SqlRun, [dict(run_uuid=r, status="RUNNING") for r in run_ids])
                 for chunk in _chunks(list(run_ids), _IN_CHUNK):
                     s.execute(delete(SqlTag).where(SqlTag.run_uuid.in_(chunk),
-                                                   SqlTag.key == tr.FAILURE_TAG))
+                                                   SqlTag.key == cn.FAILURE_TAG))
 
         self._timed(write)
 

@@ -1,0 +1,175 @@
+"""The MLflow client on a store, and what every writer of runs shares: connecting once per process
+and store, experiments, the time spent in MLflow, MLflow's batch limits and a failure's one line.
+
+The default store is SQLite at ``<cwd>/mlruns/mlflow.db`` with artifacts as plain files under
+``mlruns/artifacts``. Several processes (parallel sweep jobs) may write to it at once, so the schema
+is created under a file lock, and every SQLite connection waits for locks instead of failing.
+Below both the run writer (:mod:`l2lab.tracking.bulk`) and a run's view on it
+(:mod:`l2lab.tracking.tracker`, which re-exports these names).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from l2lab.base import ConfigError
+from l2lab.records import FAILURE_TAG  # noqa: F401  (why a run ended FAILED or KILLED)
+from l2lab.tracking.store import probe_server
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep CLI output readable
+
+
+# -- the client on a store ---------------------------------------------------------------------
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where new experiments keep artifacts: beside the database for SQLite, the server's choice
+    otherwise."""
+    db = sqlite_path(uri)
+    return (db.parent / "artifacts").as_uri() if db else None
+
+
+SQLITE_BUSY_TIMEOUT_MS = 60_000
+
+
+def _sqlite_busy_timeout() -> None:
+    """Make every SQLite connection of this process wait up to 60 s for a lock held by another
+    job, instead of failing at once with 'database is locked'."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    if getattr(_sqlite_busy_timeout, "done", False):
+        return
+
+    @event.listens_for(Engine, "connect")
+    def _on_connect(dbapi_conn, _record):  # noqa: ANN001
+        if type(dbapi_conn).__module__.startswith("sqlite3"):
+            cur = dbapi_conn.cursor()
+            cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+            cur.close()
+
+    _sqlite_busy_timeout.done = True  # type: ignore[attr-defined]
+
+
+_CLIENTS: dict[str, Any] = {}
+MLFLOW_SECONDS = [0.0]  # time spent inside MLflow client calls by this process (benchmarks)
+
+
+class _TimedClient:
+    """An ``MlflowClient`` that adds the time of every call to ``MLFLOW_SECONDS``."""
+
+    def __init__(self, client) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return attr(*args, **kwargs)
+            finally:
+                MLFLOW_SECONDS[0] += time.perf_counter() - t0
+
+        return timed
+
+_EXPERIMENTS: dict[tuple[str, str], str] = {}
+#: A training experiment, for the MLflow versions that read it (3.17 follows the link's
+#: ``?workflowType=machine_learning`` instead).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def connect(uri: str):
+    """An ``MlflowClient`` on a store that is known to work (schema created, server answering).
+
+    Once per process and store: the jobs of a sweep share a process and a store."""
+    if uri not in _CLIENTS:
+        t0 = time.perf_counter()
+        _CLIENTS[uri] = _TimedClient(_connect(uri))
+        MLFLOW_SECONDS[0] += time.perf_counter() - t0
+    return _CLIENTS[uri]
+
+
+def _connect(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    if uri.startswith(("http://", "https://")):
+        probe_server(uri)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        return MlflowClient(uri)
+    db = sqlite_path(uri)
+    if db is None:
+        return MlflowClient(uri)
+    _sqlite_busy_timeout()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    # Concurrent schema creation on a fresh file races ("duplicate column name"): one at a time.
+    with FileLock(str(db) + ".lock", timeout=300):
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)
+        import sqlite3
+
+        with sqlite3.connect(db, timeout=60) as con:  # WAL: readers (the UI) never block a writer
+            con.execute("PRAGMA journal_mode=WAL")
+    return client
+
+
+def experiment_id(client, name: str, uri: str) -> str:
+    """Get or create the experiment (under the store lock, so parallel jobs create it once)."""
+    if (uri, name) not in _EXPERIMENTS:
+        _EXPERIMENTS[(uri, name)] = _experiment_id(client, name, uri)
+    return _EXPERIMENTS[(uri, name)]
+
+
+def _experiment_id(client, name: str, uri: str) -> str:
+    db = sqlite_path(uri)
+    with FileLock(str(db) + ".lock", timeout=300) if db else contextlib.nullcontext():
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                raise ConfigError(
+                    f"experiment_name: experiment {name!r} is deleted in {uri}; restore it "
+                    "(mlflow experiments restore) or choose another experiment_name."
+                )
+            return exp.experiment_id
+
+        return client.create_experiment(name, artifact_location=artifact_location(uri),
+                                        tags=EXPERIMENT_KIND)
+
+
+MAX_METRICS = 1000  # MLflow's cap on metrics per log_batch
+FAILURE_MAX_CHARS = 7000  # a reason is cut here: well inside MLflow's 8000-character tag values
+
+
+def epoch_chunks(epochs: list[tuple[int, Mapping[str, float], int]], size: int) -> list[list]:
+    """Metric lists of at most ``size`` entries that end on epoch boundaries (an epoch larger
+    than ``size`` on its own is split, having no better choice)."""
+    from mlflow.entities import Metric
+
+    chunks: list[list] = [[]]
+    for step, metrics, ts in epochs:
+        rows = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()]
+        if chunks[-1] and len(chunks[-1]) + len(rows) > size:
+            chunks.append([])
+        while len(rows) > size:
+            chunks[-1].extend(rows[:size])
+            rows = rows[size:]
+            chunks.append([])
+        chunks[-1].extend(rows)
+    return [c for c in chunks if c]
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
