@@ -22,6 +22,7 @@ from typing import Any
 
 from mlflow.entities import Metric
 
+from l2lab.tracking.bulk.base import BulkStore
 from l2lab.tracking.tracker import FAILURE_MAX_CHARS, FAILURE_TAG
 
 
@@ -96,8 +97,10 @@ class FakeStore:
         run.ends.append(status)
 
 
-class FakeWriter:
-    """``BulkStore``'s interface over a :class:`FakeStore`: each call takes every run at once."""
+class FakeWriter(BulkStore):
+    """``BulkStore``'s interface over a :class:`FakeStore`: each call takes every run at once.
+    A subclass (its ``__init__`` not called: no client, no store) so that ``RunTracker``
+    writes through it as through any writer."""
 
     mode, why = "fake", "in-memory store for unit tests"
 

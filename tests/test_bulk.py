@@ -360,7 +360,7 @@ def test_group_writer_on_postgresql_directly_and_through_its_server(tmp_path, re
 def _histories_store(template: Path, tmp: Path) -> tuple[str, list[str]]:
     """Four runs: full histories of the summary's keys (a NaN, +inf, a step logged twice, a
     timestamp tie), one key missing, one run with no metrics at all, a param that varies."""
-    from l2lab.tracking.runs import HISTORY_KEYS
+    from l2lab.metrics import HISTORY as HISTORY_KEYS
 
     uri, _ = new_store(template, tmp, "hist")
     client = MlflowClient(uri)
@@ -403,7 +403,7 @@ def _plain(x: Any) -> Any:
 
 @pytest.mark.parametrize("path", ["sql", "fallback"])
 def test_metric_histories_in_bulk_equal_each_runs_history(tmp_path, monkeypatch, path, template):
-    from l2lab.tracking.runs import HISTORY_KEYS
+    from l2lab.metrics import HISTORY as HISTORY_KEYS
 
     uri, ids = _histories_store(template, tmp_path)
     client = MlflowClient(uri)

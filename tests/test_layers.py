@@ -28,21 +28,23 @@ def _modules() -> dict[str, Path]:
     return {m.removesuffix(".__init__"): p for m, p in found.items()}
 
 
-def _imported(path: Path) -> set[str]:
-    """Every absolute module name ``path`` imports (``from a import b``: ``a.b`` and ``a``)."""
-    names: set[str] = set()
+def _imported(path: Path, modules: Iterable[str]) -> set[str]:
+    """Every absolute module name ``path`` imports: ``from a import b`` is ``a.b`` where that is
+    one of the package's ``modules`` (a submodule), else ``a`` (a name defined in ``a``)."""
+    known, names = set(modules), set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-            names |= {f"{node.module}.{a.name}" for a in node.names}
+            names |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known
+                      else node.module for a in node.names}
     return names
 
 
 def import_graph() -> dict[str, set[str]]:
     """module -> every name it imports (the package's modules and third-party ones)."""
-    return {m: _imported(p) for m, p in _modules().items()}
+    modules = _modules()
+    return {m: _imported(p, modules) for m, p in modules.items()}
 
 
 def _under(name: str, prefix: str) -> bool:

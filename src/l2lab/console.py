@@ -11,7 +11,6 @@ from collections.abc import Mapping
 from l2lab import metrics as mt
 
 log = logging.getLogger("l2lab")
-SHOWN = mt.JOB_LINE  # a job's line (the name resume.py reads)
 
 
 #: Third-party warnings that l2lab cannot fix, each named by (message, category, the module that

@@ -20,7 +20,6 @@ import json
 import math
 import signal
 import sys
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,9 +27,10 @@ from typing import TYPE_CHECKING
 import hydra
 from omegaconf import DictConfig
 
+from l2lab import metrics as mt
 from l2lab.base import CONF_DIR, ConfigError
 from l2lab.config import cli, schema
-from l2lab.console import job_line, say
+from l2lab.console import job_line, quiet_warnings, say
 from l2lab.run.sweep import SWEEP_INFO
 from l2lab.tracking import store
 
@@ -38,9 +38,7 @@ if TYPE_CHECKING:
     from l2lab.run.engine import Job
     from l2lab.run.plan import Plan
 
-# conf/hydra/launcher/{ray,submitit_local}.yaml extend the plugins' schemas of the same name on
-# purpose; Hydra warns about that on every composition.
-warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema")
+quiet_warnings()  # the known third-party ones (console.KNOWN_WARNINGS), before Hydra composes
 
 Metrics = dict[str, float]
 
@@ -185,8 +183,7 @@ def ui_url(client, run_id: str, tracking_uri: str | None = None) -> str:
 
 def _summary(status: str, run_id: str, name: str, metrics: Mapping[str, float], epochs: int,
              output_dir: Path, url: str) -> str:
-    shown = "  ".join(f"{k}={metrics[k]:.4f}" for k in ("train/ce", "val/ce", "gap/ce", "test/acc")
-                      if k in metrics)
+    shown = mt.shown(metrics, mt.RUN_LINE)
     return (f"l2lab: run {run_id} ({name}) {status} after {epochs} epochs: {shown}\n"
             f"       folder: {output_dir}\n       UI: {url}  (make ui)")
 
@@ -198,8 +195,7 @@ def _list_reused(client, todo: Plan, overrides: Sequence[str], sweep: dict | Non
     from l2lab.tracking import runs
 
     found, metrics = todo.source, todo.metrics
-    shown = "  ".join(f"{k}={metrics[k]:.4f}" for k in ("train/ce", "val/ce", "gap/ce", "val/acc")
-                      if k in metrics)
+    shown = mt.shown(metrics, mt.SUMMARY)
     src = found.info.run_id
     if sweep:
         listed = runs.list_reused(client, found, found.info.experiment_id, todo.name, {

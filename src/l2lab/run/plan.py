@@ -94,13 +94,13 @@ def _in_sweep(run, cfg: DictConfig, overrides: Sequence[str],
     exists. FINISHED or FAILED: kept, its final metrics returned. KILLED, or RUNNING (a process
     killed outright): the same run continues from its last completed epoch, or from the start
     when it stopped in its first (its logged epochs are not logged again)."""
-    from l2lab.console import SHOWN
+    from l2lab import metrics as mt
     from l2lab.core.stacked import epochs_done
 
     rid, status = run.info.run_id, run.info.status
     name, metrics = run.data.tags.get("mlflow.runName", rid), dict(run.data.metrics)
     if status in ("FINISHED", "FAILED"):
-        shown = "  ".join(f"{k}={metrics[k]:.4f}" for k in SHOWN if k in metrics)
+        shown = mt.shown(metrics, mt.JOB_LINE)
         return Plan("done", name, metrics={**metrics, "val/ce": metrics.get("val/ce", math.nan)},
                     source=run,
                     note=f"l2lab: {label(name)}: kept run {rid[:8]} ({status})  {shown}".rstrip())

@@ -207,7 +207,6 @@ def load_runs(experiment: str | None = None, sweep: str | None = None,
 
 
 # -- what the sweep summary and compare read back -------------------------------------------
-HISTORY_KEYS = mt.HISTORY  # (the name the bulk tests read)
 _NOT_GROUPED = ("seed", "tracking.uri", "resume", "reuse", "experiment_name")
 
 
@@ -228,7 +227,7 @@ def varying_keys(runs: Iterable) -> list[str]:
 
 
 def _histories(client, runs: Sequence, writer=None) -> dict[str, dict[str, list]]:
-    """``HISTORY_KEYS``' histories ``{run_id: {key: [Metric, ...]}}`` of the runs that have
+    """The histories of ``metrics.HISTORY`` ``{run_id: {key: [Metric, ...]}}`` of the runs that
     metrics, read together through a ``bulk.BulkStore`` (one SQL query per 500 runs,
     or the runs' calls concurrently for a server) instead of one store call per run and key.
     The writer is made on the client's own store when none is given; a client that does not say
@@ -242,8 +241,8 @@ def _histories(client, runs: Sequence, writer=None) -> dict[str, dict[str, list]
 
         writer = open_store(uri, client)
     if writer is not None:
-        return writer.metric_histories(ids, HISTORY_KEYS)
-    return {r: {k: client.get_metric_history(r, k) for k in HISTORY_KEYS} for r in ids}
+        return writer.metric_histories(ids, mt.HISTORY)
+    return {r: {k: client.get_metric_history(r, k) for k in mt.HISTORY} for r in ids}
 
 
 def load_records(client, runs: Iterable, writer=None) -> list:

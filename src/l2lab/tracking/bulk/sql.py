@@ -204,8 +204,8 @@ class SqlBulkStore(BulkStore):
         keys = sorted({k for kv in wanted.values() for k in kv})
         current: set[tuple[str, str]] = set()
         for chunk in _chunks(list(wanted), _IN_CHUNK):
-            current.update(s.execute(select(SqlTag.run_uuid, SqlTag.key).where(
-                SqlTag.run_uuid.in_(chunk), SqlTag.key.in_(keys))).tuples())
+            current.update((r, k) for r, k in s.execute(select(SqlTag.run_uuid, SqlTag.key).where(
+                SqlTag.run_uuid.in_(chunk), SqlTag.key.in_(keys))))
         rows = [dict(run_uuid=r, key=k, value=v) for r, kv in wanted.items() for k, v in kv.items()]
         if changed := [row for row in rows if (row["run_uuid"], row["key"]) in current]:
             _update(s, SqlTag, changed)
