@@ -1,7 +1,7 @@
 """Store round trips and wall time of one stack's record: the group writer vs the public client.
 
 K runs are created, get ~30 params and 3 tags, have E epochs x 14 metrics flushed one epoch at a
-time (the worst case: live curves), and are finished -- once through ``BulkStore`` and once
+time (the worst case: live curves), and are finished -- once through ``RunWriter`` and once
 through ``MlflowClient`` one run at a time, into two fresh SQLite stores, side by side in one
 process. Round trips are counted on the SQLAlchemy engine (transactions committed, statements
 sent), so both paths are measured the same way; CPU time is given too, as wall time on a shared
@@ -45,8 +45,8 @@ def metrics_of(k: int, e: int) -> dict[str, float]:
 
 
 def by_group(uri: str, exp: str, runs: int, epochs: int) -> None:
-    w = gs.open_store(uri)
-    assert w.mode == "sql", w.why
+    w = gs.open_writer(uri)
+    assert w.backend == "sql", w.why
     ids = w.create_runs(exp, [f"lam={k}" for k in range(runs)],
                         [{"l2lab.sweep_id": "bench", "l2lab.vectorized_group": "g"}] * runs)
     w.log_params({r: params_of(k) for k, r in enumerate(ids)},

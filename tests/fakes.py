@@ -1,6 +1,6 @@
 """An in-memory tracking store for unit tests of the engine: no MLflow store, no SQLite.
 
-:class:`FakeWriter` answers today's bulk writer interface (``l2lab.tracking.bulk.base.BulkStore``,
+:class:`FakeWriter` answers today's bulk writer interface (``l2lab.tracking.bulk.base.RunWriter``,
 every public method with the same parameters: ``test_engine_unit`` holds it to that), and
 :class:`FakeClient` the few ``MlflowClient`` calls that ``RunTracker`` and ``experiment_id`` make.
 Both write into one :class:`FakeStore`, so a test reads every run as the engine left it. When the
@@ -22,7 +22,7 @@ from typing import Any
 
 from mlflow.entities import Metric
 
-from l2lab.tracking.bulk.base import BulkStore
+from l2lab.tracking.bulk.base import RunWriter
 from l2lab.tracking.tracker import FAILURE_MAX_CHARS, FAILURE_TAG
 
 
@@ -97,12 +97,12 @@ class FakeStore:
         run.ends.append(status)
 
 
-class FakeWriter(BulkStore):
-    """``BulkStore``'s interface over a :class:`FakeStore`: each call takes every run at once.
+class FakeWriter(RunWriter):
+    """``RunWriter``'s interface over a :class:`FakeStore`: each call takes every run at once.
     A subclass (its ``__init__`` not called: no client, no store) so that ``RunTracker``
     writes through it as through any writer."""
 
-    mode, why = "fake", "in-memory store for unit tests"
+    backend, why = "fake", "in-memory store for unit tests"
 
     def __init__(self, store: FakeStore) -> None:
         self.store = store

@@ -2,7 +2,7 @@
 
 The same small sweep (a parent, K=5 children with params, tags, 20 epochs x 14 metrics in three
 flushes, a run that fails with a reason and non-finite values, text and file artifacts) is written
-once through ``BulkStore`` and once through ``MlflowClient``, one run and one call at a time, into
+once through ``RunWriter`` and once through ``MlflowClient``, one run and one call at a time, into
 two real stores; then every run is read back through ``MlflowClient`` and compared.
 """
 
@@ -27,10 +27,11 @@ from conftest import free_port, postgres_missing, stop_server, wait_healthy
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from l2lab import metrics
 from l2lab.compat import mlflow as cm
 from l2lab.tracking import bulk as gs
 from l2lab.tracking import tracker as tr
-from l2lab.tracking.bulk.sql import SqlBulkStore
+from l2lab.tracking.bulk.sql import SqlRunWriter
 
 K, EPOCHS = 5, 20
 KEYS = ["train/loss", "train/ce", "train/l2", "train/acc", "val/ce", "val/acc", "gap/ce",
@@ -42,7 +43,7 @@ REASON = "NonFiniteLossError: train/loss is nan at epoch 12"
 
 
 class ClientSide:
-    """BulkStore's API done the ordinary way: the public client, one run and call at a time."""
+    """RunWriter's API done the ordinary way: the public client, one run and call at a time."""
 
     def __init__(self, uri: str) -> None:
         self.client = MlflowClient(uri)
@@ -232,8 +233,8 @@ def test_group_writer_leaves_the_record_the_public_client_leaves(tmp_path, monke
     uri, db = new_store(template, tmp_path, "group")
     if path == "fallback":  # a store at another alembic revision than this MLflow's head
         monkeypatch.setattr(cm, "head_revision", lambda: "0123456789ab")
-    writer = gs.open_store(uri)
-    assert writer.mode == ("sql" if path == "sql" else "client"), writer.why
+    writer = gs.open_writer(uri)
+    assert writer.backend == ("sql" if path == "sql" else "client"), writer.why
     exp = tr.experiment_id(writer.client, "gs", uri)
     before = writer.round_trips
     ids = write_sweep(writer, exp, tmp_path)
@@ -258,7 +259,7 @@ def test_group_writer_leaves_the_record_the_public_client_leaves(tmp_path, monke
 
 def test_group_writer_keeps_the_busy_timeout_and_reads_back_steps(tmp_path, template):
     uri, _ = new_store(template, tmp_path, "s")
-    writer = gs.open_store(uri)
+    writer = gs.open_writer(uri)
     exp = tr.experiment_id(writer.client, "gs", uri)
     ids = writer.create_runs(exp, ["a", "b"], [{}, {}])
     writer.log_metrics({ids[0]: [(0, {"x": 1.0}, T0), (1, {"x": 2.0}, T0)],
@@ -282,8 +283,8 @@ def test_group_writer_keeps_the_busy_timeout_and_reads_back_steps(tmp_path, temp
 
 def _write_group(uri: str, tag: str, start: float) -> None:
     """One sweep's group, as a vectorized job writes it: 5 runs, 20 epochs flushed 2 at a time."""
-    w = gs.open_store(uri)
-    assert w.mode == "sql", w.why
+    w = gs.open_writer(uri)
+    assert w.backend == "sql", w.why
     exp = tr.experiment_id(w.client, "gs", uri)
     while time.time() < start:
         time.sleep(0.01)
@@ -341,8 +342,8 @@ def test_group_writer_on_postgresql_directly_and_through_its_server(tmp_path, re
         pg = f"postgresql://postgres@127.0.0.1:{pg_port}/mlflow"
         want, _ = reference
         for store, name in ((pg, "gs-pg"), (uri, "gs-rest")):
-            writer = gs.open_store(store)
-            assert writer.mode == ("sql" if store == pg else "rest"), writer.why
+            writer = gs.open_writer(store)
+            assert writer.backend == ("sql" if store == pg else "rest"), writer.why
             exp = writer.client.create_experiment(  # artifacts as local files, or the server's
                 name, artifact_location=(tmp_path / name).as_uri() if store == pg else None)
             ids = write_sweep(writer, exp, tmp_path)
@@ -413,8 +414,8 @@ def test_metric_histories_in_bulk_equal_each_runs_history(tmp_path, monkeypatch,
     assert any(math.isnan(m.value) for m in want[ids[0]]["val/ce"])
     if path == "fallback":
         monkeypatch.setattr(cm, "head_revision", lambda: "0123456789ab")
-    writer = gs.open_store(uri)
-    assert writer.mode == ("sql" if path == "sql" else "client"), writer.why
+    writer = gs.open_writer(uri)
+    assert writer.backend == ("sql" if path == "sql" else "client"), writer.why
     before = writer.round_trips
     got = writer.metric_histories([*ids, ids[0]], keys)  # a repeated id is read once
     assert writer.round_trips - before == (1 if path == "sql" else len(ids) * len(keys))
@@ -442,22 +443,22 @@ def test_load_records_reads_histories_in_bulk_with_the_same_records(tmp_path, mo
     monkeypatch.setattr(client, "get_metric_history",
                         lambda *a, _f=client.get_metric_history: calls.append(a) or _f(*a))
     want = rr.load_records(Unnamed(), found)
-    assert len(calls) == 3 * len(rr.HISTORY_KEYS)  # the run without metrics is not asked
+    assert len(calls) == 3 * len(metrics.HISTORY)  # the run without metrics is not asked
     assert "nan" in repr(want[0].history["val/ce"]) and want[3].history == {}
     assert want[1].history["weights/sq_norm_total"] == []
 
     if path == "fallback":
         monkeypatch.setattr(cm, "head_revision", lambda: "0123456789ab")
     bulk = []
-    backend = SqlBulkStore if path == "sql" else gs.ClientBulkStore
+    backend = SqlRunWriter if path == "sql" else gs.ClientRunWriter
     real = backend.metric_histories
     monkeypatch.setattr(backend, "metric_histories",
-                        lambda self, *a: bulk.append(self.mode) or real(self, *a))
+                        lambda self, *a: bulk.append(self.backend) or real(self, *a))
     calls.clear()
     made = rr.load_records(client, found)  # a writer made on the client's store
     assert bulk == ["sql" if path == "sql" else "client"]
-    assert len(calls) == (0 if path == "sql" else 3 * len(rr.HISTORY_KEYS))
-    given = rr.load_records(client, found, writer=gs.open_store(uri, client))
+    assert len(calls) == (0 if path == "sql" else 3 * len(metrics.HISTORY))
+    given = rr.load_records(client, found, writer=gs.open_writer(uri, client))
     assert _plain(made) == _plain(want) and _plain(given) == _plain(want)
 
 
@@ -467,37 +468,37 @@ def test_choose_mode_takes_each_branch(tmp_path, template, monkeypatch):
     """Every branch of the choice: a server, the SQL path, another alembic revision, another
     store class, a private name missing from this MLflow, a store that fails to open."""
     uri, _ = new_store(template, tmp_path, "m")
-    assert gs.choose_mode("http://127.0.0.1:1").mode == "rest"
-    assert isinstance(gs.open_store("https://example.invalid", MlflowClient(uri)),
-                      gs.ClientBulkStore)
-    ok = gs.choose_mode(uri)
-    assert (ok.mode, ok.store is not None) == ("sql", True), ok.why
-    assert isinstance(gs.open_store(uri), SqlBulkStore)
+    assert gs.choose_backend("http://127.0.0.1:1").backend == "rest"
+    assert isinstance(gs.open_writer("https://example.invalid", MlflowClient(uri)),
+                      gs.ClientRunWriter)
+    ok = gs.choose_backend(uri)
+    assert (ok.backend, ok.store is not None) == ("sql", True), ok.why
+    assert isinstance(gs.open_writer(uri), SqlRunWriter)
     with monkeypatch.context() as m:
         m.setattr(cm, "head_revision", lambda: "0123456789ab")
-        c = gs.choose_mode(uri)
-        assert c.mode == "client" and "alembic revision" in c.why and "0123456789ab" in c.why
+        c = gs.choose_backend(uri)
+        assert c.backend == "client" and "alembic revision" in c.why and "0123456789ab" in c.why
     with monkeypatch.context() as m:
         m.setattr(cm, "sql_store_class", lambda: type(None))
-        c = gs.choose_mode(uri)
-        assert c.mode == "client" and "not a plain SqlAlchemyStore" in c.why
+        c = gs.choose_backend(uri)
+        assert c.backend == "client" and "not a plain SqlAlchemyStore" in c.why
 
     def missing() -> None:
         raise ImportError("cannot import name '_get_schema_version'")
 
     with monkeypatch.context() as m:
         m.setattr(cm, "check_all", missing)
-        c = gs.choose_mode(uri)
-        assert c.mode == "client" and "_get_schema_version" in c.why
-        assert isinstance(gs.open_store(uri), gs.ClientBulkStore)
+        c = gs.choose_backend(uri)
+        assert c.backend == "client" and "_get_schema_version" in c.why
+        assert isinstance(gs.open_writer(uri), gs.ClientRunWriter)
 
     def broken(_uri: str) -> None:
         raise RuntimeError("database is locked")
 
     with monkeypatch.context() as m:
         m.setattr(cm, "tracking_store", broken)
-        c = gs.choose_mode(uri)
-        assert c.mode == "client" and "database is locked" in c.why
+        c = gs.choose_backend(uri)
+        assert c.backend == "client" and "database is locked" in c.why
 
 
 def _error(fn) -> tuple[str, str]:
@@ -508,7 +509,7 @@ def _error(fn) -> tuple[str, str]:
     return e.value.error_code, str(e.value.message)
 
 
-def _errors_of(w: gs.BulkStore, uri: str) -> dict[str, tuple[str, str]]:
+def _errors_of(w: gs.RunWriter, uri: str) -> dict[str, tuple[str, str]]:
     """The errors one backend raises for each bad input, in a fresh store."""
     client = MlflowClient(uri)
     exp = tr.experiment_id(w.client, "errors", uri)
@@ -535,10 +536,10 @@ def bad_input_errors(template, tmp_path_factory) -> dict[str, dict[str, tuple[st
     """The errors each backend raises for the same bad inputs, each in a fresh store."""
     sql_uri, _ = new_store(template, tmp_path_factory.mktemp("errors-sql"), "e")
     client_uri, _ = new_store(template, tmp_path_factory.mktemp("errors-client"), "e")
-    sql = gs.open_store(sql_uri)
-    assert sql.mode == "sql", sql.why
+    sql = gs.open_writer(sql_uri)
+    assert sql.backend == "sql", sql.why
     return {"sql": _errors_of(sql, sql_uri),
-            "client": _errors_of(gs.ClientBulkStore(client_uri, None, gs.Choice("client", "")),
+            "client": _errors_of(gs.ClientRunWriter(client_uri, None, gs.Choice("client", "")),
                                  client_uri)}
 
 

@@ -26,7 +26,7 @@ def record(lam: float, seed: int, val: float, group: dict[str, str] | None = Non
     hist = hist if hist is not None else [val + 0.3, val - 0.01, val]
     return RunRecord(
         run_id=f"r{lam}-{seed}-{sorted((group or {}).items())}", name=f"lam={lam:g} seed={seed}",
-        status="FINISHED", group={"regularization.lam": f"{lam:g}", **(group or {})}, lam=lam,
+        status="FINISHED", swept={"regularization.lam": f"{lam:g}", **(group or {})}, lam=lam,
         seed=seed, final={"train/ce": val / 2, "val/ce": val, "gap/ce": val / 2, "val/acc": 0.9},
         history={"val/ce": list(enumerate(hist)), "train/ce": list(enumerate(hist))})
 
@@ -175,7 +175,7 @@ def test_compare_by_regroups_and_pools_the_rest():
     assert all(len(c.cells[0].runs) == 4 for c in conds)  # 2 sizes × 2 seeds pooled per λ
     # a key that does not vary takes its value from the run's params
     fixed, _ = cd.regroup(runs[:2], ["trainer.max_epochs"], [{"trainer.max_epochs": "7"}] * 2)
-    assert fixed[0].group == {"regularization.lam": "0", "trainer.max_epochs": "7"}
+    assert fixed[0].swept == {"regularization.lam": "0", "trainer.max_epochs": "7"}
 
 
 def test_a_sweep_over_lambda_and_seed_only_keeps_its_output():

@@ -24,7 +24,7 @@ from fakes import FakeStore, FakeWriter, install
 from l2lab.base import ConfigError
 from l2lab.core.module import NonFiniteLossError
 from l2lab.run import engine, lifecycle, progress
-from l2lab.tracking.bulk.base import BulkStore
+from l2lab.tracking.bulk.base import RunWriter
 
 EPOCHS = 2
 SMALL = ["data.train_size=40", "data.val_size=40", "data.batch_size=40", "model.hidden=[8]"]
@@ -55,14 +55,14 @@ def _stack(tmp_path: Path, jobs: list[list[str]], *extra: str, epochs: int = EPO
 
 
 def test_the_fake_writer_answers_the_bulk_writers_interface():
-    """Every public method of ``BulkStore``, with its parameters: the engine's tests here hold
+    """Every public method of ``RunWriter``, with its parameters: the engine's tests here hold
     for the real writer's interface (when it changes, ``tests/fakes.py`` follows)."""
-    public = {n: f for n, f in inspect.getmembers(BulkStore, inspect.isfunction)
+    public = {n: f for n, f in inspect.getmembers(RunWriter, inspect.isfunction)
               if not n.startswith("_")}
     assert {"create_runs", "log_params", "log_metrics", "finish", "local_path"} <= set(public)
     for name, fn in public.items():
         mine = getattr(FakeWriter, name, None)
-        assert mine is not None, f"FakeWriter lacks BulkStore.{name}"
+        assert mine is not None, f"FakeWriter lacks RunWriter.{name}"
         assert list(inspect.signature(mine).parameters) == \
             list(inspect.signature(fn).parameters), name
 

@@ -128,13 +128,13 @@ def test_a_member_is_its_derived_config_and_renders_its_documents():
             if valid_lams(member_lams(member.values)) \
             else None
         assert key == group_key(full) and (key is None) == ("regularization.lam=-1" in overrides)
-        if member.group not in templates:
+        if member.composition not in templates:
             rep = member.rep
-            templates[member.group] = (
+            templates[member.composition] = (
                 YamlTemplate({k: v for k, v in OmegaConf.to_container(rep).items()
                               if k != "hydra"}, list(member.values)),
                 YamlTemplate({"hydra": OmegaConf.to_container(rep.hydra)}, HYDRA_JOB_KEYS))
-        config_doc, hydra_doc = templates[member.group]
+        config_doc, hydra_doc = templates[member.composition]
         assert config_doc.render(member.values) == dump_yaml(task)
         assert hydra_doc.render({
             "hydra.job.num": num, "hydra.job.id": str(num),

@@ -141,10 +141,10 @@ def test_a_long_failure_reason_is_cut_at_one_limit_by_both_writers(store):
     """The group writer (one SQL transaction) and a run's own tracker (the client) record the
     same reason under the same tag, cut at the same length."""
     from l2lab.tracking import tracker as tr
-    from l2lab.tracking.bulk import open_store
+    from l2lab.tracking.bulk import open_writer
 
-    writer = open_store(store)
-    assert writer.mode == "sql", writer.why
+    writer = open_writer(store)
+    assert writer.backend == "sql", writer.why
     bulk, single = writer.create_runs(tr.experiment_id(writer.client, "cut", store),
                                       ["bulk", "single"], [{}, {}])
     reason = "NonFiniteLossError: " + "".join(f"{i:05d} " for i in range(2000))  # 12020 chars

@@ -22,7 +22,7 @@ class RunRecord:
     run_id: str
     name: str  # readable run name, e.g. "lam=0.01 seed=1"
     status: str  # "FINISHED" | "FAILED" | "KILLED" | "RUNNING"
-    group: dict[str, str]  # swept keys other than `seed`; may be {}
+    swept: dict[str, str]  # swept keys other than `seed`; may be {}
     lam: float  # regularization.lam of the run (>= 0)
     seed: int
     failure: str | None = None  # reason, for FAILED runs

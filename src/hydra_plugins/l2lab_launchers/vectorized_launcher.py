@@ -148,7 +148,7 @@ class VectorizedLauncher(Launcher):
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
-        self._groups: dict[int, _CompositionCache] = {}
+        self._compositions: dict[int, _CompositionCache] = {}
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
               config: DictConfig) -> None:
@@ -196,8 +196,8 @@ class VectorizedLauncher(Launcher):
 
     # -- a job without a config of its own -------------------------------------------------------
     def _group(self, member: JobValues) -> _CompositionCache:
-        if member.group not in self._groups:
-            g = self._groups[member.group] = _CompositionCache(member.rep)
+        if member.composition not in self._compositions:
+            g = self._compositions[member.composition] = _CompositionCache(member.rep)
             try:
                 g.base = task_config(member.rep)
                 g.shape = shape_key(OmegaConf.to_container(g.base, resolve=True))
@@ -206,7 +206,7 @@ class VectorizedLauncher(Launcher):
             sweep = OmegaConf.to_container(member.rep.hydra.sweep, resolve=False)
             if sweep.get("subdir") == "${hydra.job.num}" and "${hydra:" not in str(sweep):
                 g.sweep_dir = str(member.rep.hydra.sweep.dir)
-        return self._groups[member.group]
+        return self._compositions[member.composition]
 
     def _key(self, job: _Job) -> str | None:
         """The job's stack (``stackable.group_key``), from its composition when a member."""

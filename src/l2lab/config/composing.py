@@ -183,7 +183,7 @@ class JobValues:
     values: dict[str, Any]  # stacked key (``stackable.STACKED``) -> this job's value
     task: list[str]  # hydra.overrides.task
     dirname: str  # hydra.job.override_dirname
-    group: int  # members of one composition share it (and its YAML templates)
+    composition: int  # members of one composition share it (and its YAML templates)
 
 
 def with_values(cfg: DictConfig, values: Mapping[str, Any]) -> DictConfig:
@@ -351,7 +351,7 @@ class SweepConfigs:
     def __init__(self, loader: Any) -> None:
         self._loader = loader
         self._composed: dict[tuple, DictConfig] = {}
-        self._groups: dict[tuple, _Composition] = {}
+        self._compositions: dict[tuple, _Composition] = {}
         self._derived: dict[tuple, tuple[_Composition, list[Override]]] = {}
         self.compositions = 0  # how many jobs were composed by Hydra (the rest were derived)
 
@@ -370,12 +370,13 @@ class SweepConfigs:
                 self._composed[job] = self._compose(master, overrides)
                 continue
             base, stacked = parts
-            group = self._groups.get((id(master), base))
+            group = self._compositions.get((id(master), base))
             if group is None:
                 cfg = self._compose(master, overrides)
                 self._composed[job] = cfg
                 blob = pickle.dumps(cfg, protocol=pickle.HIGHEST_PROTOCOL)
-                group = self._groups[(id(master), base)] = _Composition(blob, pickle.loads(blob))
+                group = _Composition(blob, pickle.loads(blob))
+                self._compositions[(id(master), base)] = group
                 group.checked.update(o.input_line for o in stacked)
                 group.values.update((o.input_line, _read(cfg, o.key_or_group)) for o in stacked)
                 self._derived[job] = (group, stacked)

@@ -32,9 +32,9 @@ from l2lab.report.stats import (
     RunRecord,
     Verdict,
     best_val,
+    cells_of,
     compare,
     fmt_value,
-    group_runs,
     other_keys,
     per_seed,
     seeds_needed,
@@ -114,13 +114,13 @@ def regroup(runs: Sequence[RunRecord], by: Sequence[str],
     from the run's group, else from ``values`` (the run's params, for a key that does not vary).
     Returns the runs and the keys now pooled (varying keys left out of ``by``; their runs count
     as replicates, and several runs of one seed in a cell are averaged for the paired tests)."""
-    pooled = sorted({k for r in runs for k in r.group if k != LAM_KEY and k not in by})
+    pooled = sorted({k for r in runs for k in r.swept if k != LAM_KEY and k not in by})
     out = []
     for i, run in enumerate(runs):
         extra = values[i] if values is not None else {}
-        group = {LAM_KEY: run.group.get(LAM_KEY, fmt_value(run.lam))}
-        group.update({k: str(run.group.get(k, extra.get(k, ""))) for k in by})
-        out.append(replace(run, group=group))
+        group = {LAM_KEY: run.swept.get(LAM_KEY, fmt_value(run.lam))}
+        group.update({k: str(run.swept.get(k, extra.get(k, ""))) for k in by})
+        out.append(replace(run, swept=group))
     return out, pooled
 
 
@@ -131,14 +131,14 @@ def split(runs: Sequence[RunRecord]) -> tuple[list[str], list[Condition]]:
     keys = other_keys(kept)
     parts: dict[tuple[str, ...], list[RunRecord]] = {}
     for run in kept:
-        parts.setdefault(tuple(str(run.group.get(k, "")) for k in keys), []).append(run)
+        parts.setdefault(tuple(str(run.swept.get(k, "")) for k in keys), []).append(run)
     conditions = []
     for ident in sorted(parts, key=lambda t: tuple(value_sort_key(v) for v in t)):
-        sub = [replace(r, group={LAM_KEY: r.group.get(LAM_KEY, fmt_value(r.lam))})
+        sub = [replace(r, swept={LAM_KEY: r.swept.get(LAM_KEY, fmt_value(r.lam))})
                for r in parts[ident]]
         summary = summarize(sub)
         cond = Condition(dict(zip(keys, ident, strict=True)), sub, summary,
-                         verdict(summary, sub), group_runs(sub)[1])
+                         verdict(summary, sub), cells_of(sub)[1])
         cond.too_short = too_short(cond)
         cond.narrow = narrow_grid(cond)
         conditions.append(cond)

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from l2lab import metrics as mt
-from l2lab.report.stats import FINISHED, Cell, RunRecord, fmt_value, group_columns, short_key
+from l2lab.report.stats import FINISHED, Cell, RunRecord, cell_columns, fmt_value, short_key
 
 DPI = 120
 TRAIN_COLOR = "tab:blue"
@@ -34,7 +34,7 @@ NORM_LABEL = r"$\Sigma\,\Vert W\Vert_F^2$ of selected layers"  # renders as Σ�
 #: The y labels of the ``metrics.CURVES`` panels: in full, and in a grid of panels.
 CURVE_LABELS = ("train cross-entropy (nats)", "val cross-entropy (nats)")
 CURVE_LABELS_SHORT = ("train CE (nats)", "val CE (nats)")
-#: Up to this many groups get distinct qualitative colours and a legend; more get a colour scale
+#: Up to this many cells get distinct qualitative colours and a legend; more get a colour scale
 #: in λ order with a labelled colour bar (a legend of 30 entries reads as badly as 30 colours).
 MAX_LEGEND = 10
 #: Up to this many conditions get a row of learning-curve panels each; more share one panel.
@@ -58,15 +58,15 @@ def placeholder(ax: Axes, text: str) -> None:
     ax.set_yticks([])
 
 
-def group_label(group: Cell) -> str:
+def cell_label(cell: Cell) -> str:
     """λ and the condition, short: the key's last part (``train_size=500``), long values cut."""
-    text = ", ".join([f"λ={fmt_value(group.lam)}",
-                      *(f"{k.rsplit('.', 1)[-1]}={fmt_value(v)}" for k, v in group.values.items())])
+    text = ", ".join([f"λ={fmt_value(cell.lam)}",
+                      *(f"{k.rsplit('.', 1)[-1]}={fmt_value(v)}" for k, v in cell.values.items())])
     return text if len(text) <= 40 else text[:39] + "…"
 
 
-def group_colors(n: int) -> list[tuple[float, float, float, float]]:
-    """Distinct colours (tab10) for a legend's worth of groups; beyond that a perceptual scale in
+def cell_colors(n: int) -> list[tuple[float, float, float, float]]:
+    """Distinct colours (tab10) for a legend's worth of cells; beyond that a perceptual scale in
     group order (viridis, stopping short of its pale yellow end), read off a colour bar."""
     if n <= MAX_LEGEND:
         return [colormaps["tab10"](i) for i in range(n)]
@@ -74,10 +74,10 @@ def group_colors(n: int) -> list[tuple[float, float, float, float]]:
     return [cmap(0.9 * i / (n - 1)) for i in range(n)]
 
 
-def _colorbar(fig: Figure, axes: Sequence[Axes] | Axes, groups: Sequence[Cell],
+def _colorbar(fig: Figure, axes: Sequence[Axes] | Axes, cells: Sequence[Cell],
               colors: Sequence) -> None:
-    """A discrete colour bar: one band per group, labelled with its λ (every k-th when many)."""
-    n = len(groups)
+    """A discrete colour bar: one band per cell, labelled with its λ (every k-th when many)."""
+    n = len(cells)
     cmap = ListedColormap(list(colors))
     norm = BoundaryNorm(np.arange(n + 1) - 0.5, n)
     sm = _ScalarMappable(norm, cmap)
@@ -85,9 +85,9 @@ def _colorbar(fig: Figure, axes: Sequence[Axes] | Axes, groups: Sequence[Cell],
     step = max(1, int(np.ceil(n / 20)))
     ticks = list(range(0, n, step))
     bar.set_ticks(ticks)
-    bar.set_ticklabels([group_label(groups[i]).removeprefix("λ=") if not groups[i].values
-                        else group_label(groups[i]) for i in ticks])
-    bar.set_label("λ" if not any(g.values for g in groups) else "group")
+    bar.set_ticklabels([cell_label(cells[i]).removeprefix("λ=") if not cells[i].values
+                        else cell_label(cells[i]) for i in ticks])
+    bar.set_label("λ" if not any(g.values for g in cells) else "group")
     bar.ax.tick_params(labelsize="small")
 
 
@@ -152,7 +152,7 @@ def plot_lambda_curve(summary: pd.DataFrame, path: Path) -> None:
         placeholder(ax, "no finished runs")
         save(fig, path)
         return
-    others = [k for k in group_columns(summary) if k != "lam"]
+    others = [k for k in cell_columns(summary) if k != "lam"]
     combos = [((), done)] if not others else [
         (c if isinstance(c, tuple) else (c,), d) for c, d in done.groupby(others, sort=False)]
     markers, styles = "osD^vph<>", ["-", "--", ":", "-."]
@@ -221,28 +221,28 @@ def mean_curve(runs: Sequence[RunRecord], metric: str) -> tuple[np.ndarray, np.n
             np.array([sums[st][0] / sums[st][1] for st in steps], dtype=float))
 
 
-def plot_curves(groups: Sequence[Cell], path: Path, *, weights: bool) -> None:
+def plot_curves(cells: Sequence[Cell], path: Path, *, weights: bool) -> None:
     """Learning curves (train and val CE, side by side) or weight norms against epoch, mean
-    over seeds, one colour per group: distinct colours with a legend for up to MAX_LEGEND
-    groups, a colour scale in λ order with a labelled colour bar beyond."""
+    over seeds, one colour per cell: distinct colours with a legend for up to MAX_LEGEND
+    cells, a colour scale in λ order with a labelled colour bar beyond."""
     panels = [(mt.WEIGHT_NORM_TOTAL, NORM_LABEL)] if weights else \
         list(zip(mt.CURVES, CURVE_LABELS, strict=True))
     fig = new_figure(8.0 if weights else 11.0, 4.6)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     fig.suptitle("Weight norm during training (mean over seeds)" if weights else
                  "Learning curves (mean over seeds)", fontsize="medium")
-    shown = [g for g in groups if any(r.status == FINISHED for r in g.runs)]
-    colors = group_colors(len(shown))
+    shown = [g for g in cells if any(r.status == FINISHED for r in g.runs)]
+    colors = cell_colors(len(shown))
     drawn_any = False
     for ax, (metric, ylabel) in zip(axes, panels, strict=True):
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         values = []
-        for group, color in zip(shown, colors, strict=True):
-            curve = mean_curve(group.finished, metric)
+        for cell, color in zip(shown, colors, strict=True):
+            curve = mean_curve(cell.finished, metric)
             if curve is None:
                 continue
-            ax.plot(*curve, color=color, linewidth=1.6, label=group_label(group))
+            ax.plot(*curve, color=color, linewidth=1.6, label=cell_label(cell))
             values.append(curve[1])
         if not values:
             placeholder(ax, "no finished runs" if not shown else "no history recorded")
@@ -252,7 +252,7 @@ def plot_curves(groups: Sequence[Cell], path: Path, *, weights: bool) -> None:
         ax.grid(True, alpha=0.3)
     if drawn_any:
         if len(shown) <= MAX_LEGEND:
-            handles = [Line2D([], [], color=c, linewidth=2, label=group_label(g))
+            handles = [Line2D([], [], color=c, linewidth=2, label=cell_label(g))
                        for g, c in zip(shown, colors, strict=True)]
             fig.legend(handles=handles, loc="outside right upper", fontsize="small")
         else:
@@ -421,7 +421,7 @@ def plot_condition_histories(conditions: Sequence, path: Path, *, weights: bool)
                  + " per condition (mean over seeds)", fontsize="medium")
     lams = sorted({c.lam for cond in conditions for c in cond.cells
                    if any(r.status == FINISHED for r in c.runs)})
-    colors = dict(zip(lams, group_colors(len(lams)), strict=True))
+    colors = dict(zip(lams, cell_colors(len(lams)), strict=True))
     for row, cond in zip(axes, conditions, strict=True):
         for ax, (metric, ylabel) in zip(row, panels, strict=True):
             ax.set_ylabel(f"{cond.short}\n{ylabel}", fontsize="small")

@@ -29,8 +29,8 @@ from l2lab.report.stats import (  # noqa: F401  (re-exported: the report's publi
     LAM_KEY,
     STAT_COLUMNS,
     RunRecord,
-    group_columns,
-    group_runs,
+    cell_columns,
+    cells_of,
     rejected,
     short_key,
     summarize,
@@ -98,7 +98,7 @@ def write_report(runs: Sequence[RunRecord], out_dir: Path,
              **{name: fig_dir / f"{name}.png" for name in names},
              "report": out_dir / "index.html"}
     summary.to_csv(paths["summary"], index=False)
-    _, groups = group_runs(trained(runs))
+    _, cells = cells_of(trained(runs))
     if keys:
         figures.plot_condition_curves(conds, paths["lambda_curve"])
         figures.plot_best_lambda(keys, conds, paths["best_lambda"],
@@ -111,8 +111,8 @@ def write_report(runs: Sequence[RunRecord], out_dir: Path,
         figures.plot_condition_histories(conds, paths["learning_curves"], weights=False)
         figures.plot_condition_histories(conds, paths["weight_norms"], weights=True)
     else:
-        figures.plot_curves(groups, paths["learning_curves"], weights=False)
-        figures.plot_curves(groups, paths["weight_norms"], weights=True)
+        figures.plot_curves(cells, paths["learning_curves"], weights=False)
+        figures.plot_curves(cells, paths["weight_norms"], weights=True)
     paths["report"].write_text(render_html(summary, runs, paths, context or ReportContext()),
                                encoding="utf-8")
     return paths
@@ -229,10 +229,10 @@ def _image(path: Path) -> str:
 
 def render_html(summary: pd.DataFrame, runs: Sequence[RunRecord], paths: dict[str, Path],
                 context: ReportContext) -> str:
-    keys = group_columns(summary)
+    keys = cell_columns(summary)
     metrics = table_metrics(summary)
     ver = verdict(summary, runs)
-    _, groups = group_runs(trained(runs))
+    _, table_cells = cells_of(trained(runs))
     links = context.links
     exps = sorted({r.experiment_id for r in runs if r.experiment_id})
 
@@ -243,13 +243,13 @@ def render_html(summary: pd.DataFrame, runs: Sequence[RunRecord], paths: dict[st
     marked = {best_row(summary, c.values, c.best_lam) for c in conds} if cond_keys \
         else {ver.best}
     rows = []
-    for pos, group in enumerate(groups):
+    for pos, cell in enumerate(table_cells):
         row = summary.iloc[pos]
         cls = ' class="best"' if pos in marked else ""
         cells = "".join(f"<td>{_e(_fmt_value(row[k]))}</td>" for k in keys)
         cells += f"<td>{int(row['runs'])}</td>"
         cells += "".join(f"<td>{_cell(row, prefix, d)}</td>" for _, prefix, d in metrics)
-        cells += f'<td class="runs">{_run_links(group.runs, links)}</td>'
+        cells += f'<td class="runs">{_run_links(cell.runs, links)}</td>'
         rows.append(f"<tr{cls}>{cells}</tr>")
     if not rows:
         rows.append(f'<tr><td colspan="{len(keys) + len(metrics) + 2}">no runs</td></tr>')

@@ -1,4 +1,5 @@
-"""The numbers of a λ sweep: one row per seed group, 95% t-intervals, and the best-λ verdict.
+"""The numbers of a λ sweep: one row per cell (the runs that differ only in seed), 95%
+t-intervals, and the best-λ verdict.
 
 This module knows nothing about MLflow, torch, Lightning or matplotlib: the caller converts tracked
 runs into :class:`l2lab.records.RunRecord` objects, so the statistics can be tested on synthetic
@@ -48,7 +49,7 @@ MAX_SEEDS = 1000
 
 
 def stat_columns(metrics: Sequence[str] = mt.SUMMARY) -> list[str]:
-    """Every column after the λ and group-key columns, in order."""
+    """Every column after the λ and swept-key columns, in order."""
     return ["runs", "failed",
             *(f"{m}_{s}" for m in metrics for s in STATS),
             *(f"best_val_ce_{s}" for s in STATS),
@@ -59,14 +60,14 @@ def stat_columns(metrics: Sequence[str] = mt.SUMMARY) -> list[str]:
 STAT_COLUMNS: tuple[str, ...] = tuple(stat_columns())
 
 
-# --------------------------------------------------------------------------- grouping
+# --------------------------------------------------------------------------- cells
 
 
 @dataclass
 class Cell:
-    """Runs that differ only in seed: one summary row and one curve per group."""
+    """Runs that differ only in seed: one summary row and one curve per cell."""
 
-    values: dict[str, str]  # the group keys other than λ
+    values: dict[str, str]  # the swept keys other than λ
     lam: float
     runs: list[RunRecord]
 
@@ -89,7 +90,7 @@ def all_keys(runs: Sequence[RunRecord]) -> list[str]:
     """Swept keys other than λ (and seed), in order of first appearance."""
     keys: list[str] = []
     for run in runs:
-        for key in run.group:
+        for key in run.swept:
             if key != LAM_KEY and key not in keys:
                 keys.append(key)
     return keys
@@ -98,8 +99,8 @@ def all_keys(runs: Sequence[RunRecord]) -> list[str]:
 def is_preset(key: str, runs: Sequence[RunRecord]) -> bool:
     """A config group choice (``regularization=l2_dense``, ``experiment=...``): a key without a
     dot whose values are names, not numbers."""
-    return "." not in key and any(value_sort_key(str(r.group.get(key, "")))[0] == 1
-                                  for r in runs if key in r.group)
+    return "." not in key and any(value_sort_key(str(r.swept.get(key, "")))[0] == 1
+                                  for r in runs if key in r.swept)
 
 
 def folded_keys(runs: Sequence[RunRecord]) -> dict[str, str]:
@@ -116,8 +117,8 @@ def folded_keys(runs: Sequence[RunRecord]) -> dict[str, str]:
                 continue
             seen: dict[str, set[str]] = {}
             for r in runs:
-                seen.setdefault(str(r.group.get(preset, "")), set()).add(
-                    str(r.group.get(key, "")))
+                seen.setdefault(str(r.swept.get(preset, "")), set()).add(
+                    str(r.swept.get(key, "")))
             if all(len(v) == 1 for v in seen.values()):
                 folded[key] = preset
                 break
@@ -139,20 +140,20 @@ def value_sort_key(value: str) -> tuple[int, float, str]:
         return (1, 0.0, value)
 
 
-def group_runs(runs: Sequence[RunRecord]) -> tuple[list[str], list[Cell]]:
-    """Split runs into seed groups, sorted by λ then by the other keys. λ is always part of a
-    group's identity (as a number: "1e-3" and "0.001" are one λ), so runs with different λ are
-    never averaged together."""
+def cells_of(runs: Sequence[RunRecord]) -> tuple[list[str], list[Cell]]:
+    """Split runs into cells (the runs that differ only in seed), sorted by λ then by the other
+    keys. λ is always part of a cell's identity (as a number: "1e-3" and "0.001" are one λ), so
+    runs with different λ are never averaged together."""
     keys = other_keys(runs)
-    groups: dict[tuple[float, tuple[str, ...]], Cell] = {}
+    cells: dict[tuple[float, tuple[str, ...]], Cell] = {}
     for run in runs:
         lam = float(run.lam)
-        values = {k: str(run.group.get(k, "")) for k in keys}
+        values = {k: str(run.swept.get(k, "")) for k in keys}
         ident = (lam, tuple(values[k] for k in keys))
-        if ident not in groups:
-            groups[ident] = Cell(values=values, lam=lam, runs=[])
-        groups[ident].runs.append(run)
-    ordered = sorted(groups.values(),
+        if ident not in cells:
+            cells[ident] = Cell(values=values, lam=lam, runs=[])
+        cells[ident].runs.append(run)
+    ordered = sorted(cells.values(),
                      key=lambda g: (g.lam, tuple(value_sort_key(g.values[k]) for k in keys)))
     return keys, ordered
 
@@ -235,23 +236,23 @@ def metrics_of(runs: Sequence[RunRecord]) -> list[str]:
 
 
 def summarize(runs: Sequence[RunRecord]) -> pd.DataFrame:
-    """One row per seed group: ``lam``, the other group keys, then mean, std and the 95%
+    """One row per cell: ``lam``, the other swept keys, then mean, std and the 95%
     interval (``_lo``, ``_hi``: inside the metric's range, see :data:`KINDS`) of the final
     metrics and of each run's best val/ce, and the best epoch's mean, std, median and min-max.
 
     Only FINISHED runs feed the statistics (a crashed run's last values are not comparable);
-    the others are counted in ``failed`` so a thin group is visible rather than silently small.
+    the others are counted in ``failed`` so a thin cell is visible rather than silently small.
     Runs that never trained (:func:`rejected`) are left out: :func:`l2lab.report.table.format_table`
     names them.
     """
     kept = trained(runs)
-    keys, groups = group_runs(kept)
+    keys, cells = cells_of(kept)
     metrics = metrics_of(kept)
     rows: list[dict[str, object]] = []
-    for group in groups:
-        done = group.finished
-        row: dict[str, object] = {"lam": group.lam, **group.values,
-                                  "runs": len(done), "failed": len(group.runs) - len(done)}
+    for cell in cells:
+        done = cell.finished
+        row: dict[str, object] = {"lam": cell.lam, **cell.values,
+                                  "runs": len(done), "failed": len(cell.runs) - len(done)}
         for metric in metrics:
             stats = describe([final_value(r, metric) for r in done], KINDS.get(metric, "real"))
             row.update({f"{metric}_{s}": v for s, v in zip(STATS, stats, strict=True)})
@@ -271,8 +272,8 @@ def summarize(runs: Sequence[RunRecord]) -> pd.DataFrame:
     return frame
 
 
-def group_columns(summary: pd.DataFrame) -> list[str]:
-    """``lam`` and the other group keys: every column before ``runs``."""
+def cell_columns(summary: pd.DataFrame) -> list[str]:
+    """``lam`` and the other swept keys: every column before ``runs``."""
     columns = list(summary.columns)
     return columns[: columns.index("runs")] if "runs" in columns else []
 
@@ -318,11 +319,11 @@ def seeds_needed(diff: float, sd: float, *, alpha: float = ALPHA, power: float =
     return int(n[ok[0]]) if ok.size else None
 
 
-def per_seed(group: Cell) -> dict[int, float]:
+def per_seed(cell: Cell) -> dict[int, float]:
     """Final val/ce by seed; several runs of one seed in a cell (runs pooled over a key that
     ``compare --by`` left out) count as their mean, so that a seed is still one pair."""
     values: dict[int, list[float]] = {}
-    for r in group.finished:
+    for r in cell.finished:
         v = final_value(r, "val/ce")
         if math.isfinite(v):
             values.setdefault(r.seed, []).append(v)
@@ -356,7 +357,7 @@ def compare(best: dict[int, float], other: dict[int, float]
 
 def row_label(summary: pd.DataFrame, pos: int) -> str:
     row = summary.iloc[pos]
-    return ", ".join(f"{short_key(k)}={fmt_value(row[k])}" for k in group_columns(summary))
+    return ", ".join(f"{short_key(k)}={fmt_value(row[k])}" for k in cell_columns(summary))
 
 
 def verdict(summary: pd.DataFrame, runs: Sequence[RunRecord]) -> Verdict:
@@ -370,8 +371,8 @@ def verdict(summary: pd.DataFrame, runs: Sequence[RunRecord]) -> Verdict:
     if np.all(np.isnan(means)):
         return Verdict(None, False, "no finished runs")
     best = int(np.nanargmin(means))  # ties: the smallest λ (rows are in λ order)
-    _, groups = group_runs(trained(runs))
-    seeds = [per_seed(g) for g in groups]
+    _, cells = cells_of(trained(runs))
+    seeds = [per_seed(g) for g in cells]
     others = [i for i in range(len(means)) if i != best and np.isfinite(means[i])]
     if not others:
         return Verdict(best, True, "the only row with finished runs")
@@ -401,12 +402,12 @@ def verdict(summary: pd.DataFrame, runs: Sequence[RunRecord]) -> Verdict:
 
 
 def short_key(key: str) -> str:
-    """Header for a group key: ``regularization.lam`` reads as ``lam``."""
+    """Header for a swept key: ``regularization.lam`` reads as ``lam``."""
     return key.removeprefix("regularization.")
 
 
 def fmt_value(value: object) -> str:
-    """A group value as a reader wants it: numbers at 4 significant digits (an Optuna λ has 17),
+    """A swept value as a reader wants it: numbers at 4 significant digits (an Optuna λ has 17),
     integers as integers, anything else as given."""
     try:
         number = float(value)  # type: ignore[arg-type]

@@ -16,10 +16,10 @@ from l2lab.report import conditions as cd
 from l2lab.report.stats import (
     FINISHED,
     RunRecord,
+    cell_columns,
     fmt_interval,
     fmt_stat,
     fmt_value,
-    group_columns,
     rejected,
     row_label,
     short_key,
@@ -48,7 +48,7 @@ def format_table(summary: pd.DataFrame, runs: Sequence[RunRecord], *,
     second look before anyone trusts the ranking. Runs that never trained have no row: a sweep
     names each (``name_rejected``), ``compare`` over many runs gives their count.
     """
-    keys = group_columns(summary)
+    keys = cell_columns(summary)
     metrics = table_metrics(summary)
     header = ([short_key(k) for k in keys] + ["runs"] + [m[0] for m in metrics]
               + ["val/ce 95% CI"])

@@ -262,10 +262,10 @@ _WRITERS: dict[str, Any] = {}
 
 def writer_for(uri: str, client) -> Any:
     """The group writer of a store (once per process and store: its path is chosen once)."""
-    from l2lab.tracking.bulk import open_store
+    from l2lab.tracking.bulk import open_writer
 
     if uri not in _WRITERS:
-        _WRITERS[uri] = open_store(uri, client)
+        _WRITERS[uri] = open_writer(uri, client)
     return _WRITERS[uri]
 
 

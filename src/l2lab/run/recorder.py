@@ -83,7 +83,7 @@ class Recorder(pl.callbacks.Checkpoint):
                  echo: bool = False, flush_every_s: float = FLUSH_EVERY_S,
                  writer: Any = None) -> None:
         self.trackers, self.ckpt_paths = list(trackers), [Path(p) for p in ckpt_paths]
-        self.writer = writer  # bulk.BulkStore: every run's epochs in one store call
+        self.writer = writer  # bulk.RunWriter: every run's epochs in one store call
         self.echo, self.flush_every_s = echo, float(flush_every_s)
         self.buffers = [MetricBuffer(t) for t in self.trackers]
         self.last: list[tuple[int, dict[str, float]] | None] = [None] * len(self.trackers)

@@ -43,7 +43,7 @@ def summarize_runs(client, runs: list, out_dir: Path, *, name_rejected: bool = T
                    ) -> tuple[str, dict[str, Path], list]:
     """Table text, written files (``summary.csv``, figures, ``index.html``) and records for a set
     of runs (shared with ``compare``). The runs' histories are read in bulk (``writer``, a
-    ``bulk.BulkStore`` on the client's store, if the caller has one; else one is made). ``by``:
+    ``bulk.RunWriter`` on the client's store, if the caller has one; else one is made). ``by``:
     the condition keys (``compare --by``) instead of every varying key."""
     from l2lab.report import html as report
     from l2lab.tracking.runs import load_records

@@ -228,7 +228,7 @@ def varying_keys(runs: Iterable) -> list[str]:
 
 def _histories(client, runs: Sequence, writer=None) -> dict[str, dict[str, list]]:
     """The histories of ``metrics.HISTORY`` ``{run_id: {key: [Metric, ...]}}`` of the runs that
-    metrics, read together through a ``bulk.BulkStore`` (one SQL query per 500 runs,
+    metrics, read together through a ``bulk.RunWriter`` (one SQL query per 500 runs,
     or the runs' calls concurrently for a server) instead of one store call per run and key.
     The writer is made on the client's own store when none is given; a client that does not say
     its store (``tracking_uri``) is asked run by run."""
@@ -237,9 +237,9 @@ def _histories(client, runs: Sequence, writer=None) -> dict[str, dict[str, list]
         return {}
     uri = getattr(client, "tracking_uri", None)
     if writer is None and isinstance(uri, str) and uri:
-        from l2lab.tracking.bulk import open_store
+        from l2lab.tracking.bulk import open_writer
 
-        writer = open_store(uri, client)
+        writer = open_writer(uri, client)
     if writer is not None:
         return writer.metric_histories(ids, mt.HISTORY)
     return {r: {k: client.get_metric_history(r, k) for k in mt.HISTORY} for r in ids}
@@ -248,7 +248,7 @@ def _histories(client, runs: Sequence, writer=None) -> dict[str, dict[str, list]
 def load_records(client, runs: Iterable, writer=None) -> list:
     """MLflow runs -> ``records.RunRecord`` (final values, test/* included, and the histories the
     figures need). The histories are read for all runs at once (``_histories``): through
-    ``writer`` (a ``bulk.BulkStore`` on the client's store) when given."""
+    ``writer`` (a ``bulk.RunWriter`` on the client's store) when given."""
     runs = list(runs)
     keys = varying_keys(runs)
     histories = _histories(client, runs, writer)
@@ -265,7 +265,7 @@ def load_records(client, runs: Iterable, writer=None) -> list:
                    for k, points in histories.get(run.info.run_id, {}).items()}
         records.append(RunRecord(
             run_id=run.info.run_id, name=tags.get("mlflow.runName", run.info.run_id),
-            status=run.info.status, group=group, lam=lam,
+            status=run.info.status, swept=group, lam=lam,
             seed=int(params.get("seed", 0) or 0), failure=tags.get(FAILURE_TAG),
             final=dict(run.data.metrics), history=history,
             experiment_id=run.info.experiment_id))

@@ -73,19 +73,19 @@ def git_commit(cwd: Path | None = None) -> str | None:
 
 
 def as_writer(writer: Any) -> Any:
-    """The run writer (``bulk.BulkStore``) to write through: ``writer`` itself, or for a bare
-    client the public-client backend on it (``bulk.ClientBulkStore.on``)."""
-    from l2lab.tracking.bulk.base import BulkStore
+    """The run writer (``bulk.RunWriter``) to write through: ``writer`` itself, or for a bare
+    client the public-client backend on it (``bulk.ClientRunWriter.on``)."""
+    from l2lab.tracking.bulk.base import RunWriter
 
-    if isinstance(writer, BulkStore):
+    if isinstance(writer, RunWriter):
         return writer
-    from l2lab.tracking.bulk.client import ClientBulkStore
+    from l2lab.tracking.bulk.client import ClientRunWriter
 
-    return ClientBulkStore.on(writer)
+    return ClientRunWriter.on(writer)
 
 
 class RunTracker:
-    """One MLflow run: a view of one run id on the run writer, ``bulk.BulkStore``, the one
+    """One MLflow run: a view of one run id on the run writer, ``bulk.RunWriter``, the one
     interface that writes params, tags, metrics, artifacts and a run's end, for one run or a
     stack's K together. Made on a group's writer (the engine: its runs' calls then take that
     writer's path, SQL included), or on a bare client (the public client, call by call). Runs

@@ -2,23 +2,23 @@
 
 A stack of K networks is K MLflow runs. Written one run at a time through ``MlflowClient``, every
 create, params, flush and finish is K store calls (each a SQLite transaction of ~15-20 ms, or an
-HTTP request), which dominated sweeps of small networks. ``BulkStore`` takes the K runs together:
+HTTP request), which dominated sweeps of small networks. ``RunWriter`` takes the K runs together:
 
-- **SQL stores** (``sqlite://``, ``postgresql://``...; ``bulk.sql.SqlBulkStore``): one
+- **SQL stores** (``sqlite://``, ``postgresql://``...; ``bulk.sql.SqlRunWriter``): one
   transaction per call for all K runs, written through MLflow's own ORM tables on the engine of
   MLflow's own store, with MLflow's own validation, so the rows are the ones ``SqlAlchemyStore``
   writes (``latest_metrics`` included). This is only done when the database's alembic revision is
   the installed MLflow's head: the schema is then exactly the one these tables describe.
   Otherwise (another revision, a workspace-aware store) the public client writes
-  (:class:`ClientBulkStore`).
-- **A tracking server** (``http(s)://``; :class:`ClientBulkStore` in mode ``rest``): REST has no
+  (:class:`ClientRunWriter`).
+- **A tracking server** (``http(s)://``; :class:`ClientRunWriter` in backend ``rest``): REST has no
   multi-run call, so the K runs' calls go out concurrently from a small thread pool, each batch as
   large as MLflow allows (1000 metrics, 100 params or tags).
 - **Artifacts**: a run whose artifact URI is local (``file://``, as with the default SQLite store)
   gets its files written in place, with no store call at all; others get one call per file.
 
-Both backends answer one interface (:class:`BulkStore`) and raise the same ``MlflowException``
-(same error code) for the same bad input; :func:`open_store` chooses. MLflow's private names are
+Both backends answer one interface (:class:`RunWriter`) and raise the same ``MlflowException``
+(same error code) for the same bad input; :func:`open_writer` chooses. MLflow's private names are
 in :mod:`l2lab.compat.mlflow`. Nothing here imports torch or Lightning.
 """
 
@@ -29,15 +29,15 @@ from typing import Any
 from l2lab.compat import mlflow as cm
 from l2lab.tracking import connection as cn
 from l2lab.tracking.bulk.base import (  # noqa: F401  (the writer's public names)
-    BulkStore,
     Choice,
     Epoch,
+    RunWriter,
     local_artifact_dir,
 )
-from l2lab.tracking.bulk.client import ClientBulkStore
+from l2lab.tracking.bulk.client import ClientRunWriter
 
 
-def choose_mode(uri: str) -> Choice:
+def choose_backend(uri: str) -> Choice:
     """The bulk SQL path only where its rows are certainly MLflow's own: a plain
     ``SqlAlchemyStore`` at the installed MLflow's alembic head whose private names all exist;
     a server gets concurrent REST calls; anything else (an import or store error, another
@@ -57,12 +57,12 @@ def choose_mode(uri: str) -> Choice:
     return Choice("sql", f"{store.engine.dialect.name} at alembic head {head}", store)
 
 
-def open_store(uri: str, client: Any | None = None) -> BulkStore:
-    """The bulk writer for ``uri``: :class:`~l2lab.tracking.bulk.sql.SqlBulkStore` where
-    :func:`choose_mode` allows it, else :class:`ClientBulkStore`."""
-    choice = choose_mode(uri)
-    if choice.mode == "sql":
-        from l2lab.tracking.bulk.sql import SqlBulkStore
+def open_writer(uri: str, client: Any | None = None) -> RunWriter:
+    """The bulk writer for ``uri``: :class:`~l2lab.tracking.bulk.sql.SqlRunWriter` where
+    :func:`choose_backend` allows it, else :class:`ClientRunWriter`."""
+    choice = choose_backend(uri)
+    if choice.backend == "sql":
+        from l2lab.tracking.bulk.sql import SqlRunWriter
 
-        return SqlBulkStore(uri, client, choice)
-    return ClientBulkStore(uri, client, choice)
+        return SqlRunWriter(uri, client, choice)
+    return ClientRunWriter(uri, client, choice)

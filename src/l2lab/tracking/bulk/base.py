@@ -1,4 +1,4 @@
-"""The bulk writer's interface (:class:`BulkStore`), what both backends share (artifacts written
+"""The bulk writer's interface (:class:`RunWriter`), what both backends share (artifacts written
 in place for a local store, the counted client), and the types the backends and the factory use."""
 
 from __future__ import annotations
@@ -58,19 +58,19 @@ def _relative(artifact_path: str | None) -> str:
 class Choice:
     """Which backend a store gets, and why (printed by ``bench``, asserted by the tests)."""
 
-    mode: str  # "sql", "rest" or "client"
+    backend: str  # "sql", "rest" or "client"
     why: str
     store: Any = None  # MLflow's SqlAlchemyStore, for "sql"
 
 
-class BulkStore:
+class RunWriter:
     """Writes the runs of one stack (or any set of runs in one store) together: the one
     run-writing interface (``tracker.RunTracker`` is a view of one run on it).
 
     Every method takes all runs at once and returns when the store has them. ``round_trips``
-    counts store round trips (SQL transactions or client calls) made by this writer; ``mode``
-    says which backend it is: ``"sql"``, ``"rest"`` or ``"client"`` (the fallback). Made by
-    :func:`open_store`; artifacts are written here, the same for both backends.
+    counts store round trips (SQL transactions or client calls) made by this writer; ``backend``
+    says which one it is: ``"sql"``, ``"rest"`` or ``"client"`` (the fallback). Made by
+    :func:`open_writer`; artifacts are written here, the same for both backends.
     """
 
     def __init__(self, uri: str, client: Any | None, choice: Choice) -> None:
@@ -81,7 +81,7 @@ class BulkStore:
         self.client = _Counting(getattr(client, "_client", client), self)
         self.round_trips = 0
         self._artifact_uris: dict[str, str] = {}
-        self.mode, self.why = choice.mode, choice.why
+        self.backend, self.why = choice.backend, choice.why
 
     def _timed(self, fn: Callable[[], Any]) -> Any:
         """Adds the time to ``tracking.MLFLOW_SECONDS``, as the client's own calls do."""
@@ -93,7 +93,7 @@ class BulkStore:
 
     def _each(self, fn: Callable[[Any], Any], run_ids: Sequence[Any]) -> list:
         """``fn`` per run through the client: concurrently for a server, in turn otherwise."""
-        if self.mode == "rest" and len(run_ids) > 1:
+        if self.backend == "rest" and len(run_ids) > 1:
             with ThreadPoolExecutor(min(REST_WORKERS, len(run_ids))) as pool:
                 return list(pool.map(fn, run_ids))
         return [fn(r) for r in run_ids]
@@ -196,7 +196,7 @@ class BulkStore:
 class _Counting:
     """A client whose every call adds one to its writer's ``round_trips`` (thread-safe)."""
 
-    def __init__(self, client: Any, writer: BulkStore) -> None:
+    def __init__(self, client: Any, writer: RunWriter) -> None:
         self._client, self._writer, self._lock = client, writer, threading.Lock()
 
     def __getattr__(self, name: str) -> Any:

@@ -1,6 +1,6 @@
-"""The bulk writer through the public client: a local store in turn (mode ``client``), a tracking
-server concurrently (mode ``rest``: REST has no multi-run call). Also the backend of a
-``RunTracker`` made on a bare client (:meth:`ClientBulkStore.on`)."""
+"""The bulk writer through the public client: a local store in turn (backend ``client``), a tracking
+server concurrently (backend ``rest``: REST has no multi-run call). Also the backend of a
+``RunTracker`` made on a bare client (:meth:`ClientRunWriter.on`)."""
 
 from __future__ import annotations
 
@@ -9,21 +9,21 @@ from typing import Any
 
 from l2lab.tracking import connection as cn
 from l2lab.tracking import store
-from l2lab.tracking.bulk.base import BulkStore, Choice, Epoch, _now_ms
+from l2lab.tracking.bulk.base import Choice, Epoch, RunWriter, _now_ms
 
 
-class ClientBulkStore(BulkStore):
-    """The public client, one run at a time: in turn for a local store (mode ``client``), the
-    runs concurrently for a tracking server (mode ``rest``: REST has no multi-run call)."""
+class ClientRunWriter(RunWriter):
+    """The public client, one run at a time: in turn for a local store (backend ``client``), the
+    runs concurrently for a tracking server (backend ``rest``: REST has no multi-run call)."""
 
     @classmethod
-    def on(cls, client: Any) -> ClientBulkStore:
+    def on(cls, client: Any) -> ClientRunWriter:
         """The writer of a bare client (a run's tracker made without a group writer): the same
         calls a run made through the client always made."""
         uri = getattr(client, "tracking_uri", None)
         uri = uri if isinstance(uri, str) else ""
-        mode = "rest" if uri.startswith(("http://", "https://")) else "client"
-        return cls(uri, client, Choice(mode, "one run's calls through the public client"))
+        backend = "rest" if uri.startswith(("http://", "https://")) else "client"
+        return cls(uri, client, Choice(backend, "one run's calls through the public client"))
 
     def create_runs(self, experiment_id: str, names: Sequence[str],
                     tags_list: Sequence[Mapping[str, str]], start_time: int | None = None

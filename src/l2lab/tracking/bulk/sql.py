@@ -1,7 +1,7 @@
 """The bulk writer's SQL backend: a stack's K runs in one transaction per call, as rows of
 MLflow's own ORM tables.
 
-Used only where :func:`l2lab.tracking.bulk.choose_mode` allows it (a plain ``SqlAlchemyStore`` at
+Used only where :func:`l2lab.tracking.bulk.choose_backend` allows it (a plain ``SqlAlchemyStore`` at
 the installed MLflow's alembic head). Each write mirrors what ``SqlAlchemyStore`` does for one run,
 checks included: the same validation (MLflow's own functions) and the same ``MlflowException``
 (message and error code) for a missing or deleted experiment or run, a changed param, a run name
@@ -20,9 +20,9 @@ from typing import Any
 from l2lab.compat import mlflow as cm
 from l2lab.tracking import connection as cn
 from l2lab.tracking.bulk.base import (
-    BulkStore,
     Choice,
     Epoch,
+    RunWriter,
     _chunks,
     _now_ms,
 )
@@ -30,8 +30,8 @@ from l2lab.tracking.bulk.base import (
 _IN_CHUNK = 500  # ids per SQL IN (...) list: far below every backend's bound-parameter limit
 
 
-class SqlBulkStore(BulkStore):
-    """K runs per transaction (mode ``sql``)."""
+class SqlRunWriter(RunWriter):
+    """K runs per transaction (backend ``sql``)."""
 
     def __init__(self, uri: str, client: Any | None, choice: Choice) -> None:
         super().__init__(uri, client, choice)
