@@ -205,13 +205,13 @@ def flush_every_s(cfg: DictConfig) -> float:
 # -- the run lifecycle ----------------------------------------------------------------------------
 @dataclass
 class Job:
-    """One training job: its config and where it goes. A job of a stack is its stack's config
-    (``base``) with its own ``values`` of the stacked keys (``stackable.STACKED``): its own
-    config, ``cfg``, is made only when something needs it (~10 ms), while ``seed`` and the
-    resolved ``tree`` cost microseconds. ``tracker`` is set for a run that is continued
-    (``resume``), ``ckpt`` is the checkpoint it continues from."""
+    """One training job: its config and where it goes. A job of a stack is the config its
+    stack's jobs share (``shared``) with its own ``values`` of the stacked keys
+    (``stackable.STACKED``): its own config, ``cfg``, is made only when something needs it
+    (~10 ms), while ``seed`` and the resolved ``tree`` cost microseconds. ``tracker`` is set for
+    a run that is continued (``resume``), ``ckpt`` is the checkpoint it continues from."""
 
-    base: DictConfig
+    shared: DictConfig
     overrides: list[str]
     output_dir: Path
     name: str = ""
@@ -229,14 +229,14 @@ class Job:
     def cfg(self) -> DictConfig:
         """The job's own config."""
         if not self.values:
-            return self.base
+            return self.shared
         if self._cfg is None:
-            self._cfg = with_values(self.base, self.values)
+            self._cfg = with_values(self.shared, self.values)
         return self._cfg
 
     @property
     def seed(self) -> int:
-        return int(self.values["seed"] if self.values else self.base.seed)
+        return int(self.values["seed"] if self.values else self.shared.seed)
 
     @property
     def tree(self) -> dict[str, Any]:
@@ -290,7 +290,7 @@ def open_runs(client, writer, jobs: Sequence[Job], sweep: Mapping | None) -> Non
                 "mlflow.parentRunId": sweep["parent_run_id"]} if sweep else {}),
             **job.tags,
         })
-    cfg = jobs[0].base
+    cfg = jobs[0].shared
     exp = tr.experiment_id(client, str(cfg.experiment_name), cfg.tracking.uri)
     ids = writer.create_runs(exp, [j.name for j in jobs], tags_list)
     params, texts = {}, {}
@@ -299,9 +299,9 @@ def open_runs(client, writer, jobs: Sequence[Job], sweep: Mapping | None) -> Non
         job.tracker = tr.RunTracker(writer, rid)
         params[rid] = tr.flatten_params(job.tree)
         if job.values:
-            if id(job.base) not in templates:
-                templates[id(job.base)] = YamlTemplate(job.tree, list(job.values))  # any job's
-            config = templates[id(job.base)].render(job.values)
+            if id(job.shared) not in templates:
+                templates[id(job.shared)] = YamlTemplate(job.tree, list(job.values))  # any job's
+            config = templates[id(job.shared)].render(job.values)
         else:
             config = dump_yaml(job.tree)
         texts[rid] = {"config/config.yaml": config,
@@ -348,8 +348,8 @@ def fit_jobs(jobs: Sequence[Job], *, sweep: Mapping | None = None,
     """
     from l2lab.core.data import load_data
 
-    client = tr.connect(jobs[0].base.tracking.uri)
-    writer = writer_for(jobs[0].base.tracking.uri, client)
+    client = tr.connect(jobs[0].shared.tracking.uri)
+    writer = writer_for(jobs[0].shared.tracking.uri, client)
     opened: list[Job] = []
 
     def fail(job: Job, e: BaseException) -> None:
@@ -367,7 +367,7 @@ def fit_jobs(jobs: Sequence[Job], *, sweep: Mapping | None = None,
             live, passed = [], set()  # (stack config, settings) one of their jobs passed in full
             for job in jobs:
                 try:
-                    seen = (id(job.base), _settings(job.values))
+                    seen = (id(job.shared), _settings(job.values))
                     if job.values and seen in passed:  # it differs only in seed and λ
                         schema.check_member(job.values)
                     else:
@@ -377,7 +377,7 @@ def fit_jobs(jobs: Sequence[Job], *, sweep: Mapping | None = None,
                 except ConfigError as e:
                     fail(job, e)
             try:
-                splits = load_data(jobs[0].base.data) if live else None
+                splits = load_data(jobs[0].shared.data) if live else None
             except ConfigError as e:
                 for job in live:
                     fail(job, e)
@@ -386,11 +386,11 @@ def fit_jobs(jobs: Sequence[Job], *, sweep: Mapping | None = None,
             factories: dict[int, Callable] = {}  # per stack config that built: its factory
             for job in live:
                 try:
-                    make = factories.get(id(job.base)) or net_factory(job.base)
+                    make = factories.get(id(job.shared)) or net_factory(job.shared)
                     members[id(job)] = build_member(
-                        job.base, splits, job.tree,
-                        check_optimizer=id(job.base) not in factories, make_net=make)
-                    factories[id(job.base)] = make
+                        job.shared, splits, job.tree,
+                        check_optimizer=id(job.shared) not in factories, make_net=make)
+                    factories[id(job.shared)] = make
                 except ConfigError as e:
                     fail(job, e)
             # networks of equal optimizer settings side by side: one param group per setting
@@ -399,7 +399,7 @@ def fit_jobs(jobs: Sequence[Job], *, sweep: Mapping | None = None,
             if ready and not max_models:
                 from l2lab.core.stacked import default_max_models
 
-                max_models = default_max_models(members[id(ready[0])].net, splits, ready[0].base)
+                max_models = default_max_models(members[id(ready[0])].net, splits, ready[0].shared)
             size = max(1, max_models or 1)
             stacks = -(-len(ready) // size)
             for start in range(0, len(ready), size):
@@ -432,7 +432,7 @@ def _fit_stack(jobs: Sequence[Job], members: Mapping[int, StackMember], splits, 
     from l2lab.core.stacked import unstack_into
     from l2lab.run.recorder import Recorder
 
-    cfg0 = jobs[0].base
+    cfg0 = jobs[0].shared
     group = {"l2lab.vectorized_group": uuid.uuid4().hex[:12]} if vectorized else None
     selection = {j.tracker.run_id: {"l2.layers": ",".join(members[id(j)].penalty.layer_names),
                                     "l2.num_params": str(members[id(j)].penalty.num_params)}
