@@ -307,7 +307,7 @@ def rivalry_text(conditions: Sequence[Condition], r: Rivalry) -> str:
     other = conditions[r.other]
     head = f"{at_best(other)} (val/ce {other.best_val:.4f})"
     if r.same:
-        return f"{head}: the same training as the lowest (no L2 under either label): not a rival"
+        return f"{head}: the same training as the lowest (no penalty under either label): not a rival"
     if r.test == "":
         return f"{head}: not testable (a test needs two or more seeds per cell)"
     if r.clear:
@@ -354,7 +354,7 @@ def format_conditions(keys: Sequence[str], conditions: Sequence[Condition]) -> l
               "seeds):"]
     for a, b, lam in acr.same_pairs:
         lines.append(f"  note: {a} and {b} at λ={fmt_value(lam)} are the same training under "
-                     "two labels (no L2 under either): never compared as rivals")
+                     "two labels (no penalty under either): never compared as rivals")
     lines += [f"  {rivalry_text(conditions, r)}" for r in acr.rivals]
     lines.append(across_verdict(conditions, acr))
     return lines

@@ -28,7 +28,7 @@ DPI = 120
 TRAIN_COLOR = "tab:blue"
 VAL_COLOR = "tab:orange"
 TIE_COLOR = "#e4e0f0"  # the λ not distinguishable from the best: a pale violet, not a band colour
-LAMBDA_LABEL = "λ (L2 strength)"
+LAMBDA_LABEL = "λ (penalty strength)"
 CE_LABEL = "final cross-entropy (nats)"
 NORM_LABEL = r"$\Sigma\,\Vert W\Vert_F^2$ of selected layers"  # renders as Σ‖W‖²_F
 #: The y labels of the ``metrics.CURVES`` panels: in full, and in a grid of panels.
@@ -144,7 +144,7 @@ def plot_lambda_curve(summary: pd.DataFrame, path: Path) -> None:
     ax = fig.add_subplot()
     ax.set_xlabel(LAMBDA_LABEL)
     ax.set_ylabel(CE_LABEL)
-    ax.set_title("Final cross-entropy vs L2 strength (mean, band: 95% interval over seeds)",
+    ax.set_title("Final cross-entropy vs λ (mean, band: 95% interval over seeds)",
                  fontsize="medium")
     done = summary[summary["val/ce_mean"].notna() | summary["train/ce_mean"].notna()] \
         if not summary.empty else summary

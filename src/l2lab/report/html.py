@@ -210,7 +210,7 @@ def _conditions_html(keys: Sequence[str], conds: Sequence[cd.Condition]) -> str:
                     f"<td>{'clear' if c.verdict.clear else 'not clear'}</td>"
                     f"<td style=\"text-align:left\">{_e(against)}</td></tr>")
     notes = "".join(f'<p class="meta">{_e(a)} and {_e(b)} at λ = {_e(_fmt_value(lam))} are '
-                    "the same training under two labels (no L2 under either): never compared "
+                    "the same training under two labels (no penalty under either): never compared "
                     "as rivals.</p>" for a, b, lam in acr.same_pairs)
     last = cd.across_verdict(conds, acr)
     cls = "verdict clear" if last.startswith("*") else "verdict"
