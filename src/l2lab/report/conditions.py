@@ -307,7 +307,8 @@ def rivalry_text(conditions: Sequence[Condition], r: Rivalry) -> str:
     other = conditions[r.other]
     head = f"{at_best(other)} (val/ce {other.best_val:.4f})"
     if r.same:
-        return f"{head}: the same training as the lowest (no penalty under either label): not a rival"
+        return (f"{head}: the same training as the lowest (no penalty under either label): "
+                "not a rival")
     if r.test == "":
         return f"{head}: not testable (a test needs two or more seeds per cell)"
     if r.clear:
