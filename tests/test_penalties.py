@@ -330,3 +330,20 @@ def test_a_sweep_of_penalties_stacks_per_penalty_and_each_child_is_its_ordinary_
                                                                          key)]
             got = [(m.step, m.value) for m in client.get_metric_history(child.info.run_id, key)]
             assert sorted(got) == sorted(want), key
+
+
+def test_a_penalty_is_part_of_a_runs_identity_and_l2_keeps_the_one_it_had():
+    """``reuse`` finds runs by config hash: an L1 run is not an L2 run of the same λ, and an L2
+    run hashes as it did before presets named their class (no ``_target_``)."""
+    from omegaconf import OmegaConf
+
+    from l2lab.tracking.runs import config_hash
+
+    l2, l1 = (OmegaConf.to_container(make_cfg(*o, "regularization.lam=0.1"), resolve=True)
+              for o in ((), ("regularization=l1",)))
+    before = {**l2, "regularization": {k: v for k, v in l2["regularization"].items()
+                                       if k != "_target_"}}
+    assert config_hash(l2) == config_hash(before)
+    assert config_hash(l1) != config_hash(l2)
+    l1["regularization"]["name"] = "l2"  # the class alone tells them apart
+    assert config_hash(l1) != config_hash(l2)

@@ -18,6 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from l2lab import metrics as mt
+from l2lab.core.rules import DEFAULT_PENALTY
 from l2lab.records import RunRecord
 from l2lab.tracking.tracker import FAILURE_TAG, parse_overrides
 
@@ -32,9 +33,16 @@ def config_hash(cfg: DictConfig | Mapping) -> str:
     tree = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     tree = {k: v for k, v in tree.items() if k not in _NOT_IDENTITY}
     reg = tree.get("regularization")
-    if isinstance(reg, Mapping) and isinstance(reg.get("lam_per_layer"), Mapping):
-        # its patterns match first-wins: their order is part of what is trained
-        tree["regularization"] = {**reg, "lam_per_layer": list(reg["lam_per_layer"].items())}
+    if isinstance(reg, Mapping):
+        reg = dict(reg)
+        if reg.get("_target_") == DEFAULT_PENALTY:
+            # the default penalty was the only one before presets named their class: its runs
+            # keep the identity they were logged with, so reuse still finds them
+            del reg["_target_"]
+        if isinstance(reg.get("lam_per_layer"), Mapping):
+            # its patterns match first-wins: their order is part of what is trained
+            reg["lam_per_layer"] = list(reg["lam_per_layer"].items())
+        tree["regularization"] = reg
     text = json.dumps(tree, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
