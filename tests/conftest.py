@@ -239,3 +239,24 @@ def server(tmp_path_factory):
     with mlflow_server(f"sqlite:///{root}/mlflow.db", root,
                        "--artifacts-destination", str(root / "artifacts")) as base:
         yield root, base
+
+
+@pytest.fixture
+def float64():
+    """float64 as torch's default dtype for exact comparisons of the maths; restored after, so
+    other tests keep float32."""
+    import torch
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def reg_cfg(**kw) -> dict:
+    """A whole ``regularization`` node (l2's defaults, λ = 0.3) with ``kw`` changed: what
+    ``build_penalty`` reads, without composing a config."""
+    base = dict(lam=0.3, layers=["*"], exclude=[], types=["Linear", "Conv1d", "Conv2d"],
+                min_params=0, lam_per_layer={}, include_bias=False, normalize="batch",
+                mode="loss")
+    return {**base, **kw}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, make_cfg, run_cli, runs_of
+from conftest import TINY, make_cfg, reg_cfg, run_cli, runs_of
 from mlflow.tracking import MlflowClient
 
 from l2lab import ConfigError
@@ -25,28 +25,13 @@ L1_PATH, ELASTIC_PATH = "l2lab.core.penalties.L1", "l2lab.core.penalties.Elastic
 
 
 @pytest.fixture
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-def _cfg(**kw):
-    base = dict(lam=0.3, layers=["*"], exclude=[], types=["Linear", "Conv1d", "Conv2d"],
-                min_params=0, lam_per_layer={}, include_bias=False, normalize="batch",
-                mode="loss")
-    return {**base, **kw}
-
-
-@pytest.fixture
-def net(_float64):
+def net(float64):
     torch.manual_seed(0)
     return MLP((1, 4, 4), 10, hidden=[12, 8])
 
 
 @pytest.fixture
-def batch(_float64):
+def batch(float64):
     g = torch.Generator().manual_seed(1)
     return torch.randn(6, 1, 4, 4, generator=g), torch.randint(0, 10, (6,), generator=g)
 
@@ -73,7 +58,7 @@ def _by_hand(net, lams: dict[str, tuple[float, float]], n: float, bias: bool = F
     (ELASTIC_PATH, {"l1_ratio": 1.0, "min_params": 100}, {"fc1": (0.3, 0.0)}, 6),
 ])
 def test_terms_match_the_formula(net, target, kw, lams, n):
-    penalty = build_penalty(net, {**_cfg(**kw), "_target_": target}, dataset_size=600)
+    penalty = build_penalty(net, {**reg_cfg(**kw), "_target_": target}, dataset_size=600)
     assert penalty.layer_names == list(lams)
     terms = penalty.terms(6)
     assert list(terms) == list(type(penalty).TERMS)
@@ -87,7 +72,7 @@ def test_terms_match_the_formula(net, target, kw, lams, n):
 
 
 def test_include_bias_adds_the_bias_terms(net):
-    penalty = build_penalty(net, {**_cfg(include_bias=True, l1_ratio=0.4),
+    penalty = build_penalty(net, {**reg_cfg(include_bias=True, l1_ratio=0.4),
                                   "_target_": ELASTIC_PATH})
     l1, l2 = _by_hand(net, {k: (0.12, 0.18) for k in ("fc1", "fc2", "out")}, 6, bias=True)
     terms = penalty.terms(6)
@@ -110,7 +95,7 @@ def test_gradient_is_ce_gradient_plus_sign_and_decay(net, batch, target, lam, ra
     zero entry), 0 elsewhere; λ₁ = r·λ, λ₂ = (1 − r)·λ."""
     x, y = batch
     assert all((p != 0).all() for p in net.parameters())
-    penalty = build_penalty(net, {**_cfg(lam=lam, layers=["fc*"], l1_ratio=ratio),
+    penalty = build_penalty(net, {**reg_cfg(lam=lam, layers=["fc*"], l1_ratio=ratio),
                                   "_target_": target})
     g_ce = _grads(net, F.cross_entropy(net(x), y))
     g_j = _grads(net, F.cross_entropy(net(x), y) + penalty(len(y)))
@@ -127,7 +112,7 @@ def test_gradient_is_ce_gradient_plus_sign_and_decay(net, batch, target, lam, ra
 @pytest.mark.parametrize("target", [L1_PATH, ELASTIC_PATH])
 def test_a_penalty_without_decay_form_refuses_optimizer_mode(net, target):
     with pytest.raises(ConfigError) as e:
-        build_penalty(net, {**_cfg(mode="optimizer"), "_target_": target})
+        build_penalty(net, {**reg_cfg(mode="optimizer"), "_target_": target})
     assert "regularization.mode" in str(e.value) and "['loss']" in str(e.value)
 
 
@@ -139,13 +124,13 @@ def test_a_penalty_without_decay_form_refuses_optimizer_mode(net, target):
 ])
 def test_bad_penalty_config_names_the_key(net, cfg, words):
     with pytest.raises(ConfigError) as e:
-        build_penalty(net, {**_cfg(), **cfg})
+        build_penalty(net, {**reg_cfg(), **cfg})
     for w in words:
         assert w in str(e.value)
 
 
 def test_the_default_and_the_presets_name_their_classes(net):
-    assert type(build_penalty(net, _cfg())) is L2
+    assert type(build_penalty(net, reg_cfg())) is L2
     for preset, cls in (("l2", L2), ("none", L2), ("l1", L1), ("elastic", ElasticNet),
                         ("decoupled", L2), ("l2_hidden", L2)):
         cfg = make_cfg(f"regularization={preset}")
@@ -154,13 +139,13 @@ def test_the_default_and_the_presets_name_their_classes(net):
 
 @pytest.mark.parametrize("cls, extra", [(L1, [{}, {}, {}]),
                                         (ElasticNet, [{"l1_ratio": r} for r in (0.1, 0.9, 0.5)])])
-def test_a_stack_gives_each_network_its_own_terms(_float64, cls, extra):
+def test_a_stack_gives_each_network_its_own_terms(float64, cls, extra):
     """K networks, each its own λ, selection, normalize, bias and l1_ratio: the stack's terms
     are each network's own, on CPU exactly."""
     torch.manual_seed(0)
     nets = [MLP((1, 4, 4), 10, hidden=[12, 8]) for _ in range(3)]
-    cfgs = [_cfg(lam=0.3), _cfg(lam=2.0, layers=["fc*"], normalize="none", include_bias=True),
-            _cfg(lam=0.0, exclude=["fc1"], normalize="dataset")]
+    cfgs = [reg_cfg(lam=0.3), reg_cfg(lam=2.0, layers=["fc*"], normalize="none", include_bias=True),
+            reg_cfg(lam=0.0, exclude=["fc1"], normalize="dataset")]
     own = [cls.from_config(n, {**c, **e}, dataset_size=50)
            for n, c, e in zip(nets, cfgs, extra, strict=True)]
     stacked = {name: torch.nn.Parameter(torch.stack([n.get_submodule(name).weight.detach()
@@ -196,7 +181,7 @@ def test_the_after_step_hook_sees_each_updated_network(tmp_path):
     torch.manual_seed(0)
     nets = [MLP((1, 4, 4), 10, hidden=[8]) for _ in range(2)]
     first = [n.fc1.weight.detach().clone() for n in nets]
-    members = [StackMember(n, Watched.from_config(n, _cfg(lam=0.1)), torch.Generator(),
+    members = [StackMember(n, Watched.from_config(n, reg_cfg(lam=0.1)), torch.Generator(),
                            optimizer={"lr": 0.1}) for n in nets]
     module = stack_members(members, torch.optim.SGD, batch_size=10)
     assert type(module.penalty) is Watched
@@ -234,7 +219,7 @@ def test_a_constraint_without_terms_is_one_class(tmp_path):
 
     torch.manual_seed(0)
     nets = [MLP((1, 4, 4), 10, hidden=[8]) for _ in range(2)]
-    members = [StackMember(n, Capped.from_config(n, _cfg(layers=["fc1"])), torch.Generator(),
+    members = [StackMember(n, Capped.from_config(n, reg_cfg(layers=["fc1"])), torch.Generator(),
                            optimizer={"lr": 0.5}) for n in nets]
     module = stack_members(members, torch.optim.SGD, batch_size=10)
     x, y = torch.randn(40, 1, 4, 4), torch.randint(0, 10, (40,))

@@ -7,27 +7,14 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import reg_cfg
 from torch import nn
 
 from l2lab import ConfigError
 from l2lab.core.regularization import build_penalty, select_layers
 from l2lab.models import CNN, MLP
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    """Exact comparisons of the maths; restored so other test modules keep float32."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-def _cfg(**kw):
-    base = dict(lam=0.3, layers=["*"], exclude=[], types=["Linear", "Conv1d", "Conv2d"],
-                min_params=0, lam_per_layer={}, include_bias=False, normalize="batch",
-                mode="loss")
-    return {**base, **kw}
+pytestmark = pytest.mark.usefixtures("float64")  # exact comparisons of the maths
 
 
 @pytest.fixture
@@ -70,7 +57,7 @@ def _by_hand(net, batch, lams: dict[str, float], n: float, bias: bool = False):
     ({"normalize": "none"}, {"fc1": 0.3, "fc2": 0.3, "out": 0.3}, 1),
 ])
 def test_total_loss_matches_the_note(net, batch, kw, lams, n):
-    penalty = build_penalty(net, _cfg(**kw), dataset_size=600)
+    penalty = build_penalty(net, reg_cfg(**kw), dataset_size=600)
     assert penalty.layer_names == list(lams)
     got = _objective(net, penalty, batch)
     want = _by_hand(net, batch, lams, n)
@@ -81,14 +68,14 @@ def test_total_loss_matches_the_note(net, batch, kw, lams, n):
 
 
 def test_include_bias_adds_bias_squares(net, batch):
-    penalty = build_penalty(net, _cfg(include_bias=True))
+    penalty = build_penalty(net, reg_cfg(include_bias=True))
     want = _by_hand(net, batch, {"fc1": 0.3, "fc2": 0.3, "out": 0.3}, 6, bias=True)
     assert _objective(net, penalty, batch).item() == pytest.approx(want.item(), rel=1e-12)
     assert penalty.num_params == sum(p.numel() for p in net.parameters())
 
 
 def test_short_last_batch_uses_its_own_n(net, batch):
-    penalty = build_penalty(net, _cfg())
+    penalty = build_penalty(net, reg_cfg())
     assert penalty(6).item() == pytest.approx(penalty(3).item() / 2, rel=1e-12)
 
 
@@ -102,7 +89,7 @@ def _grads(net, loss):
 def test_gradient_is_ce_gradient_plus_2_lam_over_n_w(net, batch, lam):
     """grad(J) - grad(mean CCE) = (2λ/n)·W on selected weights, 0 elsewhere."""
     x, y = batch
-    penalty = build_penalty(net, _cfg(lam=lam, layers=["fc*"]))
+    penalty = build_penalty(net, reg_cfg(lam=lam, layers=["fc*"]))
     g_ce = _grads(net, F.cross_entropy(net(x), y))
     g_j = _grads(net, _objective(net, penalty, batch))
     for name, p in net.named_parameters():
@@ -121,7 +108,7 @@ def test_softmax_regression_matches_the_analytic_gradient():
     model.add_module("out", layer)
     x, y = torch.randn(7, 5), torch.tensor([0, 1, 2, 3, 0, 1, 2])
     lam, n = 0.7, 7
-    penalty = build_penalty(model, _cfg(lam=lam))
+    penalty = build_penalty(model, reg_cfg(lam=lam))
     loss = F.cross_entropy(model(x), y) + penalty(n)
     loss.backward()
     a = torch.softmax(x @ layer.weight.detach().T, dim=1)
@@ -136,8 +123,8 @@ def test_loss_and_optimizer_modes_train_identically(batch, opt):
     torch.manual_seed(0)
     net_a = MLP((1, 4, 4), 10, hidden=[12, 8])
     net_b = copy.deepcopy(net_a)
-    pen_a = build_penalty(net_a, _cfg(lam=0.4, exclude=["out"], lam_per_layer={"fc2": 1.0}))
-    pen_b = build_penalty(net_b, _cfg(lam=0.4, exclude=["out"], lam_per_layer={"fc2": 1.0},
+    pen_a = build_penalty(net_a, reg_cfg(lam=0.4, exclude=["out"], lam_per_layer={"fc2": 1.0}))
+    pen_b = build_penalty(net_b, reg_cfg(lam=0.4, exclude=["out"], lam_per_layer={"fc2": 1.0},
                                       mode="optimizer"))
     make = (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)) if opt == "sgd" else \
         (lambda p: torch.optim.Adam(p, lr=0.01))
@@ -158,7 +145,7 @@ def test_loss_and_optimizer_modes_train_identically(batch, opt):
 
 
 def test_param_groups_decay_each_parameter_once(net):
-    penalty = build_penalty(net, _cfg(lam=0.5, lam_per_layer={"out": 0.1}, normalize="dataset"),
+    penalty = build_penalty(net, reg_cfg(lam=0.5, lam_per_layer={"out": 0.1}, normalize="dataset"),
                             dataset_size=100)
     groups = penalty.param_groups(net, batch_size=10)
     ids = [id(p) for g in groups for p in g["params"]]
@@ -190,6 +177,6 @@ def test_cnn_layer_names_and_selection_by_type():
 ])
 def test_bad_selection_names_the_key_and_the_choices(net, kw, words):
     with pytest.raises(ConfigError) as e:
-        build_penalty(net, _cfg(**kw))
+        build_penalty(net, reg_cfg(**kw))
     for w in words:
         assert w in str(e.value)
