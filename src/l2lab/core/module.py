@@ -238,12 +238,9 @@ class L2Module(pl.LightningModule):
             if not self.alive[i]:
                 continue
             d = {key: v[pos] for key, v in m.items()}
-            d["train/loss"] = d["train/ce"]
-            if names:  # a constraint alone (max-norm) has no term
-                penalty = d[f"train/{names[0]}"]
-                for name in names[1:]:
-                    penalty = penalty + d[f"train/{name}"]
-                d["train/loss"] = d["train/ce"] + penalty
+            # ce + the terms added as the step adds them (a constraint alone, max-norm, has none)
+            d["train/loss"] = d["train/ce"] + added({n: d[f"train/{n}"] for n in names}) \
+                if names else d["train/ce"]
             if not math.isfinite(d["train/loss"]):
                 self.alive[i] = False
                 self.failures[i] = nonfinite_message(self.current_epoch, d, names)
