@@ -5,6 +5,7 @@ sweep's own summary and by ``compare --by``."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -141,6 +142,61 @@ def test_a_preset_is_labelled_by_its_name_and_lambda_zero_is_not_a_rival(tmp_pat
     assert 'id="best-lambda"' in page and page.count('class="condition"') == 2
     assert "min_params" not in page and "Conv1d" not in page
     assert "same training under two labels" in page
+
+
+LAYERS = ("fc1", "fc2", "out")
+
+
+def zero_lambda_pair(a: dict, b: dict, *, a_layers=LAYERS, b_layers=LAYERS, a_per=None,
+                     b_per=None, lam: float = 0.0) -> bool:
+    """Whether two cells at ``lam`` labelled ``a`` and ``b`` are called one training. Their
+    histories differ (as two real trainings', or one training's on a GPU), so only the label
+    rule can call them one."""
+    cells = []
+    for values, layers, per, base in ((a, a_layers, a_per, 0.5), (b, b_layers, b_per, 0.6)):
+        runs = [replace(record(lam, s, base + 0.01 * s, values), layers=layers,
+                        lam_per_layer=per or {}) for s in (0, 1)]
+        cells.append(cd.cells_of(runs)[1][0])
+    return cd.same_training(cells[0], a, cells[1], b)
+
+
+def test_lam_per_layer_at_lambda_zero_is_another_training():
+    fc1 = "regularization.lam_per_layer.fc1"
+    # the issue's sweep: lam=0 with fc1=0.3 penalises fc1; with fc1=0 nothing is penalised
+    assert not zero_lambda_pair({fc1: "0"}, {fc1: "0.3"}, a_per={"fc1": 0.0},
+                                b_per={"fc1": 0.3})
+    # a non-zero pattern that matches no selected layer penalises nothing
+    assert zero_lambda_pair({fc1: "0"}, {fc1: "0.3"}, a_per={"fc1": 0.0}, b_per={"fc1": 0.3},
+                            a_layers=("fc2",), b_layers=("fc2",))
+    # not logged (no l2.layers): a non-zero value is taken to penalise
+    assert not zero_lambda_pair({fc1: "0"}, {fc1: "0.3"}, a_per={"fc1": 0.0},
+                                b_per={"fc1": 0.3}, a_layers=None, b_layers=None)
+    # the sweep read back: fc1=0.3 at λ=0 is a rival, not a note
+    runs = [replace(record(lam, s, 0.5 + 0.05 * (v == "0.3") - 0.1 * lam + 0.01 * s,
+                           {fc1: v}), layers=LAYERS, lam_per_layer={"fc1": float(v)})
+            for lam in (0.0, 1.0) for v in ("0", "0.3") for s in (0, 1, 2)]
+    _, conds = cd.split(runs)
+    acr = cd.across(conds)
+    assert acr.same_pairs == [] and [r.same for r in acr.rivals] == [False]
+    assert "same training" not in format_table(summarize(runs), runs)
+
+
+def test_two_selections_at_lambda_zero_are_one_training():
+    l2, dense = {"regularization": "l2"}, {"regularization": "l2_dense"}
+    assert zero_lambda_pair(l2, dense, b_layers=("fc2",))
+    assert not zero_lambda_pair(l2, dense, b_layers=("fc2",), lam=0.1)
+    # λ = 0 everywhere, with lam_per_layer zero too: still no penalty
+    assert zero_lambda_pair(l2, dense, a_per={"fc*": 0.0}, b_layers=("fc2",))
+    # a key outside the penalty differs: two trainings, whatever λ
+    assert not zero_lambda_pair({"optimizer.lr": "0.1"}, {"optimizer.lr": "0.01"})
+
+
+def test_mode_at_lambda_zero_is_one_training():
+    # mode=optimizer at λ = 0 decays by exactly 0 (p·0 added, or p·(1 − lr·0)): as the loss mode
+    loss, opt = {"regularization.mode": "loss"}, {"regularization.mode": "optimizer"}
+    assert zero_lambda_pair(loss, opt)
+    assert not zero_lambda_pair(loss, opt, lam=1e-3)
+    assert not zero_lambda_pair(loss, opt, a_per={"fc1": 0.3})
 
 
 def test_when_both_best_lambdas_are_zero_the_conditions_are_not_compared():
@@ -407,3 +463,14 @@ def test_compare_by_picks_the_condition_keys(size_swept, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Per condition (data.train_size)" in out and "Pooled" not in out
     assert (tmp_path / "by" / "figures" / "best_lambda.png").read_bytes().startswith(PNG)
+
+
+def test_the_selection_and_lam_per_layer_are_read_back_from_the_params():
+    from l2lab.tracking.runs import logged_lam_per_layer, logged_layers
+
+    assert logged_layers({"l2.layers": "fc2"}) == ("fc2",)
+    assert logged_layers({"l2.layers": "fc1,fc2,out"}) == LAYERS
+    assert logged_layers({}) is None
+    assert logged_lam_per_layer({"regularization.lam_per_layer.fc1": "0.3"}) == {"fc1": 0.3}
+    assert logged_lam_per_layer({"regularization.lam_per_layer": '{"fc*": 0.1}'}) == {"fc*": 0.1}
+    assert logged_lam_per_layer({"regularization.lam_per_layer": "{}"}) == {}

@@ -9,14 +9,17 @@ paired over seeds, with the lowest: the global lowest cell of a train-size sweep
 the largest training set, which nobody asked.
 
 Two cells that are the same training under two labels (λ = 0 under two layer selections: no
-penalty is no penalty) are never rivals: they are detected by label (λ = 0 and only
-``regularization*`` keys differ) or by data (identical val/ce histories for every shared seed).
+penalty is no penalty) are never rivals: they are detected by label (a zero λ on every layer of
+every run, resolved with ``lam_per_layer``, and only penalty keys differ) or by data (identical
+val/ce histories for every shared seed). ``lam=0`` with ``lam_per_layer.fc1=0.3`` penalises fc1:
+it is a rival of ``lam=0`` alone.
 
 Like :mod:`l2lab.report.stats`, nothing here knows MLflow, torch or matplotlib.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -208,13 +211,36 @@ def warnings_of(cond: Condition) -> list[str]:
 # --------------------------------------------------------------------------- across conditions
 
 
+def penalised(run: RunRecord) -> bool:
+    """Whether some layer of the run may carry a non-zero λ. A selected layer's λ is its first
+    matching ``lam_per_layer`` value, else ``lam``; the logged patterns lose their order (MLflow
+    params), so a layer counts as penalised when any pattern matching it is non-zero. Where the
+    selection was not logged, every ``lam_per_layer`` value is taken to match a layer."""
+    per_layer = run.lam_per_layer
+    if run.layers is None:
+        return run.lam != 0 or any(v != 0 for v in per_layer.values())
+    for name in run.layers:
+        hits = [v for key, v in per_layer.items() if fnmatch.fnmatchcase(name, key)]
+        if any(v != 0 for v in hits) or (not hits and run.lam != 0):
+            return True
+    return False
+
+
+def penalty_key(key: str) -> bool:
+    """A key that acts only through the penalty (the preset, the selection, ``mode``,
+    ``normalize``, ``lam_per_layer``...): with a zero λ on every layer it changes nothing that
+    is trained (``mode=optimizer`` adds a decay of exactly 0, a loss term of 0 adds 0)."""
+    return key == "regularization" or key.startswith("regularization.")
+
+
 def same_training(a: Cell, a_values: Mapping[str, str], b: Cell,
                   b_values: Mapping[str, str]) -> bool:
-    """Two cells that are one training under two labels: λ = 0 where only the layer selection
-    (``regularization*`` keys) differs, or identical val/ce histories for every shared seed."""
+    """Two cells that are one training under two labels: every run of both has a zero λ on
+    every layer (:func:`penalised`) and only keys that act through the penalty differ
+    (:func:`penalty_key`); or identical val/ce histories for every shared seed."""
     differ = [k for k in {*a_values, *b_values} if a_values.get(k) != b_values.get(k)]
-    if a.lam == 0 and b.lam == 0 and differ and all(
-            k == "regularization" or k.startswith("regularization.") for k in differ):
+    if differ and all(map(penalty_key, differ)) and a.runs and b.runs and not any(
+            penalised(r) for r in (*a.runs, *b.runs)):
         return True
     ha = {r.seed: r.history.get("val/ce") for r in a.finished}
     hb = {r.seed: r.history.get("val/ce") for r in b.finished}
