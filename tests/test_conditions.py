@@ -246,16 +246,29 @@ def test_a_sweep_over_lambda_and_seed_only_keeps_its_output():
 
 
 def test_too_short_when_most_runs_are_best_at_their_last_epoch():
-    falling = [record(lam, s, 0.5 + lam, hist=[0.9, 0.7, 0.5 + lam]) for lam in (0.0, 0.1)
-               for s in (0, 1)]
+    # both λ still falling and not distinguishable (noise of ±0.01 per seed): 4 of 4 runs
+    falling = [record(lam, s, v, hist=[0.9, 0.7, v]) for lam, vs in
+               ((0.0, (0.50, 0.52)), (0.1, (0.51, 0.505))) for s, v in enumerate(vs)]
     (cond,) = cd.split(falling)[1]
-    assert cond.too_short == (4, 4, 3)
+    assert cond.tie_lams == [0.0, 0.1] and cond.too_short == (4, 4, 3)
     text = format_table(summarize(falling), falling)
-    assert ("training may be too short: 4 of 4 runs reach their lowest val/ce at the last "
-            "epoch (val/ce still falling); try trainer.max_epochs=6") in text
-    # two of four still falling is not most: no warning
-    mixed = falling[:2] + [record(lam, s, 0.6) for lam, s in ((0.1, 0), (0.1, 1))]
+    assert ("training may be too short: 4 of 4 runs of the best λ and its range reach their "
+            "lowest val/ce at the last epoch (val/ce still falling); try "
+            "trainer.max_epochs=6") in text
+    # two of four still falling, and they are the worse λ: no warning
+    mixed = [record(0.0, s, 0.5) for s in (0, 1)] + falling[2:]
     assert cd.split(mixed)[1][0].too_short is None
+
+
+def test_too_short_sees_the_best_lambda_not_the_early_peaking_others():
+    """The issue's MNIST-1D case: the best λ's runs peak at the last epoch, three other λ
+    (λ = 0 among them) peak early and would outvote them if every run counted."""
+    runs = [record(1.0, s, 0.3 + 0.01 * s, hist=[0.9, 0.6, 0.3 + 0.01 * s]) for s in range(3)]
+    runs += [record(lam, s, 0.6 + lam + 0.01 * s) for lam in (0.0, 0.01, 0.1) for s in range(3)]
+    (cond,) = cd.split(runs)[1]
+    assert cond.best_lam == 1.0 and cond.verdict.clear
+    assert cond.too_short == (3, 3, 3)
+    assert "3 of 3 runs of the best λ reach" in format_table(summarize(runs), runs)
 
 
 @pytest.mark.parametrize(("lams", "best", "expect"), [

@@ -153,10 +153,14 @@ def split(runs: Sequence[RunRecord]) -> tuple[list[str], list[Condition]]:
 
 def too_short(cond: Condition) -> tuple[int, int, int] | None:
     """(runs whose lowest val/ce is at their last epoch, finished runs with a history, epochs)
-    when that is most of the condition's runs: val/ce was still falling, so the verdict is
-    about an unfinished race."""
+    when that is most of the runs the verdict is about: those of the best λ and of the λ not
+    distinguishable from it. Their val/ce was still falling, so the verdict is about an
+    unfinished race; the other λ (λ = 0 peaking early) must not outvote them."""
+    if cond.verdict.best is None:
+        return None
+    rows = {cond.verdict.best, *cond.verdict.ties}
     ends = []
-    for run in (r for c in cond.cells for r in c.finished):
+    for run in (r for i, c in enumerate(cond.cells) if i in rows for r in c.finished):
         steps = [int(s) for s, v in run.history.get("val/ce", []) if not math.isnan(float(v))]
         if len(steps) >= 2:
             ends.append((best_val(run)[1] == max(steps), max(steps) + 1))
@@ -200,9 +204,10 @@ def warnings_of(cond: Condition) -> list[str]:
     lines = []
     if cond.too_short:
         at_last, n, epochs = cond.too_short
-        lines.append(f"training may be too short: {at_last} of {n} runs reach their lowest val/ce "
-                     f"at the last epoch (val/ce still falling); try trainer.max_epochs="
-                     f"{2 * epochs}")
+        which = "the best λ" if len(cond.tie_lams) <= 1 else "the best λ and its range"
+        lines.append(f"training may be too short: {at_last} of {n} runs of {which} reach their "
+                     f"lowest val/ce at the last epoch (val/ce still falling); try "
+                     f"trainer.max_epochs={2 * epochs}")
     if cond.narrow:
         lines.append(cond.narrow)
     return lines
