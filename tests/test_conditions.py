@@ -487,3 +487,108 @@ def test_the_selection_and_lam_per_layer_are_read_back_from_the_params():
     assert logged_lam_per_layer({"regularization.lam_per_layer.fc1": "0.3"}) == {"fc1": 0.3}
     assert logged_lam_per_layer({"regularization.lam_per_layer": '{"fc*": 0.1}'}) == {"fc*": 0.1}
     assert logged_lam_per_layer({"regularization.lam_per_layer": "{}"}) == {}
+
+
+# --------------------------------------------------------------------------- the protocol
+
+
+def with_test(run: RunRecord, test: float) -> RunRecord:
+    return replace(run, final={**run.final, "test/ce": test, "test/acc": 0.8})
+
+
+def dropout_sweep(test: bool) -> list[RunRecord]:
+    """model.dropout=0,0.3 × λ × 3 seeds. On val/ce dropout 0.3 at λ=0.1 is the lowest (by
+    0.05, clear); on the held-out test/ce the two conditions' best λ are level, within noise."""
+    runs = []
+    noise = (0.004, -0.006, 0.002)
+    for p, base in (("0", 0.55), ("0.3", 0.50)):
+        for lam in (0.0, 0.1, 1.0):
+            for s in range(3):
+                val = base + 0.2 * abs(lam - 0.1) + 0.01 * s
+                run = record(lam, s, val, {"model.dropout": p})
+                runs.append(with_test(run, 0.6 + 0.2 * abs(lam - 0.1) + 0.01 * s
+                                      + (noise[s] if p == "0.3" else 0.0)) if test else run)
+    return runs
+
+
+def test_selected_on_val_judged_on_test(tmp_path):
+    from scipy import stats
+
+    _, conds = cd.split(dropout_sweep(test=True))
+    assert [c.best_lam for c in conds] == [0.1, 0.1]  # each chosen on val/ce
+    acr = cd.across(conds)
+    assert (acr.chosen_on, acr.judged_on, acr.holm) == ("val/ce", "test/ce", False)
+    (rival,) = acr.rivals
+    by_seed = [[r.final["test/ce"] for r in sorted(c.best_cell.finished, key=lambda r: r.seed)]
+               for c in conds]
+    low, other = (1, 0) if np.mean(by_seed[1]) < np.mean(by_seed[0]) else (0, 1)
+    assert acr.lowest == low and rival.other == other
+    assert rival.p == pytest.approx(stats.ttest_rel(by_seed[other], by_seed[low]).pvalue)
+    assert rival.p == rival.p_raw and not rival.clear
+    assert cd.across(cd.split(dropout_sweep(test=False))[1]).rivals[0].clear  # on val/ce: clear
+    runs = dropout_sweep(test=True)
+    text = format_table(summarize(runs), runs)
+    assert ("protocol: each condition's best λ chosen on val/ce; the conditions judged on the "
+            "held-out test/ce at those λ") in text
+    assert text.splitlines()[-1].startswith("~ lowest mean test/ce across conditions: ")
+    assert "Holm" not in text
+    page = write_report(runs, tmp_path)["report"].read_text()
+    assert 'id="protocol"' in page and "held-out test/ce" in page
+    assert "<th>test/ce at best λ</th>" in page
+
+
+def test_without_a_test_split_the_p_values_are_holm_adjusted():
+    from scipy import stats
+
+    # three conditions; the lowest (c) against a and b, each paired over 3 seeds
+    offsets = {"a": (0.03, 0.05, 0.02), "b": (0.02, 0.01, 0.035), "c": (0.0, 0.0, 0.0)}
+    runs = [record(lam, s, 0.5 + abs(lam - 0.1) + 0.01 * s + offsets[k][s],
+                   {"optimizer.name": k}) for k in offsets for lam in (0.0, 0.1)
+            for s in range(3)]
+    _, conds = cd.split(runs)
+    acr = cd.across(conds)
+    assert (acr.chosen_on, acr.judged_on, acr.holm) == ("val/ce", "val/ce", True)
+    assert conds[acr.lowest].values == {"optimizer.name": "c"}
+    raw = {conds[r.other].values["optimizer.name"]: r.p_raw for r in acr.rivals}
+    for k in ("a", "b"):
+        assert raw[k] == pytest.approx(stats.ttest_rel(
+            np.array(offsets[k]) + 0.01 * np.arange(3), 0.01 * np.arange(3)).pvalue)
+    lo, hi = sorted(raw.values())
+    adjusted = sorted(r.p for r in acr.rivals)
+    assert adjusted == pytest.approx([2 * lo, max(2 * lo, hi)])
+    text = format_table(summarize(runs), runs)
+    assert ("protocol: no test split: each best λ chosen on val/ce and the conditions judged "
+            "on the same val/ce; p-values Holm-adjusted over the 2 comparisons made") in text
+    assert "paired t-test over 3 seeds, Holm-adjusted" in text
+    # a test split on only some runs is no held-out verdict: Holm again
+    part = [with_test(r, 0.6) if r.swept["optimizer.name"] == "a" else r for r in runs]
+    assert cd.across(cd.split(part)[1]).holm
+
+
+def test_holm_adjusts_step_down_and_keeps_nan():
+    from l2lab.report.stats import holm
+
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, math.nan, 0.01]) == pytest.approx([0.5, math.nan, 0.02], nan_ok=True)
+    assert holm([0.3, 0.4]) == pytest.approx([0.6, 0.6])  # monotone in the raw order
+    assert holm([0.9, 0.8]) == [1.0, 1.0]  # capped at 1
+    assert holm([]) == []
+
+
+# --------------------------------------------------------------------------- the selection
+
+
+def test_the_layers_each_selection_penalised_are_named(tmp_path):
+    layers = {"l2": LAYERS, "l2_dense": ("fc2",)}
+    runs = [replace(r, layers=layers[r.swept["regularization"]]) for r in preset_sweep()]
+    text = format_table(summarize(runs), runs)
+    assert "  penalised layers (l2.layers): l2: fc1, fc2, out; l2_dense: fc2" in text
+    page = write_report(runs, tmp_path)["report"].read_text()
+    assert "<th>penalised layers</th>" in page and "<td>fc2</td>" in page
+    assert "penalised layers (l2.layers): fc1, fc2, out" in page  # l2's section
+    # one selection for every run: one list, also without conditions
+    plain = [replace(record(lam, s, 0.5 + abs(lam - 0.1) + 0.01 * s), layers=("fc2",))
+             for lam in (0.0, 0.1) for s in (0, 1)]
+    assert "  penalised layers (l2.layers): fc2\n" in format_table(summarize(plain), plain)
+    # nothing logged: no line
+    assert "penalised" not in format_table(summarize(preset_sweep()), preset_sweep())
