@@ -537,7 +537,7 @@ def test_selected_on_val_judged_on_test(tmp_path):
     assert "<th>test/ce at best λ</th>" in page
 
 
-def test_without_a_test_split_the_p_values_are_holm_adjusted():
+def test_without_a_test_split_the_p_values_are_holm_adjusted(tmp_path):
     from scipy import stats
 
     # three conditions; the lowest (c) against a and b, each paired over 3 seeds
@@ -560,6 +560,9 @@ def test_without_a_test_split_the_p_values_are_holm_adjusted():
     assert ("protocol: no test split: each best λ chosen on val/ce and the conditions judged "
             "on the same val/ce; p-values Holm-adjusted over the 2 comparisons made") in text
     assert "paired t-test over 3 seeds, Holm-adjusted" in text
+    page = write_report(runs, tmp_path)["report"].read_text()
+    assert "Protocol: no test split: each best λ chosen on val/ce" in page
+    assert "p-values Holm-adjusted over the 2 comparisons made." in page
     # a test split on only some runs is no held-out verdict: Holm again
     part = [with_test(r, 0.6) if r.swept["optimizer.name"] == "a" else r for r in runs]
     assert cd.across(cd.split(part)[1]).holm

@@ -237,9 +237,14 @@ def _conditions_html(keys: Sequence[str], conds: Sequence[cd.Condition]) -> str:
         + "".join(f"<th>{_e(m)} at best λ</th>" for m in shown) +
         "<th>within</th><th>against the lowest, each at its own best λ</th></tr></thead>"
         f"<tbody>{''.join(rows)}</tbody></table>{notes}"
-        f'<p class="meta" id="protocol">{_e(cd.protocol_text(acr).capitalize())}.</p>'
+        f'<p class="meta" id="protocol">{_e(_sentence(cd.protocol_text(acr)))}.</p>'
         f'<p class="{cls}" id="verdict">{_e(last[2:])}.</p>')
     return "".join(parts)
+
+
+def _sentence(text: str) -> str:
+    """A console line as a sentence: its first letter upper case, the rest as written."""
+    return text[:1].upper() + text[1:]
 
 
 def _num(value: float) -> str:
@@ -291,7 +296,7 @@ def render_html(summary: pd.DataFrame, runs: Sequence[RunRecord], paths: dict[st
         verdict_html += "".join(f'<p class="warn">{_e(w)}</p>'
                                 for c in conds for w in cd.warnings_of(c))
         if selected := cd.selection_line(conds):
-            verdict_html += f'<p class="meta">{_e(selected.capitalize())}.</p>'
+            verdict_html += f'<p class="meta">{_e(_sentence(selected))}.</p>'
     if metric != "val/ce":
         verdict_html = (f'<p class="warn" id="no-validation">No validation split (no run '
                         f"logged val/ce; data.val_size=0?): best λ chosen and judged on "
