@@ -206,7 +206,9 @@ def test_when_both_best_lambdas_are_zero_the_conditions_are_not_compared():
     assert [r.same for r in acr.rivals] == [True]
     last = cd.across_verdict(conds, acr)
     assert "no rival (the others' best is the same training" in last
-    assert "p = 1" not in format_table(summarize(runs), runs)
+    text = format_table(summarize(runs), runs)
+    assert "p = 1" not in text and "no comparison to adjust" in text
+    assert not text.splitlines()[-1].startswith(("*", "~"))  # nothing compared: no mark
 
 
 def test_the_range_holds_the_lambdas_not_distinguishable_from_the_best():

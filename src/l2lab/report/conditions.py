@@ -401,7 +401,8 @@ def protocol_text(acr: Across) -> str:
     """Which data chose each best λ and which judged the conditions (said wherever the
     cross-condition verdict is)."""
     n = acr.comparisons
-    holm_ = f"p-values Holm-adjusted over the {n} comparison{'s' * (n != 1)} made"
+    holm_ = (f"p-values Holm-adjusted over the {n} comparison{'s' * (n != 1)} made" if n
+             else "no comparison to adjust")
     if acr.judged_on != acr.chosen_on:
         return (f"protocol: each condition's best λ chosen on {acr.chosen_on}; the conditions "
                 f"judged on the held-out {acr.judged_on} at those λ")
