@@ -669,5 +669,9 @@ def test_a_sweep_without_validation_split_is_judged_on_test(tmp_path: Path) -> N
     assert ("No validation split (no run logged val/ce; data.val_size=0?): best λ chosen and "
             "judged on test/ce.") in text
     assert text.splitlines()[-1].startswith("* lowest mean test/ce: lam=0.1: clear (p = ")
+    header, _, *rows = text.splitlines()[:5]
+    assert "test/ce" in header.split() and header.endswith("test/ce 95% CI")
+    assert "0.4550 ± 0.0071" in rows[1]  # λ = 0.1: the column it was judged on
     page = write_report(runs, tmp_path)["report"].read_text()
     assert 'id="no-validation"' in page and "Lowest mean final test/ce: <b>λ = 0.1</b>" in page
+    assert "<th>test/ce</th>" in page

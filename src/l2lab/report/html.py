@@ -258,7 +258,8 @@ def _image(path: Path) -> str:
 def render_html(summary: pd.DataFrame, runs: Sequence[RunRecord], paths: dict[str, Path],
                 context: ReportContext) -> str:
     keys = cell_columns(summary)
-    metrics = table_metrics(summary)
+    metric = select_metric(trained(runs))
+    metrics = table_metrics(summary, metric)
     ver = verdict(summary, runs)
     _, table_cells = cells_of(trained(runs))
     links = context.links
@@ -282,7 +283,6 @@ def render_html(summary: pd.DataFrame, runs: Sequence[RunRecord], paths: dict[st
     if not rows:
         rows.append(f'<tr><td colspan="{len(keys) + len(metrics) + 2}">no runs</td></tr>')
 
-    metric = select_metric(trained(runs))
     if cond_keys:
         verdict_html = _conditions_html(cond_keys, conds)
     elif ver.best is None:

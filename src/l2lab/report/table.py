@@ -38,8 +38,13 @@ TABLE_METRICS: tuple[tuple[str, str, int], ...] = (
 )
 
 
-def table_metrics(summary: pd.DataFrame) -> list[tuple[str, str, int]]:
-    return [m for m in TABLE_METRICS if f"{m[1]}_mean" in summary.columns]
+def table_metrics(summary: pd.DataFrame, metric: str = mt.VAL_CE) -> list[tuple[str, str, int]]:
+    """The metric columns the summary has; ``metric`` (what chose the best λ: test/ce without a
+    validation split) joins them where the usual columns lack it."""
+    shown = [m for m in TABLE_METRICS if f"{m[1]}_mean" in summary.columns]
+    if metric not in {m[1] for m in shown} and f"{metric}_mean" in summary.columns:
+        shown.insert(len(mt.SUMMARY), (metric, metric, 4))
+    return shown
 
 
 def format_table(summary: pd.DataFrame, runs: Sequence[RunRecord], *,
@@ -53,9 +58,10 @@ def format_table(summary: pd.DataFrame, runs: Sequence[RunRecord], *,
     names each (``name_rejected``), ``compare`` over many runs gives their count.
     """
     keys = cell_columns(summary)
-    metrics = table_metrics(summary)
+    metric = select_metric(trained(runs))
+    metrics = table_metrics(summary, metric)
     header = ([short_key(k) for k in keys] + ["runs"] + [m[0] for m in metrics]
-              + ["val/ce 95% CI"])
+              + [f"{metric} 95% CI"])
     ver = verdict(summary, runs)
     cond_keys, conds = cd.split(runs)
     marks = {best_row(summary, c.values, c.best_lam): c.verdict.mark for c in conds} \
@@ -70,7 +76,7 @@ def format_table(summary: pd.DataFrame, runs: Sequence[RunRecord], *,
                 continue
             cells.append(fmt_stat(float(row[f"{prefix}_mean"]), float(row[f"{prefix}_std"]),
                                   decimals))
-        cells.append(fmt_interval(float(row["val/ce_lo"]), float(row["val/ce_hi"]), 4))
+        cells.append(fmt_interval(float(row[f"{metric}_lo"]), float(row[f"{metric}_hi"]), 4))
         body.append(cells)
     widths = [max(len(c) for c in col) for col in zip(header, *body, strict=True)]
 
@@ -94,7 +100,6 @@ def format_table(summary: pd.DataFrame, runs: Sequence[RunRecord], *,
                      "first epoch): no row in the table" + ("." if name_rejected else
                                                            f"; see their {FAILURE_TAG} tag."))
     lines.append("")
-    metric = select_metric(trained(runs))
     if metric != mt.VAL_CE:
         lines.append(f"No validation split (no run logged val/ce; data.val_size=0?): best λ "
                      f"chosen and judged on {metric}.")
