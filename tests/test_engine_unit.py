@@ -230,6 +230,6 @@ def test_a_failure_shared_by_several_jobs_is_grouped_to_be_said_once():
 
     boom, other = ConfigError("pattern 'nope' matches no layer"), ConfigError("other")
     jobs = [SimpleNamespace(result=r) for r in (boom, {"val/ce": 0.3}, boom, other, boom)]
-    groups = engine.failure_groups(jobs)
+    groups = engine.shared_failures(jobs)
     assert list(groups) == [str(boom)]  # "other" failed once: its own line
     assert groups[str(boom)] == [jobs[0], jobs[2], jobs[4]]

@@ -521,7 +521,7 @@ def fit_variants(cfg: DictConfig, values: Sequence[Mapping[str, Any]],
         from l2lab.console import job_line, say
 
         epochs = int(base.trainer.max_epochs)
-        shared = failure_groups(jobs)
+        shared = shared_failures(jobs)
         for job, num in zip(jobs, job_nums, strict=True):
             label, rid = f"#{num} {job.name}", job.tracker.run_id
             if isinstance(job.result, dict):
@@ -538,7 +538,7 @@ def fit_variants(cfg: DictConfig, values: Sequence[Mapping[str, Any]],
     return [job.result for job in jobs]  # type: ignore[misc]
 
 
-def failure_groups(jobs: Sequence[Job]) -> dict[str, list[Job]]:
+def shared_failures(jobs: Sequence[Job]) -> dict[str, list[Job]]:
     """The failure messages that two or more jobs of a batch share (a selection matching no
     layer rejects every job alike), each with its jobs in order: said once, with the count."""
     by: dict[str, list[Job]] = {}
