@@ -564,3 +564,15 @@ def test_networks_that_cannot_stack_train_one_at_a_time_as_their_ordinary_runs(
     for ordinary, child in pairs:
         assert child.info.status == "FINISHED"
         _assert_same_run(client, ordinary, child, tmp_path)
+
+
+def test_a_stack_of_torchvision_resnet18s_equals_their_ordinary_runs(tmp_path, store):
+    """torchvision's own ResNet-18 (BasicBlocks, BatchNorm2d, a strided shortcut) stacks with
+    nothing of its own: each child is its ordinary run, weights and running statistics."""
+    jobs = [["regularization.lam=0", "seed=0"], ["regularization.lam=0.3", "seed=1"]]
+    client, pairs, _ = _ordinary_and_stacked(
+        tmp_path, store, jobs, "model=resnet18", "data.train_size=48", "data.val_size=24",
+        "data.batch_size=24", "trainer.max_epochs=2")
+    assert len({child.data.tags["l2lab.vectorized_group"] for _, child in pairs}) == 1
+    for ordinary, child in pairs:
+        _assert_same_run(client, ordinary, child, tmp_path)

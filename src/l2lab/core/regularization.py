@@ -361,7 +361,12 @@ class Penalty(nn.Module, ABC):
         divisor = self.divisor(batch_size)
         if torch.is_tensor(divisor):
             divisor = divisor.to(device=w.device, dtype=w.dtype)
-        return (lams * norms).sum(0) / divisor
+        per_layer = lams * norms
+        if per_layer.dim() == 2 and per_layer.device.type == "cpu":  # one sum per network:
+            # a strided column sums in another order than a contiguous one (21 layers of a
+            # ResNet-18 showed it), and network i's value must not depend on K
+            return torch.stack([c.contiguous().sum() for c in per_layer.unbind(1)]) / divisor
+        return per_layer.sum(0) / divisor
 
     @abstractmethod
     def terms(self, batch_size: int, lams: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
