@@ -504,3 +504,49 @@ def test_a_stack_of_l1_or_elastic_jobs_equals_their_ordinary_runs_exactly(tmp_pa
         assert "train/l1" in child.data.metrics
         assert ("train/l2" in child.data.metrics) == (case == "elastic")
     assert len({round(r["train/l1"], 6) for r in results}) == len(jobs)
+
+
+def test_a_resnet1d_stack_with_batchnorm_equals_its_ordinary_runs(tmp_path, store):
+    """BatchNorm in a stack: each network's batch statistics, running statistics (in the saved
+    weights) and eval-mode numbers are its ordinary run's, over the whole run."""
+    jobs = [["regularization.lam=0", "seed=0"], ["regularization.lam=0.3", "seed=1"],
+            ["regularization.lam=0.3", "seed=2", "optimizer.lr=0.05"]]
+    client, pairs, _ = _ordinary_and_stacked(
+        tmp_path, store, jobs, "model=resnet1d", "data=mnist1d", "data.train_size=200",
+        "data.val_size=100", "data.batch_size=50", "model.channels=[8,16]",
+        "trainer.max_epochs=3", f"data.root={tmp_path}/data")
+    groups = {child.data.tags["l2lab.vectorized_group"] for _, child in pairs}
+    assert len(groups) == 1
+    for ordinary, child in pairs:
+        _assert_same_run(client, ordinary, child, tmp_path)
+        weights = _weights(client, child.info.run_id, tmp_path)
+        assert int(weights["layer2.0.bn1.num_batches_tracked"]) == 3 * 4
+        assert not torch.equal(weights["bn1.running_var"], torch.ones(8))
+
+
+def test_networks_that_cannot_stack_train_one_at_a_time_as_their_ordinary_runs(
+        tmp_path, store, capfd):
+    """A network with a layer l2lab does not stack (here a ConvTranspose) never fails a
+    sweep: its jobs train one by one, each its ordinary run, and one line says why."""
+    pkg = tmp_path / "pkgs" / "ownnets"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(
+        "from torch import nn\n\n\n"
+        "def upsampling(in_channels, num_classes):\n"
+        "    return nn.Sequential(nn.ConvTranspose2d(in_channels, 2, 2, stride=2), nn.ReLU(),\n"
+        "                         nn.Flatten(), nn.Linear(2 * 16 * 16, num_classes))\n")
+    import sys
+    sys.path.insert(0, str(tmp_path / "pkgs"))
+    try:
+        jobs = [["regularization.lam=0", "seed=0"], ["regularization.lam=0.3", "seed=1"]]
+        client, pairs, _ = _ordinary_and_stacked(
+            tmp_path, store, jobs, "model=custom", "model._target_=ownnets.upsampling",
+            "data.train_size=80", "data.val_size=40", "data.batch_size=40",
+            "trainer.max_epochs=2")
+    finally:
+        sys.path.remove(str(tmp_path / "pkgs"))
+    assert "its 2 networks train one at a time: layer 0 (ConvTranspose2d) holds tensors " \
+           "l2lab does not stack" in capfd.readouterr().out
+    for ordinary, child in pairs:
+        assert child.info.status == "FINISHED"
+        _assert_same_run(client, ordinary, child, tmp_path)

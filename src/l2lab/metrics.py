@@ -18,6 +18,8 @@ GAP_CE = "gap/ce"
 TEST_CE = "test/ce"
 TEST_ACC = "test/acc"
 WEIGHT_NORM_TOTAL = "weights/sq_norm_total"
+WEIGHT_NORM = "weights/sq_norm/"  # + a selected layer's name
+EFF_LR = "weights/eff_lr/"  # + the name of a selected layer that a normalization follows
 
 #: The final metrics the sweep summary (``summary.csv``, the table) gives per row, in column
 #: order; also a reused run's line.

@@ -139,3 +139,93 @@ class CNN(_Net):
         if self.squeeze is not None:
             x = self.squeeze(x)
         return self._head(x)
+
+
+# -- residual networks with BatchNorm -------------------------------------------------------------
+class BasicBlock1d(nn.Module):
+    """torchvision's ``BasicBlock`` in one dimension: conv-bn-act-conv-bn plus the shortcut (a
+    strided 1×1 conv and bn where the shape changes), then the activation. Same layer names."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, batchnorm: bool,
+                 activation: str) -> None:
+        super().__init__()
+
+        def norm(c: int) -> nn.Module:
+            return nn.BatchNorm1d(c) if batchnorm else nn.Identity()
+
+        self.conv1 = nn.Conv1d(c_in, c_out, 3, stride, 1, bias=not batchnorm)
+        self.bn1 = norm(c_out)
+        self.conv2 = nn.Conv1d(c_out, c_out, 3, 1, 1, bias=not batchnorm)
+        self.bn2 = norm(c_out)
+        self.act = _activation(activation)
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(nn.Conv1d(c_in, c_out, 1, stride, bias=not batchnorm),
+                                            norm(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        y = self.act(self.bn1(self.conv1(x)))
+        return self.act(self.bn2(self.conv2(y)) + identity)
+
+
+class ResNet1d(nn.Module):
+    """A small 1-D ResNet for (C, L) signals such as MNIST-1D, so that BatchNorm and residual
+    questions run offline on a CPU: stem ``conv1``-``bn1``-act, one stage ``layer<i>`` per entry
+    of ``channels`` (``blocks`` basic blocks each, stride 2 from the second stage on), global
+    average pool, ``fc``. The names follow torchvision's ResNet (``layer1.0.conv1``, ``fc``), so
+    the same ``regularization.layers`` patterns work on both. ``batchnorm=false`` puts an
+    identity where each BatchNorm was and gives the convolutions biases: the same network
+    without normalization, for the with/without comparison."""
+
+    def __init__(self, in_shape: Sequence[int], num_classes: int,
+                 channels: Sequence[int] = (16, 32), blocks: int = 1, batchnorm: bool = True,
+                 activation: str = "relu") -> None:
+        super().__init__()
+        if len(in_shape) != 2:
+            raise ConfigError("model=resnet1d needs sequences (C, L) such as MNIST-1D's, got "
+                              f"inputs of shape {tuple(in_shape)}.")
+        if int(blocks) < 1 or not channels:
+            raise ConfigError(f"model.blocks must be >= 1 and model.channels non-empty, got "
+                              f"{blocks!r} and {list(channels)!r}.")
+        c = int(channels[0])
+        self.conv1 = nn.Conv1d(int(in_shape[0]), c, 3, 1, 1, bias=not batchnorm)
+        self.bn1 = nn.BatchNorm1d(c) if batchnorm else nn.Identity()
+        self.act = _activation(activation)
+        self.stages = []
+        for i, width in enumerate(channels, start=1):
+            stage = []
+            for j in range(int(blocks)):
+                stride = 2 if i > 1 and j == 0 else 1
+                stage.append(BasicBlock1d(c, int(width), stride, bool(batchnorm), activation))
+                c = int(width)
+            setattr(self, f"layer{i}", nn.Sequential(*stage))
+            self.stages.append(f"layer{i}")
+        self.pool = nn.AdaptiveAvgPool1d(1)
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.bn1(self.conv1(x)))
+        for name in self.stages:
+            x = getattr(self, name)(x)
+        return self.fc(self.pool(x).flatten(1))
+
+
+def resnet18(in_shape: Sequence[int], num_classes: int, cifar_stem: bool = False) -> nn.Module:
+    """torchvision's ResNet-18, its first convolution fitted to the data's channels (1 for the
+    digits and MNIST, 3 for CIFAR). ``cifar_stem``: the 3×3 stride-1 first convolution and no
+    max-pool used for 32×32 images (the 7×7 stride-2 stem and pool shrink them 4× at once)."""
+    from torchvision.models import resnet18 as torchvision_resnet18
+
+    if len(in_shape) != 3:
+        raise ConfigError("model=resnet18 needs images (C, H, W), got inputs of shape "
+                          f"{tuple(in_shape)}.")
+    net = torchvision_resnet18(weights=None, num_classes=num_classes)
+    if cifar_stem:
+        net.conv1 = nn.Conv2d(int(in_shape[0]), 64, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+    elif int(in_shape[0]) != 3:
+        net.conv1 = nn.Conv2d(int(in_shape[0]), 64, 7, 2, 3, bias=False)
+    if cifar_stem or int(in_shape[0]) != 3:  # initialised as torchvision initialises its own
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+    return net

@@ -140,6 +140,23 @@ class TrainerConfig:
 
 
 @dataclass
+class ResNet1dConfig:
+    _target_: str = "l2lab.models.ResNet1d"
+    name: str = "resnet1d"
+    channels: list[int] = field(default_factory=lambda: [16, 32])
+    blocks: int = 1
+    batchnorm: bool = True
+    activation: str = "relu"
+
+
+@dataclass
+class ResNet18Config:
+    _target_: str = "l2lab.models.resnet18"
+    name: str = "resnet18"
+    cifar_stem: bool = False
+
+
+@dataclass
 class TrackingConfig:
     uri: str | None = None
     flush_every_s: float = 5.0
@@ -163,7 +180,8 @@ class TrainConfig:
 
 SCHEMAS: dict[str, dict[str, type]] = {
     "data": {"data": DataConfig},
-    "model": {"mlp": MLPConfig, "cnn": CNNConfig},
+    "model": {"mlp": MLPConfig, "cnn": CNNConfig, "resnet1d": ResNet1dConfig,
+              "resnet18": ResNet18Config},  # model=custom: a network's own keys, untyped
     "regularization": {"regularization": RegularizationConfig, "elastic": ElasticNetConfig},
     "optimizer": {"sgd": SGDConfig, "adam": AdamConfig, "adamw": AdamWConfig},
     "trainer": {"trainer": TrainerConfig},
@@ -233,9 +251,8 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg, "regularization.mode", MODES)
     _int(cfg, "regularization.min_params", 0)
     for t in reg.get("types") or []:
-        if t not in rules.LAYER_TYPES:
-            raise ConfigError(f"regularization.types: each must be one of "
-                              f"{', '.join(rules.LAYER_TYPES)}; got {t!r}.")
+        if why := rules.type_error(t):
+            raise ConfigError(why)
 
     _choice(cfg, "data.name", rules.DATASETS)
     _int(cfg, "data.train_size", 1, optional=True, what=" (null: all)")
@@ -243,11 +260,19 @@ def validate(cfg: DictConfig) -> None:
     _int(cfg, "data.batch_size", 1)
     _int(cfg, "data.split_seed", 0)
 
-    if why := rules.network_error(cfg.model.get("_target_")):
+    if OmegaConf.is_missing(cfg.model, "_target_"):
+        raise ConfigError("model._target_ is not set: model=custom needs the network to build, "
+                          "e.g. model=custom model._target_=mylab.nets.MyNet.")
+    target = cfg.model.get("_target_")
+    if why := rules.network_error(target):
         raise ConfigError(why)
-    _choice(cfg, "model.activation", tuple(rules.ACTIVATIONS))
-    _number(cfg, "model.dropout", "a number in [0, 1)", lambda v: 0 <= v < 1)
+    if "activation" in cfg.model and target in rules.NETWORKS.values():
+        _choice(cfg, "model.activation", tuple(rules.ACTIVATIONS))
+    if target in rules.OWN_NETWORKS:
+        _number(cfg, "model.dropout", "a number in [0, 1)", lambda v: 0 <= v < 1)
     for key in ("model.hidden", "model.channels"):
+        if target not in rules.NETWORKS.values():
+            break
         sizes = OmegaConf.select(cfg, key)
         if sizes is not None and not all(isinstance(s, int) and s >= 1 for s in sizes):
             raise _fail(key, "a list of integers >= 1", list(sizes))

@@ -21,7 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from l2lab.base import ConfigError
-from l2lab.core.rules import NETWORKS, check_lams
+from l2lab.core.rules import check_lams
 
 #: The per-network settings of a stack: dotted keys of the task config. A job's values are those
 #: of these keys that its config has (an optimizer class has its own keys; the jobs of a stack
@@ -81,7 +81,6 @@ def shape_key(tree: dict) -> str | None:
     own: :func:`valid_lams`): the config with each stacked key's value blanked (a key that is
     absent stays absent, so optimizers with other keys never share a stack)."""
     if (tree.get("resume") or tree.get("reuse")
-            or (tree.get("model") or {}).get("_target_") not in NETWORKS.values()
             or (tree.get("optimizer") or {}).get("_target_") not in STACKABLE_OPTIMIZERS
             or not _stackable_trainer(tree.get("trainer") or {})):
         return None

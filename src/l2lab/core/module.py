@@ -71,9 +71,12 @@ class L2Module(pl.LightningModule):
                  clips: Sequence[tuple[float | None, str | None]] | None = None,
                  selections: Sequence[Sequence[str]] | None = None,
                  restack: Callable[[Sequence[int], nn.Module], L2Module] | None = None,
-                 replace_optimizer: ReplaceOptimizer | None = None) -> None:
+                 replace_optimizer: ReplaceOptimizer | None = None,
+                 normalized: Sequence[str] = ()) -> None:
         super().__init__()
         self.batch_size = int(batch_size)
+        # layers a normalization follows: their effective lr, lr / ||W||^2, is logged
+        self.normalized = frozenset(normalized)
         self._set_stack(net, penalty, make_optimizer, modes or [mode] * int(penalty.lams.shape[1]),
                         clips, selections)
         # (positions, net) -> the same stack built for the networks at those positions of this
@@ -234,6 +237,7 @@ class L2Module(pl.LightningModule):
         per_net: list[dict[str, float] | None] = [None] * len(self.alive)
         dead: list[int] = []  # stack positions of the networks that diverged in this epoch
         names = self.penalty.TERMS
+        lrs = network_lrs(self.trainer.optimizers[0], self.k) if self.normalized else []
         for pos, i in enumerate(self.slots):
             if not self.alive[i]:
                 continue
@@ -250,6 +254,8 @@ class L2Module(pl.LightningModule):
             for name, values in zip(sq, sq_vals, strict=True):
                 if name in own:
                     d[f"weights/sq_norm/{name}"] = values[pos]
+                    if name in self.normalized:  # scale-invariant: L2 moves its effective lr
+                        d[f"weights/eff_lr/{name}"] = lrs[pos] / values[pos]
             d["weights/sq_norm_total"] = sum(d[f"weights/sq_norm/{name}"] for name in sq
                                              if name in own)
             d.update({key: v[pos] for key, v in val.items()})

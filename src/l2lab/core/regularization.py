@@ -27,7 +27,14 @@ import torch
 from torch import nn
 
 from l2lab.base import ConfigError
-from l2lab.core.rules import DEFAULT_PENALTY, LAYER_TYPES, MODES, NORMALIZE, check_lams
+from l2lab.core.rules import (
+    DEFAULT_PENALTY,
+    LAYER_TYPES,
+    MODES,
+    NORMALIZE,
+    check_lams,
+    type_error,
+)
 
 
 @dataclass(frozen=True)
@@ -90,14 +97,10 @@ def select_layers(
         for name, module in model.named_modules()
         if name and isinstance(getattr(module, "weight", None), nn.Parameter)
     }
-    names = ", ".join(candidates) or "(none)"
-    known_types = sorted({type(m).__name__ for m in candidates.values()})
+    names = compact_names(candidates) or "(none)"
     for t in types:
-        if not hasattr(nn, t) or not isinstance(getattr(nn, t), type):
-            raise ConfigError(
-                f"regularization.types: {t!r} is not a torch.nn layer class; "
-                f"this model's weighted layer classes are {known_types}."
-            )
+        if why := type_error(t):
+            raise ConfigError(why)
     if not layers:
         raise ConfigError("regularization.layers is empty; use ['*'] to select every layer.")
     for pattern in layers:
@@ -115,7 +118,7 @@ def select_layers(
 
     selected = []
     for name, module in candidates.items():
-        if type(module).__name__ not in types:
+        if not any(fnmatch.fnmatchcase(c, t) for c in _class_names(module) for t in types):
             continue
         if not any(fnmatch.fnmatchcase(name, p) for p in layers):
             continue
@@ -135,6 +138,46 @@ def select_layers(
             f"of {names}. Use regularization=none for an unregularized run."
         )
     return selected
+
+
+def _class_names(module: nn.Module) -> list[str]:
+    """The ``torch.nn`` class names a layer is (its class and its bases): a subclass of
+    ``nn.Linear`` (torchvision's, a researcher's) is a Linear for ``regularization.types``."""
+    return [c.__name__ for c in type(module).__mro__ if c.__module__.startswith("torch.nn")] \
+        or [type(module).__name__]
+
+
+def compact_names(names: Iterable[str], width: int = 8) -> str:
+    """Layer names for an error message, short even for a network of 60 layers: up to 12 as
+    they are; beyond, names that differ only in their numbers are one entry with the numbers
+    in braces (``layer{1-4}.{0,1}.conv1``), and a long list ends with how many more."""
+    import re
+
+    names = list(names)
+    if len(names) <= 12:
+        return ", ".join(names)
+    groups: dict[tuple[str, ...], list[list[int]]] = {}
+    for name in names:
+        parts = re.split(r"(\d+)", name)
+        skeleton = tuple(p if i % 2 == 0 else "#" for i, p in enumerate(parts))
+        numbers = [int(p) for p in parts[1::2]]
+        groups.setdefault(skeleton, []).append(numbers)
+
+    def spans(values: list[int]) -> str:
+        values = sorted(set(values))
+        if len(values) == 1:
+            return str(values[0])
+        if values == list(range(values[0], values[-1] + 1)) and len(values) > 2:
+            return f"{{{values[0]}-{values[-1]}}}"
+        return "{" + ",".join(map(str, values)) + "}"
+
+    entries = []
+    for skeleton, numbers in groups.items():
+        columns = [[row[i] for row in numbers] for i in range(len(numbers[0]))]
+        filled = iter(spans(c) for c in columns)
+        entries.append("".join(next(filled) if p == "#" else p for p in skeleton))
+    more = len(entries) - width * 4
+    return ", ".join(entries[:width * 4]) + (f", and {more} more" if more > 0 else "")
 
 
 def _squares(t: torch.Tensor) -> torch.Tensor:

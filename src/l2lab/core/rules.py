@@ -9,22 +9,37 @@ imports nothing of the layers above it.
 
 from __future__ import annotations
 
+import fnmatch
 import math
+import re
 
 from l2lab.base import ConfigError
 
 #: ``data.name``: the datasets ``core.data.load_data`` loads (``conf/data/<name>.yaml`` each).
 DATASETS: tuple[str, ...] = ("digits", "mnist1d", "mnist", "fashion_mnist", "cifar10")
 
-#: ``model=<name>`` -> its class: the networks the harness builds and stacks.
-NETWORKS: dict[str, str] = {"mlp": "l2lab.models.MLP", "cnn": "l2lab.models.CNN"}
+#: ``model=<name>`` -> its class or factory: the presets of ``conf/model/``. Any other importable
+#: ``nn.Module`` class or factory may be named by ``model._target_`` (:func:`network_error`).
+NETWORKS: dict[str, str] = {"mlp": "l2lab.models.MLP", "cnn": "l2lab.models.CNN",
+                            "resnet18": "l2lab.models.resnet18",
+                            "resnet1d": "l2lab.models.ResNet1d"}
+#: The presets whose keys ``activation``, ``dropout``, ``hidden``, ``channels`` mean what the
+#: schema checks (a researcher's own network's keys are its own).
+OWN_NETWORKS: tuple[str, ...] = ("l2lab.models.MLP", "l2lab.models.CNN")
 
 #: ``model.activation`` -> its ``torch.nn`` class name.
 ACTIVATIONS: dict[str, str] = {"relu": "ReLU", "tanh": "Tanh", "gelu": "GELU",
                                "sigmoid": "Sigmoid"}
 
-#: ``regularization.types``: the layer classes a selection can penalise (also its default).
+#: ``regularization.types``: the default selection's layer classes. Normalization layers are
+#: left out, by the usual convention (their weights set a scale that a following layer undoes).
 LAYER_TYPES: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d")
+#: The layer classes a ``regularization.types`` entry (a name or an fnmatch pattern such as
+#: ``Conv*`` or ``BatchNorm*``) may name: ``torch.nn`` classes with a ``weight``.
+SELECTABLE_TYPES: tuple[str, ...] = (
+    "Linear", "Bilinear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
+    "ConvTranspose3d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm",
+    "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "Embedding", "EmbeddingBag")
 #: ``regularization.normalize``: the n of λ/n (the note's mini-batch n, the training-set N, or 1).
 NORMALIZE: tuple[str, ...] = ("batch", "dataset", "none")
 #: ``regularization.mode``: the penalty in the loss, or as the optimizer's weight decay.
@@ -33,13 +48,28 @@ MODES: tuple[str, ...] = ("loss", "optimizer")
 DEFAULT_PENALTY = "l2lab.core.penalties.L2"
 
 
+_DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+
+
 def network_error(target: object) -> str | None:
-    """Why ``model._target_`` is not a network the harness builds (None: it is)."""
-    if target in NETWORKS.values():
+    """Why ``model._target_`` cannot name a network (None: it can), told before torch is
+    imported. Any importable ``nn.Module`` class or factory is allowed; whether it imports, builds
+    and answers (batch, classes) is checked when it is built (``core/networks.py``), before any
+    training."""
+    if isinstance(target, str) and _DOTTED.fullmatch(target):
         return None
     names = ", ".join(f"model={k}" for k in NETWORKS)
-    return (f"model._target_ must be a network of l2lab.models ({names}: "
-            f"{', '.join(NETWORKS.values())}); got {target!r}.")
+    return (f"model._target_ must name an nn.Module class or factory as 'package.module.Name' "
+            f"(a preset: {names}; or your own, e.g. model=custom "
+            f"model._target_=mylab.nets.MyNet); got {target!r}.")
+
+
+def type_error(pattern: object) -> str | None:
+    """Why a ``regularization.types`` entry names no selectable layer class (None: it does)."""
+    if isinstance(pattern, str) and fnmatch.filter(SELECTABLE_TYPES, pattern):
+        return None
+    return (f"regularization.types: each must name a layer class or a pattern over them "
+            f"({', '.join(SELECTABLE_TYPES)}; e.g. Conv*, BatchNorm*); got {pattern!r}.")
 
 
 def check_lam(key: str, value: object) -> float:

@@ -19,6 +19,7 @@ generator, seeded where the global generator stands after the network is built.
 from __future__ import annotations
 
 import copy
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from l2lab.core.module import L2Module, SegmentedOptimizer, networks_at
+from l2lab.core.networks import followed_by_norm
 from l2lab.core.regularization import Penalty, SelectedLayer
-from l2lab.core.rules import NETWORKS
-
-#: Parameter-free modules that treat every row of the batch on its own.
-_ROWWISE = (nn.ReLU, nn.Tanh, nn.GELU, nn.Sigmoid, nn.Identity, nn.Flatten, nn.MaxPool1d,
-            nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
 
 
 class NotStackable(ValueError):
@@ -71,9 +68,10 @@ class StackedLinear(nn.Module):
 
 
 class StackedConv(nn.Module):
-    """K ``nn.Conv1d``/``nn.Conv2d`` of one shape.
+    """K ``nn.Conv1d``/``nn.Conv2d`` of one shape, with any stride, padding (also ``'same'``),
+    dilation, groups, padding mode and bias.
 
-    On CUDA one grouped convolution (groups = K) runs them all. On CPU each network's slice goes
+    On CUDA one grouped convolution (groups = K·g) runs them all. On CPU each network's slice goes
     through its own convolution: the grouped kernel's weight gradient sums in another order, and
     training that amplifies rounding (Adam at a high learning rate) then drifts from the ordinary
     run by more than the promised rel 1e-4; a convolution per slice is the ordinary run's exactly.
@@ -82,30 +80,177 @@ class StackedConv(nn.Module):
     def __init__(self, layers: Sequence[nn.Conv1d | nn.Conv2d]) -> None:
         super().__init__()
         first = layers[0]
-        if first.groups != 1 or first.padding_mode != "zeros" or isinstance(first.padding, str):
-            raise NotStackable(f"{type(first).__name__} with groups/padding_mode/'same' padding")
         self.k = len(layers)
         self.conv = F.conv1d if isinstance(first, nn.Conv1d) else F.conv2d
-        self.stride, self.padding, self.dilation = first.stride, first.padding, first.dilation
+        self.stride, self.dilation, self.groups = first.stride, first.dilation, first.groups
+        self.padding: Any = first.padding
+        self.pad: tuple[list[int], str] | None = None  # an explicit F.pad, as nn.Conv's own
+        if first.padding_mode != "zeros":  # padded first, as nn.Conv pads: (left, right) per
+            # dimension, last dimension first; 'same' puts the odd one on the right
+            sizes = [(p, p) for p in first.padding] if not isinstance(first.padding, str) else \
+                [(0, 0)] * len(first.kernel_size) if first.padding == "valid" else \
+                [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2)
+                 for d, k in zip(first.dilation, first.kernel_size, strict=True)]
+            self.pad = ([side for pair in reversed(sizes) for side in pair], first.padding_mode)
+            self.padding = 0
         self.weight = nn.Parameter(torch.stack([m.weight.detach() for m in layers]))
         self.bias = nn.Parameter(torch.stack([m.bias.detach() for m in layers])) \
             if first.bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad is not None:
+            x = F.pad(x, self.pad[0], mode=self.pad[1])
         k, spatial = self.k, x.shape[2:]
         b = x.shape[0] // k
         args = (self.stride, self.padding, self.dilation)
         if x.device.type == "cpu":  # unbind: see StackedLinear
             xs = x.reshape(k, b, *x.shape[1:]).unbind(0)
             biases = self.bias.unbind(0) if self.bias is not None else [None] * k
-            return torch.cat([self.conv(xi, w, bi, *args) for xi, w, bi in
+            return torch.cat([self.conv(xi, w, bi, *args, self.groups) for xi, w, bi in
                               zip(xs, self.weight.unbind(0), biases, strict=True)])
-        # (K·B, C, ...) -> (B, K·C, ...): network i's channels become group i
+        # (K·B, C, ...) -> (B, K·C, ...): network i's channels become groups i·g .. (i+1)·g - 1
         xg = x.reshape(k, b, *x.shape[1:]).transpose(0, 1).reshape(b, -1, *spatial)
         w = self.weight.reshape(-1, *self.weight.shape[2:])
         bias = self.bias.reshape(-1) if self.bias is not None else None
-        y = self.conv(xg, w, bias, *args, k)
+        y = self.conv(xg, w, bias, *args, k * self.groups)
         return y.reshape(b, k, -1, *y.shape[2:]).transpose(0, 1).reshape(k * b, -1, *y.shape[2:])
+
+
+class StackedBatchNorm(nn.Module):
+    """K ``nn.BatchNorm1d``/``2d``: each network normalises its own rows with its own batch
+    statistics and keeps its own running statistics, momentum and ``num_batches_tracked``; in
+    eval mode each uses its own running statistics.
+
+    The update is ``nn.BatchNorm``'s, written per network: the count, then the momentum (or the
+    cumulative average when ``momentum`` is None), then ``F.batch_norm`` on its slice with views
+    of its rows of the stacked statistics, which it updates in place. On CPU that is one call
+    per network, the ordinary run's exactly. On CUDA one call over (B, K·C, ...) does all K:
+    channels are normalised on their own, so network i's channels are its own.
+    """
+
+    def __init__(self, layers: Sequence[nn.modules.batchnorm._BatchNorm]) -> None:
+        super().__init__()
+        first = layers[0]
+        self.k, self.eps = len(layers), first.eps
+        self.momenta = [m.momentum for m in layers]
+        self.track = first.track_running_stats
+        self.weight = nn.Parameter(torch.stack([m.weight.detach() for m in layers])) \
+            if first.affine else None
+        self.bias = nn.Parameter(torch.stack([m.bias.detach() for m in layers])) \
+            if first.affine else None
+        if self.track:
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                self.register_buffer(name, torch.stack([getattr(m, name) for m in layers]))
+        else:
+            self.running_mean = self.running_var = self.num_batches_tracked = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.k
+        counted = self.training and self.track
+        if counted:
+            self.num_batches_tracked.add_(1)
+        factors = [(1.0 / float(n) if m is None else m) if counted else (m or 0.0)
+                   for m, n in zip(self.momenta,
+                                   self.num_batches_tracked.tolist() if counted else [0] * k,
+                                   strict=True)]
+        stats = not self.training or self.track
+        batch_stats = self.training or not self.track
+        if x.device.type != "cpu" and len(set(factors)) == 1:
+            b = x.shape[0] // k
+            xg = x.reshape(k, b, *x.shape[1:]).transpose(0, 1).reshape(b, -1, *x.shape[2:])
+            y = F.batch_norm(
+                xg, self.running_mean.view(-1) if stats else None,
+                self.running_var.view(-1) if stats else None,
+                self.weight.reshape(-1) if self.weight is not None else None,
+                self.bias.reshape(-1) if self.bias is not None else None,
+                batch_stats, factors[0], self.eps)
+            return y.reshape(b, k, -1, *y.shape[2:]).transpose(0, 1).reshape(x.shape)
+        xs = x.reshape(k, -1, *x.shape[1:]).unbind(0)
+        ws = self.weight.unbind(0) if self.weight is not None else [None] * k
+        bs = self.bias.unbind(0) if self.bias is not None else [None] * k
+        means = self.running_mean.unbind(0) if stats else [None] * k
+        varis = self.running_var.unbind(0) if stats else [None] * k
+        return torch.cat([F.batch_norm(xi, mi, vi, wi, bi, batch_stats, f, self.eps)
+                          for xi, mi, vi, wi, bi, f in zip(xs, means, varis, ws, bs, factors,
+                                                           strict=True)])
+
+
+class StackedAffineNorm(nn.Module):
+    """K ``nn.LayerNorm`` or ``nn.GroupNorm``: they normalise each row on its own, so only their
+    affine parameters (K, ...) are per network; one call per network's slice."""
+
+    def __init__(self, layers: Sequence[nn.LayerNorm | nn.GroupNorm]) -> None:
+        super().__init__()
+        first = layers[0]
+        self.k, self.eps = len(layers), first.eps
+        self.groups = first.num_groups if isinstance(first, nn.GroupNorm) else None
+        self.shape = None if self.groups else tuple(first.normalized_shape)
+        w, b = first.weight, first.bias
+        self.weight = nn.Parameter(torch.stack([m.weight.detach() for m in layers])) \
+            if w is not None else None
+        self.bias = nn.Parameter(torch.stack([m.bias.detach() for m in layers])) \
+            if b is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.k
+        xs = x.reshape(k, -1, *x.shape[1:]).unbind(0)
+        ws = self.weight.unbind(0) if self.weight is not None else [None] * k
+        bs = self.bias.unbind(0) if self.bias is not None else [None] * k
+        if self.groups is not None:
+            return torch.cat([F.group_norm(xi, self.groups, wi, bi, self.eps)
+                              for xi, wi, bi in zip(xs, ws, bs, strict=True)])
+        return torch.cat([F.layer_norm(xi, self.shape, wi, bi, self.eps)
+                          for xi, wi, bi in zip(xs, ws, bs, strict=True)])
+
+
+class StackedEmbedding(nn.Module):
+    """K ``nn.Embedding`` of one shape (no ``max_norm``, which rewrites rows in place): each
+    network looks its rows up in its own table."""
+
+    def __init__(self, layers: Sequence[nn.Embedding]) -> None:
+        super().__init__()
+        first = layers[0]
+        if first.max_norm is not None or first.sparse:
+            raise NotStackable("Embedding with max_norm or sparse gradients")
+        self.k, self.padding_idx = len(layers), first.padding_idx
+        self.scale = first.scale_grad_by_freq
+        self.weight = nn.Parameter(torch.stack([m.weight.detach() for m in layers]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xs = x.reshape(self.k, -1, *x.shape[1:]).unbind(0)
+        return torch.cat([F.embedding(xi, w, self.padding_idx, None, 2.0, self.scale)
+                          for xi, w in zip(xs, self.weight.unbind(0), strict=True)])
+
+
+def _as_stack_of_one(module: nn.Module) -> None:
+    """Make ``module`` (any module, with its children) a stack of one in place: each parameter
+    and buffer gains a leading dimension of 1, as every stacked layer's, and its own ``forward``
+    runs on views of them without it. How a network with a layer that cannot be stacked still
+    trains (alone): its layer names, its numbers and its ``forward`` stay its own."""
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None:
+                sub._parameters[name] = nn.Parameter(p.detach().unsqueeze(0),
+                                                     requires_grad=p.requires_grad)
+        for name, b in list(sub._buffers.items()):
+            if b is not None:
+                sub._buffers[name] = b.unsqueeze(0).clone()
+    # bound here, not a closure: a deep copy of the module then binds to the copy
+    module.forward = types.MethodType(_forward_of_one, module)  # type: ignore[method-assign]
+
+
+def _forward_of_one(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The module's own ``forward`` on its stack-of-one tensors' only slice (views, so the
+    gradients and any in-place update of a buffer reach the stacked tensors)."""
+    slots = [(d, name, t) for sub in module.modules()
+             for d in (sub._parameters, sub._buffers) for name, t in d.items() if t is not None]
+    for d, name, t in slots:
+        d[name] = t[0]
+    try:
+        return type(module).forward(module, *args, **kwargs)
+    finally:
+        for d, name, t in slots:
+            d[name] = t
 
 
 class StackedDropout(nn.Module):
@@ -150,31 +295,106 @@ class StackedDropout(nn.Module):
         return x * mask.reshape(x.shape)
 
 
-def stack_networks(nets: Sequence[nn.Module], generators: Sequence[torch.Generator]) -> nn.Module:
-    """One network that computes all of ``nets`` at once; same layer names, stacked weights.
+def _stacked_leaf(module: nn.Module, members: list[nn.Module],
+                  generators: Sequence[torch.Generator]) -> nn.Module | None:
+    """The stacked twin of a layer kind this module vectorizes (None: not one of them)."""
+    if isinstance(module, nn.Linear):
+        return StackedLinear(members)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return StackedConv(members)
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return StackedBatchNorm(members)
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+        return StackedAffineNorm(members)
+    if isinstance(module, nn.Embedding):
+        return StackedEmbedding(members)
+    if type(module) is nn.Dropout:
+        return StackedDropout([m.p for m in members], generators)
+    return None
 
-    The model's own ``forward`` runs unchanged: only its layers are swapped for stacked ones, so
-    anything with an unknown parametrised or row-mixing layer (e.g. BatchNorm) is refused.
+
+def stack_networks(nets: Sequence[nn.Module], generators: Sequence[torch.Generator],
+                   example: torch.Tensor | None = None) -> nn.Module:
+    """One network that computes all of ``nets`` at once; same layer names, stacked tensors.
+
+    The model's own ``forward`` runs unchanged on K·B rows: its leaves are swapped for stacked
+    ones (Linear, Conv1d/2d, BatchNorm1d/2d, LayerNorm, GroupNorm, Embedding, Dropout);
+    containers and parameter-free modules stay as they are. A stack of one takes any network:
+    a module this file does not vectorize becomes a stack of one in place
+    (:func:`_as_stack_of_one`). For K > 1 such a module raises :class:`NotStackable`, and so does
+    a network that fails :func:`check_stack` on ``example`` (a few training inputs).
     """
     first = nets[0]
-    if f"{type(first).__module__}.{type(first).__qualname__}" not in NETWORKS.values():
-        raise NotStackable(f"model {type(first).__name__} is not one of l2lab's networks")
     stacked = copy.deepcopy(first)
+    done: list[str] = []  # modules made a stack of one, with their children
     for name, module in first.named_modules():
-        if not name:
+        if any(name.startswith(f"{d}.") for d in done):
             continue
-        parent_name, _, attr = name.rpartition(".")
-        parent = stacked.get_submodule(parent_name) if parent_name else stacked
-        members = [n.get_submodule(name) for n in nets]
-        if isinstance(module, nn.Linear):
-            setattr(parent, attr, StackedLinear(members))
-        elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
-            setattr(parent, attr, StackedConv(members))
-        elif isinstance(module, nn.Dropout):
-            setattr(parent, attr, StackedDropout([m.p for m in members], generators))
-        elif not isinstance(module, _ROWWISE) or any(True for _ in module.parameters()):
-            raise NotStackable(f"layer {name} ({type(module).__name__}) is not vectorized")
+        members = [n.get_submodule(name) for n in nets] if name else list(nets)
+        twin = _stacked_leaf(module, members, generators) if name else None
+        if twin is not None:
+            parent_name, _, attr = name.rpartition(".")
+            setattr(stacked.get_submodule(parent_name) if parent_name else stacked, attr, twin)
+            done.append(name)
+            continue
+        own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        if not own:
+            continue  # a container or a parameter-free module: its forward runs as it is
+        if len(nets) > 1:
+            raise NotStackable(f"layer {name or '(the network itself)'} "
+                               f"({type(module).__name__}) holds tensors l2lab does not stack")
+        _as_stack_of_one(stacked.get_submodule(name) if name else stacked)
+        if not name:
+            break
+        done.append(name)
+    if len(nets) > 1 and example is not None:
+        check_stack(nets, stacked, generators, example)
     return stacked
+
+
+def check_stack(nets: Sequence[nn.Module], stacked: nn.Module,
+                generators: Sequence[torch.Generator], example: torch.Tensor) -> None:
+    """Raise :class:`NotStackable` unless the stack computes what its networks compute, on
+    different inputs per network (so that an operation mixing rows shows): in eval mode each
+    network's output slice equals its own forward, and in training mode the forward draws
+    nothing from torch's global generator (each network's random stream must be its own).
+    Leaves every state as it found it."""
+    k = len(nets)
+    rows = max(1, min(2, len(example)))
+    xs = [example[(i * rows + torch.arange(rows)) % len(example)] for i in range(k)]
+    rng = torch.get_rng_state()
+    streams = [g.get_state() for g in generators]
+    state = {n: t.clone() for n, t in stacked.state_dict().items()}
+    modes = [n.training for n in nets]
+    try:
+        with torch.no_grad():
+            stacked.eval()
+            try:
+                out = stacked(torch.cat(xs))
+            except Exception as e:  # noqa: BLE001 - any failure of the stacked forward
+                raise NotStackable(f"its forward fails on the rows of {k} networks at once: "
+                                   f"{type(e).__name__}: {e}") from None
+            for i, (net, x) in enumerate(zip(nets, xs, strict=True)):
+                own = net.eval()(x)
+                if not torch.allclose(out[i * rows:(i + 1) * rows], own, rtol=1e-4, atol=1e-5):
+                    raise NotStackable("its output for one network depends on the other "
+                                       "networks' rows (its forward reads the batch size, or "
+                                       "mixes rows)")
+            stacked.train()
+            before = torch.get_rng_state()
+            stacked(torch.cat(xs))
+            if not torch.equal(before, torch.get_rng_state()):
+                raise NotStackable("its forward draws from torch's global random generator "
+                                   "(e.g. F.dropout or Dropout2d), which one stream per network "
+                                   "cannot share")
+    finally:
+        torch.set_rng_state(rng)
+        for g, st in zip(generators, streams, strict=True):
+            g.set_state(st)
+        stacked.load_state_dict(state)
+        stacked.train()
+        for net, mode in zip(nets, modes, strict=True):
+            net.train(mode)
 
 
 def network_weights(stacked_state: dict[str, torch.Tensor], pos: int) -> dict[str, torch.Tensor]:
@@ -201,8 +421,8 @@ class StackMember:
 
 def stack_members(members: Sequence[StackMember], optimizer_class: type[torch.optim.Optimizer],
                   batch_size: int = 64,
-                  replace_optimizer: Callable[[Any, torch.optim.Optimizer], None] | None = None
-                  ) -> L2Module:
+                  replace_optimizer: Callable[[Any, torch.optim.Optimizer], None] | None = None,
+                  example: torch.Tensor | None = None) -> L2Module:
     """The module that trains ``members`` as one stack: stacked weights, per network its λ per
     layer, its selection, normalize, mode, clipping and optimizer settings. A stack of one is how
     an ordinary run trains.
@@ -212,6 +432,8 @@ def stack_members(members: Sequence[StackMember], optimizer_class: type[torch.op
     the gradient), so each member's numbers are those of its own selection.
     ``replace_optimizer`` (trainer, optimizer), the run layer's, lets networks that diverge leave
     the stack mid-fit (:meth:`L2Module.remove`); without it they train on as zeros.
+    ``example`` (a few training inputs) lets :func:`check_stack` prove a stack of K > 1 right
+    before it trains: :class:`NotStackable` says why it is not.
     """
     first = members[0].net
     kinds = {type(m.penalty) for m in members}
@@ -223,7 +445,8 @@ def stack_members(members: Sequence[StackMember], optimizer_class: type[torch.op
     order = [name for name, _ in first.named_modules()]
     chosen = {s.name for m in members for s in m.penalty.selected}
     names = [n for n in order if n in chosen]
-    net = stack_networks([m.net for m in members], [m.generator for m in members])
+    normalized = followed_by_norm(first, example) if example is not None else ()
+    net = stack_networks([m.net for m in members], [m.generator for m in members], example)
     own = [{s.name: s for s in m.penalty.selected} for m in members]
     with_bias = [any(n in o and o[n].bias is not None for o in own) for n in names]
     selected = [SelectedLayer(n, 0.0, net.get_submodule(n).weight,
@@ -259,7 +482,7 @@ def stack_members(members: Sequence[StackMember], optimizer_class: type[torch.op
                     modes=[m.mode for m in members], clips=[m.clip for m in members],
                     selections=[m.penalty.layer_names for m in members],
                     restack=restack if replace_optimizer else None,
-                    replace_optimizer=replace_optimizer)
+                    replace_optimizer=replace_optimizer, normalized=normalized)
 
 
 def unstack_into(module: L2Module, nets: Sequence[nn.Module]) -> None:

@@ -27,7 +27,7 @@ def worker_main(handoff: Path) -> None:
     cfg = spec.config
     with lifecycle.interrupts():
         splits = load_data(cfg.data)
-        module = engine.stack(cfg, [engine.build_member(cfg, splits)])
+        module = engine.stack(cfg, [engine.build_member(cfg, splits)], splits.train[0])
         out = Path(spec.output_dir)
         recorder = Recorder([NullTracker()], [last_checkpoint(out)])
         engine.lightning_fit(cfg, module, splits, recorder, [int(cfg.seed)], out,

@@ -90,29 +90,26 @@ def optimizer_settings(tree: Mapping[str, Any]) -> tuple[type, dict]:
 
 def net_factory(cfg: DictConfig) -> Callable[..., torch.nn.Module]:
     """A function (splits, dropout=None) -> the network of ``cfg.model`` for the data's input
-    shape and classes, with a job's own dropout rate (instantiated once per stack: a Hydra
-    ``instantiate`` per job cost ~15 ms)."""
-    model_cfg = _strip(cfg.model, "name")
+    shape and classes, with a job's own dropout rate (``core.networks``: any importable
+    ``nn.Module`` class or factory, told in one paragraph when it does not import, build or
+    answer (batch, classes); instantiated once per stack: a Hydra ``instantiate`` per job cost
+    ~15 ms). The first network built is checked on two training examples."""
+    from l2lab.core.networks import check_output, network_factory
+
+    model_cfg = _strip(cfg.model)
     if why := rules.network_error(model_cfg.get("_target_")):
         raise ConfigError(why)
-
-    def explained(e: Exception) -> ConfigError:
-        cause = e if isinstance(e, ConfigError) else e.__cause__  # instantiate wraps ours
-        if isinstance(cause, ConfigError):
-            return cause
-        return ConfigError(f"model: cannot build {model_cfg['_target_']}: {e}")
-
-    try:
-        partial = hydra.utils.instantiate(model_cfg, _partial_=True)
-    except Exception as e:
-        raise explained(e) from None
+    build = network_factory(
+        model_cfg, lambda node: hydra.utils.instantiate(node, _partial_=True))
+    checked = False
 
     def make(splits, dropout: float | None = None) -> torch.nn.Module:
-        own = {} if dropout is None else {"dropout": dropout}
-        try:
-            return partial(in_shape=splits.in_shape, num_classes=splits.num_classes, **own)
-        except Exception as e:
-            raise explained(e) from None
+        nonlocal checked
+        net = build(splits.in_shape, splits.num_classes, dropout)
+        if not checked:
+            check_output(net, splits.train[0], splits.num_classes, model_cfg["_target_"])
+            checked = True
+        return net
 
     return make
 
@@ -150,14 +147,17 @@ def build_member(cfg: DictConfig, splits, tree: Mapping[str, Any] | None = None,
                              trainer.get("gradient_clip_algorithm")))
 
 
-def stack(cfg: DictConfig, members: Sequence[StackMember]) -> L2Module:
-    """The module that trains ``members`` (built by :func:`build_member`) as one stack."""
+def stack(cfg: DictConfig, members: Sequence[StackMember], example=None) -> L2Module:
+    """The module that trains ``members`` (built by :func:`build_member`) as one stack;
+    ``example`` (training inputs) proves a stack of several right first
+    (``stacked.check_stack``), or ``NotStackable`` says why it is not."""
     from l2lab.compat.lightning import replace_optimizer
     from l2lab.core.stacked import stack_members
 
     cls, _ = optimizer_settings(OmegaConf.to_container(cfg, resolve=True))
     return stack_members(members, cls, batch_size=int(cfg.data.batch_size),
-                         replace_optimizer=replace_optimizer)
+                         replace_optimizer=replace_optimizer,
+                         example=example[:64] if example is not None else None)
 
 
 # -- fitting ------------------------------------------------------------------------------------
@@ -347,6 +347,7 @@ def fit_jobs(jobs: Sequence[Job], *, sweep: Mapping | None = None,
     unfinished run FAILED with the reason first).
     """
     from l2lab.core.data import load_data
+    from l2lab.core.stacked import NotStackable
 
     client = tr.connect(jobs[0].shared.tracking.uri)
     writer = writer_for(jobs[0].shared.tracking.uri, client)
@@ -403,8 +404,16 @@ def fit_jobs(jobs: Sequence[Job], *, sweep: Mapping | None = None,
             size = max(1, max_models or 1)
             stacks = -(-len(ready) // size)
             for start in range(0, len(ready), size):
-                _fit_stack(ready[start:start + size], members, splits, writer, vectorized, echo,
-                           f"stack {start // size + 1}/{stacks}" if vectorized else label)
+                chunk = ready[start:start + size]
+                name = f"stack {start // size + 1}/{stacks}" if vectorized else label
+                try:
+                    _fit_stack(chunk, members, splits, writer, vectorized, echo, name)
+                except NotStackable as e:  # raised before it trains: the jobs go one by one
+                    print(f"{name}: its {len(chunk)} networks train one at a time: {e}",
+                          flush=True)
+                    for i, job in enumerate(chunk):
+                        _fit_stack([job], members, splits, writer, vectorized, echo,
+                                   f"{name}, job {i + 1}/{len(chunk)}")
             done = [j for j in ready if isinstance(j.result, dict)]
             for job in done:
                 save_weights(writer, job, members[id(job)].net)
@@ -433,13 +442,13 @@ def _fit_stack(jobs: Sequence[Job], members: Mapping[int, StackMember], splits, 
     from l2lab.run.recorder import Recorder
 
     cfg0 = jobs[0].shared
+    module = stack(cfg0, [members[id(j)] for j in jobs], splits.train[0])
     group = {"l2lab.vectorized_group": uuid.uuid4().hex[:12]} if vectorized else None
     selection = {j.tracker.run_id: {"l2.layers": ",".join(members[id(j)].penalty.layer_names),
                                     "l2.num_params": str(members[id(j)].penalty.num_params)}
                  for j in jobs if not j.reopened}  # a reopened run has it logged already
     if selection:
         writer.log_params(selection, tags={r: group for r in selection} if group else None)
-    module = stack(cfg0, [members[id(j)] for j in jobs])
     recorder = Recorder([j.tracker for j in jobs], [j.ckpt_path for j in jobs], echo=echo,
                         flush_every_s=flush_every_s(cfg0), writer=writer)
     ckpt = jobs[0].ckpt if len(jobs) == 1 else resume_stack(jobs)
