@@ -20,6 +20,7 @@ checks that the harness trains the same thing.
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -58,11 +59,27 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int,
         yield x[idx], y[idx]
 
 
+def standard(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with the strides of a freshly allocated tensor, as a DataLoader's collate
+    (``torch.stack``) hands batches. Tensors made from numpy views can carry odd strides on a
+    size-1 axis (MNIST-1D's (N, 1, 40) comes as (40, 1, 1)), which CPU convolutions read as
+    channels-last: their output then has another layout, and BatchNorm sums it in another order."""
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def build_net(cfg: DictConfig, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """``cfg.model`` for the data's input shape and classes."""
+    """``cfg.model`` for the data: its input shape, channels and class count go to the
+    constructor under the names it accepts (``in_shape``, ``in_channels``, ``num_classes``;
+    ``num_classes`` alone to one that takes ``**kwargs``)."""
     model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
              if k != "name"}
-    return hydra.utils.instantiate(model, in_shape=in_shape, num_classes=num_classes)
+    params = inspect.signature(hydra.utils.get_object(model["_target_"])).parameters
+    facts = {"in_shape": tuple(in_shape), "in_channels": int(in_shape[0]),
+             "num_classes": int(num_classes)}
+    given = {k: v for k, v in facts.items() if k in params}
+    if not given and any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        given = {"num_classes": int(num_classes)}
+    return hydra.utils.instantiate(model, **given)
 
 
 @dataclass(frozen=True)
@@ -81,9 +98,17 @@ def _patterns(value: Any) -> list[str]:
     return [str(value)] if isinstance(value, str) else [str(v) for v in value]
 
 
+def _is_type(module: nn.Module, pattern: str) -> bool:
+    """Whether ``module`` is a ``pattern`` (``Linear``, ``Conv*``, ``BatchNorm*``): the name of
+    its ``torch.nn`` class matches, or that of one it derives from (a researcher's subclass of
+    ``nn.Linear`` is a Linear; their own class's name is not a layer type)."""
+    return any(fnmatch.fnmatchcase(c.__name__, pattern) for c in type(module).__mro__
+               if c.__module__.startswith("torch.nn"))
+
+
 def select(net: nn.Module, reg: Any) -> list[Layer]:
     """The layers ``reg`` selects, in ``named_modules()`` order: a module with a ``weight``
-    parameter whose class name matches a ``types`` entry, whose name matches a ``layers``
+    parameter that is of a ``types`` class (:func:`_is_type`), whose name matches a ``layers``
     pattern and no ``exclude`` pattern, and whose weight has at least ``min_params`` elements.
     Its λ is that of the first ``lam_per_layer`` key matching its name, else ``lam``; its bias is
     penalised too when ``include_bias``."""
@@ -97,7 +122,7 @@ def select(net: nn.Module, reg: Any) -> list[Layer]:
         weight = getattr(module, "weight", None)
         if not name or not isinstance(weight, nn.Parameter):
             continue
-        if not any(fnmatch.fnmatchcase(type(module).__name__, t) for t in types) \
+        if not any(_is_type(module, t) for t in types) \
                 or not any(fnmatch.fnmatchcase(name, p) for p in layers) \
                 or any(fnmatch.fnmatchcase(name, p) for p in exclude) \
                 or weight.numel() < min_params:
@@ -186,10 +211,10 @@ def evaluate(net: nn.Module, x: torch.Tensor, y: torch.Tensor, prefix: str) -> M
 def train(cfg: DictConfig, splits: Any,
           device: torch.device | str = "cpu") -> tuple[nn.Module, list[Metrics]]:
     """Train ``cfg`` on ``splits``; returns the network and every epoch's metrics (the keys the
-    harness logs, but per-layer norms), the test split's on the last epoch."""
+    harness logs but ``weights/eff_lr/*``), the test split's on the last epoch."""
     seed, bs = int(cfg.seed), int(cfg.data.batch_size)
-    x_train, y_train = (t.to(device) for t in splits.train)
-    x_val, y_val = (t.to(device) for t in splits.val)
+    x_train, y_train = (standard(t).to(device) for t in splits.train)
+    x_val, y_val = (standard(t).to(device) for t in splits.val)
     n = len(y_train)
     torch.manual_seed(seed)  # the initial weights, then dropout's masks, from this generator
     net = build_net(cfg, tuple(x_train.shape[1:]), int(splits.num_classes)).to(device)
@@ -224,13 +249,15 @@ def train(cfg: DictConfig, splits: Any,
         m = {"train/ce": (ce_sum / n).item(), "train/acc": (hits / n).item()}
         m.update({f"train/{name}": (v / n).item() for name, v in sums.items()})
         m["train/loss"] = m["train/ce"] + sum(m[f"train/{name}"] for name in sums)
-        m["weights/sq_norm_total"] = sum(s.weight.detach().pow(2).sum().item()
-                                         for s in penalty.layers)
+        norms = {s.name: s.weight.detach().pow(2).sum().item() for s in penalty.layers}
+        m.update({f"weights/sq_norm/{name}": v for name, v in norms.items()})
+        m["weights/sq_norm_total"] = sum(norms.values())
         if len(y_val):
             m.update(evaluate(net, x_val, y_val, "val"))
             m["gap/ce"] = m["val/ce"] - m["train/ce"]
             m["gap/acc"] = m["train/acc"] - m["val/acc"]
         history.append(m)
     if splits.test is not None and history:
-        history[-1].update(evaluate(net, *(t.to(device) for t in splits.test), "test"))
+        history[-1].update(evaluate(net, *(standard(t).to(device) for t in splits.test),
+                                    "test"))
     return net, history
