@@ -125,27 +125,33 @@ def test_a_trusted_user_model_passes_the_check_and_builds(user_package, how):
     assert net(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
 
 
-def test_a_run_naming_a_users_class_reproduces_exactly_once_trusted(
+def test_a_run_of_a_users_own_model_reproduces_exactly_once_trusted(
         user_package, tmp_path, store, client, capsys, monkeypatch):
-    """End to end through ``reproduce.main``: a run whose penalty is the researcher's own class
-    is refused (naming the prefix to add, no new run), then reproduced exactly with ``--trust``.
-    (A user's own *model* class reproduces the same way once the harness builds any network.)"""
-    target = f"{PKG}.penalties.MyL2"
-    cfg = make_cfg(f"tracking.uri={store}", f"regularization._target_={target}")
-    train(cfg, overrides=[f"regularization._target_={target}"], output_dir=tmp_path / "orig")
+    """End to end through ``reproduce.main``: a run of the researcher's own network (and own
+    penalty class) is refused, naming the prefix to add, with no new run; trusted with
+    ``--trust`` for one and ``$L2LAB_TRUSTED_TARGETS`` for the other, it reproduces exactly."""
+    model, penalty = f"{PKG}.models.TinyNet", f"{PKG}.penalties.MyL2"
+    overrides = ["model=custom", f"model._target_={model}", "+model.hidden=6",
+                 f"regularization._target_={penalty}"]
+    cfg = make_cfg(f"tracking.uri={store}", "data.train_size=120", "data.val_size=60",
+                   "trainer.max_epochs=2", *overrides, tiny=False)
+    train(cfg, overrides=overrides, output_dir=tmp_path / "orig")
     (orig,) = runs_of(client)
     rid = orig.info.run_id
+    assert orig.data.params["l2.layers"] == "fc,out"
     monkeypatch.delenv(reproduce.TRUST_ENV, raising=False)
-    assert reproduce.main([rid, "--check", "--tracking-uri", store]) == 2
+    assert reproduce.main([rid, "--check", "--tracking-uri", store,
+                           "--trust", f"{PKG}.models."]) == 2
     err = capsys.readouterr().err
-    assert f"regularization._target_ = '{target}'" in err
-    assert f"--trust {PKG}.penalties." in err
+    assert f"regularization._target_ = '{penalty}'" in err
+    assert f"--trust {PKG}.penalties." in err and "\n" not in err.strip()
     assert not runs_of(client, **{"l2lab.reproduced_from": rid})
-    rc = reproduce.main([rid, "--check", "--tracking-uri", store, "--trust", f"{PKG}.",
+    monkeypatch.setenv(reproduce.TRUST_ENV, f"{PKG}.penalties.")
+    rc = reproduce.main([rid, "--check", "--tracking-uri", store, "--trust", f"{PKG}.models.",
                          "--out", str(tmp_path / "again")])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "CPU, exact" in out and " NO" not in out
     (new,) = runs_of(client, **{"l2lab.reproduced_from": rid})
-    assert new.data.metrics == orig.data.metrics and "train/l2" in new.data.metrics
-    assert new.data.params["regularization._target_"] == target
+    assert new.data.metrics == orig.data.metrics and "weights/sq_norm/fc" in new.data.metrics
+    assert new.data.params["model._target_"] == model
