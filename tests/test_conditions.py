@@ -5,6 +5,7 @@ sweep's own summary and by ``compare --by``."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -143,6 +144,61 @@ def test_a_preset_is_labelled_by_its_name_and_lambda_zero_is_not_a_rival(tmp_pat
     assert "same training under two labels" in page
 
 
+LAYERS = ("fc1", "fc2", "out")
+
+
+def zero_lambda_pair(a: dict, b: dict, *, a_layers=LAYERS, b_layers=LAYERS, a_per=None,
+                     b_per=None, lam: float = 0.0) -> bool:
+    """Whether two cells at ``lam`` labelled ``a`` and ``b`` are called one training. Their
+    histories differ (as two real trainings', or one training's on a GPU), so only the label
+    rule can call them one."""
+    cells = []
+    for values, layers, per, base in ((a, a_layers, a_per, 0.5), (b, b_layers, b_per, 0.6)):
+        runs = [replace(record(lam, s, base + 0.01 * s, values), layers=layers,
+                        lam_per_layer=per or {}) for s in (0, 1)]
+        cells.append(cd.cells_of(runs)[1][0])
+    return cd.same_training(cells[0], a, cells[1], b)
+
+
+def test_lam_per_layer_at_lambda_zero_is_another_training():
+    fc1 = "regularization.lam_per_layer.fc1"
+    # the issue's sweep: lam=0 with fc1=0.3 penalises fc1; with fc1=0 nothing is penalised
+    assert not zero_lambda_pair({fc1: "0"}, {fc1: "0.3"}, a_per={"fc1": 0.0},
+                                b_per={"fc1": 0.3})
+    # a non-zero pattern that matches no selected layer penalises nothing
+    assert zero_lambda_pair({fc1: "0"}, {fc1: "0.3"}, a_per={"fc1": 0.0}, b_per={"fc1": 0.3},
+                            a_layers=("fc2",), b_layers=("fc2",))
+    # not logged (no l2.layers): a non-zero value is taken to penalise
+    assert not zero_lambda_pair({fc1: "0"}, {fc1: "0.3"}, a_per={"fc1": 0.0},
+                                b_per={"fc1": 0.3}, a_layers=None, b_layers=None)
+    # the sweep read back: fc1=0.3 at λ=0 is a rival, not a note
+    runs = [replace(record(lam, s, 0.5 + 0.05 * (v == "0.3") - 0.1 * lam + 0.01 * s,
+                           {fc1: v}), layers=LAYERS, lam_per_layer={"fc1": float(v)})
+            for lam in (0.0, 1.0) for v in ("0", "0.3") for s in (0, 1, 2)]
+    _, conds = cd.split(runs)
+    acr = cd.across(conds)
+    assert acr.same_pairs == [] and [r.same for r in acr.rivals] == [False]
+    assert "same training" not in format_table(summarize(runs), runs)
+
+
+def test_two_selections_at_lambda_zero_are_one_training():
+    l2, dense = {"regularization": "l2"}, {"regularization": "l2_dense"}
+    assert zero_lambda_pair(l2, dense, b_layers=("fc2",))
+    assert not zero_lambda_pair(l2, dense, b_layers=("fc2",), lam=0.1)
+    # λ = 0 everywhere, with lam_per_layer zero too: still no penalty
+    assert zero_lambda_pair(l2, dense, a_per={"fc*": 0.0}, b_layers=("fc2",))
+    # a key outside the penalty differs: two trainings, whatever λ
+    assert not zero_lambda_pair({"optimizer.lr": "0.1"}, {"optimizer.lr": "0.01"})
+
+
+def test_mode_at_lambda_zero_is_one_training():
+    # mode=optimizer at λ = 0 decays by exactly 0 (p·0 added, or p·(1 − lr·0)): as the loss mode
+    loss, opt = {"regularization.mode": "loss"}, {"regularization.mode": "optimizer"}
+    assert zero_lambda_pair(loss, opt)
+    assert not zero_lambda_pair(loss, opt, lam=1e-3)
+    assert not zero_lambda_pair(loss, opt, a_per={"fc1": 0.3})
+
+
 def test_when_both_best_lambdas_are_zero_the_conditions_are_not_compared():
     runs = [r for r in preset_sweep() if r.lam == 0]
     _, conds = cd.split(runs)
@@ -150,7 +206,9 @@ def test_when_both_best_lambdas_are_zero_the_conditions_are_not_compared():
     assert [r.same for r in acr.rivals] == [True]
     last = cd.across_verdict(conds, acr)
     assert "no rival (the others' best is the same training" in last
-    assert "p = 1" not in format_table(summarize(runs), runs)
+    text = format_table(summarize(runs), runs)
+    assert "p = 1" not in text and "no comparison to adjust" in text
+    assert not text.splitlines()[-1].startswith(("*", "~"))  # nothing compared: no mark
 
 
 def test_the_range_holds_the_lambdas_not_distinguishable_from_the_best():
@@ -190,16 +248,29 @@ def test_a_sweep_over_lambda_and_seed_only_keeps_its_output():
 
 
 def test_too_short_when_most_runs_are_best_at_their_last_epoch():
-    falling = [record(lam, s, 0.5 + lam, hist=[0.9, 0.7, 0.5 + lam]) for lam in (0.0, 0.1)
-               for s in (0, 1)]
+    # both λ still falling and not distinguishable (noise of ±0.01 per seed): 4 of 4 runs
+    falling = [record(lam, s, v, hist=[0.9, 0.7, v]) for lam, vs in
+               ((0.0, (0.50, 0.52)), (0.1, (0.51, 0.505))) for s, v in enumerate(vs)]
     (cond,) = cd.split(falling)[1]
-    assert cond.too_short == (4, 4, 3)
+    assert cond.tie_lams == [0.0, 0.1] and cond.too_short == (4, 4, 3)
     text = format_table(summarize(falling), falling)
-    assert ("training may be too short: 4 of 4 runs reach their lowest val/ce at the last "
-            "epoch (val/ce still falling); try trainer.max_epochs=6") in text
-    # two of four still falling is not most: no warning
-    mixed = falling[:2] + [record(lam, s, 0.6) for lam, s in ((0.1, 0), (0.1, 1))]
+    assert ("training may be too short: 4 of 4 runs of the best λ and its range reach their "
+            "lowest val/ce at the last epoch (val/ce still falling); try "
+            "trainer.max_epochs=6") in text
+    # two of four still falling, and they are the worse λ: no warning
+    mixed = [record(0.0, s, 0.5) for s in (0, 1)] + falling[2:]
     assert cd.split(mixed)[1][0].too_short is None
+
+
+def test_too_short_sees_the_best_lambda_not_the_early_peaking_others():
+    """The issue's MNIST-1D case: the best λ's runs peak at the last epoch, three other λ
+    (λ = 0 among them) peak early and would outvote them if every run counted."""
+    runs = [record(1.0, s, 0.3 + 0.01 * s, hist=[0.9, 0.6, 0.3 + 0.01 * s]) for s in range(3)]
+    runs += [record(lam, s, 0.6 + lam + 0.01 * s) for lam in (0.0, 0.01, 0.1) for s in range(3)]
+    (cond,) = cd.split(runs)[1]
+    assert cond.best_lam == 1.0 and cond.verdict.clear
+    assert cond.too_short == (3, 3, 3)
+    assert "3 of 3 runs of the best λ reach" in format_table(summarize(runs), runs)
 
 
 @pytest.mark.parametrize(("lams", "best", "expect"), [
@@ -407,3 +478,122 @@ def test_compare_by_picks_the_condition_keys(size_swept, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Per condition (data.train_size)" in out and "Pooled" not in out
     assert (tmp_path / "by" / "figures" / "best_lambda.png").read_bytes().startswith(PNG)
+
+
+def test_the_selection_and_lam_per_layer_are_read_back_from_the_params():
+    from l2lab.tracking.runs import logged_lam_per_layer, logged_layers
+
+    assert logged_layers({"l2.layers": "fc2"}) == ("fc2",)
+    assert logged_layers({"l2.layers": "fc1,fc2,out"}) == LAYERS
+    assert logged_layers({}) is None
+    assert logged_lam_per_layer({"regularization.lam_per_layer.fc1": "0.3"}) == {"fc1": 0.3}
+    assert logged_lam_per_layer({"regularization.lam_per_layer": '{"fc*": 0.1}'}) == {"fc*": 0.1}
+    assert logged_lam_per_layer({"regularization.lam_per_layer": "{}"}) == {}
+
+
+# --------------------------------------------------------------------------- the protocol
+
+
+def with_test(run: RunRecord, test: float) -> RunRecord:
+    return replace(run, final={**run.final, "test/ce": test, "test/acc": 0.8})
+
+
+def dropout_sweep(test: bool) -> list[RunRecord]:
+    """model.dropout=0,0.3 × λ × 3 seeds. On val/ce dropout 0.3 at λ=0.1 is the lowest (by
+    0.05, clear); on the held-out test/ce the two conditions' best λ are level, within noise."""
+    runs = []
+    noise = (0.004, -0.006, 0.002)
+    for p, base in (("0", 0.55), ("0.3", 0.50)):
+        for lam in (0.0, 0.1, 1.0):
+            for s in range(3):
+                val = base + 0.2 * abs(lam - 0.1) + 0.01 * s
+                run = record(lam, s, val, {"model.dropout": p})
+                runs.append(with_test(run, 0.6 + 0.2 * abs(lam - 0.1) + 0.01 * s
+                                      + (noise[s] if p == "0.3" else 0.0)) if test else run)
+    return runs
+
+
+def test_selected_on_val_judged_on_test(tmp_path):
+    from scipy import stats
+
+    _, conds = cd.split(dropout_sweep(test=True))
+    assert [c.best_lam for c in conds] == [0.1, 0.1]  # each chosen on val/ce
+    acr = cd.across(conds)
+    assert (acr.chosen_on, acr.judged_on, acr.holm) == ("val/ce", "test/ce", False)
+    (rival,) = acr.rivals
+    by_seed = [[r.final["test/ce"] for r in sorted(c.best_cell.finished, key=lambda r: r.seed)]
+               for c in conds]
+    low, other = (1, 0) if np.mean(by_seed[1]) < np.mean(by_seed[0]) else (0, 1)
+    assert acr.lowest == low and rival.other == other
+    assert rival.p == pytest.approx(stats.ttest_rel(by_seed[other], by_seed[low]).pvalue)
+    assert rival.p == rival.p_raw and not rival.clear
+    assert cd.across(cd.split(dropout_sweep(test=False))[1]).rivals[0].clear  # on val/ce: clear
+    runs = dropout_sweep(test=True)
+    text = format_table(summarize(runs), runs)
+    assert ("protocol: each condition's best λ chosen on val/ce; the conditions judged on the "
+            "held-out test/ce at those λ") in text
+    assert text.splitlines()[-1].startswith("~ lowest mean test/ce across conditions: ")
+    assert "Holm" not in text
+    page = write_report(runs, tmp_path)["report"].read_text()
+    assert 'id="protocol"' in page and "held-out test/ce" in page
+    assert "<th>test/ce at best λ</th>" in page
+
+
+def test_without_a_test_split_the_p_values_are_holm_adjusted(tmp_path):
+    from scipy import stats
+
+    # three conditions; the lowest (c) against a and b, each paired over 3 seeds
+    offsets = {"a": (0.03, 0.05, 0.02), "b": (0.02, 0.01, 0.035), "c": (0.0, 0.0, 0.0)}
+    runs = [record(lam, s, 0.5 + abs(lam - 0.1) + 0.01 * s + offsets[k][s],
+                   {"optimizer.name": k}) for k in offsets for lam in (0.0, 0.1)
+            for s in range(3)]
+    _, conds = cd.split(runs)
+    acr = cd.across(conds)
+    assert (acr.chosen_on, acr.judged_on, acr.holm) == ("val/ce", "val/ce", True)
+    assert conds[acr.lowest].values == {"optimizer.name": "c"}
+    raw = {conds[r.other].values["optimizer.name"]: r.p_raw for r in acr.rivals}
+    for k in ("a", "b"):
+        assert raw[k] == pytest.approx(stats.ttest_rel(
+            np.array(offsets[k]) + 0.01 * np.arange(3), 0.01 * np.arange(3)).pvalue)
+    lo, hi = sorted(raw.values())
+    adjusted = sorted(r.p for r in acr.rivals)
+    assert adjusted == pytest.approx([2 * lo, max(2 * lo, hi)])
+    text = format_table(summarize(runs), runs)
+    assert ("protocol: no test split: each best λ chosen on val/ce and the conditions judged "
+            "on the same val/ce; p-values Holm-adjusted over the 2 comparisons made") in text
+    assert "paired t-test over 3 seeds, Holm-adjusted" in text
+    page = write_report(runs, tmp_path)["report"].read_text()
+    assert "Protocol: no test split: each best λ chosen on val/ce" in page
+    assert "p-values Holm-adjusted over the 2 comparisons made." in page
+    # a test split on only some runs is no held-out verdict: Holm again
+    part = [with_test(r, 0.6) if r.swept["optimizer.name"] == "a" else r for r in runs]
+    assert cd.across(cd.split(part)[1]).holm
+
+
+def test_holm_adjusts_step_down_and_keeps_nan():
+    from l2lab.report.stats import holm
+
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, math.nan, 0.01]) == pytest.approx([0.5, math.nan, 0.02], nan_ok=True)
+    assert holm([0.3, 0.4]) == pytest.approx([0.6, 0.6])  # monotone in the raw order
+    assert holm([0.9, 0.8]) == [1.0, 1.0]  # capped at 1
+    assert holm([]) == []
+
+
+# --------------------------------------------------------------------------- the selection
+
+
+def test_the_layers_each_selection_penalised_are_named(tmp_path):
+    layers = {"l2": LAYERS, "l2_dense": ("fc2",)}
+    runs = [replace(r, layers=layers[r.swept["regularization"]]) for r in preset_sweep()]
+    text = format_table(summarize(runs), runs)
+    assert "  penalised layers (l2.layers): l2: fc1, fc2, out; l2_dense: fc2" in text
+    page = write_report(runs, tmp_path)["report"].read_text()
+    assert "<th>penalised layers</th>" in page and "<td>fc2</td>" in page
+    assert "penalised layers (l2.layers): fc1, fc2, out" in page  # l2's section
+    # one selection for every run: one list, also without conditions
+    plain = [replace(record(lam, s, 0.5 + abs(lam - 0.1) + 0.01 * s), layers=("fc2",))
+             for lam in (0.0, 0.1) for s in (0, 1)]
+    assert "  penalised layers (l2.layers): fc2\n" in format_table(summarize(plain), plain)
+    # nothing logged: no line
+    assert "penalised" not in format_table(summarize(preset_sweep()), preset_sweep())

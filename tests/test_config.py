@@ -22,12 +22,16 @@ def _options(group: str) -> list[str]:
 
 
 # Every option of every group of conf/*/*.yaml, as the override that selects it. An experiment is
-# composed with every model (its experiment_model file is chosen by the pair), and the
-# experiment_model group, which no override names, is covered through those pairs.
+# composed with each of l2lab's own networks (its experiment_model file is chosen by the pair;
+# the ResNets and a researcher's own network have other keys, and an experiment that uses one
+# names it), and the experiment_model group, which no override names, is covered through those
+# pairs. ``model=custom`` names a network: the test package's own.
 _GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra")
-PRESETS = [[f"{g}={o}"] for g in _GROUPS if g not in ("experiment", "experiment_model")
+_OWN = ("cnn", "mlp")
+PRESETS = [[f"{g}={o}"] + (["model._target_=mylab.nets.TinyNet"] if o == "custom" else [])
+           for g in _GROUPS if g not in ("experiment", "experiment_model")
            for o in _options(g)] + [[f"experiment={e}", f"model={m}"]
-                                    for e in _options("experiment") for m in _options("model")]
+                                    for e in _options("experiment") for m in _OWN]
 
 
 def test_the_preset_list_is_every_file_of_conf():
@@ -38,7 +42,7 @@ def test_the_preset_list_is_every_file_of_conf():
         if g != "experiment_model":
             assert {f"{g}={o}" for o in _options(g)} <= selected, g
     assert {"data=mnist1d", "experiment=mnist1d", "experiment=mnist1d_sweep"} <= selected
-    pairs = {f"{e}_{m}" for e in _options("experiment") for m in _options("model")}
+    pairs = {f"{e}_{m}" for e in _options("experiment") for m in _OWN}
     assert set(_options("experiment_model")) <= pairs  # each one is picked by some pair
 
 
@@ -133,7 +137,8 @@ def test_a_wrong_type_fails_at_composition_naming_the_key(override, key):
     ("+regularization.lam_per_layer.fc1=-1", ["regularization.lam_per_layer.fc1", ">= 0"]),
     ("regularization.normalize=mean", ["regularization.normalize", "batch, dataset, none"]),
     ("regularization.mode=decay", ["regularization.mode", "loss, optimizer"]),
-    ("regularization.types=[Dense]", ["regularization.types", "Linear, Conv1d, Conv2d"]),
+    ("regularization.types=[Dense]", ["regularization.types", "Linear, Bilinear, Conv1d",
+                                      "Conv*, BatchNorm*", "'Dense'"]),
     ("regularization.min_params=-1", ["regularization.min_params", ">= 0"]),
     ("data.name=svhn", ["data.name", "digits"]),
     ("data.train_size=0", ["data.train_size", ">= 1"]),
@@ -272,9 +277,13 @@ def test_each_rule_is_written_once_and_the_configs_follow_it():
 
     assert {p.stem for p in (CONF_DIR / "data").glob("*.yaml")} == set(rules.DATASETS)
     assert set(rules.DATASETS) == {"digits", "mnist1d", *_TORCHVISION}  # load_data's branches
-    targets = {p.stem: OmegaConf.load(p)._target_ for p in (CONF_DIR / "model").glob("*.yaml")}
+    targets = {p.stem: OmegaConf.load(p)._target_ for p in (CONF_DIR / "model").glob("*.yaml")
+               if p.stem != "custom"}  # custom: the researcher names it (model._target_=...)
     assert targets == rules.NETWORKS
     assert all(isinstance(getattr(nn, c)(), nn.Module) for c in rules.ACTIVATIONS.values())
     assert all(issubclass(getattr(nn, t), nn.Module) for t in rules.LAYER_TYPES)
     assert rules.network_error("l2lab.models.MLP") is None
-    assert "model=mlp, model=cnn" in rules.network_error("os.system")
+    assert rules.network_error("mylab.nets.TinyNet") is None  # any class, built and checked later
+    assert "model=mlp, model=cnn, model=resnet18, model=resnet1d" in rules.network_error("relu")
+    assert all(rules.type_error(t) is None for t in (*rules.LAYER_TYPES, "Conv*", "BatchNorm*"))
+    assert all(issubclass(getattr(nn, t), nn.Module) for t in rules.SELECTABLE_TYPES)

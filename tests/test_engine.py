@@ -522,6 +522,20 @@ def test_a_resnet1d_stack_with_batchnorm_equals_its_ordinary_runs(tmp_path, stor
         weights = _weights(client, child.info.run_id, tmp_path)
         assert int(weights["layer2.0.bn1.num_batches_tracked"]) == 3 * 4
         assert not torch.equal(weights["bn1.running_var"], torch.ones(8))
+    # the ResNet's convolutions before a BatchNorm log their effective lr, lr / ||W||^2
+    child = pairs[2][1]
+    for name in ("conv1", "layer1.0.conv2", "layer2.0.downsample.0"):
+        eff = [m.value for m in client.get_metric_history(child.info.run_id,
+                                                          f"weights/eff_lr/{name}")]
+        sq = [m.value for m in client.get_metric_history(child.info.run_id,
+                                                         f"weights/sq_norm/{name}")]
+        assert len(eff) == 3 and eff == pytest.approx([0.05 / v for v in sq], rel=1e-6)
+    assert not any(k.startswith("weights/eff_lr/fc") for k in child.data.metrics)
+    from l2lab import reproduce
+
+    rc = reproduce.main([child.info.run_id, "--check", "--tracking-uri", store,
+                         "--out", str(tmp_path / "again")])
+    assert rc == 0  # a stacked child of a BatchNorm ResNet reproduces exactly, as a stack of one
 
 
 def test_networks_that_cannot_stack_train_one_at_a_time_as_their_ordinary_runs(

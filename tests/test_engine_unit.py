@@ -223,3 +223,13 @@ def test_ctrl_c_ends_every_unfinished_run_killed_and_keeps_the_epochs(tmp_path, 
     assert stopped.status == "KILLED"
     assert stopped.tags["l2lab.failure"] == \
         f"interrupted (SIGINT) during run {children[0].run_id}"
+
+
+def test_a_failure_shared_by_several_jobs_is_grouped_to_be_said_once():
+    from types import SimpleNamespace
+
+    boom, other = ConfigError("pattern 'nope' matches no layer"), ConfigError("other")
+    jobs = [SimpleNamespace(result=r) for r in (boom, {"val/ce": 0.3}, boom, other, boom)]
+    groups = engine.shared_failures(jobs)
+    assert list(groups) == [str(boom)]  # "other" failed once: its own line
+    assert groups[str(boom)] == [jobs[0], jobs[2], jobs[4]]

@@ -151,6 +151,12 @@ def test_a_bad_target_stops_the_command_in_one_paragraph_before_training(tmp_pat
     assert "Traceback" not in proc.stderr
     bare = run_cli("l2lab.train", "model=custom", cwd=tmp_path, timeout=60)
     assert bare.returncode == 2 and "model=custom needs the network" in bare.stderr
+    own = ["model=custom", "model._target_=mylab.nets.TinyNet"]
+    job = run_cli("l2lab.train", *own, "+model.width=16", "--cfg", "job", cwd=tmp_path,
+                  timeout=60)
+    assert job.returncode == 0 and "width: 16" in job.stdout  # its own keys are open
+    plain = run_cli("l2lab.train", *own, "model.width=16", cwd=tmp_path, timeout=60)
+    assert plain.returncode == 2 and "is added with a +: +model.width=" in plain.stderr
 
 
 # -- training a network of one's own and torchvision's ------------------------------------------

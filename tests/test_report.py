@@ -265,8 +265,9 @@ def test_format_table_single_run_and_all_failed() -> None:
     text = format_table(summarize(one), one)
     assert "0.3000" in text and "±" not in text
     assert "FAILED" not in text
-    assert text.splitlines()[-1] == ("* lowest mean val/ce: lam=0.01: the only row with "
-                                     "finished runs")
+    # a lone row is compared with nothing: no verdict, so no mark (issue 30, item 7)
+    assert text.splitlines()[-1] == ("  lowest mean val/ce: lam=0.01: the only row with "
+                                     "finished runs: nothing to compare")
 
     failed = [
         RunRecord("a", "lam=0 seed=1", "FAILED", {"regularization.lam": "0.0"}, 0.0, 1, "boom"),
@@ -275,8 +276,8 @@ def test_format_table_single_run_and_all_failed() -> None:
     text = format_table(summarize(failed), failed)
     assert "FAILED  lam=0 seed=1  (a): boom" in text
     assert "(no runs)" in text  # neither trained: no rows
-    assert "no finished runs" in text.splitlines()[-1]
-    assert not [ln for ln in text.splitlines() if ln.startswith("*") and "lowest" not in ln]
+    assert text.splitlines()[-1] == "  lowest mean val/ce: n/a (no finished runs)"  # no mark
+    assert not [ln for ln in text.splitlines() if ln.startswith(("*", "~"))]
 
 
 # --------------------------------------------------------------------------- the verdict
@@ -614,3 +615,63 @@ def test_the_report_knows_no_store_and_tracking_builds_no_report():
     assert "report/stats.py" in report and "l2lab.records" in report["report/stats.py"]
     assert hits("report", ("l2lab.tracking", "mlflow")) == []
     assert hits("tracking", ("l2lab.report",)) == []
+
+
+# --------------------------------------------------------------------------- degenerate sweeps
+
+
+def rejected_run(lam: str, seed: int, reason: str) -> RunRecord:
+    return RunRecord(f"r-{lam}-{seed}", f"lam={lam} seed={seed}", "FAILED",
+                     {"regularization.lam": lam}, float(lam), seed, reason)
+
+
+def test_an_error_shared_by_every_job_prints_once_with_the_count(tmp_path: Path) -> None:
+    reason = "regularization.layers: pattern 'nope' matches no layer. Layer names: fc1, out."
+    runs = [rejected_run(lam, s, reason) for lam in ("0.1", "0", "1", "0.01") for s in (1, 0)]
+    text = format_table(summarize(runs), runs)
+    assert text.count(reason) == 1
+    assert f"FAILED  all 8 runs: {reason}" in text
+    assert text.splitlines()[-1] == "  lowest mean val/ce: n/a (no finished runs)"  # no mark
+    page = write_report(runs, tmp_path)["report"].read_text()
+    assert page.count("matches no layer") == 1 and "(8 runs)" in page
+
+
+def test_failed_runs_are_listed_in_sweep_order() -> None:
+    # the store hands them back in start order; the listing follows λ, then seed
+    runs = sweep_runs()[:2] + [rejected_run(lam, s, f"boom {lam} {s}")
+                               for lam, s in (("1", 1), ("0.01", 2), ("1", 0), ("0.01", 0))]
+    listed = [ln for ln in format_table(summarize(runs), runs).splitlines()
+              if ln.startswith("FAILED")]
+    assert [ln.split("  ")[1] for ln in listed] == [
+        "lam=0.01 seed=0", "lam=0.01 seed=2", "lam=1 seed=0", "lam=1 seed=1"]
+
+
+def test_a_lone_lambda_gets_no_mark_and_no_grid_edge_warning() -> None:
+    # regularization.lam=-1,0.1: the rejected λ leaves one row, compared with nothing
+    runs = [make_run("0.1", s, 0.2, 0.3 + s / 100, 0.9, [0.5, 0.25, 0.3]) for s in (1, 2)]
+    runs += [rejected_run("-1", s, "regularization.lam must be >= 0") for s in (1, 2)]
+    text = format_table(summarize(runs), runs)
+    assert not [ln for ln in text.splitlines() if ln.startswith(("*", "~"))]
+    assert "grid's largest" not in text and "nothing to compare" in text
+
+
+def test_a_sweep_without_validation_split_is_judged_on_test(tmp_path: Path) -> None:
+    # experiment=mnist1d: data.val_size=0, so the runs log train/* and test/* only
+    runs = []
+    for lam, test in (("0", 0.60), ("0.1", 0.45), ("1", 0.70)):
+        for s in (0, 1):
+            run = make_run(lam, s, 0.1, math.nan, 0.9, [])
+            runs.append(RunRecord(run.run_id, run.name, "FINISHED", run.swept, run.lam, s,
+                                  final={"train/ce": 0.1, "test/ce": test + 0.01 * s,
+                                         "test/acc": 0.8}))
+    text = format_table(summarize(runs), runs)
+    assert "no finished runs" not in text
+    assert ("No validation split (no run logged val/ce; data.val_size=0?): best λ chosen and "
+            "judged on test/ce.") in text
+    assert text.splitlines()[-1].startswith("* lowest mean test/ce: lam=0.1: clear (p = ")
+    header, _, *rows = text.splitlines()[:5]
+    assert "test/ce" in header.split() and header.endswith("test/ce 95% CI")
+    assert "0.4550 ± 0.0071" in rows[1]  # λ = 0.1: the column it was judged on
+    page = write_report(runs, tmp_path)["report"].read_text()
+    assert 'id="no-validation"' in page and "Lowest mean final test/ce: <b>λ = 0.1</b>" in page
+    assert "<th>test/ce</th>" in page

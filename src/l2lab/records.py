@@ -29,3 +29,10 @@ class RunRecord:
     final: dict[str, float] = field(default_factory=dict)  # last-epoch metric values
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # metric -> points
     experiment_id: str = ""  # for links into the MLflow UI
+    #: The layers the run's selection penalised (param ``l2.layers``), in order; None where not
+    #: logged (a run rejected before building, a synthetic record): what was penalised, and
+    #: whether λ = 0 under two selections is one training, are then judged by the label alone.
+    layers: tuple[str, ...] | None = None
+    #: ``regularization.lam_per_layer``: pattern -> λ, first match wins (a layer no pattern
+    #: matches gets ``lam``). Non-zero entries penalise layers even at ``lam`` = 0.
+    lam_per_layer: dict[str, float] = field(default_factory=dict)

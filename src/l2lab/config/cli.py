@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from l2lab.base import CONF_DIR, ConfigError
 from l2lab.compat.omegaconf import child_node
 from l2lab.config.schema import OPEN_DICTS
+from l2lab.core.rules import NETWORKS
 
 # -- keys ----------------------------------------------------------------------------------------
 _VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
@@ -209,7 +210,16 @@ def check_overrides(overrides: Sequence[str]) -> None:
     except Exception:
         return  # a bad group choice: Hydra lists the options itself
     valid = set(_keys(cfg))
+    # a researcher's own network (not a preset's class): its constructor's keys are its own
+    targets = [v for key, o in leaves if key == "model._target_" for v in _values(o)]
+    own_model = any(t not in NETWORKS.values() for t in targets) or \
+        OmegaConf.is_missing(cfg.model, "_target_")
     for key, o in leaves:
+        if own_model and key.startswith("model.") and key not in valid:
+            if not o.get_key_element().startswith("+"):
+                raise ConfigError(f"{key}: a key of your own network is added with a +: "
+                                  f"+{key}=... . Nothing was run.")
+            continue
         if not (key in valid or any(key.startswith(d + ".") and key.count(".") == d.count(".") + 1
                                     for d in OPEN_DICTS)):
             raise _suggest(key, valid)

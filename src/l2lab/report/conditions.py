@@ -9,14 +9,17 @@ paired over seeds, with the lowest: the global lowest cell of a train-size sweep
 the largest training set, which nobody asked.
 
 Two cells that are the same training under two labels (λ = 0 under two layer selections: no
-penalty is no penalty) are never rivals: they are detected by label (λ = 0 and only
-``regularization*`` keys differ) or by data (identical val/ce histories for every shared seed).
+penalty is no penalty) are never rivals: they are detected by label (a zero λ on every layer of
+every run, resolved with ``lam_per_layer``, and only penalty keys differ) or by data (identical
+val/ce histories for every shared seed). ``lam=0`` with ``lam_per_layer.fc1=0.3`` penalises fc1:
+it is a rival of ``lam=0`` alone.
 
 Like :mod:`l2lab.report.stats`, nothing here knows MLflow, torch or matplotlib.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import pandas as pd
 
+from l2lab import metrics as mt
 from l2lab.report.stats import (
     ALPHA,
     LAM_KEY,
@@ -34,10 +38,13 @@ from l2lab.report.stats import (
     best_val,
     cells_of,
     compare,
+    final_value,
     fmt_value,
+    holm,
     other_keys,
     per_seed,
     seeds_needed,
+    select_metric,
     summarize,
     trained,
     value_sort_key,
@@ -69,6 +76,7 @@ class Condition:
     cells: list[Cell] = field(default_factory=list)  # one per row of ``summary``
     too_short: tuple[int, int, int] | None = None  # (runs best at the last epoch, runs, epochs)
     narrow: str | None = None  # the sentence suggesting λ values to add
+    metric: str = mt.VAL_CE  # what chose the best λ (stats.select_metric: test/ce without val)
 
     @property
     def label(self) -> str:
@@ -104,8 +112,14 @@ class Condition:
 
     @property
     def best_val(self) -> float:
-        return math.nan if self.verdict.best is None else float(
-            self.summary["val/ce_mean"].iloc[self.verdict.best])
+        """Mean final :attr:`metric` (val/ce) at the best λ: what chose it."""
+        return self.mean_at_best(self.metric)
+
+    def mean_at_best(self, metric: str) -> float:
+        column = f"{metric}_mean"
+        if self.verdict.best is None or column not in self.summary:
+            return math.nan
+        return float(self.summary[column].iloc[self.verdict.best])
 
 
 def regroup(runs: Sequence[RunRecord], by: Sequence[str],
@@ -129,6 +143,7 @@ def split(runs: Sequence[RunRecord]) -> tuple[list[str], list[Condition]]:
     with its own summary, paired verdict and warnings. No condition keys: one condition."""
     kept = trained(runs)
     keys = other_keys(kept)
+    metric = select_metric(kept)
     parts: dict[tuple[str, ...], list[RunRecord]] = {}
     for run in kept:
         parts.setdefault(tuple(str(run.swept.get(k, "")) for k in keys), []).append(run)
@@ -138,7 +153,7 @@ def split(runs: Sequence[RunRecord]) -> tuple[list[str], list[Condition]]:
                for r in parts[ident]]
         summary = summarize(sub)
         cond = Condition(dict(zip(keys, ident, strict=True)), sub, summary,
-                         verdict(summary, sub), cells_of(sub)[1])
+                         verdict(summary, sub, metric), cells_of(sub)[1], metric=metric)
         cond.too_short = too_short(cond)
         cond.narrow = narrow_grid(cond)
         conditions.append(cond)
@@ -150,10 +165,14 @@ def split(runs: Sequence[RunRecord]) -> tuple[list[str], list[Condition]]:
 
 def too_short(cond: Condition) -> tuple[int, int, int] | None:
     """(runs whose lowest val/ce is at their last epoch, finished runs with a history, epochs)
-    when that is most of the condition's runs: val/ce was still falling, so the verdict is
-    about an unfinished race."""
+    when that is most of the runs the verdict is about: those of the best λ and of the λ not
+    distinguishable from it. Their val/ce was still falling, so the verdict is about an
+    unfinished race; the other λ (λ = 0 peaking early) must not outvote them."""
+    if cond.verdict.best is None:
+        return None
+    rows = {cond.verdict.best, *cond.verdict.ties}
     ends = []
-    for run in (r for c in cond.cells for r in c.finished):
+    for run in (r for i, c in enumerate(cond.cells) if i in rows for r in c.finished):
         steps = [int(s) for s, v in run.history.get("val/ce", []) if not math.isnan(float(v))]
         if len(steps) >= 2:
             ends.append((best_val(run)[1] == max(steps), max(steps) + 1))
@@ -173,6 +192,8 @@ def _nice(x: float) -> str:
 def narrow_grid(cond: Condition) -> str | None:
     """The sentence for a best λ at the grid's largest, or smallest non-zero, λ: the optimum may
     lie beyond the grid. It suggests two more λ at the grid's own spacing."""
+    if not cond.verdict.compared:  # a lone λ (the others rejected) is no grid's edge
+        return None
     best = cond.best_lam
     lams = sorted(float(x) for x, n in zip(cond.summary["lam"], cond.summary["runs"],
                                            strict=True) if x > 0 and n > 0)
@@ -197,9 +218,10 @@ def warnings_of(cond: Condition) -> list[str]:
     lines = []
     if cond.too_short:
         at_last, n, epochs = cond.too_short
-        lines.append(f"training may be too short: {at_last} of {n} runs reach their lowest val/ce "
-                     f"at the last epoch (val/ce still falling); try trainer.max_epochs="
-                     f"{2 * epochs}")
+        which = "the best λ" if len(cond.tie_lams) <= 1 else "the best λ and its range"
+        lines.append(f"training may be too short: {at_last} of {n} runs of {which} reach their "
+                     f"lowest val/ce at the last epoch (val/ce still falling); try "
+                     f"trainer.max_epochs={2 * epochs}")
     if cond.narrow:
         lines.append(cond.narrow)
     return lines
@@ -208,13 +230,36 @@ def warnings_of(cond: Condition) -> list[str]:
 # --------------------------------------------------------------------------- across conditions
 
 
+def penalised(run: RunRecord) -> bool:
+    """Whether some layer of the run may carry a non-zero λ. A selected layer's λ is its first
+    matching ``lam_per_layer`` value, else ``lam``; the logged patterns lose their order (MLflow
+    params), so a layer counts as penalised when any pattern matching it is non-zero. Where the
+    selection was not logged, every ``lam_per_layer`` value is taken to match a layer."""
+    per_layer = run.lam_per_layer
+    if run.layers is None:
+        return run.lam != 0 or any(v != 0 for v in per_layer.values())
+    for name in run.layers:
+        hits = [v for key, v in per_layer.items() if fnmatch.fnmatchcase(name, key)]
+        if any(v != 0 for v in hits) or (not hits and run.lam != 0):
+            return True
+    return False
+
+
+def penalty_key(key: str) -> bool:
+    """A key that acts only through the penalty (the preset, the selection, ``mode``,
+    ``normalize``, ``lam_per_layer``...): with a zero λ on every layer it changes nothing that
+    is trained (``mode=optimizer`` adds a decay of exactly 0, a loss term of 0 adds 0)."""
+    return key == "regularization" or key.startswith("regularization.")
+
+
 def same_training(a: Cell, a_values: Mapping[str, str], b: Cell,
                   b_values: Mapping[str, str]) -> bool:
-    """Two cells that are one training under two labels: λ = 0 where only the layer selection
-    (``regularization*`` keys) differs, or identical val/ce histories for every shared seed."""
+    """Two cells that are one training under two labels: every run of both has a zero λ on
+    every layer (:func:`penalised`) and only keys that act through the penalty differ
+    (:func:`penalty_key`); or identical val/ce histories for every shared seed."""
     differ = [k for k in {*a_values, *b_values} if a_values.get(k) != b_values.get(k)]
-    if a.lam == 0 and b.lam == 0 and differ and all(
-            k == "regularization" or k.startswith("regularization.") for k in differ):
+    if differ and all(map(penalty_key, differ)) and a.runs and b.runs and not any(
+            penalised(r) for r in (*a.runs, *b.runs)):
         return True
     ha = {r.seed: r.history.get("val/ce") for r in a.finished}
     hb = {r.seed: r.history.get("val/ce") for r in b.finished}
@@ -228,11 +273,12 @@ class Rivalry:
 
     other: int  # index into the conditions
     same: bool  # the same training under two labels: not compared
-    p: float = math.nan
+    p: float = math.nan  # Holm-adjusted where Across.holm
     seeds: int = 0
-    diff: float = math.nan  # other − lowest, mean final val/ce over paired seeds
+    diff: float = math.nan  # other − lowest, mean final judged metric over paired seeds
     test: str = ""
     need: int | None = None
+    p_raw: float = math.nan  # before any adjustment
 
     @property
     def clear(self) -> bool:
@@ -241,14 +287,31 @@ class Rivalry:
 
 @dataclass
 class Across:
-    lowest: int | None  # the condition with the lowest mean val/ce at its own best λ
+    lowest: int | None  # the condition with the lowest mean judged metric at its own best λ
     rivals: list[Rivalry]
     same_pairs: list[tuple[str, str, float]]  # (label, label, λ) cells that are one training
+    chosen_on: str = mt.VAL_CE  # what chose each condition's best λ
+    judged_on: str = mt.VAL_CE  # what the conditions are compared on at those λ
+    holm: bool = True  # p-values Holm-adjusted (no held-out split to judge on)
+
+    @property
+    def comparisons(self) -> int:
+        return sum(1 for r in self.rivals if r.test)
+
+
+def held_out(conditions: Sequence[Condition], ranked: Sequence[int]) -> bool:
+    """Every finished run at every ranked condition's best λ has a final test/ce: the verdict
+    can be judged on data that chose nothing."""
+    cells = [conditions[i].best_cell for i in ranked]
+    return all(c is not None and c.finished and all(
+        math.isfinite(final_value(r, mt.TEST_CE)) for r in c.finished) for c in cells)
 
 
 def across(conditions: Sequence[Condition]) -> Across:
-    """The conditions at their own best λ against the lowest of them, paired over seeds; and
-    every pair of cells (at the same λ) that is the same training, to say so."""
+    """The conditions at their own best λ (chosen on val/ce) against the lowest of them, paired
+    over seeds: on test/ce where every best λ's runs have it (selected on val, judged on test),
+    else on the selecting metric with Holm-adjusted p-values. Also every pair of cells (at the
+    same λ) that is the same training, to say so."""
     same_pairs = []
     for i, a in enumerate(conditions):
         for b in conditions[i + 1:]:
@@ -256,12 +319,15 @@ def across(conditions: Sequence[Condition]) -> Across:
                 for cb in b.cells:
                     if ca.lam == cb.lam and same_training(ca, a.values, cb, b.values):
                         same_pairs.append((a.label, b.label, ca.lam))
+    chosen = conditions[0].metric if conditions else mt.VAL_CE
     ranked = [i for i, c in enumerate(conditions) if math.isfinite(c.best_val)]
     if not ranked:
-        return Across(None, [], same_pairs)
-    low = min(ranked, key=lambda i: conditions[i].best_val)
+        return Across(None, [], same_pairs, chosen, chosen)
+    test = chosen == mt.VAL_CE and held_out(conditions, ranked)
+    judged = mt.TEST_CE if test else chosen
+    low = min(ranked, key=lambda i: conditions[i].mean_at_best(judged))
     best_cell = conditions[low].best_cell
-    rivals = []
+    rivals, spread = [], {}
     for i in ranked:
         if i == low:
             continue
@@ -269,15 +335,20 @@ def across(conditions: Sequence[Condition]) -> Across:
         if same_training(best_cell, conditions[low].values, cell, conditions[i].values):
             rivals.append(Rivalry(i, True))
             continue
-        result = compare(per_seed(best_cell), per_seed(cell))
+        result = compare(per_seed(best_cell, judged), per_seed(cell, judged))
         if result is None:
             rivals.append(Rivalry(i, False))
             continue
-        p, n, diff, sd, test = result
-        need = None if (p < ALPHA and diff > 0) else seeds_needed(diff, sd)
-        rivals.append(Rivalry(i, False, p, n, diff, test, need))
-    rivals.sort(key=lambda r: conditions[r.other].best_val)
-    return Across(low, rivals, same_pairs)
+        p, n, diff, spread[i], kind = result
+        rivals.append(Rivalry(i, False, p, n, diff, kind, None, p))
+    if not test:
+        for r, p in zip(rivals, holm([r.p_raw for r in rivals]), strict=True):
+            r.p = p
+    for r in rivals:
+        if r.test and not r.clear:
+            r.need = seeds_needed(r.diff, spread[r.other])
+    rivals.sort(key=lambda r: conditions[r.other].mean_at_best(judged))
+    return Across(low, rivals, same_pairs, chosen, judged, holm=not test)
 
 
 # --------------------------------------------------------------------------- text
@@ -300,63 +371,107 @@ def condition_line(cond: Condition) -> str:
     if ver.best is None:
         return f"  {cond.label}: no finished runs"
     return (f"{ver.mark} {cond.label}: best λ={fmt_value(cond.best_lam)} "
-            f"(val/ce {cond.best_val:.4f}; {range_text(cond)}): {ver.text}")
+            f"({cond.metric} {cond.best_val:.4f}; {range_text(cond)}): {ver.text}")
 
 
-def rivalry_text(conditions: Sequence[Condition], r: Rivalry) -> str:
+def layers_of(runs: Iterable[RunRecord]) -> str | None:
+    """The layers the runs' selection penalised (``l2.layers``), e.g. ``fc2``; distinct
+    selections joined by `` | ``; None where no run logged it."""
+    seen: list[tuple[str, ...]] = []
+    for run in runs:
+        if run.layers is not None and run.layers not in seen:
+            seen.append(run.layers)
+    return " | ".join(", ".join(t) or "(none)" for t in seen) if seen else None
+
+
+def selection_line(conditions: Sequence[Condition]) -> str | None:
+    """Which layers each condition's selection penalised (``l2_dense: fc2``): a selection's
+    effect is otherwise visible only in a param (``min_params=4096`` leaves out a 4,000-weight
+    fc1). One list when every condition penalised the same layers."""
+    known = [(c, layers) for c in conditions if (layers := layers_of(c.runs)) is not None]
+    if not known:
+        return None
+    if len(known) == len(conditions) and len({layers for _, layers in known}) == 1:
+        return f"penalised layers (l2.layers): {known[0][1]}"
+    return "penalised layers (l2.layers): " + "; ".join(f"{c.short}: {layers}"
+                                                        for c, layers in known)
+
+
+def protocol_text(acr: Across) -> str:
+    """Which data chose each best λ and which judged the conditions (said wherever the
+    cross-condition verdict is)."""
+    n = acr.comparisons
+    holm_ = (f"p-values Holm-adjusted over the {n} comparison{'s' * (n != 1)} made" if n
+             else "no comparison to adjust")
+    if acr.judged_on != acr.chosen_on:
+        return (f"protocol: each condition's best λ chosen on {acr.chosen_on}; the conditions "
+                f"judged on the held-out {acr.judged_on} at those λ")
+    if acr.chosen_on == mt.VAL_CE:
+        return (f"protocol: no test split: each best λ chosen on val/ce and the conditions "
+                f"judged on the same val/ce; {holm_}")
+    return (f"protocol: no validation split: each best λ chosen and the conditions judged on "
+            f"{acr.chosen_on}; {holm_}")
+
+
+def rivalry_text(conditions: Sequence[Condition], acr: Across, r: Rivalry) -> str:
     other = conditions[r.other]
-    head = f"{at_best(other)} (val/ce {other.best_val:.4f})"
+    shown = dict.fromkeys((acr.chosen_on, acr.judged_on))
+    head = f"{at_best(other)} ({', '.join(f'{m} {other.mean_at_best(m):.4f}' for m in shown)})"
     if r.same:
         return (f"{head}: the same training as the lowest (no penalty under either label): "
                 "not a rival")
     if r.test == "":
         return f"{head}: not testable (a test needs two or more seeds per cell)"
+    how = f"{r.test} t-test over {r.seeds} seeds{', Holm-adjusted' if acr.holm else ''}"
     if r.clear:
-        return f"{head}: higher by {r.diff:.4f}, clear (p = {r.p:.2g}, {r.test} t-test over " \
-               f"{r.seeds} seeds)"
+        return f"{head}: higher by {r.diff:.4f}, clear (p = {r.p:.2g}, {how})"
     tell = (f"about {r.need} seeds would tell" if r.need is not None
             else f"more than {MAX_SEEDS} seeds would be needed to tell")
-    return (f"{head}: not distinguishable (difference {r.diff:+.4f}, p = {r.p:.2g}, {r.test} "
-            f"t-test over {r.seeds} seeds); {tell}")
+    return (f"{head}: not distinguishable (difference {r.diff:+.4f}, p = {r.p:.2g}, {how}); "
+            f"{tell}")
 
 
 def across_verdict(conditions: Sequence[Condition], acr: Across) -> str:
-    """The one-line cross-condition verdict (the last line of the printed table)."""
+    """The one-line cross-condition verdict (the last line of the printed table), marked ``*``
+    clear or ``~`` not; no mark where nothing was compared."""
+    what = f"lowest mean {acr.judged_on} across conditions"
     if acr.lowest is None:
-        return "* lowest mean val/ce across conditions: n/a (no finished runs)"
+        return f"  {what}: n/a (no finished runs)"
     low = conditions[acr.lowest]
     real = [r for r in acr.rivals if not r.same]
     if not real:
         why = ("the others' best is the same training under another label" if acr.rivals
                else "no other condition with finished runs")
-        return f"* lowest mean val/ce across conditions: {at_best(low)}: no rival ({why})"
+        return f"  {what}: {at_best(low)}: no rival ({why})"
     open_ = [r for r in real if not r.clear]
     if not open_:
-        return (f"* lowest mean val/ce across conditions: {at_best(low)}: clear against each "
-                f"other condition at its own best λ")
+        return f"* {what}: {at_best(low)}: clear against each other condition at its own best λ"
     r = max(open_, key=lambda r: (r.p if math.isfinite(r.p) else 2.0))
-    how = (f"p = {r.p:.2g}, {r.test} t-test over {r.seeds} seeds" if r.test
-           else "not testable with one seed")
-    return (f"~ lowest mean val/ce across conditions: {at_best(low)}: not distinguishable from "
+    how = (f"p = {r.p:.2g}, {r.test} t-test over {r.seeds} seeds"
+           f"{', Holm-adjusted' if acr.holm else ''}" if r.test else "not testable with one seed")
+    return (f"~ {what}: {at_best(low)}: not distinguishable from "
             f"{at_best(conditions[r.other])} ({how})")
 
 
 def format_conditions(keys: Sequence[str], conditions: Sequence[Condition]) -> list[str]:
     """The lines printed after the table of a sweep with conditions: one per condition (best λ,
-    its range, its verdict, and its warnings), then the conditions at their own best λ, ending
-    with the cross-condition verdict."""
-    lines = [f"Per condition ({', '.join(keys)}): best λ = lowest mean final val/ce; range = the "
-             "λ not distinguishable from it (paired t-test over seeds, 5% level)"]
+    its range, its verdict, and its warnings), the layers each selection penalised, then the
+    conditions at their own best λ with the protocol, ending with the cross-condition verdict."""
+    chosen = conditions[0].metric if conditions else mt.VAL_CE
+    lines = [f"Per condition ({', '.join(keys)}): best λ = lowest mean final {chosen}; range = "
+             "the λ not distinguishable from it (paired t-test over seeds, 5% level)"]
     for cond in conditions:
         lines.append(condition_line(cond))
         lines += [f"    ! {w}" for w in warnings_of(cond)]
+    if selected := selection_line(conditions):
+        lines.append(f"  {selected}")
     acr = across(conditions)
     lines += ["", "Across conditions, each at its own best λ (against the lowest, paired over "
-              "seeds):"]
+              f"seeds); {protocol_text(acr)}:"]
     for a, b, lam in acr.same_pairs:
         lines.append(f"  note: {a} and {b} at λ={fmt_value(lam)} are the same training under "
                      "two labels (no penalty under either): never compared as rivals")
-    lines += [f"  {rivalry_text(conditions, r)}" for r in acr.rivals]
+    lines += [f"  {rivalry_text(conditions, acr, r)}" for r in acr.rivals]
     lines.append(across_verdict(conditions, acr))
     return lines
 

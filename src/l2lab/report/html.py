@@ -32,13 +32,19 @@ from l2lab.report.stats import (  # noqa: F401  (re-exported: the report's publi
     cell_columns,
     cells_of,
     rejected,
+    select_metric,
     short_key,
     summarize,
     trained,
     verdict,
 )
 from l2lab.report.stats import fmt_value as _fmt_value
-from l2lab.report.table import best_row, format_table, table_metrics  # noqa: F401 (re-exported)
+from l2lab.report.table import (  # noqa: F401 (re-exported)
+    best_row,
+    failure_groups,
+    format_table,
+    table_metrics,
+)
 
 FIGURES: tuple[tuple[str, str], ...] = (
     ("lambda_curve", "Final train and val cross-entropy against λ (symlog axis, so λ = 0 "
@@ -177,23 +183,30 @@ def _run_links(group_runs_: Sequence[RunRecord], links: Links | None) -> str:
 
 
 def _conditions_html(keys: Sequence[str], conds: Sequence[cd.Condition]) -> str:
-    """A section per condition (best λ, its range, its verdict, its warnings), then the
-    cross-condition table and verdict (``id="verdict"``)."""
+    """A section per condition (best λ, its range, its verdict, its warnings, the layers its
+    selection penalised), then the cross-condition table, its protocol and verdict
+    (``id="verdict"``)."""
     acr = cd.across(conds)
+    chosen = conds[0].metric if conds else "val/ce"
     parts = [f"<p class=\"meta\">Conditions: every swept key other than λ and seed "
-             f"({_e(', '.join(keys))}). Within a condition, best λ = lowest mean final val/ce; "
-             "its range = the λ not distinguishable from it (paired t-test over seeds, 5% "
-             "level).</p>"]
+             f"({_e(', '.join(keys))}). Within a condition, best λ = lowest mean final "
+             f"{_e(chosen)}; its range = the λ not distinguishable from it (paired t-test over "
+             "seeds, 5% level).</p>"]
     for i, c in enumerate(conds):
         ver = c.verdict
         body = ("no finished runs" if ver.best is None else
-                f"best λ = <b>{_e(_fmt_value(c.best_lam))}</b> (mean final val/ce "
+                f"best λ = <b>{_e(_fmt_value(c.best_lam))}</b> (mean final {_e(c.metric)} "
                 f"{c.best_val:.4f}; {_e(cd.range_text(c))}): {_e(ver.text)}.")
         cls = "verdict clear" if ver.clear else "verdict"
         warn = "".join(f'<p class="warn">{_e(w)}</p>' for w in cd.warnings_of(c))
+        layers = cd.layers_of(c.runs)
+        sel = "" if layers is None else \
+            f'<p class="meta">penalised layers (l2.layers): {_e(layers)}</p>'
         parts.append(f'<section class="condition" id="condition-{i}"><h3>{_e(c.label)}</h3>'
-                     f'<p class="{cls}">{body}</p>{warn}</section>')
+                     f'<p class="{cls}">{body}</p>{sel}{warn}</section>')
     rivals = {r.other: r for r in acr.rivals}
+    shown = list(dict.fromkeys((acr.chosen_on, acr.judged_on)))
+    layered = any(cd.layers_of(c.runs) is not None for c in conds)
     rows = []
     for i, c in enumerate(conds):
         ties = c.tie_lams
@@ -202,12 +215,15 @@ def _conditions_html(keys: Sequence[str], conds: Sequence[cd.Condition]) -> str:
         if i == acr.lowest:
             against = "the lowest"
         elif i in rivals:
-            against = cd.rivalry_text(conds, rivals[i]).split(": ", 1)[1]
+            against = cd.rivalry_text(conds, acr, rivals[i]).split("): ", 1)[1]
         else:
             against = ""
-        rows.append(f"<tr><td>{_e(c.label)}</td><td>{_e(_fmt_value(c.best_lam))}</td>"
-                    f"<td>{_e(span)}</td><td>{c.best_val:.4f}</td>"
-                    f"<td>{'clear' if c.verdict.clear else 'not clear'}</td>"
+        values = "".join(f"<td>{_num(c.mean_at_best(m))}</td>" for m in shown)
+        layers = f"<td>{_e(cd.layers_of(c.runs) or '')}</td>" if layered else ""
+        within = "n/a" if not c.verdict.compared or c.verdict.best is None else \
+            "clear" if c.verdict.clear else "not clear"
+        rows.append(f"<tr><td>{_e(c.label)}</td>{layers}<td>{_e(_fmt_value(c.best_lam))}</td>"
+                    f"<td>{_e(span)}</td>{values}<td>{within}</td>"
                     f"<td style=\"text-align:left\">{_e(against)}</td></tr>")
     notes = "".join(f'<p class="meta">{_e(a)} and {_e(b)} at λ = {_e(_fmt_value(lam))} are '
                     "the same training under two labels (no penalty under either): never compared "
@@ -216,11 +232,23 @@ def _conditions_html(keys: Sequence[str], conds: Sequence[cd.Condition]) -> str:
     cls = "verdict clear" if last.startswith("*") else "verdict"
     parts.append(
         '<h3>Across conditions</h3><table id="best-lambda"><thead><tr><th>condition</th>'
-        "<th>best λ</th><th>not distinguishable</th><th>val/ce at best λ</th>"
+        f"{'<th>penalised layers</th>' if layered else ''}<th>best λ</th>"
+        "<th>not distinguishable</th>"
+        + "".join(f"<th>{_e(m)} at best λ</th>" for m in shown) +
         "<th>within</th><th>against the lowest, each at its own best λ</th></tr></thead>"
         f"<tbody>{''.join(rows)}</tbody></table>{notes}"
+        f'<p class="meta" id="protocol">{_e(_sentence(cd.protocol_text(acr)))}.</p>'
         f'<p class="{cls}" id="verdict">{_e(last[2:])}.</p>')
     return "".join(parts)
+
+
+def _sentence(text: str) -> str:
+    """A console line as a sentence: its first letter upper case, the rest as written."""
+    return text[:1].upper() + text[1:]
+
+
+def _num(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.4f}"
 
 
 def _image(path: Path) -> str:
@@ -230,7 +258,8 @@ def _image(path: Path) -> str:
 def render_html(summary: pd.DataFrame, runs: Sequence[RunRecord], paths: dict[str, Path],
                 context: ReportContext) -> str:
     keys = cell_columns(summary)
-    metrics = table_metrics(summary)
+    metric = select_metric(trained(runs))
+    metrics = table_metrics(summary, metric)
     ver = verdict(summary, runs)
     _, table_cells = cells_of(trained(runs))
     links = context.links
@@ -262,18 +291,25 @@ def render_html(summary: pd.DataFrame, runs: Sequence[RunRecord], paths: dict[st
         label = ", ".join(f"{'λ' if k == 'lam' else short_key(k)} = "
                           f"{_fmt_value(summary.iloc[ver.best][k])}" for k in keys)
         cls = "verdict clear" if ver.clear else "verdict"
-        verdict_html = (f'<p class="{cls}" id="verdict">Lowest mean final val/ce: '
+        verdict_html = (f'<p class="{cls}" id="verdict">Lowest mean final {_e(metric)}: '
                         f"<b>{_e(label)}</b>: {_e(ver.text)}.</p>")
         verdict_html += "".join(f'<p class="warn">{_e(w)}</p>'
                                 for c in conds for w in cd.warnings_of(c))
+        if selected := cd.selection_line(conds):
+            verdict_html += f'<p class="meta">{_e(_sentence(selected))}.</p>'
+    if metric != "val/ce":
+        verdict_html = (f'<p class="warn" id="no-validation">No validation split (no run '
+                        f"logged val/ce; data.val_size=0?): best λ chosen and judged on "
+                        f"{_e(metric)}.</p>") + verdict_html
 
     problems = [r for r in runs if r.status != FINISHED]
     failed_html = ""
     if problems:
         items = "".join(
-            f"<li>{_link(_run_url(links, r), r.name)}"
-            f" {_e(r.status)}: {_e(r.failure or 'no reason recorded')}"
-            f"{' (never trained: no row)' if rejected(r) else ''}</li>" for r in problems)
+            f"<li>{', '.join(_link(_run_url(links, r), r.name) for r in members)}"
+            f"{f' ({len(members)} runs)' if len(members) > 1 else ''} {_e(status)}: "
+            f"{_e(reason)}{' (never trained: no row)' if all(map(rejected, members)) else ''}"
+            "</li>" for status, reason, members in failure_groups(problems))
         failed_html = f'<h2>Runs that did not finish</h2><ul class="failed">{items}</ul>'
 
     meta = [f"{len(runs)} runs"]

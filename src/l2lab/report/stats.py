@@ -293,9 +293,13 @@ class Verdict:
     seeds: int = 0  # seeds (pairs) the deciding test used
     seeds_needed: int | None = None  # about how many would give the test power POWER
     ties: list[int] = field(default_factory=list)  # rows not distinguishable from the best
+    compared: bool = True  # False: no other row to compare with (no verdict, so no mark)
 
     @property
     def mark(self) -> str:
+        """``*`` clear, ``~`` not, blank where nothing was compared (no row, or a lone one)."""
+        if self.best is None or not self.compared:
+            return " "
         return "*" if self.clear else "~"
 
 
@@ -319,12 +323,24 @@ def seeds_needed(diff: float, sd: float, *, alpha: float = ALPHA, power: float =
     return int(n[ok[0]]) if ok.size else None
 
 
-def per_seed(cell: Cell) -> dict[int, float]:
-    """Final val/ce by seed; several runs of one seed in a cell (runs pooled over a key that
+def select_metric(runs: Sequence[RunRecord]) -> str:
+    """The metric that chooses the best λ: val/ce; test/ce for runs without a validation split
+    (``data.val_size=0``: their val/ce is never logged), so that such a sweep is judged on what
+    it has rather than called "no finished runs"."""
+    done = [r for r in runs if r.status == FINISHED]
+    if any(math.isfinite(final_value(r, mt.VAL_CE)) for r in done):
+        return mt.VAL_CE
+    if any(math.isfinite(final_value(r, mt.TEST_CE)) for r in done):
+        return mt.TEST_CE
+    return mt.VAL_CE
+
+
+def per_seed(cell: Cell, metric: str = mt.VAL_CE) -> dict[int, float]:
+    """Final ``metric`` by seed; several runs of one seed in a cell (runs pooled over a key that
     ``compare --by`` left out) count as their mean, so that a seed is still one pair."""
     values: dict[int, list[float]] = {}
     for r in cell.finished:
-        v = final_value(r, "val/ce")
+        v = final_value(r, metric)
         if math.isfinite(v):
             values.setdefault(r.seed, []).append(v)
     return {s: float(np.mean(v)) for s, v in values.items()}
@@ -360,22 +376,40 @@ def row_label(summary: pd.DataFrame, pos: int) -> str:
     return ", ".join(f"{short_key(k)}={fmt_value(row[k])}" for k in cell_columns(summary))
 
 
-def verdict(summary: pd.DataFrame, runs: Sequence[RunRecord]) -> Verdict:
-    """The best-λ verdict: the row with the lowest mean val/ce against every other row, by a
-    paired t-test over the seeds the two rows share (seed k has the same initialisation at
-    every λ). It is *clear* when every comparison gives p < ALPHA; otherwise the row hardest to
-    tell apart decides, with about how many seeds would tell them apart at POWER."""
-    if summary.empty or "val/ce_mean" not in summary:
+def holm(ps: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of p-values (NaN kept as NaN, not counted): the family-wise
+    error of "clear" stays at ALPHA over the comparisons made, where each was also chosen on
+    the data it is judged on."""
+    order = sorted((p, i) for i, p in enumerate(ps) if math.isfinite(p))
+    out = [math.nan] * len(ps)
+    m, running = len(order), 0.0
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
+
+
+def verdict(summary: pd.DataFrame, runs: Sequence[RunRecord],
+            metric: str | None = None) -> Verdict:
+    """The best-λ verdict: the row with the lowest mean val/ce (:func:`select_metric`) against
+    every other row, by a paired t-test over the seeds the two rows share (seed k has the same
+    initialisation at every λ). It is *clear* when every comparison gives p < ALPHA; otherwise
+    the row hardest to tell apart decides, with about how many seeds would tell them apart at
+    POWER. A lone row is compared with nothing: no mark. ``metric``: default
+    :func:`select_metric`."""
+    metric = metric or select_metric(runs)
+    if summary.empty or f"{metric}_mean" not in summary:
         return Verdict(None, False, "no finished runs")
-    means = summary["val/ce_mean"].to_numpy(dtype=float)
+    means = summary[f"{metric}_mean"].to_numpy(dtype=float)
     if np.all(np.isnan(means)):
         return Verdict(None, False, "no finished runs")
     best = int(np.nanargmin(means))  # ties: the smallest λ (rows are in λ order)
     _, cells = cells_of(trained(runs))
-    seeds = [per_seed(g) for g in cells]
+    seeds = [per_seed(g, metric) for g in cells]
     others = [i for i in range(len(means)) if i != best and np.isfinite(means[i])]
     if not others:
-        return Verdict(best, True, "the only row with finished runs")
+        return Verdict(best, False, "the only row with finished runs: nothing to compare",
+                       compared=False)
     results = {i: compare(seeds[best], seeds[i]) for i in others}
     ties = [i for i, r in results.items() if r is None or not (r[0] < ALPHA and r[2] > 0)]
     untestable = [i for i, r in results.items() if r is None]

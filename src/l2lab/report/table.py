@@ -15,6 +15,7 @@ from l2lab.records import FAILURE_TAG
 from l2lab.report import conditions as cd
 from l2lab.report.stats import (
     FINISHED,
+    LAM_KEY,
     RunRecord,
     cell_columns,
     fmt_interval,
@@ -22,7 +23,10 @@ from l2lab.report.stats import (
     fmt_value,
     rejected,
     row_label,
+    select_metric,
     short_key,
+    trained,
+    value_sort_key,
     verdict,
 )
 
@@ -34,8 +38,13 @@ TABLE_METRICS: tuple[tuple[str, str, int], ...] = (
 )
 
 
-def table_metrics(summary: pd.DataFrame) -> list[tuple[str, str, int]]:
-    return [m for m in TABLE_METRICS if f"{m[1]}_mean" in summary.columns]
+def table_metrics(summary: pd.DataFrame, metric: str = mt.VAL_CE) -> list[tuple[str, str, int]]:
+    """The metric columns the summary has; ``metric`` (what chose the best λ: test/ce without a
+    validation split) joins them where the usual columns lack it."""
+    shown = [m for m in TABLE_METRICS if f"{m[1]}_mean" in summary.columns]
+    if metric not in {m[1] for m in shown} and f"{metric}_mean" in summary.columns:
+        shown.insert(len(mt.SUMMARY), (metric, metric, 4))
+    return shown
 
 
 def format_table(summary: pd.DataFrame, runs: Sequence[RunRecord], *,
@@ -49,9 +58,10 @@ def format_table(summary: pd.DataFrame, runs: Sequence[RunRecord], *,
     names each (``name_rejected``), ``compare`` over many runs gives their count.
     """
     keys = cell_columns(summary)
-    metrics = table_metrics(summary)
+    metric = select_metric(trained(runs))
+    metrics = table_metrics(summary, metric)
     header = ([short_key(k) for k in keys] + ["runs"] + [m[0] for m in metrics]
-              + ["val/ce 95% CI"])
+              + [f"{metric} 95% CI"])
     ver = verdict(summary, runs)
     cond_keys, conds = cd.split(runs)
     marks = {best_row(summary, c.values, c.best_lam): c.verdict.mark for c in conds} \
@@ -66,7 +76,7 @@ def format_table(summary: pd.DataFrame, runs: Sequence[RunRecord], *,
                 continue
             cells.append(fmt_stat(float(row[f"{prefix}_mean"]), float(row[f"{prefix}_std"]),
                                   decimals))
-        cells.append(fmt_interval(float(row["val/ce_lo"]), float(row["val/ce_hi"]), 4))
+        cells.append(fmt_interval(float(row[f"{metric}_lo"]), float(row[f"{metric}_hi"]), 4))
         body.append(cells)
     widths = [max(len(c) for c in col) for col in zip(header, *body, strict=True)]
 
@@ -83,23 +93,59 @@ def format_table(summary: pd.DataFrame, runs: Sequence[RunRecord], *,
     problems = [r for r in runs if r.status != FINISHED and (name_rejected or not rejected(r))]
     if problems:
         lines.append("")
-        for run in problems:
-            reason = run.failure or "no reason recorded"
-            lines.append(f"{run.status}  {run.name}  ({run.run_id}): {reason}")
+        lines += failure_lines(problems, len(runs))
     if never:
         lines.append("")
         lines.append(f"{len(never)} run(s) never trained (rejected config, or failed before the "
                      "first epoch): no row in the table" + ("." if name_rejected else
                                                            f"; see their {FAILURE_TAG} tag."))
     lines.append("")
+    if metric != mt.VAL_CE:
+        lines.append(f"No validation split (no run logged val/ce; data.val_size=0?): best λ "
+                     f"chosen and judged on {metric}.")
     if cond_keys:
         lines += cd.format_conditions(cond_keys, conds)
     elif ver.best is None:
-        lines.append("* lowest mean val/ce: n/a (no finished runs)")
+        lines.append(f"  lowest mean {metric}: n/a (no finished runs)")
     else:
         lines += [f"! {w}" for c in conds for w in cd.warnings_of(c)]
-        lines.append(f"{ver.mark} lowest mean val/ce: {row_label(summary, ver.best)}: {ver.text}")
+        if selected := cd.selection_line(conds):
+            lines.append(f"  {selected}")
+        lines.append(f"{ver.mark} lowest mean {metric}: {row_label(summary, ver.best)}: "
+                     f"{ver.text}")
     return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
+def failure_groups(problems: Sequence[RunRecord]
+                   ) -> list[tuple[str, str, list[RunRecord]]]:
+    """(status, reason, runs) of the runs that did not finish, in sweep order (λ, the other
+    swept values, then seed: the table's order, not the order the store started them in), one
+    group per shared reason: a rejected selection fails every job the same way, and is said
+    once."""
+    order = sorted(problems, key=lambda r: (
+        float(r.lam) if math.isfinite(r.lam) else math.inf,
+        tuple(value_sort_key(str(v)) for k, v in sorted(r.swept.items()) if k != LAM_KEY),
+        r.seed))
+    groups: dict[tuple[str, str], list[RunRecord]] = {}
+    for run in order:
+        groups.setdefault((run.status, run.failure or "no reason recorded"), []).append(run)
+    return [(status, reason, members) for (status, reason), members in groups.items()]
+
+
+def failure_lines(problems: Sequence[RunRecord], total: int) -> list[str]:
+    """One line per run that did not finish with its reason; a reason shared by several runs
+    once, with their count (:func:`failure_groups`)."""
+    lines = []
+    for status, reason, members in failure_groups(problems):
+        if len(members) == 1:
+            run = members[0]
+            lines.append(f"{status}  {run.name}  ({run.run_id}): {reason}")
+            continue
+        who = (f"all {total} runs" if len(members) == total else
+               f"{len(members)} runs ({', '.join(r.name for r in members[:6])}"
+               f"{', …' if len(members) > 6 else ''})")
+        lines.append(f"{status}  {who}: {reason}")
+    return lines
 
 
 def best_row(summary: pd.DataFrame, values: dict[str, str], lam: float) -> int | None:

@@ -530,10 +530,28 @@ def fit_variants(cfg: DictConfig, values: Sequence[Mapping[str, Any]],
         from l2lab.console import job_line, say
 
         epochs = int(base.trainer.max_epochs)
+        shared = shared_failures(jobs)
         for job, num in zip(jobs, job_nums, strict=True):
             label, rid = f"#{num} {job.name}", job.tracker.run_id
             if isinstance(job.result, dict):
                 say(job_line(label, rid, epochs, job.result))
-            else:
+            elif str(job.result) not in shared:
                 say(f"l2lab: {label}: run {rid[:8]} FAILED: {job.result}", err=True)
+            elif shared[str(job.result)][0] is job:  # said once, at its first job
+                said = shared[str(job.result)]
+                nums = [n for j, n in zip(jobs, job_nums, strict=True) if j in said]
+                ids = ", ".join(j.tracker.run_id[:8] for j in said[:6])
+                say(f"l2lab: {len(said)} jobs (#{', #'.join(map(str, nums[:6]))}"
+                    f"{', …' if len(said) > 6 else ''}; runs {ids}{', …' if len(said) > 6 else ''}"
+                    f") FAILED: {job.result}", err=True)
     return [job.result for job in jobs]  # type: ignore[misc]
+
+
+def shared_failures(jobs: Sequence[Job]) -> dict[str, list[Job]]:
+    """The failure messages that two or more jobs of a batch share (a selection matching no
+    layer rejects every job alike), each with its jobs in order: said once, with the count."""
+    by: dict[str, list[Job]] = {}
+    for job in jobs:
+        if not isinstance(job.result, dict):
+            by.setdefault(str(job.result), []).append(job)
+    return {text: group for text, group in by.items() if len(group) > 1}

@@ -276,8 +276,31 @@ def load_records(client, runs: Iterable, writer=None) -> list:
             status=run.info.status, swept=group, lam=lam,
             seed=int(params.get("seed", 0) or 0), failure=tags.get(FAILURE_TAG),
             final=dict(run.data.metrics), history=history,
-            experiment_id=run.info.experiment_id))
+            experiment_id=run.info.experiment_id, layers=logged_layers(params),
+            lam_per_layer=logged_lam_per_layer(params)))
     return records
+
+
+def logged_layers(params: Mapping[str, str]) -> tuple[str, ...] | None:
+    """The penalised layers a run logged (``l2.layers``, comma-separated); None where absent."""
+    text = params.get("l2.layers")
+    return None if text is None else tuple(n for n in text.split(",") if n)
+
+
+def logged_lam_per_layer(params: Mapping[str, str]) -> dict[str, float]:
+    """``regularization.lam_per_layer`` as logged: one JSON value (keys MLflow rejects, or
+    empty), or flattened to ``regularization.lam_per_layer.<pattern>`` keys."""
+    key = "regularization.lam_per_layer"
+    out: dict[str, float] = {}
+    try:
+        if key in params:
+            out.update({str(k): float(v) for k, v in json.loads(params[key]).items()})
+        for k, v in params.items():
+            if k.startswith(key + "."):
+                out[k[len(key) + 1:]] = float(v)
+    except (ValueError, TypeError, AttributeError):  # not a mapping of numbers: none known
+        return {}
+    return out
 
 
 # -- run ids as people type them ------------------------------------------------------------
