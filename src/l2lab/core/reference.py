@@ -10,7 +10,8 @@ is written out again here: the shuffling (the documented order: epoch e of seed 
 over ``named_modules()``), the penalty of each ``regularization`` preset as its plain formula,
 ``torch.optim``'s own ``weight_decay`` for ``mode=optimizer``, ``torch.nn.utils`` clipping and
 ``nn.Dropout`` on the global generator. The caller passes the data split into tensors (any object
-with ``train``, ``val`` and ``test`` pairs ``(x, y)``, ``test`` possibly None).
+with ``train``, ``val`` and ``test`` pairs ``(x, y)``, ``test`` possibly None, and
+``num_classes``).
 
 The benchmarks time the harness against it (``bench``, ``bench --sweep``) and
 ``tests/test_reference.py`` (with ``tests/test_engine.py`` and ``tests/test_penalties.py``)
