@@ -17,9 +17,11 @@ RULES: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("l2lab.report", ("l2lab.tracking", "mlflow"), "the report takes plain records"),
     ("l2lab.tracking", ("l2lab.report",), "tracking does not build report types"),
 )
-#: The spec, the plain loop read first: what it may import of the package.
+#: The spec, the plain loop read first: an independent second implementation, so of the package
+#: it may import the model classes only (the one thing both sides share); today it imports none,
+#: building ``cfg.model`` through Hydra.
 SPEC = "l2lab.core.reference"
-SPEC_MAY_IMPORT = ("l2lab.base", "l2lab.models", "l2lab.core")
+SPEC_MAY_IMPORT = ("l2lab.models",)
 
 
 def _modules() -> dict[str, Path]:
@@ -112,11 +114,14 @@ def test_the_layer_rules_catch_a_planted_upward_import():
     planted = _planted(graph, [("l2lab.core.module", "l2lab.run.engine"),
                                ("l2lab.report.stats", "mlflow.tracking"),
                                ("l2lab.tracking.runs", "l2lab.report.stats"),
-                               ("l2lab.core.reference", "l2lab.config.schema")])
+                               ("l2lab.core.reference", "l2lab.config.schema"),
+                               ("l2lab.core.reference", "l2lab.core.data"),
+                               ("l2lab.core.reference", "l2lab.core.regularization")])
     found = violations(planted)
     assert "l2lab.core.module imports l2lab.run.engine: core/ is the science: it knows " \
            "nothing above it" in found
     assert any(v.startswith("l2lab.report.stats imports mlflow.tracking") for v in found)
     assert any(v.startswith("l2lab.tracking.runs imports l2lab.report.stats") for v in found)
-    assert any(v.startswith("l2lab.core.reference imports l2lab.config.schema") for v in found)
+    for spec_import in ("l2lab.config.schema", "l2lab.core.data", "l2lab.core.regularization"):
+        assert f"l2lab.core.reference imports {spec_import}: the spec stands alone" in found
     assert cycle(_planted(graph, [("l2lab.base", "l2lab.train")])) is not None

@@ -2,7 +2,10 @@
 
 The logged ``config/config.yaml`` is data from a store, possibly someone else's: it is loaded with
 ``yaml.safe_load`` and refused, before anything is instantiated, when any ``_target_`` (as written
-or after resolving interpolations) lies outside the packages a run legitimately builds from.
+or after resolving interpolations) lies outside the trusted prefixes: the packages a run builds
+from (:data:`ALLOWED_TARGETS`) and those the user adds with ``--trust PREFIX`` or
+``$L2LAB_TRUSTED_TARGETS``. Never from the logged config itself: a store shared by a team must
+not be able to trust itself.
 
 ``--check`` compares every final metric: exactly on CPU (a CPU run is a pure function of ``seed``
 and ``data.split_seed``), within a relative ``GPU_RTOL`` on GPU, where cuDNN/cuBLAS kernels may
@@ -16,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -27,8 +32,24 @@ from omegaconf import DictConfig, OmegaConf
 
 from l2lab.base import CONF_DIR, ConfigError
 
-ALLOWED_TARGETS = ("l2lab.", "torch.nn.", "torch.optim.", "pytorch_lightning.callbacks.")
+#: What a logged config may name without the user's word (design.md §6).
+ALLOWED_TARGETS = ("l2lab.", "torch.nn.", "torch.optim.", "torchvision.models.",
+                   "pytorch_lightning.callbacks.")
+#: The environment variable of the user's own trusted prefixes (comma- or os.pathsep-separated).
+TRUST_ENV = "L2LAB_TRUSTED_TARGETS"
 GPU_RTOL = 1e-4
+_DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+
+
+def trusted_prefixes(extra: Iterable[str] = (), environ: Mapping[str, str] | None = None
+                     ) -> tuple[str, ...]:
+    """:data:`ALLOWED_TARGETS`, then the user's ``--trust`` prefixes (``extra``), then those of
+    ``$L2LAB_TRUSTED_TARGETS`` in ``environ`` (default ``os.environ``). Empty entries are
+    dropped: an empty prefix would trust everything."""
+    env = (os.environ if environ is None else environ).get(TRUST_ENV, "")
+    from_env = re.split(f"[,{re.escape(os.pathsep)}]", env)
+    added = [p.strip() for p in (*extra, *from_env)]
+    return tuple(dict.fromkeys([*ALLOWED_TARGETS, *(p for p in added if p)]))
 
 
 def _targets(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:
@@ -44,22 +65,39 @@ def _targets(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:
             yield from _targets(v, f"{path}[{i}]")
 
 
-def _refuse_foreign_targets(tree: Any, when: str) -> None:
+def _advice(target: object) -> str:
+    """What the user can do about a refused target: the exact prefix to trust, where trusting
+    makes sense."""
+    if not (isinstance(target, str) and _DOTTED.fullmatch(target)):
+        return "A _target_ must be a dotted name of a class or function."
+    top, module = target.split(".")[0], target.rpartition(".")[0]
+    if top in sys.stdlib_module_names:
+        return (f"{top} is Python's standard library, not a network, penalty or optimizer: no "
+                "run needs it, so do not trust it; the config may have been tampered with.")
+    return (f"If you trust that code, add --trust {module}. or {TRUST_ENV}={module}. "
+            "(trust comes from the command line or the environment, never from the logged "
+            "config).")
+
+
+def _refuse_foreign_targets(tree: Any, when: str, trusted: tuple[str, ...]) -> None:
     for key, target in _targets(tree):
-        if not (isinstance(target, str) and target.startswith(ALLOWED_TARGETS)):
+        if not (isinstance(target, str) and target.startswith(trusted)):
             raise ConfigError(
-                f"refusing to reproduce: {key} = {target!r} ({when}) is outside the allowed "
-                f"packages {', '.join(p + '*' for p in ALLOWED_TARGETS)}. A logged config is "
-                "data; it may not name arbitrary code."
+                f"refusing to reproduce: {key} = {target!r} ({when}) is outside the trusted "
+                f"packages {', '.join(p + '*' for p in trusted)}. A logged config is data; it "
+                f"may not name arbitrary code. {_advice(target)}"
             )
 
 
-def safe_config(text: str) -> DictConfig:
-    """Parse a logged config safely and check its targets as written and once resolved."""
+def safe_config(text: str, trusted: Iterable[str] | None = None) -> DictConfig:
+    """Parse a logged config safely and check its targets as written and once resolved against
+    ``trusted`` (default: :func:`trusted_prefixes` of the environment; nothing in ``text``
+    adds to it)."""
+    trusted = trusted_prefixes() if trusted is None else tuple(trusted)
     tree = yaml.safe_load(text)
     if not isinstance(tree, dict):
         raise ConfigError("the logged config/config.yaml is not a mapping.")
-    _refuse_foreign_targets(tree, "as written")
+    _refuse_foreign_targets(tree, "as written", trusted)
     cfg = OmegaConf.create(tree)
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -67,7 +105,7 @@ def safe_config(text: str) -> DictConfig:
         from l2lab.tracking.tracker import one_line
 
         raise ConfigError(f"the logged config does not resolve: {one_line(e)}") from None
-    _refuse_foreign_targets(resolved, "after resolving interpolations")
+    _refuse_foreign_targets(resolved, "after resolving interpolations", trusted)
     return OmegaConf.create(resolved)
 
 
@@ -82,7 +120,7 @@ def compare_metrics(old: dict[str, float], new: dict[str, float], rtol: float) -
 
 
 def reproduce(run_id: str, *, uri: str, source_uri: str | None = None, check: bool = False,
-              out: Path | None = None) -> int:
+              out: Path | None = None, trusted: Iterable[str] | None = None) -> int:
     from l2lab.console import quiet_libraries
     from l2lab.tracking import tracker as tr
 
@@ -96,7 +134,7 @@ def reproduce(run_id: str, *, uri: str, source_uri: str | None = None, check: bo
         path = src.download_artifacts(run_id, "config/config.yaml")
     except Exception:
         raise ConfigError(f"run {run_id} has no config/config.yaml artifact.") from None
-    cfg = safe_config(Path(path).read_text())
+    cfg = safe_config(Path(path).read_text(), trusted)
     cfg.resume = None
     cfg.tracking.uri = uri
     overrides = yaml.safe_load(Path(src.download_artifacts(
@@ -181,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
                     "or ./mlruns/mlflow.db; never the URI logged in the old config)")
     ap.add_argument("--source-uri", help="store holding RUN_ID (default: --tracking-uri)")
     ap.add_argument("--out", type=Path, help="output folder of the new run")
+    ap.add_argument("--trust", action="append", default=[], metavar="PREFIX",
+                    help="also accept _target_s that start with PREFIX (e.g. mylab.models.; "
+                    f"repeatable; also ${TRUST_ENV}, comma-separated). Always trusted: "
+                    f"{', '.join(ALLOWED_TARGETS)}; never anything the logged config says")
     args = ap.parse_args(argv)
     from l2lab.tracking import tracker as tr  # MLflow and torch: not needed for --help
 
@@ -190,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         from l2lab.tracking.runs import resolve_run_id
 
         run_id = resolve_run_id(args.run_id, source or uri)
-        return reproduce(run_id, uri=uri, source_uri=source, check=args.check, out=args.out)
+        return reproduce(run_id, uri=uri, source_uri=source, check=args.check, out=args.out,
+                         trusted=trusted_prefixes(args.trust))
     except ConfigError as e:
         print(f"l2lab-reproduce: error: {e}", file=sys.stderr)
         return 2
