@@ -73,13 +73,17 @@ def test_same_config_gives_identical_histories_on_cpu(tmp_path, store, client):
 
 
 def test_optimizer_mode_logs_the_equivalent_penalty(tmp_path, store, client):
-    """train_size a multiple of batch_size: mode=loss and mode=optimizer train identically."""
+    """train_size a multiple of batch_size: mode=loss and mode=optimizer train identically.
+    train/loss is what each optimizer minimises: ce + l2 in the loss, the ce alone when the
+    optimizer applies the decay (its nominal penalty keeps its own name, train/l2)."""
     loss = train(make_cfg(f"tracking.uri={store}", "regularization.lam=0.5", "optimizer.lr=0.1"),
                  output_dir=tmp_path / "l")
     opt = train(make_cfg(f"tracking.uri={store}", "regularization.lam=0.5", "optimizer.lr=0.1",
                          "regularization.mode=optimizer"), output_dir=tmp_path / "o")
     for k in ("train/ce", "val/ce", "weights/sq_norm_total", "train/l2"):
         assert opt[k] == pytest.approx(loss[k], rel=1e-4), k
+    assert loss["train/loss"] == pytest.approx(loss["train/ce"] + loss["train/l2"], rel=1e-9)
+    assert opt["train/loss"] == opt["train/ce"] and opt["train/l2"] > 0.01 * opt["train/ce"]
 
 
 def test_regularization_none_keeps_norms_logged(tmp_path, store, client):

@@ -238,10 +238,13 @@ class L2Module(pl.LightningModule):
             if not self.alive[i]:
                 continue
             d = {key: v[pos] for key, v in m.items()}
-            # ce + the terms added as the step adds them (a constraint alone, max-norm, has none)
+            # what the optimizer minimises: ce + the terms added as the step adds them (a
+            # constraint alone, max-norm, has none); under mode=optimizer the ce alone, the
+            # decay's nominal terms logged under their own names (design.md §4)
+            in_loss = names and self.modes[pos] == "loss"
             d["train/loss"] = d["train/ce"] + added({n: d[f"train/{n}"] for n in names}) \
-                if names else d["train/ce"]
-            if not math.isfinite(d["train/loss"]):
+                if in_loss else d["train/ce"]
+            if not all(math.isfinite(d[f"train/{n}"]) for n in ("loss", *names)):
                 self.alive[i] = False
                 self.failures[i] = nonfinite_message(self.current_epoch, d, names)
                 dead.append(pos)
