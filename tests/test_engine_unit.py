@@ -30,8 +30,9 @@ EPOCHS = 2
 SMALL = ["data.train_size=40", "data.val_size=40", "data.batch_size=40", "model.hidden=[8]"]
 # design.md §4: every per-epoch metric a run may log (layer names: the MLP's fc1 and out)
 PER_EPOCH = {"train/loss", "train/ce", "train/l2", "train/acc", "val/ce", "val/acc", "gap/ce",
-             "gap/acc", "weights/sq_norm/fc1", "weights/sq_norm/out", "weights/sq_norm_total"}
-OPTIONAL = {"train_eval/ce", "train_eval/acc", "train/lr", "train/l1",
+             "gap/acc", "train_eval/ce", "train_eval/acc", "weights/sq_norm/fc1",
+             "weights/sq_norm/out", "weights/sq_norm_total"}
+OPTIONAL = {"train/lr", "train/l1",
             "weights/eff_lr/fc1", "weights/eff_lr/out"}
 AT_END = {"test/ce", "test/acc"}  # the digits' held-out test split: once, at the last epoch
 DIGITS_L2_PARAMS = 64 * 8 + 8 * 10  # fc1 and out weights of a 64-8-10 MLP (biases not selected)
@@ -97,7 +98,7 @@ def test_a_stack_records_every_job_as_the_contract_says(tmp_path, fake):
         for e in range(EPOCHS):
             m = {k: dict(run.history(k))[e] for k in per_epoch}
             assert m["train/loss"] == pytest.approx(m["train/ce"] + m["train/l2"], rel=1e-9)
-            assert m["gap/ce"] == pytest.approx(m["val/ce"] - m["train/ce"], rel=1e-6)
+            assert m["gap/ce"] == pytest.approx(m["val/ce"] - m["train_eval/ce"], rel=1e-6)
             assert m["weights/sq_norm_total"] == pytest.approx(
                 m["weights/sq_norm/fc1"] + m["weights/sq_norm/out"], rel=1e-6)
         # one step per epoch: epoch 1's penalty is λ/n·||W||² of the weights epoch 0 ended with

@@ -44,6 +44,13 @@ class Splits:
     def in_shape(self) -> tuple[int, ...]:
         return tuple(self.train[0].shape[1:])
 
+    def train_eval(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training examples the eval-mode pass measures (``train_eval/*``): the first
+        :func:`train_eval_size` of the training subset, itself a ``split_seed`` draw, so the
+        same for every network, epoch and seed."""
+        m = train_eval_size(len(self.train[1]), len(self.val[1]))
+        return self.train[0][:m], self.train[1][:m]
+
     def to(self, device: torch.device | str) -> Splits:
         move = lambda xy: None if xy is None else (xy[0].to(device), xy[1].to(device))  # noqa: E731
         return Splits(self.name, move(self.train), move(self.val), move(self.test),
@@ -55,6 +62,17 @@ class Splits:
 #: is judged on the same images, which no training pool or validation split ever holds.
 DIGITS_TEST_SIZE = 360
 DIGITS_TEST_SEED = 20_260_101
+
+
+#: How many training examples the eval-mode pass measures when there is no validation split.
+TRAIN_EVAL_WITHOUT_VAL = 1024
+
+
+def train_eval_size(n_train: int, n_val: int) -> int:
+    """As many training examples as the validation split holds (so train_eval/* and val/* are
+    means over equally many examples and the pass costs what val costs), all of them when the
+    training set is smaller; without a validation split, at most 1,024 (one evaluation chunk)."""
+    return min(n_train, n_val if n_val else TRAIN_EVAL_WITHOUT_VAL)
 
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
