@@ -22,7 +22,7 @@ def _cfg(**kw):
 def test_digits_split_is_disjoint_seeded_and_independent_of_sizes():
     a = load_data(_cfg(train_size=200))
     b = load_data(_cfg(train_size=500))
-    assert a.in_shape == (1, 8, 8) and a.num_classes == 10 and a.test is None
+    assert a.in_shape == (1, 8, 8) and a.num_classes == 10
     assert len(a.train[1]) == 200 and len(a.val[1]) == 300
     assert torch.equal(a.val[0], b.val[0])          # same val set whatever the train size
     assert torch.equal(a.train[0], b.train[0][:200])  # a fixed subset, nested
@@ -31,6 +31,28 @@ def test_digits_split_is_disjoint_seeded_and_independent_of_sizes():
     c = load_data(_cfg(train_size=200, split_seed=1))
     assert not torch.equal(a.val[0], c.val[0])
     assert abs(float(load_data(_cfg()).train[0].mean())) < 0.1  # normalised
+
+
+def test_digits_hold_out_a_fixed_test_split_disjoint_from_train_and_val():
+    """360 of the 1,797 images, the same whatever split_seed (and seed: the loader never sees
+    it), in no training pool or validation split; the pool keeps the other 1,437."""
+    a = load_data(_cfg(val_size=300))
+    b = load_data(_cfg(val_size=600, split_seed=7))
+    assert len(a.test[1]) == 360 and len(a.train[1]) == 1437 - 300
+    assert torch.equal(a.test[0], b.test[0]) and torch.equal(a.test[1], b.test[1])
+    rows = lambda t: {tuple(r.tolist()) for r in t.flatten(1)}  # noqa: E731
+    test = rows(a.test[0])
+    assert len(test) == 360  # (the digits hold no duplicate images)
+    for s in (a, b):
+        assert not test & rows(s.train[0]) and not test & rows(s.val[0])
+    assert sorted(torch.bincount(a.test[1], minlength=10).tolist())[0] >= 25  # every class
+    assert abs(float(a.train[0].mean())) < 0.1 and abs(float(a.test[0].mean())) < 0.2
+    # the pool is what data.train_size and data.val_size are bounded by
+    assert len(load_data(_cfg(val_size=1436)).train[1]) == 1
+    with pytest.raises(ConfigError, match=r"data\.val_size must be between 0 and 1436"):
+        load_data(_cfg(val_size=1437))
+    with pytest.raises(ConfigError, match=r"data\.train_size must be between 1 and 1137"):
+        load_data(_cfg(train_size=1138))
 
 
 @pytest.mark.parametrize("kw, key", [({"train_size": 5000}, "data.train_size"),

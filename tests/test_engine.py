@@ -350,6 +350,24 @@ def test_sixteen_bit_and_unproven_settings_train_alone():
     assert group_key(make_cfg(*base, "+trainer.accumulate_grad_batches=2")) is None
 
 
+def test_eval_train_is_l2labs_own_stackable_key_and_keeps_a_runs_identity():
+    """trainer.eval_train changes what is logged, not what is trained: Lightning never sees it,
+    it stacks (equal within a stack), and its default leaves a run's config hash as it was
+    before the key existed (reuse still finds those runs)."""
+    from omegaconf import OmegaConf
+
+    from l2lab.config.stackable import group_key
+    from l2lab.run.distributed import trainer_kwargs
+    from l2lab.tracking.runs import config_hash
+
+    on, off = make_cfg("trainer.eval_train=true"), make_cfg("trainer.eval_train=false")
+    assert None not in (group_key(on), group_key(off)) and group_key(on) != group_key(off)
+    assert "eval_train" not in trainer_kwargs(on) and trainer_kwargs(on)["max_epochs"] == 3
+    before = OmegaConf.to_container(on, resolve=True)
+    del before["trainer"]["eval_train"]
+    assert config_hash(on) == config_hash(before) != config_hash(off)
+
+
 def test_a_checkpoint_found_through_the_store_loads_as_plain_data(tmp_path, store):
     """Checkpoints load with weights_only=True: a real one does, a file carrying code does not."""
     train(make_cfg(f"tracking.uri={store}"), output_dir=tmp_path / "run")

@@ -30,9 +30,11 @@ EPOCHS = 2
 SMALL = ["data.train_size=40", "data.val_size=40", "data.batch_size=40", "model.hidden=[8]"]
 # design.md §4: every per-epoch metric a run may log (layer names: the MLP's fc1 and out)
 PER_EPOCH = {"train/loss", "train/ce", "train/l2", "train/acc", "val/ce", "val/acc", "gap/ce",
-             "gap/acc", "weights/sq_norm/fc1", "weights/sq_norm/out", "weights/sq_norm_total"}
-OPTIONAL = {"train_eval/ce", "train_eval/acc", "train/lr", "train/l1",
+             "gap/acc", "train_eval/ce", "train_eval/acc", "weights/sq_norm/fc1",
+             "weights/sq_norm/out", "weights/sq_norm_total"}
+OPTIONAL = {"train/lr", "train/l1",
             "weights/eff_lr/fc1", "weights/eff_lr/out"}
+AT_END = {"test/ce", "test/acc"}  # the digits' held-out test split: once, at the last epoch
 DIGITS_L2_PARAMS = 64 * 8 + 8 * 10  # fc1 and out weights of a 64-8-10 MLP (biases not selected)
 
 
@@ -74,9 +76,10 @@ def test_a_stack_records_every_job_as_the_contract_says(tmp_path, fake):
     assert set(runs) == {"lam=0.01 seed=0", "lam=0.3 seed=1"}
     groups = {r.tags["l2lab.vectorized_group"] for r in runs.values()}
     assert len(groups) == 1  # trained together
-    # bookkeeping per stack, not per job: one call creates, one ends, one flush per kind
+    # bookkeeping per stack, not per job: one call creates, one ends, one flush per kind (the
+    # epochs, then test/*)
     assert [fake.calls.count(f"writer.{c}") for c in ("create_runs", "finish", "log_metrics")] \
-        == [1, 1, 1]
+        == [1, 1, 2]
     for (ov, result), run in zip(zip(jobs, results, strict=True), runs.values(), strict=True):
         lam = float(ov[0].split("=")[1])
         assert run.status == "FINISHED" and run.ends == ["FINISHED"]  # ended once
@@ -86,13 +89,16 @@ def test_a_stack_records_every_job_as_the_contract_says(tmp_path, fake):
         assert run.params["l2.layers"] == "fc1,out"
         assert run.params["l2.num_params"] == str(DIGITS_L2_PARAMS)
         # per-epoch metrics: step = epoch, every one of the contract's names, no other
-        assert PER_EPOCH <= set(run.metrics) <= PER_EPOCH | OPTIONAL
-        for key in run.metrics:
+        per_epoch = set(run.metrics) - AT_END
+        assert PER_EPOCH <= per_epoch <= PER_EPOCH | OPTIONAL and AT_END <= set(run.metrics)
+        for key in per_epoch:
             assert [s for s, _ in run.history(key)] == list(range(EPOCHS)), key
+        for key in AT_END:
+            assert [s for s, _ in run.history(key)] == [EPOCHS - 1], key
         for e in range(EPOCHS):
-            m = {k: dict(run.history(k))[e] for k in run.metrics}
+            m = {k: dict(run.history(k))[e] for k in per_epoch}
             assert m["train/loss"] == pytest.approx(m["train/ce"] + m["train/l2"], rel=1e-9)
-            assert m["gap/ce"] == pytest.approx(m["val/ce"] - m["train/ce"], rel=1e-6)
+            assert m["gap/ce"] == pytest.approx(m["val/ce"] - m["train_eval/ce"], rel=1e-6)
             assert m["weights/sq_norm_total"] == pytest.approx(
                 m["weights/sq_norm/fc1"] + m["weights/sq_norm/out"], rel=1e-6)
         # one step per epoch: epoch 1's penalty is λ/n·||W||² of the weights epoch 0 ended with

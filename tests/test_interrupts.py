@@ -219,3 +219,30 @@ def test_the_stop_handler_leaves_no_run_of_the_sweep_running(store, client, caps
     err = capsys.readouterr().err
     assert "sweep x stopped (interrupted (SIGTERM); 1 FINISHED, 2 KILLED)" in err
     assert err.rstrip().endswith("cd /here && python -m l2lab.train -m …")
+
+
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, store, client):
+    """From the first import on (imports, Hydra composing, torch, the store), a single run
+    stopped by Ctrl-C exits 130 with one line and no traceback; before its run exists the line
+    says nothing was recorded (the issue measured 81-112-line tracebacks 1-5 s in)."""
+    import time
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    for delay in (0.4, 1.0, 2.5):
+        out = tmp_path / f"at-{delay}"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "l2lab.train", *TINY, f"tracking.uri={store}",
+             f"hydra.run.dir={out}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+        lines = [ln for ln in stderr.splitlines() if ln.strip()]
+        assert proc.returncode == 130, (delay, stdout, stderr)
+        assert "Traceback" not in stdout + stderr and len(lines) == 1, (delay, stdout, stderr)
+        made = [r for r in runs_of(client) if r.data.tags.get("l2lab.output_dir") == str(out)]
+        if not made:  # stopped before its run was created
+            assert lines[0] == lifecycle.nothing_recorded(signal.SIGINT), (delay, stderr)
+        else:  # (a fast machine) the run's own KILLED line
+            assert made[0].info.status == "KILLED" and " KILLED after " in lines[0], delay

@@ -13,7 +13,8 @@ from l2lab import ConfigError
 from l2lab.train import train
 
 CONTRACT = ["train/loss", "train/ce", "train/l2", "train/acc", "val/ce", "val/acc", "gap/ce",
-            "gap/acc", "weights/sq_norm/fc1", "weights/sq_norm/out", "weights/sq_norm_total"]
+            "gap/acc", "train_eval/ce", "train_eval/acc", "weights/sq_norm/fc1",
+            "weights/sq_norm/out", "weights/sq_norm_total"]
 
 
 def test_three_epoch_run_is_recorded_as_the_contract_says(tmp_path, store, client):
@@ -27,8 +28,8 @@ def test_three_epoch_run_is_recorded_as_the_contract_says(tmp_path, store, clien
         assert [m.step for m in hist] == [0, 1, 2], key
     m = run.data.metrics
     assert m["train/loss"] == pytest.approx(m["train/ce"] + m["train/l2"], rel=1e-6)
-    assert m["gap/ce"] == pytest.approx(m["val/ce"] - m["train/ce"], rel=1e-6)
-    assert m["gap/acc"] == pytest.approx(m["train/acc"] - m["val/acc"], rel=1e-6)
+    assert m["gap/ce"] == pytest.approx(m["val/ce"] - m["train_eval/ce"], rel=1e-6)
+    assert m["gap/acc"] == pytest.approx(m["train_eval/acc"] - m["val/acc"], rel=1e-6)
     assert m["weights/sq_norm_total"] == pytest.approx(
         m["weights/sq_norm/fc1"] + m["weights/sq_norm/out"], rel=1e-6)
     assert final["val/ce"] == pytest.approx(m["val/ce"])
@@ -73,13 +74,59 @@ def test_same_config_gives_identical_histories_on_cpu(tmp_path, store, client):
 
 
 def test_optimizer_mode_logs_the_equivalent_penalty(tmp_path, store, client):
-    """train_size a multiple of batch_size: mode=loss and mode=optimizer train identically."""
+    """train_size a multiple of batch_size: mode=loss and mode=optimizer train identically.
+    train/loss is what each optimizer minimises: ce + l2 in the loss, the ce alone when the
+    optimizer applies the decay (its nominal penalty keeps its own name, train/l2)."""
     loss = train(make_cfg(f"tracking.uri={store}", "regularization.lam=0.5", "optimizer.lr=0.1"),
                  output_dir=tmp_path / "l")
     opt = train(make_cfg(f"tracking.uri={store}", "regularization.lam=0.5", "optimizer.lr=0.1",
                          "regularization.mode=optimizer"), output_dir=tmp_path / "o")
     for k in ("train/ce", "val/ce", "weights/sq_norm_total", "train/l2"):
         assert opt[k] == pytest.approx(loss[k], rel=1e-4), k
+    assert loss["train/loss"] == pytest.approx(loss["train/ce"] + loss["train/l2"], rel=1e-9)
+    assert opt["train/loss"] == opt["train/ce"] and opt["train/l2"] > 0.01 * opt["train/ce"]
+
+
+def test_a_dropout_runs_gap_is_against_the_training_set_in_eval_mode(tmp_path, store, client):
+    """gap/* = val − train_eval/*, and train_eval/* is the final weights without dropout on a
+    fixed subset of the training set as large as val (recomputed here by plain torch); the
+    running train/ce (dropout on, weights moving) is another number. With
+    trainer.eval_train=false there is no pass and the gap is against the running means."""
+    import torch.nn.functional as F
+
+    from l2lab.core.data import load_data
+    from l2lab.run.engine import build_net
+
+    over = ["model.dropout=0.5", "trainer.max_epochs=4", "data.train_size=120",
+            "data.val_size=60"]
+    cfg = make_cfg(f"tracking.uri={store}", *over)
+    final = train(cfg, output_dir=tmp_path / "on")
+    (run,) = runs_of(client)
+    splits = load_data(cfg.data)
+    x, y = splits.train_eval()
+    assert len(y) == 60 and torch.equal(x, splits.train[0][:60])  # as large as val
+    net = build_net(cfg, splits)
+    net.load_state_dict(torch.load(client.download_artifacts(
+        run.info.run_id, "model/state_dict.pt", str(tmp_path))))
+    net.eval()
+    with torch.no_grad():
+        logits = net(x)
+    ce = float(F.cross_entropy(logits, y))
+    acc = float((logits.argmax(1) == y).float().mean())
+    assert final["train_eval/ce"] == pytest.approx(ce, rel=1e-5)
+    assert final["train_eval/acc"] == pytest.approx(acc, abs=1e-6)
+    assert final["gap/ce"] == pytest.approx(final["val/ce"] - ce, rel=1e-5)
+    assert final["gap/acc"] == pytest.approx(acc - final["val/acc"], abs=1e-6)
+    assert abs(final["train/ce"] - ce) > 0.05  # dropout's running mean is not the fit
+    net.train()  # (and the pass really had dropout off: in train mode the CE moves)
+    with torch.no_grad():
+        assert abs(float(F.cross_entropy(net(x), y)) - ce) > 1e-3
+
+    off = train(make_cfg(f"tracking.uri={store}", *over, "trainer.eval_train=false"),
+                output_dir=tmp_path / "off")
+    assert not any(k.startswith("train_eval/") for k in off)
+    assert off["gap/ce"] == pytest.approx(off["val/ce"] - off["train/ce"], rel=1e-6)
+    assert off["train/ce"] == final["train/ce"]  # the pass changes no training
 
 
 def test_regularization_none_keeps_norms_logged(tmp_path, store, client):
@@ -121,7 +168,7 @@ def test_default_store_and_env_uri(tmp_path, monkeypatch):
     ("regularization.lam=nan", ["regularization.lam", "finite"]),
     ("regularization.layers=[conv*]", ["regularization.layers", "fc1, out"]),
     ("+regularization.lam_per_layer.fc7=0.2", ["regularization.lam_per_layer", "fc1, out"]),
-    ("data.train_size=100000", ["data.train_size", "1737"]),
+    ("data.train_size=100000", ["data.train_size", "1377"]),
     ("data.val_size=5000", ["data.val_size"]),
     ("regularization.normalize=mean", ["regularization.normalize", "batch", "dataset"]),
     ("optimizer.lr=-1", ["optimizer.lr"]),

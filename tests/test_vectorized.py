@@ -56,7 +56,10 @@ def test_buffered_metrics_reach_the_store_in_one_call_per_flush(tmp_path, store,
     train(make_cfg(f"tracking.uri={store}", "trainer.max_epochs=4",
                    "tracking.flush_every_s=1e9"), output_dir=tmp_path)
     (run,) = runs_of(client)
-    assert len(calls) == 1 and [e for e, _, _ in calls[0][run.info.run_id]] == [0, 1, 2, 3]
+    assert len(calls) == 2 and [e for e, _, _ in calls[0][run.info.run_id]] == [0, 1, 2, 3]
+    # then the digits' test split, once at the end
+    assert [(e, set(m)) for e, m, _ in calls[1][run.info.run_id]] == [(3, {"test/ce",
+                                                                          "test/acc"})]
     assert [s for s, _ in _history(client, run.info.run_id, "val/ce")] == [0, 1, 2, 3]
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["epoch"] == 3 and [e for e, _, _ in ckpt["callbacks"]["Recorder"][

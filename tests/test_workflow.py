@@ -81,7 +81,8 @@ def test_a_sweep_records_a_rejected_job_as_a_failed_child(tmp_path, store, clien
                          f"train/ce={good.data.metrics['train/ce']:.4f}  "
                          f"val/ce={good.data.metrics['val/ce']:.4f}  "
                          f"gap/ce={good.data.metrics['gap/ce']:.4f}  "
-                         f"val/acc={good.data.metrics['val/acc']:.4f}"], r.stdout
+                         f"val/acc={good.data.metrics['val/acc']:.4f}  "
+                         f"test/acc={good.data.metrics['test/acc']:.4f}"], r.stdout
     assert "epoch   0" not in r.stdout and "#0 :" not in r.stdout
     summary = pd.read_csv(tmp_path / "multirun" / "rej" / "report" / "summary.csv")
     assert summary["lam"].tolist() == [0.01]  # no row of n/a for the rejected λ

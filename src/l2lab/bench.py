@@ -166,7 +166,7 @@ def overrides_for(args: argparse.Namespace, device: torch.device) -> list[str]:
           f"data.batch_size={args.batch_size}", f"trainer.max_epochs={args.epochs}",
           f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}", "trainer.devices=1",
           "seed=0"]
-    # null: all 1200 (the digits preset's own default is a 200-example subset)
+    # null: all 840 (the pool less val and the test split; the preset's own default is 200)
     ov.append(f"data.train_size={'null' if args.train_size is None else args.train_size}")
     return ov
 
@@ -288,7 +288,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "doing the same training (digits, MLP, L2 λ=1e-3, SGD); prints one JSON object.")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--train-size", type=int, default=None,
-                   help="training examples (default: all the digits split leaves, 1200)")
+                   help="training examples (default: all the digits split leaves, 840)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--hidden", default="256,256", help="MLP widths, comma-separated")
     p.add_argument("--repeats", type=int, default=None,

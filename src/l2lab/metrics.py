@@ -15,6 +15,11 @@ TRAIN_L2 = "train/l2"
 VAL_CE = "val/ce"
 VAL_ACC = "val/acc"
 GAP_CE = "gap/ce"
+GAP_ACC = "gap/acc"
+#: The training subset in eval mode at epoch end (design.md §4); gap/* is against these where
+#: they are logged, else against the running train means (``trainer.eval_train=false``).
+TRAIN_EVAL_CE = "train_eval/ce"
+TRAIN_EVAL_ACC = "train_eval/acc"
 TEST_CE = "test/ce"
 TEST_ACC = "test/acc"
 WEIGHT_NORM_TOTAL = "weights/sq_norm_total"
@@ -33,7 +38,9 @@ JOB_LINE: tuple[str, ...] = TABLE
 #: A single run's closing line (design.md §4: train/ce, val/ce, gap/ce and test/acc).
 RUN_LINE: tuple[str, ...] = (TRAIN_CE, VAL_CE, GAP_CE, TEST_ACC)
 #: A single run's line per epoch.
-EPOCH_LINE: tuple[str, ...] = (TRAIN_CE, TRAIN_L2, VAL_CE, GAP_CE, VAL_ACC)
+EPOCH_LINE: tuple[str, ...] = (TRAIN_CE, TRAIN_L2, TRAIN_EVAL_CE, VAL_CE, GAP_CE, VAL_ACC)
+#: What a line that shows gap/* adds when the gap is against the running train means.
+RUNNING_GAP = "(gap/* against the running train means: trainer.eval_train=false)"
 #: The learning-curve panels of the figures, in panel order.
 CURVES: tuple[str, ...] = (TRAIN_CE, VAL_CE)
 #: The per-epoch histories read back for a report: the curves, the weight-norm figure, and
@@ -41,7 +48,15 @@ CURVES: tuple[str, ...] = (TRAIN_CE, VAL_CE)
 HISTORY: tuple[str, ...] = (*CURVES, WEIGHT_NORM_TOTAL)
 
 
+def running_gap(metrics: Mapping[str, float]) -> bool:
+    """Whether a run's gap/* is against the running train means (no eval-mode pass)."""
+    return GAP_CE in metrics and TRAIN_EVAL_CE not in metrics
+
+
 def shown(metrics: Mapping[str, float], names: tuple[str, ...]) -> str:
     """``"train/ce=0.1234  val/ce=..."``: the ``names`` a line shows, those present, 4 decimals
-    (the one format of every such line)."""
-    return "  ".join(f"{k}={metrics[k]:.4f}" for k in names if k in metrics)
+    (the one format of every such line); a gap against the running train means says so."""
+    text = "  ".join(f"{k}={metrics[k]:.4f}" for k in names if k in metrics)
+    if GAP_CE in names and running_gap(metrics):
+        text += "  " + RUNNING_GAP
+    return text

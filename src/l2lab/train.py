@@ -15,6 +15,11 @@ are imported once the config has passed :func:`l2lab.config.schema.validate`.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m l2lab.train: from the first import on, Ctrl-C is one line
+    from l2lab.run.lifecycle import guard_startup
+
+    guard_startup()
+
 import functools
 import json
 import math
@@ -75,11 +80,18 @@ def train(cfg: DictConfig, *, overrides: Sequence[str] = (), output_dir: Path | 
     metrics = _fit(todo, client, sweep)
     job, rid = todo.job, todo.job.tracker.run_id
     epochs = int(job.cfg.trainer.max_epochs)
-    if sweep:
-        say(job_line(_job_label(job.name), rid, epochs, metrics))
-    else:
-        say(_summary("FINISHED", rid, job.name, metrics, epochs, job.output_dir,
-                     ui_url(client, rid, uri)))
+    from l2lab.run import lifecycle
+
+    try:
+        if sweep:
+            say(job_line(_job_label(job.name), rid, epochs, metrics))
+        else:
+            say(_summary("FINISHED", rid, job.name, metrics, epochs, job.output_dir,
+                         ui_url(client, rid, uri)))
+    except lifecycle.Interrupted as e:  # the run is whole: say so, not "nothing recorded"
+        say(f"\nl2lab: run {rid} FINISHED before the {e}; its record is complete.", err=True)
+        e.l2lab_reported = True  # type: ignore[attr-defined]
+        raise
     return metrics
 
 
@@ -100,6 +112,7 @@ def reported(fit: Callable[[Plan, object, dict | None], Metrics]
             return fit(todo, client, sweep)
         except lifecycle.Interrupted as e:
             say(_killed_line(job, sweep, e), err=True)
+            e.l2lab_reported = True  # type: ignore[attr-defined]
             raise
         except BaseException as e:
             if sweep and job.tracker is not None:
@@ -234,7 +247,7 @@ def hydra_main(cfg: DictConfig) -> float:
     except Interrupted as e:  # the runs are KILLED and the line printed: stop, as Ctrl-C does
         if multirun:
             raise  # past Hydra's launcher (not an Exception) to main(), which ends the sweep
-        sys.exit(e.exit_code)
+        _stopped(e)
     except Exception as e:
         return _failed(e, multirun)
     return float(metrics.get("val/ce", math.nan))
@@ -278,10 +291,35 @@ def _failed(e: Exception, multirun: bool) -> float:
     sys.exit(2 if isinstance(e, ConfigError) else 1)
 
 
+def _stopped(e: BaseException) -> None:
+    """A single run's Ctrl-C/SIGTERM: exit 128 + signal with one line, the KILLED line when the
+    run existed (said already), else that nothing was recorded."""
+    from l2lab.run import lifecycle
+
+    signum = getattr(e, "signum", signal.SIGINT)
+    if not getattr(e, "l2lab_reported", False):
+        say(f"\n{lifecycle.nothing_recorded(signum)}", err=True)
+    sys.exit(128 + signum)
+
+
 def main() -> None:
     """``python -m l2lab.train`` / ``l2lab-train``: unknown keys are refused (with the closest
-    valid ones) before Hydra composes, so no run and no sweep starts on a typo."""
+    valid ones) before Hydra composes, so no run and no sweep starts on a typo. Ctrl-C at any
+    point ends with one line and no traceback (``lifecycle``)."""
+    from l2lab.run import lifecycle
+
     argv = sys.argv[1:]
+    if not any(a in ("-m", "--multirun") for a in argv):
+        try:
+            with lifecycle.interrupts():
+                _main(argv)
+        except (lifecycle.Interrupted, KeyboardInterrupt) as e:
+            _stopped(e)
+        return
+    _main(argv)
+
+
+def _main(argv: list[str]) -> None:
     other = ("--hydra-help", "--shell-completion", "-sc", "--info",  # or another primary config:
              "--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd")
     if not any(a.split("=")[0] in other for a in argv):

@@ -30,6 +30,8 @@ from l2lab.core.rules import DEFAULT_PENALTY, MODES, NORMALIZE, check_lams, chec
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 CLIP_ALGORITHMS = ("norm", "value")
+#: ``trainer`` keys that l2lab reads itself and does not hand to Lightning's Trainer.
+OWN_TRAINER_KEYS = ("eval_train",)
 #: Dict-valued keys whose entries the user adds with ``+key.<name>=value`` (design.md §3).
 OPEN_DICTS = ("regularization.lam_per_layer",)
 
@@ -137,6 +139,7 @@ class TrainerConfig:
     num_nodes: int = 1
     gradient_clip_val: float | None = None  # each network clipped by its own norm
     gradient_clip_algorithm: str | None = None  # norm (Lightning's default) or value
+    eval_train: bool = True  # train_eval/* each epoch, and gap/* against it (design.md §4)
 
 
 @dataclass

@@ -52,7 +52,7 @@ ANY = object()
 STACKABLE_TRAINER: dict[str, object] = {
     "max_epochs": ANY, "accelerator": ANY, "deterministic": ANY, "enable_progress_bar": ANY,
     "devices": (1, "1"), "num_nodes": (1,), "strategy": ("auto",),
-    "precision": ("32-true", "32", 32),
+    "precision": ("32-true", "32", 32), "eval_train": ANY,
 }
 _MARK = "<stacked>"
 

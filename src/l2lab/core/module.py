@@ -88,6 +88,9 @@ class L2Module(pl.LightningModule):
         self.failures: dict[int, str] = {}
         self.epoch_metrics: list[dict[str, float] | None] = []
         self.test_metrics: list[dict[str, float]] = []
+        #: the split each validation loader measures, by its dataloader_idx (the run layer
+        #: sets it: ``("val", "train_eval")``, either alone, or none)
+        self.eval_splits: tuple[str, ...] = ("val",)
         self._val_metrics: dict[str, list[float]] = {}
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, float] = {}
@@ -126,7 +129,7 @@ class L2Module(pl.LightningModule):
         self._sums[key] = self._sums[key] + v if key in self._sums else v
         self._counts[key] = self._counts.get(key, 0) + n
 
-    def _means(self, prefix: str) -> dict[str, list[float]]:
+    def _means(self, prefix: str | tuple[str, ...]) -> dict[str, list[float]]:
         """Epoch means (K values per key), fetched from the device in one transfer. Under DDP
         the sums and counts are first added over ranks (one collective)."""
         keys = [key for key in self._sums if key.startswith(prefix)]
@@ -242,10 +245,13 @@ class L2Module(pl.LightningModule):
             if not self.alive[i]:
                 continue
             d = {key: v[pos] for key, v in m.items()}
-            # ce + the terms added as the step adds them (a constraint alone, max-norm, has none)
+            # what the optimizer minimises: ce + the terms added as the step adds them (a
+            # constraint alone, max-norm, has none); under mode=optimizer the ce alone, the
+            # decay's nominal terms logged under their own names (design.md §4)
+            in_loss = names and self.modes[pos] == "loss"
             d["train/loss"] = d["train/ce"] + added({n: d[f"train/{n}"] for n in names}) \
-                if names else d["train/ce"]
-            if not math.isfinite(d["train/loss"]):
+                if in_loss else d["train/ce"]
+            if not all(math.isfinite(d[f"train/{n}"]) for n in ("loss", *names)):
                 self.alive[i] = False
                 self.failures[i] = nonfinite_message(self.current_epoch, d, names)
                 dead.append(pos)
@@ -259,9 +265,10 @@ class L2Module(pl.LightningModule):
             d["weights/sq_norm_total"] = sum(d[f"weights/sq_norm/{name}"] for name in sq
                                              if name in own)
             d.update({key: v[pos] for key, v in val.items()})
-            if "val/ce" in d:
-                d["gap/ce"] = d["val/ce"] - d["train/ce"]
-                d["gap/acc"] = d["train/acc"] - d["val/acc"]
+            if "val/ce" in d:  # against the eval-mode pass where there is one (design.md §4)
+                train = "train_eval" if "train_eval/ce" in d else "train"
+                d["gap/ce"] = d["val/ce"] - d[f"{train}/ce"]
+                d["gap/acc"] = d[f"{train}/acc"] - d["val/acc"]
             per_net[i] = d
         self.epoch_metrics = per_net
         if not any(self.alive):
@@ -319,12 +326,16 @@ class L2Module(pl.LightningModule):
         zero_optimizer_state(self.trainer.optimizers[0], pos, self.k)
 
     # -- evaluation ----------------------------------------------------------------------------
-    def validation_step(self, batch, batch_idx: int) -> None:
-        ce, n = self._ce_step(batch, "val")
-        self._add("val/ce", ce, n)
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """A chunk of the validation split, or of the training subset measured in eval mode
+        (``train_eval``: no dropout, BatchNorm's running statistics, the weights the epoch
+        ended with), every network on all of it."""
+        split = self.eval_splits[dataloader_idx]
+        ce, n = self._ce_step(batch, split)
+        self._add(f"{split}/ce", ce, n)
 
     def on_validation_epoch_end(self) -> None:
-        means = self._means("val/")
+        means = self._means(("val/", "train_eval/"))
         if not self.trainer.sanity_checking:  # contract: no sanity-check values are logged
             self._val_metrics = means
 

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning import Callback
 
 from l2lab.base import ConfigError
+from l2lab.config.schema import OWN_TRAINER_KEYS
 
 STRATEGIES = ("auto", "ddp")
 HANDOFF = "ddp_handoff.yaml"
@@ -65,6 +66,8 @@ def trainer_kwargs(cfg: DictConfig) -> dict:
     """``cfg.trainer`` as Trainer kwargs; multi-device runs get DDP with the plain environment
     (also under SLURM, whose environment would take the job's one task for the ranks)."""
     kw = OmegaConf.to_container(cfg.trainer, resolve=True)
+    for key in OWN_TRAINER_KEYS:  # l2lab's own, not Lightning's
+        kw.pop(key, None)
     if kw.get("strategy", "auto") in STRATEGIES:
         from pytorch_lightning.plugins.environments import LightningEnvironment
 

@@ -187,13 +187,24 @@ def lightning_fit(cfg: DictConfig, module: L2Module, splits, recorder, seeds: Se
         # data.val_size=0 (experiment=mnist1d, as the paper) has no val loop by design
         warnings.filterwarnings(
             "ignore", ".*(many workers|smaller than the logging|no `val_dataloader`).*")
-        val = TensorBatches(*splits.val, val_batch, **shard) if len(splits.val[1]) else None
+        evals = {"val": splits.val, "train_eval": splits.train_eval() if eval_train(cfg)
+                 else None}
+        evals = {split: xy for split, xy in evals.items() if xy is not None and len(xy[1])}
+        module.eval_splits = tuple(evals)
+        val = [TensorBatches(*xy, val_batch, **shard) for xy in evals.values()] or None
         trainer.fit(module, train_dataloaders=StackedBatches(
             *splits.train, int(cfg.data.batch_size), list(seeds), **shard),
             val_dataloaders=val, ckpt_path=str(ckpt) if ckpt else None, weights_only=False)
         if splits.test is not None:
             trainer.test(module, dataloaders=TensorBatches(*splits.test, val_batch, **shard),
                          verbose=False)
+
+
+def eval_train(cfg: DictConfig) -> bool:
+    """``trainer.eval_train``: measure the training subset in eval mode at each epoch's end
+    (``train_eval/*``, which ``gap/*`` then uses). A config logged before the key existed (a
+    resumed run) continues without the pass, so that its gap keeps one definition throughout."""
+    return bool(cfg.trainer.get("eval_train", False))
 
 
 def flush_every_s(cfg: DictConfig) -> float:

@@ -39,6 +39,26 @@ def _raise(signum: int, frame) -> None:  # noqa: ANN001
     raise Interrupted(signum)
 
 
+def nothing_recorded(signum: int) -> str:
+    """The one line of a process stopped before it created any run."""
+    return (f"l2lab: {Interrupted(signum).reason} during start-up, before any run was created: "
+            "nothing was recorded.")
+
+
+def _exit_at_startup(signum: int, frame) -> None:  # noqa: ANN001
+    print(f"\n{nothing_recorded(signum)}", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
+
+
+def guard_startup() -> None:
+    """From a command's first import on, Ctrl-C prints :func:`nothing_recorded` and exits 130.
+    It raises ``SystemExit``, which Python ends without a traceback from whatever import it
+    lands in (a ``KeyboardInterrupt`` there printed 80-110 lines of import frames); the
+    command's ``main`` replaces it by :func:`interrupts` once its imports are done."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _exit_at_startup)
+
+
 @contextlib.contextmanager
 def interrupts() -> Iterator[None]:
     """Within the block, SIGINT and SIGTERM raise :class:`Interrupted`; the previous handlers are

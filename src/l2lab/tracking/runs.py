@@ -43,6 +43,11 @@ def config_hash(cfg: DictConfig | Mapping) -> str:
             # its patterns match first-wins: their order is part of what is trained
             reg["lam_per_layer"] = list(reg["lam_per_layer"].items())
         tree["regularization"] = reg
+    trainer = tree.get("trainer")
+    if isinstance(trainer, Mapping) and trainer.get("eval_train") is True:
+        # the eval-mode pass changes what is logged, not what is trained: runs logged before
+        # the key existed keep the identity they were logged with (false is a choice to see)
+        tree["trainer"] = {k: v for k, v in trainer.items() if k != "eval_train"}
     text = json.dumps(tree, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
