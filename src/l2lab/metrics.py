@@ -18,6 +18,8 @@ GAP_CE = "gap/ce"
 TEST_CE = "test/ce"
 TEST_ACC = "test/acc"
 WEIGHT_NORM_TOTAL = "weights/sq_norm_total"
+#: ``weights/sq_norm/<layer>``: one layer's ||W||_F² (the figure sums the layers every run has).
+WEIGHT_NORM_LAYER = "weights/sq_norm/"
 
 #: The final metrics the sweep summary (``summary.csv``, the table) gives per row, in column
 #: order; also a reused run's line.
