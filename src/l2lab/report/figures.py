@@ -274,42 +274,49 @@ def norm_caption(runs: Sequence[RunRecord]) -> str:
             "the mechanism (L2 is weight decay).")
 
 
-#: The cross-entropy panels' y range ends at this quantile of the points after epoch 0 (plus a
-#: margin): epoch 0 and a far-underfitting λ would otherwise squash the curves that matter into
-#: a band. Lines above leave the panel, which says so.
-Y_QUANTILE = 0.9
+#: The cross-entropy panels' y range ends at Tukey's upper fence of the points after epoch 0
+#: (Q3 + FENCE·IQR): epoch 0 and a far-underfitting λ would otherwise squash the curves that
+#: matter into a band. Lines above leave the panel, which names them.
+FENCE = 1.5
 
 
-def robust_ylim(ax: Axes, curves: Sequence[tuple[np.ndarray, np.ndarray]]) -> bool:
-    """Clip the y range to [lowest point, Y_QUANTILE of the points from epoch 1 on]; return
-    whether some point is cut off (then the panel notes it)."""
+def robust_ylim(ax: Axes, curves: Sequence[tuple[np.ndarray, np.ndarray]],
+                labels: Sequence[str] = ()) -> bool:
+    """Clip the y range to [lowest point, upper fence of the points from epoch 1 on] when some
+    point lies above the fence; return whether it did (the panel then says so, naming the
+    curves (``labels``) that lie wholly above)."""
     ys = np.concatenate([y for _, y in curves])
     later = np.concatenate([y[x >= 1] for x, y in curves])
     ys, later = ys[np.isfinite(ys)], later[np.isfinite(later)]
     if not later.size:
         return False
-    bottom, top = float(ys.min()), float(np.quantile(later, Y_QUANTILE))
+    q1, q3 = np.quantile(later, [0.25, 0.75])
+    bottom, top = float(ys.min()), float(q3 + FENCE * (q3 - q1))
     if ys.max() <= top or top <= bottom:
         return False
     pad = 0.08 * (top - bottom)
     ax.set_yscale("linear")
     ax.set_ylim(bottom - pad, top + pad)
     ax.yaxis.set_major_locator(ticker.MaxNLocator(nbins=6))
-    ax.text(0.99, 0.99, f"y cut at the {Y_QUANTILE:.0%} quantile of epochs ≥ 1",
+    above = [name for name, (x, y) in zip(labels, curves, strict=False)
+             if np.all(y[x >= 1] > top + pad)]
+    ax.text(0.99, 0.99, "y cut at the upper fence of epochs ≥ 1"
+            + (f"; above: {', '.join(above)}" if above else ""),
             transform=ax.transAxes, ha="right", va="top", fontsize="x-small", color="0.35")
     return True
 
 
 def draw_curves(ax: Axes, curves: Sequence[tuple[np.ndarray, np.ndarray]], *,
-                weights: bool) -> None:
-    """The y axis of a panel of curves: log where they span decades; cross-entropy clipped to
-    its robust range (:func:`robust_ylim`)."""
+                weights: bool, labels: Sequence[str] = ()) -> None:
+    """The axes of a panel of curves: whole epochs; y log where they span decades, and for
+    cross-entropy clipped to its robust range (:func:`robust_ylim`)."""
     readable_log_y(ax, [c[1] for c in curves])
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))  # epochs: no 0.25
     if not weights:
-        robust_ylim(ax, curves)
+        robust_ylim(ax, curves, labels)
 
 
-def plot_curves(cells: Sequence[Cell], path: Path, *, weights: bool) -> None:
+def plot_curves(cells: Sequence[Cell], path: Path, *, weights: bool) -> Figure:
     """Learning curves (train and val CE, side by side) or weight norms against epoch, mean
     over seeds, one colour per cell: distinct colours with a legend for up to MAX_LEGEND
     cells, a colour scale in λ order with a labelled colour bar beyond."""
@@ -325,18 +332,19 @@ def plot_curves(cells: Sequence[Cell], path: Path, *, weights: bool) -> None:
     for ax, (metric, ylabel) in zip(axes, panels, strict=True):
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
-        values = []
+        values, names = [], []
         for cell, color in zip(shown, colors, strict=True):
             curve = mean_curve(cell.finished, metric)
             if curve is None:
                 continue
             ax.plot(*curve, color=color, linewidth=1.6, label=cell_label(cell))
             values.append(curve)
+            names.append(cell_label(cell))
         if not values:
             placeholder(ax, "no finished runs" if not shown else "no history recorded")
             continue
         drawn_any = True
-        draw_curves(ax, values, weights=weights)
+        draw_curves(ax, values, weights=weights, labels=names)
         ax.grid(True, alpha=0.3)
     if drawn_any:
         if len(shown) <= MAX_LEGEND:
@@ -346,6 +354,7 @@ def plot_curves(cells: Sequence[Cell], path: Path, *, weights: bool) -> None:
         else:
             _colorbar(fig, list(axes), shown, colors)
     save(fig, path)
+    return fig
 
 
 # --------------------------------------------------------------------------- conditions
@@ -361,7 +370,7 @@ def _panel_grid(fig: Figure, n: int, cols: int | None = None) -> list[Axes]:
     return flat[:n]
 
 
-def plot_condition_curves(conditions: Sequence, path: Path, cols: int | None = None) -> None:
+def plot_condition_curves(conditions: Sequence, path: Path, cols: int | None = None) -> Figure:
     """One panel per condition (a :class:`l2lab.report.conditions.Condition`): final train and
     val CE against λ with their 95% bands, the condition's best λ starred and the λ not
     distinguishable from it shaded. Shared y, so the panels compare at a glance; titles are the
@@ -411,6 +420,7 @@ def plot_condition_curves(conditions: Sequence, path: Path, cols: int | None = N
                Patch(color=VAL_COLOR, alpha=0.2, label="95% interval")]
     side_legend(fig, handles)
     save(fig, path)
+    return fig
 
 
 def plot_best_lambda(keys: Sequence[str], conditions: Sequence, path: Path, *,
@@ -519,7 +529,7 @@ def _heat_colorbar(fig: Figure, image, axes, grids: Sequence[np.ndarray], hi: fl
                  label="mean final val/ce (nats)" + ("; ▲: worse" if over else ""))
 
 
-def plot_heatmap(summary: pd.DataFrame, key: str, path: Path) -> None:
+def plot_heatmap(summary: pd.DataFrame, key: str, path: Path) -> Figure:
     """Mean final val/ce over λ (columns) × one numeric factor (rows), as in Loshchilov & Hutter
     2019, Fig. 2: each row's best cell boxed, the overall best starred, values written in the
     cells when the grid is small enough to read them; the colour scale spans the cells near
@@ -537,9 +547,10 @@ def plot_heatmap(summary: pd.DataFrame, key: str, path: Path) -> None:
                  fontsize="medium")
     _heat_colorbar(fig, image, ax, [grid], hi)
     save(fig, path)
+    return fig
 
 
-def plot_arm_heatmaps(fac, path: Path) -> None:
+def plot_arm_heatmaps(fac, path: Path) -> Figure:
     """One heatmap per arm (a :class:`l2lab.report.conditions.Factorial`), side by side on one
     colour scale: λ × the numeric factor, each row's best boxed, each arm's lowest starred."""
     from matplotlib.colors import Normalize
@@ -562,9 +573,10 @@ def plot_arm_heatmaps(fac, path: Path) -> None:
         ax.set_title(fmt_value(arm), fontsize="medium")
     _heat_colorbar(fig, image, list(axes), [p[3] for p in parts], hi)
     save(fig, path)
+    return fig
 
 
-def plot_arm_best_lambda(fac, path: Path) -> None:
+def plot_arm_best_lambda(fac, path: Path) -> Figure:
     """Best λ against the numeric factor, one line per arm, each point's bar the λ not
     distinguishable from it; arms side by side a little apart (a log x axis: a factor) so that
     their bars do not hide each other."""
@@ -597,7 +609,7 @@ def plot_arm_best_lambda(fac, path: Path) -> None:
     if not handles:
         placeholder(ax, "no finished runs")
         save(fig, path)
-        return
+        return fig
     if log_x:
         ax.set_xscale("log")
     ax.xaxis.set_major_locator(ticker.FixedLocator(levels))
@@ -615,9 +627,10 @@ def plot_arm_best_lambda(fac, path: Path) -> None:
     ax.grid(True, alpha=0.3)
     side_legend(fig, handles)
     save(fig, path)
+    return fig
 
 
-def plot_arm_histories(fac, path: Path, *, weights: bool) -> None:
+def plot_arm_histories(fac, path: Path, *, weights: bool) -> Figure:
     """Learning curves (val CE solid, train CE dashed) or weight norms against epoch: one row of
     panels per arm, one panel per value of the numeric factor, one colour per λ (the same in
     every panel), one shared legend."""
@@ -640,7 +653,7 @@ def plot_arm_histories(fac, path: Path, *, weights: bool) -> None:
             ax.set_title(f"{fmt_value(arm)}, {tail(fac.num_key)}={fmt_value(level)}",
                          fontsize="small")
             cond = fac.cells.get((arm, level))
-            curves = []
+            curves, names = [], []
             for cell in cond.cells if cond is not None else []:
                 for (metric, _), style in zip(metrics, ("-", "--"), strict=False):
                     curve = mean_curve(cell.finished, metric)
@@ -648,10 +661,12 @@ def plot_arm_histories(fac, path: Path, *, weights: bool) -> None:
                         ax.plot(*curve, color=colors.get(cell.lam, "0.5"), linewidth=1.5,
                                 linestyle=style)
                         curves.append(curve)
+                        names.append(f"λ={fmt_value(cell.lam)}"
+                                     + ("" if weights else f" {metric.split('/')[0]}"))
             if not curves:
                 placeholder(ax, "no history recorded")
                 continue
-            draw_curves(ax, curves, weights=weights)
+            draw_curves(ax, curves, weights=weights, labels=names)
             ax.tick_params(labelsize="small")
             ax.grid(True, alpha=0.3)
         axes[r][0].set_ylabel(metrics[0][1], fontsize="small")
@@ -664,9 +679,10 @@ def plot_arm_histories(fac, path: Path, *, weights: bool) -> None:
                     Line2D([], [], color="0.3", linestyle="--", label="train")]
     side_legend(fig, handles)
     save(fig, path)
+    return fig
 
 
-def plot_condition_histories(conditions: Sequence, path: Path, *, weights: bool) -> None:
+def plot_condition_histories(conditions: Sequence, path: Path, *, weights: bool) -> Figure:
     """Learning curves (train and val CE) or weight norms against epoch with one row of panels
     per condition and one colour per λ, the same λ the same colour in every row: 4 conditions ×
     8 λ read as 8 legend entries, not 32."""
@@ -683,16 +699,17 @@ def plot_condition_histories(conditions: Sequence, path: Path, *, weights: bool)
     for row, cond in zip(axes, conditions, strict=True):
         for ax, (metric, ylabel) in zip(row, panels, strict=True):
             ax.set_ylabel(f"{cond.short}\n{ylabel}", fontsize="small")
-            values = []
+            values, names = [], []
             for cell in cond.cells:
                 curve = mean_curve(cell.finished, metric)
                 if curve is not None:
                     ax.plot(*curve, color=colors[cell.lam], linewidth=1.5)
                     values.append(curve)
+                    names.append(f"λ={fmt_value(cell.lam)}")
             if not values:
                 placeholder(ax, "no history recorded")
                 continue
-            draw_curves(ax, values, weights=weights)
+            draw_curves(ax, values, weights=weights, labels=names)
             ax.tick_params(labelsize="small")
             ax.grid(True, alpha=0.3)
     for ax in axes[-1]:
@@ -705,3 +722,4 @@ def plot_condition_histories(conditions: Sequence, path: Path, *, weights: bool)
         _colorbar(fig, list(axes.ravel()), [Cell({}, lam, []) for lam in lams],
                   [colors[lam] for lam in lams])
     save(fig, path)
+    return fig

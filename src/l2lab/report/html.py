@@ -44,8 +44,9 @@ FIGURES: tuple[tuple[str, str], ...] = (
     ("lambda_curve", "Final train and val cross-entropy against λ (symlog axis, so λ = 0 "
                      "shows): the U-curve. Bands: 95% t-interval of the mean over seeds."),
     ("learning_curves", "Train and val cross-entropy against epoch, mean over seeds, one colour "
-                        "per λ. The y range ends at the 90% quantile of the points from epoch 1 "
-                        "on (epoch 0 and a far-underfitting λ leave the panel, which says so)."),
+                        "per λ. The y range ends at the upper fence (Q3 + 1.5·IQR, Tukey) of the "
+                        "points from epoch 1 on: epoch 0 and a far-underfitting λ leave the "
+                        "panel, which names them."),
     ("weight_norms", ""),  # what it sums depends on the runs: figures.norm_caption
     ("best_lambda", "Best λ (lowest mean final val/ce) of each condition; the bar spans the λ "
                     "not distinguishable from it (paired t-test over seeds, 5% level)."),
@@ -62,7 +63,7 @@ ARM_CAPTIONS = {
                    "not distinguishable from it (paired t-test over seeds, 5% level).",
     "learning_curves": "Val (solid) and train (dashed) cross-entropy against epoch, mean over "
                        "seeds: a row of panels per arm, one colour per λ. The y range ends at "
-                       "the 90% quantile of the points from epoch 1 on.",
+                       "the upper fence (Q3 + 1.5·IQR, Tukey) of the points from epoch 1 on.",
 }
 #: The caption of the λ curve when the sweep has conditions (one panel each).
 CONDITION_CURVE = ("Final train and val cross-entropy against λ, one panel per condition "
