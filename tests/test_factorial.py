@@ -76,6 +76,20 @@ def test_an_arm_beside_a_number_is_faceted_and_each_arms_shift_is_measured_in_de
     assert [c.label for c in conds[:2]] == ["decoupled, lr=0.001", "decoupled, lr=0.003"]
 
 
+def test_the_arm_is_found_whichever_key_the_sweep_names_first():
+    runs = lr_sweep()
+    for r in runs:  # optimizer.lr before regularization
+        r.swept = {k: r.swept[k] for k in ("regularization.lam", "optimizer.lr",
+                                           "regularization.mode", "regularization")}
+    keys, conds = cd.split(runs)
+    assert keys == ["optimizer.lr", "regularization"]
+    fac = cd.factorial(keys, conds)
+    assert (fac.arm_key, fac.num_key) == ("regularization", "optimizer.lr")
+    assert [c.label for c in fac.ordered] == [
+        f"lr={lr}, {arm}" for arm in ("decoupled", "l2") for lr in ("0.001", "0.003", "0.01")]
+    assert fac.shift("l2").decades == pytest.approx(-1.0)
+
+
 def test_the_shift_is_only_as_sure_as_the_ranges_and_lambda_zero_has_no_log():
     clear, text = cd.shifts_differ([cd.Shift("a", [], -1.0, -1.5, -0.5),
                                     cd.Shift("c", [], -0.5, -1.0, 0.0)])

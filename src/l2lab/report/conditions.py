@@ -460,6 +460,12 @@ class Factorial:
         """The arm's conditions, numeric order (levels without runs left out)."""
         return [self.cells[(arm, v)] for v in self.levels if (arm, v) in self.cells]
 
+    @property
+    def ordered(self) -> list[Condition]:
+        """Every condition, arm by arm (a row of panels each), numeric order within an arm,
+        whichever key the sweep named first."""
+        return [c for arm in self.arms for c in self.row(arm)]
+
     def summary(self, arm: str) -> pd.DataFrame:
         """The arm's summary rows (λ × level), the level in column ``num_key``: what
         :func:`heatmap_grid` reads."""

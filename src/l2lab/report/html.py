@@ -114,7 +114,7 @@ def write_report(runs: Sequence[RunRecord], out_dir: Path,
     summary.to_csv(paths["summary"], index=False)
     _, cells = cells_of(trained(runs))
     if fac is not None:  # an arm × a number: faceted by the arm
-        figures.plot_condition_curves(conds, paths["lambda_curve"], cols=len(fac.levels))
+        figures.plot_condition_curves(fac.ordered, paths["lambda_curve"], cols=len(fac.levels))
         figures.plot_arm_best_lambda(fac, paths["best_lambda"])
         figures.plot_arm_heatmaps(fac, paths["heatmap"])
         figures.plot_arm_histories(fac, paths["learning_curves"], weights=False)
