@@ -119,20 +119,21 @@ def write_report(runs: Sequence[RunRecord], out_dir: Path,
         figures.plot_arm_heatmaps(fac, paths["heatmap"])
         figures.plot_arm_histories(fac, paths["learning_curves"], weights=False)
         figures.plot_arm_histories(fac, paths["weight_norms"], weights=True)
-    elif keys:
-        figures.plot_condition_curves(conds, paths["lambda_curve"])
-        figures.plot_best_lambda(keys, conds, paths["best_lambda"],
-                                 numeric=cd.numeric_key(keys, conds))
-        if "heatmap" in paths:
-            figures.plot_heatmap(summary, keys[0], paths["heatmap"])
     else:
-        figures.plot_lambda_curve(summary, paths["lambda_curve"])
-    if fac is None and keys and len(conds) <= figures.MAX_PANEL_ROWS:
-        figures.plot_condition_histories(conds, paths["learning_curves"], weights=False)
-        figures.plot_condition_histories(conds, paths["weight_norms"], weights=True)
-    elif fac is None:
-        figures.plot_curves(cells, paths["learning_curves"], weights=False)
-        figures.plot_curves(cells, paths["weight_norms"], weights=True)
+        if keys:
+            figures.plot_condition_curves(conds, paths["lambda_curve"])
+            figures.plot_best_lambda(keys, conds, paths["best_lambda"],
+                                     numeric=cd.numeric_key(keys, conds))
+            if "heatmap" in paths:
+                figures.plot_heatmap(summary, keys[0], paths["heatmap"])
+        else:
+            figures.plot_lambda_curve(summary, paths["lambda_curve"])
+        if keys and len(conds) <= figures.MAX_PANEL_ROWS:
+            figures.plot_condition_histories(conds, paths["learning_curves"], weights=False)
+            figures.plot_condition_histories(conds, paths["weight_norms"], weights=True)
+        else:
+            figures.plot_curves(cells, paths["learning_curves"], weights=False)
+            figures.plot_curves(cells, paths["weight_norms"], weights=True)
     paths["report"].write_text(render_html(summary, runs, paths, context or ReportContext()),
                                encoding="utf-8")
     return paths
