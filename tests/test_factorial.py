@@ -102,8 +102,14 @@ def test_the_shift_is_only_as_sure_as_the_ranges_and_lambda_zero_has_no_log():
     l2 = fac.shift("l2")
     assert l2.points[0][1] == 0.0 and math.isnan(l2.decades) and l2.hi == math.inf
     line = cd.shift_line(fac, l2)
-    assert "moves an unbounded number of decades across lr 0.001–0.01 (best λ = 0 at one " \
-           "end; the ranges allow " in line
+    assert "moves an unbounded number of decades across lr 0.001–0.01 (best λ = 0 at " \
+           "lr=0.001, which has no log; the ranges allow " in line
+    runs = lr_sweep({"l2": {"0.001": 1e-9, "0.01": 1e-9}, "decoupled": {"0.001": 0.3,
+                                                                      "0.01": 0.3}})
+    fac = cd.factorial(*cd.split(runs))
+    assert "l2: best λ (range) 0 (" in cd.shift_line(fac, fac.shift("l2"))
+    assert ": λ = 0 at both ends, no move to measure in decades (the ranges allow " in \
+        cd.shift_line(fac, fac.shift("l2"))
 
 
 def test_shifts_whose_bounds_touch_are_not_apart():

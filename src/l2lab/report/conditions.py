@@ -526,9 +526,12 @@ def shift_line(fac: Factorial, sh: Shift) -> str:
         return f"{head}: its shift needs two {name} values with finished runs"
     span = f"across {name} {fmt_value(sh.points[0][0])}–{fmt_value(sh.points[-1][0])}"
     bounds = f"the ranges allow {_decades(sh.lo)} to {_decades(sh.hi)}"
-    if math.isnan(sh.decades):
-        return (f"{head}: moves an unbounded number of decades {span} (best λ = 0 at one "
-                f"end; {bounds})")
+    zero = [fmt_value(p[0]) for p in (sh.points[0], sh.points[-1]) if p[1] == 0]
+    if len(zero) == 2:
+        return f"{head}: λ = 0 at both ends, no move to measure in decades ({bounds})"
+    if zero:
+        return (f"{head}: moves an unbounded number of decades {span} (best λ = 0 at "
+                f"{name}={zero[0]}, which has no log; {bounds})")
     return f"{head}: moves {_decades(sh.decades)} decades {span} ({bounds})"
 
 
