@@ -382,7 +382,10 @@ def test_a_real_sweep_prints_one_line_per_train_size_and_logs_the_figures(size_s
     # ... and links the shared view of its children (tests/test_shared_view.py opens one)
     key = f"viewStateShareKey={parent.info.run_id}"
     assert key in note and f"&{key}" in next(ln for ln in out.splitlines() if "charts: " in ln)
-    assert f"&amp;{key}" in (report / "index.html").read_text()  # the report's link: the same
+    page = (report / "index.html").read_text()
+    assert f"&amp;{key}" in page  # the report's link: the same
+    # the layers' ‖W‖² histories are read back: the weight norms sum the layers all runs logged
+    assert "over fc1, out (the layers every run logged" in page
     tags = client.get_experiment(parent.info.experiment_id).tags
     assert "mlflow.sharedViewState." + parent.info.run_id in tags
 
