@@ -411,3 +411,12 @@ def test_compare_by_picks_the_condition_keys(size_swept, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Per condition (data.train_size)" in out and "Pooled" not in out
     assert (tmp_path / "by" / "figures" / "best_lambda.png").read_bytes().startswith(PNG)
+    # one sweep compared: its report's chart link opens the view that sweep shared
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store)
+    (parent,) = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string="tags.`l2lab.role` = 'sweep'")
+    page = (tmp_path / "by" / "index.html").read_text()
+    assert f"compareRunsMode=CHART&amp;viewStateShareKey={parent.info.run_id}" in page
