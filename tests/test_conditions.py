@@ -453,6 +453,10 @@ def test_a_real_sweep_prints_one_line_per_train_size_and_logs_the_figures(size_s
     # ... and links the shared view of its children (tests/test_shared_view.py opens one)
     key = f"viewStateShareKey={parent.info.run_id}"
     assert key in note and f"&{key}" in next(ln for ln in out.splitlines() if "charts: " in ln)
+    page = (report / "index.html").read_text()
+    assert f"&amp;{key}" in page  # the report's link: the same
+    # the layers' ‖W‖² histories are read back: the weight norms sum the layers all runs logged
+    assert "over fc1, out (the layers every run logged" in page
     tags = client.get_experiment(parent.info.experiment_id).tags
     assert "mlflow.sharedViewState." + parent.info.run_id in tags
 
@@ -478,6 +482,15 @@ def test_compare_by_picks_the_condition_keys(size_swept, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Per condition (data.train_size)" in out and "Pooled" not in out
     assert (tmp_path / "by" / "figures" / "best_lambda.png").read_bytes().startswith(PNG)
+    # one sweep compared: its report's chart link opens the view that sweep shared
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store)
+    (parent,) = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string="tags.`l2lab.role` = 'sweep'")
+    page = (tmp_path / "by" / "index.html").read_text()
+    assert f"compareRunsMode=CHART&amp;viewStateShareKey={parent.info.run_id}" in page
 
 
 def test_the_selection_and_lam_per_layer_are_read_back_from_the_params():

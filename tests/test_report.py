@@ -538,6 +538,26 @@ def test_report_html_is_self_contained_with_links_and_command(tmp_path: Path) ->
     assert "CUDA out of memory" in text
 
 
+def test_the_reports_chart_link_opens_the_sweeps_shared_view(tmp_path: Path) -> None:
+    """The report's "chart view" and the console's "charts:" come from one builder: with the
+    sweep's view shared on experiment 7, the report's link opens it (its children, not the
+    experiment's every run); another experiment's link stays the plain chart view."""
+    from l2lab.tracking import ui
+
+    links = UiLinks("http://h:5000", {"7": "p" * 32})
+    chart = links.runs("7", chart=True)
+    assert chart == ui.charts_url("http://h:5000", "7", "p" * 32) == (
+        "http://h:5000/#/experiments/7/runs?workflowType=machine_learning"
+        "&compareRunsMode=CHART&viewStateShareKey=" + "p" * 32)
+    assert links.runs("8", chart=True).endswith("compareRunsMode=CHART")
+    assert links.runs("7") == "http://h:5000/#/experiments/7/runs?workflowType=machine_learning"
+    runs = sweep_runs()
+    for r in runs:
+        r.experiment_id = "7"
+    paths = write_report(runs, tmp_path, ReportContext(links=links))
+    assert f'href="{chart.replace("&", "&amp;")}"' in paths["report"].read_text()
+
+
 chromium = pytest.mark.skipif(
     __import__("browser").chromium_path() is None,
     reason="headless chromium is not installed (apt-get install chromium; .ci/run does)")

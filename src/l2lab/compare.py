@@ -10,6 +10,7 @@ so. ``--format csv|json`` prints one row per run instead (as ``l2lab.load_runs``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -156,8 +157,16 @@ def report_context(client, runs: list, label: str, uri: str, argv: list[str] | N
         commands.append(f"# sweep {tags.get('l2lab.sweep_id', pid)}:")
         commands += reproduce_command(overrides, tags.get("mlflow.source.git.commit"))
         shown = (parent.info.experiment_id, pid) if len(parents) == 1 else None
-    return ReportContext(title=f"l2lab compare: {label}", links=ui.UiLinks(ui.ui_base(uri)),
-                         parent=shown, commands=commands)
+    views = {}
+    if shown is not None:  # one sweep: its chart link opens the view its sweep shared, if any
+        from l2lab.compat.mlflow import SHARED_VIEW_TAG
+
+        with contextlib.suppress(Exception):
+            if SHARED_VIEW_TAG + shown[1] in client.get_experiment(shown[0]).tags:
+                views = {shown[0]: shown[1]}
+    return ReportContext(title=f"l2lab compare: {label}",
+                         links=ui.UiLinks(ui.ui_base(uri), views), parent=shown,
+                         commands=commands)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,7 +23,8 @@ TRAIN_EVAL_ACC = "train_eval/acc"
 TEST_CE = "test/ce"
 TEST_ACC = "test/acc"
 WEIGHT_NORM_TOTAL = "weights/sq_norm_total"
-WEIGHT_NORM = "weights/sq_norm/"  # + a selected layer's name
+#: ``weights/sq_norm/<layer>``: one layer's ||W||_F² (the figure sums the layers every run has).
+WEIGHT_NORM_LAYER = "weights/sq_norm/"
 EFF_LR = "weights/eff_lr/"  # + the name of a selected layer that a normalization follows
 
 #: The final metrics the sweep summary (``summary.csv``, the table) gives per row, in column

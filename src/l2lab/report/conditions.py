@@ -61,8 +61,17 @@ def tail(key: str) -> str:
 
 
 def label_of(values: Mapping[str, str]) -> str:
-    text = ", ".join(f"{tail(k)}={fmt_value(v)}" for k, v in values.items()) or "all runs"
+    """``train_size=100``; beside another key a preset reads as its name alone (``decoupled,
+    lr=0.001``), so that the label is not cut to ``regularization=decoup…``."""
+    parts = [fmt_value(v) if len(values) > 1 and is_preset_value(k, v)
+             else f"{tail(k)}={fmt_value(v)}" for k, v in values.items()]
+    text = ", ".join(parts) or "all runs"
     return text if len(text) <= MAX_LABEL else text[: MAX_LABEL - 1] + "…"
+
+
+def is_preset_value(key: str, value: str) -> bool:
+    """A config group's choice (``regularization=decoupled``): a key without a dot, a name."""
+    return "." not in key and value_sort_key(value)[0] == 1
 
 
 @dataclass
@@ -473,6 +482,9 @@ def format_conditions(keys: Sequence[str], conditions: Sequence[Condition]) -> l
                      "two labels (no penalty under either): never compared as rivals")
     lines += [f"  {rivalry_text(conditions, acr, r)}" for r in acr.rivals]
     lines.append(across_verdict(conditions, acr))
+    fac = factorial(keys, conditions)
+    if fac is not None:  # an arm × a number: the last lines answer how the best λ moves
+        lines += ["", *factorial_lines(fac)]
     return lines
 
 
@@ -527,4 +539,138 @@ def headline(runs: Sequence[RunRecord]) -> str:
         return "" if ver.best is None else f"{row_label(summary, ver.best)}: {ver.text}"
     per = "; ".join(f"{c.label}: λ={fmt_value(c.best_lam)}" for c in conds
                     if math.isfinite(c.best_lam))
+    fac = factorial(keys, conds)
+    if fac is not None:  # the factorial question's answer, not the six cells' ranking
+        return factorial_lines(fac)[-1][2:]
     return f"{per} (each condition's own best). {across_verdict(conds, across(conds))[2:]}"
+
+
+# --------------------------------------------------------------------------- arm × numeric factor
+
+
+@dataclass
+class Shift:
+    """How far one arm's best λ moves across the numeric factor (log10 units: decades)."""
+
+    arm: str
+    points: list[tuple[str, float, float, float]]  # (level, best λ, range low, range high)
+    decades: float  # log10(best λ at the highest level / at the lowest); NaN where one is 0
+    lo: float  # the least shift the ranges allow (−inf where a range reaches λ = 0)
+    hi: float  # the most
+
+
+@dataclass
+class Factorial:
+    """Two condition keys, one an arm (categorical: a preset, a mode), one numeric (lr, train
+    size, width): the question is whether the best λ moves with the number, and whether it
+    moves differently in each arm (Loshchilov & Hutter 2019, Fig. 2)."""
+
+    arm_key: str
+    num_key: str
+    arms: list[str]  # arm values, in the conditions' order
+    levels: list[str]  # numeric values, ascending
+    cells: dict[tuple[str, str], Condition]  # (arm, level) -> its condition
+
+    def row(self, arm: str) -> list[Condition]:
+        """The arm's conditions, numeric order (levels without runs left out)."""
+        return [self.cells[(arm, v)] for v in self.levels if (arm, v) in self.cells]
+
+    @property
+    def ordered(self) -> list[Condition]:
+        """Every condition, arm by arm (a row of panels each), numeric order within an arm,
+        whichever key the sweep named first."""
+        return [c for arm in self.arms for c in self.row(arm)]
+
+    def summary(self, arm: str) -> pd.DataFrame:
+        """The arm's summary rows (λ × level), the level in column ``num_key``: what
+        :func:`heatmap_grid` reads."""
+        return pd.concat([c.summary.assign(**{self.num_key: c.values[self.num_key]})
+                          for c in self.row(arm)], ignore_index=True)
+
+    def shift(self, arm: str) -> Shift:
+        """The arm's best λ at each level with its range, and the move from the lowest level
+        to the highest in decades, with the bounds its ranges allow."""
+        points = [(c.values[self.num_key], c.best_lam, c.tie_lams[0], c.tie_lams[-1])
+                  for c in self.row(arm) if math.isfinite(c.best_lam)]
+        if len(points) < 2:
+            return Shift(arm, points, math.nan, -math.inf, math.inf)
+        (_, b0, lo0, hi0), (_, b1, lo1, hi1) = points[0], points[-1]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            log = np.log10(np.array([b0, lo0, hi0, b1, lo1, hi1], dtype=float))
+            decades = float(log[3] - log[0]) if b0 > 0 and b1 > 0 else math.nan
+            lo, hi = float(log[4] - log[2]), float(log[5] - log[1])
+        return Shift(arm, points, decades, lo if not math.isnan(lo) else -math.inf,
+                     hi if not math.isnan(hi) else math.inf)
+
+
+def factorial(keys: Sequence[str], conditions: Sequence[Condition]) -> Factorial | None:
+    """The arm × numeric layout when the condition keys are exactly one categorical and one
+    numeric key, each with two or more values; else None (one heatmap or none, as before)."""
+    if len(keys) != 2 or not conditions:
+        return None
+    kinds = {k: {value_sort_key(c.values[k])[0] for c in conditions} for k in keys}
+    arm = [k for k in keys if kinds[k] == {1}]
+    num = [k for k in keys if kinds[k] == {0}]
+    if len(arm) != 1 or len(num) != 1:
+        return None
+    arms = list(dict.fromkeys(c.values[arm[0]] for c in conditions))
+    levels = sorted({c.values[num[0]] for c in conditions}, key=value_sort_key)
+    if len(arms) < 2 or len(levels) < 2:
+        return None
+    return Factorial(arm[0], num[0], arms, levels,
+                     {(c.values[arm[0]], c.values[num[0]]): c for c in conditions})
+
+
+def _decades(x: float) -> str:
+    if math.isnan(x):
+        return "n/a"
+    return "−∞" if x == -math.inf else "+∞" if x == math.inf else f"{x:+.1f}".replace("-", "−")
+
+
+def _span(lo: float, hi: float) -> str:
+    return "alone" if lo == hi else f"{fmt_value(lo)}–{fmt_value(hi)}"
+
+
+def shift_line(fac: Factorial, sh: Shift) -> str:
+    """One arm's answer: its best λ (with range) at each level, and how far it moves."""
+    name = tail(fac.num_key)
+    path = ", ".join(f"{fmt_value(b)} ({_span(lo, hi)}) at {name}={fmt_value(v)}"
+                     for v, b, lo, hi in sh.points) or "no finished runs"
+    head = f"{fmt_value(sh.arm)}: best λ (range) {path}"
+    if len(sh.points) < 2:
+        return f"{head}: its shift needs two {name} values with finished runs"
+    span = f"across {name} {fmt_value(sh.points[0][0])}–{fmt_value(sh.points[-1][0])}"
+    bounds = f"the ranges allow {_decades(sh.lo)} to {_decades(sh.hi)}"
+    zero = [fmt_value(p[0]) for p in (sh.points[0], sh.points[-1]) if p[1] == 0]
+    if len(zero) == 2:
+        return f"{head}: λ = 0 at both ends, no move to measure in decades ({bounds})"
+    if zero:
+        return (f"{head}: moves an unbounded number of decades {span} (best λ = 0 at "
+                f"{name}={zero[0]}, which has no log; {bounds})")
+    return f"{head}: moves {_decades(sh.decades)} decades {span} ({bounds})"
+
+
+def shifts_differ(shifts: Sequence[Shift]) -> tuple[bool, str]:
+    """Whether the arms' shifts differ: clear when the bounds their ranges allow are apart for
+    some pair of arms (then no choice of λ within the ranges makes the shifts equal)."""
+    apart = [(a, b) for i, a in enumerate(shifts) for b in shifts[i + 1:]
+             if a.hi < b.lo or b.hi < a.lo]
+    each = "; ".join(f"{fmt_value(s.arm)} {_decades(s.decades)} ({_decades(s.lo)} to "
+                     f"{_decades(s.hi)})" for s in shifts)
+    if apart:
+        pairs = ", ".join(f"{fmt_value(a.arm)} and {fmt_value(b.arm)}" for a, b in apart)
+        return True, (f"the shift of the best λ differs between arms: {each} decades; the "
+                      f"bounds of {pairs} are apart")
+    return False, (f"the shift of the best λ does not differ distinguishably between arms: "
+                   f"{each} decades; the bounds overlap (a finer λ grid or more seeds narrows "
+                   "them)")
+
+
+def factorial_lines(fac: Factorial) -> list[str]:
+    """The factorial verdict: a line per arm, then whether the shift differs between arms."""
+    shifts = [fac.shift(arm) for arm in fac.arms]
+    clear, text = shifts_differ(shifts)
+    return ([f"Best λ against {tail(fac.num_key)}, per {tail(fac.arm_key)} (range: λ not "
+             "distinguishable from the best; a decade is a factor of 10 in λ):"]
+            + [f"  {shift_line(fac, s)}" for s in shifts]
+            + [f"{'*' if clear else '~'} {text}"])

@@ -47,6 +47,12 @@ def new_figure(width: float = 8.0, height: float = 4.6) -> Figure:
     return fig
 
 
+def side_legend(fig: Figure, handles: Sequence) -> None:
+    """A figure's one legend: outside the panels on the right, centred in height (at the top it
+    sat beside a suptitle, and a long one ran under it)."""
+    fig.legend(handles=handles, loc="outside right center", fontsize="small")
+
+
 def save(fig: Figure, path: Path) -> None:
     fig.savefig(path, dpi=DPI)
 
@@ -198,17 +204,28 @@ def plot_lambda_curve(summary: pd.DataFrame, path: Path) -> None:
         handles.append(Patch(color="0.5", alpha=0.3, label="95% interval over seeds"))
     lambda_axis(ax, done["lam"].to_numpy(dtype=float))
     ax.grid(True, alpha=0.3)
-    fig.legend(handles=handles, loc="outside right upper", fontsize="small")
+    side_legend(fig, handles)
     save(fig, path)
 
 
-def mean_curve(runs: Sequence[RunRecord], metric: str) -> tuple[np.ndarray, np.ndarray] | None:
+def layer_sum(run: RunRecord, metrics: Sequence[str]) -> dict[int, float]:
+    """Per step, the sum of ``metrics`` (each layer's ‖W‖²), at the steps where every one is
+    logged (a step logged twice counts its last value)."""
+    per = [{int(step): float(v) for step, v in run.history.get(m) or []} for m in metrics]
+    steps = set.intersection(*(set(p) for p in per)) if per else set()
+    return {st: sum(p[st] for p in per) for st in steps}
+
+
+def mean_curve(runs: Sequence[RunRecord], metric: str | tuple[str, ...]
+               ) -> tuple[np.ndarray, np.ndarray] | None:
     """Mean over seeds aligned by step; a step missing in some seeds averages the others (a
-    step logged twice counts its last value; NaN is skipped). Plain dicts: a sweep has one
-    curve per run, and a pandas Series each cost more than the figure."""
+    step logged twice counts its last value; NaN is skipped). ``metric`` a tuple: their sum per
+    step (:func:`layer_sum`). Plain dicts: a sweep has one curve per run, and a pandas Series
+    each cost more than the figure."""
     sums: dict[int, list[float]] = {}
     for run in runs:
-        last = {int(step): float(v) for step, v in run.history.get(metric) or []}
+        last = layer_sum(run, metric) if isinstance(metric, tuple) else \
+            {int(step): float(v) for step, v in run.history.get(metric) or []}
         for step, v in last.items():
             if not math.isnan(v):
                 acc = sums.setdefault(step, [0.0, 0])
@@ -221,11 +238,89 @@ def mean_curve(runs: Sequence[RunRecord], metric: str) -> tuple[np.ndarray, np.n
             np.array([sums[st][0] / sums[st][1] for st in steps], dtype=float))
 
 
-def plot_curves(cells: Sequence[Cell], path: Path, *, weights: bool) -> None:
+def norm_layers(runs: Sequence[RunRecord]) -> list[str]:
+    """The layers whose ‖W‖² (``weights/sq_norm/<layer>``) every finished run logged, in the
+    first run's order: the weight-norm figure sums these for every condition, so that one
+    training (λ = 0 under two layer selections) draws one curve. ``[]`` when a run logged none
+    per layer (read without them): the figure then shows each run's own total."""
+    prefix = mt.WEIGHT_NORM_LAYER
+    sets = [[k.removeprefix(prefix) for k, v in r.history.items() if k.startswith(prefix) and v]
+            for r in runs if r.status == FINISHED]
+    if not sets or not all(sets):
+        return []
+    return [layer for layer in sets[0] if all(layer in other for other in sets[1:])]
+
+
+def norm_panel(runs: Sequence[RunRecord]) -> tuple[str | tuple[str, ...], str]:
+    """The weight-norm panel's metric (the common layers' sum, else each run's total) and its
+    y label."""
+    layers = norm_layers(runs)
+    if not layers:
+        return mt.WEIGHT_NORM_TOTAL, NORM_LABEL
+    names = ", ".join(layers) if len(layers) <= 4 else f"{len(layers)} layers"
+    return (tuple(mt.WEIGHT_NORM_LAYER + layer for layer in layers),
+            r"$\Sigma\,\Vert W\Vert_F^2$ of " + names)
+
+
+def norm_caption(runs: Sequence[RunRecord]) -> str:
+    """What weight_norms.png sums, for its caption."""
+    layers = norm_layers(runs)
+    if not layers:
+        return ("Σ‖W‖²_F of each run's own selected layers against epoch, mean over seeds: the "
+                "mechanism (L2 is weight decay). Runs of different layer selections sum "
+                "different layers here.")
+    return (f"Σ‖W‖²_F over {', '.join(layers)} (the layers every run logged: the same for every "
+            "condition, so that one training draws one curve) against epoch, mean over seeds: "
+            "the mechanism (L2 is weight decay).")
+
+
+#: The cross-entropy panels' y range ends at Tukey's upper fence of the points after epoch 0
+#: (Q3 + FENCE·IQR): epoch 0 and a far-underfitting λ would otherwise squash the curves that
+#: matter into a band. Lines above leave the panel, which names them.
+FENCE = 1.5
+
+
+def robust_ylim(ax: Axes, curves: Sequence[tuple[np.ndarray, np.ndarray]],
+                labels: Sequence[str] = ()) -> bool:
+    """Clip the y range to [lowest point, upper fence of the points from epoch 1 on] when some
+    point lies above the fence; return whether it did (the panel then says so, naming the
+    curves (``labels``) that lie wholly above)."""
+    ys = np.concatenate([y for _, y in curves])
+    later = np.concatenate([y[x >= 1] for x, y in curves])
+    ys, later = ys[np.isfinite(ys)], later[np.isfinite(later)]
+    if not later.size:
+        return False
+    q1, q3 = np.quantile(later, [0.25, 0.75])
+    bottom, top = float(ys.min()), float(q3 + FENCE * (q3 - q1))
+    if ys.max() <= top or top <= bottom:
+        return False
+    pad = 0.08 * (top - bottom)
+    ax.set_yscale("linear")
+    ax.set_ylim(bottom - pad, top + pad)
+    ax.yaxis.set_major_locator(ticker.MaxNLocator(nbins=6))
+    above = [name for name, (x, y) in zip(labels, curves, strict=False)
+             if np.all(y[x >= 1] > top + pad)]
+    ax.text(0.99, 0.99, "y cut at the upper fence of epochs ≥ 1"
+            + (f"; above: {', '.join(above)}" if above else ""),
+            transform=ax.transAxes, ha="right", va="top", fontsize="x-small", color="0.35")
+    return True
+
+
+def draw_curves(ax: Axes, curves: Sequence[tuple[np.ndarray, np.ndarray]], *,
+                weights: bool, labels: Sequence[str] = ()) -> None:
+    """The axes of a panel of curves: whole epochs; y log where they span decades, and for
+    cross-entropy clipped to its robust range (:func:`robust_ylim`)."""
+    readable_log_y(ax, [c[1] for c in curves])
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))  # epochs: no 0.25
+    if not weights:
+        robust_ylim(ax, curves, labels)
+
+
+def plot_curves(cells: Sequence[Cell], path: Path, *, weights: bool) -> Figure:
     """Learning curves (train and val CE, side by side) or weight norms against epoch, mean
     over seeds, one colour per cell: distinct colours with a legend for up to MAX_LEGEND
     cells, a colour scale in λ order with a labelled colour bar beyond."""
-    panels = [(mt.WEIGHT_NORM_TOTAL, NORM_LABEL)] if weights else \
+    panels = [norm_panel([r for c in cells for r in c.runs])] if weights else \
         list(zip(mt.CURVES, CURVE_LABELS, strict=True))
     fig = new_figure(8.0 if weights else 11.0, 4.6)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
@@ -237,34 +332,36 @@ def plot_curves(cells: Sequence[Cell], path: Path, *, weights: bool) -> None:
     for ax, (metric, ylabel) in zip(axes, panels, strict=True):
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
-        values = []
+        values, names = [], []
         for cell, color in zip(shown, colors, strict=True):
             curve = mean_curve(cell.finished, metric)
             if curve is None:
                 continue
             ax.plot(*curve, color=color, linewidth=1.6, label=cell_label(cell))
-            values.append(curve[1])
+            values.append(curve)
+            names.append(cell_label(cell))
         if not values:
             placeholder(ax, "no finished runs" if not shown else "no history recorded")
             continue
         drawn_any = True
-        readable_log_y(ax, values)
+        draw_curves(ax, values, weights=weights, labels=names)
         ax.grid(True, alpha=0.3)
     if drawn_any:
         if len(shown) <= MAX_LEGEND:
             handles = [Line2D([], [], color=c, linewidth=2, label=cell_label(g))
                        for g, c in zip(shown, colors, strict=True)]
-            fig.legend(handles=handles, loc="outside right upper", fontsize="small")
+            side_legend(fig, handles)
         else:
             _colorbar(fig, list(axes), shown, colors)
     save(fig, path)
+    return fig
 
 
 # --------------------------------------------------------------------------- conditions
 
 
-def _panel_grid(fig: Figure, n: int) -> list[Axes]:
-    cols = min(n, 4)
+def _panel_grid(fig: Figure, n: int, cols: int | None = None) -> list[Axes]:
+    cols = cols or min(n, 4)
     rows = math.ceil(n / cols)
     axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
     flat = list(axes.ravel())
@@ -273,19 +370,20 @@ def _panel_grid(fig: Figure, n: int) -> list[Axes]:
     return flat[:n]
 
 
-def plot_condition_curves(conditions: Sequence, path: Path) -> None:
+def plot_condition_curves(conditions: Sequence, path: Path, cols: int | None = None) -> Figure:
     """One panel per condition (a :class:`l2lab.report.conditions.Condition`): final train and
     val CE against λ with their 95% bands, the condition's best λ starred and the λ not
     distinguishable from it shaded. Shared y, so the panels compare at a glance; titles are the
-    short condition labels, the one legend sits outside the panels."""
+    short condition labels, the one legend sits outside the panels. ``cols``: panels per row
+    (an arm × a number: one row per arm)."""
     n = len(conditions)
-    cols = min(n, 4)
+    cols = cols or min(n, 4)
     fig = new_figure(min(3.4 * cols + 1.6, 16.0), 3.2 * math.ceil(n / cols) + 0.6)
     keys = list(conditions[0].values) if conditions else []
     fig.suptitle("Final cross-entropy vs λ per "
                  + (keys[0].rsplit(".", 1)[-1] if len(keys) == 1 else "condition")
                  + " (mean over seeds)", fontsize="medium")
-    axes = _panel_grid(fig, n)
+    axes = _panel_grid(fig, n, cols)
     for ax, cond in zip(axes, conditions, strict=True):
         data = cond.summary[cond.summary["runs"] > 0].sort_values("lam")
         ax.set_title(cond.short, fontsize="small")
@@ -320,8 +418,9 @@ def plot_condition_curves(conditions: Sequence, path: Path) -> None:
                       linestyle="none", label="best λ"),
                Patch(color=TIE_COLOR, label="λ not distinguishable\nfrom the best"),
                Patch(color=VAL_COLOR, alpha=0.2, label="95% interval")]
-    fig.legend(handles=handles, loc="outside right upper", fontsize="small")
+    side_legend(fig, handles)
     save(fig, path)
+    return fig
 
 
 def plot_best_lambda(keys: Sequence[str], conditions: Sequence, path: Path, *,
@@ -370,49 +469,224 @@ def plot_best_lambda(keys: Sequence[str], conditions: Sequence, path: Path, *,
     save(fig, path)
 
 
-def plot_heatmap(summary: pd.DataFrame, key: str, path: Path) -> None:
-    """Mean final val/ce over λ (columns) × one numeric factor (rows), as in Loshchilov & Hutter
-    2019, Fig. 2: each row's best cell boxed, the overall best starred, values written in the
-    cells when the grid is small enough to read them."""
-    from l2lab.report.conditions import heatmap_grid
+def heat_limits(grids: Sequence[np.ndarray]) -> tuple[float, float]:
+    """One colour scale for one or several heatmaps: from the lowest cell to the highest cell
+    next to some row's best (the best and its neighbours in λ). The cells that decide spread
+    over the whole scale; worse cells (a far-off column) take the top colour (the bar's
+    arrow) instead of squashing the rest into one colour."""
+    cells, near = [], []
+    for grid in grids:
+        for row in np.asarray(grid, dtype=float):
+            ok = np.isfinite(row)
+            if not ok.any():
+                continue
+            cells += row[ok].tolist()
+            j = int(np.nanargmin(row))
+            near += [v for v in row[max(j - 1, 0):j + 2] if math.isfinite(v)]
+    if not cells:
+        return 0.0, 1.0
+    lo, hi = min(cells), max(near)
+    if hi <= lo:
+        hi = max(cells) if max(cells) > lo else lo + 1e-6
+    return lo, hi
 
-    rows, lams, grid, row_best, low = heatmap_grid(summary, key)
-    fig = new_figure(max(5.5, 0.9 * len(lams) + 3.0), max(3.2, 0.55 * len(rows) + 1.8))
-    ax = fig.add_subplot()
-    image = ax.imshow(grid, cmap="viridis_r", aspect="auto", origin="lower")
+
+def _draw_heatmap(ax: Axes, rows: Sequence[str], lams: Sequence[float], grid: np.ndarray,
+                  row_best: Sequence[int | None], low: tuple[int, int] | None, norm, key: str):
+    """One heatmap on ``ax``: values in the cells (when few enough to read), each row's best
+    boxed (inset, so that two rows with the same best λ keep two boxes), the lowest starred."""
+    from matplotlib.patches import Rectangle
+
+    cmap = colormaps["viridis_r"]
+    image = ax.imshow(grid, cmap=cmap, norm=norm, aspect="auto", origin="lower")
     ax.set_xticks(range(len(lams)), [f"{x:g}" for x in lams], fontsize="small",
                   rotation=45 if len(lams) > 6 else 0)
     ax.set_yticks(range(len(rows)), [fmt_value(v) for v in rows], fontsize="small")
     ax.set_xlabel("λ")
     ax.set_ylabel(key)
-    ax.set_title("Mean final val/ce (box: each row's best λ; star: the lowest)",
-                 fontsize="medium")
-    from matplotlib.patches import Rectangle
-
     finite = np.isfinite(grid)
     if grid.size <= 120 and finite.any():
-        mid = np.nanmean(grid)
         for i in range(len(rows)):
             for j in range(len(lams)):
                 if finite[i, j]:
+                    dark = float(norm(grid[i, j])) > 0.5  # viridis_r: high values are dark
                     ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center",
-                            fontsize="x-small", color="white" if grid[i, j] > mid else "black")
+                            fontsize="x-small", color="white" if dark else "black")
+    inset = 0.07
     for i, j in enumerate(row_best):
         if j is not None:
-            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red",
-                                   linewidth=2))
+            ax.add_patch(Rectangle((j - 0.5 + inset, i - 0.5 + inset), 1 - 2 * inset,
+                                   1 - 2 * inset, fill=False, edgecolor="red", linewidth=2))
     if low is not None:
         ax.plot([low[1]], [low[0] + 0.3], marker="*", markersize=14, color="red",
                 markeredgecolor="white", linestyle="none")
-    fig.colorbar(image, ax=ax, label="mean final val/ce (nats)")
+    return image
+
+
+def _heat_colorbar(fig: Figure, image, axes, grids: Sequence[np.ndarray], hi: float) -> None:
+    over = any(np.nanmax(g) > hi for g in grids if np.isfinite(g).any())
+    fig.colorbar(image, ax=axes, extend="max" if over else "neither",
+                 label="mean final val/ce (nats)" + ("; ▲: worse" if over else ""))
+
+
+def plot_heatmap(summary: pd.DataFrame, key: str, path: Path) -> Figure:
+    """Mean final val/ce over λ (columns) × one numeric factor (rows), as in Loshchilov & Hutter
+    2019, Fig. 2: each row's best cell boxed, the overall best starred, values written in the
+    cells when the grid is small enough to read them; the colour scale spans the cells near
+    each row's best (:func:`heat_limits`)."""
+    from matplotlib.colors import Normalize
+
+    from l2lab.report.conditions import heatmap_grid
+
+    rows, lams, grid, row_best, low = heatmap_grid(summary, key)
+    fig = new_figure(max(5.5, 0.9 * len(lams) + 3.0), max(3.2, 0.55 * len(rows) + 1.8))
+    ax = fig.add_subplot()
+    lo, hi = heat_limits([grid])
+    image = _draw_heatmap(ax, rows, lams, grid, row_best, low, Normalize(lo, hi), key)
+    ax.set_title("Mean final val/ce (box: each row's best λ; star: the lowest)",
+                 fontsize="medium")
+    _heat_colorbar(fig, image, ax, [grid], hi)
     save(fig, path)
+    return fig
 
 
-def plot_condition_histories(conditions: Sequence, path: Path, *, weights: bool) -> None:
+def plot_arm_heatmaps(fac, path: Path) -> Figure:
+    """One heatmap per arm (a :class:`l2lab.report.conditions.Factorial`), side by side on one
+    colour scale: λ × the numeric factor, each row's best boxed, each arm's lowest starred."""
+    from matplotlib.colors import Normalize
+
+    from l2lab.report.conditions import heatmap_grid, tail
+
+    parts = [(arm, *heatmap_grid(fac.summary(arm), fac.num_key)) for arm in fac.arms]
+    lo, hi = heat_limits([p[3] for p in parts])
+    width = max(len(p[2]) for p in parts)
+    fig = new_figure(min(max(4.0, 0.75 * width + 1.6) * len(parts) + 1.4, 18.0),
+                     max(3.2, 0.55 * max(len(p[1]) for p in parts) + 1.9))
+    axes = fig.subplots(1, len(parts), squeeze=False)[0]
+    fig.suptitle(f"Mean final val/ce over λ × {tail(fac.num_key)}, per {tail(fac.arm_key)} "
+                 "(box: each row's best λ; star: the arm's lowest; one colour scale)",
+                 fontsize="medium")
+    image = None
+    for ax, (arm, rows, lams, grid, row_best, low) in zip(axes, parts, strict=True):
+        image = _draw_heatmap(ax, rows, lams, grid, row_best, low, Normalize(lo, hi),
+                              tail(fac.num_key))
+        ax.set_title(fmt_value(arm), fontsize="medium")
+    _heat_colorbar(fig, image, list(axes), [p[3] for p in parts], hi)
+    save(fig, path)
+    return fig
+
+
+def plot_arm_best_lambda(fac, path: Path) -> Figure:
+    """Best λ against the numeric factor, one line per arm, each point's bar the λ not
+    distinguishable from it; arms side by side a little apart (a log x axis: a factor) so that
+    their bars do not hide each other."""
+    from l2lab.report.conditions import tail
+
+    fig = new_figure(7.5, 4.4)
+    ax = fig.add_subplot()
+    ax.set_xlabel(fac.num_key)
+    ax.set_ylabel("best λ (lowest mean final val/ce)")
+    ax.set_title(f"Best λ against {tail(fac.num_key)}, one line per {tail(fac.arm_key)} "
+                 "(bar: λ not distinguishable from it)", fontsize="medium")
+    levels = np.array([float(v) for v in fac.levels])
+    log_x = bool(np.all(levels > 0))
+    handles, grid = [], set()
+    for k, arm in enumerate(fac.arms):
+        sh = fac.shift(arm)
+        grid |= {float(x) for c in fac.row(arm) for x in c.summary["lam"]}
+        if not sh.points:
+            continue
+        x = np.array([float(p[0]) for p in sh.points])
+        offset = (k - (len(fac.arms) - 1) / 2) * 0.04
+        x = x * 10 ** offset if log_x else x + offset * (levels.max() - levels.min())
+        best, lo, hi = (np.array([p[i] for p in sh.points]) for i in (1, 2, 3))
+        color = colormaps["tab10"](k)
+        (line,) = ax.plot(x, best, marker="o", color=color, linewidth=1.8, markersize=7,
+                          markeredgecolor="black", label=fmt_value(arm))
+        ax.errorbar(x, best, yerr=[best - lo, hi - best], fmt="none", ecolor=color, capsize=5,
+                    linewidth=1.4)
+        handles.append(line)
+    if not handles:
+        placeholder(ax, "no finished runs")
+        save(fig, path)
+        return fig
+    if log_x:
+        ax.set_xscale("log")
+    ax.xaxis.set_major_locator(ticker.FixedLocator(levels))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
+    lam_grid = np.array(sorted(grid))
+    positive = lam_grid[lam_grid > 0]
+    if positive.size:
+        ax.set_yscale("symlog", linthresh=float(positive.min()), linscale=0.5)
+        ax.yaxis.set_major_locator(ticker.FixedLocator(lam_grid))
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_locator(ticker.NullLocator())
+        ax.set_ylim(-0.3 * float(positive.min()) if (lam_grid == 0).any()
+                    else positive.min() / 2, float(positive.max()) * 2)
+    ax.grid(True, alpha=0.3)
+    side_legend(fig, handles)
+    save(fig, path)
+    return fig
+
+
+def plot_arm_histories(fac, path: Path, *, weights: bool) -> Figure:
+    """Learning curves (val CE solid, train CE dashed) or weight norms against epoch: one row of
+    panels per arm, one panel per value of the numeric factor, one colour per λ (the same in
+    every panel), one shared legend."""
+    from l2lab.report.conditions import tail
+
+    runs = [r for c in fac.cells.values() for r in c.runs]
+    metrics = [norm_panel(runs)] if weights else [(mt.VAL_CE, "CE (nats)"),
+                                                  (mt.TRAIN_CE, "")]
+    lams = sorted({cell.lam for c in fac.cells.values() for cell in c.cells if cell.finished})
+    colors = dict(zip(lams, cell_colors(len(lams)), strict=True))
+    rows, cols = len(fac.arms), len(fac.levels)
+    fig = new_figure(min(3.3 * cols + 2.0, 18.0), 2.6 * rows + 1.0)
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True)
+    fig.suptitle(("Weight norm" if weights else "Learning curves") + " per "
+                 f"{tail(fac.arm_key)} (rows) and {tail(fac.num_key)} (columns), mean over "
+                 "seeds", fontsize="medium")
+    for r, arm in enumerate(fac.arms):
+        for c, level in enumerate(fac.levels):
+            ax = axes[r][c]
+            ax.set_title(f"{fmt_value(arm)}, {tail(fac.num_key)}={fmt_value(level)}",
+                         fontsize="small")
+            cond = fac.cells.get((arm, level))
+            curves, names = [], []
+            for cell in cond.cells if cond is not None else []:
+                for (metric, _), style in zip(metrics, ("-", "--"), strict=False):
+                    curve = mean_curve(cell.finished, metric)
+                    if curve is not None:
+                        ax.plot(*curve, color=colors.get(cell.lam, "0.5"), linewidth=1.5,
+                                linestyle=style)
+                        curves.append(curve)
+                        names.append(f"λ={fmt_value(cell.lam)}"
+                                     + ("" if weights else f" {metric.split('/')[0]}"))
+            if not curves:
+                placeholder(ax, "no history recorded")
+                continue
+            draw_curves(ax, curves, weights=weights, labels=names)
+            ax.tick_params(labelsize="small")
+            ax.grid(True, alpha=0.3)
+        axes[r][0].set_ylabel(metrics[0][1], fontsize="small")
+    for ax in axes[-1]:
+        ax.set_xlabel("epoch")
+    handles = [Line2D([], [], color=colors[lam], linewidth=2, label=f"λ={fmt_value(lam)}")
+               for lam in lams]
+    if not weights:
+        handles += [Line2D([], [], color="0.3", linestyle="-", label="val"),
+                    Line2D([], [], color="0.3", linestyle="--", label="train")]
+    side_legend(fig, handles)
+    save(fig, path)
+    return fig
+
+
+def plot_condition_histories(conditions: Sequence, path: Path, *, weights: bool) -> Figure:
     """Learning curves (train and val CE) or weight norms against epoch with one row of panels
     per condition and one colour per λ, the same λ the same colour in every row: 4 conditions ×
     8 λ read as 8 legend entries, not 32."""
-    panels = [(mt.WEIGHT_NORM_TOTAL, NORM_LABEL)] if weights else \
+    panels = [norm_panel([r for c in conditions for r in c.runs])] if weights else \
         list(zip(mt.CURVES, CURVE_LABELS_SHORT, strict=True))
     n = len(conditions)
     fig = new_figure(4.0 * len(panels) + 2.2, 2.3 * n + 0.8)
@@ -425,16 +699,17 @@ def plot_condition_histories(conditions: Sequence, path: Path, *, weights: bool)
     for row, cond in zip(axes, conditions, strict=True):
         for ax, (metric, ylabel) in zip(row, panels, strict=True):
             ax.set_ylabel(f"{cond.short}\n{ylabel}", fontsize="small")
-            values = []
+            values, names = [], []
             for cell in cond.cells:
                 curve = mean_curve(cell.finished, metric)
                 if curve is not None:
                     ax.plot(*curve, color=colors[cell.lam], linewidth=1.5)
-                    values.append(curve[1])
+                    values.append(curve)
+                    names.append(f"λ={fmt_value(cell.lam)}")
             if not values:
                 placeholder(ax, "no history recorded")
                 continue
-            readable_log_y(ax, values)
+            draw_curves(ax, values, weights=weights, labels=names)
             ax.tick_params(labelsize="small")
             ax.grid(True, alpha=0.3)
     for ax in axes[-1]:
@@ -442,8 +717,9 @@ def plot_condition_histories(conditions: Sequence, path: Path, *, weights: bool)
     if len(lams) <= MAX_LEGEND:
         handles = [Line2D([], [], color=colors[lam], linewidth=2, label=f"λ={fmt_value(lam)}")
                    for lam in lams]
-        fig.legend(handles=handles, loc="outside right upper", fontsize="small")
+        side_legend(fig, handles)
     else:
         _colorbar(fig, list(axes.ravel()), [Cell({}, lam, []) for lam in lams],
                   [colors[lam] for lam in lams])
     save(fig, path)
+    return fig

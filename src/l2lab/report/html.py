@@ -50,18 +50,31 @@ FIGURES: tuple[tuple[str, str], ...] = (
     ("lambda_curve", "Final train and val cross-entropy against λ (symlog axis, so λ = 0 "
                      "shows): the U-curve. Bands: 95% t-interval of the mean over seeds."),
     ("learning_curves", "Train and val cross-entropy against epoch, mean over seeds, one colour "
-                        "per λ."),
-    ("weight_norms", "Σ‖W‖²_F of the penalised layers against epoch, mean over seeds: the "
-                     "mechanism (L2 is weight decay)."),
+                        "per λ. The y range ends at the upper fence (Q3 + 1.5·IQR, Tukey) of the "
+                        "points from epoch 1 on: epoch 0 and a far-underfitting λ leave the "
+                        "panel, which names them."),
+    ("weight_norms", ""),  # what it sums depends on the runs: figures.norm_caption
     ("best_lambda", "Best λ (lowest mean final val/ce) of each condition; the bar spans the λ "
                     "not distinguishable from it (paired t-test over seeds, 5% level)."),
     ("heatmap", "Mean final val/ce over λ × the condition's value; box: each row's best λ, "
-                "star: the lowest cell."),
+                "star: the lowest cell. The colour scale spans the cells next to each row's best; "
+                "worse cells take its top colour (▲)."),
 )
+#: The captions of a sweep faceted by an arm (a preset, a mode) beside a numeric factor.
+ARM_CAPTIONS = {
+    "heatmap": "Mean final val/ce over λ × the numeric factor, one heatmap per arm on one colour "
+               "scale (it spans the cells next to each row's best; worse cells take its top "
+               "colour, ▲); box: each row's best λ, star: the arm's lowest cell.",
+    "best_lambda": "Best λ against the numeric factor, one line per arm; the bar spans the λ "
+                   "not distinguishable from it (paired t-test over seeds, 5% level).",
+    "learning_curves": "Val (solid) and train (dashed) cross-entropy against epoch, mean over "
+                       "seeds: a row of panels per arm, one colour per λ. The y range ends at "
+                       "the upper fence (Q3 + 1.5·IQR, Tukey) of the points from epoch 1 on.",
+}
 #: The caption of the λ curve when the sweep has conditions (one panel each).
 CONDITION_CURVE = ("Final train and val cross-entropy against λ, one panel per condition "
                    "(symlog axis, so λ = 0 shows). Bands: 95% interval over seeds; star: the "
-                   "condition's best λ; grey: the λ not distinguishable from it.")
+                   "condition's best λ; violet band: the λ not distinguishable from it.")
 
 
 class Links(Protocol):
@@ -96,29 +109,37 @@ def write_report(runs: Sequence[RunRecord], out_dir: Path,
     names = ["lambda_curve", "learning_curves", "weight_norms"]
     summary = summarize(runs)
     keys, conds = cd.split(runs)
+    fac = cd.factorial(keys, conds)
     if keys:
         names.append("best_lambda")
-        if cd.numeric_key(keys, conds):
+        if cd.numeric_key(keys, conds) or fac is not None:
             names.append("heatmap")
     paths = {"summary": out_dir / "summary.csv",
              **{name: fig_dir / f"{name}.png" for name in names},
              "report": out_dir / "index.html"}
     summary.to_csv(paths["summary"], index=False)
     _, cells = cells_of(trained(runs))
-    if keys:
-        figures.plot_condition_curves(conds, paths["lambda_curve"])
-        figures.plot_best_lambda(keys, conds, paths["best_lambda"],
-                                 numeric=cd.numeric_key(keys, conds))
-        if "heatmap" in paths:
-            figures.plot_heatmap(summary, keys[0], paths["heatmap"])
+    if fac is not None:  # an arm × a number: faceted by the arm
+        figures.plot_condition_curves(fac.ordered, paths["lambda_curve"], cols=len(fac.levels))
+        figures.plot_arm_best_lambda(fac, paths["best_lambda"])
+        figures.plot_arm_heatmaps(fac, paths["heatmap"])
+        figures.plot_arm_histories(fac, paths["learning_curves"], weights=False)
+        figures.plot_arm_histories(fac, paths["weight_norms"], weights=True)
     else:
-        figures.plot_lambda_curve(summary, paths["lambda_curve"])
-    if keys and len(conds) <= figures.MAX_PANEL_ROWS:
-        figures.plot_condition_histories(conds, paths["learning_curves"], weights=False)
-        figures.plot_condition_histories(conds, paths["weight_norms"], weights=True)
-    else:
-        figures.plot_curves(cells, paths["learning_curves"], weights=False)
-        figures.plot_curves(cells, paths["weight_norms"], weights=True)
+        if keys:
+            figures.plot_condition_curves(conds, paths["lambda_curve"])
+            figures.plot_best_lambda(keys, conds, paths["best_lambda"],
+                                     numeric=cd.numeric_key(keys, conds))
+            if "heatmap" in paths:
+                figures.plot_heatmap(summary, keys[0], paths["heatmap"])
+        else:
+            figures.plot_lambda_curve(summary, paths["lambda_curve"])
+        if keys and len(conds) <= figures.MAX_PANEL_ROWS:
+            figures.plot_condition_histories(conds, paths["learning_curves"], weights=False)
+            figures.plot_condition_histories(conds, paths["weight_norms"], weights=True)
+        else:
+            figures.plot_curves(cells, paths["learning_curves"], weights=False)
+            figures.plot_curves(cells, paths["weight_norms"], weights=True)
     paths["report"].write_text(render_html(summary, runs, paths, context or ReportContext()),
                                encoding="utf-8")
     return paths
@@ -230,6 +251,8 @@ def _conditions_html(keys: Sequence[str], conds: Sequence[cd.Condition]) -> str:
                     "as rivals.</p>" for a, b, lam in acr.same_pairs)
     last = cd.across_verdict(conds, acr)
     cls = "verdict clear" if last.startswith("*") else "verdict"
+    fac = cd.factorial(keys, conds)
+    arms = "" if fac is None else _factorial_html(fac)
     parts.append(
         '<h3>Across conditions</h3><table id="best-lambda"><thead><tr><th>condition</th>'
         f"{'<th>penalised layers</th>' if layered else ''}<th>best λ</th>"
@@ -238,7 +261,7 @@ def _conditions_html(keys: Sequence[str], conds: Sequence[cd.Condition]) -> str:
         "<th>within</th><th>against the lowest, each at its own best λ</th></tr></thead>"
         f"<tbody>{''.join(rows)}</tbody></table>{notes}"
         f'<p class="meta" id="protocol">{_e(_sentence(cd.protocol_text(acr)))}.</p>'
-        f'<p class="{cls}" id="verdict">{_e(last[2:])}.</p>')
+        f'<p class="{cls}" id="verdict">{_e(last[2:])}.</p>{arms}')
     return "".join(parts)
 
 
@@ -249,6 +272,16 @@ def _sentence(text: str) -> str:
 
 def _num(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.4f}"
+
+
+def _factorial_html(fac: cd.Factorial) -> str:
+    """The factorial answer (``id="factorial"``): a line per arm on how far its best λ moves
+    across the numeric factor, then whether that shift differs between arms."""
+    head, *arms, last = cd.factorial_lines(fac)
+    cls = "verdict clear" if last.startswith("*") else "verdict"
+    items = "".join(f"<li>{_e(line.strip())}</li>" for line in arms)
+    return (f'<h3 id="factorial">{_e(head.rstrip(":"))}</h3><ul>{items}</ul>'
+            f'<p class="{cls}" id="factorial-verdict">{_e(last[2:])}.</p>')
 
 
 def _image(path: Path) -> str:
@@ -322,12 +355,14 @@ def render_html(summary: pd.DataFrame, runs: Sequence[RunRecord], paths: dict[st
                         + _link(links.runs(exp, chart=True), "chart view") + ")")
     meta.append("written " + datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
 
+    fac = cd.factorial(cond_keys, conds)
+    captions = {**dict(FIGURES), "weight_norms": figures.norm_caption(trained(runs)),
+                **({"lambda_curve": CONDITION_CURVE} if cond_keys else {}),
+                **(ARM_CAPTIONS if fac is not None else {})}
     figs = "".join(
         f'<figure><img id="{name}" alt="{_e(name)}" src="{_image(paths[name])}">'
-        f"<figcaption><b>{name}.png</b>: "
-        f"{_e(CONDITION_CURVE if name == 'lambda_curve' and cond_keys else caption)}"
-        "</figcaption></figure>"
-        for name, caption in FIGURES if name in paths and paths[name].exists())
+        f"<figcaption><b>{name}.png</b>: {_e(captions[name])}</figcaption></figure>"
+        for name, _ in FIGURES if name in paths and paths[name].exists())
     commands = "\n".join(context.commands) or "(not recorded)"
     notes = "".join(f"<p>{_e(n)}</p>" for n in context.notes)
 

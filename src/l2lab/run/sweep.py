@@ -70,26 +70,25 @@ def reproduce_command(overrides: list[str], commit: str | None = None) -> list[s
     return lines + [" ".join(["python -m l2lab.train -m", *map(shlex.quote, overrides)])]
 
 
-def sweep_charts_url(client, exp: str, parent_id: str, base: str) -> str:
-    """The runs' chart view opened on this sweep's children, all of them drawn: a view shared
-    through the experiment (MLflow's own format: ``compat.mlflow``), keyed by the parent's id.
-    Where the store refuses the tag, the plain chart view."""
+def share_sweep_view(client, exp: str, parent_id: str) -> dict[str, str]:
+    """Store the view of this sweep's children (all of them drawn: MLflow's own format,
+    ``compat.mlflow``) on its experiment, keyed by the parent's id; returns ``{exp: key}`` for
+    ``ui.UiLinks(views=...)``, whose chart link then opens it. Where the store refuses the tag,
+    ``{}``: the link opens the plain chart view."""
     from l2lab.compat import mlflow as compat
-    from l2lab.tracking import ui
 
-    url = ui.runs_url(base, exp, chart=True)
     try:
         compat.share_view(client, exp, parent_id, compat.sweep_view_state(parent_id))
     except Exception:  # a read-only store: the link still opens the runs' charts
-        return url
-    return f"{url}&{compat.shared_view_query(parent_id)}"
+        return {}
+    return {exp: parent_id}
 
 
 def description(sweep_id: str, exp: str, parent: str, base: str, verdict: str = "",
                 charts: str | None = None) -> str:
     """The parent run's description (MLflow's ``mlflow.note.content``, Markdown): where the
     report is, and how to chart val/ce against λ in the UI itself (``charts``: the link that
-    opens this sweep's children, see :func:`sweep_charts_url`)."""
+    opens this sweep's children, see :func:`share_sweep_view`)."""
     from l2lab.tracking import ui
 
     head = f"**Best λ**: {verdict}\n\n" if verdict else ""
@@ -388,9 +387,10 @@ class SweepCallback(Callback):
                                   for k, v in best["best_params"].items())
                 notes.append(f"Optuna study (minimises final val/ce): best {shown}, "
                              f"val/ce={float(best.get('best_value', 'nan')):.4f}")
+            links = ui.UiLinks(base, share_sweep_view(client, exp, parent.run_id))
             context = ReportContext(
                 title=f"λ sweep {info['sweep_id']} ({config.experiment_name})",
-                links=ui.UiLinks(base),
+                links=links,
                 parent=(exp, parent.run_id), notes=notes,
                 commands=reproduce_command(list(config.hydra.overrides.task),
                                            tr.git_commit(CONF_DIR.parent)))
@@ -411,7 +411,7 @@ class SweepCallback(Callback):
             from l2lab.report.conditions import headline
 
             verdict = headline(records)
-            charts = sweep_charts_url(client, exp, parent.run_id, base)
+            charts = links.runs(exp, chart=True)  # the report's chart link, the same
             parent.set_tags({"mlflow.note.content": description(
                 info["sweep_id"], exp, parent.run_id, base, verdict, charts)})
             parent.log_text(table + "\n", "summary.txt")

@@ -240,9 +240,10 @@ def varying_keys(runs: Iterable) -> list[str]:
 
 
 def _histories(client, runs: Sequence, writer=None) -> dict[str, dict[str, list]]:
-    """The histories of ``metrics.HISTORY`` ``{run_id: {key: [Metric, ...]}}`` of the runs that
-    metrics, read together through a ``bulk.RunWriter`` (one SQL query per 500 runs,
-    or the runs' calls concurrently for a server) instead of one store call per run and key.
+    """The histories of ``metrics.HISTORY`` and of each layer's ``weights/sq_norm/<layer>``
+    ``{run_id: {key: [Metric, ...]}}`` of the runs that logged metrics, read together through
+    a ``bulk.RunWriter`` (one SQL query per 500 runs, or the runs' calls concurrently for a
+    server) instead of one store call per run and key.
     The writer is made on the client's own store when none is given; a client that does not say
     its store (``tracking_uri``) is asked run by run."""
     ids = [r.info.run_id for r in runs if r.data.metrics]
@@ -253,9 +254,11 @@ def _histories(client, runs: Sequence, writer=None) -> dict[str, dict[str, list]
         from l2lab.tracking.bulk import open_writer
 
         writer = open_writer(uri, client)
+    keys = [*mt.HISTORY, *sorted({k for r in runs for k in r.data.metrics
+                                  if k.startswith(mt.WEIGHT_NORM_LAYER)})]  # per layer too
     if writer is not None:
-        return writer.metric_histories(ids, mt.HISTORY)
-    return {r: {k: client.get_metric_history(r, k) for k in mt.HISTORY} for r in ids}
+        return writer.metric_histories(ids, keys)
+    return {r: {k: client.get_metric_history(r, k) for k in keys} for r in ids}
 
 
 def load_records(client, runs: Iterable, writer=None) -> list:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 UI_URL = "http://127.0.0.1:5000"  # `make ui`
 UI_ENV = "L2LAB_UI_URL"  # where `make ui` runs when it is not 127.0.0.1:5000
@@ -39,6 +40,18 @@ def runs_url(base: str, experiment_id: str | None = None, *, chart: bool = False
     return f"{base}/#/experiments/{experiment_id}/runs?{query}"
 
 
+def charts_url(base: str, experiment_id: str, share_key: str | None = None) -> str:
+    """An experiment's chart view, opened on its shared view ``share_key`` when there is one (a
+    sweep's: its children alone, every one drawn; ``run.sweep.share_sweep_view``). The one
+    builder of a chart link: the console's and the report's are the same link."""
+    url = runs_url(base, experiment_id, chart=True)
+    if share_key is None:
+        return url
+    from l2lab.compat.mlflow import shared_view_query
+
+    return f"{url}&{shared_view_query(share_key)}"
+
+
 def run_url(base: str, experiment_id: str, run_id: str, artifact: str | None = None) -> str:
     """A run's page, or one of its artifacts shown in the run's Artifacts tab."""
     path = f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
@@ -49,15 +62,20 @@ def run_url(base: str, experiment_id: str, run_id: str, artifact: str | None = N
 
 @dataclass(frozen=True)
 class UiLinks:
-    """The links a report puts in (``report.html.Links``): pages of the UI at ``base``."""
+    """The links a report puts in (``report.html.Links``): pages of the UI at ``base``.
+    ``views``: experiment id -> the key of a shared view stored on it (a sweep's), which its
+    chart link opens instead of every run of the experiment."""
 
     base: str
+    views: Mapping[str, str] = field(default_factory=dict)
 
     def run(self, experiment_id: str, run_id: str) -> str:
         return run_url(self.base, experiment_id, run_id)
 
     def runs(self, experiment_id: str, *, chart: bool = False) -> str:
-        return runs_url(self.base, experiment_id, chart=chart)
+        if chart:
+            return charts_url(self.base, experiment_id, self.views.get(experiment_id))
+        return runs_url(self.base, experiment_id)
 
 
 def latest_experiment(client) -> str | None:
