@@ -434,7 +434,9 @@ def test_a_real_sweep_prints_one_line_per_train_size_and_logs_the_figures(size_s
         rows = summary[summary["data.train_size"] == n]
         best = rows.loc[rows["val/ce_mean"].idxmin(), "lam"]
         assert f"best λ={best:g} " in line
-    assert "lowest mean val/ce across conditions" in out
+    # each size's best λ chosen on val/ce, the sizes judged on the digits' held-out test split
+    assert "lowest mean test/ce across conditions" in out
+    assert "the conditions judged on the held-out test/ce at those λ" in out
     for name in ("best_lambda", "heatmap"):
         assert (report / "figures" / f"{name}.png").read_bytes().startswith(PNG)
     for col in ("train/ce", "val/ce", "best_val_ce"):
