@@ -43,6 +43,9 @@ def config_hash(cfg: DictConfig | Mapping) -> str:
             # its patterns match first-wins: their order is part of what is trained
             reg["lam_per_layer"] = list(reg["lam_per_layer"].items())
         tree["regularization"] = reg
+    if (tree.get("scheduler") or {}).get("name") == "none":
+        # no schedule is what runs trained before there were schedules: same identity
+        del tree["scheduler"]
     text = json.dumps(tree, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
