@@ -12,11 +12,12 @@ from conftest import make_cfg, runs_of
 from test_engine import _assert_same_run, _history, _ordinary_and_stacked
 from test_interrupts import _histories, _stop_at_batch
 
-from l2lab import ConfigError
+from l2lab import ConfigError, reproduce
 from l2lab.config import schema
 from l2lab.core.module import SegmentedOptimizer
 from l2lab.core.schedules import NetworkSchedulers, scheduler_factory
 from l2lab.run import lifecycle
+from l2lab.run.resume import logged_config as _logged_config
 from l2lab.train import train
 
 # TINY has 3 batches an epoch (120 / 40); cosine with 4 steps of warm-up, per step
@@ -141,3 +142,8 @@ def test_a_scheduled_run_stopped_and_resumed_equals_one_never_stopped(
     assert client.get_run(rid).info.status == "FINISHED"
     for key in ("train/lr", *_histories(client, rid)):
         assert _history(client, rid, key) == _history(client, whole.info.run_id, key), key
+    # the logged config holds the scheduler node: reproduce trains the same schedule again
+    logged = _logged_config(client, whole.info.run_id)
+    assert logged["scheduler"]["name"] == "cosine" and logged["scheduler"]["warmup"] == 4
+    assert reproduce.main([whole.info.run_id, "--check", "--tracking-uri", store,
+                           "--out", str(tmp_path / "again")]) == 0
