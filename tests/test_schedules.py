@@ -69,6 +69,17 @@ def test_the_default_is_no_schedule_and_each_kind_is_torchs_class():
                                      for t in range(5)])
 
 
+def test_jobs_on_one_schedule_stack_whatever_their_lr_and_other_schedules_do_not():
+    from l2lab.config.stackable import group_key
+
+    def key(*ov: str) -> str | None:
+        return group_key(make_cfg(*ov))
+
+    assert key(*COSINE, "optimizer.lr=0.1", "seed=1") == key(*COSINE) is not None
+    assert key(*COSINE) not in (key(), key(*COSINE[:-1]), key("scheduler=step"),
+                                key(*COSINE, "scheduler.interval=epoch"))
+
+
 def test_each_segment_follows_its_own_schedule_and_its_state_splits_per_network():
     """Three networks, two optimizer settings: the schedule of each run of equal settings
     starts from its own lr; the state has one entry per network, and a rebuilt optimizer
