@@ -69,6 +69,15 @@ def test_the_default_is_no_schedule_and_each_kind_is_torchs_class():
                                      for t in range(5)])
 
 
+def test_a_run_on_a_schedule_cannot_be_resumed_for_more_epochs():
+    from l2lab.run.resume import resume_config
+
+    ov = ["trainer.max_epochs=6", "resume=abc"]
+    with pytest.raises(ConfigError, match="trainer.max_epochs cannot change .*scheduler=cosine"):
+        resume_config(make_cfg(*COSINE, *ov), ov, make_cfg(*COSINE))
+    assert resume_config(make_cfg(*ov), ov, make_cfg()).trainer.max_epochs == 6  # no schedule
+
+
 def test_jobs_on_one_schedule_stack_whatever_their_lr_and_other_schedules_do_not():
     from l2lab.config.stackable import group_key
 
