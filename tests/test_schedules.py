@@ -117,7 +117,10 @@ def test_each_segment_follows_its_own_schedule_and_its_state_splits_per_network(
     assert sched.at([2])["networks"] == [state["networks"][2]]
 
 
-@pytest.mark.parametrize("sched", [COSINE, ["scheduler=onecycle"]], ids=["cosine", "onecycle"])
+@pytest.mark.parametrize("sched", [
+    COSINE, ["scheduler=onecycle"],
+    ["scheduler=step", "scheduler.step_size=1", "scheduler.gamma=0.5"]],
+    ids=["cosine", "onecycle", "step-per-epoch"])
 def test_a_stack_on_a_schedule_equals_its_ordinary_runs_exactly(tmp_path, store, sched):
     """λ, seed and lr per network (two optimizer segments), each on its own schedule, and a
     network that diverges in epoch 0 and leaves the stack (the optimizer and the schedules are
