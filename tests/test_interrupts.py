@@ -113,12 +113,16 @@ def _stop_sweep(args: list[str], cwd, sig: int) -> tuple[int, str]:
 # a stack of Adam networks with two lr (two optimizer segments) continues from one checkpoint
 # merged from its runs': each segment must count its own steps (Adam's bias correction)
 ADAM_TWO_LR = ["optimizer=adam", "optimizer.lr=0.01,0.02", "hydra.launcher.max_models=4"]
+# and on a schedule: each segment's schedule goes on from the merged checkpoint (no jump)
+COSINE_TWO_LR = [*ADAM_TWO_LR, "scheduler=cosine", "scheduler.interval=step"]
 
 
 @pytest.mark.parametrize("launcher, sig, extra", [
     ("vectorized", signal.SIGINT, ["seed=0,1", "hydra.launcher.max_models=2"]),
     ("vectorized", signal.SIGINT, ADAM_TWO_LR),
-    ("basic", signal.SIGTERM, [])], ids=["vectorized", "vectorized-adam-two-lr", "basic"])
+    ("vectorized", signal.SIGINT, COSINE_TWO_LR),
+    ("basic", signal.SIGTERM, [])],
+    ids=["vectorized", "vectorized-adam-two-lr", "vectorized-cosine-two-lr", "basic"])
 def test_a_stopped_sweep_continues_with_its_one_command(tmp_path, store, client, launcher, sig,
                                                         extra):
     sweep = ["-m", f"hydra/launcher={launcher}", "regularization.lam=0,0.1",
@@ -151,7 +155,8 @@ def test_a_stopped_sweep_continues_with_its_one_command(tmp_path, store, client,
     first = next(k for k in kids
                  if set(k.data.tags["mlflow.runName"].split()) <= {"lam=0", "seed=0", "lr=0.01"})
     ov = ["regularization.lam=0", "trainer.max_epochs=6",
-          *(["optimizer=adam", "optimizer.lr=0.01"] if extra == ADAM_TWO_LR else [])]
+          *(["optimizer=adam", "optimizer.lr=0.01"] if ADAM_TWO_LR[0] in extra else []),
+          *[e for e in extra if e.startswith("scheduler")]]
     train(make_cfg(f"tracking.uri={store}", *ov, "experiment_name=whole"), overrides=ov,
           output_dir=tmp_path / "whole")
     (whole,) = [r for r in runs_of(client) if r.info.experiment_id != parent.info.experiment_id]

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 TRAIN_LOSS = "train/loss"  # what the optimizer minimises; its steps mark an epoch as logged
 TRAIN_CE = "train/ce"
 TRAIN_L2 = "train/l2"
+TRAIN_LR = "train/lr"  # each network's lr at the epoch's end (a schedule moves it)
 VAL_CE = "val/ce"
 VAL_ACC = "val/acc"
 GAP_CE = "gap/ce"

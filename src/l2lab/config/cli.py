@@ -256,8 +256,8 @@ def _check_type(cfg: DictConfig, key: str, value: Any) -> None:
 def group_options(conf_dir: Path = CONF_DIR) -> str:
     """``data: cifar10, digits, ...`` one line per config group, for ``--help``."""
     lines = []
-    for group in ("data", "model", "regularization", "optimizer", "trainer", "experiment",
-                  "hydra/launcher", "hydra/sweeper"):
+    for group in ("data", "model", "regularization", "optimizer", "scheduler", "trainer",
+                  "experiment", "hydra/launcher", "hydra/sweeper"):
         names = group_choices(group, conf_dir)
         lines.append(f"  {group + ':':<17} {', '.join(names)}")
     return "\n".join(lines)

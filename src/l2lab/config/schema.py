@@ -128,6 +128,47 @@ class AdamWConfig(AdamConfig):
 
 
 @dataclass
+class SchedulerConfig:
+    """``scheduler=none``: the optimizer's lr throughout (today's runs, bit for bit)."""
+
+    name: str = "none"
+    interval: str = "epoch"  # step: after every optimizer step; epoch: after every epoch
+
+
+@dataclass
+class CosineConfig(SchedulerConfig):
+    """``CosineAnnealingLR`` from the base lr to ``eta_min`` over the run after ``warmup``
+    intervals of ``LinearLR`` from ``warmup_start_factor`` × the base lr (``SequentialLR``)."""
+
+    name: str = "cosine"
+    warmup: int = 0
+    warmup_start_factor: float = 0.1
+    eta_min: float = 0.0
+
+
+@dataclass
+class StepConfig(SchedulerConfig):
+    """``StepLR``: the lr times ``gamma`` every ``step_size`` intervals."""
+
+    name: str = "step"
+    step_size: int = 10
+    gamma: float = 0.1
+
+
+@dataclass
+class OneCycleConfig(SchedulerConfig):
+    """``OneCycleLR`` peaking at each network's base lr (``optimizer.lr``), momentum not cycled."""
+
+    name: str = "onecycle"
+    interval: str = "step"
+    pct_start: float = 0.3
+    anneal_strategy: str = "cos"
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+    three_phase: bool = False
+
+
+@dataclass
 class TrainerConfig:
     max_epochs: int = 30
     accelerator: str = "auto"
@@ -173,6 +214,7 @@ class TrainConfig:
     model: Any = MISSING
     regularization: Any = MISSING
     optimizer: Any = MISSING
+    scheduler: Any = MISSING
     trainer: Any = MISSING
     seed: int = 0
     resume: str | None = None
@@ -187,6 +229,8 @@ SCHEMAS: dict[str, dict[str, type]] = {
               "resnet18": ResNet18Config},  # model=custom: a network's own keys, untyped
     "regularization": {"regularization": RegularizationConfig, "elastic": ElasticNetConfig},
     "optimizer": {"sgd": SGDConfig, "adam": AdamConfig, "adamw": AdamWConfig},
+    "scheduler": {"none": SchedulerConfig, "cosine": CosineConfig, "step": StepConfig,
+                  "onecycle": OneCycleConfig},
     "trainer": {"trainer": TrainerConfig},
 }
 
@@ -292,6 +336,8 @@ def validate(cfg: DictConfig) -> None:
         _number(cfg, "optimizer.momentum", "a number >= 0", lambda v: v >= 0)
 
     _int(cfg, "trainer.max_epochs", 1)
+    if "scheduler" in cfg:
+        _check_scheduler(cfg)
     _choice(cfg, "trainer.accelerator", ACCELERATORS)
     devices = cfg.trainer.get("devices")
     if not (devices == "auto" or isinstance(devices, ListConfig | list) or
@@ -307,3 +353,28 @@ def validate(cfg: DictConfig) -> None:
         _number(cfg, "tracking.flush_every_s", "a number >= 0", lambda v: v >= 0)
 
 
+
+
+def _check_scheduler(cfg: DictConfig) -> None:
+    """The ``scheduler`` node's values, as torch's classes would refuse them, but before any
+    training (``core/schedules.py`` builds them)."""
+    _choice(cfg, "scheduler.name", rules.SCHEDULERS)
+    _choice(cfg, "scheduler.interval", rules.INTERVALS)
+    name = cfg.scheduler.name
+    if name == "cosine":
+        _int(cfg, "scheduler.warmup", 0)
+        _number(cfg, "scheduler.warmup_start_factor", "a number in (0, 1]",
+                lambda v: 0 < v <= 1)
+        _number(cfg, "scheduler.eta_min", "a number >= 0", lambda v: v >= 0)
+        if cfg.scheduler.interval == "epoch" and cfg.scheduler.warmup >= cfg.trainer.max_epochs:
+            raise _fail("scheduler.warmup", "smaller than trainer.max_epochs "
+                        f"({cfg.trainer.max_epochs}) with scheduler.interval=epoch",
+                        cfg.scheduler.warmup)
+    elif name == "step":
+        _int(cfg, "scheduler.step_size", 1)
+        _number(cfg, "scheduler.gamma", "a number > 0", lambda v: v > 0)
+    elif name == "onecycle":
+        _number(cfg, "scheduler.pct_start", "a number in (0, 1)", lambda v: 0 < v < 1)
+        _choice(cfg, "scheduler.anneal_strategy", rules.ANNEAL_STRATEGIES)
+        _number(cfg, "scheduler.div_factor", "a number > 0", lambda v: v > 0)
+        _number(cfg, "scheduler.final_div_factor", "a number > 0", lambda v: v > 0)

@@ -8,7 +8,8 @@ the seed, every key of ``regularization`` for one penalty class (its ``_target_`
 stacked: an L1 job and an L2 job train in different stacks), one optimizer class's
 hyperparameters (each network's step is its own torch param group), ``model.dropout`` (each
 network its own rate and generator) and gradient clipping (each network by its own norm or
-value). The composer
+value). The ``scheduler`` node has no per-network key: its kind and settings are part of the shape
+key, and each network follows the schedule from its own ``optimizer.lr``. The composer
 (``composing.SweepConfigs``), the launcher, the engine and the tests all read :data:`STACKED`.
 """
 

@@ -32,10 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from l2lab.core.regularization import Penalty, added
+from l2lab.core.schedules import MakeScheduler, NetworkSchedulers
 
-#: (trainer, optimizer): give a running fit another optimizer (the run layer passes
-#: ``compat.lightning.replace_optimizer``; core imports no private name of Lightning).
-ReplaceOptimizer = Callable[[Any, torch.optim.Optimizer], None]
+#: (trainer, optimizer, schedulers or None): give a running fit another optimizer and its
+#: schedule (the run layer passes ``compat.lightning.replace_optimizer``; core imports no
+#: private name of Lightning).
+ReplaceOptimizer = Callable[[Any, torch.optim.Optimizer, Any], None]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -72,8 +74,13 @@ class L2Module(pl.LightningModule):
                  selections: Sequence[Sequence[str]] | None = None,
                  restack: Callable[[Sequence[int], nn.Module], L2Module] | None = None,
                  replace_optimizer: ReplaceOptimizer | None = None,
-                 normalized: Sequence[str] = ()) -> None:
+                 normalized: Sequence[str] = (),
+                 make_scheduler: MakeScheduler | None = None,
+                 interval: str = "epoch") -> None:
         super().__init__()
+        # optimizer -> one network's torch scheduler (None: the lr stays the optimizer's), and
+        # whether it steps after every optimizer step or every epoch; shared by the networks
+        self.make_scheduler, self.interval = make_scheduler, interval
         self.batch_size = int(batch_size)
         # layers a normalization follows: their effective lr, lr / ||W||^2, is logged
         self.normalized = frozenset(normalized)
@@ -120,8 +127,26 @@ class L2Module(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.make_optimizer(self.net)
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
+        """The optimizer, and with a schedule Lightning's dict form, so that Lightning steps the
+        schedule and saves its state in the checkpoint (resume goes on where it stopped)."""
+        optimizer = self.make_optimizer(self.net)
+        if self.make_scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": self._schedulers(optimizer),
+                                 "interval": self.interval}}
+
+    def _schedulers(self, optimizer: torch.optim.Optimizer) -> NetworkSchedulers:
+        """One torch scheduler per run of networks with equal optimizer settings (each run's
+        own param group and base lr), as each network's ordinary run has one."""
+        segments = [(a, b, opt) for a, b, _, opt in optimizer.segments] \
+            if isinstance(optimizer, SegmentedOptimizer) else None
+        return NetworkSchedulers(optimizer, self.make_scheduler, self.k, segments)
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        """Lightning's hook for a scheduler that is not one torch class (each network's)."""
+        scheduler.step()
 
     # -- accumulation on the device ------------------------------------------------------------
     def _add(self, key: str, value: torch.Tensor, n: int) -> None:
@@ -240,11 +265,14 @@ class L2Module(pl.LightningModule):
         per_net: list[dict[str, float] | None] = [None] * len(self.alive)
         dead: list[int] = []  # stack positions of the networks that diverged in this epoch
         names = self.penalty.TERMS
-        lrs = network_lrs(self.trainer.optimizers[0], self.k) if self.normalized else []
+        # at epoch end: after the epoch's schedule steps (Lightning's, before this hook), so the
+        # lr the next epoch starts with
+        lrs = network_lrs(self.trainer.optimizers[0], self.k)
         for pos, i in enumerate(self.slots):
             if not self.alive[i]:
                 continue
             d = {key: v[pos] for key, v in m.items()}
+            d["train/lr"] = lrs[pos]
             # what the optimizer minimises: ce + the terms added as the step adds them (a
             # constraint alone, max-norm, has none); under mode=optimizer the ce alone, the
             # decay's nominal terms logged under their own names (design.md §4)
@@ -292,7 +320,8 @@ class L2Module(pl.LightningModule):
         stack is rebuilt for the others (``restack``, the code that built it), takes their
         slices of the weights and of the optimizer state, and the batches keep only their rows.
         What each remaining network computes does not depend on its neighbours, so its numbers
-        are those it had in the larger stack (on CPU bit for bit: ``tests/test_engine.py``).
+        are those it had in the larger stack (on CPU bit for bit: ``tests/test_engine.py``);
+        a schedule goes on for each from where it stood.
         A measured choice: a dead network costs a live one's compute every step (zeros
         multiply as fast as numbers), while the rebuild costs less than one step (2-core CPU,
         default sweep with 24 of 48 networks dead: 7 ms, against 46 ms for a step of the 48
@@ -304,6 +333,8 @@ class L2Module(pl.LightningModule):
                              "stays")
         smaller = self.restack(keep, self.net)
         state = self.trainer.optimizers[0].state_dict()["state"]
+        old = self.trainer.lr_scheduler_configs[0].scheduler \
+            if self.make_scheduler is not None else None
         self._set_stack(smaller.net, smaller.penalty, smaller.make_optimizer, smaller.modes,
                         smaller.clips, smaller.selections)
         self.restack = smaller.restack  # positions in the smaller stack from now on
@@ -313,7 +344,11 @@ class L2Module(pl.LightningModule):
             "state": {p: {key: networks_at(v, keep) for key, v in st.items()}
                       for p, st in state.items()},
             "param_groups": optimizer.state_dict()["param_groups"]})
-        self.replace_optimizer(self.trainer, optimizer)
+        schedulers = None
+        if old is not None:
+            schedulers = self._schedulers(optimizer)
+            schedulers.load_state_dict(old.at(keep))
+        self.replace_optimizer(self.trainer, optimizer, schedulers)
         self.trainer.train_dataloader.keep(keep)
 
     def _silence(self, pos: int) -> None:

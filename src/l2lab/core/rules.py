@@ -44,6 +44,12 @@ SELECTABLE_TYPES: tuple[str, ...] = (
 NORMALIZE: tuple[str, ...] = ("batch", "dataset", "none")
 #: ``regularization.mode``: the penalty in the loss, or as the optimizer's weight decay.
 MODES: tuple[str, ...] = ("loss", "optimizer")
+#: ``scheduler``: torch's ``lr_scheduler`` classes (``core/schedules.py``), ``none`` the default.
+SCHEDULERS: tuple[str, ...] = ("none", "cosine", "step", "onecycle")
+#: ``scheduler.interval``: stepped after every optimizer step, or every epoch.
+INTERVALS: tuple[str, ...] = ("step", "epoch")
+#: ``scheduler.anneal_strategy`` of ``onecycle`` (torch's ``OneCycleLR``).
+ANNEAL_STRATEGIES: tuple[str, ...] = ("cos", "linear")
 #: ``regularization._target_`` of the default penalty (conf/regularization/l2.yaml names it too).
 DEFAULT_PENALTY = "l2lab.core.penalties.L2"
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,9 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from l2lab.core.module import L2Module, SegmentedOptimizer, networks_at
+from l2lab.core.module import L2Module, ReplaceOptimizer, SegmentedOptimizer, networks_at
 from l2lab.core.networks import followed_by_norm
 from l2lab.core.regularization import Penalty, SelectedLayer
+from l2lab.core.schedules import MakeScheduler
 
 
 class NotStackable(ValueError):
@@ -421,8 +422,10 @@ class StackMember:
 
 def stack_members(members: Sequence[StackMember], optimizer_class: type[torch.optim.Optimizer],
                   batch_size: int = 64,
-                  replace_optimizer: Callable[[Any, torch.optim.Optimizer], None] | None = None,
-                  example: torch.Tensor | None = None) -> L2Module:
+                  replace_optimizer: ReplaceOptimizer | None = None,
+                  example: torch.Tensor | None = None,
+                  make_scheduler: MakeScheduler | None = None,
+                  interval: str = "epoch") -> L2Module:
     """The module that trains ``members`` as one stack: stacked weights, per network its λ per
     layer, its selection, normalize, mode, clipping and optimizer settings. A stack of one is how
     an ordinary run trains.
@@ -430,7 +433,10 @@ def stack_members(members: Sequence[StackMember], optimizer_class: type[torch.op
     The penalty runs over the union of the members' selections, in the network's layer order; a
     layer a member does not select has λ = 0 for it, which adds exact zeros (to the penalty, to
     the gradient), so each member's numbers are those of its own selection.
-    ``replace_optimizer`` (trainer, optimizer), the run layer's, lets networks that diverge leave
+    ``make_scheduler`` (optimizer -> a torch scheduler) gives each network the same schedule
+    from its own base lr, stepped every ``interval`` (``schedules.NetworkSchedulers``).
+    ``replace_optimizer`` (trainer, optimizer, schedulers), the run layer's, lets networks that
+    diverge leave
     the stack mid-fit (:meth:`L2Module.remove`); without it they train on as zeros.
     ``example`` (a few training inputs) lets :func:`check_stack` prove a stack of K > 1 right
     before it trains: :class:`NotStackable` says why it is not.
@@ -469,7 +475,8 @@ def stack_members(members: Sequence[StackMember], optimizer_class: type[torch.op
         """The stack of the networks at ``positions``, holding their weights and dropout
         streams as they stand in ``stacked`` (this stack's network, trained on)."""
         smaller = stack_members([members[p] for p in positions], optimizer_class, batch_size,
-                                replace_optimizer)
+                                replace_optimizer, make_scheduler=make_scheduler,
+                                interval=interval)
         smaller.to(next(stacked.parameters()).device)
         smaller.net.load_state_dict({name: networks_at(t, positions)
                                      for name, t in stacked.state_dict().items()})
@@ -482,7 +489,8 @@ def stack_members(members: Sequence[StackMember], optimizer_class: type[torch.op
                     modes=[m.mode for m in members], clips=[m.clip for m in members],
                     selections=[m.penalty.layer_names for m in members],
                     restack=restack if replace_optimizer else None,
-                    replace_optimizer=replace_optimizer, normalized=normalized)
+                    replace_optimizer=replace_optimizer, normalized=normalized,
+                    make_scheduler=make_scheduler, interval=interval)
 
 
 def unstack_into(module: L2Module, nets: Sequence[nn.Module]) -> None:
@@ -570,6 +578,9 @@ def merge_member_checkpoints(paths: Sequence[Path | None]) -> Path | None:
                                 for key in st} for p, st in opt["state"].items()}}],
               "callbacks": {key: {"members": [c["callbacks"][key] for c in cks]}
                             for key in first.get("callbacks", {})}}
+    if first.get("lr_schedulers"):  # each run's schedule state (schedules.NetworkSchedulers)
+        merged["lr_schedulers"] = [{"networks": [n for c in cks
+                                                 for n in c["lr_schedulers"][0]["networks"]]}]
     out = paths[0].parent / "stack.ckpt"
     torch.save(merged, out)
     return out

@@ -38,13 +38,15 @@ def member_checkpoints(trainer: Any, states: Sequence[dict | None], recorder_key
                        base: dict | None = None,
                        slots: Sequence[int] | None = None) -> list[dict | None]:
     """Network i's ``last.ckpt``: the checkpoint of a stack of one holding network i alone (its
-    weights and optimizer state, the shared loop state, its recorder state). From ``base`` (a
-    :func:`stack_checkpoint` taken earlier) when given, else from the stack now. ``states``
-    (None: no checkpoint) and the result are indexed by network; ``slots`` says which network
-    each position of the stack holds (``L2Module.slots``; default: network i at position i)."""
+    weights, optimizer state and schedule, the shared loop state, its recorder state). From
+    ``base`` (a :func:`stack_checkpoint` taken earlier) when given, else from the stack now.
+    ``states`` (None: no checkpoint) and the result are indexed by network; ``slots`` says which
+    network each position of the stack holds (``L2Module.slots``; default: network i at
+    position i)."""
     base = dict(base) if base is not None else dump_checkpoint(trainer)
     stacked_state = base.pop("state_dict")
     optimizer = base.pop("optimizer_states")[0]
+    schedules = base.pop("lr_schedulers", None)  # one state per network (NetworkSchedulers)
     base.pop("callbacks", None)
     out: list[dict | None] = [None] * len(states)
     for pos, i in enumerate(range(len(states)) if slots is None else slots):
@@ -58,4 +60,6 @@ def member_checkpoints(trainer: Any, states: Sequence[dict | None], recorder_key
         out[i] = {**base, "state_dict": {n: networks_at(v, [pos]) for n, v in
                                          stacked_state.items()},
                   "optimizer_states": [opt], "callbacks": {recorder_key: state}}
+        if schedules is not None:
+            out[i]["lr_schedulers"] = [{"networks": [s["networks"][pos]]} for s in schedules]
     return out

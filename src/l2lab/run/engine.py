@@ -147,17 +147,36 @@ def build_member(cfg: DictConfig, splits, tree: Mapping[str, Any] | None = None,
                              trainer.get("gradient_clip_algorithm")))
 
 
+def scheduler_settings(cfg: DictConfig, train_size: int) -> tuple[Any, str]:
+    """(optimizer -> the torch scheduler of ``cfg.scheduler``, or None; its interval). Its
+    length is the whole run: ``trainer.max_epochs`` epochs, or as many optimizer steps (one per
+    batch, the last one short)."""
+    from l2lab.core.schedules import scheduler_factory
+
+    node = cfg.get("scheduler")
+    if node is None or node.name == "none":
+        return None, "epoch"
+    total = int(cfg.trainer.max_epochs)
+    if node.interval == "step":
+        total *= -(-int(train_size) // int(cfg.data.batch_size))
+    return scheduler_factory(str(node.name), _strip(node, "name", "interval"), total), \
+        str(node.interval)
+
+
 def stack(cfg: DictConfig, members: Sequence[StackMember], example=None) -> L2Module:
     """The module that trains ``members`` (built by :func:`build_member`) as one stack;
     ``example`` (training inputs) proves a stack of several right first
-    (``stacked.check_stack``), or ``NotStackable`` says why it is not."""
+    (``stacked.check_stack``), or ``NotStackable`` says why it is not. The schedule is the
+    stack's (its jobs share it: ``stackable.shape_key``), each network's from its own lr."""
     from l2lab.compat.lightning import replace_optimizer
     from l2lab.core.stacked import stack_members
 
     cls, _ = optimizer_settings(OmegaConf.to_container(cfg, resolve=True))
+    make_scheduler, interval = scheduler_settings(cfg, members[0].penalty.dataset_size)
     return stack_members(members, cls, batch_size=int(cfg.data.batch_size),
                          replace_optimizer=replace_optimizer,
-                         example=example[:64] if example is not None else None)
+                         example=example[:64] if example is not None else None,
+                         make_scheduler=make_scheduler, interval=interval)
 
 
 # -- fitting ------------------------------------------------------------------------------------

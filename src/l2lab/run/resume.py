@@ -51,6 +51,15 @@ def resume_config(cfg: DictConfig, overrides: Sequence[str], logged: DictConfig)
             "resume: only trainer.max_epochs may differ from the resumed run's logged config; "
             f"these differ: {', '.join(wrong)}."
         )
+    schedule = OmegaConf.select(logged, "scheduler.name", default="none")
+    if "trainer.max_epochs" in given and schedule != "none" and \
+            cfg.trainer.max_epochs != logged.trainer.max_epochs:
+        raise ConfigError(
+            f"resume: trainer.max_epochs cannot change for a run on a schedule "
+            f"(scheduler={schedule}, logged {logged.trainer.max_epochs} epochs, given "
+            f"{cfg.trainer.max_epochs}): the schedule's length is the run's, and its state "
+            "would go on past its end. Start a new run with the longer trainer.max_epochs."
+        )
     out = logged.copy()
     with open_dict(out):
         if "trainer.max_epochs" in given:

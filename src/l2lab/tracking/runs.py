@@ -48,6 +48,9 @@ def config_hash(cfg: DictConfig | Mapping) -> str:
         # the eval-mode pass changes what is logged, not what is trained: runs logged before
         # the key existed keep the identity they were logged with (false is a choice to see)
         tree["trainer"] = {k: v for k, v in trainer.items() if k != "eval_train"}
+    if (tree.get("scheduler") or {}).get("name") == "none":
+        # no schedule is what runs trained before there were schedules: same identity
+        del tree["scheduler"]
     text = json.dumps(tree, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
