@@ -143,3 +143,14 @@ def test_bad_mnist1d_sizes_name_the_key(override, key):
     cfg = make_cfg("data=mnist1d", "data.num_samples=50", override)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(cfg)
+
+
+def test_mnist1d_sizes_are_part_of_the_config_hash_and_the_defaults_hash_as_before():
+    cfg = make_cfg("data=mnist1d")
+    tree = OmegaConf.to_container(cfg, resolve=True)
+    before = {**tree, "data": {k: v for k, v in tree["data"].items()
+                               if k not in ("num_samples", "train_split", "label_noise")}}
+    assert config_hash(tree) == config_hash(before)
+    notebook = make_cfg("data=mnist1d", "data.num_samples=16000", "data.train_split=0.25")
+    share = make_cfg("data=mnist1d", "data.train_split=0.25")
+    assert len({config_hash(cfg), config_hash(notebook), config_hash(share)}) == 3
