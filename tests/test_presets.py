@@ -24,11 +24,14 @@ from omegaconf import OmegaConf
 
 from l2lab import CONF_DIR
 from l2lab.config.schema import SCHEMAS
+from l2lab.core.rules import MNIST1D_SIZES as SIZES
 from l2lab.train import train
 
 EPOCHS = 2
 # One batch per epoch: a preset's network and optimizer, trained for two steps.
 TINY = {"data.train_size": 40, "data.batch_size": 40, "trainer.max_epochs": EPOCHS}
+#: ``data.num_samples`` for a preset that sets its own MNIST-1D size (cut for its two steps).
+SMALL_MNIST1D = 1000
 #: conf/ folders that are not typed groups: presets of the whole config (`# @package _global_`),
 #: an experiment's network shape merged into the (typed) model, and Hydra's own.
 UNTYPED = ("experiment", "experiment_model", "hydra")
@@ -125,7 +128,12 @@ def test_every_experiment_preset_trains(preset, model, tmp_path, store, mnist1d_
     # a swept group (regularization: l2,decoupled) is picked by its option, a key by its value
     job = [f"{k}={v}" for k, v in swept.items()]
     data = [f"data.root={mnist1d_root}"] if full.data.name == "mnist1d" else []
-    overrides = [*chosen, *job, *(f"{k}={v}" for k, v in TINY.items()), *data,
+    tiny = dict(TINY)
+    if full.data.get("num_samples", SIZES["num_samples"]) != SIZES["num_samples"]:
+        # a preset's own MNIST-1D size (16000 sequences: 10-30 s to generate) is generated
+        # small: two steps need no more, and the cache serves every such preset
+        tiny["data.num_samples"] = SMALL_MNIST1D
+    overrides = [*chosen, *job, *(f"{k}={v}" for k, v in tiny.items()), *data,
                  f"tracking.uri={store}"]
     cfg = _compose(overrides)
     final = train(cfg, overrides=[*chosen, *job], output_dir=tmp_path / "out")
@@ -140,7 +148,7 @@ def test_every_experiment_preset_trains(preset, model, tmp_path, store, mnist1d_
     assert final["train/loss"] == pytest.approx(last)
 
     params = run.data.params
-    expected = {**_preset_keys(preset), **_shape_keys(f"{preset}_{model or 'mlp'}"), **TINY, **{
+    expected = {**_preset_keys(preset), **_shape_keys(f"{preset}_{model or 'mlp'}"), **tiny, **{
         f"{k}.name" if (CONF_DIR / k).is_dir() else k: v for k, v in swept.items()}}
     if model:
         expected["model.name"] = model

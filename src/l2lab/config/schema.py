@@ -46,6 +46,16 @@ class DataConfig:
     val_size: int = 0
     split_seed: int = 0
     batch_size: int = 64
+    label_noise: float = 0.0
+
+
+@dataclass
+class MNIST1DDataConfig(DataConfig):
+    """MNIST-1D's own sizes (``rules.MNIST1D_SIZES``: the ``mnist1d`` package's names and
+    defaults), so that another split of generated sequences is a config."""
+
+    num_samples: int = int(rules.MNIST1D_SIZES["num_samples"])
+    train_split: float = float(rules.MNIST1D_SIZES["train_split"])
 
 
 @dataclass
@@ -224,7 +234,7 @@ class TrainConfig:
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
-    "data": {"data": DataConfig},
+    "data": {"data": DataConfig, "mnist1d": MNIST1DDataConfig},
     "model": {"mlp": MLPConfig, "cnn": CNNConfig, "resnet1d": ResNet1dConfig,
               "resnet18": ResNet18Config},  # model=custom: a network's own keys, untyped
     "regularization": {"regularization": RegularizationConfig, "elastic": ElasticNetConfig},
@@ -306,6 +316,9 @@ def validate(cfg: DictConfig) -> None:
     _int(cfg, "data.val_size", 0)
     _int(cfg, "data.batch_size", 1)
     _int(cfg, "data.split_seed", 0)
+    rules.check_label_noise(cfg.data.get("label_noise", 0.0))
+    if "num_samples" in cfg.data or "train_split" in cfg.data:
+        rules.check_mnist1d_sizes(cfg.data.get("num_samples"), cfg.data.get("train_split"))
 
     if OmegaConf.is_missing(cfg.model, "_target_"):
         raise ConfigError("model._target_ is not set: model=custom needs the network to build, "

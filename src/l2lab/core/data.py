@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from l2lab.base import ConfigError
-from l2lab.core.rules import DATASETS
+from l2lab.core.rules import DATASETS, check_label_noise, check_mnist1d_sizes
 
 NUM_CLASSES = 10  # every supported dataset has ten classes
+_NOISE_STREAM = 0x6C6E  # tells the label-noise stream of a split_seed apart from its permutation
 
 # Per-channel (mean, std) of the official training splits.
 _TORCHVISION = {
@@ -91,9 +92,11 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray
     return scale(pool), y[~test], (scale(x[test]), y[test])
 
 
-def _load_mnist1d(root: str) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+def _load_mnist1d(root: str, num_samples: object = None, train_split: object = None
+                  ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """MNIST-1D (Greydanus 2020) built by the ``mnist1d`` package's own generator with its default
-    arguments (seed 42: 4000 train / 1000 test sequences of length 40), offline.
+    arguments (seed 42: 4000 train / 1000 test sequences of length 40), offline; ``num_samples``
+    and ``train_split`` (None: the package's defaults) replace the package's own two sizes.
 
     The package's ``get_dataset`` first tries to download the authors' pickle and generates only
     when that fails; ``make_dataset`` is that generator, called directly (no network). The result
@@ -112,13 +115,19 @@ def _load_mnist1d(root: str) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, 
 
     args = get_dataset_args(as_dict=True)
     args.pop("url", None)  # where the authors' pickle lives; not a generation argument
+    args["num_samples"], args["train_split"] = check_mnist1d_sizes(
+        args["num_samples"] if num_samples is None else num_samples,
+        args["train_split"] if train_split is None else train_split)
     key = hashlib.sha1(json.dumps(args, sort_keys=True).encode()).hexdigest()[:12]
     folder = Path(root).expanduser().resolve() / "mnist1d"
     path = folder / f"mnist1d_{key}.npz"
     if not path.exists():
         np_state, py_state = np.random.get_state(), random.getstate()
         try:
-            d = make_dataset(get_dataset_args())
+            generator_args = get_dataset_args()
+            generator_args.num_samples = args["num_samples"]
+            generator_args.train_split = args["train_split"]
+            d = make_dataset(generator_args)
         finally:
             np.random.set_state(np_state)
             random.setstate(py_state)
@@ -171,7 +180,8 @@ def load_data(cfg: Mapping) -> Splits:
     if name == "digits":
         x, y, test = _load_digits()
     elif name == "mnist1d":
-        x, y, test = _load_mnist1d(str(cfg.get("root", "data")))
+        x, y, test = _load_mnist1d(str(cfg.get("root", "data")), cfg.get("num_samples"),
+                                   cfg.get("train_split"))
     else:
         x, y, test = _load_torchvision(name, str(cfg.get("root", "data")),
                                        bool(cfg.get("download", False)))
@@ -197,7 +207,32 @@ def load_data(cfg: Mapping) -> Splits:
     val_idx, train_idx = perm[:val_size], perm[val_size:val_size + train_size]
     as_t = lambda a, idx: (torch.from_numpy(a[0][idx]), torch.from_numpy(a[1][idx]))  # noqa: E731
     test_t = None if test is None else (torch.from_numpy(test[0]), torch.from_numpy(test[1]))
-    return Splits(name, as_t((x, y), train_idx), as_t((x, y), val_idx), test_t, NUM_CLASSES)
+    # the noise is drawn per example of the whole training split, then only the training rows
+    # take it: a smaller train_size keeps the noisy labels of the examples it keeps
+    train_y = noisy_labels(y, cfg.get("label_noise", 0.0), int(cfg.get("split_seed", 0)),
+                           NUM_CLASSES)[train_idx]
+    train = (torch.from_numpy(x[train_idx]), torch.from_numpy(train_y))
+    return Splits(name, train, as_t((x, y), val_idx), test_t, NUM_CLASSES)
+
+
+def noisy_labels(y: np.ndarray, label_noise: object, split_seed: int,
+                 num_classes: int) -> np.ndarray:
+    """The training labels with each, with probability ``label_noise``, replaced by a class drawn
+    uniformly, as the MNIST-1D deep-double-descent notebook does (so a label may be redrawn as
+    itself: about ``label_noise · (1 − 1/classes)`` of them change).
+
+    Drawn from ``split_seed`` alone, in a stream of its own (not the split's permutation), so
+    every job of a sweep, whatever its ``seed`` or λ, trains on the same noisy labels. The caller
+    keeps only the training rows of the result: validation and test labels stay clean. 0 returns
+    ``y`` itself.
+    """
+    noise = check_label_noise(label_noise)
+    if noise == 0.0:
+        return y
+    rng = np.random.default_rng([int(split_seed), _NOISE_STREAM])
+    redraw = rng.random(len(y)) < noise
+    drawn = rng.integers(0, num_classes, size=len(y))
+    return np.where(redraw, drawn, y).astype(y.dtype)
 
 
 class EpochShuffle:

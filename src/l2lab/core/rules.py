@@ -18,6 +18,12 @@ from l2lab.base import ConfigError
 #: ``data.name``: the datasets ``core.data.load_data`` loads (``conf/data/<name>.yaml`` each).
 DATASETS: tuple[str, ...] = ("digits", "mnist1d", "mnist", "fashion_mnist", "cifar10")
 
+#: MNIST-1D's sizes as the ``mnist1d`` package's ``get_dataset_args()`` names and sets them (the
+#: schema's defaults, and the values at which a run's config hash stays the one it had before these
+#: keys existed): ``num_samples`` sequences generated, the first ``train_split`` of them the
+#: training pool, the rest the test split. ``tests/test_mnist1d.py`` checks they match the package.
+MNIST1D_SIZES: dict[str, int | float] = {"num_samples": 5000, "train_split": 0.8}
+
 #: ``model=<name>`` -> its class or factory: the presets of ``conf/model/``. Any other importable
 #: ``nn.Module`` class or factory may be named by ``model._target_`` (:func:`network_error`).
 NETWORKS: dict[str, str] = {"mlp": "l2lab.models.MLP", "cnn": "l2lab.models.CNN",
@@ -106,3 +112,36 @@ def check_ratio(value: object) -> float:
     if isinstance(value, bool) or not 0.0 <= ratio <= 1.0:
         raise ConfigError(f"regularization.l1_ratio must be a number in [0, 1], got {value!r}.")
     return ratio
+
+
+def check_label_noise(value: object) -> float:
+    """``data.label_noise`` (the share of training labels redrawn uniformly) in [0, 1): 1 would
+    leave no label to learn from."""
+    try:
+        noise = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        noise = math.nan
+    if isinstance(value, bool) or not 0.0 <= noise < 1.0:
+        raise ConfigError(f"data.label_noise must be a number in [0, 1) (0: clean labels), "
+                          f"got {value!r}.")
+    return noise
+
+
+def check_mnist1d_sizes(num_samples: object, train_split: object) -> tuple[int, float]:
+    """``data.num_samples`` and ``data.train_split`` of MNIST-1D: the generator makes
+    ``num_samples // 10`` sequences per class, and both the training pool and the test split must
+    keep at least one."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 10:
+        raise ConfigError(f"data.num_samples must be an integer >= 10 (MNIST-1D generates "
+                          f"num_samples // 10 sequences per class), got {num_samples!r}.")
+    try:
+        share = float(train_split)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        share = math.nan
+    total = num_samples // 10 * 10
+    if isinstance(train_split, bool) or not 0.0 < share < 1.0 or \
+            not 0 < int(total * share) < total:
+        raise ConfigError(f"data.train_split must be a number in (0, 1) that leaves both splits "
+                          f"non-empty ({total} sequences for data.num_samples={num_samples}), "
+                          f"got {train_split!r}.")
+    return num_samples, share

@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from l2lab import metrics as mt
-from l2lab.core.rules import DEFAULT_PENALTY
+from l2lab.core.rules import DEFAULT_PENALTY, MNIST1D_SIZES
 from l2lab.records import RunRecord
 from l2lab.tracking.tracker import FAILURE_TAG, parse_overrides
 
@@ -26,6 +26,8 @@ HASH_TAG = "l2lab.config_hash"
 REUSED_TAG = "l2lab.reused_from"
 REPRODUCED_TAG = "l2lab.reproduced_from"
 _NOT_IDENTITY = ("tracking", "resume", "reuse", "hydra")
+#: ``data`` keys that runs logged before they existed lack, with the value that trains as those did.
+_ADDED_DATA_KEYS: dict[str, object] = {"label_noise": 0.0, **MNIST1D_SIZES}
 
 
 def config_hash(cfg: DictConfig | Mapping) -> str:
@@ -51,6 +53,12 @@ def config_hash(cfg: DictConfig | Mapping) -> str:
     if (tree.get("scheduler") or {}).get("name") == "none":
         # no schedule is what runs trained before there were schedules: same identity
         del tree["scheduler"]
+    data = tree.get("data")
+    if isinstance(data, Mapping):
+        # keys added after runs were logged hash, at the value that means "as before", as if
+        # absent: those runs keep their identity, so reuse still finds them
+        tree["data"] = {k: v for k, v in data.items() if k not in _ADDED_DATA_KEYS
+                        or v != _ADDED_DATA_KEYS[k]}
     text = json.dumps(tree, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
