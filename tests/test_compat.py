@@ -15,7 +15,7 @@ import pytest
 import yaml
 from conftest import KNOWN, TINY, run_cli
 from mlflow.exceptions import MlflowException
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from l2lab.compat import hydra as ch
 from l2lab.compat import hydra_run_job as rj
@@ -410,7 +410,14 @@ def test_a_run_logged_before_the_move_still_reproduces_and_is_reused(tmp_path):
     overrides = [o for o in yaml.safe_load(old["overrides_yaml"]) if not o.startswith("tracking.")]
     today = f"sqlite:///{tmp_path}/today/mlflow.db"
     cfg = make_cfg(*overrides, f"tracking.uri={today}", tiny=False)
+    # today's digits hold out a test split, so the same overrides train on other data: another
+    # identity; data.test_size=0 is what the old run trained on, and its identity
+    assert rr.config_hash(cfg) != old["tags"][rr.HASH_TAG]
+    before = ["data.test_size=0"]
+    cfg = make_cfg(*overrides, *before, f"tracking.uri={today}", tiny=False)
     assert rr.config_hash(cfg) == old["tags"][rr.HASH_TAG]  # reuse's identity did not move
+    with open_dict(cfg):  # the old config has no eval-mode pass either: train what it names
+        del cfg.trainer.eval_train
     metrics = train(cfg, overrides=overrides, output_dir=tmp_path / "today-run")
 
     store = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
@@ -430,7 +437,8 @@ def test_a_run_logged_before_the_move_still_reproduces_and_is_reused(tmp_path):
     assert "differ" not in r.stdout and "val/ce" in r.stdout
     quiet(r)
 
-    r = run_cli("l2lab.train", *overrides, "reuse=true", f"tracking.uri={store}", cwd=tmp_path)
+    r = run_cli("l2lab.train", *overrides, *before, "reuse=true", f"tracking.uri={store}",
+                cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     quiet(r)
     assert rid[:8] in r.stdout + r.stderr

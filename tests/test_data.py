@@ -16,7 +16,7 @@ from l2lab.core.data import TensorBatches, load_data
 
 def _cfg(**kw):
     return {"name": "digits", "root": "data", "download": False, "train_size": None,
-            "val_size": 300, "split_seed": 0, "batch_size": 32, **kw}
+            "val_size": 300, "split_seed": 0, "batch_size": 32, "test_size": 360, **kw}
 
 
 def test_digits_split_is_disjoint_seeded_and_independent_of_sizes():
@@ -53,6 +53,12 @@ def test_digits_hold_out_a_fixed_test_split_disjoint_from_train_and_val():
         load_data(_cfg(val_size=1437))
     with pytest.raises(ConfigError, match=r"data\.train_size must be between 1 and 1137"):
         load_data(_cfg(train_size=1138))
+    # a config logged before the split existed (no data.test_size) trains on what it trained on
+    old = {k: v for k, v in _cfg(val_size=300).items() if k != "test_size"}
+    for before in (load_data(old), load_data(_cfg(val_size=300, test_size=0))):
+        assert before.test is None and len(before.train[1]) == 1797 - 300
+    with pytest.raises(ConfigError, match=r"data\.test_size must be 360 .* or 0"):
+        load_data(_cfg(test_size=100))
 
 
 @pytest.mark.parametrize("kw, key", [({"train_size": 5000}, "data.train_size"),

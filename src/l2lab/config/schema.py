@@ -50,6 +50,14 @@ class DataConfig:
 
 
 @dataclass
+class DigitsDataConfig(DataConfig):
+    """The digits' fixed held-out test split (``core/data.py``): 360 images, or 0 for none (a
+    config logged before the split existed has no key, and means 0: what it trained on)."""
+
+    test_size: int = 360
+
+
+@dataclass
 class MNIST1DDataConfig(DataConfig):
     """MNIST-1D's own sizes (``rules.MNIST1D_SIZES``: the ``mnist1d`` package's names and
     defaults), so that another split of generated sequences is a config."""
@@ -234,7 +242,7 @@ class TrainConfig:
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
-    "data": {"data": DataConfig, "mnist1d": MNIST1DDataConfig},
+    "data": {"data": DataConfig, "digits": DigitsDataConfig, "mnist1d": MNIST1DDataConfig},
     "model": {"mlp": MLPConfig, "cnn": CNNConfig, "resnet1d": ResNet1dConfig,
               "resnet18": ResNet18Config},  # model=custom: a network's own keys, untyped
     "regularization": {"regularization": RegularizationConfig, "elastic": ElasticNetConfig},

@@ -76,14 +76,22 @@ def train_eval_size(n_train: int, n_val: int) -> int:
     return min(n_train, n_val if n_val else TRAIN_EVAL_WITHOUT_VAL)
 
 
-def _load_digits() -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+def _load_digits(test_size: int = DIGITS_TEST_SIZE
+                 ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
     """The 1,437-image pool (in scikit-learn's order) and the fixed 360-image test split.
-    Scaled by the pool's own mean and std, so the test images inform nothing of training."""
+    Scaled by the pool's own mean and std, so the test images inform nothing of training.
+    ``test_size=0`` (``data.test_size``, absent from configs logged before the split existed):
+    all 1,797 images and no test split, as those runs trained, so they still reproduce."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
     x = (d.images.astype(np.float32) / 16.0)[:, None, :, :]
     y = d.target.astype(np.int64)
+    if test_size == 0:
+        return (x - x.mean()) / x.std(), y, None
+    if test_size != DIGITS_TEST_SIZE:
+        raise ConfigError(f"data.test_size must be {DIGITS_TEST_SIZE} (the digits' fixed test "
+                          f"split) or 0 (none, as runs logged before it), got {test_size!r}.")
     test = np.zeros(len(y), dtype=bool)
     test[np.random.default_rng(DIGITS_TEST_SEED).permutation(len(y))[:DIGITS_TEST_SIZE]] = True
     pool = x[~test]
@@ -178,7 +186,7 @@ def load_data(cfg: Mapping) -> Splits:
     if name not in DATASETS:
         raise ConfigError(f"data.name must be one of {list(DATASETS)}, got {name!r}.")
     if name == "digits":
-        x, y, test = _load_digits()
+        x, y, test = _load_digits(int(cfg.get("test_size") or 0))
     elif name == "mnist1d":
         x, y, test = _load_mnist1d(str(cfg.get("root", "data")), cfg.get("num_samples"),
                                    cfg.get("train_split"))

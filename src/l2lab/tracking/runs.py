@@ -27,7 +27,7 @@ REUSED_TAG = "l2lab.reused_from"
 REPRODUCED_TAG = "l2lab.reproduced_from"
 _NOT_IDENTITY = ("tracking", "resume", "reuse", "hydra")
 #: ``data`` keys that runs logged before they existed lack, with the value that trains as those did.
-_ADDED_DATA_KEYS: dict[str, object] = {"label_noise": 0.0, **MNIST1D_SIZES}
+_ADDED_DATA_KEYS: dict[str, object] = {"label_noise": 0.0, "test_size": 0, **MNIST1D_SIZES}
 
 
 def config_hash(cfg: DictConfig | Mapping) -> str:
