@@ -695,3 +695,29 @@ def test_a_sweep_without_validation_split_is_judged_on_test(tmp_path: Path) -> N
     page = write_report(runs, tmp_path)["report"].read_text()
     assert 'id="no-validation"' in page and "Lowest mean final test/ce: <b>λ = 0.1</b>" in page
     assert "<th>test/ce</th>" in page
+
+
+def test_the_effective_learning_rate_is_drawn_against_lam_per_condition(tmp_path):
+    """weights/eff_lr/* (the layers a normalization follows) averaged per run, one line per
+    condition at the mean over seeds; runs without it draw nothing and add no figure."""
+    from l2lab.report import figures
+
+    def run(lam: float, seed: int, bn: str, eff: dict[str, float]) -> RunRecord:
+        final = {"train/ce": 0.1, "val/ce": 0.2, **{f"weights/eff_lr/{k}": v
+                                                      for k, v in eff.items()}}
+        return RunRecord(f"r{lam}{seed}{bn}", "n", "FINISHED",
+                         {"regularization.lam": str(lam), "model.batchnorm": bn}, lam, seed,
+                         final=final, history={"val/ce": [(0, 0.3), (1, 0.2)],
+                                               "train/ce": [(0, 0.2), (1, 0.1)]})
+
+    runs = [run(lam, s, "True", {"conv1": 0.01 * (1 + lam) * (1 + s), "conv2": 0.03})
+            for lam in (0.0, 1.0) for s in (0, 1)]
+    assert figures.eff_lr_of(runs[0]) == pytest.approx(0.02)
+    fig = figures.plot_eff_lr(runs + [run(0.0, 0, "False", {})], tmp_path / "e.png")
+    (ax,) = [a for a in fig.axes if a.get_legend_handles_labels()[0] or a.lines]
+    (line,) = [ln for ln in ax.lines if ln.get_label() == "model.batchnorm=True"]
+    assert list(line.get_ydata()) == pytest.approx([0.0225, 0.030])  # means over seeds
+    assert ax.get_yscale() == "log"
+    plain = [run(lam, s, "False", {}) for lam in (0.0, 1.0) for s in (0, 1)]
+    assert "eff_lr" not in write_report(plain, tmp_path / "plain")
+    assert write_report(runs, tmp_path / "bn")["eff_lr"].exists()

@@ -723,3 +723,47 @@ def plot_condition_histories(conditions: Sequence, path: Path, *, weights: bool)
                   [colors[lam] for lam in lams])
     save(fig, path)
     return fig
+
+
+def eff_lr_of(run: RunRecord) -> float | None:
+    """The run's final effective learning rate, lr/‖W‖², averaged over its layers that a
+    normalization follows (``weights/eff_lr/<layer>``); None where it logged none."""
+    values = [v for k, v in run.final.items() if k.startswith(mt.EFF_LR) and math.isfinite(v)]
+    return float(np.mean(values)) if values else None
+
+
+def plot_eff_lr(runs: Sequence[RunRecord], path: Path) -> Figure:
+    """Effective learning rate against λ, one line per condition (mean over seeds, every seed
+    a dot): with BatchNorm, L2 shrinks ‖W‖ of the layers before it, which cannot change what
+    they compute, and so raises their lr/‖W‖² (van Laarhoven 2017)."""
+    groups: dict[str, dict[float, list[float]]] = {}
+    for run in runs:
+        if run.status != FINISHED or (value := eff_lr_of(run)) is None:
+            continue
+        label = ", ".join(f"{short_key(k)}={fmt_value(v)}" for k, v in sorted(run.swept.items())
+                          if short_key(k) != "lam") or "all runs"
+        groups.setdefault(label, {}).setdefault(run.lam, []).append(value)
+    fig = new_figure()
+    ax = fig.add_subplot()
+    ax.set_xlabel(LAMBDA_LABEL)
+    ax.set_ylabel("lr / ‖W‖² (mean over the layers before a normalization)")
+    ax.set_title("Effective learning rate at the last epoch vs λ", fontsize="medium")
+    handles = []
+    for i, (label, by_lam) in enumerate(sorted(groups.items())):
+        lams = np.array(sorted(by_lam), dtype=float)
+        color = cell_colors(len(groups))[i]
+        (line,) = ax.plot(lams, [np.mean(by_lam[v]) for v in lams], marker="o", color=color,
+                          label=label)
+        for lam in lams:
+            ax.plot([lam] * len(by_lam[lam]), by_lam[lam], linestyle="none", marker=".",
+                    color=color, alpha=0.5)
+        handles.append(line)
+    if groups:
+        ax.set_yscale("log")
+        lambda_axis(ax, np.array(sorted({v for g in groups.values() for v in g}), dtype=float))
+        ax.grid(True, alpha=0.3)
+        side_legend(fig, handles)
+    else:
+        placeholder(ax, "no run logged weights/eff_lr")
+    save(fig, path)
+    return fig

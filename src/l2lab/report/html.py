@@ -56,6 +56,10 @@ FIGURES: tuple[tuple[str, str], ...] = (
     ("weight_norms", ""),  # what it sums depends on the runs: figures.norm_caption
     ("best_lambda", "Best λ (lowest mean final val/ce) of each condition; the bar spans the λ "
                     "not distinguishable from it (paired t-test over seeds, 5% level)."),
+    ("eff_lr", "Effective learning rate, lr / ‖W‖², at the last epoch against λ, averaged over "
+               "the layers a normalization follows (weights/eff_lr/*), one line per condition "
+               "(mean; dots: seeds). With BatchNorm, L2 cannot shrink what such a layer "
+               "computes; it raises this rate instead (van Laarhoven 2017)."),
     ("heatmap", "Mean final val/ce over λ × the condition's value; box: each row's best λ, "
                 "star: the lowest cell. The colour scale spans the cells next to each row's best; "
                 "worse cells take its top colour (▲)."),
@@ -114,6 +118,8 @@ def write_report(runs: Sequence[RunRecord], out_dir: Path,
         names.append("best_lambda")
         if cd.numeric_key(keys, conds) or fac is not None:
             names.append("heatmap")
+    if any(figures.eff_lr_of(r) is not None for r in trained(runs)):
+        names.append("eff_lr")
     paths = {"summary": out_dir / "summary.csv",
              **{name: fig_dir / f"{name}.png" for name in names},
              "report": out_dir / "index.html"}
@@ -140,6 +146,8 @@ def write_report(runs: Sequence[RunRecord], out_dir: Path,
         else:
             figures.plot_curves(cells, paths["learning_curves"], weights=False)
             figures.plot_curves(cells, paths["weight_norms"], weights=True)
+    if "eff_lr" in paths:
+        figures.plot_eff_lr(trained(runs), paths["eff_lr"])
     paths["report"].write_text(render_html(summary, runs, paths, context or ReportContext()),
                                encoding="utf-8")
     return paths
