@@ -150,10 +150,12 @@ class StackedBatchNorm(nn.Module):
         counted = self.training and self.track
         if counted:
             self.num_batches_tracked.add_(1)
+        # the count is read back only for a cumulative average (momentum None): no host-device
+        # synchronisation in the step otherwise
+        counts = self.num_batches_tracked.tolist() if counted and None in self.momenta \
+            else [0] * k
         factors = [(1.0 / float(n) if m is None else m) if counted else (m or 0.0)
-                   for m, n in zip(self.momenta,
-                                   self.num_batches_tracked.tolist() if counted else [0] * k,
-                                   strict=True)]
+                   for m, n in zip(self.momenta, counts, strict=True)]
         stats = not self.training or self.track
         batch_stats = self.training or not self.track
         if x.device.type != "cpu" and len(set(factors)) == 1:
