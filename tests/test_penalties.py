@@ -228,8 +228,8 @@ def test_a_constraint_without_terms_is_one_class(tmp_path):
                ).fit(module, train_dataloaders=StackedBatches(x, y, 10, [0, 1]))
     assert module.net.fc1.weight.detach().flatten(1).norm(dim=1).max() <= 0.5 + 1e-6
     for m in module.epoch_metrics:
-        assert m["train/loss"] == m["train/ce"] and not any(k.startswith("train/l") and
-                                                            k != "train/loss" for k in m)
+        assert m["train/loss"] == m["train/ce"] and not any(
+            k.startswith("train/l") and k not in ("train/loss", "train/lr") for k in m)
 
 
 def test_core_imports_nothing_of_the_layers_above_it():

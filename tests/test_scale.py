@@ -269,7 +269,8 @@ def _same_as_serial(runs: dict, serial: dict) -> None:
         assert "val/ce" in keys and "weights/sq_norm/fc1" in keys
         assert run["params"] == serial[job]["params"]
         for key in keys:  # CPU training is deterministic: the very same numbers
-            assert [s for s, _ in run[key]] == [0, 1, 2], (job, key)
+            once = key.startswith("test/")  # the digits' held-out split: at the last epoch
+            assert [s for s, _ in run[key]] == ([2] if once else [0, 1, 2]), (job, key)
             assert run[key] == serial[job][key], (job, key)
 
 

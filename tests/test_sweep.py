@@ -154,7 +154,9 @@ def test_default_sweep_tells_the_notes_story(tmp_path, store, client):
         gap = [m["gap/ce"] for _, m in by_lam]
         train_ce = [m["train/ce"] for _, m in by_lam]
         val_ce = [m["val/ce"] for _, m in by_lam]
-        assert gap[-1] < gap[0] / 2, (seed, gap)
+        # the gap (val/ce - train_eval/ce) closes: 0.20 -> 0.10 in the mean over seeds
+        # (2026-12-07, README), where the running-train gap closed 0.39 -> 0.14
+        assert gap[-1] < 0.65 * gap[0], (seed, gap)
         assert all(b <= a * 1.05 for a, b in zip(gap, gap[1:], strict=False)), (seed, gap)
         assert train_ce[-1] > 20 * train_ce[0], (seed, train_ce)
         best = val_ce.index(min(val_ce))
