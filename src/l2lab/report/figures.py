@@ -128,6 +128,18 @@ def lambda_axis(ax: Axes, lams: np.ndarray) -> None:
             label.set_horizontalalignment("right")
 
 
+def lambda_y_axis(ax: Axes, grid: np.ndarray) -> None:
+    """λ on the y axis (best-λ figures): symlog, so that λ = 0 shows, one tick per grid λ."""
+    positive = grid[grid > 0]
+    if positive.size:
+        ax.set_yscale("symlog", linthresh=float(positive.min()), linscale=0.5)
+        ax.yaxis.set_major_locator(ticker.FixedLocator(grid))
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_locator(ticker.NullLocator())
+        ax.set_ylim(-0.3 * float(positive.min()) if (grid == 0).any() else positive.min() / 2,
+                    float(positive.max()) * 2)
+
+
 def readable_log_y(ax: Axes, values: Sequence[np.ndarray]) -> None:
     """Log y when every value is positive and they span a decade or more; otherwise linear, so
     that a narrow range still gets several labelled ticks (a log axis over 40..60 has one)."""
@@ -456,15 +468,8 @@ def plot_best_lambda(keys: Sequence[str], conditions: Sequence, path: Path, *,
         ax.set_xlabel(", ".join(keys))
     ax.errorbar(x, best, yerr=[best - lo, hi - best], fmt="o", color=VAL_COLOR, ecolor="0.3",
                 capsize=5, markersize=8, markeredgecolor="black")
-    grid = np.unique(np.concatenate([c.summary["lam"].to_numpy(dtype=float) for c in shown]))
-    positive = grid[grid > 0]
-    if positive.size:
-        ax.set_yscale("symlog", linthresh=float(positive.min()), linscale=0.5)
-        ax.yaxis.set_major_locator(ticker.FixedLocator(grid))
-        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.yaxis.set_minor_locator(ticker.NullLocator())
-        ax.set_ylim(-0.3 * float(positive.min()) if (grid == 0).any() else positive.min() / 2,
-                    float(positive.max()) * 2)
+    lambda_y_axis(ax, np.unique(np.concatenate([c.summary["lam"].to_numpy(dtype=float)
+                                                for c in shown])))
     ax.grid(True, alpha=0.3)
     save(fig, path)
 
@@ -615,15 +620,7 @@ def plot_arm_best_lambda(fac, path: Path) -> Figure:
     ax.xaxis.set_major_locator(ticker.FixedLocator(levels))
     ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_locator(ticker.NullLocator())
-    lam_grid = np.array(sorted(grid))
-    positive = lam_grid[lam_grid > 0]
-    if positive.size:
-        ax.set_yscale("symlog", linthresh=float(positive.min()), linscale=0.5)
-        ax.yaxis.set_major_locator(ticker.FixedLocator(lam_grid))
-        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.yaxis.set_minor_locator(ticker.NullLocator())
-        ax.set_ylim(-0.3 * float(positive.min()) if (lam_grid == 0).any()
-                    else positive.min() / 2, float(positive.max()) * 2)
+    lambda_y_axis(ax, np.array(sorted(grid)))
     ax.grid(True, alpha=0.3)
     side_legend(fig, handles)
     save(fig, path)
