@@ -251,3 +251,21 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, store, client
             assert lines[0] == lifecycle.nothing_recorded(signal.SIGINT), (delay, stderr)
         else:  # (a fast machine) the run's own KILLED line
             assert made[0].info.status == "KILLED" and " KILLED after " in lines[0], delay
+
+
+def test_a_signal_inside_an_import_waits_until_the_import_is_done(tmp_path, monkeypatch):
+    """Ctrl-C that lands while a module imports is delivered again once the import is over: the
+    module is whole (a half-imported numpy made the next import recurse, and an exception in
+    Python code called from C++ while torch imports aborted the process, CI of stop 36)."""
+    import importlib
+    import time
+
+    (tmp_path / "slow_import.py").write_text(
+        "import signal, time\nsignal.raise_signal(signal.SIGINT)\ntime.sleep(0.3)\nWHOLE = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    started = time.monotonic()
+    with pytest.raises(lifecycle.Interrupted) as stop, lifecycle.interrupts():
+        importlib.import_module("slow_import")
+        time.sleep(5)  # the signal, sent again, arrives here
+    assert sys.modules["slow_import"].WHOLE and stop.value.signum == signal.SIGINT
+    assert 0.3 <= time.monotonic() - started < 5

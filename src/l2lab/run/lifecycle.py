@@ -6,15 +6,22 @@ runs ends them KILLED with a reason that names the signal, and the process's own
 back when training returns. A second Ctrl-C while the runs are being ended is held back until
 they are. A sweep's process keeps these handlers for the whole multirun (``train.main``), so a stop
 between jobs, or while a launcher waits, ends the sweep as cleanly (``run.sweep.stopped``).
+
+No handler raises inside an import (:func:`after_imports`): an exception there leaves a module
+half-initialised, so the next import of it fails in strange ways (a ``RecursionError`` in numpy),
+and one raised in Python code that C++ called while torch imports aborts the process
+(``pybind11::error_already_set``, exit -6). The signal is sent again until it lands outside.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from types import FrameType
 
 SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 
@@ -35,7 +42,36 @@ class Interrupted(BaseException):  # noqa: N818  (a stop, as KeyboardInterrupt, 
         return 128 + int(self.signum)
 
 
-def _raise(signum: int, frame) -> None:  # noqa: ANN001
+#: How soon a signal that landed inside an import is sent again.
+RETRY_S = 0.05
+
+Handler = Callable[[int, FrameType | None], None]
+
+
+def importing(frame: FrameType | None) -> bool:
+    """Whether ``frame`` runs inside an import (any caller is in ``importlib._bootstrap``)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def after_imports(handler: Handler) -> Handler:
+    """``handler``, run only outside imports: a signal arriving inside one is sent to this process
+    again after :data:`RETRY_S`, until it arrives outside (imports take seconds at most)."""
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        if importing(frame):
+            threading.Timer(RETRY_S, os.kill, (os.getpid(), signum)).start()
+            return
+        handler(signum, frame)
+
+    return handle
+
+
+@after_imports
+def _raise(signum: int, frame: FrameType | None) -> None:
     raise Interrupted(signum)
 
 
@@ -45,16 +81,17 @@ def nothing_recorded(signum: int) -> str:
             "nothing was recorded.")
 
 
-def _exit_at_startup(signum: int, frame) -> None:  # noqa: ANN001
+@after_imports
+def _exit_at_startup(signum: int, frame: FrameType | None) -> None:
     print(f"\n{nothing_recorded(signum)}", file=sys.stderr, flush=True)
     raise SystemExit(128 + signum)
 
 
 def guard_startup() -> None:
     """From a command's first import on, Ctrl-C prints :func:`nothing_recorded` and exits 130.
-    It raises ``SystemExit``, which Python ends without a traceback from whatever import it
-    lands in (a ``KeyboardInterrupt`` there printed 80-110 lines of import frames); the
-    command's ``main`` replaces it by :func:`interrupts` once its imports are done."""
+    It raises ``SystemExit``, which Python ends without a traceback (a ``KeyboardInterrupt``
+    printed 80-110 lines of import frames), never inside an import (:func:`after_imports`); the
+    command's ``main`` replaces it by :func:`interrupts`."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _exit_at_startup)
 
