@@ -203,3 +203,26 @@ def test_a_pad_that_leaves_nothing_is_refused_before_training():
     with pytest.raises(ConfigError, match="data.augment must be true or false"):
         schema.check_member({"regularization.lam": 0.1, "regularization.lam_per_layer": {},
                              "seed": 0, "data.augment": "sometimes"})
+
+
+def test_the_report_compares_augment_as_a_condition_against_lambda():
+    """A λ × data.augment × seed sweep: augment is a categorical condition (true/false, as
+    the sweep names them), each with its own best λ, compared at their best λ."""
+    from test_conditions import record
+
+    from l2lab.report import conditions as cd
+
+    runs = []
+    for aug, best, level in (("false", 0.1, 0.6), ("true", 0.01, 0.5)):
+        for lam in (0.0, 0.001, 0.01, 0.1, 1.0):
+            for s in range(3):
+                val = level + 0.05 * (np.log10(max(lam, 1e-4)) - np.log10(best)) ** 2 + 0.01 * s
+                runs.append(record(lam, s, val, {"data.augment": aug}))
+    keys, conds = cd.split(runs)
+    assert keys == ["data.augment"] and [c.values["data.augment"] for c in conds] == \
+        ["false", "true"]
+    assert not cd.numeric_key(keys, conds)  # a bool is an arm, not a number axis
+    assert [c.best_lam for c in conds] == [0.1, 0.01]
+    (rival,) = cd.across(conds).rivals
+    assert rival.clear  # augmented at its best λ beats plain at its own
+    assert any("augment=true" in line for line in cd.format_conditions(keys, conds))
