@@ -344,8 +344,10 @@ class StackedBatches:
             return None
         epoch, image = self.sampler.shuffles[0].epoch, self.x.dim() == 4
         drawn = [a.draws(len(self.y), epoch, image) for a in self.augments]
-        return (torch.from_numpy(np.stack([d[0] for d in drawn])).to(self.x.device),
-                torch.from_numpy(np.stack([d[1] for d in drawn])).to(self.x.device))
+        host = [torch.from_numpy(np.stack([d[j] for d in drawn])) for j in (0, 1)]
+        if self.x.device.type == "cuda":  # pinned: the copy does not wait for the device
+            return tuple(t.pin_memory().to(self.x.device, non_blocking=True) for t in host)
+        return host[0], host[1]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         orders = torch.stack([s.order() for s in self.sampler.shuffles]).to(self.x.device)
