@@ -226,3 +226,16 @@ def test_the_report_compares_augment_as_a_condition_against_lambda():
     (rival,) = cd.across(conds).rivals
     assert rival.clear  # augmented at its best λ beats plain at its own
     assert any("augment=true" in line for line in cd.format_conditions(keys, conds))
+
+
+def test_ddp_shards_augment_their_rows_of_the_global_batch_as_one_process_does():
+    x, y = torch.randn(30, 1, 8, 8), torch.arange(30)
+    kw = {"augments": [True, False], "pad": 2}
+    whole = list(StackedBatches(x, y, 8, [0, 1], **kw))
+    shards = [list(StackedBatches(x, y, 8, [0, 1], rank=r, world=2, **kw)) for r in (0, 1)]
+    for (xw, yw), *ranks in zip(whole, *shards, strict=True):
+        per_net = xw.view(2, -1, 1, 8, 8)
+        for r, (xs, ys, n) in enumerate(ranks):
+            assert n == per_net.shape[1]  # the global batch size normalises
+            assert torch.equal(xs.view(2, -1, 1, 8, 8), per_net[:, r::2])
+            assert torch.equal(ys.view(2, -1), yw.view(2, -1)[:, r::2])
