@@ -34,6 +34,8 @@ CASES = {
     "cnn-dropout-clip-norm": (
         [*CNN_SMALL, "regularization.lam=0.05"],
         ["model.dropout=0.2", "trainer.gradient_clip_val=0.05"]),
+    "cnn-augment-crop-flip": (
+        [*CNN_SMALL, "regularization.lam=0.05"], ["data.augment=true", "data.augment_pad=2"]),
     "adamw-optimizer-mode": (
         ["optimizer=adamw", "optimizer.lr=0.01", "regularization.lam=0"],
         ["regularization.mode=optimizer", "regularization.lam=0.5",

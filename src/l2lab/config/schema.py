@@ -47,6 +47,10 @@ class DataConfig:
     split_seed: int = 0
     batch_size: int = 64
     label_noise: float = 0.0
+    # training batches only, per network from its own seed (core/augment.py); the pad, null:
+    # an eighth of the image's side or the signal's length (4 for 32x32)
+    augment: bool = False
+    augment_pad: int | None = None
 
 
 @dataclass
@@ -275,9 +279,15 @@ def check_member(values: Mapping[str, Any]) -> None:
     ``stackable.STACKED``), in its order: for a job whose other keys passed ``validate`` as
     another job of its stack, the same first error."""
     check_lams(values["regularization.lam"], values["regularization.lam_per_layer"])
+    _flag(values.get("data.augment", False), "data.augment")
     seed = values["seed"]
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise _fail("seed", "an integer >= 0", seed)
+
+
+def _flag(value: object, key: str) -> None:
+    if not isinstance(value, bool):
+        raise _fail(key, "true or false", value)
 
 
 def _int(cfg: Any, key: str, low: int, *, optional: bool = False, what: str = "") -> None:
@@ -325,6 +335,8 @@ def validate(cfg: DictConfig) -> None:
     _int(cfg, "data.batch_size", 1)
     _int(cfg, "data.split_seed", 0)
     rules.check_label_noise(cfg.data.get("label_noise", 0.0))
+    _flag(cfg.data.get("augment", False), "data.augment")
+    _int(cfg, "data.augment_pad", 0, optional=True, what=" (null: an eighth of the input's side)")
     if "num_samples" in cfg.data or "train_split" in cfg.data:
         rules.check_mnist1d_sizes(cfg.data.get("num_samples"), cfg.data.get("train_split"))
 

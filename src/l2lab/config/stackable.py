@@ -7,7 +7,8 @@ per network (``tests/test_engine.py``: each child equals its ordinary run bit fo
 the seed, every key of ``regularization`` for one penalty class (its ``_target_`` is not
 stacked: an L1 job and an L2 job train in different stacks), one optimizer class's
 hyperparameters (each network's step is its own torch param group), ``model.dropout`` (each
-network its own rate and generator) and gradient clipping (each network by its own norm or
+network its own rate and generator), ``data.augment`` (each network its own seed's draws, on its
+own rows of the batch) and gradient clipping (each network by its own norm or
 value). The ``scheduler`` node has no per-network key: its kind and settings are part of the shape
 key, and each network follows the schedule from its own ``optimizer.lr``. The composer
 (``composing.SweepConfigs``), the launcher, the engine and the tests all read :data:`STACKED`.
@@ -35,7 +36,7 @@ STACKED = (
     "regularization.mode", "regularization.l1_ratio",
     "optimizer.lr", "optimizer.momentum", "optimizer.dampening", "optimizer.nesterov",
     "optimizer.betas", "optimizer.eps", "optimizer.weight_decay", "optimizer.amsgrad",
-    "model.dropout",
+    "model.dropout", "data.augment",
     "trainer.gradient_clip_val", "trainer.gradient_clip_algorithm",
 )
 #: Of those, the keys whose value is a dict set entry by entry (``+key.<name>=value``).

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from l2lab.base import ConfigError
+from l2lab.core.augment import EpochAugment, augment
 from l2lab.core.rules import DATASETS, check_label_noise, check_mnist1d_sizes
 
 NUM_CLASSES = 10  # every supported dataset has ten classes
@@ -310,13 +311,20 @@ class StackedBatches:
     ``TensorBatches(x, y, batch_size, shuffle=True, seed=seeds[i])`` gives that network alone.
     With ``world > 1`` (DDP) each rank keeps its strided shard of every network's batch and the
     batch is ``(x, y, n)``, n the global batch size, as ``TensorBatches`` does.
+
+    ``augments`` (``data.augment``, one flag per network; None: none) augments network i's rows
+    with its own seed's draws of the epoch (``core/augment.py``), padded by ``pad``; only
+    training batches come from here, so val, test and train_eval are never augmented.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-                 seeds: list[int], *, rank: int = 0, world: int = 1) -> None:
+                 seeds: list[int], *, rank: int = 0, world: int = 1,
+                 augments: list[bool] | None = None, pad: int = 0) -> None:
         self.x, self.y, self.batch_size = x, y, int(batch_size)
         self.rank, self.world = int(rank), int(world)
         self.sampler = _Shuffles([EpochShuffle(len(y), s, True) for s in seeds])
+        self.augments = [EpochAugment(s, pad, on) for s, on in zip(seeds, augments, strict=True)] \
+            if augments is not None and any(augments) else None
         self.batch_sampler = None
 
     def __len__(self) -> int:
@@ -324,15 +332,35 @@ class StackedBatches:
 
     def keep(self, positions: list[int]) -> None:
         """From the next epoch on, only the networks at ``positions`` (the others left the
-        stack: ``L2Module.remove``), each still in its own order."""
+        stack: ``L2Module.remove``), each still in its own order and augmentation."""
         self.sampler.shuffles = [self.sampler.shuffles[p] for p in positions]
+        if self.augments is not None:
+            self.augments = [self.augments[p] for p in positions]
+
+    def _draws(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every network's augmentation draws of this epoch, (K, N, 2|1) and (K, N), on the
+        device in one transfer each (None: no network augments)."""
+        if self.augments is None:
+            return None
+        epoch, image = self.sampler.shuffles[0].epoch, self.x.dim() == 4
+        drawn = [a.draws(len(self.y), epoch, image) for a in self.augments]
+        host = [torch.from_numpy(np.stack([d[j] for d in drawn])) for j in (0, 1)]
+        if self.x.device.type == "cuda":  # pinned: the copy does not wait for the device
+            return tuple(t.pin_memory().to(self.x.device, non_blocking=True) for t in host)
+        return host[0], host[1]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         orders = torch.stack([s.order() for s in self.sampler.shuffles]).to(self.x.device)
+        draws = self._draws()
+        start = 0
         for idx in orders.split(self.batch_size, dim=1):
-            if self.world == 1:
-                flat = idx.reshape(-1)
-                yield self.x[flat], self.y[flat]
-            else:
-                flat = idx[:, self.rank::self.world].reshape(-1)
-                yield self.x[flat], self.y[flat], idx.shape[1]
+            mine = slice(None) if self.world == 1 else slice(self.rank, None, self.world)
+            flat = idx[:, mine].reshape(-1)
+            x = self.x[flat]
+            if draws is not None:
+                cols = slice(start, start + idx.shape[1])
+                offsets, flips = (d[:, cols][:, mine] for d in draws)
+                x = augment(x, offsets.reshape(len(flat), -1), flips.reshape(-1),
+                            self.augments[0].pad)
+            start += idx.shape[1]
+            yield (x, self.y[flat]) if self.world == 1 else (x, self.y[flat], idx.shape[1])

@@ -8,8 +8,9 @@ layers, BatchNorm included: ``train()`` to train, ``eval()`` to evaluate), and e
 is written out again here: the shuffling (the documented order: epoch e of seed s is
 ``torch.randperm(N)`` from a generator seeded with s·1000003 + e), the layer selection (fnmatch
 over ``named_modules()``), the penalty of each ``regularization`` preset as its plain formula,
-``torch.optim``'s own ``weight_decay`` for ``mode=optimizer``, ``torch.nn.utils`` clipping and
-``nn.Dropout`` on the global generator. The caller passes the data split into tensors (any object
+``torch.optim``'s own ``weight_decay`` for ``mode=optimizer``, ``torch.nn.utils`` clipping,
+``nn.Dropout`` on the global generator, and ``data.augment`` example by example (its documented
+draws: :func:`augment_draws`). The caller passes the data split into tensors (any object
 with ``train``, ``val`` and ``test`` pairs ``(x, y)``, ``test`` possibly None, and
 ``num_classes``).
 
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import hydra
+import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
@@ -58,6 +60,34 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int,
     order = torch.arange(len(y)) if order is None else order
     for idx in order.to(x.device).split(batch_size):
         yield x[idx], y[idx]
+
+
+def augment_draws(n: int, seed: int, epoch: int, pad: int, image: bool
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """``data.augment``'s draws for epoch ``epoch`` of a run seeded ``seed``, as documented:
+    numpy's ``default_rng([0x617567, seed, epoch])``; for images (top, left) of the crop in the
+    zero-padded image, then whether to flip; for signals the shift + pad. Row j is for the j-th
+    example the epoch visits."""
+    rng = np.random.default_rng([0x617567, int(seed), int(epoch)])
+    offsets = rng.integers(0, 2 * pad + 1, size=(n, 2 if image else 1))
+    flips = rng.integers(0, 2, size=n) if image else np.zeros(n, dtype=np.int64)
+    return offsets, flips
+
+
+def augmented(x: torch.Tensor, offsets: np.ndarray, flips: np.ndarray, pad: int) -> torch.Tensor:
+    """Each example of the batch ``x`` cropped from itself zero-padded by ``pad`` and flipped
+    left-right (images), or rolled by ``offset − pad`` steps (signals)."""
+    out = []
+    for xi, off, flip in zip(x, offsets, flips, strict=True):
+        if xi.dim() == 3:
+            h, w = xi.shape[1:]
+            top, left = int(off[0]), int(off[1])
+            xi = F.pad(xi, (pad, pad, pad, pad))[:, top:top + h, left:left + w]
+            xi = xi.flip(-1) if flip else xi
+        else:
+            xi = torch.roll(xi, int(off[0]) - pad, dims=-1)
+        out.append(xi)
+    return torch.stack(out)
 
 
 def standard(t: torch.Tensor) -> torch.Tensor:
@@ -229,12 +259,21 @@ def train(cfg: DictConfig, splits: Any,
     clip = cfg.trainer.get("gradient_clip_val")
     by_value = cfg.trainer.get("gradient_clip_algorithm") == "value"
     loss_mode = cfg.regularization.get("mode", "loss") == "loss"
+    augment = bool(cfg.data.get("augment", False))
+    pad = cfg.data.get("augment_pad")
+    pad = max(1, int(x_train.shape[-1]) // 8) if pad is None else int(pad)
     history: list[Metrics] = []
     net.train()
     for epoch in range(int(cfg.trainer.max_epochs)):
         ce_sum = hits = torch.zeros((), device=device)
         sums = {name: torch.zeros((), device=device) for name in penalty.names}
+        if augment:
+            offsets, flips = augment_draws(n, seed, epoch, pad, x_train.dim() == 4)
+        seen = 0
         for x, y in batches(x_train, y_train, bs, epoch_order(n, seed, epoch)):
+            if augment:
+                x = augmented(x, offsets[seen:seen + len(y)], flips[seen:seen + len(y)], pad)
+            seen += len(y)
             logits = net(x)
             ce = mean_cce(logits, y)
             with torch.set_grad_enabled(loss_mode):  # the optimizer's decay: logged, not added

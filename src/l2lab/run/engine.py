@@ -180,12 +180,21 @@ def stack(cfg: DictConfig, members: Sequence[StackMember], example=None) -> L2Mo
 
 
 # -- fitting ------------------------------------------------------------------------------------
+def augment_pad(cfg: DictConfig, splits) -> int:
+    """``data.augment_pad`` for this data (``augment.resolve_pad``: null is an eighth of the
+    side or length); a bad value is a ConfigError naming the key, before training."""
+    from l2lab.core.augment import resolve_pad
+
+    return resolve_pad(cfg.data.get("augment_pad"), splits.in_shape)
+
+
 def lightning_fit(cfg: DictConfig, module: L2Module, splits, recorder, seeds: Sequence[int],
                   output_dir: Path, ckpt: Path | None = None, tracker: Any = None,
-                  label: str = "run") -> None:
+                  label: str = "run", augments: Sequence[bool] | None = None) -> None:
     """One Lightning fit of a stack (and its test, when the data has a test split), on tensors
     that live on the training device. Under ``trainer.devices=N`` rank 0 starts the other ranks
-    here and each takes its shard of every global batch."""
+    here and each takes its shard of every global batch. ``augments``: each network's
+    ``data.augment`` (None: ``cfg``'s for every network), applied to training batches only."""
     import pytorch_lightning as pl
 
     from l2lab.console import quiet_libraries
@@ -211,8 +220,12 @@ def lightning_fit(cfg: DictConfig, module: L2Module, splits, recorder, seeds: Se
         evals = {split: xy for split, xy in evals.items() if xy is not None and len(xy[1])}
         module.eval_splits = tuple(evals)
         val = [TensorBatches(*xy, val_batch, **shard) for xy in evals.values()] or None
+        if augments is None:
+            augments = [bool(cfg.data.get("augment", False))] * len(seeds)
+        pad = augment_pad(cfg, splits) if any(augments) else 0
         trainer.fit(module, train_dataloaders=StackedBatches(
-            *splits.train, int(cfg.data.batch_size), list(seeds), **shard),
+            *splits.train, int(cfg.data.batch_size), list(seeds), **shard,
+            augments=list(augments), pad=pad),
             val_dataloaders=val, ckpt_path=str(ckpt) if ckpt else None, weights_only=False)
         if splits.test is not None:
             trainer.test(module, dataloaders=TensorBatches(*splits.test, val_batch, **shard),
@@ -409,6 +422,8 @@ def fit_jobs(jobs: Sequence[Job], *, sweep: Mapping | None = None,
                     fail(job, e)
             try:
                 splits = load_data(jobs[0].shared.data) if live else None
+                if any(_augments(j) for j in live):
+                    augment_pad(jobs[0].shared, splits)
             except ConfigError as e:
                 for job in live:
                     fail(job, e)
@@ -485,7 +500,8 @@ def _fit_stack(jobs: Sequence[Job], members: Mapping[int, StackMember], splits, 
     if label == "run" and len(jobs) == 1:  # a single run's progress names the run
         label = f"run {jobs[0].tracker.run_id[:8]}"
     lightning_fit(cfg0, module, splits, recorder, [j.seed for j in jobs],
-                  jobs[0].output_dir, ckpt, tracker=jobs[0].tracker, label=label)
+                  jobs[0].output_dir, ckpt, tracker=jobs[0].tracker, label=label,
+                  augments=[_augments(j) for j in jobs])
     unstack_into(module, [members[id(j)].net for j in jobs])
     for k, job in enumerate(jobs):
         if k in module.failures:
@@ -502,6 +518,11 @@ def _fit_stack(jobs: Sequence[Job], members: Mapping[int, StackMember], splits, 
              if module.test_metrics and k not in module.failures and not j.logged_test}
     if tests:  # test/* once, even for a run continued after its test pass
         writer.log_metrics(tests)
+
+
+def _augments(job: Job) -> bool:
+    """The job's ``data.augment`` (a per-network setting: ``stackable.STACKED``)."""
+    return bool((job.tree.get("data") or {}).get("augment", False))
 
 
 def resume_stack(jobs: Sequence[Job]) -> Path | None:

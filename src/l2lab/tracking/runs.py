@@ -27,7 +27,8 @@ REUSED_TAG = "l2lab.reused_from"
 REPRODUCED_TAG = "l2lab.reproduced_from"
 _NOT_IDENTITY = ("tracking", "resume", "reuse", "hydra")
 #: ``data`` keys that runs logged before they existed lack, with the value that trains as those did.
-_ADDED_DATA_KEYS: dict[str, object] = {"label_noise": 0.0, "test_size": 0, **MNIST1D_SIZES}
+_ADDED_DATA_KEYS: dict[str, object] = {"label_noise": 0.0, "test_size": 0, "augment": False,
+                                       **MNIST1D_SIZES}
 
 
 def config_hash(cfg: DictConfig | Mapping) -> str:
@@ -59,6 +60,8 @@ def config_hash(cfg: DictConfig | Mapping) -> str:
         # absent: those runs keep their identity, so reuse still finds them
         tree["data"] = {k: v for k, v in data.items() if k not in _ADDED_DATA_KEYS
                         or v != _ADDED_DATA_KEYS[k]}
+        if not data.get("augment"):  # no augmentation: its pad trains nothing
+            tree["data"].pop("augment_pad", None)
     text = json.dumps(tree, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
