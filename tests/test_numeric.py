@@ -153,6 +153,11 @@ def test_two_values_or_names_make_no_numeric_view():
     named = [RunRecord(**{**r.__dict__, "swept": {**r.swept, "model.hidden": f"w{r.seed}"}})
              for r in width_sweep()]
     assert nm.view(*cd.split(named)) is None
+    # a number that is no size (lr) keeps the figures it had: no threshold to speak of
+    lr = [RunRecord(**{**r.__dict__, "swept": {"regularization.lam": r.swept[
+        "regularization.lam"], "optimizer.lr": r.swept["model.hidden"].split(",")[0][1:]}})
+          for r in width_sweep()]
+    assert len(cd.split(lr)[1]) == len(WIDTHS) and nm.view(*cd.split(lr)) is None
 
 
 def test_the_table_and_the_report_carry_the_verdict_and_the_figure(tmp_path):

@@ -121,14 +121,27 @@ def point(cell: Cell, x: float, error_metric: str, train_metric: str, ce_metric:
                  (ce[0], ce[2], ce[3]))
 
 
+#: Condition keys that measure a size of the problem: the data's. A width is any key whose values
+#: are lists of numbers (``model.hidden``, ``model.channels``). Other numbers (lr, dropout) have
+#: no interpolation threshold to speak of, and keep the figures they had.
+SIZE_KEYS = ("data.train_size", "data.num_samples")
+
+
+def is_size(key: str, values: Sequence[str]) -> bool:
+    """A size axis: a data-size key, or layer widths (every value a list of numbers)."""
+    if not all(number_of(v) is not None for v in values):
+        return False
+    return key in SIZE_KEYS or all(str(v).strip().startswith("[") for v in values)
+
+
 def numeric_axis(keys: Sequence[str], conditions: Sequence[Condition]) -> str | None:
-    """The condition key to put on the x axis: one whose every value is a number
-    (:func:`number_of`), with three or more values; the one with the most values where several
-    are (a width beside a label-noise arm); None where none is."""
+    """The condition key to put on the x axis: a size (:func:`is_size`: a width, a training-set
+    size) with three or more values; the one with the most values where several are; None
+    where none is. Other keys (a label-noise arm) facet the figure."""
     candidates = []
     for key in keys:
         values = {c.values[key] for c in conditions}
-        if len(values) >= 3 and all(number_of(v) is not None for v in values):
+        if len(values) >= 3 and is_size(key, sorted(values)):
             candidates.append((len({number_of(v) for v in values}), -keys.index(key), key))
     return max(candidates)[2] if candidates else None
 
@@ -254,8 +267,10 @@ def threshold_text(v: NumericView, f: Facet) -> str:
     rule = f"the smallest {v.name} whose mean {v.train_name} at λ=0 is ≤ {INTERPOLATED:g}"
     if not f.zero:
         return f"interpolation threshold: n/a (no λ=0 runs; {rule})"
+    if not any(math.isfinite(p.train[0]) for p in f.zero):
+        return "interpolation threshold: n/a (no run logged a train accuracy)"
     if f.threshold is None:
-        low = min(p.train[0] for p in f.zero)
+        low = min(p.train[0] for p in f.zero if math.isfinite(p.train[0]))
         return (f"interpolation threshold: not reached ({rule}; the lowest is {low:.3f})")
     first = " (already at the smallest)" if f.threshold == f.zero[0].x else ""
     return (f"interpolation threshold: {_at(v, f.threshold)}{first} ({rule}: "
