@@ -822,10 +822,11 @@ def plot_numeric(v, path: Path) -> Figure:
                 _band(ax, x, stats, color="0.5", alpha=0.3, zorder=1)
                 ax.plot(x, [s[0] for s in stats], color=ENVELOPE_COLOR, linewidth=2.4,
                         marker="s", markersize=5, zorder=4)
-        for ax, found in ((ax_err, peak(f.zero)), (ax_err, peak(f.envelope))):
-            if found is not None:
-                ax.annotate("peak", (found.x, found.height), textcoords="offset points",
-                            xytext=(0, 8), ha="center", fontsize="x-small")
+        for text, found, dy in (("λ=0 peak", peak(f.zero), 8),
+                                ("best-λ peak", peak(f.envelope), -14)):
+            if found is not None:  # the λ = 0 one above its point, the envelope's below
+                ax_err.annotate(text, (found.x, found.height), textcoords="offset points",
+                                xytext=(0, dy), ha="center", fontsize="x-small")
         if f.threshold is not None:
             for ax in (ax_err, ax_ce):
                 ax.axvline(f.threshold, color="0.3", linestyle=":", linewidth=1.5)
