@@ -65,7 +65,8 @@ def test_bench_prints_one_json_object_and_every_side_trains_what_train_trains(tm
 
 
 @pytest.mark.parametrize("argv", [["--hidden", "16,x"], ["--hidden", "0"], ["--epochs", "0"],
-                                  ["--device", "tpu"]])
+                                  ["--device", "tpu"], ["--widths", "2,x"], ["--widths", "0"],
+                                  ["--lams", "-1"]])
 def test_bench_rejects_bad_arguments(argv, capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(argv)
@@ -155,3 +156,26 @@ def test_bench_dead_times_a_stack_with_diverged_networks_removed_and_kept(tmp_pa
     assert result["same_final_val_ce"] is True
     assert sorted(result["final_val_ce"]) == ["lam=0.0", "lam=0.5"]
     assert "L2Module.drop_dead = False" in result["sides"]["kept"]
+
+
+@pytest.mark.slow
+def test_bench_double_descent_times_the_preset_against_the_notebook_loop(tmp_path):
+    """``bench --double-descent`` at a toy size (2 widths × 2 λ × 1 epoch, 500 training
+    sequences): one JSON object with both sides' times and their ratio, and both sides trained
+    the same networks for the same number of optimizer steps."""
+    r = run_cli("l2lab.bench", "--double-descent", "--widths", "2,4", "--lams", "0,0.1",
+                "--epochs", "1", "--", "data.num_samples=2000", cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    s = out["settings"]
+    assert (s["widths"], s["lams"], s["epochs"], s["n_train"], s["batch_size"]) == (
+        [2, 4], [0.0, 0.1], 1, 500, 100)
+    for side in ("harness", "notebook"):
+        assert out[side]["median_s"] > 0 and len(out[side]["times_s"]) == 1
+        assert out[side]["networks"] == 4
+        assert out[side]["steps"] == 4 * 1 * 5  # 4 networks × 1 epoch × 500 / 100 batches
+        assert set(out[side]["test_error"]) == {"0/2", "0/4", "0.1/2", "0.1/4"}
+        assert all(0 <= e <= 1 for e in out[side]["test_error"].values())
+    assert out["ratio"] == pytest.approx(out["harness"]["median_s"] / out["notebook"]["median_s"])
+    assert "repeat 0 harness" in r.stderr and "repeat 0 notebook" in r.stderr
+    assert not list(tmp_path.glob("mlruns"))  # the bench's store is temporary

@@ -92,9 +92,13 @@ def test_each_train_size_gets_its_own_best_lambda_the_argmin_of_its_mean():
     assert "best λ=0.3 " in per[0] and "best λ=0.03 " in per[2]
     # one best row marked per condition in the table itself
     assert sum(ln.startswith("*") for ln in lines[:17]) == 3
-    # the cross-condition verdict comes last: the largest set at its own λ, clear
-    assert lines[-1].startswith("* lowest mean val/ce across conditions: train_size=500 at "
-                                "λ=0.03: clear")
+    # the cross-condition verdict ends the conditions' lines: the largest set at its own λ,
+    # clear; then the train size as a number: the error against it (l2lab.report.numeric)
+    end = lines.index("Val error against train_size (data.train_size), one line per λ; "
+                      "envelope: each train_size's best λ (chosen on val/ce):")
+    assert lines[end - 2].startswith("* lowest mean val/ce across conditions: train_size=500 at "
+                                     "λ=0.03: clear")
+    assert lines[end + 1] == ("  interpolation threshold: n/a (no run logged a train accuracy)")
     assert "train_size=200 at λ=0.3 (val/ce 0.8" in text and "higher by 0.3" in text
 
 
@@ -397,7 +401,7 @@ def test_the_conditions_report_renders_with_decoded_nontrivial_images(tmp_path):
         verdict_text = b.evaluate("document.getElementById('verdict').innerText")
         wide = b.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     assert {i[0] for i in images} == {"lambda_curve", "learning_curves", "weight_norms",
-                                      "best_lambda", "heatmap"}
+                                      "best_lambda", "heatmap", "condition_curve"}
     assert all(w > 600 and h > 300 and colours > 100 for _, w, h, colours in images), images
     assert best == [["train_size=100", "0.3"], ["train_size=200", "0.3"],
                     ["train_size=500", "0.03"]]

@@ -316,9 +316,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vs-run", nargs=2, type=int, metavar=("LAMS", "SEEDS"), default=None,
                    help="instead: a whole MNIST-1D sweep of LAMS λ × SEEDS seeds against one "
                    "ordinary run of the same config, and their ratio (e.g. 100 5 on a GPU)")
+    p.add_argument("--double-descent", action="store_true",
+                   help="instead: experiment=mnist1d_double_descent over a reduced grid "
+                   "(--widths × --lams × --epochs, one seed, the noisy arm) against the MNIST-1D "
+                   "notebook's plain loop (one network after another), whole processes")
+    p.add_argument("--widths", default="2,12,61,300",
+                   help="with --double-descent: the MLP widths h of 40-h-h-10, comma-separated")
+    p.add_argument("--lams", default="0,0.1",
+                   help="with --double-descent: the λ, comma-separated (one curve each)")
     p.add_argument("overrides", nargs="*",
-                   help="with --sweep, --dead, --per-job or --vs-run: Hydra overrides for "
-                   "every run")
+                   help="with --sweep, --dead, --per-job, --vs-run or --double-descent: Hydra "
+                   "overrides for every run")
     args = p.parse_args(argv)
     try:
         widths = [int(h) for h in args.hidden.split(",") if h.strip()]
@@ -329,6 +337,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if min(args.epochs, args.repeats or 1, args.batch_size, args.threads or 1) < 1:
         p.error("--epochs, --repeats, --batch-size and --threads must be >= 1")
     args.hidden = ",".join(map(str, widths))
+    try:
+        args.widths = [int(h) for h in args.widths.split(",") if h.strip()]
+        args.lams = [float(x) for x in args.lams.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--widths takes integers and --lams numbers, comma-separated; got "
+                f"{args.widths!r}, {args.lams!r}")
+    if not args.widths or min(args.widths) < 1 or not args.lams or min(args.lams) < 0:
+        p.error("--widths needs integers >= 1 and --lams numbers >= 0")
     if args.per_job and not (5 <= args.per_job[0] < args.per_job[1]):
         p.error("--per-job M N needs 5 <= M < N (jobs are λ × 5 seeds)")
     if args.two_factor and not args.sweep:
@@ -336,7 +352,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.vs_run and min(args.vs_run) < 1:
         p.error("--vs-run LAMS SEEDS needs LAMS, SEEDS >= 1")
     args.repeats = args.repeats or (3 if args.sweep or args.dead
-                                    else 1 if args.per_job or args.vs_run else 7)
+                                    else 1 if args.per_job or args.vs_run
+                                    or args.double_descent else 7)
     return args
 
 
@@ -348,7 +365,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            if args.vs_run:
+            if args.double_descent:
+                from l2lab.bench_dd import bench_double_descent
+
+                result = bench_double_descent(args.widths, args.lams, args.epochs,
+                                              args.repeats, list(args.overrides))
+            elif args.vs_run:
                 from l2lab.bench_sweep import bench_vs_run
 
                 result = bench_vs_run(*args.vs_run, list(args.overrides), args.repeats)

@@ -22,7 +22,15 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from l2lab import metrics as mt
-from l2lab.report.stats import FINISHED, Cell, RunRecord, cell_columns, fmt_value, short_key
+from l2lab.report.stats import (
+    FINISHED,
+    Cell,
+    RunRecord,
+    cell_columns,
+    fmt_value,
+    number_of,
+    short_key,
+)
 
 DPI = 120
 TRAIN_COLOR = "tab:blue"
@@ -453,7 +461,7 @@ def plot_best_lambda(keys: Sequence[str], conditions: Sequence, path: Path, *,
     lo = np.array([c.tie_lams[0] for c in shown])
     hi = np.array([c.tie_lams[-1] for c in shown])
     if numeric:
-        x = np.array([float(c.values[keys[0]]) for c in shown])
+        x = np.array([number_of(c.values[keys[0]]) for c in shown], dtype=float)
         ax.set_xlabel(keys[0])
         if np.all(x > 0):
             ax.set_xscale("log")
@@ -593,7 +601,7 @@ def plot_arm_best_lambda(fac, path: Path) -> Figure:
     ax.set_ylabel("best λ (lowest mean final val/ce)")
     ax.set_title(f"Best λ against {tail(fac.num_key)}, one line per {tail(fac.arm_key)} "
                  "(bar: λ not distinguishable from it)", fontsize="medium")
-    levels = np.array([float(v) for v in fac.levels])
+    levels = np.array([number_of(v) for v in fac.levels], dtype=float)
     log_x = bool(np.all(levels > 0))
     handles, grid = [], set()
     for k, arm in enumerate(fac.arms):
@@ -601,7 +609,7 @@ def plot_arm_best_lambda(fac, path: Path) -> Figure:
         grid |= {float(x) for c in fac.row(arm) for x in c.summary["lam"]}
         if not sh.points:
             continue
-        x = np.array([float(p[0]) for p in sh.points])
+        x = np.array([number_of(p[0]) for p in sh.points], dtype=float)
         offset = (k - (len(fac.arms) - 1) / 2) * 0.04
         x = x * 10 ** offset if log_x else x + offset * (levels.max() - levels.min())
         best, lo, hi = (np.array([p[i] for p in sh.points]) for i in (1, 2, 3))
@@ -762,5 +770,94 @@ def plot_eff_lr(runs: Sequence[RunRecord], path: Path) -> Figure:
         side_legend(fig, handles)
     else:
         placeholder(ax, "no run logged weights/eff_lr")
+    save(fig, path)
+    return fig
+
+
+# --------------------------------------------------------------------------- a numeric condition
+
+
+ENVELOPE_COLOR = "black"
+
+
+def _band(ax: Axes, xs: np.ndarray, stats: Sequence[tuple[float, float, float]], **kw) -> None:
+    lo = np.array([s[1] for s in stats], dtype=float)
+    hi = np.array([s[2] for s in stats], dtype=float)
+    ok = np.isfinite(lo) & np.isfinite(hi)
+    if ok.any():
+        ax.fill_between(xs[ok], lo[ok], hi[ok], linewidth=0, **kw)
+
+
+def plot_numeric(v, path: Path) -> Figure:
+    """The metric against a numeric condition (a :class:`l2lab.report.numeric.NumericView`):
+    one row per facet (a label-noise arm), two panels: the error (test, else val: solid; train
+    error dashed) and the cross-entropy that chose the best λ, one colour per λ; in black the
+    envelope of each value's best λ with its 95% interval over seeds (band), and a dotted line
+    at the interpolation threshold. Log x for widths and any all-positive axis."""
+    from matplotlib.patches import Patch
+
+    from l2lab.report.numeric import peak
+
+    lams = sorted({lam for f in v.facets for lam in f.lines})
+    colors = dict(zip(lams, cell_colors(len(lams)), strict=True))
+    rows = len(v.facets)
+    fig = new_figure(11.5, 3.6 * rows + 0.8)
+    axes = fig.subplots(rows, 2, squeeze=False, sharex=True)
+    fig.suptitle(f"{v.error_name.capitalize()} and {v.ce_metric} against {v.name}, one line per "
+                 f"λ (mean over seeds); black: each {v.name}'s best λ", fontsize="medium")
+    xs_all = np.array(sorted({p.x for f in v.facets for pts in f.lines.values() for p in pts}))
+    for (ax_err, ax_ce), f in zip(axes, v.facets, strict=True):
+        for lam, pts in f.lines.items():
+            x = np.array([p.x for p in pts])
+            ax_err.plot(x, [p.error[0] for p in pts], color=colors[lam], marker="o",
+                        markersize=3, linewidth=1.3)
+            ax_err.plot(x, [p.train[0] for p in pts], color=colors[lam], linestyle="--",
+                        linewidth=1.0, alpha=0.8)
+            ax_ce.plot(x, [p.ce[0] for p in pts], color=colors[lam], marker="o", markersize=3,
+                       linewidth=1.3)
+        if f.envelope:
+            x = np.array([p.x for p in f.envelope])
+            for ax, which in ((ax_err, "error"), (ax_ce, "ce")):
+                stats = [getattr(p, which) for p in f.envelope]
+                _band(ax, x, stats, color="0.5", alpha=0.3, zorder=1)
+                ax.plot(x, [s[0] for s in stats], color=ENVELOPE_COLOR, linewidth=2.4,
+                        marker="s", markersize=5, zorder=4)
+        for text, found, dy in (("λ=0 peak", peak(f.zero), 8),
+                                ("best-λ peak", peak(f.envelope), -14)):
+            if found is not None:  # the λ = 0 one above its point, the envelope's below
+                ax_err.annotate(text, (found.x, found.height), textcoords="offset points",
+                                xytext=(0, dy), ha="center", fontsize="x-small")
+        if f.threshold is not None:
+            for ax in (ax_err, ax_ce):
+                ax.axvline(f.threshold, color="0.3", linestyle=":", linewidth=1.5)
+            ax_err.text(f.threshold, 0.98, f" threshold {fmt_value(f.threshold)}",
+                        transform=ax_err.get_xaxis_transform(), va="top", fontsize="x-small",
+                        color="0.3")
+        head = f"{f.label}: " if f.label else ""
+        ax_err.set_title(f"{head}{v.error_name} (solid), train error (dashed)", fontsize="small")
+        ax_ce.set_title(f"{head}final {v.ce_metric}", fontsize="small")
+        ax_err.set_ylabel("error (1 − accuracy)")
+        ax_ce.set_ylabel(f"{v.ce_metric} (nats)")
+        ax_err.set_ylim(-0.02, 1.0)
+        for ax in (ax_err, ax_ce):
+            ax.grid(True, alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel(f"{v.name} ({v.key})")
+        if xs_all.size and np.all(xs_all > 0):
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(ticker.FixedLocator(xs_all))
+            ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+            ax.xaxis.set_minor_locator(ticker.NullLocator())
+            if xs_all.size > 8:
+                for label in ax.get_xticklabels():
+                    label.set_rotation(45)
+    handles = [Line2D([], [], color=colors[lam], linewidth=2, label=f"λ={fmt_value(lam)}")
+               for lam in lams]
+    handles += [Line2D([], [], color=ENVELOPE_COLOR, linewidth=2.4, marker="s",
+                       label=f"best λ per {v.name}"),
+                Patch(color="0.5", alpha=0.3, label="95% interval\nover seeds"),
+                Line2D([], [], color="0.3", linestyle="--", label="train error"),
+                Line2D([], [], color="0.3", linestyle=":", label="interpolation\nthreshold")]
+    side_legend(fig, handles)
     save(fig, path)
     return fig

@@ -23,6 +23,7 @@ import pandas as pd
 
 from l2lab.report import conditions as cd
 from l2lab.report import figures
+from l2lab.report import numeric as nm
 from l2lab.report.stats import (  # noqa: F401  (re-exported: the report's public names)
     EPOCH_RANGE,
     FINISHED,
@@ -63,6 +64,12 @@ FIGURES: tuple[tuple[str, str], ...] = (
     ("heatmap", "Mean final val/ce over λ × the condition's value; box: each row's best λ, "
                 "star: the lowest cell. The colour scale spans the cells next to each row's best; "
                 "worse cells take its top colour (▲)."),
+    ("condition_curve", "The error (test error, else val error: 1 − accuracy; solid) with the "
+                        "train error (dashed), and the final cross-entropy that chose the best "
+                        "λ, against the numeric condition, one colour per λ (mean over seeds). "
+                        "Black: the envelope of each value's own best λ, its band the 95% "
+                        "interval over seeds. Dotted: the interpolation threshold (the smallest "
+                        "value whose mean train error at λ = 0 is ≤ 0.01)."),
 )
 #: The captions of a sweep faceted by an arm (a preset, a mode) beside a numeric factor.
 ARM_CAPTIONS = {
@@ -114,6 +121,9 @@ def write_report(runs: Sequence[RunRecord], out_dir: Path,
     summary = summarize(runs)
     keys, conds = cd.split(runs)
     fac = cd.factorial(keys, conds)
+    view = nm.view(keys, conds) if keys else None
+    if view is not None:
+        names.append("condition_curve")
     if keys:
         names.append("best_lambda")
         if cd.numeric_key(keys, conds) or fac is not None:
@@ -146,6 +156,8 @@ def write_report(runs: Sequence[RunRecord], out_dir: Path,
         else:
             figures.plot_curves(cells, paths["learning_curves"], weights=False)
             figures.plot_curves(cells, paths["weight_norms"], weights=True)
+    if view is not None:
+        figures.plot_numeric(view, paths["condition_curve"])
     if "eff_lr" in paths:
         figures.plot_eff_lr(trained(runs), paths["eff_lr"])
     paths["report"].write_text(render_html(summary, runs, paths, context or ReportContext()),
@@ -261,6 +273,9 @@ def _conditions_html(keys: Sequence[str], conds: Sequence[cd.Condition]) -> str:
     cls = "verdict clear" if last.startswith("*") else "verdict"
     fac = cd.factorial(keys, conds)
     arms = "" if fac is None else _factorial_html(fac)
+    view = nm.view(keys, conds)
+    if view is not None:
+        arms += _numeric_html(view)
     parts.append(
         '<h3>Across conditions</h3><table id="best-lambda"><thead><tr><th>condition</th>'
         f"{'<th>penalised layers</th>' if layered else ''}<th>best λ</th>"
@@ -290,6 +305,14 @@ def _factorial_html(fac: cd.Factorial) -> str:
     items = "".join(f"<li>{_e(line.strip())}</li>" for line in arms)
     return (f'<h3 id="factorial">{_e(head.rstrip(":"))}</h3><ul>{items}</ul>'
             f'<p class="{cls}" id="factorial-verdict">{_e(last[2:])}.</p>')
+
+
+def _numeric_html(view: nm.NumericView) -> str:
+    """The numeric condition's verdict (``id="numeric"``): the threshold, the peak at λ = 0 and
+    under each value's best λ, and whether that envelope is monotone, per facet."""
+    head, *lines = nm.verdict_lines(view)
+    items = "".join(f"<li>{_e(line.strip())}</li>" for line in lines)
+    return f'<h3 id="numeric">{_e(head.rstrip(":"))}</h3><ul id="numeric-verdict">{items}</ul>'
 
 
 def _image(path: Path) -> str:

@@ -132,12 +132,34 @@ def other_keys(runs: Sequence[RunRecord]) -> list[str]:
     return [k for k in all_keys(runs) if k not in folded]
 
 
-def value_sort_key(value: str) -> tuple[int, float, str]:
-    """Order swept values numerically when they parse as numbers (so "500" < "1000")."""
+def number_of(value: object) -> float | None:
+    """A swept value as a number, None where it is none: a number itself; a list of numbers
+    (layer widths, ``model.hidden=[h,h]``) as ``h`` when every entry is equal (the width axis
+    of a double-descent figure), else as their total width. The one place a width becomes a
+    number: ordering, numeric conditions and their axes all read it from here."""
+    text = str(value).strip()
     try:
-        return (0, float(value), "")
+        return float(text)
     except ValueError:
-        return (1, 0.0, value)
+        pass
+    if not (text.startswith("[") and text.endswith("]")):
+        return None
+    try:
+        entries = [float(x) for x in text[1:-1].split(",") if x.strip()]
+    except ValueError:
+        return None
+    if not entries:
+        return None
+    return entries[0] if len(set(entries)) == 1 else float(sum(entries))
+
+
+def value_sort_key(value: str) -> tuple[int, float, str]:
+    """Order swept values numerically when they read as numbers (so "500" < "1000", and widths
+    "[2,2]" < "[10,10]"; :func:`number_of`); names after them, alphabetically."""
+    number = number_of(value)
+    if number is None:
+        return (1, 0.0, str(value))
+    return (0, number, "" if str(value).strip()[:1] != "[" else str(value))
 
 
 def cells_of(runs: Sequence[RunRecord]) -> tuple[list[str], list[Cell]]:

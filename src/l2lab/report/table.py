@@ -13,6 +13,7 @@ import pandas as pd
 from l2lab import metrics as mt
 from l2lab.records import FAILURE_TAG
 from l2lab.report import conditions as cd
+from l2lab.report import numeric as nm
 from l2lab.report.stats import (
     FINISHED,
     LAM_KEY,
@@ -105,6 +106,8 @@ def format_table(summary: pd.DataFrame, runs: Sequence[RunRecord], *,
                      f"chosen and judged on {metric}.")
     if cond_keys:
         lines += cd.format_conditions(cond_keys, conds)
+        if (view := nm.view(cond_keys, conds)) is not None:
+            lines += ["", *nm.verdict_lines(view)]
     elif ver.best is None:
         lines.append(f"  lowest mean {metric}: n/a (no finished runs)")
     else:
