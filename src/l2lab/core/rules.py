@@ -16,7 +16,8 @@ import re
 from l2lab.base import ConfigError
 
 #: ``data.name``: the datasets ``core.data.load_data`` loads (``conf/data/<name>.yaml`` each).
-DATASETS: tuple[str, ...] = ("digits", "mnist1d", "mnist", "fashion_mnist", "cifar10")
+DATASETS: tuple[str, ...] = ("digits", "mnist1d", "mnist", "fashion_mnist", "cifar10", "cifar100",
+                             "imagefolder")
 
 #: MNIST-1D's sizes as the ``mnist1d`` package's ``get_dataset_args()`` names and sets them (the
 #: schema's defaults, and the values at which a run's config hash stays the one it had before these
