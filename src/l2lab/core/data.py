@@ -59,8 +59,12 @@ class Splits:
         m = train_eval_size(len(self.train[1]), len(self.val[1]))
         return self.train[0][:m], self.train[1][:m]
 
-    def to(self, device: torch.device | str) -> Splits:
-        move = lambda xy: None if xy is None else (xy[0].to(device), xy[1].to(device))  # noqa: E731
+    def to(self, device: torch.device | str,
+           memory_format: torch.memory_format = torch.preserve_format) -> Splits:
+        """On ``device``; ``memory_format=torch.channels_last`` lays images out NHWC there
+        (indexing a batch keeps it: ``x[idx]`` of a channels-last tensor is channels-last)."""
+        move = lambda xy: None if xy is None else (  # noqa: E731
+            xy[0].to(device, memory_format=memory_format), xy[1].to(device))
         return Splits(self.name, move(self.train), move(self.val), move(self.test),
                       self.num_classes)
 
