@@ -286,10 +286,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="l2lab-bench", description="Time the harness against a plain PyTorch loop "
         "doing the same training (digits, MLP, L2 λ=1e-3, SGD); prints one JSON object.")
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=None, help="default 20; 1 with --resnet")
     p.add_argument("--train-size", type=int, default=None,
-                   help="training examples (default: all the digits split leaves, 840)")
-    p.add_argument("--batch-size", type=int, default=64)
+                   help="training examples (default: all the digits split leaves, 840; with "
+                   "--resnet 45000, a CIFAR-10 epoch less its validation split)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 64; 128 with --resnet")
     p.add_argument("--hidden", default="256,256", help="MLP widths, comma-separated")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed runs per side, interleaved, after one untimed 1-epoch warm-up "
@@ -316,6 +317,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vs-run", nargs=2, type=int, metavar=("LAMS", "SEEDS"), default=None,
                    help="instead: a whole MNIST-1D sweep of LAMS λ × SEEDS seeds against one "
                    "ordinary run of the same config, and their ratio (e.g. 100 5 on a GPU)")
+    p.add_argument("--resnet", action="store_true",
+                   help="instead: ResNet-18 on CIFAR-shaped synthetic tensors "
+                   "(experiment=cifar10_resnet18's recipe): one epoch of the harness against a "
+                   "plain loop on the same data path, and --stack networks as one stack against "
+                   "one after another (l2lab.bench_resnet)")
+    p.add_argument("--stack", type=int, default=8, help="with --resnet: networks stacked (8)")
+    p.add_argument("--precision", default="bf16-mixed",
+                   help="with --resnet: trainer.precision of the harness/plain comparison "
+                   "(bf16-mixed, the preset's; it applies on CUDA only, 32-true elsewhere)")
     p.add_argument("overrides", nargs="*",
                    help="with --sweep, --dead, --per-job or --vs-run: Hydra overrides for "
                    "every run")
@@ -326,8 +336,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--hidden must be comma-separated integers, got {args.hidden!r}")
     if not widths or min(widths) < 1:
         p.error(f"--hidden must be comma-separated integers >= 1, got {args.hidden!r}")
-    if min(args.epochs, args.repeats or 1, args.batch_size, args.threads or 1) < 1:
-        p.error("--epochs, --repeats, --batch-size and --threads must be >= 1")
+    args.epochs = (1 if args.resnet else 20) if args.epochs is None else args.epochs
+    args.batch_size = (128 if args.resnet else 64) if args.batch_size is None else args.batch_size
+    if args.resnet and args.train_size is None:
+        args.train_size = 45_000
+    if min(args.epochs, args.repeats or 1, args.batch_size, args.threads or 1,
+           args.stack, args.train_size or 1) < 1:
+        p.error("--epochs, --repeats, --batch-size, --train-size, --threads and --stack must "
+                "be >= 1")
+    if args.resnet and args.stack > 8:
+        p.error("--stack is at most 8 (bench_resnet.LAMS)")
     args.hidden = ",".join(map(str, widths))
     if args.per_job and not (5 <= args.per_job[0] < args.per_job[1]):
         p.error("--per-job M N needs 5 <= M < N (jobs are λ × 5 seeds)")
@@ -336,7 +354,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.vs_run and min(args.vs_run) < 1:
         p.error("--vs-run LAMS SEEDS needs LAMS, SEEDS >= 1")
     args.repeats = args.repeats or (3 if args.sweep or args.dead
-                                    else 1 if args.per_job or args.vs_run else 7)
+                                    else 1 if args.per_job or args.vs_run or args.resnet else 7)
     return args
 
 
@@ -348,7 +366,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            if args.vs_run:
+            if args.resnet:
+                from l2lab.bench_resnet import bench_resnet
+
+                result = bench_resnet(args)
+            elif args.vs_run:
                 from l2lab.bench_sweep import bench_vs_run
 
                 result = bench_vs_run(*args.vs_run, list(args.overrides), args.repeats)
