@@ -151,6 +151,96 @@ def agreement(nets: dict[str, torch.nn.Module], finals: dict[str, Metrics]) -> d
 
 
 # -- the command -----------------------------------------------------------------------------
+def weights_rel_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    """The largest relative difference of two networks' floating-point tensors."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return max(_rel_diff(sa[k], sb[k]) for k in sb if sb[k].is_floating_point())
+
+
+def bench_resnet(args: argparse.Namespace) -> dict[str, Any]:
+    """``--resnet``: ResNet-18 on CIFAR-shaped synthetic tensors, harness against a plain loop
+    and a stack against the same networks in turn (``l2lab.bench_resnet``), as one JSON-ready
+    dict."""
+    from l2lab.bench_resnet import IMAGE, LAMS, fit_stack, overrides, run_plain, synthetic, timed
+    from l2lab.core.rules import effective_precision
+
+    device = _device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = device.type == "cuda"
+    precision = str(effective_precision(args.precision, cuda))
+    epochs, bs, n, k = args.epochs, args.batch_size, args.train_size, args.stack
+    splits = synthetic(n)
+    steps = epochs * -(-n // bs)
+    ov = overrides(bs, epochs, precision, device)
+    cfg, warm = compose_cfg(ov), compose_cfg(overrides(bs, 1, precision, device))
+    warm_splits = synthetic(min(n, 2 * bs), seed=1)
+    grid = [compose_cfg(overrides(bs, epochs, "32-true", device, lam)) for lam in LAMS[:k]]
+    result: dict[str, Any] = {
+        "settings": {"case": "resnet18", "image_shape": list(IMAGE), "train_size": n,
+                     "batch_size": bs, "epochs": epochs, "steps_per_epoch": steps // epochs,
+                     "precision": precision, "channels_last": cuda, "stack_k": k,
+                     "stack_lams": list(LAMS[:k]), "repeats": args.repeats,
+                     "device": str(device)},
+        "overrides": ov,
+        "sides": {"harness": "engine (a stack of one): Lightning, per-epoch MLflow metrics "
+                             "(SQLite) and last.ckpt",
+                  "plain": "hand-written loop: same tensors, order, init, SGD Nesterov, "
+                           "per-step cosine, L2 in the loss, autocast as the harness",
+                  "stack": f"{k} networks (the λ grid) as one stack through the harness, 32-bit",
+                  "sequential": f"the same {k} trained one after another through the harness"},
+    }
+    with tempfile.TemporaryDirectory(prefix="l2lab-bench-resnet-") as tmp:
+        uri = f"sqlite:///{tmp}/mlruns/mlflow.db"
+        client = tr.connect(uri)
+        exp = tr.experiment_id(client, "l2lab-bench-resnet", uri)
+
+        def harness(c: DictConfig, s: Splits, tag: str) -> tuple[Any, dict[str, float]]:
+            tracker = tr.RunTracker.start(client, exp, f"bench resnet {tag}", {})
+            try:
+                return measure(lambda: run_harness(c, s, tracker, Path(tmp) / tag), device)
+            finally:
+                tracker.finish("FINISHED")
+
+        def sequential(cfgs: list[DictConfig], s: Splits, tag: str) -> list[torch.nn.Module]:
+            return [run_harness(c, s, tr.NullTracker(), Path(tmp) / f"{tag}{i}")[0]
+                    for i, c in enumerate(cfgs)]
+
+        harness(warm, warm_splits, "warm")  # untimed
+        run_plain(warm, warm_splits, device)
+        times: dict[str, list[dict[str, float]]] = {"harness": [], "plain": []}
+        for r in range(args.repeats):
+            (h_net, h_m), h = harness(cfg, splits, f"h{r}")
+            (p_net, p_m), p = measure(lambda: run_plain(cfg, splits, device), device)
+            times["harness"].append(h)
+            times["plain"].append(p)
+        result["harness"] = {**timed(times["harness"], steps, n * epochs),
+                             "final_train_ce": h_m["train/ce"]}
+        result["plain"] = {**timed(times["plain"], steps, n * epochs),
+                           "final_train_ce": p_m["train/ce"]}
+        result["ratio_harness_over_plain"] = result["harness"]["min_s"] / result["plain"]["min_s"]
+        result["agreement"] = {"max_weight_rel_diff": weights_rel_diff(h_net, p_net),
+                               "train_ce_rel_diff": abs(h_m["train/ce"] - p_m["train/ce"])
+                               / max(abs(p_m["train/ce"]), 1e-12)}
+
+        # untimed: the stacked kernels' first call
+        fit_stack(grid[:2], warm_splits, Path(tmp) / "warm-stack")
+        runs = {"stack": [], "sequential": []}
+        for r in range(args.repeats):
+            stacked, st = measure(lambda r=r: fit_stack(grid, splits, Path(tmp) / f"s{r}"), device)
+            alone, sq = measure(lambda r=r: sequential(grid, splits, f"q{r}"), device)
+            runs["stack"].append(st)
+            runs["sequential"].append(sq)
+        for side in runs:
+            result[side] = timed(runs[side], k * steps, k * n * epochs)
+        result["ratio_sequential_over_stack"] = \
+            result["sequential"]["min_s"] / result["stack"]["min_s"]
+        result["stack_agreement"] = {"max_weight_rel_diff": max(
+            weights_rel_diff(a, b) for a, b in zip(stacked, alone, strict=True))}
+    result["env"] = environment(device)
+    return result
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -367,8 +457,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         warnings.simplefilter("ignore")
         try:
             if args.resnet:
-                from l2lab.bench_resnet import bench_resnet
-
                 result = bench_resnet(args)
             elif args.vs_run:
                 from l2lab.bench_sweep import bench_vs_run
