@@ -67,3 +67,16 @@ def test_a_bf16_mixed_run_on_cpu_is_the_32_bit_run_bit_for_bit(tmp_path, store):
     full = train(make_cfg(*ov), output_dir=tmp_path / "a")
     mixed = train(make_cfg(*ov, "trainer.precision=bf16-mixed"), output_dir=tmp_path / "b")
     assert mixed == full
+
+
+def test_per_network_value_clipping_takes_channels_last_gradients():
+    """Mixed clip values in a stack index each network's rows: a channels-last weight's
+    gradient (stacked.channels_last) has no (K, -1) view."""
+    from l2lab.core.module import clip_values_per_network
+
+    torch.manual_seed(0)
+    plain = torch.randn(3, 2, 3, 3, 3) * 3
+    g = plain.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)  # as channels_last
+    clip_values_per_network([g], [0.5, None, 1.0])
+    assert torch.equal(g[0], plain[0].clamp(-0.5, 0.5)) and torch.equal(g[1], plain[1])
+    assert torch.equal(g[2], plain[2].clamp(-1.0, 1.0))

@@ -416,16 +416,14 @@ def clip_per_network(grads: Sequence[torch.Tensor], k: int,
 def clip_values_per_network(grads: Sequence[torch.Tensor], limits: Sequence[float | None]) -> None:
     """``torch.nn.utils.clip_grad_value_`` for each stacked network with its own limit (None:
     not clipped): a clamp, exact whichever way it is computed."""
-    k = len(limits)
     for limit in dict.fromkeys(v for v in limits if v is not None):
         if all(v == limit for v in limits):
             for g in grads:
                 g.clamp_(-limit, limit)
             return
         mine = [i for i, v in enumerate(limits) if v == limit]
-        for g in grads:
-            view = g.view(k, -1)
-            view[mine] = view[mine].clamp(-limit, limit)
+        for g in grads:  # indexed, not viewed: the gradient of a channels-last weight
+            g[mine] = g[mine].clamp(-limit, limit)  # (stacked.channels_last) has no (k, -1) view
 
 
 class SegmentedOptimizer(torch.optim.Optimizer):
