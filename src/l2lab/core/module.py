@@ -117,10 +117,14 @@ class L2Module(pl.LightningModule):
             else [penalty.layer_names] * self.k
         loss = torch.tensor([m == "loss" for m in self.modes])
         lams = penalty.lams
-        # λ in the loss (None: no network there) and in the optimizer's decay, per network
-        self._loss_lams = None if not loss.any() else lams if loss.all() else lams * loss
-        self._opt_lams = None if loss.all() else lams if not loss.any() else lams * ~loss
-        self._is_loss = loss
+        # λ in the loss (None: no network there) and in the optimizer's decay, per network;
+        # buffers, so that they move to the device with the module and a step copies nothing
+        # from the host (a copy per step would synchronise with it)
+        for name, value in (
+                ("_loss_lams", None if not loss.any() else lams if loss.all() else lams * loss),
+                ("_opt_lams", None if loss.all() else lams if not loss.any() else lams * ~loss),
+                ("_is_loss", loss.to(lams.device))):
+            self.register_buffer(name, value, persistent=False)
         # the penalty's hook after each optimizer step, when its class has one (max-norm ...)
         self._after_step = type(penalty).after_step is not Penalty.after_step
 
