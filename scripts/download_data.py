@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Fetch the torchvision datasets into a data root ahead of time, for nodes without internet.
 
-    scripts/download_data.py [mnist] [fashion_mnist] [cifar10] [--root data]
+    scripts/download_data.py [mnist] [fashion_mnist] [cifar10] [cifar100] [--root data]
 
-With no names, all three. The files land where ``data.root`` (default ``data``, relative to the
+With no names, all four. The files land where ``data.root`` (default ``data``, relative to the
 folder you train from) makes l2lab look for them, so a later run needs no ``data.download=true``:
 
     python -m l2lab.train data=mnist data.root=/shared/data
@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 #: l2lab's data names -> torchvision dataset classes (see l2lab.core.data).
-DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}
+DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10",
+            "cifar100": "CIFAR100"}
 
 
 def fetch(name: str, root: Path) -> None:

@@ -14,7 +14,10 @@ benchmark on the GPU (python -m l2lab.bench --device cuda ARGS), a 16-λ sweep b
 vectorized vs basic launcher (python -m l2lab.bench --sweep), and a 500-job MNIST-1D sweep
 (100 λ × 5 seeds, 50 epochs) against one ordinary run of the same config, with their ratio
 (python -m l2lab.bench --vs-run 100 5), and the two-factor grid (5 lr × 8 λ × 3 seeds, 120
-networks) as one stack against one stack per lr (python -m l2lab.bench --sweep --two-factor).
+networks) as one stack against one stack per lr (python -m l2lab.bench --sweep --two-factor),
+and ResNet-18 on CIFAR-shaped synthetic tensors in bf16 and channels-last: one 45,000-image epoch
+of the harness against a plain loop, and 8 networks stacked against 8 in turn
+(python -m l2lab.bench --resnet).
 
 Uses $PYTHON, else .venv/bin/python (made with `make venv` when missing).
 Exit status: 0 when all pass; 3 when torch sees no GPU (rather than passing with every GPU test
@@ -55,3 +58,8 @@ echo "== two-factor benchmark: 120 networks, one stack vs one per lr (bench --sw
     optimizer.lr=0.01,0.02,0.05,0.1,0.2 regularization.lam=0,1e-3,1e-2,3e-2,0.1,0.3,1,3 \
     seed=0,1,2 | tee /dev/stderr | "$PY" -c \
     'import json, sys; r = json.load(sys.stdin); print("gpu_check: per-lr stacks / one stack = %.2f, same numbers: %s" % (r["ratio_per_lr_over_one_stack"], r["same_final_val_ce"]))'
+
+# ResNet-18, the cifar10_resnet18 preset's recipe, on CIFAR-shaped synthetic tensors (no download)
+echo "== ResNet-18 benchmark: harness vs plain loop, 8 stacked vs 8 in turn (bench --resnet)"
+"$PY" -m l2lab.bench --resnet --device cuda | tee /dev/stderr | "$PY" -c \
+    'import json, sys; r = json.load(sys.stdin); print("gpu_check: resnet18 %s: harness / plain = %.2f (%.0f vs %.0f images/s), 8 in turn / 8 stacked = %.2f" % (r["settings"]["precision"], r["ratio_harness_over_plain"], r["harness"]["images_per_s"], r["plain"]["images_per_s"], r["ratio_sequential_over_stack"]))'

@@ -101,6 +101,62 @@ def mnist1d_root(tmp_path_factory) -> Path:
     return root
 
 
+#: The fake CIFAR-10's sizes: five training batches of 60 and a test batch of 60 (360 images).
+CIFAR_TRAIN_PER_BATCH, CIFAR_TEST = 60, 60
+
+
+def write_cifar10(root: Path, seed: int = 0) -> dict[str, str]:
+    """Random images in CIFAR-10's own on-disk format (``root/cifar-10-batches-py``: pickled
+    dicts ``data_batch_1..5``, ``test_batch``, ``batches.meta``), so that torchvision's own class
+    reads them; returns each file's md5, for :func:`trust_cifar10`."""
+    import hashlib
+    import pickle
+
+    import numpy as np
+
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+
+    def batch(n: int) -> dict:
+        return {"batch_label": b"fake", "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                "labels": rng.integers(0, 10, n).tolist(), "filenames": [b""] * n}
+
+    files = {f"data_batch_{i}": batch(CIFAR_TRAIN_PER_BATCH) for i in range(1, 6)}
+    files["test_batch"] = batch(CIFAR_TEST)
+    files["batches.meta"] = {"label_names": [f"class{i}" for i in range(10)],
+                             "num_cases_per_batch": CIFAR_TRAIN_PER_BATCH, "num_vis": 3072}
+    for name, content in files.items():
+        (base / name).write_bytes(pickle.dumps(content))
+    return {name: hashlib.md5((base / name).read_bytes()).hexdigest() for name in files}
+
+
+def trust_cifar10(monkeypatch: pytest.MonkeyPatch, md5s: dict[str, str]) -> None:
+    """Point torchvision's CIFAR10 at these files' checksums (its class lists name the official
+    files' md5s), so its own integrity check runs, and passes, on the fake files."""
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10
+    monkeypatch.setattr(cls, "train_list", [[n, md5s[n]] for n, _ in cls.train_list])
+    monkeypatch.setattr(cls, "test_list", [[n, md5s[n]] for n, _ in cls.test_list])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5s[cls.meta["filename"]]})
+
+
+@pytest.fixture(scope="session")
+def _cifar10_files(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    root = tmp_path_factory.mktemp("cifar10_data")
+    return root, write_cifar10(root)
+
+
+@pytest.fixture
+def cifar10_root(_cifar10_files, monkeypatch) -> Path:
+    """A ``data.root`` holding the fake CIFAR-10 (written once per session), with torchvision
+    pointed at its checksums for this test."""
+    root, md5s = _cifar10_files
+    trust_cifar10(monkeypatch, md5s)
+    return root
+
+
 def make_cfg(*overrides: str, tiny: bool = True):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("train", overrides=[*(TINY if tiny else []), *overrides])

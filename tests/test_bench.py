@@ -179,3 +179,34 @@ def test_bench_double_descent_times_the_preset_against_the_notebook_loop(tmp_pat
     assert out["ratio"] == pytest.approx(out["harness"]["median_s"] / out["notebook"]["median_s"])
     assert "repeat 0 harness" in r.stderr and "repeat 0 notebook" in r.stderr
     assert not list(tmp_path.glob("mlruns"))  # the bench's store is temporary
+
+
+@pytest.mark.slow
+def test_the_resnet_case_runs_tiny_and_its_sides_train_the_same_networks(tmp_path):
+    """``--resnet`` on two CIFAR-shaped images: every field is there, the harness and the plain
+    loop end with the same weights, and each stacked network with its ordinary run's (CPU, fp32:
+    bf16 applies on CUDA only)."""
+    out = tmp_path / "resnet.json"
+    r = run_cli("l2lab.bench", "--resnet", "--device", "cpu", "--train-size", "2",
+                "--batch-size", "2", "--stack", "2", "--out", str(out), cwd=tmp_path,
+                timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout)
+    assert json.loads(out.read_text()) == result
+    assert result["settings"] == {
+        "case": "resnet18", "image_shape": [3, 32, 32], "train_size": 2, "batch_size": 2,
+        "epochs": 1, "steps_per_epoch": 1, "precision": "32-true", "channels_last": False,
+        "stack_k": 2, "stack_lams": [0.0, 0.004], "repeats": 1, "device": "cpu"}
+    assert "experiment=cifar10_resnet18" in result["overrides"]
+    for side in ("harness", "plain", "stack", "sequential"):
+        s = result[side]
+        assert len(s["times_s"]) == 1 and s["min_s"] == s["times_s"][0] > 0, side
+        assert s["steps_per_s"] > 0 and s["images_per_s"] > 0, side
+    assert result["ratio_harness_over_plain"] == pytest.approx(
+        result["harness"]["min_s"] / result["plain"]["min_s"])
+    assert result["ratio_sequential_over_stack"] == pytest.approx(
+        result["sequential"]["min_s"] / result["stack"]["min_s"])
+    assert result["harness"]["final_train_ce"] == result["plain"]["final_train_ce"]
+    assert result["agreement"]["max_weight_rel_diff"] == 0.0
+    assert result["stack_agreement"]["max_weight_rel_diff"] == 0.0
+    assert result["env"]["device"] == "cpu"

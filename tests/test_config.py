@@ -276,7 +276,8 @@ def test_each_rule_is_written_once_and_the_configs_follow_it():
     from l2lab.core.data import _TORCHVISION
 
     assert {p.stem for p in (CONF_DIR / "data").glob("*.yaml")} == set(rules.DATASETS)
-    assert set(rules.DATASETS) == {"digits", "mnist1d", *_TORCHVISION}  # load_data's branches
+    # load_data's branches
+    assert set(rules.DATASETS) == {"digits", "mnist1d", "imagefolder", *_TORCHVISION}
     targets = {p.stem: OmegaConf.load(p)._target_ for p in (CONF_DIR / "model").glob("*.yaml")
                if p.stem != "custom"}  # custom: the researcher names it (model._target_=...)
     assert targets == rules.NETWORKS

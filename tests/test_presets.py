@@ -32,6 +32,8 @@ EPOCHS = 2
 TINY = {"data.train_size": 40, "data.batch_size": 40, "trainer.max_epochs": EPOCHS}
 #: ``data.num_samples`` for a preset that sets its own MNIST-1D size (cut for its two steps).
 SMALL_MNIST1D = 1000
+#: ``data.val_size`` of a CIFAR-10 preset (5000 held out: more than the fake files hold).
+SMALL_VAL = 20
 #: conf/ folders that are not typed groups: presets of the whole config (`# @package _global_`),
 #: an experiment's network shape merged into the (typed) model, and Hydra's own.
 UNTYPED = ("experiment", "experiment_model", "hydra")
@@ -121,14 +123,18 @@ def _logged(value: str, expected: Any) -> bool:
 
 @pytest.mark.parametrize(("preset", "model"), _cases(),
                          ids=[f"{e}-{m}" if m else e for e, m in _cases()])
-def test_every_experiment_preset_trains(preset, model, tmp_path, store, mnist1d_root):
+def test_every_experiment_preset_trains(preset, model, tmp_path, store, mnist1d_root,
+                                        cifar10_root):
     chosen = [f"experiment={preset}", *([f"model={model}"] if model else [])]
     full = _compose(chosen, hydra=True)
     swept = _first_values(full.hydra.sweeper.get("params") or {})
     # a swept group (regularization: l2,decoupled) is picked by its option, a key by its value
     job = [f"{k}={v}" for k, v in swept.items()]
-    data = [f"data.root={mnist1d_root}"] if full.data.name == "mnist1d" else []
+    roots = {"mnist1d": mnist1d_root, "cifar10": cifar10_root}  # CIFAR-10: fake files in its
+    data = [f"data.root={roots[full.data.name]}"] if full.data.name in roots else []  # format
     tiny = dict(TINY)
+    if full.data.name == "cifar10":  # the fake CIFAR-10 has 300 training images
+        tiny["data.val_size"] = SMALL_VAL
     if full.data.get("num_samples", SIZES["num_samples"]) != SIZES["num_samples"]:
         # a preset's own MNIST-1D size (16000 sequences: 10-30 s to generate) is generated
         # small: two steps need no more, and the cache serves every such preset

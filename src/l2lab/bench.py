@@ -151,6 +151,96 @@ def agreement(nets: dict[str, torch.nn.Module], finals: dict[str, Metrics]) -> d
 
 
 # -- the command -----------------------------------------------------------------------------
+def weights_rel_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    """The largest relative difference of two networks' floating-point tensors."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return max(_rel_diff(sa[k], sb[k]) for k in sb if sb[k].is_floating_point())
+
+
+def bench_resnet(args: argparse.Namespace) -> dict[str, Any]:
+    """``--resnet``: ResNet-18 on CIFAR-shaped synthetic tensors, harness against a plain loop
+    and a stack against the same networks in turn (``l2lab.bench_resnet``), as one JSON-ready
+    dict."""
+    from l2lab.bench_resnet import IMAGE, LAMS, fit_stack, overrides, run_plain, synthetic, timed
+    from l2lab.core.rules import effective_precision
+
+    device = _device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = device.type == "cuda"
+    precision = str(effective_precision(args.precision, cuda))
+    epochs, bs, n, k = args.epochs, args.batch_size, args.train_size, args.stack
+    splits = synthetic(n)
+    steps = epochs * -(-n // bs)
+    ov = overrides(bs, epochs, precision, device)
+    cfg, warm = compose_cfg(ov), compose_cfg(overrides(bs, 1, precision, device))
+    warm_splits = synthetic(min(n, 2 * bs), seed=1)
+    grid = [compose_cfg(overrides(bs, epochs, "32-true", device, lam)) for lam in LAMS[:k]]
+    result: dict[str, Any] = {
+        "settings": {"case": "resnet18", "image_shape": list(IMAGE), "train_size": n,
+                     "batch_size": bs, "epochs": epochs, "steps_per_epoch": steps // epochs,
+                     "precision": precision, "channels_last": cuda, "stack_k": k,
+                     "stack_lams": list(LAMS[:k]), "repeats": args.repeats,
+                     "device": str(device)},
+        "overrides": ov,
+        "sides": {"harness": "engine (a stack of one): Lightning, per-epoch MLflow metrics "
+                             "(SQLite) and last.ckpt",
+                  "plain": "hand-written loop: same tensors, order, init, SGD Nesterov, "
+                           "per-step cosine, L2 in the loss, autocast as the harness",
+                  "stack": f"{k} networks (the λ grid) as one stack through the harness, 32-bit",
+                  "sequential": f"the same {k} trained one after another through the harness"},
+    }
+    with tempfile.TemporaryDirectory(prefix="l2lab-bench-resnet-") as tmp:
+        uri = f"sqlite:///{tmp}/mlruns/mlflow.db"
+        client = tr.connect(uri)
+        exp = tr.experiment_id(client, "l2lab-bench-resnet", uri)
+
+        def harness(c: DictConfig, s: Splits, tag: str) -> tuple[Any, dict[str, float]]:
+            tracker = tr.RunTracker.start(client, exp, f"bench resnet {tag}", {})
+            try:
+                return measure(lambda: run_harness(c, s, tracker, Path(tmp) / tag), device)
+            finally:
+                tracker.finish("FINISHED")
+
+        def sequential(cfgs: list[DictConfig], s: Splits, tag: str) -> list[torch.nn.Module]:
+            return [run_harness(c, s, tr.NullTracker(), Path(tmp) / f"{tag}{i}")[0]
+                    for i, c in enumerate(cfgs)]
+
+        harness(warm, warm_splits, "warm")  # untimed
+        run_plain(warm, warm_splits, device)
+        times: dict[str, list[dict[str, float]]] = {"harness": [], "plain": []}
+        for r in range(args.repeats):
+            (h_net, h_m), h = harness(cfg, splits, f"h{r}")
+            (p_net, p_m), p = measure(lambda: run_plain(cfg, splits, device), device)
+            times["harness"].append(h)
+            times["plain"].append(p)
+        result["harness"] = {**timed(times["harness"], steps, n * epochs),
+                             "final_train_ce": h_m["train/ce"]}
+        result["plain"] = {**timed(times["plain"], steps, n * epochs),
+                           "final_train_ce": p_m["train/ce"]}
+        result["ratio_harness_over_plain"] = result["harness"]["min_s"] / result["plain"]["min_s"]
+        result["agreement"] = {"max_weight_rel_diff": weights_rel_diff(h_net, p_net),
+                               "train_ce_rel_diff": abs(h_m["train/ce"] - p_m["train/ce"])
+                               / max(abs(p_m["train/ce"]), 1e-12)}
+
+        # untimed: the stacked kernels' first call
+        fit_stack(grid[:2], warm_splits, Path(tmp) / "warm-stack")
+        runs = {"stack": [], "sequential": []}
+        for r in range(args.repeats):
+            stacked, st = measure(lambda r=r: fit_stack(grid, splits, Path(tmp) / f"s{r}"), device)
+            alone, sq = measure(lambda r=r: sequential(grid, splits, f"q{r}"), device)
+            runs["stack"].append(st)
+            runs["sequential"].append(sq)
+        for side in runs:
+            result[side] = timed(runs[side], k * steps, k * n * epochs)
+        result["ratio_sequential_over_stack"] = \
+            result["sequential"]["min_s"] / result["stack"]["min_s"]
+        result["stack_agreement"] = {"max_weight_rel_diff": max(
+            weights_rel_diff(a, b) for a, b in zip(stacked, alone, strict=True))}
+    result["env"] = environment(device)
+    return result
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -286,10 +376,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="l2lab-bench", description="Time the harness against a plain PyTorch loop "
         "doing the same training (digits, MLP, L2 λ=1e-3, SGD); prints one JSON object.")
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=None, help="default 20; 1 with --resnet")
     p.add_argument("--train-size", type=int, default=None,
-                   help="training examples (default: all the digits split leaves, 840)")
-    p.add_argument("--batch-size", type=int, default=64)
+                   help="training examples (default: all the digits split leaves, 840; with "
+                   "--resnet 45000, a CIFAR-10 epoch less its validation split)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 64; 128 with --resnet")
     p.add_argument("--hidden", default="256,256", help="MLP widths, comma-separated")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed runs per side, interleaved, after one untimed 1-epoch warm-up "
@@ -324,6 +415,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="with --double-descent: the MLP widths h of 40-h-h-10, comma-separated")
     p.add_argument("--lams", default="0,0.1",
                    help="with --double-descent: the λ, comma-separated (one curve each)")
+    p.add_argument("--resnet", action="store_true",
+                   help="instead: ResNet-18 on CIFAR-shaped synthetic tensors "
+                   "(experiment=cifar10_resnet18's recipe): one epoch of the harness against a "
+                   "plain loop on the same data path, and --stack networks as one stack against "
+                   "one after another (l2lab.bench_resnet)")
+    p.add_argument("--stack", type=int, default=8, help="with --resnet: networks stacked (8)")
+    p.add_argument("--precision", default="bf16-mixed",
+                   help="with --resnet: trainer.precision of the harness/plain comparison "
+                   "(bf16-mixed, the preset's; it applies on CUDA only, 32-true elsewhere)")
     p.add_argument("overrides", nargs="*",
                    help="with --sweep, --dead, --per-job, --vs-run or --double-descent: Hydra "
                    "overrides for every run")
@@ -334,8 +434,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--hidden must be comma-separated integers, got {args.hidden!r}")
     if not widths or min(widths) < 1:
         p.error(f"--hidden must be comma-separated integers >= 1, got {args.hidden!r}")
-    if min(args.epochs, args.repeats or 1, args.batch_size, args.threads or 1) < 1:
-        p.error("--epochs, --repeats, --batch-size and --threads must be >= 1")
+    args.epochs = (1 if args.resnet else 20) if args.epochs is None else args.epochs
+    args.batch_size = (128 if args.resnet else 64) if args.batch_size is None else args.batch_size
+    if args.resnet and args.train_size is None:
+        args.train_size = 45_000
+    if min(args.epochs, args.repeats or 1, args.batch_size, args.threads or 1,
+           args.stack, args.train_size or 1) < 1:
+        p.error("--epochs, --repeats, --batch-size, --train-size, --threads and --stack must "
+                "be >= 1")
+    if args.resnet and args.stack > 8:
+        p.error("--stack is at most 8 (bench_resnet.LAMS)")
     args.hidden = ",".join(map(str, widths))
     try:
         args.widths = [int(h) for h in args.widths.split(",") if h.strip()]
@@ -353,7 +461,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--vs-run LAMS SEEDS needs LAMS, SEEDS >= 1")
     args.repeats = args.repeats or (3 if args.sweep or args.dead
                                     else 1 if args.per_job or args.vs_run
-                                    or args.double_descent else 7)
+                                    or args.double_descent or args.resnet else 7)
     return args
 
 
@@ -365,7 +473,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            if args.double_descent:
+            if args.resnet:
+                result = bench_resnet(args)
+            elif args.double_descent:
                 from l2lab.bench_dd import bench_double_descent
 
                 result = bench_double_descent(args.widths, args.lams, args.epochs,

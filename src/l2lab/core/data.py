@@ -4,7 +4,8 @@ Every supported dataset fits in memory, so it is loaded once into tensors, moved
 device, and batched by indexing: no DataLoader workers, no per-example Python. The train/val split
 depends only on ``data.split_seed``; the shuffling order only on ``seed`` and the epoch, so runs
 with different λ share the same split and a resumed run sees the same batches. The test split is
-the dataset's official one, or for the digits (which have none) a fixed held-out 20 %.
+the dataset's official one, or for the digits (which have none) a fixed held-out 20 %; for a
+researcher's own images (``data=imagefolder``) their ``test/`` folder, when there is one.
 """
 
 from __future__ import annotations
@@ -20,15 +21,21 @@ from l2lab.base import ConfigError
 from l2lab.core.augment import EpochAugment, augment
 from l2lab.core.rules import DATASETS, check_label_noise, check_mnist1d_sizes
 
-NUM_CLASSES = 10  # every supported dataset has ten classes
+NUM_CLASSES = 10  # the digits', MNIST-1D's, MNIST's and CIFAR-10's; others say their own
 _NOISE_STREAM = 0x6C6E  # tells the label-noise stream of a split_seed apart from its permutation
 
-# Per-channel (mean, std) of the official training splits.
+# torchvision's class, and the usual per-channel (mean, std) of the official training split (all
+# of it, before data.val_size is held out; published constants, not recomputed per run).
 _TORCHVISION = {
     "mnist": ("MNIST", (0.1307,), (0.3081,)),
     "fashion_mnist": ("FashionMNIST", (0.2860,), (0.3530,)),
     "cifar10": ("CIFAR10", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ("CIFAR100", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
+#: The file suffixes ``data=imagefolder`` reads (torchvision's ``IMG_EXTENSIONS``).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+Arrays = tuple[np.ndarray, np.ndarray]
 
 
 @dataclass
@@ -53,8 +60,12 @@ class Splits:
         m = train_eval_size(len(self.train[1]), len(self.val[1]))
         return self.train[0][:m], self.train[1][:m]
 
-    def to(self, device: torch.device | str) -> Splits:
-        move = lambda xy: None if xy is None else (xy[0].to(device), xy[1].to(device))  # noqa: E731
+    def to(self, device: torch.device | str,
+           memory_format: torch.memory_format = torch.preserve_format) -> Splits:
+        """On ``device``; ``memory_format=torch.channels_last`` lays images out NHWC there
+        (indexing a batch keeps it: ``x[idx]`` of a channels-last tensor is channels-last)."""
+        move = lambda xy: None if xy is None else (  # noqa: E731
+            xy[0].to(device, memory_format=memory_format), xy[1].to(device))
         return Splits(self.name, move(self.train), move(self.val), move(self.test),
                       self.num_classes)
 
@@ -154,7 +165,20 @@ def _load_mnist1d(root: str, num_samples: object = None, train_split: object = N
                 (as_x(z["x_test"]), z["y_test"].astype(np.int64)))
 
 
-def _load_torchvision(name: str, root: str, download: bool):
+def _normalise(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """uint8 images (N, H, W) or (N, H, W, C) -> float32 (N, C, H, W), per channel
+    ``(x/255 - mean) / std``."""
+    x = np.asarray(x, dtype=np.float32) / 255.0
+    x = x[:, None, :, :] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
+    m = np.asarray(mean, dtype=np.float32)[None, :, None, None]
+    s = np.asarray(std, dtype=np.float32)[None, :, None, None]
+    return np.ascontiguousarray((x - m) / s)
+
+
+def _load_torchvision(name: str, root: str, download: bool) -> tuple[np.ndarray, np.ndarray,
+                                                                       Arrays, int]:
+    """The official train and test splits through torchvision's own class (which checks the
+    files' md5), normalised by the dataset's usual constants; and the class count."""
     import torchvision
 
     cls_name, mean, std = _TORCHVISION[name]
@@ -164,21 +188,88 @@ def _load_torchvision(name: str, root: str, download: bool):
         train = cls(str(root_path), train=True, download=download)
         test = cls(str(root_path), train=False, download=download)
     except RuntimeError as e:
-        where = root_path / ("cifar-10-batches-py" if name == "cifar10" else f"{cls_name}/raw")
+        where = root_path / getattr(cls, "base_folder", f"{cls_name}/raw")  # CIFAR's, MNIST's
         raise ConfigError(
             f"data={name}: dataset files not found or corrupted under {where} "
             f"(data.root={root!r}, data.download={download}). Set data.download=true to fetch "
             f"them, or point data.root at a folder holding them. ({e})"
         ) from None
 
-    def arrays(ds) -> tuple[np.ndarray, np.ndarray]:
-        x = np.asarray(ds.data, dtype=np.float32) / 255.0  # MNIST: (N,H,W); CIFAR: (N,H,W,C)
-        x = x[:, None, :, :] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
-        m = np.asarray(mean, dtype=np.float32)[None, :, None, None]
-        s = np.asarray(std, dtype=np.float32)[None, :, None, None]
-        return np.ascontiguousarray((x - m) / s), np.asarray(ds.targets, dtype=np.int64)
+    def arrays(ds) -> Arrays:  # MNIST: (N,H,W); CIFAR: (N,H,W,C)
+        return _normalise(np.asarray(ds.data), mean, std), np.asarray(ds.targets, dtype=np.int64)
 
-    return (*arrays(train), arrays(test))
+    return (*arrays(train), arrays(test), len(train.classes))
+
+
+def _read_images(folder: Path, classes: list[str] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """One ``ImageFolder`` split as uint8 (N, H, W, 3) and int64 labels, and its class names;
+    ``classes``: the training split's, whose indices a test split's labels take. Every error is
+    a ConfigError naming the path, raised here, before any training."""
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    if not folder.is_dir():
+        raise ConfigError(f"data=imagefolder: no folder {folder}. data.root must hold train/ "
+                          f"(and optionally test/) with one subfolder of images per class, "
+                          f"e.g. {folder}/cat/0001.png.")
+    try:
+        ds = ImageFolder(str(folder), loader=lambda path: path)  # paths only: read below
+    except FileNotFoundError as e:  # no class folder, or a class folder without images
+        raise ConfigError(f"data=imagefolder: {folder} needs one subfolder of images per class "
+                          f"({', '.join(IMAGE_SUFFIXES)}), e.g. {folder}/cat/0001.png; "
+                          f"torchvision says: {e}") from None
+    if classes is None and len(ds.classes) < 2:
+        raise ConfigError(f"data=imagefolder: {folder} has a single class folder "
+                          f"({ds.classes[0]!r}); a classifier needs two or more.")
+    if classes is not None and (extra := sorted(set(ds.classes) - set(classes))):
+        raise ConfigError(f"data=imagefolder: {folder} has class folders that train/ lacks: "
+                          f"{', '.join(extra)} (train/ has {', '.join(classes)}).")
+    index = {c: i for i, c in enumerate(classes or ds.classes)}
+    images, first = [], None
+    for path, _ in ds.samples:
+        try:
+            with Image.open(path) as im:
+                a = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"data=imagefolder: cannot read the image {path} ({e}). Remove "
+                              f"or replace it.") from None
+        if first is None:
+            first = (path, a.shape)
+        elif a.shape != first[1]:
+            h, w = first[1][:2]
+            raise ConfigError(f"data=imagefolder: images differ in size: {path} is "
+                              f"{a.shape[1]}x{a.shape[0]}, {first[0]} is {w}x{h}. Resize them "
+                              f"to one size first (the data are held in memory as one tensor).")
+        images.append(a)
+    labels = np.asarray([index[ds.classes[t]] for _, t in ds.samples], dtype=np.int64)
+    return np.stack(images), labels, list(classes or ds.classes)
+
+
+def _load_imagefolder(root: str) -> tuple[np.ndarray, np.ndarray, Arrays | None, int]:
+    """A researcher's own images: ``root/train/<class>/*`` and, when present, ``root/test/``,
+    as RGB, normalised per channel by the mean and std of all of ``train/`` (before
+    ``data.val_size`` is held out, as CIFAR's constants are), never of ``test/``."""
+    base = Path(root).expanduser().resolve()
+    if not base.is_dir():
+        raise ConfigError(f"data=imagefolder: data.root={root!r} is no folder ({base}). It must "
+                          f"hold train/ (and optionally test/) with one subfolder of images "
+                          f"per class.")
+    x, y, classes = _read_images(base / "train")
+    channels = [x[..., c].astype(np.float32) / 255.0 for c in range(x.shape[-1])]  # one at a
+    mean = np.array([ch.mean(dtype=np.float64) for ch in channels])  # time would do; 3 is few
+    std = np.array([ch.std(dtype=np.float64) for ch in channels])
+    std = np.where(std > 0, std, 1.0)  # a constant channel: centred, not divided by 0
+    del channels
+    test = None
+    if (base / "test").exists():
+        tx, ty, _ = _read_images(base / "test", classes)
+        if tx.shape[1:] != x.shape[1:]:
+            raise ConfigError(f"data=imagefolder: the images of {base / 'test'} are "
+                              f"{tx.shape[2]}x{tx.shape[1]}, those of {base / 'train'} "
+                              f"{x.shape[2]}x{x.shape[1]}; they must be one size.")
+        test = (_normalise(tx, mean, std), ty)
+    return _normalise(x, mean, std), y, test, len(classes)
 
 
 def load_data(cfg: Mapping) -> Splits:
@@ -186,14 +277,17 @@ def load_data(cfg: Mapping) -> Splits:
     name = cfg.get("name")
     if name not in DATASETS:
         raise ConfigError(f"data.name must be one of {list(DATASETS)}, got {name!r}.")
+    num_classes = NUM_CLASSES
     if name == "digits":
         x, y, test = _load_digits(int(cfg.get("test_size") or 0))
     elif name == "mnist1d":
         x, y, test = _load_mnist1d(str(cfg.get("root", "data")), cfg.get("num_samples"),
                                    cfg.get("train_split"))
+    elif name == "imagefolder":
+        x, y, test, num_classes = _load_imagefolder(str(cfg.get("root", "data")))
     else:
-        x, y, test = _load_torchvision(name, str(cfg.get("root", "data")),
-                                       bool(cfg.get("download", False)))
+        x, y, test, num_classes = _load_torchvision(name, str(cfg.get("root", "data")),
+                                                    bool(cfg.get("download", False)))
     n = len(y)
     val_size = int(cfg.get("val_size") or 0)
     train_size = cfg.get("train_size")
@@ -219,9 +313,9 @@ def load_data(cfg: Mapping) -> Splits:
     # the noise is drawn per example of the whole training split, then only the training rows
     # take it: a smaller train_size keeps the noisy labels of the examples it keeps
     train_y = noisy_labels(y, cfg.get("label_noise", 0.0), int(cfg.get("split_seed", 0)),
-                           NUM_CLASSES)[train_idx]
+                           num_classes)[train_idx]
     train = (torch.from_numpy(x[train_idx]), torch.from_numpy(train_y))
-    return Splits(name, train, as_t((x, y), val_idx), test_t, NUM_CLASSES)
+    return Splits(name, train, as_t((x, y), val_idx), test_t, num_classes)
 
 
 def noisy_labels(y: np.ndarray, label_noise: object, split_seed: int,

@@ -117,10 +117,14 @@ class L2Module(pl.LightningModule):
             else [penalty.layer_names] * self.k
         loss = torch.tensor([m == "loss" for m in self.modes])
         lams = penalty.lams
-        # λ in the loss (None: no network there) and in the optimizer's decay, per network
-        self._loss_lams = None if not loss.any() else lams if loss.all() else lams * loss
-        self._opt_lams = None if loss.all() else lams if not loss.any() else lams * ~loss
-        self._is_loss = loss
+        # λ in the loss (None: no network there) and in the optimizer's decay, per network;
+        # buffers, so that they move to the device with the module and a step copies nothing
+        # from the host (a copy per step would synchronise with it)
+        for name, value in (
+                ("_loss_lams", None if not loss.any() else lams if loss.all() else lams * loss),
+                ("_opt_lams", None if loss.all() else lams if not loss.any() else lams * ~loss),
+                ("_is_loss", loss.to(lams.device))):
+            self.register_buffer(name, value, persistent=False)
         # the penalty's hook after each optimizer step, when its class has one (max-norm ...)
         self._after_step = type(penalty).after_step is not Penalty.after_step
 
@@ -416,16 +420,14 @@ def clip_per_network(grads: Sequence[torch.Tensor], k: int,
 def clip_values_per_network(grads: Sequence[torch.Tensor], limits: Sequence[float | None]) -> None:
     """``torch.nn.utils.clip_grad_value_`` for each stacked network with its own limit (None:
     not clipped): a clamp, exact whichever way it is computed."""
-    k = len(limits)
     for limit in dict.fromkeys(v for v in limits if v is not None):
         if all(v == limit for v in limits):
             for g in grads:
                 g.clamp_(-limit, limit)
             return
         mine = [i for i, v in enumerate(limits) if v == limit]
-        for g in grads:
-            view = g.view(k, -1)
-            view[mine] = view[mine].clamp(-limit, limit)
+        for g in grads:  # indexed, not viewed: the gradient of a channels-last weight
+            g[mine] = g[mine].clamp(-limit, limit)  # (stacked.channels_last) has no (k, -1) view
 
 
 class SegmentedOptimizer(torch.optim.Optimizer):

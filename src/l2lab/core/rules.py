@@ -16,7 +16,8 @@ import re
 from l2lab.base import ConfigError
 
 #: ``data.name``: the datasets ``core.data.load_data`` loads (``conf/data/<name>.yaml`` each).
-DATASETS: tuple[str, ...] = ("digits", "mnist1d", "mnist", "fashion_mnist", "cifar10")
+DATASETS: tuple[str, ...] = ("digits", "mnist1d", "mnist", "fashion_mnist", "cifar10", "cifar100",
+                             "imagefolder")
 
 #: MNIST-1D's sizes as the ``mnist1d`` package's ``get_dataset_args()`` names and sets them (the
 #: schema's defaults, and the values at which a run's config hash stays the one it had before these
@@ -56,6 +57,18 @@ SCHEDULERS: tuple[str, ...] = ("none", "cosine", "step", "onecycle")
 INTERVALS: tuple[str, ...] = ("step", "epoch")
 #: ``scheduler.anneal_strategy`` of ``onecycle`` (torch's ``OneCycleLR``).
 ANNEAL_STRATEGIES: tuple[str, ...] = ("cos", "linear")
+#: ``trainer.precision`` values that mean autocast (Lightning's names, old and new). They apply on
+#: CUDA only: elsewhere a run trains in ``32-true`` (:func:`effective_precision`), so a preset
+#: written for a GPU (``experiment=cifar10_resnet18``) also runs, in full precision, on a laptop.
+MIXED_PRECISIONS: tuple[object, ...] = ("bf16-mixed", "16-mixed", "bf16", "16", 16)
+
+
+def effective_precision(precision: object, on_cuda: bool) -> object:
+    """The ``trainer.precision`` a run trains with: a mixed precision on CUDA only, else
+    ``32-true``; any other value as given."""
+    return "32-true" if precision in MIXED_PRECISIONS and not on_cuda else precision
+
+
 #: ``regularization._target_`` of the default penalty (conf/regularization/l2.yaml names it too).
 DEFAULT_PENALTY = "l2lab.core.penalties.L2"
 

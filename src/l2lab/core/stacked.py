@@ -39,6 +39,59 @@ class NotStackable(ValueError):
     """The networks cannot be stacked (a layer kind this module does not vectorize)."""
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    """Whether ``x`` (4-D) is laid out channels-last and not also plainly contiguous (a tensor
+    with one channel or one pixel is both: the plain path serves it)."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and \
+        not x.is_contiguous()
+
+
+def to_groups(x: torch.Tensor, k: int) -> torch.Tensor:
+    """(K·B, C, ...) -> (B, K·C, ...): network i's channels become channels i·C .. (i+1)·C - 1,
+    so one grouped kernel (a convolution with K·groups, a batch norm) runs all K. A channels-last
+    input gives a channels-last result (one copy either way), so a convolution on CUDA keeps
+    its NHWC kernels."""
+    if k == 1:
+        return x
+    b = x.shape[0] // k
+    if _channels_last(x):
+        n, c, h, w = x.shape
+        return x.permute(0, 2, 3, 1).reshape(k, b, h, w, c).permute(1, 2, 3, 0, 4) \
+            .reshape(b, h, w, k * c).permute(0, 3, 1, 2)
+    return x.reshape(k, b, *x.shape[1:]).transpose(0, 1).reshape(b, -1, *x.shape[2:])
+
+
+def from_groups(y: torch.Tensor, k: int) -> torch.Tensor:
+    """The inverse of :func:`to_groups`: (B, K·C, ...) -> (K·B, C, ...), channels-last kept."""
+    if k == 1:
+        return y
+    b = y.shape[0]
+    if _channels_last(y):
+        _, kc, h, w = y.shape
+        return y.permute(0, 2, 3, 1).reshape(b, h, w, k, kc // k).permute(3, 0, 1, 2, 4) \
+            .reshape(k * b, h, w, kc // k).permute(0, 3, 1, 2)
+    return y.reshape(b, k, -1, *y.shape[2:]).transpose(0, 1).reshape(k * b, -1, *y.shape[2:])
+
+
+def channels_last(net: nn.Module) -> bool:
+    """Lay out the 2-D convolution weights of a stacked network channels-last (each network's
+    (out, in, kh, kw) slice, so that the grouped weight :class:`StackedConv` reshapes them into
+    is channels-last as a view); False when it has none (not convolutional: nothing to do).
+    For CUDA, where cuDNN's NHWC kernels are the fast ones (Tensor Cores under bf16); the values
+    are unchanged, and so is every tensor's shape."""
+    found = False
+    for m in net.modules():
+        w = getattr(m, "weight", None)
+        conv2d = isinstance(m, StackedConv) and m.conv is F.conv2d or isinstance(m, nn.Conv2d)
+        if not conv2d or not isinstance(w, torch.Tensor) or w.dim() not in (4, 5):
+            continue
+        with torch.no_grad():
+            w.data = w.data.contiguous(memory_format=torch.channels_last) if w.dim() == 4 \
+                else w.data.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+        found = True
+    return found
+
+
 class StackedLinear(nn.Module):
     """K ``nn.Linear`` of one shape: weight (K, out, in).
 
@@ -101,7 +154,7 @@ class StackedConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pad is not None:
             x = F.pad(x, self.pad[0], mode=self.pad[1])
-        k, spatial = self.k, x.shape[2:]
+        k = self.k
         b = x.shape[0] // k
         args = (self.stride, self.padding, self.dilation)
         if x.device.type == "cpu":  # unbind: see StackedLinear
@@ -110,11 +163,10 @@ class StackedConv(nn.Module):
             return torch.cat([self.conv(xi, w, bi, *args, self.groups) for xi, w, bi in
                               zip(xs, self.weight.unbind(0), biases, strict=True)])
         # (K·B, C, ...) -> (B, K·C, ...): network i's channels become groups i·g .. (i+1)·g - 1
-        xg = x.reshape(k, b, *x.shape[1:]).transpose(0, 1).reshape(b, -1, *spatial)
+        xg = to_groups(x, k)
         w = self.weight.reshape(-1, *self.weight.shape[2:])
         bias = self.bias.reshape(-1) if self.bias is not None else None
-        y = self.conv(xg, w, bias, *args, k * self.groups)
-        return y.reshape(b, k, -1, *y.shape[2:]).transpose(0, 1).reshape(k * b, -1, *y.shape[2:])
+        return from_groups(self.conv(xg, w, bias, *args, k * self.groups), k)
 
 
 class StackedBatchNorm(nn.Module):
@@ -159,15 +211,13 @@ class StackedBatchNorm(nn.Module):
         stats = not self.training or self.track
         batch_stats = self.training or not self.track
         if x.device.type != "cpu" and len(set(factors)) == 1:
-            b = x.shape[0] // k
-            xg = x.reshape(k, b, *x.shape[1:]).transpose(0, 1).reshape(b, -1, *x.shape[2:])
             y = F.batch_norm(
-                xg, self.running_mean.view(-1) if stats else None,
+                to_groups(x, k), self.running_mean.view(-1) if stats else None,
                 self.running_var.view(-1) if stats else None,
                 self.weight.reshape(-1) if self.weight is not None else None,
                 self.bias.reshape(-1) if self.bias is not None else None,
                 batch_stats, factors[0], self.eps)
-            return y.reshape(b, k, -1, *y.shape[2:]).transpose(0, 1).reshape(x.shape)
+            return from_groups(y, k)
         xs = x.reshape(k, -1, *x.shape[1:]).unbind(0)
         ws = self.weight.unbind(0) if self.weight is not None else [None] * k
         bs = self.bias.unbind(0) if self.bias is not None else [None] * k

@@ -27,6 +27,7 @@ from pytorch_lightning import Callback
 
 from l2lab.base import ConfigError
 from l2lab.config.schema import OWN_TRAINER_KEYS
+from l2lab.core.rules import effective_precision
 
 STRATEGIES = ("auto", "ddp")
 HANDOFF = "ddp_handoff.yaml"
@@ -68,11 +69,22 @@ def trainer_kwargs(cfg: DictConfig) -> dict:
     kw = OmegaConf.to_container(cfg.trainer, resolve=True)
     for key in OWN_TRAINER_KEYS:  # l2lab's own, not Lightning's
         kw.pop(key, None)
+    if "precision" in kw:
+        kw["precision"] = effective_precision(kw["precision"],
+                                              on_cuda(kw.get("accelerator", "auto")))
     if kw.get("strategy", "auto") in STRATEGIES:
         from pytorch_lightning.plugins.environments import LightningEnvironment
 
         kw["plugins"] = [LightningEnvironment()]
     return kw
+
+
+def on_cuda(accelerator: object) -> bool:
+    """Whether Lightning's ``accelerator`` setting trains on a CUDA device here (``auto`` and
+    ``gpu`` pick CUDA when torch sees one)."""
+    import torch
+
+    return str(accelerator) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
 
 
 def world_of(trainer) -> int:

@@ -208,7 +208,8 @@ def lightning_fit(cfg: DictConfig, module: L2Module, splits, recorder, seeds: Se
     trainer = pl.Trainer(**distributed.trainer_kwargs(cfg), logger=False, callbacks=callbacks,
                          default_root_dir=str(output_dir), enable_model_summary=False,
                          num_sanity_val_steps=0)
-    splits = splits.to(trainer.strategy.root_device)
+    splits = splits.to(trainer.strategy.root_device, image_layout(module, splits,
+                                                                  trainer.strategy.root_device))
     val_batch = val_batch_size(module.k)
     with distributed.ranks(cfg, trainer, output_dir, ckpt, tracker) as shard, \
             warnings.catch_warnings():
@@ -230,6 +231,20 @@ def lightning_fit(cfg: DictConfig, module: L2Module, splits, recorder, seeds: Se
         if splits.test is not None:
             trainer.test(module, dataloaders=TensorBatches(*splits.test, val_batch, **shard),
                          verbose=False)
+
+
+def image_layout(module: L2Module, splits, device: torch.device) -> torch.memory_format:
+    """Channels-last for image batches of a convolutional network on CUDA (cuDNN's NHWC kernels,
+    Tensor Cores under bf16): the stack's 2-D convolution weights are laid out so here, before
+    Lightning moves them (a move keeps the layout), and the data with them. Elsewhere (CPU,
+    sequences, no Conv2d) everything stays as it is, so CPU numbers never change."""
+    import torch
+
+    from l2lab.core.stacked import channels_last
+
+    if device.type == "cuda" and splits.train[0].dim() == 4 and channels_last(module.net):
+        return torch.channels_last
+    return torch.preserve_format
 
 
 def eval_train(cfg: DictConfig) -> bool:
