@@ -139,3 +139,43 @@ def test_a_width_stack_on_gpu_pads_with_zeros_that_stay_zero(tmp_path, store):
     assert all(isinstance(r, dict) for r in stacked)  # dropout: masks differ on CUDA
     for a, s in zip(alone, stacked, strict=True):
         assert s["weights/sq_norm_total"] == pytest.approx(a["weights/sq_norm_total"], rel=0.5)
+
+
+def test_width_children_checkpoint_at_their_own_width_and_resume_alone(tmp_path, store):
+    """Each child's ``last.ckpt`` is a stack of one at its own width (weights and optimizer
+    state): it continues alone (``resume``) exactly as its ordinary run trains on, and such
+    checkpoints of other widths merge into one padded stack's."""
+    from l2lab.base import last_checkpoint
+    from l2lab.core.stacked import merge_member_checkpoints
+
+    base = ["data.train_size=230", "data.val_size=60", "data.batch_size=50", "optimizer=sgd",
+            "optimizer.momentum=0.9", "regularization.lam=0.1", "seed=0"]
+    jobs = [["model.hidden=[8]"], ["model.hidden=[24]"]]
+    cfgs = [make_cfg(f"tracking.uri={store}", *base, *ov, "trainer.max_epochs=3", tiny=False)
+            for ov in jobs]
+    dirs = [tmp_path / f"stacked{i}" for i in range(len(jobs))]
+    assert all(isinstance(r, dict) for r in fit_configs(cfgs, jobs, dirs))
+    ckpts = [last_checkpoint(d) for d in dirs]
+    for ck, h in zip(ckpts, (8, 24), strict=True):
+        state = torch.load(ck, weights_only=True)
+        assert state["state_dict"]["net.fc1.weight"].shape == (1, h, 64)
+        assert state["state_dict"]["net.out.weight"].shape == (1, 10, h)
+        moments = [v["momentum_buffer"] for v in state["optimizer_states"][0]["state"].values()]
+        assert moments[0].shape == (1, h, 64)
+    merged = torch.load(merge_member_checkpoints(ckpts), weights_only=True)
+    w = merged["state_dict"]["net.fc1.weight"]
+    assert w.shape == (2, 24, 64)
+    narrow = torch.load(ckpts[0], weights_only=True)["state_dict"]["net.fc1.weight"][0]
+    assert torch.equal(w[0, :8], narrow) and not w[0, 8:].any()
+    # the narrow child resumed alone to 5 epochs == its ordinary 5-epoch run
+    client = MlflowClient(store)
+    by_dir = {r.data.tags["l2lab.output_dir"]: r for r in runs_of(client)}
+    rid = by_dir[str(dirs[0])].info.run_id
+    five = [*base, *jobs[0], "trainer.max_epochs=5"]
+    resumed = train(make_cfg(f"tracking.uri={store}", *five, f"resume={rid}", tiny=False),
+                    overrides=[f"resume={rid}", "trainer.max_epochs=5"],
+                    output_dir=tmp_path / "resumed")
+    ordinary = train(make_cfg(f"tracking.uri={store}", *five, tiny=False), overrides=five,
+                     output_dir=tmp_path / "ordinary")
+    assert resumed["val/ce"] == ordinary["val/ce"]
+    assert resumed["weights/sq_norm_total"] == ordinary["weights/sq_norm_total"]

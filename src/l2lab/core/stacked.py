@@ -697,11 +697,11 @@ def merge_member_checkpoints(paths: Sequence[Path | None]) -> Path | None:
 
     def joined(values: list):
         v = values[0]
-        return torch.cat(values) if torch.is_tensor(v) and v.dim() > 0 else v
+        return _padded([t[0] for t in values])[0] if torch.is_tensor(v) and v.dim() > 0 else v
 
     opt = first["optimizer_states"][0]
-    merged = {**first,
-              "state_dict": {n: torch.cat([c["state_dict"][n] for c in cks])
+    merged = {**first,  # runs of other widths: each padded to the widest with zeros
+              "state_dict": {n: joined([c["state_dict"][n] for c in cks])
                              for n in first["state_dict"]},
               "optimizer_states": [{
                   "param_groups": opt["param_groups"],
