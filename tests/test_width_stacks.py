@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_cfg, runs_of
+from conftest import make_cfg, run_cli, runs_of
 from mlflow.tracking import MlflowClient
 
 from l2lab.config.stackable import group_key, pads_exactly, width_stacks
@@ -179,3 +179,27 @@ def test_width_children_checkpoint_at_their_own_width_and_resume_alone(tmp_path,
                      output_dir=tmp_path / "ordinary")
     assert resumed["val/ce"] == ordinary["val/ce"]
     assert resumed["weights/sq_norm_total"] == ordinary["weights/sq_norm_total"]
+
+
+def test_a_width_sweep_through_the_vectorized_launcher_is_one_stack_and_reproduces(tmp_path):
+    """``model.hidden`` swept on the command line: the grouped sweeper composes one config, the
+    launcher trains the 6 jobs as one stack, each child logs its own width, and ``reproduce
+    --check`` of a narrow child (an ordinary run of its own config) agrees."""
+    from l2lab import reproduce
+
+    store = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    r = run_cli("l2lab.train", "-m", "hydra/launcher=vectorized", "hydra/sweeper=grouped",
+                "model.hidden=[8],[16],[24]", "regularization.lam=0,0.3", "data.train_size=120",
+                "data.val_size=60", "data.batch_size=40", "trainer.max_epochs=3",
+                f"tracking.uri={store}", f"hydra.sweep.dir={tmp_path}/multirun/w", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    client = MlflowClient(store)
+    kids = [c for c in runs_of(client) if c.data.tags.get("l2lab.role") != "sweep"]
+    assert len(kids) == 6 and all(c.info.status == "FINISHED" for c in kids)
+    assert len({c.data.tags["l2lab.vectorized_group"] for c in kids}) == 1
+    assert sorted(c.data.params["model.hidden"] for c in kids) == \
+        sorted(["[8]", "[16]", "[24]"] * 2)
+    narrow = next(c for c in kids if c.data.params["model.hidden"] == "[8]")
+    rc = reproduce.main([narrow.info.run_id, "--check", "--tracking-uri", store,
+                         "--out", str(tmp_path / "again")])
+    assert rc == 0
