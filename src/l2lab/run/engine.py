@@ -492,7 +492,7 @@ def _width_groups(jobs: Sequence[Job], members: Mapping[int, StackMember]) -> li
     """The jobs' stacks before ``max_models``: widths grouped by ``stackable.width_stacks`` (on
     CUDA, an activation with f(0) != 0 splits by width: ``stackable.pads_exactly``), widest
     stack first; in each, networks of equal optimizer settings side by side (one param group
-    per setting)."""
+    per setting), then widest first (so ``max_models`` cuts a stack at a change of width)."""
     import torch
 
     from l2lab.config.stackable import pads_exactly, width_stacks
@@ -503,8 +503,11 @@ def _width_groups(jobs: Sequence[Job], members: Mapping[int, StackMember]) -> li
     accel = str(shared.trainer.get("accelerator", "auto"))
     cuda = accel in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     exact = pads_exactly((jobs[0].tree.get("model") or {}).get("activation"), cuda)
-    groups = width_stacks([_shapes(members[id(j)].net) for j in jobs], exact)
-    return [sorted((jobs[i] for i in g), key=lambda j: optimizer_key(j.values)) for g in groups]
+    shapes = [_shapes(members[id(j)].net) for j in jobs]
+    work = {id(j): -sum(math.prod(s) for s in shape) for j, shape in zip(jobs, shapes,
+                                                                          strict=True)}
+    return [sorted((jobs[i] for i in g), key=lambda j: (optimizer_key(j.values), work[id(j)]))
+            for g in width_stacks(shapes, exact)]
 
 
 def _fit_stack(jobs: Sequence[Job], members: Mapping[int, StackMember], splits, writer,
