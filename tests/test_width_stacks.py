@@ -73,11 +73,18 @@ def _weights(client: MlflowClient, rid: str, tmp: Path) -> dict[str, torch.Tenso
 
 
 def _grid_equals_ordinary(tmp_path: Path, store: str, extra: list[str],
-                          jobs: list[list[str]]) -> None:
+                          jobs: list[list[str]], dying: list[list[str]] = ()) -> None:
+    """Each job alone and all in one stack (with ``dying``: jobs that diverge and leave it),
+    each child equal to its ordinary run."""
     cfgs = [make_cfg(f"tracking.uri={store}", *TINY, *extra, *ov, tiny=False) for ov in jobs]
     for i, (cfg, ov) in enumerate(zip(cfgs, jobs, strict=True)):
         train(cfg, overrides=ov, output_dir=tmp_path / f"ordinary{i}")
-    results = fit_configs(cfgs, jobs, [tmp_path / f"stacked{i}" for i in range(len(jobs))])
+    results = fit_configs(
+        cfgs + [make_cfg(f"tracking.uri={store}", *TINY, *extra, *ov, tiny=False)
+                for ov in dying], jobs + list(dying),
+        [tmp_path / f"stacked{i}" for i in range(len(jobs) + len(dying))])
+    assert all(not isinstance(r, dict) for r in results[len(jobs):]), results
+    results = results[:len(jobs)]
     assert all(isinstance(r, dict) for r in results), results
     client = MlflowClient(store)
     by_dir = {r.data.tags["l2lab.output_dir"]: r for r in runs_of(client)}
@@ -114,6 +121,27 @@ def test_cnn_channels_and_a_sigmoid_stack_on_cpu_each_child_its_ordinary_run(tmp
     _grid_equals_ordinary(tmp_path, store, [
         "model=cnn", "model.hidden=[8]", "model.activation=sigmoid", "optimizer=adam",
         "regularization.mode=optimizer", "trainer.gradient_clip_val=0.5"], jobs)
+
+
+def test_when_the_widest_network_leaves_a_width_stack_the_others_train_on_exactly(
+        tmp_path, store, monkeypatch):
+    """The 24-wide network diverges in its first epoch and leaves the stack: the stack is rebuilt
+    at the next widest (16), its weights and optimizer state cut to it, and the two that stay
+    still equal their ordinary runs."""
+    from l2lab.core.module import L2Module
+
+    removals = []
+    remove = L2Module.remove
+
+    def spy(self, positions):
+        removals.append((self.current_epoch, self.k))
+        remove(self, positions)
+
+    monkeypatch.setattr(L2Module, "remove", spy)
+    jobs = [[f"model.hidden=[{h}]", "regularization.lam=0.1", "seed=0"] for h in (8, 16)]
+    _grid_equals_ordinary(tmp_path, store, ["optimizer=sgd", "optimizer.momentum=0.9"], jobs,
+                          dying=[["model.hidden=[24]", "seed=0", "optimizer.lr=1e30"]])
+    assert removals == [(0, 3)]
 
 
 @pytest.mark.gpu
