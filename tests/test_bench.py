@@ -142,6 +142,21 @@ def test_bench_two_factor_times_one_stack_against_one_stack_per_lr(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_widths_times_one_padded_stack_against_one_stack_per_width(tmp_path):
+    """``bench --sweep --widths``: the λ × seed × width grid as one padded stack and as one
+    stack per width, whole processes; on CPU both train the same numbers."""
+    r = run_cli("l2lab.bench", "--sweep", "--widths", "--repeats", "1", "--",
+                "trainer.max_epochs=2", "data.train_size=60", "model.hidden=[8],[12]",
+                "regularization.lam=0,0.5", "seed=0,1", cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout)
+    assert result["settings"]["widths"] == "[8],[12]" and result["settings"]["jobs"] == 8
+    assert result["same_final_val_ce"] is True
+    assert len(result["final_val_ce"]) == 4  # 2 widths × 2 λ rows
+    assert "max_models=4" in result["sides"]["per_width"]
+
+
+@pytest.mark.slow
 def test_bench_dead_times_a_stack_with_diverged_networks_removed_and_kept(tmp_path):
     """``bench --dead``: the grid alone, with as many diverging jobs again (removed from the
     stack) and with them kept as zeros, whole processes; the healthy runs end with the same

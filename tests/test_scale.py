@@ -106,7 +106,8 @@ def test_a_member_is_its_derived_config_and_renders_its_documents():
                                         "model=cnn")
     batch = _batch("regularization.lam=0,1e-3,-1", "seed=0,3",
                    "+regularization.lam_per_layer.fc1=0,0.25", "optimizer.lr=0.1,0.01",
-                   "regularization.layers=[fc1],[fc1,out]", "model.hidden=[8],[16]")
+                   "regularization.layers=[fc1],[fc1,out]", "model.activation=relu,tanh",
+                   "model.hidden=[8],[16]")  # widths: member values (MLP, CNN)
     configs = SweepConfigs(loader)
     configs.validate(master, batch)
     templates: dict[int, tuple[YamlTemplate, YamlTemplate]] = {}
@@ -118,7 +119,7 @@ def test_a_member_is_its_derived_config_and_renders_its_documents():
             full.hydra.runtime.output_dir = f"/sweep/{num}"
         task = OmegaConf.to_container(task_config(full))
         assert set(member.values) == set(values_of(task)) and set(member.values) <= set(STACKED)
-        assert "optimizer.lr" in member.values and "model.dropout" in member.values
+        assert {"optimizer.lr", "model.dropout", "model.hidden"} <= set(member.values)
         own = OmegaConf.to_container(with_values(member.rep, member.values))
         own.pop("hydra")
         assert own == task and member.values["regularization.lam"] == full.regularization.lam

@@ -397,6 +397,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="with --sweep: the λ × seed grid crossed with learning rates "
                    "(optimizer.lr=a,b after --; default 0.01,0.05) as one stack against one "
                    "stack per lr, whole processes")
+    p.add_argument("--widths", action="store_true",
+                   help="with --sweep: the λ × seed grid crossed with MLP widths "
+                   "(model.hidden=[a,a],[b,b] after --; default [32,32],[64,64],[128,128]) as "
+                   "one padded stack against one stack per width, whole processes")
     p.add_argument("--dead", action="store_true",
                    help="instead: what networks that diverge cost their stack: the default "
                    "sweep alone, with as many diverging jobs again (removed from the stack), "
@@ -455,8 +459,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--widths needs integers >= 1 and --lams numbers >= 0")
     if args.per_job and not (5 <= args.per_job[0] < args.per_job[1]):
         p.error("--per-job M N needs 5 <= M < N (jobs are λ × 5 seeds)")
-    if args.two_factor and not args.sweep:
-        p.error("--two-factor goes with --sweep")
+    if (args.two_factor or args.widths) and not args.sweep:
+        p.error("--two-factor and --widths go with --sweep")
     if args.vs_run and min(args.vs_run) < 1:
         p.error("--vs-run LAMS SEEDS needs LAMS, SEEDS >= 1")
     args.repeats = args.repeats or (3 if args.sweep or args.dead
@@ -492,6 +496,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 from l2lab.bench_sweep import bench_per_job
 
                 result = bench_per_job(tuple(args.per_job), list(args.overrides), args.repeats)
+            elif args.sweep and args.widths:
+                from l2lab.bench_sweep import bench_widths
+
+                result = bench_widths(args.repeats, list(args.overrides))
             elif args.sweep and args.two_factor:
                 from l2lab.bench_sweep import bench_two_factor
 

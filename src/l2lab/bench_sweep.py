@@ -406,6 +406,48 @@ def bench_two_factor(repeats: int, overrides: list[str]) -> dict[str, Any]:
                     "load_avg_1m_at_end": os.getloadavg()[0]}}
 
 
+WIDTHS = "[32,32],[64,64],[128,128]"
+
+
+def bench_widths(repeats: int, overrides: list[str]) -> dict[str, Any]:
+    """The default sweep's λ × seed grid crossed with MLP widths (a ``model.hidden=[a,a],…``
+    override; default :data:`WIDTHS`), two whole ``python -m l2lab.train -m`` processes side by
+    side, interleaved: ``one_stack`` (the widths zero-padded to the widest in one stack, as the
+    2× rule, ``stackable.width_stacks``, allows for the default widths) and ``per_width``
+    (``hydra.launcher.max_models`` = the jobs of one width: a stack is sorted by width, so each
+    holds one width, the stacks a width sweep trained as before widths stacked). On CPU both
+    train the same numbers: each child equals its ordinary run."""
+    widths = next((o.partition("=")[2] for o in overrides if o.startswith("model.hidden=")),
+                  WIDTHS)
+    rest = [o for o in overrides if not o.startswith("model.hidden=")]
+    spec = _spec(rest)
+    per_width = len(spec["lams"]) * len(spec["seeds"])
+    n_widths = widths.count("[")
+    extra = {"one_stack": [], "per_width": [f"hydra.launcher.max_models={per_width}"]}
+
+    def command(side: str) -> Callable[[Path, str], list[str]]:
+        return lambda work, store: [
+            sys.executable, "-m", "l2lab.train", "-m", *spec["overrides"],
+            f"model.hidden={widths}", f"regularization.lam={','.join(map(str, spec['lams']))}",
+            f"seed={','.join(map(str, spec['seeds']))}", *extra[side],
+            f"hydra.sweep.dir={work}/multirun/s", f"tracking.uri={store}"]
+
+    times, finals = _interleaved("--sweep --widths", {s: command(s) for s in extra}, repeats)
+    med = {s: statistics.median(t) for s, t in times.items()}
+    return {"settings": {**spec, "widths": widths, "jobs": per_width * n_widths,
+                         "repeats": repeats, "overrides": overrides},
+            "sides": {"one_stack": f"python -m l2lab.train -m experiment=lambda_sweep with "
+                                   f"{n_widths} widths × {per_width} jobs: one padded stack",
+                      "per_width": f"the same with hydra.launcher.max_models={per_width}: "
+                                   f"{n_widths} stacks of {per_width}, one per width"},
+            "seconds": times, "median_s": med,
+            "ratio_per_width_over_one_stack": med["per_width"] / med["one_stack"],
+            "same_final_val_ce": finals["one_stack"] == finals["per_width"],
+            "final_val_ce": finals["one_stack"],
+            "env": {"python": sys.version.split()[0], "cpu_count": os.cpu_count(),
+                    "load_avg_1m_at_end": os.getloadavg()[0]}}
+
+
 # -- dead networks: what a stack pays for them ------------------------------------------------
 def _dying(n: int) -> list[float]:
     """n λ that diverge in the first epoch of the default sweep (1e8, 1e9, …)."""

@@ -2,8 +2,9 @@
 
 Jobs whose composed configs differ only in per-network settings (``stackable.STACKED``: seed,
 every ``regularization`` key, the optimizer's hyperparameters, ``model.dropout``, gradient
-clipping) train together, as one stack of K networks in one Lightning fit
-(``l2lab.run.engine.fit_variants``); every other job runs the ordinary way, in the same sweep.
+clipping, an MLP's or CNN's layer widths) train together, as stacks of K networks in one
+Lightning fit each (``l2lab.run.engine.fit_variants``; widths grouped by
+``stackable.width_stacks``); every other job runs the ordinary way, in the same sweep.
 Each job keeps its own output folder, ``.hydra/`` files, MLflow run and return value, so
 sweepers, callbacks and ``compare`` see an ordinary sweep.
 

@@ -12,12 +12,17 @@ own rows of the batch) and gradient clipping (each network by its own norm or
 value). The ``scheduler`` node has no per-network key: its kind and settings are part of the shape
 key, and each network follows the schedule from its own ``optimizer.lr``. The composer
 (``composing.SweepConfigs``), the launcher, the engine and the tests all read :data:`STACKED`.
+
+Widths (:data:`WIDTH_KEYS`) stack for the networks of :data:`WIDTH_MODELS` only, at one depth:
+each network is padded to the stack's widest (``stacked.StackedLinear``), and
+:func:`width_stacks` is the one rule of which widths share a stack.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -36,7 +41,7 @@ STACKED = (
     "regularization.mode", "regularization.l1_ratio",
     "optimizer.lr", "optimizer.momentum", "optimizer.dampening", "optimizer.nesterov",
     "optimizer.betas", "optimizer.eps", "optimizer.weight_decay", "optimizer.amsgrad",
-    "model.dropout", "data.augment",
+    "model.dropout", "data.augment", "model.hidden", "model.channels",
     "trainer.gradient_clip_val", "trainer.gradient_clip_algorithm",
 )
 #: Of those, the keys whose value is a dict set entry by entry (``+key.<name>=value``).
@@ -47,6 +52,18 @@ OPTIMIZER_KEYS = tuple(k for k in STACKED if k.startswith("optimizer."))
 #: Optimizers whose update is elementwise (so one instance over stacked tensors equals K).
 STACKABLE_OPTIMIZERS = ("torch.optim.SGD", "torch.optim.Adam", "torch.optim.AdamW")
 ANY = object()
+#: Layer widths: per network for :data:`WIDTH_MODELS` (the number of layers, the list's
+#: length, is shared); for any other network part of the shape key, as any setting.
+WIDTH_KEYS = ("model.hidden", "model.channels")
+#: Networks whose widths may differ in a stack: every tensor of theirs is a Linear's or a
+#: convolution's (``groups=1``), which pad to the widest with zeros.
+WIDTH_MODELS = ("l2lab.models.MLP", "l2lab.models.CNN")
+#: Activations with f(0) = 0: a zero-padded unit stays exactly zero through them, so the padded
+#: batched kernels (CUDA) compute each network's own numbers. Any other activation stacks
+#: widths on CPU only, where each network computes at its own width.
+ZERO_AT_ZERO = ("relu", "tanh", "gelu")
+#: A stack's padded work (K networks at its widest) may be at most this many times its real work.
+PADDING_LIMIT = 2.0
 #: Trainer settings proven to act per network in a stack (``tests/test_engine.py``), with the
 #: values allowed; any other setting or value makes the job train alone (a stack of one). For
 #: example 16-bit precision would share one GradScaler: one overflow would skip every network's
@@ -91,11 +108,17 @@ def shape_key(tree: dict) -> str | None:
 
 def _blank(tree: Mapping[str, Any]) -> dict[str, Any]:
     out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in tree.items()}
+    widths = (out.get("model") or {}).get("_target_") in WIDTH_MODELS
     for key in STACKED:
         parent, _, leaf = key.rpartition(".")
         node = out.get(parent) if parent else out
-        if isinstance(node, dict) and leaf in node:
+        if not (isinstance(node, dict) and leaf in node):
+            continue
+        if key not in WIDTH_KEYS:
             node[leaf] = _MARK
+        elif widths:  # the depth stays in the key: only widths stack
+            value = node[leaf]
+            node[leaf] = f"{_MARK}x{len(value)}" if isinstance(value, list) else value
     return out
 
 
@@ -139,3 +162,43 @@ def member_lams(values: Mapping[str, Any]) -> dict[str, Any]:
 def optimizer_key(values: Mapping[str, Any]) -> str:
     """Members with equal keys share one optimizer param group (sorted together in a stack)."""
     return json.dumps({k: values.get(k) for k in OPTIMIZER_KEYS}, sort_keys=True, default=str)
+
+
+def width_stacks(shapes: Sequence[Sequence[Sequence[int]]], pads_exactly: bool = True,
+                 limit: float = PADDING_LIMIT) -> list[list[int]]:
+    """Which jobs (by position) train together, given each job's weight shapes (one tuple per
+    Linear or convolution, in the network's order; all jobs of one depth): jobs of a stack's
+    widest shape always join it; jobs of other widths share one while its padded work, K networks at
+    the elementwise widest shape, stays within ``limit`` × its real work Σ_k work_k (work: Σ
+    over layers of the weight's size, in × out × kernel). Widest first, each job joins the
+    current stack or opens the next. ``pads_exactly`` False (the padded kernels of CUDA with an
+    activation where f(0) ≠ 0: :func:`pads_exactly`): one stack per shape."""
+    def work(shape: Sequence[Sequence[int]]) -> int:
+        return sum(math.prod(s) for s in shape)
+
+    keyed = [tuple(tuple(int(d) for d in s) for s in shape) for shape in shapes]
+    order = sorted(range(len(keyed)), key=lambda i: (-work(keyed[i]), keyed[i]))
+    stacks: list[list[int]] = []
+    widest: list[tuple[int, ...]] = []
+    real = 0
+    for i in order:
+        shape = keyed[i]
+        if stacks and keyed[stacks[-1][0]] == shape:  # the stack's widest: no padding
+            stacks[-1].append(i)
+            real += work(shape)
+            continue
+        if stacks and pads_exactly and len(shape) == len(widest):
+            padded = [tuple(map(max, a, b)) for a, b in zip(widest, shape, strict=True)]
+            if (len(stacks[-1]) + 1) * work(padded) <= limit * (real + work(shape)):
+                stacks[-1].append(i)
+                widest, real = padded, real + work(shape)
+                continue
+        stacks.append([i])
+        widest, real = list(shape), work(shape)
+    return [sorted(s) for s in stacks]
+
+
+def pads_exactly(activation: Any, cuda: bool) -> bool:
+    """Whether networks of other widths may share a stack: on CPU always (each computes at its
+    own width), on CUDA when the activation keeps padded units at zero (:data:`ZERO_AT_ZERO`)."""
+    return not cuda or activation in ZERO_AT_ZERO

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from l2lab.core.regularization import Penalty, added
+from l2lab.core.regularization import NETWORK_SHAPES, Penalty, added, network_views
 from l2lab.core.schedules import MakeScheduler, NetworkSchedulers
 
 #: (trainer, optimizer, schedulers or None): give a running fit another optimizer and its
@@ -230,13 +230,15 @@ class L2Module(pl.LightningModule):
         precedes ``optimizer.step`` and the step adds weight decay."""
         clips = self.clips or [(gradient_clip_val, gradient_clip_algorithm)] * self.k
         if any(v for v, _ in clips):
-            grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+            params = [p for p in self.net.parameters() if p.grad is not None]
+            grads = [p.grad for p in params]
             by_value = [float(v) if v and a == "value" else None for v, a in clips]
             by_norm = [float(v) if v and (a or "norm") == "norm" else None for v, a in clips]
             if any(v is not None for v in by_value):
                 clip_values_per_network(grads, by_value)
             if any(v is not None for v in by_norm):
-                clip_per_network(grads, self.k, by_norm)
+                clip_per_network(grads, self.k, by_norm,
+                                 [getattr(p, NETWORK_SHAPES, None) for p in params])
         if self._opt_lams is not None:
             self._decay(optimizer)
 
@@ -344,8 +346,9 @@ class L2Module(pl.LightningModule):
         self.restack = smaller.restack  # positions in the smaller stack from now on
         self.slots = [self.slots[p] for p in keep]
         optimizer = self.make_optimizer(self.net)
+        shapes = [p.shape for p in self.net.parameters()]  # a narrower widest: cut to it
         optimizer.load_state_dict({
-            "state": {p: {key: networks_at(v, keep) for key, v in st.items()}
+            "state": {p: {key: networks_at(v, keep, shapes[p]) for key, v in st.items()}
                       for p, st in state.items()},
             "param_groups": optimizer.state_dict()["param_groups"]})
         schedulers = None
@@ -390,16 +393,21 @@ class L2Module(pl.LightningModule):
 
 
 def clip_per_network(grads: Sequence[torch.Tensor], k: int,
-                     max_norm: float | Sequence[float | None]) -> None:
+                     max_norm: float | Sequence[float | None],
+                     shapes: Sequence[Sequence[Sequence[int]] | None] | None = None) -> None:
     """``torch.nn.utils.clip_grad_norm_`` for each of K stacked networks on its own: network i's
     total norm is the 2-norm of its per-tensor norms, and its gradients are scaled by
     min(1, max_norm_i / (norm + 1e-6)), exactly as torch computes it for one network. A network
-    whose ``max_norm`` is None is left as it is (scaled by exactly 1.0)."""
+    whose ``max_norm`` is None is left as it is (scaled by exactly 1.0). ``shapes``: per
+    gradient, each network's own shape where a stack pads other widths (on CPU each norm is
+    taken at its network's own width: ``regularization.network_views``)."""
     if not grads:
         return
     if grads[0].device.type == "cpu":  # one norm per network: independent of K (see _sq)
-        norms = torch.stack([torch.stack([torch.linalg.vector_norm(g[i], 2) for i in range(k)])
-                             for g in grads])
+        shapes = shapes or [None] * len(grads)
+        norms = torch.stack([torch.stack([torch.linalg.vector_norm(v, 2)
+                                          for v in network_views(g, s)])
+                             for g, s in zip(grads, shapes, strict=True)])
     else:
         norms = torch.stack([torch.linalg.vector_norm(g.reshape(k, -1), 2, dim=1)
                              for g in grads])
@@ -536,11 +544,18 @@ def network_lrs(optimizer: torch.optim.Optimizer, k: int) -> list[float]:
     return [float(optimizer.param_groups[0]["lr"])] * k
 
 
-def networks_at(v, positions: Sequence[int]):
+def networks_at(v, positions: Sequence[int], shape: Sequence[int] | None = None):
     """The networks at ``positions`` of a stacked value (tensors with one row per network on
-    dim 0), copied; a 0-d tensor (an optimizer's step count) copied whole, anything else as is."""
+    dim 0), copied; a 0-d tensor (an optimizer's step count) copied whole, anything else as is.
+    ``shape``: the stacked tensor it goes into, when that one may be narrower (networks of other
+    widths, padded to the widest: what is cut off is padding, zeros)."""
     if torch.is_tensor(v):
-        return v[list(positions)] if v.dim() > 0 else v.clone()
+        if v.dim() == 0:
+            return v.clone()
+        out = v[list(positions)]
+        if shape is not None and len(shape) == v.dim() and tuple(shape[1:]) != tuple(v.shape[1:]):
+            out = out[(slice(None), *(slice(0, n) for n in shape[1:]))].contiguous()
+        return out
     return v
 
 

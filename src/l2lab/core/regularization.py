@@ -180,6 +180,23 @@ def compact_names(names: Iterable[str], width: int = 8) -> str:
     return ", ".join(entries[:width * 4]) + (f", and {more} more" if more > 0 else "")
 
 
+#: The attribute of a stacked parameter that lists each network's own shape, where a stack pads
+#: networks of other widths to its widest (``stacked.StackedLinear``); absent: one shape.
+NETWORK_SHAPES = "l2lab_network_shapes"
+
+
+def network_views(t: torch.Tensor, shapes: Sequence[Sequence[int]] | None) -> list[torch.Tensor]:
+    """Each network's own tensor of a stacked ``t`` (``shapes``: :data:`NETWORK_SHAPES`): row i,
+    cut to network i's shape where it is narrower than the stack, and then contiguous: a sum
+    over a strided slice, or over zeros between the numbers, adds in another order than over the
+    ordinary run's tensor, and network i's numbers must be its ordinary run's."""
+    rows = t.unbind(0)
+    if shapes is None:
+        return list(rows)
+    return [r if tuple(r.shape) == tuple(s) else r[tuple(slice(0, n) for n in s)].contiguous()
+            for r, s in zip(rows, shapes, strict=True)]
+
+
 def _squares(t: torch.Tensor) -> torch.Tensor:
     return t.pow(2)
 
@@ -325,8 +342,9 @@ class Penalty(nn.Module, ABC):
         network i's value must not depend on how many networks share the stack)."""
         if not self.stacked:
             return elementwise(p).sum()
-        if p.device.type == "cpu":
-            return torch.stack([elementwise(w).sum() for w in p.unbind(0)])  # O(K) backward
+        if p.device.type == "cpu":  # unbind: an O(K) backward; each at its own width
+            return torch.stack([elementwise(w).sum()
+                                for w in network_views(p, getattr(p, NETWORK_SHAPES, None))])
         return elementwise(p).flatten(1).sum(1)
 
     def layer_sums(self, elementwise: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -352,7 +370,8 @@ class Penalty(nn.Module, ABC):
     def weight_sq_norms(self) -> dict[str, torch.Tensor]:
         """||W_l||_F² of each selected layer's weight alone (the logged ``weights/sq_norm/*``,
         whatever the penalty)."""
-        return {s.name: self._sum(s.weight.detach(), _squares) for s in self.selected}
+        with torch.no_grad():  # not detach(): the weight's network shapes are its attribute
+            return {s.name: self._sum(s.weight, _squares) for s in self.selected}
 
     def weighted(self, norms: torch.Tensor, lams: torch.Tensor, batch_size: int) -> torch.Tensor:
         """Σ_l λ_l·norm_l / n per network: the note's (λ/n)Σ over the selected layers."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import types
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from torch import nn
 
 from l2lab.core.module import L2Module, ReplaceOptimizer, SegmentedOptimizer, networks_at
 from l2lab.core.networks import followed_by_norm
-from l2lab.core.regularization import Penalty, SelectedLayer
+from l2lab.core.regularization import NETWORK_SHAPES, Penalty, SelectedLayer
 from l2lab.core.schedules import MakeScheduler
 
 
@@ -92,25 +92,99 @@ def channels_last(net: nn.Module) -> bool:
     return found
 
 
+class Widths:
+    """The widths of a stack whose networks differ in width, as its forward goes: each padded
+    layer (Linear, convolution) notes its networks' own output widths on dim 1 and the padded
+    one; a dropout after it draws each network's mask at that network's own width. One per
+    stacked network; ``current`` None: the last layer ran at one width."""
+
+    def __init__(self) -> None:
+        self.current: tuple[list[int], int] | None = None
+
+
+def _padded(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, ...]] | None]:
+    """(the K tensors stacked, zero-padded at the end of each dim to the widest; each one's own
+    shape, or None when they all have one shape)."""
+    shapes = [tuple(t.shape) for t in tensors]
+    if len(set(shapes)) == 1:
+        return torch.stack([t.detach() for t in tensors]), None
+    if len({len(s) for s in shapes}) != 1:
+        raise NotStackable(f"its layers differ in rank: {sorted(set(shapes))}")
+    widest = tuple(map(max, *shapes)) if len(shapes) > 1 else shapes[0]
+    out = tensors[0].new_zeros((len(tensors), *widest))
+    for row, t in zip(out, tensors, strict=True):
+        row[tuple(slice(0, n) for n in t.shape)] = t.detach()
+    return out, shapes
+
+
+def _stacked_parameter(tensors: Sequence[torch.Tensor]) -> nn.Parameter:
+    """A stacked parameter; where the networks differ in width, padded with zeros, each
+    network's own shape kept on it (``regularization.NETWORK_SHAPES``: what the penalty, the
+    logged norms and gradient clipping read at each network's own width)."""
+    data, shapes = _padded(tensors)
+    p = nn.Parameter(data)
+    if shapes is not None:
+        setattr(p, NETWORK_SHAPES, shapes)
+    return p
+
+
+def _own(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """One network's row of a padded stacked tensor, at that network's own shape (contiguous, as
+    its ordinary run's tensor: the CPU kernels' order of operations follows the layout)."""
+    if tuple(t.shape) == tuple(shape):
+        return t
+    return t[tuple(slice(0, n) for n in shape)].contiguous()
+
+
+def _cut_channels(x: torch.Tensor, n: int) -> torch.Tensor:
+    """A network's input at its own width: its first ``n`` features (dim 1)."""
+    return x if x.shape[1] == n else x[:, :n].contiguous()
+
+
+def _pad_channels(y: torch.Tensor, n: int) -> torch.Tensor:
+    """A network's output padded with zeros to the stack's width ``n`` (dim 1)."""
+    if y.shape[1] == n:
+        return y
+    return torch.cat([y, y.new_zeros((y.shape[0], n - y.shape[1], *y.shape[2:]))], 1)
+
+
 class StackedLinear(nn.Module):
-    """K ``nn.Linear`` of one shape: weight (K, out, in).
+    """K ``nn.Linear``: weight (K, out, in).
 
     On CUDA one batched matmul runs them all. On CPU each network's rows go through its own
     ``F.linear``: the CPU kernels choose their blocking and threading by the problem's size, so a
     batched matmul over K networks may round differently from the same network in a stack of
     one; a matmul per network is the same computation whatever K is.
+
+    Networks of other widths (``widths``) are zero-padded to the widest: on CPU each computes at
+    its own width (its first ``in_k`` input features, its own weight, its output padded with
+    zeros), its ordinary run's computation; on CUDA the batched matmul runs over the padded
+    tensors, where a padded unit stays exactly zero when the activation has f(0) = 0
+    (``stackable.pads_exactly``).
     """
 
-    def __init__(self, layers: Sequence[nn.Linear]) -> None:
+    def __init__(self, layers: Sequence[nn.Linear], widths: Widths | None = None) -> None:
         super().__init__()
         self.k = len(layers)
-        self.weight = nn.Parameter(torch.stack([m.weight.detach() for m in layers]))
+        self.weight = _stacked_parameter([m.weight for m in layers])
         has_bias = layers[0].bias is not None
-        self.bias = nn.Parameter(torch.stack([m.bias.detach() for m in layers])) \
-            if has_bias else None
+        self.bias = _stacked_parameter([m.bias for m in layers]) if has_bias else None
+        self.shapes = getattr(self.weight, NETWORK_SHAPES, None)
+        self.widths = widths
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.widths is not None:
+            self.widths.current = None if self.shapes is None else \
+                ([o for o, _ in self.shapes], self.weight.shape[1])
         x = x.reshape(self.k, -1, x.shape[-1])
+        if x.device.type == "cpu" and self.shapes is not None:
+            out = self.weight.shape[1]
+            biases = self.bias.unbind(0) if self.bias is not None else [None] * self.k
+            return torch.cat([
+                _pad_channels(F.linear(_cut_channels(xi, i), _own(w, (o, i)),
+                                       None if b is None else _own(b, (o,))), out)
+                for xi, w, b, (o, i) in zip(x.unbind(0), self.weight.unbind(0), biases,
+                                            self.shapes, strict=True)])
         if x.device.type == "cpu":  # unbind, not [i]: its backward is one stack, where K
             # selects would each scatter into a zero tensor of all K networks (O(K²))
             biases = self.bias.unbind(0) if self.bias is not None else [None] * self.k
@@ -129,11 +203,14 @@ class StackedConv(nn.Module):
     through its own convolution: the grouped kernel's weight gradient sums in another order, and
     training that amplifies rounding (Adam at a high learning rate) then drifts from the ordinary
     run by more than the promised rel 1e-4; a convolution per slice is the ordinary run's exactly.
+    Networks of other channel counts pad as :class:`StackedLinear` (``groups=1`` only).
     """
 
-    def __init__(self, layers: Sequence[nn.Conv1d | nn.Conv2d]) -> None:
+    def __init__(self, layers: Sequence[nn.Conv1d | nn.Conv2d], widths: Widths | None = None
+                 ) -> None:
         super().__init__()
         first = layers[0]
+        self.widths = widths
         self.k = len(layers)
         self.conv = F.conv1d if isinstance(first, nn.Conv1d) else F.conv2d
         self.stride, self.dilation, self.groups = first.stride, first.dilation, first.groups
@@ -147,16 +224,31 @@ class StackedConv(nn.Module):
                  for d, k in zip(first.dilation, first.kernel_size, strict=True)]
             self.pad = ([side for pair in reversed(sizes) for side in pair], first.padding_mode)
             self.padding = 0
-        self.weight = nn.Parameter(torch.stack([m.weight.detach() for m in layers]))
-        self.bias = nn.Parameter(torch.stack([m.bias.detach() for m in layers])) \
+        self.weight = _stacked_parameter([m.weight for m in layers])
+        self.bias = _stacked_parameter([m.bias for m in layers]) \
             if first.bias is not None else None
+        self.shapes = getattr(self.weight, NETWORK_SHAPES, None)
+        if self.shapes is not None and first.groups != 1:
+            raise NotStackable("grouped convolutions of other widths")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.widths is not None:
+            self.widths.current = None if self.shapes is None else \
+                ([s[0] for s in self.shapes], self.weight.shape[1])
         if self.pad is not None:
             x = F.pad(x, self.pad[0], mode=self.pad[1])
         k = self.k
         b = x.shape[0] // k
         args = (self.stride, self.padding, self.dilation)
+        if x.device.type == "cpu" and self.shapes is not None:  # each at its own width
+            xs = x.reshape(k, b, *x.shape[1:]).unbind(0)
+            biases = self.bias.unbind(0) if self.bias is not None else [None] * k
+            return torch.cat([
+                _pad_channels(self.conv(_cut_channels(xi, s[1]), _own(w, s),
+                                        None if bi is None else _own(bi, s[:1]), *args,
+                                        self.groups), self.weight.shape[1])
+                for xi, w, bi, s in zip(xs, self.weight.unbind(0), biases, self.shapes,
+                                        strict=True)])
         if x.device.type == "cpu":  # unbind: see StackedLinear
             xs = x.reshape(k, b, *x.shape[1:]).unbind(0)
             biases = self.bias.unbind(0) if self.bias is not None else [None] * k
@@ -316,9 +408,11 @@ class StackedDropout(nn.Module):
     differ (statistically the same), as GPU runs differ in rounding anyway.
     """
 
-    def __init__(self, p: float | Sequence[float], generators: Sequence[torch.Generator]) -> None:
+    def __init__(self, p: float | Sequence[float], generators: Sequence[torch.Generator],
+                 widths: Widths | None = None) -> None:
         super().__init__()
         self.generators = list(generators)
+        self.widths = widths  # networks of other widths: each mask at its network's width
         ps = [float(p)] * len(self.generators) if isinstance(p, int | float) else \
             [float(v) for v in p]
         self.ps = ps
@@ -335,6 +429,8 @@ class StackedDropout(nn.Module):
         if not self.training or self.p == 0.0:
             return x
         k = len(self.generators)
+        if self.widths is not None and self.widths.current is not None:
+            return x * self._own_masks(x)
         mask = torch.empty_like(x).reshape(k, -1, *x.shape[1:])
         if self.p is not None:
             for i in range(k):
@@ -347,22 +443,49 @@ class StackedDropout(nn.Module):
                 mask[i].bernoulli_(1.0 - p, generator=self._generator(i, x.device)).div_(1.0 - p)
         return x * mask.reshape(x.shape)
 
+    def _own_masks(self, x: torch.Tensor) -> torch.Tensor:
+        """Each network's mask drawn at its own width (the layer before it ran padded), as its
+        ordinary run draws it, then padded with zeros (a padded unit is zero, or on CPU, where
+        each layer reads only its network's own features, not read)."""
+        own, padded = self.widths.current  # type: ignore[union-attr]
+        if x.shape[1] != padded:
+            raise NotStackable("a dropout whose input is not the padded layer's output before "
+                               "it (networks of other widths)")
+        k = len(self.generators)
+        rows = x.shape[0] // k
+        masks = []
+        for i, (p, n) in enumerate(zip(self.ps, own, strict=True)):
+            m = x.new_empty((rows, n, *x.shape[2:]))
+            if p == 0.0:
+                m.fill_(1.0)
+            else:
+                m.bernoulli_(1.0 - p, generator=self._generator(i, x.device)).div_(1.0 - p)
+            masks.append(_pad_channels(m, padded))
+        return torch.cat(masks)
+
 
 def _stacked_leaf(module: nn.Module, members: list[nn.Module],
-                  generators: Sequence[torch.Generator]) -> nn.Module | None:
-    """The stacked twin of a layer kind this module vectorizes (None: not one of them)."""
+                  generators: Sequence[torch.Generator], widths: Widths | None = None
+                  ) -> nn.Module | None:
+    """The stacked twin of a layer kind this module vectorizes (None: not one of them).
+    ``widths``: the networks differ in width (only Linear and convolution layers may)."""
     if isinstance(module, nn.Linear):
-        return StackedLinear(members)
+        return StackedLinear(members, widths)
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        return StackedConv(members)
+        return StackedConv(members, widths)
+    if type(module) is nn.Dropout:
+        return StackedDropout([m.p for m in members], generators, widths)
+    shapes = {tuple(tuple(t.shape) for t in [*m.parameters(recurse=False),
+                                              *m.buffers(recurse=False)]) for m in members}
+    if len(shapes) > 1:
+        raise NotStackable(f"its {type(module).__name__} layers differ in width (only Linear "
+                           "and convolution layers stack at other widths)")
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
         return StackedBatchNorm(members)
     if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
         return StackedAffineNorm(members)
     if isinstance(module, nn.Embedding):
         return StackedEmbedding(members)
-    if type(module) is nn.Dropout:
-        return StackedDropout([m.p for m in members], generators)
     return None
 
 
@@ -380,11 +503,13 @@ def stack_networks(nets: Sequence[nn.Module], generators: Sequence[torch.Generat
     first = nets[0]
     stacked = copy.deepcopy(first)
     done: list[str] = []  # modules made a stack of one, with their children
+    shapes = {tuple(tuple(t.shape) for t in n.state_dict().values()) for n in nets}
+    widths = Widths() if len(shapes) > 1 else None  # networks of other widths
     for name, module in first.named_modules():
         if any(name.startswith(f"{d}.") for d in done):
             continue
         members = [n.get_submodule(name) for n in nets] if name else list(nets)
-        twin = _stacked_leaf(module, members, generators) if name else None
+        twin = _stacked_leaf(module, members, generators, widths) if name else None
         if twin is not None:
             parent_name, _, attr = name.rpartition(".")
             setattr(stacked.get_submodule(parent_name) if parent_name else stacked, attr, twin)
@@ -450,10 +575,13 @@ def check_stack(nets: Sequence[nn.Module], stacked: nn.Module,
             net.train(mode)
 
 
-def network_weights(stacked_state: dict[str, torch.Tensor], pos: int) -> dict[str, torch.Tensor]:
+def network_weights(stacked_state: dict[str, torch.Tensor], pos: int,
+                    shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, torch.Tensor]:
     """The state dict of the network at stack position ``pos`` (ordinary layer names and
-    shapes), copied out of the stack."""
-    return {name: v[pos].clone() for name, v in stacked_state.items()}
+    shapes), copied out of the stack; ``shapes``: its own shape per tensor, where the stack pads
+    networks of other widths (the padding, zeros, is cut off)."""
+    return {name: _own(v[pos], shapes[name]).clone() if shapes else v[pos].clone()
+            for name, v in stacked_state.items()}
 
 
 # -- building a stack from the ordinary pieces -------------------------------------------------
@@ -530,7 +658,8 @@ def stack_members(members: Sequence[StackMember], optimizer_class: type[torch.op
                                 replace_optimizer, make_scheduler=make_scheduler,
                                 interval=interval)
         smaller.to(next(stacked.parameters()).device)
-        smaller.net.load_state_dict({name: networks_at(t, positions)
+        into = smaller.net.state_dict()  # its widest may be narrower: cut to it
+        smaller.net.load_state_dict({name: networks_at(t, positions, into[name].shape)
                                      for name, t in stacked.state_dict().items()})
         for old, new in zip(stacked.modules(), smaller.net.modules(), strict=True):
             if isinstance(old, StackedDropout):  # each stream goes on where it stands
@@ -550,7 +679,8 @@ def unstack_into(module: L2Module, nets: Sequence[nn.Module]) -> None:
     left the stack keeps what it had)."""
     state = module.net.state_dict()
     for pos, i in enumerate(module.slots):
-        nets[i].load_state_dict(network_weights(state, pos))
+        own = {name: t.shape for name, t in nets[i].state_dict().items()}
+        nets[i].load_state_dict(network_weights(state, pos, own))
 
 
 def val_batch_size(k: int, rows: int = 65536) -> int:
@@ -617,11 +747,11 @@ def merge_member_checkpoints(paths: Sequence[Path | None]) -> Path | None:
 
     def joined(values: list):
         v = values[0]
-        return torch.cat(values) if torch.is_tensor(v) and v.dim() > 0 else v
+        return _padded([t[0] for t in values])[0] if torch.is_tensor(v) and v.dim() > 0 else v
 
     opt = first["optimizer_states"][0]
-    merged = {**first,
-              "state_dict": {n: torch.cat([c["state_dict"][n] for c in cks])
+    merged = {**first,  # runs of other widths: each padded to the widest with zeros
+              "state_dict": {n: joined([c["state_dict"][n] for c in cks])
                              for n in first["state_dict"]},
               "optimizer_states": [{
                   "param_groups": opt["param_groups"],

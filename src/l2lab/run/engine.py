@@ -11,6 +11,7 @@ ends every unfinished run KILLED, and nothing already logged is lost.
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 import warnings
@@ -444,28 +445,32 @@ def fit_jobs(jobs: Sequence[Job], *, sweep: Mapping | None = None,
                     fail(job, e)
                 live = []
             members: dict[int, StackMember] = {}
-            factories: dict[int, Callable] = {}  # per stack config that built: its factory
+            factories: dict[tuple, Callable] = {}  # per stack config and widths: its factory
+            checked: set[int] = set()  # stack configs whose optimizer was checked
             for job in live:
                 try:
-                    make = factories.get(id(job.shared)) or net_factory(job.shared)
+                    key = (id(job.shared), _widths(job.values))
+                    make = factories.get(key) or net_factory(
+                        job.cfg if key[1] != "{}" else job.shared)
                     members[id(job)] = build_member(
                         job.shared, splits, job.tree,
-                        check_optimizer=id(job.shared) not in factories, make_net=make)
-                    factories[id(job.shared)] = make
+                        check_optimizer=id(job.shared) not in checked, make_net=make)
+                    factories[key] = make
+                    checked.add(id(job.shared))
                 except ConfigError as e:
                     fail(job, e)
-            # networks of equal optimizer settings side by side: one param group per setting
-            ready = sorted((j for j in live if id(j) in members),
-                           key=lambda j: optimizer_key(j.values))
-            if ready and not max_models:
+            built = [j for j in live if id(j) in members]
+            if built and not max_models:
                 from l2lab.core.stacked import default_max_models
 
-                max_models = default_max_models(members[id(ready[0])].net, splits, ready[0].shared)
+                widest = max(built, key=lambda j: _work(members[id(j)].net))
+                max_models = default_max_models(members[id(widest)].net, splits, widest.shared)
             size = max(1, max_models or 1)
-            stacks = -(-len(ready) // size)
-            for start in range(0, len(ready), size):
-                chunk = ready[start:start + size]
-                name = f"stack {start // size + 1}/{stacks}" if vectorized else label
+            chunks = [group[start:start + size] for group in _width_groups(built, members)
+                      for start in range(0, len(group), size)]
+            stacks = len(chunks)
+            for s, chunk in enumerate(chunks):
+                name = f"stack {s + 1}/{stacks}" if vectorized else label
                 try:
                     _fit_stack(chunk, members, splits, writer, vectorized, echo, name)
                 except NotStackable as e:  # raised before it trains: the jobs go one by one
@@ -474,7 +479,7 @@ def fit_jobs(jobs: Sequence[Job], *, sweep: Mapping | None = None,
                     for i, job in enumerate(chunk):
                         _fit_stack([job], members, splits, writer, vectorized, echo,
                                    f"{name}, job {i + 1}/{len(chunk)}")
-            done = [j for j in ready if isinstance(j.result, dict)]
+            done = [j for j in built if isinstance(j.result, dict)]
             for job in done:
                 save_weights(writer, job, members[id(job)].net)
             finish(writer, [(j, "FINISHED", None) for j in done])
@@ -492,6 +497,47 @@ def fit_jobs(jobs: Sequence[Job], *, sweep: Mapping | None = None,
                     job.result = e
                 finish(writer, [(j, "FAILED", tr.one_line(e)) for j in opened])
             raise
+
+
+def _widths(values: Mapping[str, Any]) -> str:
+    """A job's own layer widths (``stackable.WIDTH_KEYS``) that it sets: its network's key."""
+    from l2lab.config.stackable import WIDTH_KEYS
+
+    return json.dumps({k: values[k] for k in WIDTH_KEYS if k in values}, sort_keys=True)
+
+
+def _shapes(net: torch.nn.Module) -> list[tuple[int, ...]]:
+    """The weight shapes of a network's Linear and convolution layers, in order."""
+    import torch
+
+    kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
+    return [tuple(m.weight.shape) for m in net.modules() if isinstance(m, kinds)]
+
+
+def _work(net: torch.nn.Module) -> int:
+    return sum(math.prod(s) for s in _shapes(net))
+
+
+def _width_groups(jobs: Sequence[Job], members: Mapping[int, StackMember]) -> list[list[Job]]:
+    """The jobs' stacks before ``max_models``: widths grouped by ``stackable.width_stacks`` (on
+    CUDA, an activation with f(0) != 0 splits by width: ``stackable.pads_exactly``), widest
+    stack first; in each, networks of equal optimizer settings side by side (one param group
+    per setting), then widest first (so ``max_models`` cuts a stack at a change of width)."""
+    import torch
+
+    from l2lab.config.stackable import pads_exactly, width_stacks
+
+    if not jobs:
+        return []
+    shared = jobs[0].shared
+    accel = str(shared.trainer.get("accelerator", "auto"))
+    cuda = accel in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    exact = pads_exactly((jobs[0].tree.get("model") or {}).get("activation"), cuda)
+    shapes = [_shapes(members[id(j)].net) for j in jobs]
+    work = {id(j): -sum(math.prod(s) for s in shape) for j, shape in zip(jobs, shapes,
+                                                                          strict=True)}
+    return [sorted((jobs[i] for i in g), key=lambda j: (optimizer_key(j.values), work[id(j)]))
+            for g in width_stacks(shapes, exact)]
 
 
 def _fit_stack(jobs: Sequence[Job], members: Mapping[int, StackMember], splits, writer,
