@@ -144,6 +144,24 @@ class L2Module(pl.LightningModule):
             if isinstance(optimizer, SegmentedOptimizer) else None
         return NetworkSchedulers(optimizer, self.make_scheduler, self.k, segments)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Each network's dropout streams where the epoch left them (under ``dropout_streams``,
+        by stack position, as ``lr_schedulers`` holds each network's schedule): restarted from
+        the seed, a resumed run would draw other masks than the run never stopped. Nothing for
+        a network without dropout."""
+        from l2lab.core.stacked import dropout_streams  # stacked builds this module
+
+        if streams := dropout_streams(self.net):
+            checkpoint["dropout_streams"] = streams
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A resumed run's dropout streams go on from its checkpoint (one written before they
+        were saved: from the seed, as then)."""
+        from l2lab.core.stacked import load_dropout_streams
+
+        if "dropout_streams" in checkpoint:
+            load_dropout_streams(self.net, checkpoint["dropout_streams"])
+
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         """Lightning's hook for a scheduler that is not one torch class (each network's)."""
         scheduler.step()
