@@ -117,6 +117,39 @@ def test_a_dropout_run_stopped_mid_epoch_resumes_to_the_masks_of_one_never_stopp
     assert _histories(client, rid) == _histories(client, whole.info.run_id)
 
 
+def test_a_network_drawing_from_torchs_generator_resumes_to_the_unstopped_numbers(
+        tmp_path, store, client, monkeypatch):
+    """A network of one's own that l2lab cannot stack because its forward draws from torch's
+    global generator (``F.dropout``) trains as a stack of one: that generator's state is in its
+    checkpoint too, so resumed it draws what the run never stopped drew."""
+    pkg = tmp_path / "pkgs" / "noisynets"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(
+        "import torch\nfrom torch import nn\n\n\n"
+        "class Noisy(nn.Module):\n"
+        "    def __init__(self, in_channels, num_classes):\n"
+        "        super().__init__()\n"
+        "        self.fc = nn.Linear(64 * in_channels, num_classes)\n\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(torch.nn.functional.dropout(x.flatten(1), 0.3, self.training))\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "pkgs"))
+    uri = f"tracking.uri={store}"
+    ov = [*(o for o in TINY if not o.startswith("model.")), "trainer.max_epochs=4",
+          "model=custom", "model._target_=noisynets.Noisy"]
+    train(make_cfg(uri, *ov, "experiment_name=whole", tiny=False), overrides=ov,
+          output_dir=tmp_path / "whole")
+    (whole,) = runs_of(client)
+    _stop_at_batch(monkeypatch, 8)
+    with pytest.raises(lifecycle.Interrupted):
+        train(make_cfg(uri, *ov, tiny=False), overrides=ov, output_dir=tmp_path / "stopped")
+    monkeypatch.undo()
+    monkeypatch.syspath_prepend(str(tmp_path / "pkgs"))
+    (stopped,) = [r for r in runs_of(client) if r.info.run_id != whole.info.run_id]
+    rid = stopped.info.run_id
+    train(make_cfg(uri, *ov, f"resume={rid}", tiny=False), overrides=[f"resume={rid}"])
+    assert _histories(client, rid) == _histories(client, whole.info.run_id)
+
+
 def test_a_dropout_stack_resumes_as_a_stack_and_a_child_alone_to_the_unstopped_numbers(
         tmp_path, store, client, monkeypatch):
     """A stack of three with dropout (two rates) stopped mid-epoch: two of its runs continue as

@@ -629,6 +629,7 @@ def merge_member_checkpoints(paths: Sequence[Path | None]) -> Path | None:
         merged["dropout_streams"] = [s for c in cks for s in c["dropout_streams"]]
     else:  # a run stopped before they were saved: every stream from its seed, as then
         merged.pop("dropout_streams", None)
+    merged.pop("torch_rng", None)  # a stack of several draws nothing from torch's generators
     out = paths[0].parent / "stack.ckpt"
     torch.save(merged, out)
     return out
