@@ -94,6 +94,105 @@ def test_a_stack_stopped_after_a_network_left_it_resumes_each_run_exactly(
             _histories(client, by_dir[str(tmp_path / f"whole{i}")].info.run_id), i
 
 
+DROPOUT = ["trainer.max_epochs=4", "model.dropout=0.3"]  # stopped at batch 8: 2 epochs saved
+
+
+def test_a_dropout_run_stopped_mid_epoch_resumes_to_the_masks_of_one_never_stopped(
+        tmp_path, store, client, monkeypatch):
+    """Its dropout stream is in the checkpoint: resumed, it draws the masks of the epochs it
+    had not trained (from the seed, epoch 2's train/loss was 2.0027 against 1.9673)."""
+    uri = f"tracking.uri={store}"
+    train(make_cfg(uri, *DROPOUT, "experiment_name=whole"), overrides=DROPOUT,
+          output_dir=tmp_path / "whole")
+    (whole,) = runs_of(client)
+    _stop_at_batch(monkeypatch, 8)
+    with pytest.raises(lifecycle.Interrupted):
+        train(make_cfg(uri, *DROPOUT), overrides=DROPOUT, output_dir=tmp_path / "stopped")
+    monkeypatch.undo()
+    (stopped,) = [r for r in runs_of(client) if r.info.run_id != whole.info.run_id]
+    rid = stopped.info.run_id
+    assert epochs_done(tmp_path / "stopped" / "checkpoints" / "last.ckpt") == 2
+    ov = [f"resume={rid}"]
+    train(make_cfg(uri, *DROPOUT, *ov), overrides=ov)
+    assert _histories(client, rid) == _histories(client, whole.info.run_id)
+
+
+def test_a_network_drawing_from_torchs_generator_resumes_to_the_unstopped_numbers(
+        tmp_path, store, client, monkeypatch):
+    """A network of one's own that l2lab cannot stack because its forward draws from torch's
+    global generator (``F.dropout``) trains as a stack of one: that generator's state is in its
+    checkpoint too, so resumed it draws what the run never stopped drew."""
+    pkg = tmp_path / "pkgs" / "noisynets"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(
+        "import torch\nfrom torch import nn\n\n\n"
+        "class Noisy(nn.Module):\n"
+        "    def __init__(self, in_channels, num_classes):\n"
+        "        super().__init__()\n"
+        "        self.fc = nn.Linear(64 * in_channels, num_classes)\n\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(torch.nn.functional.dropout(x.flatten(1), 0.3, self.training))\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "pkgs"))
+    uri = f"tracking.uri={store}"
+    ov = [*(o for o in TINY if not o.startswith("model.")), "trainer.max_epochs=4",
+          "model=custom", "model._target_=noisynets.Noisy"]
+    train(make_cfg(uri, *ov, "experiment_name=whole", tiny=False), overrides=ov,
+          output_dir=tmp_path / "whole")
+    (whole,) = runs_of(client)
+    _stop_at_batch(monkeypatch, 8)
+    with pytest.raises(lifecycle.Interrupted):
+        train(make_cfg(uri, *ov, tiny=False), overrides=ov, output_dir=tmp_path / "stopped")
+    monkeypatch.undo()
+    monkeypatch.syspath_prepend(str(tmp_path / "pkgs"))
+    (stopped,) = [r for r in runs_of(client) if r.info.run_id != whole.info.run_id]
+    rid = stopped.info.run_id
+    train(make_cfg(uri, *ov, f"resume={rid}", tiny=False), overrides=[f"resume={rid}"])
+    assert _histories(client, rid) == _histories(client, whole.info.run_id)
+
+
+def test_a_dropout_stack_resumes_as_a_stack_and_a_child_alone_to_the_unstopped_numbers(
+        tmp_path, store, client, monkeypatch):
+    """A stack of three with dropout (two rates) stopped mid-epoch: two of its runs continue as
+    one stack (their streams merged from their own checkpoints), the third alone (its stream
+    cut from the stack's); each ends with the histories of the stack never stopped."""
+    from omegaconf import OmegaConf
+
+    from l2lab.base import last_checkpoint
+    from l2lab.config.stackable import member_values
+    from l2lab.run.engine import Job, fit_configs, fit_jobs, prepared, substitute
+    from l2lab.tracking import tracker as tr
+
+    uri = f"tracking.uri={store}"
+    jobs = [["regularization.lam=0.1", "seed=0"], ["regularization.lam=0.01", "seed=1"],
+            ["regularization.lam=0.1", "seed=2", "model.dropout=0.5"]]
+    cfgs = [make_cfg(uri, *DROPOUT, *ov) for ov in jobs]
+    fit_configs(cfgs, jobs, [tmp_path / f"whole{i}" for i in range(3)])
+    _stop_at_batch(monkeypatch, 8)
+    with pytest.raises(lifecycle.Interrupted):
+        fit_configs(cfgs, jobs, [tmp_path / f"stopped{i}" for i in range(3)])
+    monkeypatch.undo()
+    by_dir = {r.data.tags["l2lab.output_dir"]: r.info.run_id for r in runs_of(client)}
+    rids = [by_dir[str(tmp_path / f"stopped{i}")] for i in range(3)]
+    assert [epochs_done(last_checkpoint(tmp_path / f"stopped{i}")) for i in range(3)] == [2] * 3
+    base = prepared(cfgs[0])  # as a continued sweep's stack: its jobs reopened
+    tree = OmegaConf.to_container(base, resolve=True)
+    continued = []
+    for i in (0, 1):
+        values = member_values(cfgs[i])
+        job = Job(base, jobs[i], tmp_path / f"stopped{i}", values=values,
+                  _tree=substitute(tree, values))
+        job.tracker, job.reopened = tr.RunTracker.reopen(client, rids[i]), True
+        job.ckpt = last_checkpoint(job.output_dir)
+        continued.append(job)
+    fit_jobs(continued, vectorized=True)
+    ov = [f"resume={rids[2]}"]
+    train(make_cfg(uri, *DROPOUT, *jobs[2], *ov), overrides=[*jobs[2], *ov])
+    assert {client.get_run(rid).info.status for rid in rids} == {"FINISHED"}
+    differ = [i for i, rid in enumerate(rids)
+              if _histories(client, rid) != _histories(client, by_dir[str(tmp_path / f"whole{i}")])]
+    assert differ == []
+
+
 def _stop_sweep(args: list[str], cwd, sig: int) -> tuple[int, str]:
     """Start a sweep, send ``sig`` once its second epoch line shows, return (exit code, output)."""
     env = {**os.environ, "L2LAB_PROGRESS": "1", "L2LAB_PROGRESS_EVERY_S": "0",

@@ -232,6 +232,38 @@ def _gens(k: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(i) for i in range(k)]
 
 
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                         reason="no CUDA device"))])
+def test_dropout_streams_saved_mid_training_go_on_in_a_fresh_stack_network_by_network(device):
+    """What a checkpoint keeps of each network's dropout streams (on CUDA the device's own
+    generators, made on first use) restores them into a freshly built stack, where each network
+    then draws the masks the first stack draws; another stack's streams are refused."""
+    from l2lab.core.stacked import dropout_streams, load_dropout_streams
+
+    def build(k: int) -> nn.Module:
+        torch.manual_seed(0)
+        nets = [nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.3), nn.Linear(8, 4),
+                              nn.Dropout(p)) for p in (0.5, 0.2)[:k]]
+        return stack_networks(nets, _gens(k)).to(device).train()
+
+    x = torch.ones(2 * 5, 6, device=device)
+    first = build(2)
+    for _ in range(3):  # training moves the streams on
+        first(x)
+    saved = dropout_streams(first)
+    assert [[s["device"] for s in own] for own in saved] == [[device] * 2] * 2
+    fresh = build(2)
+    assert not torch.equal(fresh(x), first(x))  # from the seeds: other masks
+    fresh = build(2)
+    load_dropout_streams(fresh, saved)  # the checkpoint's, as a resumed run loads them
+    load_dropout_streams(first, saved)
+    for _ in range(2):
+        assert torch.equal(fresh(x), first(x))
+    with pytest.raises(ValueError, match="dropout streams for 2 networks"):
+        load_dropout_streams(build(1), saved)
+
+
 @pytest.mark.parametrize("make", [
     lambda: nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=2, dilation=2, groups=2),
                           nn.GroupNorm(2, 4), nn.Conv2d(4, 4, 3, padding="same",

@@ -148,6 +148,38 @@ class L2Module(pl.LightningModule):
             if isinstance(optimizer, SegmentedOptimizer) else None
         return NetworkSchedulers(optimizer, self.make_scheduler, self.k, segments)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Every random stream training draws from, where the epoch left it: restarted from the
+        seed, a resumed run would draw other masks than the run never stopped. Each network's
+        dropout streams (``dropout_streams``, by stack position, as ``lr_schedulers`` holds each
+        network's schedule; none without dropout), and for a stack of one torch's global
+        generators (``torch_rng``): a network l2lab cannot stack may draw from them in its
+        forward (``F.dropout``), which a stack of several never does (``check_stack``).
+        The shuffling order and augmentation draws need nothing: they are functions of (seed,
+        epoch)."""
+        from l2lab.core.stacked import dropout_streams  # stacked builds this module
+
+        if streams := dropout_streams(self.net):
+            checkpoint["dropout_streams"] = streams
+        if self.k == 1:
+            device = next(self.net.parameters()).device
+            checkpoint["torch_rng"] = {"cpu": torch.get_rng_state(), **(
+                {"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A resumed run's streams go on from its checkpoint (one written before they were
+        saved: from the seed, as then). A CUDA state goes to the current device (the rank's:
+        Lightning sets it before it restores)."""
+        from l2lab.core.stacked import load_dropout_streams
+
+        if "dropout_streams" in checkpoint:
+            load_dropout_streams(self.net, checkpoint["dropout_streams"])
+        rng = checkpoint.get("torch_rng") if self.k == 1 else None
+        if rng is not None:
+            torch.set_rng_state(rng["cpu"].cpu())
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"].cpu(), torch.cuda.current_device())
+
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         """Lightning's hook for a scheduler that is not one torch class (each network's)."""
         scheduler.step()

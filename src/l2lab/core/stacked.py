@@ -425,6 +425,24 @@ class StackedDropout(nn.Module):
             g = self.generators[i] = torch.Generator(device).manual_seed(seed)
         return g
 
+    def stream_states(self) -> list[dict[str, Any]]:
+        """Where each network's stream stands: its generator's device type and state (a CPU
+        byte tensor, also for a CUDA generator), for the checkpoint at an epoch's end."""
+        return [{"device": g.device.type, "state": g.get_state()} for g in self.generators]
+
+    def load_stream_states(self, states: Sequence[dict[str, Any]]) -> None:
+        """Each network's stream goes on where :meth:`stream_states` found it, so that a resumed
+        run draws the masks of the run never stopped. A CUDA stream resumes on the current CUDA
+        device (the rank's: Lightning sets it before it restores); where there is none, the
+        network keeps its seeded CPU generator (another device draws other masks anyway)."""
+        for i, (st, g) in enumerate(zip(states, self.generators, strict=True)):
+            saved = st["device"]
+            if g.device.type == saved:
+                g.set_state(st["state"].cpu())
+            elif saved == "cuda" and torch.cuda.is_available():
+                device = torch.device("cuda", torch.cuda.current_device())
+                self.generators[i] = torch.Generator(device).set_state(st["state"].cpu())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
@@ -462,6 +480,30 @@ class StackedDropout(nn.Module):
                 m.bernoulli_(1.0 - p, generator=self._generator(i, x.device)).div_(1.0 - p)
             masks.append(_pad_channels(m, padded))
         return torch.cat(masks)
+
+
+def dropout_streams(net: nn.Module) -> list[list[dict[str, Any]]]:
+    """Per network of the stack ``net`` (by position), where each of its dropout layers' streams
+    stands (:meth:`StackedDropout.stream_states`, in layer order): what a checkpoint keeps so
+    that a resumed run, or a network of it resumed alone, draws on from there."""
+    layers = [m.stream_states() for m in net.modules() if isinstance(m, StackedDropout)]
+    k = len(layers[0]) if layers else 0
+    return [[layer[pos] for layer in layers] for pos in range(k)]
+
+
+def load_dropout_streams(net: nn.Module, streams: Sequence[Sequence[dict[str, Any]]]) -> None:
+    """Set the dropout streams of the stack ``net`` from :func:`dropout_streams`' value (one
+    entry per network, in stack order)."""
+    layers = [m for m in net.modules() if isinstance(m, StackedDropout)]
+    if not layers:
+        return
+    if len(streams) != len(layers[0].generators) or \
+            any(len(own) != len(layers) for own in streams):
+        raise ValueError(f"the checkpoint holds dropout streams for {len(streams)} networks "
+                         f"of {[len(own) for own in streams]} layers; the stack has "
+                         f"{len(layers[0].generators)} networks of {len(layers)}")
+    for j, layer in enumerate(layers):
+        layer.load_stream_states([own[j] for own in streams])
 
 
 def _stacked_leaf(module: nn.Module, members: list[nn.Module],
@@ -763,6 +805,11 @@ def merge_member_checkpoints(paths: Sequence[Path | None]) -> Path | None:
     if first.get("lr_schedulers"):  # each run's schedule state (schedules.NetworkSchedulers)
         merged["lr_schedulers"] = [{"networks": [n for c in cks
                                                  for n in c["lr_schedulers"][0]["networks"]]}]
+    if all("dropout_streams" in c for c in cks):  # each run's, by its place in the stack
+        merged["dropout_streams"] = [s for c in cks for s in c["dropout_streams"]]
+    else:  # a run stopped before they were saved: every stream from its seed, as then
+        merged.pop("dropout_streams", None)
+    merged.pop("torch_rng", None)  # a stack of several draws nothing from torch's generators
     out = paths[0].parent / "stack.ckpt"
     torch.save(merged, out)
     return out

@@ -70,6 +70,7 @@ def member_checkpoints(trainer: Any, states: Sequence[dict | None], recorder_key
     stacked_state = base.pop("state_dict")
     optimizer = base.pop("optimizer_states")[0]
     schedules = base.pop("lr_schedulers", None)  # one state per network (NetworkSchedulers)
+    streams = base.pop("dropout_streams", None)  # per network (L2Module.on_save_checkpoint)
     base.pop("callbacks", None)
     out: list[dict | None] = [None] * len(states)
     for pos, i in enumerate(range(len(states)) if slots is None else slots):
@@ -86,4 +87,6 @@ def member_checkpoints(trainer: Any, states: Sequence[dict | None], recorder_key
                   "optimizer_states": [opt], "callbacks": {recorder_key: state}}
         if schedules is not None:
             out[i]["lr_schedulers"] = [{"networks": [s["networks"][pos]]} for s in schedules]
+        if streams is not None:
+            out[i]["dropout_streams"] = [streams[pos]]
     return out
