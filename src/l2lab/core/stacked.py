@@ -57,6 +57,10 @@ class StackedLinear(nn.Module):
             if has_bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.k == 1 and x.device.type == "cpu":  # a stack of one: the network's own
+            # F.linear, without the unbind/cat (views, a copy) around it: the same numbers
+            return F.linear(x.reshape(-1, x.shape[-1]), self.weight[0],
+                            self.bias[0] if self.bias is not None else None)
         x = x.reshape(self.k, -1, x.shape[-1])
         if x.device.type == "cpu":  # unbind, not [i]: its backward is one stack, where K
             # selects would each scatter into a zero tensor of all K networks (O(K²))
