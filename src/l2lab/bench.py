@@ -302,6 +302,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="instead: the default λ sweep through the vectorized and the basic "
                    "launcher, a plain loop and a plain stacked loop, as whole processes "
                    "(--repeats defaults to 3 there; overrides after --)")
+    p.add_argument("--startup", action="store_true",
+                   help="instead: seconds to the first epoch of python -m l2lab.train (defaults) "
+                   "against a plain script training the same job, and both end to end, whole "
+                   "processes (--repeats defaults to 3 there)")
     p.add_argument("--two-factor", action="store_true",
                    help="with --sweep: the λ × seed grid crossed with learning rates "
                    "(optimizer.lr=a,b after --; default 0.01,0.05) as one stack against one "
@@ -335,7 +339,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--two-factor goes with --sweep")
     if args.vs_run and min(args.vs_run) < 1:
         p.error("--vs-run LAMS SEEDS needs LAMS, SEEDS >= 1")
-    args.repeats = args.repeats or (3 if args.sweep or args.dead
+    args.repeats = args.repeats or (3 if args.sweep or args.dead or args.startup
                                     else 1 if args.per_job or args.vs_run else 7)
     return args
 
@@ -360,6 +364,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 from l2lab.bench_sweep import bench_per_job
 
                 result = bench_per_job(tuple(args.per_job), list(args.overrides), args.repeats)
+            elif args.startup:
+                from l2lab.bench_sweep import bench_startup
+
+                result = bench_startup(args.repeats)
             elif args.sweep and args.two_factor:
                 from l2lab.bench_sweep import bench_two_factor
 
