@@ -155,3 +155,20 @@ def test_bench_dead_times_a_stack_with_diverged_networks_removed_and_kept(tmp_pa
     assert result["same_final_val_ce"] is True
     assert sorted(result["final_val_ce"]) == ["lam=0.0", "lam=0.5"]
     assert "L2Module.drop_dead = False" in result["sides"]["kept"]
+
+
+@pytest.mark.slow
+def test_bench_startup_times_the_first_epoch_and_the_whole_run_against_a_plain_script(tmp_path):
+    r = run_cli("l2lab.bench", "--startup", "--repeats", "1", cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout)
+    assert result["settings"]["epochs"] == 30 and result["settings"]["data"] == "digits"
+    assert set(result["sides"]) == {"harness", "plain_first_epoch", "plain"}
+    h = result["harness"]
+    assert 0 < h["first_epoch_s"] < h["median_s"] and len(h["times_s"]) == 1
+    for side in ("plain_first_epoch", "plain"):
+        assert len(result[side]["times_s"]) == 1 and result[side]["median_s"] > 0
+    assert result["startup_gap_s"] == pytest.approx(
+        h["first_epoch_s"] - result["plain_first_epoch"]["median_s"])
+    assert result["ratio_single_over_plain"] == pytest.approx(
+        h["median_s"] / result["plain"]["median_s"])
