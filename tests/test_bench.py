@@ -143,9 +143,9 @@ def test_bench_two_factor_times_one_stack_against_one_stack_per_lr(tmp_path):
 
 @pytest.mark.slow
 def test_bench_widths_times_one_padded_stack_against_one_stack_per_width(tmp_path):
-    """``bench --sweep --widths``: the λ × seed × width grid as one padded stack and as one
+    """``bench --sweep --width-stack``: the λ × seed × width grid as one padded stack and as one
     stack per width, whole processes; on CPU both train the same numbers."""
-    r = run_cli("l2lab.bench", "--sweep", "--widths", "--repeats", "1", "--",
+    r = run_cli("l2lab.bench", "--sweep", "--width-stack", "--repeats", "1", "--",
                 "trainer.max_epochs=2", "data.train_size=60", "model.hidden=[8],[12]",
                 "regularization.lam=0,0.5", "seed=0,1", cwd=tmp_path, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -225,3 +225,20 @@ def test_the_resnet_case_runs_tiny_and_its_sides_train_the_same_networks(tmp_pat
     assert result["agreement"]["max_weight_rel_diff"] == 0.0
     assert result["stack_agreement"]["max_weight_rel_diff"] == 0.0
     assert result["env"]["device"] == "cpu"
+
+
+@pytest.mark.slow
+def test_bench_startup_times_the_first_epoch_and_the_whole_run_against_a_plain_script(tmp_path):
+    r = run_cli("l2lab.bench", "--startup", "--repeats", "1", cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout)
+    assert result["settings"]["epochs"] == 30 and result["settings"]["data"] == "digits"
+    assert set(result["sides"]) == {"harness", "plain_first_epoch", "plain"}
+    h = result["harness"]
+    assert 0 < h["first_epoch_s"] < h["median_s"] and len(h["times_s"]) == 1
+    for side in ("plain_first_epoch", "plain"):
+        assert len(result[side]["times_s"]) == 1 and result[side]["median_s"] > 0
+    assert result["startup_gap_s"] == pytest.approx(
+        h["first_epoch_s"] - result["plain_first_epoch"]["median_s"])
+    assert result["ratio_single_over_plain"] == pytest.approx(
+        h["median_s"] / result["plain"]["median_s"])

@@ -146,3 +146,25 @@ def test_missing_files_say_where_they_were_looked_for(tmp_path):
         load_data(_cfg(name="mnist", root=str(tmp_path / "nowhere")))
     msg = str(e.value)
     assert "data.download" in msg and str(tmp_path / "nowhere" / "MNIST" / "raw") in msg
+
+
+def test_digits_are_scikit_learns_arrays_read_without_importing_scikit_learn():
+    """The start-up saving (docs/performance.md): the bundled file gives load_digits' arrays,
+    and a process that loads the digits never imports scikit-learn or SciPy."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from l2lab.core.data import _digits_file
+
+    images, target = _digits_file()
+    d = load_digits()
+    assert images.dtype == d.images.dtype and np.array_equal(images, d.images)
+    assert np.array_equal(target, d.target) and len(target) == 1797
+    code = ("import sys; from l2lab.core.data import load_data; "
+            f"load_data({_cfg()!r}); "
+            "print(sorted(m for m in ('sklearn', 'scipy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"

@@ -393,11 +393,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="instead: the default λ sweep through the vectorized and the basic "
                    "launcher, a plain loop and a plain stacked loop, as whole processes "
                    "(--repeats defaults to 3 there; overrides after --)")
+    p.add_argument("--startup", action="store_true",
+                   help="instead: seconds to the first epoch of python -m l2lab.train (defaults) "
+                   "against a plain script training the same job, and both end to end, whole "
+                   "processes (--repeats defaults to 3 there)")
     p.add_argument("--two-factor", action="store_true",
                    help="with --sweep: the λ × seed grid crossed with learning rates "
                    "(optimizer.lr=a,b after --; default 0.01,0.05) as one stack against one "
                    "stack per lr, whole processes")
-    p.add_argument("--widths", action="store_true",
+    p.add_argument("--width-stack", action="store_true",
                    help="with --sweep: the λ × seed grid crossed with MLP widths "
                    "(model.hidden=[a,a],[b,b] after --; default [32,32],[64,64],[128,128]) as "
                    "one padded stack against one stack per width, whole processes")
@@ -459,11 +463,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--widths needs integers >= 1 and --lams numbers >= 0")
     if args.per_job and not (5 <= args.per_job[0] < args.per_job[1]):
         p.error("--per-job M N needs 5 <= M < N (jobs are λ × 5 seeds)")
-    if (args.two_factor or args.widths) and not args.sweep:
-        p.error("--two-factor and --widths go with --sweep")
+    if (args.two_factor or args.width_stack) and not args.sweep:
+        p.error("--two-factor and --width-stack go with --sweep")
     if args.vs_run and min(args.vs_run) < 1:
         p.error("--vs-run LAMS SEEDS needs LAMS, SEEDS >= 1")
-    args.repeats = args.repeats or (3 if args.sweep or args.dead
+    args.repeats = args.repeats or (3 if args.sweep or args.dead or args.startup
                                     else 1 if args.per_job or args.vs_run
                                     or args.double_descent or args.resnet else 7)
     return args
@@ -496,10 +500,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                 from l2lab.bench_sweep import bench_per_job
 
                 result = bench_per_job(tuple(args.per_job), list(args.overrides), args.repeats)
-            elif args.sweep and args.widths:
+            elif args.sweep and args.width_stack:
                 from l2lab.bench_sweep import bench_widths
 
                 result = bench_widths(args.repeats, list(args.overrides))
+            elif args.startup:
+                from l2lab.bench_sweep import bench_startup
+
+                result = bench_startup(args.repeats)
             elif args.sweep and args.two_factor:
                 from l2lab.bench_sweep import bench_two_factor
 

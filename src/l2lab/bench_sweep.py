@@ -327,6 +327,74 @@ def bench_sweep(repeats: int, overrides: list[str], single: bool = True) -> dict
     return result
 
 
+# -- start-up: python -m l2lab.train with the defaults against a plain script ------------------
+def _harness_first_epoch(tmp: Path, env: dict) -> dict[str, float]:
+    """``python -m l2lab.train`` with no overrides (the store from the environment, the cwd a
+    fresh folder): seconds to its first epoch line, and to its end."""
+    import re
+
+    work = Path(tempfile.mkdtemp(dir=tmp, prefix="startup-"))
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "l2lab.train"], cwd=work, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    first = None
+    for text in proc.stdout or ():
+        if first is None and re.match(r"epoch\s+0\b", text):
+            first = time.perf_counter() - t0
+    if proc.wait() != 0 or first is None:
+        raise RuntimeError(f"python -m l2lab.train failed ({proc.returncode}) in {work}")
+    return {"first_epoch_s": first, "seconds": time.perf_counter() - t0}
+
+
+def bench_startup(repeats: int) -> dict[str, Any]:
+    """Time to the first epoch of ``python -m l2lab.train`` (defaults) against a plain script
+    (``--child plain``: compose, load the data, train with ``l2lab.core.reference``) that trains
+    the same job for one epoch, and both end to end (the default epochs), whole processes,
+    interleaved in rotated order, into a SQLite store created beforehand."""
+    from hydra import compose, initialize_config_dir
+
+    from l2lab.base import CONF_DIR
+    from l2lab.config import schema  # noqa: F401 (registers the config schemas)
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train")
+    base = {"lams": [float(cfg.regularization.lam)], "seeds": [int(cfg.seed)],
+            "device": "cuda" if _cuda(str(cfg.trainer.accelerator)) else "cpu"}
+    plain_specs = {"plain_first_epoch": {**base, "overrides": ["trainer.max_epochs=1"]},
+                   "plain": {**base, "overrides": []}}
+    sides = ("harness", *plain_specs)
+    runs: dict[str, list[dict]] = {s: [] for s in sides}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with tempfile.TemporaryDirectory(prefix="l2lab-bench-startup-") as d:
+        tmp = Path(d)
+        env["MLFLOW_TRACKING_URI"] = _store(tmp, env)
+        for r in range(repeats):
+            for side in sides[r % len(sides):] + sides[:r % len(sides)]:
+                res = _harness_first_epoch(tmp, env) if side == "harness" \
+                    else _plain("plain", plain_specs[side], tmp, env)
+                runs[side].append(res)
+                print(f"l2lab.bench --startup: repeat {r} {side}: {res['seconds']:.2f} s",
+                      file=sys.stderr, flush=True)
+    med = {s: statistics.median(r["seconds"] for r in runs[s]) for s in sides}
+    first = statistics.median(r["first_epoch_s"] for r in runs["harness"])
+    return {"settings": {"epochs": int(cfg.trainer.max_epochs), "data": str(cfg.data.name),
+                         "repeats": repeats},
+            "sides": {"harness": "python -m l2lab.train (defaults), whole process; "
+                                 "first_epoch_s: to its first epoch line",
+                      "plain_first_epoch": "plain script (compose, data, l2lab.core.reference) "
+                                           "training the same job for one epoch",
+                      "plain": "the same plain script, the default epochs"},
+            "harness": {"first_epoch_s": first, "median_s": med["harness"],
+                        "times_s": [r["seconds"] for r in runs["harness"]],
+                        "first_epoch_times_s": [r["first_epoch_s"] for r in runs["harness"]]},
+            **{s: {"median_s": med[s], "times_s": [r["seconds"] for r in runs[s]]}
+               for s in plain_specs},
+            "startup_gap_s": first - med["plain_first_epoch"],
+            "ratio_single_over_plain": med["harness"] / med["plain"],
+            "env": {"python": sys.version.split()[0], "cpu_count": os.cpu_count(),
+                    "load_avg_1m_at_end": os.getloadavg()[0]}}
+
+
 # -- two factors: one stack against one stack per lr ------------------------------------------
 TWO_FACTOR_LRS = "0.01,0.05"
 
@@ -432,7 +500,7 @@ def bench_widths(repeats: int, overrides: list[str]) -> dict[str, Any]:
             f"seed={','.join(map(str, spec['seeds']))}", *extra[side],
             f"hydra.sweep.dir={work}/multirun/s", f"tracking.uri={store}"]
 
-    times, finals = _interleaved("--sweep --widths", {s: command(s) for s in extra}, repeats)
+    times, finals = _interleaved("--sweep --width-stack", {s: command(s) for s in extra}, repeats)
     med = {s: statistics.median(t) for s, t in times.items()}
     return {"settings": {**spec, "widths": widths, "jobs": per_width * n_widths,
                          "repeats": repeats, "overrides": overrides},

@@ -88,17 +88,32 @@ def train_eval_size(n_train: int, n_val: int) -> int:
     return min(n_train, n_val if n_val else TRAIN_EVAL_WITHOUT_VAL)
 
 
+def _digits_file() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits (``sklearn/datasets/data/digits.csv.gz``: 64 pixels and the
+    label per row), read as ``sklearn.datasets.load_digits`` reads it (``np.loadtxt``, float64),
+    without importing scikit-learn: its import (SciPy with it) was ~2 s of a run's start-up."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")  # a top-level name: found, not imported
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("data=digits needs scikit-learn installed (its bundled digits).")
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / \
+        "digits.csv.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        data = np.loadtxt(f, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+
+
 def _load_digits(test_size: int = DIGITS_TEST_SIZE
                  ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
     """The 1,437-image pool (in scikit-learn's order) and the fixed 360-image test split.
     Scaled by the pool's own mean and std, so the test images inform nothing of training.
     ``test_size=0`` (``data.test_size``, absent from configs logged before the split existed):
     all 1,797 images and no test split, as those runs trained, so they still reproduce."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = (d.images.astype(np.float32) / 16.0)[:, None, :, :]
-    y = d.target.astype(np.int64)
+    images, target = _digits_file()
+    x = (images.astype(np.float32) / 16.0)[:, None, :, :]
+    y = target.astype(np.int64)
     if test_size == 0:
         return (x - x.mean()) / x.std(), y, None
     if test_size != DIGITS_TEST_SIZE:

@@ -343,6 +343,8 @@ class Penalty(nn.Module, ABC):
         if not self.stacked:
             return elementwise(p).sum()
         if p.device.type == "cpu":  # unbind: an O(K) backward; each at its own width
+            if p.shape[0] == 1:  # a stack of one: its one contiguous block, summed as one
+                return elementwise(p).sum().reshape(1)
             return torch.stack([elementwise(w).sum()
                                 for w in network_views(p, getattr(p, NETWORK_SHAPES, None))])
         return elementwise(p).flatten(1).sum(1)
@@ -381,6 +383,8 @@ class Penalty(nn.Module, ABC):
         if torch.is_tensor(divisor):
             divisor = divisor.to(device=w.device, dtype=w.dtype)
         per_layer = lams * norms
+        if per_layer.dim() == 2 and per_layer.device.type == "cpu" and per_layer.shape[1] == 1:
+            return per_layer.sum().reshape(1) / divisor  # one network: a contiguous column
         if per_layer.dim() == 2 and per_layer.device.type == "cpu":  # one sum per network:
             # a strided column sums in another order than a contiguous one (21 layers of a
             # ResNet-18 showed it), and network i's value must not depend on K

@@ -176,6 +176,10 @@ class StackedLinear(nn.Module):
         if self.widths is not None:
             self.widths.current = None if self.shapes is None else \
                 ([o for o, _ in self.shapes], self.weight.shape[1])
+        if self.k == 1 and x.device.type == "cpu":  # a stack of one: the network's own
+            # F.linear, without the unbind/cat (views, a copy) around it: the same numbers
+            return F.linear(x.reshape(-1, x.shape[-1]), self.weight[0],
+                            self.bias[0] if self.bias is not None else None)
         x = x.reshape(self.k, -1, x.shape[-1])
         if x.device.type == "cpu" and self.shapes is not None:
             out = self.weight.shape[1]
