@@ -239,7 +239,7 @@ def test_dropout_streams_saved_mid_training_go_on_in_a_fresh_stack_network_by_ne
     """What a checkpoint keeps of each network's dropout streams (on CUDA the device's own
     generators, made on first use) restores them into a freshly built stack, where each network
     then draws the masks the first stack draws; another stack's streams are refused."""
-    from l2lab.core.stacked import dropout_streams, load_dropout_streams
+    from l2lab.core.module import dropout_streams, load_dropout_streams
 
     def build(k: int) -> nn.Module:
         torch.manual_seed(0)

@@ -157,8 +157,6 @@ class L2Module(pl.LightningModule):
         forward (``F.dropout``), which a stack of several never does (``check_stack``).
         The shuffling order and augmentation draws need nothing: they are functions of (seed,
         epoch)."""
-        from l2lab.core.stacked import dropout_streams  # stacked builds this module
-
         if streams := dropout_streams(self.net):
             checkpoint["dropout_streams"] = streams
         if self.k == 1:
@@ -170,8 +168,6 @@ class L2Module(pl.LightningModule):
         """A resumed run's streams go on from its checkpoint (one written before they were
         saved: from the seed, as then). A CUDA state goes to the current device (the rank's:
         Lightning sets it before it restores)."""
-        from l2lab.core.stacked import load_dropout_streams
-
         if "dropout_streams" in checkpoint:
             load_dropout_streams(self.net, checkpoint["dropout_streams"])
         rng = checkpoint.get("torch_rng") if self.k == 1 else None
@@ -422,6 +418,31 @@ class L2Module(pl.LightningModule):
         self.test_metrics = [{} for _ in self.alive]
         for pos, i in enumerate(self.slots):
             self.test_metrics[i] = {key: v[pos] for key, v in means.items()}
+
+
+def dropout_streams(net: nn.Module) -> list[list[dict[str, Any]]]:
+    """Per network of the stack ``net`` (by position), where each of its dropout layers' streams
+    stands (``stacked.StackedDropout.stream_states``, in layer order): what a checkpoint keeps so
+    that a resumed run, or a network of it resumed alone, draws on from there. Here, beside the
+    checkpoint hooks that call it, since ``stacked`` imports this module."""
+    layers = [m.stream_states() for m in net.modules() if hasattr(m, "stream_states")]
+    k = len(layers[0]) if layers else 0
+    return [[layer[pos] for layer in layers] for pos in range(k)]
+
+
+def load_dropout_streams(net: nn.Module, streams: Sequence[Sequence[dict[str, Any]]]) -> None:
+    """Set the dropout streams of the stack ``net`` from :func:`dropout_streams`' value (one
+    entry per network, in stack order)."""
+    layers = [m for m in net.modules() if hasattr(m, "load_stream_states")]
+    if not layers:
+        return
+    if len(streams) != len(layers[0].generators) or \
+            any(len(own) != len(layers) for own in streams):
+        raise ValueError(f"the checkpoint holds dropout streams for {len(streams)} networks "
+                         f"of {[len(own) for own in streams]} layers; the stack has "
+                         f"{len(layers[0].generators)} networks of {len(layers)}")
+    for j, layer in enumerate(layers):
+        layer.load_stream_states([own[j] for own in streams])
 
 
 def clip_per_network(grads: Sequence[torch.Tensor], k: int,

@@ -486,30 +486,6 @@ class StackedDropout(nn.Module):
         return torch.cat(masks)
 
 
-def dropout_streams(net: nn.Module) -> list[list[dict[str, Any]]]:
-    """Per network of the stack ``net`` (by position), where each of its dropout layers' streams
-    stands (:meth:`StackedDropout.stream_states`, in layer order): what a checkpoint keeps so
-    that a resumed run, or a network of it resumed alone, draws on from there."""
-    layers = [m.stream_states() for m in net.modules() if isinstance(m, StackedDropout)]
-    k = len(layers[0]) if layers else 0
-    return [[layer[pos] for layer in layers] for pos in range(k)]
-
-
-def load_dropout_streams(net: nn.Module, streams: Sequence[Sequence[dict[str, Any]]]) -> None:
-    """Set the dropout streams of the stack ``net`` from :func:`dropout_streams`' value (one
-    entry per network, in stack order)."""
-    layers = [m for m in net.modules() if isinstance(m, StackedDropout)]
-    if not layers:
-        return
-    if len(streams) != len(layers[0].generators) or \
-            any(len(own) != len(layers) for own in streams):
-        raise ValueError(f"the checkpoint holds dropout streams for {len(streams)} networks "
-                         f"of {[len(own) for own in streams]} layers; the stack has "
-                         f"{len(layers[0].generators)} networks of {len(layers)}")
-    for j, layer in enumerate(layers):
-        layer.load_stream_states([own[j] for own in streams])
-
-
 def _stacked_leaf(module: nn.Module, members: list[nn.Module],
                   generators: Sequence[torch.Generator], widths: Widths | None = None
                   ) -> nn.Module | None:
