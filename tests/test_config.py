@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -25,13 +26,23 @@ def _options(group: str) -> list[str]:
 # composed with each of l2lab's own networks (its experiment_model file is chosen by the pair;
 # the ResNets and a researcher's own network have other keys, and an experiment that uses one
 # names it), and the experiment_model group, which no override names, is covered through those
-# pairs. ``model=custom`` names a network: the test package's own.
+# pairs; an experiment that names another network is also composed with it. ``model=custom``
+# names a network: the test package's own.
 _GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra")
 _OWN = ("cnn", "mlp")
+
+
+def _networks(experiment: str) -> list[str]:
+    """l2lab's own networks, and the one the experiment's defaults select (``override /model``)."""
+    text = (CONF_DIR / "experiment" / f"{experiment}.yaml").read_text()
+    named = re.findall(r"override /model: *(\w+)", text)
+    return sorted({*_OWN, *named})
+
+
 PRESETS = [[f"{g}={o}"] + (["model._target_=mylab.nets.TinyNet"] if o == "custom" else [])
            for g in _GROUPS if g not in ("experiment", "experiment_model")
            for o in _options(g)] + [[f"experiment={e}", f"model={m}"]
-                                    for e in _options("experiment") for m in _OWN]
+                                    for e in _options("experiment") for m in _networks(e)]
 
 
 def test_the_preset_list_is_every_file_of_conf():
@@ -42,7 +53,7 @@ def test_the_preset_list_is_every_file_of_conf():
         if g != "experiment_model":
             assert {f"{g}={o}" for o in _options(g)} <= selected, g
     assert {"data=mnist1d", "experiment=mnist1d", "experiment=mnist1d_sweep"} <= selected
-    pairs = {f"{e}_{m}" for e in _options("experiment") for m in _OWN}
+    pairs = {f"{e}_{m}" for e in _options("experiment") for m in _networks(e)}
     assert set(_options("experiment_model")) <= pairs  # each one is picked by some pair
 
 
