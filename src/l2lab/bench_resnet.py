@@ -54,8 +54,9 @@ def synthetic(n: int, seed: int = 0) -> Splits:
 
 def overrides(batch_size: int, epochs: int, precision: str, device: torch.device,
               lam: float = 0.032) -> list[str]:
-    """The preset's recipe, one job, nothing measured but training (no val, no train_eval)."""
-    return ["experiment=cifar10_resnet18", f"regularization.lam={lam}",
+    """The preset's recipe, one job, nothing measured but training (no val, no train_eval), and
+    no augmentation: the plain loop has none, and both sides must train the same numbers."""
+    return ["experiment=cifar10_resnet18", f"regularization.lam={lam}", "data.augment=false",
             f"data.batch_size={batch_size}", f"trainer.max_epochs={epochs}",
             f"trainer.precision={precision}", "trainer.eval_train=false", "data.val_size=0",
             f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}", "seed=0"]
