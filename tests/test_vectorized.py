@@ -67,6 +67,8 @@ def test_buffered_metrics_reach_the_store_in_one_call_per_flush(tmp_path, store,
 
 
 def test_jobs_are_grouped_unless_they_differ_in_a_shape_the_data_or_the_optimizer_class():
+    """A shape is a network kind or depth; widths of one depth are per-network settings
+    (``tests/test_width_stacks.py``)."""
     base = ["regularization.lam=0.1", "seed=0"]
     cfgs = [
         make_cfg(*base),
@@ -84,7 +86,7 @@ def test_jobs_are_grouped_unless_they_differ_in_a_shape_the_data_or_the_optimize
         make_cfg(*base, "resume=abc"),                     # resume: ordinary
         make_cfg(*base, "+optimizer.alpha=0.9", "optimizer._target_=torch.optim.RMSprop"),
         make_cfg(*base, "model=cnn"),                      # shapes
-        make_cfg(*base, "model.hidden=[16]"),
+        make_cfg(*base, "model.hidden=[16,16]"),           # another depth (a width stacks)
         make_cfg(*base, "data.batch_size=20"),             # the data stream
         make_cfg(*base, "trainer.max_epochs=2"),
     ]
