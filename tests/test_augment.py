@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_cfg, runs_of
+from conftest import make_cfg
 from test_engine import _assert_same_run, _ordinary_and_stacked
-from test_interrupts import _histories, _stop_at_batch
+from test_interrupts import _histories, _whole_and_stopped
 
 from l2lab import ConfigError
 from l2lab.config import schema
@@ -20,7 +20,6 @@ from l2lab.core import reference
 from l2lab.core.augment import EpochAugment, augment, resolve_pad
 from l2lab.core.data import StackedBatches
 from l2lab.core.module import L2Module
-from l2lab.run import lifecycle
 from l2lab.tracking.runs import config_hash
 from l2lab.train import train
 
@@ -153,19 +152,11 @@ def test_a_stopped_augmented_run_resumes_to_the_numbers_of_one_never_stopped(
     resumed epochs see the crops the run would have seen."""
     uri = f"tracking.uri={store}"
     ov = ["trainer.max_epochs=4", *CNN, *AUG]
-    train(make_cfg(uri, *ov, "experiment_name=whole"), overrides=ov,
-          output_dir=tmp_path / "whole")
-    (whole,) = runs_of(client)
-    _stop_at_batch(monkeypatch, 8)
-    with pytest.raises(lifecycle.Interrupted):
-        train(make_cfg(uri, *ov), overrides=ov, output_dir=tmp_path / "stopped")
-    monkeypatch.undo()
-    (stopped,) = [r for r in runs_of(client) if r.info.run_id != whole.info.run_id]
-    rid = stopped.info.run_id
+    whole, rid = _whole_and_stopped(tmp_path, store, client, monkeypatch, ov, 8)
     again = [f"resume={rid}"]
     train(make_cfg(uri, *ov, *again), overrides=again)
     assert client.get_run(rid).info.status == "FINISHED"
-    assert _histories(client, rid) == _histories(client, whole.info.run_id)
+    assert _histories(client, rid) == _histories(client, whole)
 
 
 def test_the_default_changes_nothing_and_augment_is_a_per_network_setting():

@@ -34,6 +34,23 @@ def _stop_at_batch(monkeypatch, n: int) -> None:
     monkeypatch.setattr(data.StackedBatches, "__iter__", batches)
 
 
+def _whole_and_stopped(tmp_path, store, client, monkeypatch, ov: list[str], batch: int,
+                       tiny: bool = True) -> tuple[str, str]:
+    """The run of ``ov`` never stopped, then the same run stopped by SIGINT as its ``batch``-th
+    training batch is taken (written to ``tmp_path / "stopped"``): their run ids. The resume
+    tests compare the two after resuming the second."""
+    uri = f"tracking.uri={store}"
+    train(make_cfg(uri, *ov, "experiment_name=whole", tiny=tiny), overrides=ov,
+          output_dir=tmp_path / "whole")
+    (whole,) = runs_of(client)
+    _stop_at_batch(monkeypatch, batch)
+    with pytest.raises(lifecycle.Interrupted):
+        train(make_cfg(uri, *ov, tiny=tiny), overrides=ov, output_dir=tmp_path / "stopped")
+    monkeypatch.undo()
+    (stopped,) = [r for r in runs_of(client) if r.info.run_id != whole.info.run_id]
+    return whole.info.run_id, stopped.info.run_id
+
+
 def _histories(client, rid: str) -> dict[str, list[tuple[int, float]]]:
     keys = ("train/loss", "train/ce", "val/ce", "val/acc", "weights/sq_norm_total", "test/acc")
     return {k: sorted((m.step, m.value) for m in client.get_metric_history(rid, k))
@@ -44,15 +61,7 @@ def _histories(client, rid: str) -> dict[str, list[tuple[int, float]]]:
 def test_a_run_stopped_anywhere_resumes_to_the_numbers_of_one_never_stopped(
         tmp_path, store, client, monkeypatch, batch, completed):
     uri = f"tracking.uri={store}"
-    train(make_cfg(uri, *EPOCHS, "experiment_name=whole"), overrides=EPOCHS,
-          output_dir=tmp_path / "whole")
-    (whole,) = runs_of(client)
-    _stop_at_batch(monkeypatch, batch)
-    with pytest.raises(lifecycle.Interrupted):
-        train(make_cfg(uri, *EPOCHS), overrides=EPOCHS, output_dir=tmp_path / "stopped")
-    monkeypatch.undo()
-    (stopped,) = [r for r in runs_of(client) if r.info.run_id != whole.info.run_id]
-    rid = stopped.info.run_id
+    whole, rid = _whole_and_stopped(tmp_path, store, client, monkeypatch, EPOCHS, batch)
     assert client.get_run(rid).info.status == "KILLED"
     # no periodic save was due (flush_every_s=5): the stop wrote the last completed epoch
     ckpt = tmp_path / "stopped" / "checkpoints" / "last.ckpt"
@@ -61,7 +70,7 @@ def test_a_run_stopped_anywhere_resumes_to_the_numbers_of_one_never_stopped(
     ov = [f"resume={rid}"]
     train(make_cfg(uri, *EPOCHS, *ov), overrides=ov)
     assert client.get_run(rid).info.status == "FINISHED"
-    assert _histories(client, rid) == _histories(client, whole.info.run_id)  # every step once
+    assert _histories(client, rid) == _histories(client, whole)  # every step once
 
 
 def test_a_stack_stopped_after_a_network_left_it_resumes_each_run_exactly(
@@ -102,19 +111,11 @@ def test_a_dropout_run_stopped_mid_epoch_resumes_to_the_masks_of_one_never_stopp
     """Its dropout stream is in the checkpoint: resumed, it draws the masks of the epochs it
     had not trained (from the seed, epoch 2's train/loss was 2.0027 against 1.9673)."""
     uri = f"tracking.uri={store}"
-    train(make_cfg(uri, *DROPOUT, "experiment_name=whole"), overrides=DROPOUT,
-          output_dir=tmp_path / "whole")
-    (whole,) = runs_of(client)
-    _stop_at_batch(monkeypatch, 8)
-    with pytest.raises(lifecycle.Interrupted):
-        train(make_cfg(uri, *DROPOUT), overrides=DROPOUT, output_dir=tmp_path / "stopped")
-    monkeypatch.undo()
-    (stopped,) = [r for r in runs_of(client) if r.info.run_id != whole.info.run_id]
-    rid = stopped.info.run_id
+    whole, rid = _whole_and_stopped(tmp_path, store, client, monkeypatch, DROPOUT, 8)
     assert epochs_done(tmp_path / "stopped" / "checkpoints" / "last.ckpt") == 2
     ov = [f"resume={rid}"]
     train(make_cfg(uri, *DROPOUT, *ov), overrides=ov)
-    assert _histories(client, rid) == _histories(client, whole.info.run_id)
+    assert _histories(client, rid) == _histories(client, whole)
 
 
 def test_a_network_drawing_from_torchs_generator_resumes_to_the_unstopped_numbers(
@@ -136,18 +137,10 @@ def test_a_network_drawing_from_torchs_generator_resumes_to_the_unstopped_number
     uri = f"tracking.uri={store}"
     ov = [*(o for o in TINY if not o.startswith("model.")), "trainer.max_epochs=4",
           "model=custom", "model._target_=noisynets.Noisy"]
-    train(make_cfg(uri, *ov, "experiment_name=whole", tiny=False), overrides=ov,
-          output_dir=tmp_path / "whole")
-    (whole,) = runs_of(client)
-    _stop_at_batch(monkeypatch, 8)
-    with pytest.raises(lifecycle.Interrupted):
-        train(make_cfg(uri, *ov, tiny=False), overrides=ov, output_dir=tmp_path / "stopped")
-    monkeypatch.undo()
+    whole, rid = _whole_and_stopped(tmp_path, store, client, monkeypatch, ov, 8, tiny=False)
     monkeypatch.syspath_prepend(str(tmp_path / "pkgs"))
-    (stopped,) = [r for r in runs_of(client) if r.info.run_id != whole.info.run_id]
-    rid = stopped.info.run_id
     train(make_cfg(uri, *ov, f"resume={rid}", tiny=False), overrides=[f"resume={rid}"])
-    assert _histories(client, rid) == _histories(client, whole.info.run_id)
+    assert _histories(client, rid) == _histories(client, whole)
 
 
 def test_a_dropout_stack_resumes_as_a_stack_and_a_child_alone_to_the_unstopped_numbers(

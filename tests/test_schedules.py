@@ -8,15 +8,14 @@ import math
 
 import pytest
 import torch
-from conftest import make_cfg, runs_of
+from conftest import make_cfg
 from test_engine import _assert_same_run, _history, _ordinary_and_stacked
-from test_interrupts import _histories, _stop_at_batch
+from test_interrupts import _histories, _whole_and_stopped
 
 from l2lab import ConfigError, reproduce
 from l2lab.config import schema
 from l2lab.core.module import SegmentedOptimizer
 from l2lab.core.schedules import NetworkSchedulers, scheduler_factory
-from l2lab.run import lifecycle
 from l2lab.run.resume import logged_config as _logged_config
 from l2lab.train import train
 
@@ -151,22 +150,14 @@ def test_a_scheduled_run_stopped_and_resumed_equals_one_never_stopped(
     stopped."""
     uri = f"tracking.uri={store}"
     ov = ["trainer.max_epochs=4", *COSINE]
-    train(make_cfg(uri, *ov, "experiment_name=whole"), overrides=ov,
-          output_dir=tmp_path / "whole")
-    (whole,) = runs_of(client)
-    _stop_at_batch(monkeypatch, 8)
-    with pytest.raises(lifecycle.Interrupted):
-        train(make_cfg(uri, *ov), overrides=ov, output_dir=tmp_path / "stopped")
-    monkeypatch.undo()
-    (stopped,) = [r for r in runs_of(client) if r.info.run_id != whole.info.run_id]
-    rid = stopped.info.run_id
+    whole, rid = _whole_and_stopped(tmp_path, store, client, monkeypatch, ov, 8)
     again = [f"resume={rid}"]  # the logged config, its scheduler node included
     train(make_cfg(uri, *ov, *again), overrides=again)
     assert client.get_run(rid).info.status == "FINISHED"
     for key in ("train/lr", *_histories(client, rid)):
-        assert _history(client, rid, key) == _history(client, whole.info.run_id, key), key
+        assert _history(client, rid, key) == _history(client, whole, key), key
     # the logged config holds the scheduler node: reproduce trains the same schedule again
-    logged = _logged_config(client, whole.info.run_id)
+    logged = _logged_config(client, whole)
     assert logged["scheduler"]["name"] == "cosine" and logged["scheduler"]["warmup"] == 4
-    assert reproduce.main([whole.info.run_id, "--check", "--tracking-uri", store,
+    assert reproduce.main([whole, "--check", "--tracking-uri", store,
                            "--out", str(tmp_path / "again")]) == 0
