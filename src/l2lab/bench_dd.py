@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 import sys
 import tempfile
@@ -146,7 +145,7 @@ def bench_double_descent(widths: list[int], lams: list[float], epochs: int, repe
                          overrides: list[str]) -> dict[str, Any]:
     """Time both sides ``repeats`` times, interleaved, on one machine; their steps, networks
     and test errors side by side, and the ratio of the medians."""
-    from l2lab.bench_sweep import _scale_env, _store
+    from l2lab.bench_sweep import _scale_env, _store, process_env
     from l2lab.core.data import load_data
 
     env = _scale_env()
@@ -178,8 +177,7 @@ def bench_double_descent(widths: list[int], lams: list[float], epochs: int, repe
                      "steps": last["steps"], "networks": last["networks"],
                      "test_error": dict(sorted(last["test_error"].items()))}
     out["ratio"] = out["harness"]["median_s"] / out["notebook"]["median_s"]
-    out["env"] = {"python": sys.version.split()[0], "cpu_count": os.cpu_count(),
-                  "load_avg_1m_at_end": os.getloadavg()[0]}
+    out["env"] = process_env()
     return out
 
 

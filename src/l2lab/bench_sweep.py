@@ -38,7 +38,15 @@ SWEEP_SIDES = ("vectorized", "basic", "plain", "plain_stacked")
 SINGLE_SIDES = ("single", "single_plain")
 
 
+def process_env() -> dict[str, Any]:
+    """What a whole-process benchmark's JSON records of the machine it ran on: the load says how
+    noisy its times were."""
+    return {"python": sys.version.split()[0], "cpu_count": os.cpu_count(),
+            "load_avg_1m_at_end": os.getloadavg()[0]}
+
+
 # -- the plain children ------------------------------------------------------------------------
+
 def _jobs(spec: dict) -> list[tuple[float, int]]:
     return [(float(lam), int(seed)) for lam in spec["lams"] for seed in spec["seeds"]]
 
@@ -322,8 +330,7 @@ def bench_sweep(repeats: int, overrides: list[str], single: bool = True) -> dict
     result["max_rel_diff_final_val_ce_vs_plain"] = {
         s: max(abs(result[s]["final_val_ce_per_lam"][k] - v) / abs(v) for k, v in ref.items())
         for s in sweep_sides if s != "plain"}
-    result["env"] = {"python": sys.version.split()[0], "cpu_count": os.cpu_count(),
-                     "load_avg_1m_at_end": os.getloadavg()[0]}
+    result["env"] = process_env()
     return result
 
 
@@ -391,8 +398,7 @@ def bench_startup(repeats: int) -> dict[str, Any]:
                for s in plain_specs},
             "startup_gap_s": first - med["plain_first_epoch"],
             "ratio_single_over_plain": med["harness"] / med["plain"],
-            "env": {"python": sys.version.split()[0], "cpu_count": os.cpu_count(),
-                    "load_avg_1m_at_end": os.getloadavg()[0]}}
+            "env": process_env()}
 
 
 # -- two factors: one stack against one stack per lr ------------------------------------------
@@ -470,8 +476,7 @@ def bench_two_factor(repeats: int, overrides: list[str]) -> dict[str, Any]:
             "ratio_per_lr_over_one_stack": med["per_lr"] / med["one_stack"],
             "same_final_val_ce": finals["one_stack"] == finals["per_lr"],
             "final_val_ce": finals["one_stack"],
-            "env": {"python": sys.version.split()[0], "cpu_count": os.cpu_count(),
-                    "load_avg_1m_at_end": os.getloadavg()[0]}}
+            "env": process_env()}
 
 
 WIDTHS = "[32,32],[64,64],[128,128]"
@@ -512,8 +517,7 @@ def bench_widths(repeats: int, overrides: list[str]) -> dict[str, Any]:
             "ratio_per_width_over_one_stack": med["per_width"] / med["one_stack"],
             "same_final_val_ce": finals["one_stack"] == finals["per_width"],
             "final_val_ce": finals["one_stack"],
-            "env": {"python": sys.version.split()[0], "cpu_count": os.cpu_count(),
-                    "load_avg_1m_at_end": os.getloadavg()[0]}}
+            "env": process_env()}
 
 
 # -- dead networks: what a stack pays for them ------------------------------------------------
@@ -561,8 +565,7 @@ def bench_dead(repeats: int, overrides: list[str]) -> dict[str, Any]:
             "kept_over_dropped": med["kept"] / med["dropped"],
             "same_final_val_ce": finals["healthy"] == finals["dropped"] == finals["kept"],
             "final_val_ce": finals["healthy"],
-            "env": {"python": sys.version.split()[0], "cpu_count": os.cpu_count(),
-                    "load_avg_1m_at_end": os.getloadavg()[0]}}
+            "env": process_env()}
 
 
 def keep_dead_sweep(argv: list[str]) -> None:
@@ -651,8 +654,7 @@ def bench_per_job(sizes: tuple[int, int], overrides: list[str], repeats: int = 1
                             "harness",
         "bookkeeping_ms_per_job": "per_job_ms - plain_ms_per_job: what the harness adds per job "
                                   "(negative: stacking saves more than the bookkeeping costs)"}
-    out["env"] = {"python": sys.version.split()[0], "cpu_count": os.cpu_count(),
-                  "load_avg_1m_at_end": os.getloadavg()[0]}
+    out["env"] = process_env()
     return out
 
 
@@ -688,8 +690,7 @@ def bench_vs_run(n_lams: int, n_seeds: int, overrides: list[str], repeats: int =
                       file=sys.stderr, flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     out.update(seconds=times, median_s=med, ratio=med["sweep"] / med["run"],
-               env={"python": sys.version.split()[0], "cpu_count": os.cpu_count(),
-                    "load_avg_1m_at_end": os.getloadavg()[0]},
+               env=process_env(),
                notes={"run": "python -m l2lab.train experiment=mnist1d_sweep (one job), whole "
                              "process",
                       "sweep": f"python -m l2lab.train -m experiment=mnist1d_sweep with {n_lams} "
