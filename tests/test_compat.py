@@ -1,13 +1,15 @@
-"""Every private name of MLflow, Hydra, OmegaConf and Lightning that l2lab uses (``l2lab/compat/``)
-imported and exercised, so that a release that moves or changes one fails here, by name. And the
-launcher's copy of ``run_job``: a stacked job's ``.hydra/`` files equal those Hydra's basic
-launcher writes for the same job."""
+"""Every private name of MLflow, Hydra, OmegaConf, Lightning and torchmetrics that l2lab uses
+(``l2lab/compat/``) imported and exercised, so that a release that moves or changes one fails
+here, by name. And the launcher's copy of ``run_job``: a stacked job's ``.hydra/`` files equal
+those Hydra's basic launcher writes for the same job."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import logging
+import os
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from l2lab.compat import hydra_run_job as rj
 from l2lab.compat import lightning as cl
 from l2lab.compat import mlflow as cm
 from l2lab.compat import omegaconf as co
+from l2lab.compat import torchmetrics as ct
 
 # A deprecation names the code that calls the deprecated name (``stacklevel``): a library's
 # deprecation of a name l2lab uses is reported in l2lab's module, one inside a library in the
@@ -191,6 +194,125 @@ def test_omegaconf_child_node_leaves_interpolations_unresolved():
     assert co.child_node(cfg, "y")._value() == "${x}"
     assert OmegaConf.is_config(co.child_node(cfg, "z"))
     assert co.child_node(cfg, "x")._value() == 1
+
+
+# -- torchmetrics (Lightning's import of it) ---------------------------------------------------
+
+#: What torchmetrics imports at module level when it finds them installed, and l2lab never needs
+#: for a run: 4 s of start-up on the 2-core CPU.
+BACKENDS = ("torchvision", "scipy.signal", "matplotlib")
+
+
+def _python(code: str, env: dict | None = None, cwd: Path | None = None) -> dict:
+    """Run ``code`` in a fresh interpreter (what a process imports is the subject) with warnings
+    as errors; it prints one JSON line last."""
+    import json
+    import subprocess
+
+    full = {**os.environ, "PYTHONWARNINGS": "error", **(env or {})}
+    full.pop("MLFLOW_TRACKING_URI", None)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full,
+                       cwd=cwd, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+LOADED = f"[m for m in {BACKENDS!r} if m in sys.modules]"
+
+
+@pytest.mark.slow
+def test_lightning_imported_through_l2lab_skips_torchmetrics_optional_backends(tmp_path, store):
+    """A run (Lightning's fit of an ``L2Module``, recorded in MLflow) in a process that imported
+    l2lab first: none of torchmetrics' optional backends is imported, and torchvision is still
+    there for l2lab's own models. The same process with the hook taken out (the control, so that
+    this test fails without it) imports all three with Lightning."""
+    overrides = [*TINY, f"tracking.uri={store}", "trainer.max_epochs=2"]
+    run = f"""
+import json, sys
+from pathlib import Path
+import l2lab
+from hydra import compose, initialize_config_dir
+from l2lab.train import train
+with initialize_config_dir(config_dir=str(l2lab.CONF_DIR), version_base="1.3"):
+    cfg = compose("train", overrides={overrides!r})
+metrics = train(cfg, output_dir=Path("{tmp_path}") / "run")
+import pytorch_lightning
+loaded = {LOADED}
+from l2lab.models import resnet18
+net = resnet18((3, 32, 32), 10)
+print(json.dumps({{"loaded": loaded, "val_ce": metrics["val/ce"],
+                   "layers": len(list(net.modules()))}}))
+"""
+    control = f"""
+import json, sys
+import l2lab
+from l2lab.compat import torchmetrics as ct
+sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, ct._Finder)]
+import pytorch_lightning
+print(json.dumps({{"loaded": {LOADED}}}))
+"""
+    out = _python(run, cwd=tmp_path)
+    assert out["loaded"] == [], out
+    assert out["val_ce"] > 0 and out["layers"] > 50  # trained; torchvision's resnet18 built
+    assert _python(control)["loaded"] == list(BACKENDS)
+
+
+#: A stand-in torchmetrics with the two steps' places: the package asks lightning_utilities'
+#: ``package_available("scipy")`` (and keeps the name), then imports its flags module.
+FAKE_PACKAGE = """
+from lightning_utilities.core.imports import package_available
+SCIPY_AT_IMPORT = package_available("scipy")
+from torchmetrics.utilities import imports
+"""
+ALL_FLAGS = "".join(f"{f} = True\n" for f in ct.OPTIONAL_BACKENDS) + "_TQDM_AVAILABLE = True\n"
+
+
+def _fake_torchmetrics(root: Path, flags: str = ALL_FLAGS) -> dict:
+    (root / "torchmetrics" / "utilities").mkdir(parents=True)
+    (root / "torchmetrics" / "__init__.py").write_text(FAKE_PACKAGE)
+    (root / "torchmetrics" / "utilities" / "__init__.py").write_text("")
+    (root / "torchmetrics" / "utilities" / "imports.py").write_text(flags)
+    return {"PYTHONPATH": os.pathsep.join([str(root), *sys.path])}
+
+
+REPORT = """
+import json, sys
+import lightning_utilities.core.imports as lu
+import torchmetrics
+from torchmetrics.utilities import imports as i
+print(json.dumps({"flags": {k: bool(v) for k, v in vars(i).items() if k.endswith("AVAILABLE")},
+                  "scipy_at_import": torchmetrics.SCIPY_AT_IMPORT,
+                  "restored": lu.package_available("scipy")
+                              and torchmetrics.package_available is lu.package_available,
+                  "hooks": [n for f in sys.meta_path if (n := type(f).__name__) == "_Finder"]}))
+"""
+AS_LIGHTNING = "import l2lab, sys, types; sys.modules['lightning_fabric'] = types.ModuleType('x')\n"
+
+
+def test_torchmetrics_imported_by_lightning_has_its_optional_backends_off(tmp_path):
+    out = _python(AS_LIGHTNING + REPORT, _fake_torchmetrics(tmp_path))
+    assert out["flags"] == {**dict.fromkeys(ct.OPTIONAL_BACKENDS, False),
+                            "_TQDM_AVAILABLE": True}  # only the backends it would import
+    assert out["scipy_at_import"] is False  # so the package skips its scipy.signal import
+    assert out["restored"] and out["hooks"] == []  # one shot: nothing left behind
+
+
+@pytest.mark.parametrize("case", ["layout", "not_lightning", "imported_before"])
+def test_torchmetrics_is_left_as_it_is_when_the_hook_does_not_apply(tmp_path, case):
+    """Another layout (a flag renamed): the flags stay as torchmetrics set them, with no
+    warning (warnings are errors in the child). torchmetrics imported by someone else than
+    Lightning, or before l2lab: the whole package, and no hook installed."""
+    flags = ALL_FLAGS.replace("_MATPLOTLIB_AVAILABLE", "_MATPLOTLIB_FOUND") \
+        if case == "layout" else ALL_FLAGS
+    env = _fake_torchmetrics(tmp_path, flags)
+    first = {"layout": AS_LIGHTNING, "not_lightning": "import l2lab\n",
+             "imported_before": "import torchmetrics, l2lab\n"}[case]
+    out = _python(first + REPORT, env)
+    assert all(out["flags"].values()), out
+    assert out["hooks"] == [] and out["restored"]
+    if case == "imported_before":
+        assert _python("import json, torchmetrics\nfrom l2lab.compat import torchmetrics as ct\n"
+                       "print(json.dumps(ct.lean_torchmetrics()))", env) is False
 
 
 # -- Lightning ---------------------------------------------------------------------------------

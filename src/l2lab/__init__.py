@@ -1,6 +1,12 @@
 """l2lab: see how selective L2 regularization trades overfitting for underfitting."""
 
 from l2lab.base import CONF_DIR, ConfigError
+from l2lab.compat.torchmetrics import lean_torchmetrics
+
+# Before anything imports Lightning (core/module.py does at module level): Lightning's import of
+# torchmetrics then skips torchmetrics' optional backends (torchvision, scipy.signal, matplotlib),
+# seconds of every command's start-up. A no-op when torchmetrics is imported already.
+lean_torchmetrics()
 
 __version__ = "0.1.0"
 
