@@ -267,9 +267,9 @@ from torchmetrics.utilities import imports
 ALL_FLAGS = "".join(f"{f} = True\n" for f in ct.OPTIONAL_BACKENDS) + "_TQDM_AVAILABLE = True\n"
 
 
-def _fake_torchmetrics(root: Path, flags: str = ALL_FLAGS) -> dict:
+def _fake_torchmetrics(root: Path, flags: str = ALL_FLAGS, package: str = FAKE_PACKAGE) -> dict:
     (root / "torchmetrics" / "utilities").mkdir(parents=True)
-    (root / "torchmetrics" / "__init__.py").write_text(FAKE_PACKAGE)
+    (root / "torchmetrics" / "__init__.py").write_text(package)
     (root / "torchmetrics" / "utilities" / "__init__.py").write_text("")
     (root / "torchmetrics" / "utilities" / "imports.py").write_text(flags)
     return {"PYTHONPATH": os.pathsep.join([str(root), *sys.path])}
@@ -297,15 +297,18 @@ def test_torchmetrics_imported_by_lightning_has_its_optional_backends_off(tmp_pa
     assert out["restored"] and out["hooks"] == []  # one shot: nothing left behind
 
 
-@pytest.mark.parametrize("case", ["layout", "not_lightning", "imported_before"])
+@pytest.mark.parametrize("case", ["layout", "moved", "not_lightning", "imported_before"])
 def test_torchmetrics_is_left_as_it_is_when_the_hook_does_not_apply(tmp_path, case):
-    """Another layout (a flag renamed): the flags stay as torchmetrics set them, with no
-    warning (warnings are errors in the child). torchmetrics imported by someone else than
+    """Another layout (a flag renamed; the flags module no longer imported by the package): the
+    flags stay as torchmetrics set them, with no warning (warnings are errors in the child), and
+    the hook is gone once the package is imported. torchmetrics imported by someone else than
     Lightning, or before l2lab: the whole package, and no hook installed."""
     flags = ALL_FLAGS.replace("_MATPLOTLIB_AVAILABLE", "_MATPLOTLIB_FOUND") \
         if case == "layout" else ALL_FLAGS
-    env = _fake_torchmetrics(tmp_path, flags)
-    first = {"layout": AS_LIGHTNING, "not_lightning": "import l2lab\n",
+    package = FAKE_PACKAGE.replace("from torchmetrics.utilities import imports", "") \
+        if case == "moved" else FAKE_PACKAGE
+    env = _fake_torchmetrics(tmp_path, flags, package)
+    first = {"layout": AS_LIGHTNING, "moved": AS_LIGHTNING, "not_lightning": "import l2lab\n",
              "imported_before": "import torchmetrics, l2lab\n"}[case]
     out = _python(first + REPORT, env)
     assert all(out["flags"].values()), out

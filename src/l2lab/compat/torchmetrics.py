@@ -11,8 +11,10 @@ optional backend it finds installed at module level: torchvision's models and op
 that those backends are missing skips them; l2lab's own torchvision imports (``model=resnet18``,
 ``data=cifar10``) are untouched.
 
-If torchmetrics' layout differs (a flag renamed, the module moved), nothing is changed: the
-import is the plain one, only slower, and ``tests/test_compat.py`` says so.
+If torchmetrics' layout differs (a flag renamed, the module moved), its flags are left as it sets
+them (all or none), so it imports its backends as usual, only slower, and ``tests/test_compat.py``
+says so; the one step that still applies is the package's own ``package_available("scipy")``
+answering False, which in 1.9 guards only an import of ``scipy.signal`` for a back-compat alias.
 """
 
 from __future__ import annotations
