@@ -20,9 +20,12 @@ answering False, which in 1.9 guards only an import of ``scipy.signal`` for a ba
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
-from types import ModuleType
-from typing import Any
+
+TYPE_CHECKING = False  # typing is not imported by ``import l2lab`` otherwise: this stays free
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from types import ModuleType
+    from typing import Any
 
 CHECKED_WITH = "torchmetrics 1.9.0"
 
