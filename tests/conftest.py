@@ -162,6 +162,16 @@ def make_cfg(*overrides: str, tiny: bool = True):
         return compose("train", overrides=[*(TINY if tiny else []), *overrides])
 
 
+def python_c(code: str, *, env: dict | None = None, cwd: Path | None = None,
+             timeout: float = 300) -> str:
+    """The stdout of ``python -c code`` in a fresh interpreter, which must exit 0: for tests whose
+    subject is what a new process imports (``env`` None: this process's environment)."""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       cwd=cwd, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-1000:] + r.stderr[-3000:]
+    return r.stdout
+
+
 def run_cli(module: str, *args: str, cwd: Path, timeout: float = 600, env: dict | None = None,
             **kw) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

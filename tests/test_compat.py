@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import KNOWN, TINY, run_cli
+from conftest import KNOWN, TINY, python_c, run_cli
 from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf, open_dict
 
@@ -207,14 +207,11 @@ def _python(code: str, env: dict | None = None, cwd: Path | None = None) -> dict
     """Run ``code`` in a fresh interpreter (what a process imports is the subject) with warnings
     as errors; it prints one JSON line last."""
     import json
-    import subprocess
 
     full = {**os.environ, "PYTHONWARNINGS": "error", **(env or {})}
     full.pop("MLFLOW_TRACKING_URI", None)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full,
-                       cwd=cwd, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    out = python_c(code, env=full, cwd=cwd, timeout=600)
+    return json.loads(out.strip().splitlines()[-1])
 
 
 LOADED = f"[m for m in {BACKENDS!r} if m in sys.modules]"

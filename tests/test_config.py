@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import make_cfg, run_cli
+from conftest import make_cfg, python_c, run_cli
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -273,8 +273,7 @@ def test_fast_paths_import_neither_torch_lightning_nor_mlflow(tmp_path, args, co
 def test_import_l2lab_stays_light():
     code = ("import sys, l2lab, l2lab.train, l2lab.run.sweep, l2lab.compare, l2lab.reproduce; "
             "print([m for m in ('torch', 'mlflow', 'pandas', 'matplotlib') if m in sys.modules])")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert r.stdout.strip() == "[]", r.stdout + r.stderr
+    assert python_c(code).strip() == "[]"
 
 
 def test_each_rule_is_written_once_and_the_configs_follow_it():

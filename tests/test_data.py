@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import python_c
 
 from l2lab import ConfigError
 from l2lab.core.data import TensorBatches, load_data
@@ -151,8 +152,6 @@ def test_missing_files_say_where_they_were_looked_for(tmp_path):
 def test_digits_are_scikit_learns_arrays_read_without_importing_scikit_learn():
     """The start-up saving (docs/performance.md): the bundled file gives load_digits' arrays,
     and a process that loads the digits never imports scikit-learn or SciPy."""
-    import subprocess
-    import sys
 
     from sklearn.datasets import load_digits
 
@@ -165,6 +164,4 @@ def test_digits_are_scikit_learns_arrays_read_without_importing_scikit_learn():
     code = ("import sys; from l2lab.core.data import load_data; "
             f"load_data({_cfg()!r}); "
             "print(sorted(m for m in ('sklearn', 'scipy') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True)
-    assert out.stdout.strip() == "[]"
+    assert python_c(code).strip() == "[]"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_cfg, run_cli, runs_of
+from conftest import make_cfg, python_c, run_cli, runs_of
 from mlflow.tracking import MlflowClient
 
 from l2lab.core import reference
@@ -389,12 +389,7 @@ def test_reading_runs_imports_neither_torch_nor_lightning():
     code = ("import sys, l2lab, l2lab.tracking.runs, l2lab.compare, l2lab.run.sweep; "
             "l2lab.load_runs; "
             "print(sorted(m for m in ('torch', 'pytorch_lightning') if m in sys.modules))")
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, check=True).stdout
-    assert out.strip() == "[]"
+    assert python_c(code, timeout=120).strip() == "[]"
 
 
 def test_a_longer_resume_is_a_new_run_that_reuse_and_compare_see(tmp_path, store):

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import python_c
 
 from l2lab.report.html import ReportContext, write_report
 from l2lab.report.stats import (
@@ -499,15 +500,10 @@ def test_write_report_empty(tmp_path: Path) -> None:
 
 
 def test_figures_module_leaves_the_backend_alone() -> None:
-    import subprocess
-    import sys
-
     code = ("import matplotlib; matplotlib.use('svg'); "
             "import l2lab.report.html, l2lab.report.figures; "
             "print(matplotlib.get_backend())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout.strip()
-    assert out == "svg"
+    assert python_c(code).strip() == "svg"
 
 
 # --------------------------------------------------------------------------- the HTML report
