@@ -48,7 +48,10 @@ def test_generation_is_deterministic_offline_and_cached(tmp_path, monkeypatch, r
     b = load_data(_data(tmp_path / "b"))  # an independent generation (the module's is another)
     # the generator seeds numpy's and random's global state; loading leaves both as they were
     assert np.array_equal(np.random.get_state()[1], before[0]) and random.getstate() == before[1]
-    (cache,) = (root / "mnist1d").glob("*.npz")
+    # the module's root may also cache other sizes (other tests share it): the file of these
+    # generation arguments is the one the independent generation wrote
+    (fresh,) = (tmp_path / "b" / "mnist1d").glob("*.npz")
+    cache = root / "mnist1d" / fresh.name
 
     # loading the module's root reads its cache: the generator is not called again
     def generator_called(*a, **kw):
