@@ -345,6 +345,65 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, store, client
             assert made[0].info.status == "KILLED" and " KILLED after " in lines[0], delay
 
 
+def test_ctrl_c_before_the_run_is_created_says_nothing_was_recorded(
+        tmp_path, store, client, capsys, monkeypatch):
+    """Under ``main``'s handler, a stop that lands in the job before its run exists (the store
+    being opened) gives the start-up line, not a ``run ?`` line."""
+    from l2lab.run import engine
+
+    def opening(uri, client):
+        signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(engine, "writer_for", opening)
+    with pytest.raises(lifecycle.Interrupted), lifecycle.interrupts():
+        train(make_cfg(f"tracking.uri={store}"), output_dir=tmp_path / "x")
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert lines == [lifecycle.nothing_recorded(signal.SIGINT)]
+    assert runs_of(client) == []
+
+
+@pytest.mark.parametrize("where", ["before the store is written", "after the runs exist"])
+def test_ctrl_c_while_the_run_is_created_kills_that_run_and_names_it(
+        tmp_path, store, client, capsys, monkeypatch, where):
+    """Run creation is whole or absent: a stop that lands while the run is being created (its
+    commit read, or the store just written) waits until the run has its tracker; then the run
+    ends KILLED and the line names it and how to continue it. Fresh-clone CI of stop 37 hit this
+    window by timing and printed ``run ?`` and ``resume=?``, with no run to resume."""
+    from l2lab.run import engine
+    from l2lab.tracking import bulk
+
+    def stop(f):
+        def stopped(*a, **k):
+            if where == "before the store is written":
+                signal.raise_signal(signal.SIGINT)
+            out = f(*a, **k)
+            if where == "after the runs exist":
+                signal.raise_signal(signal.SIGINT)
+            return out
+        return stopped
+
+    if where == "before the store is written":
+        monkeypatch.setattr(engine.tr, "git_commit", stop(engine.tr.git_commit))
+    else:
+        created = bulk.open_writer
+
+        def opening(uri, client):
+            writer = created(uri, client)
+            monkeypatch.setattr(writer, "create_runs", stop(writer.create_runs))
+            return writer
+
+        monkeypatch.setattr(bulk, "open_writer", opening)
+    with pytest.raises(lifecycle.Interrupted):
+        train(make_cfg(f"tracking.uri={store}"), output_dir=tmp_path / "x")
+    (run,) = runs_of(client)
+    rid = run.info.run_id
+    assert run.info.status == "KILLED"
+    assert run.data.tags["l2lab.failure"] == "interrupted (SIGINT)"
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert err[-1].startswith(f"l2lab: run {rid} (") and " KILLED after 0 of " in err[-1]
+    assert err[-1].endswith(lifecycle.resume_command(rid))
+
+
 def test_a_signal_inside_an_import_waits_until_the_import_is_done(tmp_path, monkeypatch):
     """Ctrl-C that lands while a module imports is delivered again once the import is over: the
     module is whole (a half-imported numpy made the next import recurse, and an exception in

@@ -150,8 +150,13 @@ def _killed_line(job: Job, sweep: dict | None, e: BaseException) -> str:
     to continue it."""
     from l2lab.run import lifecycle, resume
 
-    rid = job.tracker.run_id if job.tracker else "?"
-    logged = len(job.tracker.logged_steps("train/loss")) if job.tracker else 0
+    if job.tracker is None:  # stopped before its run was created (engine.fit_jobs opens it)
+        if sweep:
+            label = _job_label(job.name)
+            return f"\nl2lab: {label}: stopped before its run was created ({e.reason})"
+        return f"\n{lifecycle.nothing_recorded(e.signum)}"
+    rid = job.tracker.run_id
+    logged = len(job.tracker.logged_steps("train/loss"))
     epochs = job.cfg.trainer.max_epochs
     if sweep:
         return (f"\nl2lab: {_job_label(job.name)}: run {rid[:8]} KILLED after {logged} of "

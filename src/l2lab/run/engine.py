@@ -418,9 +418,10 @@ def fit_jobs(jobs: Sequence[Job], *, sweep: Mapping | None = None,
 
     with lifecycle.interrupts():
         try:
-            if fresh := [j for j in jobs if j.tracker is None]:
-                open_runs(client, writer, fresh, sweep)
-            opened.extend(jobs)
+            with lifecycle.held():  # a run exists in the store only with its tracker set
+                if fresh := [j for j in jobs if j.tracker is None]:
+                    open_runs(client, writer, fresh, sweep)
+                opened.extend(jobs)
             for job in jobs:
                 if on_open:
                     on_open(job)
