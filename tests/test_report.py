@@ -342,6 +342,45 @@ def test_seeds_needed_known_values() -> None:
     assert seeds_needed(0.1, 0.0) == 2
 
 
+def test_the_t_functions_from_scipy_special_are_scipy_stats_own() -> None:
+    """The report reads Student's t and the noncentral t from scipy.special (scipy.stats costs
+    ~0.9 s to import); every value is scipy.stats', and seeds_needed's answer is the one the
+    noncentral t of scipy.stats gives, over a grid of effects."""
+    from scipy import stats as st
+
+    from l2lab.report import stats
+
+    for df in (1, 2, 3, 7, 29, 120):
+        for q in (0.5, 0.9, 0.975, 0.995):
+            assert stats.t_quantile(df, q) == st.t.ppf(q, df)
+        for t in (0.0, 0.3, -1.7, 2.5, 12.0):
+            assert stats.t_two_sided_p(t, df) == 2 * st.t.sf(abs(t), df)
+    rng = np.random.default_rng(0)
+    for n_a, n_b in ((2, 2), (3, 5), (10, 4)):
+        for _ in range(20):
+            a, b = rng.normal(0, rng.uniform(0.1, 2), n_a), rng.normal(0.5, 1, n_b)
+            want = st.ttest_ind(b, a, equal_var=False).pvalue
+            assert stats.welch_p(a, b) == pytest.approx(want, rel=1e-12, abs=1e-15)
+    for a, b, want in (([1, 1], [1, 1], math.nan), ([1, 1], [2, 2], 0.0),  # no spread
+                       ([1, 1], [2, 3], 0.20483276469913345)):  # scipy's ttest_ind, 1.17.1
+        got = stats.welch_p(np.array(a, float), np.array(b, float))
+        assert got == want or math.isnan(got) and math.isnan(want)
+
+    def scipy_seeds(diff: float, sd: float) -> int | None:  # the former scipy.stats form
+        n = np.arange(2, stats.MAX_SEEDS + 1)
+        crit = st.t.ppf(1 - stats.ALPHA / 2, n - 1)
+        nc = abs(diff) / sd * np.sqrt(n)
+        achieved = st.nct.sf(crit, n - 1, nc) + st.nct.cdf(-crit, n - 1, nc)
+        ok = np.nonzero(achieved >= stats.POWER)[0]
+        return int(n[ok[0]]) if ok.size else None
+
+    checked = 0
+    for d in np.geomspace(0.02, 5, 200):
+        assert seeds_needed(float(d), 1.0) == scipy_seeds(float(d), 1.0), d
+        checked += seeds_needed(float(d), 1.0) is not None
+    assert checked > 100  # the grid reaches answers, not only "no number would"
+
+
 def test_the_closest_rival_decides_and_one_seed_cannot_be_tested() -> None:
     # λ=1 is further in mean than λ=0.3 but far noisier: it is the one the best is hardest to
     # tell from, so it decides (largest p)
