@@ -23,6 +23,7 @@ from l2lab.compat import hydra as ch
 from l2lab.compat import hydra_run_job as rj
 from l2lab.compat import lightning as cl
 from l2lab.compat import mlflow as cm
+from l2lab.compat import mlflow_sqlite as cs
 from l2lab.compat import omegaconf as co
 from l2lab.compat import torchmetrics as ct
 
@@ -95,8 +96,9 @@ def test_known_third_party_warnings_and_others_modules_deprecations_stay_quiet()
     assert [str(w.message) for w in seen] == ["x is deprecated"]
 
 
-@pytest.mark.parametrize("module,dist", [(cm, "mlflow"), (ch, "hydra-core"), (co, "omegaconf"),
-                                         (cl, "pytorch-lightning"), (rj, "hydra-core")])
+@pytest.mark.parametrize("module,dist", [(cm, "mlflow"), (cs, "mlflow"), (ch, "hydra-core"),
+                                         (co, "omegaconf"), (cl, "pytorch-lightning"),
+                                         (rj, "hydra-core")])
 def test_each_compat_module_names_the_minor_version_installed(module, dist):
     """The header's version is the installed minor: a new minor needs this module re-checked."""
     name, checked = module.CHECKED_WITH.split()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import TINY, copy_store, mlflow_server, run_cli, runs_of
+from conftest import TINY, copy_store, mlflow_server, python_c, run_cli, runs_of
 from mlflow.tracking import MlflowClient
 
 from l2lab import compare
@@ -89,6 +89,30 @@ def test_compare_reproduces_the_sweep_table(swept, tmp_path, capsys):
                          str(tmp_path / "d")]) == 0
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "d" / "summary.csv"), sweep_csv)
     assert compare.main(["--tracking-uri", store, "--experiment", "nope"]) == 2
+
+
+def test_compare_reads_sqlite_without_mlflow_and_prints_what_the_client_path_prints(
+        swept, tmp_path, capsys, monkeypatch):
+    """compare on a SQLite store reads its tables directly (compat.mlflow_sqlite): a fresh
+    process never imports MLflow or scipy.stats, and its table, summary and report are those of
+    the MlflowClient path, byte for byte."""
+    _, store, _ = swept
+    code = ("import sys; from l2lab import compare; "
+            f"rc = compare.main(['--tracking-uri', {store!r}, '--out', {str(tmp_path / 'p')!r}]); "
+            "print(rc, [m for m in ('mlflow', 'sqlalchemy', 'scipy.stats') if m in sys.modules])")
+    assert python_c(code).splitlines()[-1] == "0 []"
+    from l2lab.compat import mlflow_sqlite
+
+    outputs = []
+    for direct in (True, False):
+        if not direct:  # the store left to the client
+            monkeypatch.setattr(mlflow_sqlite, "open_reader", lambda db, uri: None)
+        out = tmp_path / "same"
+        assert compare.main(["--tracking-uri", store, "--out", str(out)]) == 0
+        outputs.append((capsys.readouterr().out, (out / "summary.csv").read_bytes(),
+                        (out / "index.html").read_text()))
+    assert outputs[0] == outputs[1]
+    assert "6 runs (s1)" in outputs[0][0]
 
 
 def _post(url: str, body: dict) -> dict:

@@ -1,6 +1,7 @@
 """MLflow's private names and formats that l2lab uses: the bulk SQL writer's
 (``tracking/bulk/sql.py``), a SQLite store's ``runs`` table read directly (run id prefixes), and
-the UI's shared views (the sweep's chart link).
+the UI's shared views (the sweep's chart link). The read-only SQLite reader of ``compare`` and
+``load_runs`` is :mod:`l2lab.compat.mlflow_sqlite`.
 
 Checked against mlflow 3.17.2 (``pyproject.toml``: ``mlflow>=3,<3.18``; the shared views against
 its UI bundle, ``mlflow/server/js/build``). The SQL writer writes MLflow's own ORM tables only

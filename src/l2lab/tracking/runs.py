@@ -228,8 +228,8 @@ def load_runs(experiment: str | None = None, sweep: str | None = None,
     from l2lab.console import quiet_libraries
     from l2lab.tracking import tracker as tr
 
-    quiet_libraries()
-    client = tr.connect(tr.resolve_uri(tracking_uri))
+    quiet_libraries(mlflow=False)  # tr.reader imports MLflow only if it must
+    client = tr.reader(tr.resolve_uri(tracking_uri))
     return to_frame(client, select(client, experiment=experiment, sweep=sweep, run_ids=run_ids))
 
 
@@ -264,6 +264,8 @@ def _histories(client, runs: Sequence, writer=None) -> dict[str, dict[str, list]
     if not ids:
         return {}
     uri = getattr(client, "tracking_uri", None)
+    if writer is None and hasattr(client, "metric_histories"):  # connection.reader's: no MLflow
+        writer = client
     if writer is None and isinstance(uri, str) and uri:
         from l2lab.tracking.bulk import open_writer
 

@@ -31,6 +31,7 @@ from l2lab.tracking.connection import (  # noqa: F401  (re-exported: the store's
     epoch_chunks,
     experiment_id,
     one_line,
+    reader,
     sqlite_path,
 )
 

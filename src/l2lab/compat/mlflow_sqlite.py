@@ -1,0 +1,248 @@
+"""A SQLite MLflow store read with the standard library's ``sqlite3``, without importing MLflow.
+
+``compare`` and ``load_runs`` only read. Through ``MlflowClient`` they first import MLflow and
+open its SQLAlchemy store: about 2.6 s of CPU before the first row, more than the whole report of
+a 24-run sweep takes to draw. :class:`SqliteReader` answers the few client calls they make
+(``search_experiments``, ``get_experiment``, ``search_runs`` by tag equality and start time,
+``get_run``, ``get_metric_history``, and the bulk writer's ``metric_histories``) with MLflow's
+values, order and types, from MLflow's own tables (``experiments``, ``experiment_tags``,
+``runs``, ``tags``, ``params``, ``latest_metrics``, ``metrics``).
+
+Those tables are MLflow's private schema. :func:`open_reader` reads only a database at an alembic
+revision listed in :data:`KNOWN_REVISIONS` (the ones ``tests/test_sqlite_reader.py`` compares,
+value for value, with the public client), in the default workspace; anything else gets ``None``
+and the caller uses the client. A new MLflow whose head is not listed fails that test first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CHECKED_WITH = "mlflow 3.17.2"
+#: Alembic revisions whose tables this module was checked against (mlflow 3.17.2's head).
+KNOWN_REVISIONS = frozenset({"dc11669786a5"})
+DEFAULT_WORKSPACE = "default"
+_IN_CHUNK = 500  # run ids per IN (...): well inside SQLite's 32766 bound variables
+
+
+@dataclass(frozen=True)
+class Metric:
+    """As ``mlflow.entities.Metric`` (NaN as NaN, ±inf as MLflow stores it: ±1.8e308)."""
+
+    key: str
+    value: float
+    timestamp: int
+    step: int
+
+
+@dataclass
+class RunInfo:
+    run_id: str
+    run_name: str
+    experiment_id: str
+    user_id: str | None
+    status: str
+    start_time: int | None
+    end_time: int | None
+    lifecycle_stage: str
+    artifact_uri: str | None
+
+    @property
+    def run_uuid(self) -> str:
+        return self.run_id
+
+
+@dataclass
+class RunData:
+    metrics: dict[str, float] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    info: RunInfo
+    data: RunData
+
+
+@dataclass
+class Experiment:
+    experiment_id: str
+    name: str
+    artifact_location: str | None
+    lifecycle_stage: str
+    tags: dict[str, str]
+
+
+class NotFound(LookupError):
+    """A run or experiment id that the store does not hold (MLflow: RESOURCE_DOES_NOT_EXIST)."""
+
+
+# ``tags.key = 'value'`` or ``tags.`key` = 'value'``, joined by ``and``: the filters l2lab's
+# readers pass (run.sweep.sweep_children, tracking.runs.select).
+_TAG_EQ = re.compile(r"\s*tags\.(?:`([^`]+)`|([\w.]+))\s*=\s*'([^']*)'\s*", re.IGNORECASE)
+_ORDER = re.compile(r"\s*attributes\.start_time(?:\s+(ASC|DESC))?\s*", re.IGNORECASE)
+
+
+def _tag_filters(filter_string: str) -> list[tuple[str, str]]:
+    if not filter_string.strip():
+        return []
+    out = []
+    for part in re.split(r"\s+and\s+", filter_string.strip(), flags=re.IGNORECASE):
+        m = _TAG_EQ.fullmatch(part)
+        if m is None:
+            raise NotImplementedError(f"SqliteReader filters by tag equality only: {part!r}")
+        out.append((m.group(1) or m.group(2), m.group(3)))
+    return out
+
+
+def _chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
+    for i in range(0, len(items), _IN_CHUNK):
+        yield items[i:i + _IN_CHUNK]
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+def _value(value: float | None, is_nan: int) -> float:
+    return math.nan if is_nan else float(value)  # as SqlMetric.to_mlflow_entity
+
+
+class SqliteReader:
+    """The read calls of ``MlflowClient`` that reports make, on one SQLite store, read-only."""
+
+    def __init__(self, db: Path, uri: str) -> None:
+        self.db, self.tracking_uri = db, uri
+        self._con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=60,
+                                    check_same_thread=False)
+
+    def close(self) -> None:
+        self._con.close()
+
+    # -- experiments -------------------------------------------------------------------------
+    def search_experiments(self) -> list[Experiment]:
+        """The active experiments (as ``search_experiments()``'s default view)."""
+        rows = self._con.execute(
+            "SELECT experiment_id, name, artifact_location, lifecycle_stage FROM experiments "
+            "WHERE lifecycle_stage = 'active' ORDER BY creation_time DESC, experiment_id")
+        return self._experiments(rows.fetchall())
+
+    def get_experiment(self, experiment_id: str) -> Experiment:
+        rows = self._con.execute(
+            "SELECT experiment_id, name, artifact_location, lifecycle_stage FROM experiments "
+            "WHERE experiment_id = ?", (int(experiment_id),)).fetchall()
+        if not rows:
+            raise NotFound(f"no experiment {experiment_id} in {self.tracking_uri}")
+        return self._experiments(rows)[0]
+
+    def _experiments(self, rows: list[tuple]) -> list[Experiment]:
+        tags: dict[int, dict[str, str]] = {r[0]: {} for r in rows}
+        for exp, key, value in self._con.execute(
+                f"SELECT experiment_id, key, value FROM experiment_tags WHERE experiment_id IN "
+                f"({_marks(len(tags))})", list(tags)):
+            tags[exp][key] = value
+        return [Experiment(str(e), name, loc, stage, tags[e]) for e, name, loc, stage in rows]
+
+    # -- runs --------------------------------------------------------------------------------
+    def search_runs(self, experiment_ids: Sequence[str], filter_string: str = "",
+                    order_by: Sequence[str] | None = None, max_results: int = 1000) -> list[Run]:
+        """Active runs of the experiments whose tags equal the filter's values, ordered as
+        ``SqlAlchemyStore`` orders them: by start time (NULL last), then by run id."""
+        if not experiment_ids:
+            return []
+        direction = "DESC"
+        for clause in order_by or []:
+            m = _ORDER.fullmatch(clause)
+            if m is None:
+                raise NotImplementedError(f"SqliteReader orders by start time only: {clause!r}")
+            direction = (m.group(1) or "ASC").upper()
+        where, args = ["lifecycle_stage = 'active'",
+                       f"experiment_id IN ({_marks(len(experiment_ids))})"], \
+            [int(e) for e in experiment_ids]
+        for key, value in _tag_filters(filter_string):
+            where.append("run_uuid IN (SELECT run_uuid FROM tags WHERE key = ? AND value = ?)")
+            args += [key, value]
+        ids = [r for (r,) in self._con.execute(
+            f"SELECT run_uuid FROM runs WHERE {' AND '.join(where)} ORDER BY "
+            f"CASE WHEN start_time IS NULL THEN 1 ELSE 0 END, start_time {direction}, run_uuid "
+            f"LIMIT ?", [*args, int(max_results)])]
+        return self._runs(ids)
+
+    def get_run(self, run_id: str) -> Run:
+        found = self._runs([run_id])
+        if not found:
+            raise NotFound(f"no run {run_id} in {self.tracking_uri}")
+        return found[0]
+
+    def _runs(self, ids: Sequence[str]) -> list[Run]:
+        runs: dict[str, Run] = {}
+        for chunk in _chunks(ids):
+            marks = _marks(len(chunk))
+            for (rid, name, exp, user, status, start, end, stage, art) in self._con.execute(
+                    "SELECT run_uuid, name, experiment_id, user_id, status, start_time, "
+                    f"end_time, lifecycle_stage, artifact_uri FROM runs WHERE run_uuid IN "
+                    f"({marks})", list(chunk)):
+                runs[rid] = Run(RunInfo(rid, name, str(exp), user, status, start, end, stage,
+                                        art), RunData())
+            for rid, key, value in self._con.execute(
+                    f"SELECT run_uuid, key, value FROM tags WHERE run_uuid IN ({marks})", chunk):
+                runs[rid].data.tags[key] = value
+            for rid, key, value in self._con.execute(
+                    f"SELECT run_uuid, key, value FROM params WHERE run_uuid IN ({marks})",
+                    chunk):
+                runs[rid].data.params[key] = value
+            for rid, key, value, is_nan in self._con.execute(
+                    "SELECT run_uuid, key, value, is_nan FROM latest_metrics WHERE run_uuid IN "
+                    f"({marks})", chunk):
+                runs[rid].data.metrics[key] = _value(value, is_nan)
+        for run in runs.values():  # as SqlRun.to_mlflow_entity
+            if not run.info.run_name:
+                run.info.run_name = run.data.tags.get("mlflow.runName", run.info.run_name)
+        return [runs[r] for r in ids if r in runs]
+
+    # -- metric histories --------------------------------------------------------------------
+    def get_metric_history(self, run_id: str, key: str) -> list[Metric]:
+        return self.metric_histories([run_id], [key])[run_id][key]
+
+    def metric_histories(self, run_ids: Sequence[str], keys: Sequence[str]
+                         ) -> dict[str, dict[str, list[Metric]]]:
+        """``{run_id: {key: [Metric, ...]}}``: every stored row, per run and key in the order of
+        ``SqlAlchemyStore.get_metric_history`` (as ``bulk.RunWriter.metric_histories``)."""
+        run_ids, keys = list(dict.fromkeys(run_ids)), list(dict.fromkeys(keys))
+        out: dict[str, dict[str, list[Metric]]] = {r: {k: [] for k in keys} for r in run_ids}
+        if not keys:
+            return out
+        for chunk in _chunks(run_ids):
+            for rid, key, value, ts, step, is_nan in self._con.execute(
+                    "SELECT run_uuid, key, value, timestamp, step, is_nan FROM metrics WHERE "
+                    f"run_uuid IN ({_marks(len(chunk))}) AND key IN ({_marks(len(keys))}) "
+                    "ORDER BY run_uuid, key, timestamp, step, value", [*chunk, *keys]):
+                out[rid][key].append(Metric(key, _value(value, is_nan), ts, step))
+        return out
+
+
+def open_reader(db: Path, uri: str) -> SqliteReader | None:
+    """A reader on ``db``, or ``None`` when the client must read it: no such file, not an
+    MLflow store, a schema revision not in :data:`KNOWN_REVISIONS`, or experiments outside the
+    default workspace."""
+    if not db.is_file():
+        return None
+    reader = SqliteReader(db, uri)
+    try:
+        (revision,) = reader._con.execute("SELECT version_num FROM alembic_version").fetchone()
+        workspaces = {w for (w,) in reader._con.execute(
+            "SELECT DISTINCT workspace FROM experiments")}
+    except (sqlite3.Error, TypeError, ValueError):  # not (yet) an MLflow store, or no workspaces
+        revision, workspaces = None, set()
+    if revision not in KNOWN_REVISIONS or workspaces - {DEFAULT_WORKSPACE, None}:
+        with contextlib.suppress(sqlite3.Error):
+            reader.close()
+        return None
+    return reader
