@@ -379,7 +379,7 @@ class SweepCallback(Callback):
         exp, base = info["experiment_id"], ui.ui_base(info["tracking_uri"])
         failed = True
         try:
-            runs = sweep_children(client, info)
+            runs = sweep_children(tr.reader(info["tracking_uri"]), info)  # sqlite3 when it can
             notes = []
             best = optuna_best(sweep_dir)
             if best:
