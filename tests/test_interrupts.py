@@ -420,3 +420,43 @@ def test_a_signal_inside_an_import_waits_until_the_import_is_done(tmp_path, monk
         time.sleep(5)  # the signal, sent again, arrives here
     assert sys.modules["slow_import"].WHOLE and stop.value.signum == signal.SIGINT
     assert 0.3 <= time.monotonic() - started < 5
+
+
+PROGRAM = """
+import atexit, logging, sys, threading, time
+from l2lab.run.lifecycle import run_as_program
+out = sys.argv[1]
+log = logging.getLogger("p")
+log.addHandler(logging.FileHandler(out + ".log"))  # buffered until logging's atexit flush
+log.setLevel(logging.INFO)
+log.info("the last line")
+atexit.register(lambda: open(out + ".atexit", "w").write("ran"))
+kind = sys.argv[2]
+if kind == "thread":  # a non-daemon thread still running: Python's exit waits for it
+    threading.Thread(target=lambda: (time.sleep(0.5), open(out + ".thread", "w").write("done"))
+                     ).start()
+def main():
+    print("said", flush=False)  # in stdout's buffer when main returns
+    if kind == "message":
+        sys.exit("a message")
+    return 3
+run_as_program(main)
+"""
+
+
+@pytest.mark.parametrize("kind, code", [("code", 3), ("message", 1), ("thread", 3)])
+def test_a_program_ends_without_teardown_but_after_its_exit_handlers(tmp_path, kind, code):
+    """``run_as_program`` (the console scripts, ``python -m l2lab.<command>``) skips the
+    interpreter's teardown (2.8 s after a single run's last line) yet keeps what a normal exit
+    does: the status, a ``sys.exit`` message, buffered output, logging's file, ``atexit``
+    handlers, and the wait for a non-daemon thread."""
+    out = str(tmp_path / "p")
+    r = subprocess.run([sys.executable, "-c", PROGRAM, out, kind], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == code, r.stderr
+    assert r.stdout == "said\n"
+    assert r.stderr == ("a message\n" if kind == "message" else "")
+    assert open(out + ".log").read() == "the last line\n"
+    assert open(out + ".atexit").read() == "ran"
+    if kind == "thread":
+        assert open(out + ".thread").read() == "done"

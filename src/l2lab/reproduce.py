@@ -239,5 +239,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def program() -> None:
+    """The console script: :func:`main` as the whole process (``lifecycle.run_as_program``)."""
+    from l2lab.run.lifecycle import run_as_program
+
+    run_as_program(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    program()

@@ -349,5 +349,12 @@ def _main(argv: list[str]) -> None:
         sys.exit(sweep.stopped(getattr(e, "signum", signal.SIGINT)))
 
 
+def program() -> None:
+    """The console script: :func:`main` as the whole process (``lifecycle.run_as_program``)."""
+    from l2lab.run.lifecycle import run_as_program
+
+    run_as_program(main)
+
+
 if __name__ == "__main__":
-    main()
+    program()

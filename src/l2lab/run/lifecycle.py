@@ -133,3 +133,39 @@ def resume_command(run_id: str) -> str:
     """A resume command that works when pasted into any shell: the interpreter that ran this
     one, by its full path, so no virtualenv needs to be active."""
     return f"{sys.executable} -m l2lab.train resume={run_id}"
+
+
+def run_as_program(main: Callable[[], int | None]) -> None:
+    """Run a command's ``main`` as the whole process and end it without the interpreter's
+    teardown (:func:`exit_without_teardown`): the ``l2lab-*`` console scripts and ``python -m
+    l2lab.<command>``. In-process callers (tests, notebooks) call ``main`` itself. An exception
+    other than ``SystemExit`` ends the process as Python does (its traceback, a full teardown)."""
+    try:
+        code = main()
+    except SystemExit as e:
+        code = e.code
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # as sys.exit("message"): printed, status 1
+        print(code, file=sys.stderr)
+        code = 1
+    exit_without_teardown(code)
+
+
+def exit_without_teardown(code: int) -> None:
+    """Exit with ``code`` after the ``atexit`` handlers (logging's flush and close, MLflow's,
+    multiprocessing's, ``weakref.finalize``), skipping the interpreter's teardown of its modules:
+    with torch, Lightning and MLflow loaded that teardown alone took 2.8 s after a single run's
+    last line on the 2-core CPU (``docs/performance.md``). Everything the command writes is
+    closed or committed by then (a SQLite transaction not committed is rolled back either way).
+    While another non-daemon thread runs, Python's own exit (which waits for it) is used."""
+    import atexit
+
+    if any(t.is_alive() and not t.daemon and t is not threading.main_thread()
+           for t in threading.enumerate()):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
