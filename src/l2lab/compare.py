@@ -168,6 +168,7 @@ def report_context(client, runs: list, label: str, uri: str, argv: list[str] | N
                          links=ui.UiLinks(ui.ui_base(uri), views), parent=shown,
                          commands=commands)
 
+
 def program() -> None:
     """The console script: :func:`main` as the whole process (``lifecycle.run_as_program``)."""
     from l2lab.run.lifecycle import run_as_program
