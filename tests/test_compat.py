@@ -145,20 +145,20 @@ def test_mlflow_runs_table_read_by_id_prefix_as_the_client_sees_it(tmp_path):
     db = tmp_path / "mlflow.db"
     assert {"run_uuid", "name", "status", "lifecycle_stage", "start_time"} <= set(
         cm.sql_models().Run.__table__.columns.keys())
-    got = cm.sqlite_runs_with_prefix(db, "")
+    got = cs.sqlite_runs_with_prefix(db, "")
     assert got == [(runs[0].run_id, "r0", "RUNNING"), (runs[1].run_id, "r1", "FAILED")]
     for r in runs[:2]:
         want = [(x.info.run_id, x.info.run_name, x.info.status) for x in client.search_runs(
             [exp], filter_string=f"attributes.run_id LIKE '{r.run_id[:6]}%'")]
-        assert cm.sqlite_runs_with_prefix(db, r.run_id[:6]) == want
-    assert cm.sqlite_runs_with_prefix(db, runs[2].run_id) == []  # deleted
-    assert cm.sqlite_runs_with_prefix(db, "g") == []
-    assert cm.sqlite_runs_with_prefix(tmp_path / "absent.db", "") == []
+        assert cs.sqlite_runs_with_prefix(db, r.run_id[:6]) == want
+    assert cs.sqlite_runs_with_prefix(db, runs[2].run_id) == []  # deleted
+    assert cs.sqlite_runs_with_prefix(db, "g") == []
+    assert cs.sqlite_runs_with_prefix(tmp_path / "absent.db", "") == []
     import sqlite3
 
     with sqlite3.connect(tmp_path / "other.db") as con:
         con.execute("CREATE TABLE t (x)")
-    assert cm.sqlite_runs_with_prefix(tmp_path / "other.db", "") == []
+    assert cs.sqlite_runs_with_prefix(tmp_path / "other.db", "") == []
 
 
 def test_mlflow_validation_and_run_names():

@@ -1,7 +1,7 @@
 """MLflow's private names and formats that l2lab uses: the bulk SQL writer's
-(``tracking/bulk/sql.py``), a SQLite store's ``runs`` table read directly (run id prefixes), and
-the UI's shared views (the sweep's chart link). The read-only SQLite reader of ``compare`` and
-``load_runs`` is :mod:`l2lab.compat.mlflow_sqlite`.
+(``tracking/bulk/sql.py``) and the UI's shared views (the sweep's chart link). A SQLite store's
+tables read without MLflow (``compare``, ``load_runs``, run id prefixes) are
+:mod:`l2lab.compat.mlflow_sqlite`.
 
 Checked against mlflow 3.17.2 (``pyproject.toml``: ``mlflow>=3,<3.18``; the shared views against
 its UI bundle, ``mlflow/server/js/build``). The SQL writer writes MLflow's own ORM tables only
@@ -13,10 +13,7 @@ checked in chromium by ``tests/test_shared_view.py``.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sqlite3
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -108,28 +105,6 @@ def check_all() -> None:
         _validate_param,
         _validate_tag,
     )
-
-
-# --------------------------------------------------------------------------- run ids by prefix
-# MLflow's ``runs`` table, read with the standard library's sqlite3 and without importing MLflow:
-# a mistyped run id is answered in well under a second (design.md §6), where the client would
-# first import MLflow and open the store (seconds). The public search would do (``search_runs``
-# with ``attributes.run_id LIKE``), and does for other stores.
-
-
-def sqlite_runs_with_prefix(db: Path, prefix: str) -> list[tuple[str, str, str]]:
-    """(run id, name, status) of the active runs of the SQLite store ``db`` whose id starts with
-    ``prefix`` (lowercase hex), oldest first; ``[]`` for a missing file or a database that is not
-    (yet) an MLflow store."""
-    if not db.exists():
-        return []
-    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)) as con:
-        try:
-            return [tuple(r) for r in con.execute(
-                "SELECT run_uuid, name, status FROM runs WHERE run_uuid LIKE ? "
-                "AND lifecycle_stage = 'active' ORDER BY start_time", (prefix + "%",))]
-        except sqlite3.OperationalError:  # not (yet) an MLflow store
-            return []
 
 
 # --------------------------------------------------------------------------- shared views

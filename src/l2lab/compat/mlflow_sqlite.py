@@ -7,6 +7,7 @@ a 24-run sweep takes to draw. :class:`SqliteReader` answers the few client calls
 ``get_run``, ``get_metric_history``, and the bulk writer's ``metric_histories``) with MLflow's
 values, order and types, from MLflow's own tables (``experiments``, ``experiment_tags``,
 ``runs``, ``tags``, ``params``, ``latest_metrics``, ``metrics``).
+:func:`sqlite_runs_with_prefix` answers a mistyped run id the same way, for every command.
 
 Those tables are MLflow's private schema. :func:`open_reader` reads only a database at an alembic
 revision listed in :data:`KNOWN_REVISIONS` (the ones ``tests/test_sqlite_reader.py`` compares,
@@ -246,3 +247,25 @@ def open_reader(db: Path, uri: str) -> SqliteReader | None:
             reader.close()
         return None
     return reader
+
+
+# --------------------------------------------------------------------------- run ids by prefix
+# MLflow's ``runs`` table, read with the standard library's sqlite3 and without importing MLflow:
+# a mistyped run id is answered in well under a second (design.md §6), where the client would
+# first import MLflow and open the store (seconds). The public search would do (``search_runs``
+# with ``attributes.run_id LIKE``), and does for other stores.
+
+
+def sqlite_runs_with_prefix(db: Path, prefix: str) -> list[tuple[str, str, str]]:
+    """(run id, name, status) of the active runs of the SQLite store ``db`` whose id starts with
+    ``prefix`` (lowercase hex), oldest first; ``[]`` for a missing file or a database that is not
+    (yet) an MLflow store."""
+    if not db.exists():
+        return []
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)) as con:
+        try:
+            return [tuple(r) for r in con.execute(
+                "SELECT run_uuid, name, status FROM runs WHERE run_uuid LIKE ? "
+                "AND lifecycle_stage = 'active' ORDER BY start_time", (prefix + "%",))]
+        except sqlite3.OperationalError:  # not (yet) an MLflow store
+            return []

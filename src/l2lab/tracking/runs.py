@@ -362,9 +362,9 @@ def _runs_with_prefix(prefix: str, uri: str) -> list[tuple[str, str, str]]:
 
     db = sqlite_path(uri)
     if db is not None:
-        from l2lab.compat import mlflow as cm
+        from l2lab.compat import mlflow_sqlite as cs
 
-        return cm.sqlite_runs_with_prefix(db, prefix)
+        return cs.sqlite_runs_with_prefix(db, prefix)
     from l2lab.tracking.tracker import connect
 
     client = connect(uri)
