@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import TINY, make_cfg, runs_of
+from conftest import TEST_THREADS, TINY, make_cfg, runs_of
 
 from l2lab.core.stacked import epochs_done
 from l2lab.run import lifecycle
@@ -227,8 +227,10 @@ def test_a_stopped_sweep_continues_with_its_one_command(tmp_path, store, client,
     assert not [r for r in runs_of(client) if r.info.status == "RUNNING"]
     commands = [ln.strip() for ln in out.splitlines() if "-m l2lab.train" in ln]
     assert len(commands) == 1 and f"hydra.sweep.dir={tmp_path}/multirun/s" in commands[0], out
-    # pasted into a shell without the virtualenv on its PATH
+    # pasted into a shell without the virtualenv on its PATH; with the suite's torch threads,
+    # since the comparison below is exact and CPU rounding follows the thread count
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "L2LAB_PROGRESS": "0",
+           **{key: os.environ[key] for key in TEST_THREADS},
            **({"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {})}
     again = subprocess.run(["bash", "-c", commands[0]], cwd="/", env=env, text=True,
                            capture_output=True, timeout=300)
