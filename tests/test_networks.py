@@ -272,17 +272,32 @@ def test_dropout_streams_saved_mid_training_go_on_in_a_fresh_stack_network_by_ne
                           nn.Linear(16, 3)),
     lambda: nn.Sequential(nn.Conv1d(2, 4, 3, padding=1, padding_mode="circular"),
                           nn.BatchNorm1d(4), nn.ReLU(), nn.Flatten(), nn.Linear(32, 3)),
-], ids=["conv2d-groups-norms", "conv1d-circular-bn"])
+    # 5 rows × 3 units: 15 elements, a CPU kernel's vector block and scalar tail, which round
+    # differently for these four (over all 3 networks' rows at once, 45, the split is another)
+    lambda: nn.Sequential(nn.Linear(6, 3), nn.Sigmoid(), nn.Linear(3, 3), nn.SiLU(),
+                          nn.Linear(3, 3), nn.ELU(), nn.Linear(3, 3), nn.Softplus(),
+                          nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3), nn.GELU(),
+                          nn.Linear(3, 3)),
+], ids=["conv2d-groups-norms", "conv1d-circular-bn", "smooth-activations"])
 def test_each_stacked_leaf_computes_its_own_network_exactly(make):
     torch.manual_seed(0)
     nets = [make() for _ in range(3)]
-    shape = (2, 4, 4) if isinstance(nets[0][0], nn.Conv2d) else (2, 8)
+    shape = {nn.Conv2d: (2, 4, 4), nn.Conv1d: (2, 8), nn.Linear: (6,)}[type(nets[0][0])]
     stacked = stack_networks(nets, _gens(3), torch.randn(8, *shape))
     for step in range(2):  # training mode twice (running statistics), then eval
         xs = [torch.randn(5, *shape) for _ in nets]
         out = stacked(torch.cat(xs))
+        grads = torch.randn_like(out)
+        out.backward(grads)
         for i, (net, x) in enumerate(zip(nets, xs, strict=True)):
-            assert torch.equal(out[5 * i:5 * (i + 1)], net(x)), (step, i)
+            own = net(x)
+            assert torch.equal(out[5 * i:5 * (i + 1)], own), (step, i)
+            own.backward(grads[5 * i:5 * (i + 1)])  # and each weight's gradient, exactly
+            for name, p in net.named_parameters():
+                assert torch.equal(stacked.get_parameter(name).grad[i], p.grad), (step, name)
+        stacked.zero_grad()
+        for net in nets:
+            net.zero_grad()
     stacked.eval()
     xs = [torch.randn(5, *shape) for _ in nets]
     out = stacked(torch.cat(xs))

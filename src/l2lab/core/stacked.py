@@ -371,6 +371,46 @@ class StackedEmbedding(nn.Module):
                           for xi, w in zip(xs, self.weight.unbind(0), strict=True)])
 
 
+#: Elementwise activations that a stack runs network by network on CPU (:class:`PerNetwork`).
+#: ReLU, LeakyReLU, Hardtanh and their kind are exact (a comparison, a clamp, one
+#: multiplication): they round alike wherever an element falls, so they run over all rows.
+SMOOTH_ACTIVATIONS: tuple[type[nn.Module], ...] = (
+    nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU, nn.Mish, nn.ELU, nn.CELU, nn.SELU, nn.Softplus,
+    nn.Softsign, nn.LogSigmoid, nn.Hardsigmoid, nn.Hardswish, nn.Tanhshrink)
+
+
+class PerNetwork(nn.Module):
+    """An elementwise activation applied to each network's rows on their own, on CPU.
+
+    ATen's CPU kernels compute a tensor in vector blocks and its last elements (fewer than a
+    block) in scalar code, and for sigmoid, SiLU, ELU or softplus the two round differently
+    (seen with AVX2 and AVX-512). Over the K·B rows at once a network's last elements fall in a
+    vector block where its ordinary run computes them as the tail, so the stack would drift
+    from it in the last bit; per network each tensor is the ordinary run's, and so is its
+    rounding. Networks of other widths: each at its own width (``Widths``), padded with zeros
+    after. On CUDA one kernel runs over all rows (GPU stacks agree within rounding anyway).
+    """
+
+    def __init__(self, fn: nn.Module, k: int, widths: Widths | None = None) -> None:
+        super().__init__()
+        self.fn = fn
+        self.k = k
+        self.widths = widths
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return self.fn(x)
+        rows = x.reshape(self.k, -1, *x.shape[1:]).unbind(0)
+        if self.widths is not None and self.widths.current is not None:
+            own, padded = self.widths.current
+            if x.shape[1] != padded:
+                raise NotStackable("an activation whose input is not the padded layer's output "
+                                   "before it (networks of other widths)")
+            return torch.cat([_pad_channels(self.fn(_cut_channels(xi, n)), padded)
+                              for xi, n in zip(rows, own, strict=True)])
+        return torch.cat([self.fn(xi) for xi in rows])
+
+
 def _as_stack_of_one(module: nn.Module) -> None:
     """Make ``module`` (any module, with its children) a stack of one in place: each parameter
     and buffer gains a leading dimension of 1, as every stacked layer's, and its own ``forward``
@@ -497,6 +537,8 @@ def _stacked_leaf(module: nn.Module, members: list[nn.Module],
         return StackedConv(members, widths)
     if type(module) is nn.Dropout:
         return StackedDropout([m.p for m in members], generators, widths)
+    if isinstance(module, SMOOTH_ACTIVATIONS) and len(members) > 1:
+        return PerNetwork(module, len(members), widths)
     shapes = {tuple(tuple(t.shape) for t in [*m.parameters(recurse=False),
                                               *m.buffers(recurse=False)]) for m in members}
     if len(shapes) > 1:
