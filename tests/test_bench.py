@@ -60,7 +60,8 @@ def test_bench_prints_one_json_object_and_every_side_trains_what_train_trains(tm
     assert result["harness"]["final_train_ce"] == ordinary["train/ce"]
     assert result["harness"]["final_val_ce"] == ordinary["val/ce"]
     env = result["env"]
-    assert {"torch", "lightning", "device_name", "cpu_count", "torch_threads"} <= set(env)
+    assert {"torch", "lightning", "device_name", "cpu_count", "torch_threads",
+            "cpu_capability"} <= set(env)
     assert not (cwd / "mlruns").exists()  # the bench's store is temporary
 
 

@@ -272,6 +272,7 @@ def test_every_run_records_its_environment_and_reproduce_says_what_changed(
     assert env["torch"] == torch.__version__ and env["torch_threads"] == \
         str(torch.get_num_threads())
     assert env["device"] == "cpu" and env["git_dirty"] in ("true", "false")
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # AVX2, AVX512...
     assert "torch.use_deterministic_algorithms=" in env["deterministic"]
     if env["git_dirty"] == "true":  # the uncommitted changes, as an artifact
         diff = client.download_artifacts(rid, environment.DIFF_ARTIFACT, str(tmp_path))
@@ -281,12 +282,14 @@ def test_every_run_records_its_environment_and_reproduce_says_what_changed(
     # a run made elsewhere: another thread count and torch build, a dirty tree
     client.set_tag(rid, "l2lab.env.torch_threads", "999")
     client.set_tag(rid, "l2lab.env.torch", "1.0.0")
+    client.set_tag(rid, "l2lab.env.cpu_capability", "VSX")
     assert reproduce.main([rid[:8], "--check", "--tracking-uri", store,
                            "--out", str(tmp_path / "again")]) == 0
     out = capsys.readouterr().out
     assert "environment: differs from the run's" in out
-    assert f"torch_threads  logged 999  |  now {torch.get_num_threads()}" in out
+    assert f"torch_threads   logged 999  |  now {torch.get_num_threads()}" in out  # aligned
     assert f"logged 1.0.0  |  now {torch.__version__}" in out
+    assert f"cpu_capability  logged VSX  |  now {env['cpu_capability']}" in out
     assert out.index("environment:") < out.index("reproduced ")  # said before comparing
     assert "yet the results agree" in out
     # had the numbers differed, the verdict says the environment can explain it

@@ -276,12 +276,15 @@ def environment(device: torch.device) -> dict[str, Any]:
         name = found.group(1).strip() if found else (platform.processor() or platform.machine())
     import mlflow
 
+    from l2lab.tracking.environment import cpu_capability
+
     return {"python": platform.python_version(), "torch": torch.__version__,
             "lightning": pl.__version__, "mlflow": mlflow.__version__, "device": str(device),
             "device_name": name, "cpu_count": os.cpu_count(),
             "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
             else None,
-            "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+            "torch_threads": torch.get_num_threads(), "cpu_capability": cpu_capability(),
+            "platform": platform.platform(),
             "load_avg_1m_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 

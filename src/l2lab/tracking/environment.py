@@ -3,10 +3,11 @@
 MLflow records the git commit (``mlflow.source.git.commit``, which the harness sets for every
 run); this adds what decides whether numbers can be reproduced exactly: whether the tree had
 uncommitted changes (and the diff, as the artifact ``environment/git.diff``), the versions of
-Python and the libraries that train and record, the device with its CUDA and cuDNN, torch's
-thread count (a CPU sum splits by it) and the deterministic flags. Computed once per process and
-stack, not per job: a vectorized stack's K runs share it. ``reproduce --check`` prints what
-differs from today's environment, and whether that can explain a mismatch.
+Python and the libraries that train and record, the device with its CUDA and cuDNN, the CPU's
+vector instruction set torch's kernels run (AVX2 and AVX-512 round some functions differently),
+torch's thread count (a CPU sum splits by it) and the deterministic flags. Computed once per
+process and stack, not per job: a vectorized stack's K runs share it. ``reproduce --check``
+prints what differs from today's environment, and whether that can explain a mismatch.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ PREFIX = "l2lab.env."
 DIFF_ARTIFACT = "environment/git.diff"
 MAX_DIFF_CHARS = 1_000_000
 #: Keys whose change can move a CPU run's numbers (the others are recorded for the record).
-NUMERIC = ("torch", "torch_threads", "device", "cuda", "cudnn", "deterministic",
-           "git_dirty", "git_diff_sha", "lightning", "python", "machine")
+NUMERIC = ("torch", "torch_threads", "cpu_capability", "device", "cuda", "cudnn",
+           "deterministic", "git_dirty", "git_diff_sha", "lightning", "python", "machine")
 _PACKAGES = {"torch": "torch", "lightning": "pytorch-lightning", "hydra": "hydra-core",
              "omegaconf": "omegaconf", "mlflow": "mlflow", "numpy": "numpy"}
 
@@ -64,6 +65,18 @@ def device(accelerator: str = "auto") -> str:
     return "cpu"
 
 
+def cpu_capability() -> str:
+    """The vector instruction set torch's CPU kernels dispatch to (``AVX2``, ``AVX512``,
+    ``DEFAULT``...): a kernel computes a tensor in vector blocks and its tail in scalar code, and
+    where the two round differently (sigmoid, SiLU, softplus) the block width changes the bits."""
+    import torch
+
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):  # an older torch
+        return "unknown"
+
+
 def tags(trainer: Mapping[str, Any] | None = None) -> dict[str, str]:
     """The environment as run tags (``l2lab.env.*``): one call per stack. ``trainer``: the
     run's trainer settings (its ``accelerator`` and ``deterministic`` are recorded)."""
@@ -83,6 +96,7 @@ def tags(trainer: Mapping[str, Any] | None = None) -> dict[str, str]:
         "device": device(trainer.get("accelerator", "auto")),
         "cuda": str(cuda or "none"), "cudnn": str(cudnn or "none"),
         "torch_threads": str(torch.get_num_threads()),
+        "cpu_capability": cpu_capability(),
         "deterministic": (f"trainer.deterministic={trainer.get('deterministic')}, "
                           f"torch.use_deterministic_algorithms="
                           f"{torch.are_deterministic_algorithms_enabled()}, "
@@ -115,8 +129,8 @@ def verdict(diffs: list[tuple[str, str, str]], metrics_differ: bool) -> str:
     if metrics_differ and numeric:
         return (f"The environment differs in what can change the numbers ({shown}): that can "
                 "explain the mismatch. CPU results are exact only with the same torch build, "
-                "thread count (torch.set_num_threads) and code; re-run there to tell a bug from "
-                "the environment.")
+                "CPU instruction set, thread count (torch.set_num_threads) and code; re-run "
+                "there to tell a bug from the environment.")
     if metrics_differ:
         return ("The environment is the same in everything that can change the numbers: the "
                 "mismatch is not explained by it (a change in the code or a non-determinism).")
