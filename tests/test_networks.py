@@ -309,6 +309,19 @@ def test_each_stacked_leaf_computes_its_own_network_exactly(make):
             assert torch.equal(state[name][i], t), name  # num_batches_tracked included
 
 
+def test_a_stacked_linear_layer_reads_each_networks_rows_from_an_aligned_start():
+    """19 rows of 30 features: network i's rows start 2,280·i bytes into the stack's input, off
+    the 64-byte boundary of a tensor of its own, where F.linear rounds otherwise on some CPUs
+    (AVX-512); the layer copies them to an aligned start, so each output is its own network's."""
+    torch.manual_seed(0)
+    nets = [nn.Sequential(nn.Linear(6, 30), nn.ReLU(), nn.Linear(30, 10)) for _ in range(4)]
+    stacked = stack_networks(nets, _gens(4))
+    xs = [torch.randn(19, 6) for _ in nets]
+    out = stacked(torch.cat(xs))
+    for i, (net, x) in enumerate(zip(nets, xs, strict=True)):
+        assert torch.equal(out[19 * i:19 * (i + 1)], net(x)), i
+
+
 @pytest.mark.parametrize("name, why", [
     ("WithScaled", "layer mid (Scaled) holds tensors l2lab does not stack"),
     ("Centred", "depends on the other networks' rows"),

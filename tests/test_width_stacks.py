@@ -144,6 +144,25 @@ def test_when_the_widest_network_leaves_a_width_stack_the_others_train_on_exactl
     assert removals == [(0, 3)]
 
 
+def test_odd_sizes_whose_rows_start_off_the_allocators_boundary_stack_exactly(tmp_path, store):
+    """Widths 7 and 13 with batches of 37: a network's rows start i·37·7 floats into the stack's
+    tensor, off the 64-byte boundary every ordinary run's tensor starts on, where F.linear
+    rounds otherwise on an AVX-512 CPU (each network's rows are copied to an aligned start)."""
+    jobs = [["model.hidden=[7,13]", f"regularization.lam={lam}", f"seed={seed}"]
+            for lam in (0, 0.3) for seed in (0, 1)]
+    _grid_equals_ordinary(tmp_path, store, ["data.batch_size=37", "model.activation=gelu",
+                                            "model.dropout=0.3", "optimizer=adam"], jobs)
+
+
+def test_a_sigmoid_stack_left_by_all_but_one_network_trains_it_on_exactly(tmp_path, store):
+    """The stack of two sigmoid networks (its activations run network by network) becomes a
+    stack of one (the activation runs once) when the other diverges: the one left still equals
+    its ordinary run."""
+    _grid_equals_ordinary(tmp_path, store, ["model.activation=sigmoid", "optimizer=sgd"],
+                          [["model.hidden=[8]", "regularization.lam=0.1", "seed=0"]],
+                          dying=[["model.hidden=[12]", "seed=0", "optimizer.lr=1e30"]])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_width_stack_on_gpu_pads_with_zeros_that_stay_zero(tmp_path, store):

@@ -148,6 +148,20 @@ def _pad_channels(y: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([y, y.new_zeros((y.shape[0], n - y.shape[1], *y.shape[2:]))], 1)
 
 
+#: torch's CPU allocator starts every tensor at a multiple of 64 bytes. ``F.linear`` on CPU rounds
+#: otherwise when its input starts elsewhere (measured on an AVX-512 CPU: in the last bit when
+#: ``x`` starts 4, 8 or 12 bytes past a 16-byte boundary; a weight or a gradient at any offset
+#: made no difference), and in a stack a network's rows start i·B·features floats into the
+#: stack's tensor.
+ALIGN = 64
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` where it starts on the allocator's boundary, else a copy that does (a copy is
+    exact, and its gradient flows back unchanged)."""
+    return t if t.data_ptr() % ALIGN == 0 else t.clone()
+
+
 class StackedLinear(nn.Module):
     """K ``nn.Linear``: weight (K, out, in).
 
@@ -178,21 +192,22 @@ class StackedLinear(nn.Module):
                 ([o for o, _ in self.shapes], self.weight.shape[1])
         if self.k == 1 and x.device.type == "cpu":  # a stack of one: the network's own
             # F.linear, without the unbind/cat (views, a copy) around it: the same numbers
-            return F.linear(x.reshape(-1, x.shape[-1]), self.weight[0],
+            return F.linear(_aligned(x.reshape(-1, x.shape[-1])), self.weight[0],
                             self.bias[0] if self.bias is not None else None)
         x = x.reshape(self.k, -1, x.shape[-1])
         if x.device.type == "cpu" and self.shapes is not None:
             out = self.weight.shape[1]
             biases = self.bias.unbind(0) if self.bias is not None else [None] * self.k
             return torch.cat([
-                _pad_channels(F.linear(_cut_channels(xi, i), _own(w, (o, i)),
+                _pad_channels(F.linear(_aligned(_cut_channels(xi, i)), _own(w, (o, i)),
                                        None if b is None else _own(b, (o,))), out)
                 for xi, w, b, (o, i) in zip(x.unbind(0), self.weight.unbind(0), biases,
                                             self.shapes, strict=True)])
         if x.device.type == "cpu":  # unbind, not [i]: its backward is one stack, where K
-            # selects would each scatter into a zero tensor of all K networks (O(K²))
+            # selects would each scatter into a zero tensor of all K networks (O(K²)); each
+            # network's rows aligned, as its ordinary run's are
             biases = self.bias.unbind(0) if self.bias is not None else [None] * self.k
-            return torch.cat([F.linear(xi, w, b) for xi, w, b in
+            return torch.cat([F.linear(_aligned(xi), w, b) for xi, w, b in
                               zip(x.unbind(0), self.weight.unbind(0), biases, strict=True)])
         w = self.weight.transpose(1, 2)
         y = torch.baddbmm(self.bias.unsqueeze(1), x, w) if self.bias is not None else x.bmm(w)
@@ -725,9 +740,11 @@ def stack_members(members: Sequence[StackMember], optimizer_class: type[torch.op
         into = smaller.net.state_dict()  # its widest may be narrower: cut to it
         smaller.net.load_state_dict({name: networks_at(t, positions, into[name].shape)
                                      for name, t in stacked.state_dict().items()})
-        for old, new in zip(stacked.modules(), smaller.net.modules(), strict=True):
-            if isinstance(old, StackedDropout):  # each stream goes on where it stands
-                new.generators = [old.generators[p] for p in positions]
+        # each dropout's streams go on where they stand (the dropouts pair up in order; other
+        # modules need not: a stack of one runs a smooth activation without PerNetwork)
+        for old, new in zip(*([m for m in net.modules() if isinstance(m, StackedDropout)]
+                              for net in (stacked, smaller.net)), strict=True):
+            new.generators = [old.generators[p] for p in positions]
         return smaller
 
     return L2Module(net, penalty, make_optimizer, batch_size=batch_size,
