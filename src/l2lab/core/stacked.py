@@ -101,6 +101,22 @@ class Widths:
     def __init__(self) -> None:
         self.current: tuple[list[int], int] | None = None
 
+    def at(self, x: torch.Tensor, what: str) -> list[int] | None:
+        """Each network's own width of ``x`` (dim 1), the output of the padded layer before
+        ``what``; None when that layer ran at one width."""
+        if self.current is None:
+            return None
+        own, padded = self.current
+        if x.shape[1] != padded:
+            raise NotStackable(f"{what} whose input is not the padded layer's output before it "
+                               "(networks of other widths)")
+        return own
+
+
+def network_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """The K networks' rows of a stacked (K·B, ...) tensor, each a view of its slice."""
+    return x.reshape(k, -1, *x.shape[1:]).unbind(0)
+
 
 def _padded(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, ...]] | None]:
     """(the K tensors stacked, zero-padded at the end of each dim to the widest; each one's own
@@ -257,10 +273,9 @@ class StackedConv(nn.Module):
         if self.pad is not None:
             x = F.pad(x, self.pad[0], mode=self.pad[1])
         k = self.k
-        b = x.shape[0] // k
         args = (self.stride, self.padding, self.dilation)
         if x.device.type == "cpu" and self.shapes is not None:  # each at its own width
-            xs = x.reshape(k, b, *x.shape[1:]).unbind(0)
+            xs = network_rows(x, k)
             biases = self.bias.unbind(0) if self.bias is not None else [None] * k
             return torch.cat([
                 _pad_channels(self.conv(_cut_channels(xi, s[1]), _own(w, s),
@@ -269,7 +284,7 @@ class StackedConv(nn.Module):
                 for xi, w, bi, s in zip(xs, self.weight.unbind(0), biases, self.shapes,
                                         strict=True)])
         if x.device.type == "cpu":  # unbind: see StackedLinear
-            xs = x.reshape(k, b, *x.shape[1:]).unbind(0)
+            xs = network_rows(x, k)
             biases = self.bias.unbind(0) if self.bias is not None else [None] * k
             return torch.cat([self.conv(xi, w, bi, *args, self.groups) for xi, w, bi in
                               zip(xs, self.weight.unbind(0), biases, strict=True)])
@@ -329,7 +344,7 @@ class StackedBatchNorm(nn.Module):
                 self.bias.reshape(-1) if self.bias is not None else None,
                 batch_stats, factors[0], self.eps)
             return from_groups(y, k)
-        xs = x.reshape(k, -1, *x.shape[1:]).unbind(0)
+        xs = network_rows(x, k)
         ws = self.weight.unbind(0) if self.weight is not None else [None] * k
         bs = self.bias.unbind(0) if self.bias is not None else [None] * k
         means = self.running_mean.unbind(0) if stats else [None] * k
@@ -357,7 +372,7 @@ class StackedAffineNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.k
-        xs = x.reshape(k, -1, *x.shape[1:]).unbind(0)
+        xs = network_rows(x, k)
         ws = self.weight.unbind(0) if self.weight is not None else [None] * k
         bs = self.bias.unbind(0) if self.bias is not None else [None] * k
         if self.groups is not None:
@@ -381,7 +396,7 @@ class StackedEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.stack([m.weight.detach() for m in layers]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xs = x.reshape(self.k, -1, *x.shape[1:]).unbind(0)
+        xs = network_rows(x, self.k)
         return torch.cat([F.embedding(xi, w, self.padding_idx, None, 2.0, self.scale)
                           for xi, w in zip(xs, self.weight.unbind(0), strict=True)])
 
@@ -415,13 +430,10 @@ class PerNetwork(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             return self.fn(x)
-        rows = x.reshape(self.k, -1, *x.shape[1:]).unbind(0)
-        if self.widths is not None and self.widths.current is not None:
-            own, padded = self.widths.current
-            if x.shape[1] != padded:
-                raise NotStackable("an activation whose input is not the padded layer's output "
-                                   "before it (networks of other widths)")
-            return torch.cat([_pad_channels(self.fn(_cut_channels(xi, n)), padded)
+        rows = network_rows(x, self.k)
+        own = self.widths.at(x, "an activation") if self.widths is not None else None
+        if own is not None:
+            return torch.cat([_pad_channels(self.fn(_cut_channels(xi, n)), x.shape[1])
                               for xi, n in zip(rows, own, strict=True)])
         return torch.cat([self.fn(xi) for xi in rows])
 
@@ -506,8 +518,9 @@ class StackedDropout(nn.Module):
         if not self.training or self.p == 0.0:
             return x
         k = len(self.generators)
-        if self.widths is not None and self.widths.current is not None:
-            return x * self._own_masks(x)
+        own = self.widths.at(x, "a dropout") if self.widths is not None else None
+        if own is not None:
+            return x * self._own_masks(x, own)
         mask = torch.empty_like(x).reshape(k, -1, *x.shape[1:])
         if self.p is not None:
             for i in range(k):
@@ -520,14 +533,11 @@ class StackedDropout(nn.Module):
                 mask[i].bernoulli_(1.0 - p, generator=self._generator(i, x.device)).div_(1.0 - p)
         return x * mask.reshape(x.shape)
 
-    def _own_masks(self, x: torch.Tensor) -> torch.Tensor:
-        """Each network's mask drawn at its own width (the layer before it ran padded), as its
-        ordinary run draws it, then padded with zeros (a padded unit is zero, or on CPU, where
-        each layer reads only its network's own features, not read)."""
-        own, padded = self.widths.current  # type: ignore[union-attr]
-        if x.shape[1] != padded:
-            raise NotStackable("a dropout whose input is not the padded layer's output before "
-                               "it (networks of other widths)")
+    def _own_masks(self, x: torch.Tensor, own: Sequence[int]) -> torch.Tensor:
+        """Each network's mask drawn at its own width ``own`` (the layer before it ran padded),
+        as its ordinary run draws it, then padded with zeros (a padded unit is zero, or on CPU,
+        where each layer reads only its network's own features, not read)."""
+        padded = x.shape[1]
         k = len(self.generators)
         rows = x.shape[0] // k
         masks = []
@@ -742,8 +752,10 @@ def stack_members(members: Sequence[StackMember], optimizer_class: type[torch.op
                                      for name, t in stacked.state_dict().items()})
         # each dropout's streams go on where they stand (the dropouts pair up in order; other
         # modules need not: a stack of one runs a smooth activation without PerNetwork)
-        for old, new in zip(*([m for m in net.modules() if isinstance(m, StackedDropout)]
-                              for net in (stacked, smaller.net)), strict=True):
+        def dropouts(net: nn.Module) -> list[StackedDropout]:
+            return [m for m in net.modules() if isinstance(m, StackedDropout)]
+
+        for old, new in zip(dropouts(stacked), dropouts(smaller.net), strict=True):
             new.generators = [old.generators[p] for p in positions]
         return smaller
 

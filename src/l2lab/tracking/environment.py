@@ -71,10 +71,7 @@ def cpu_capability() -> str:
     where the two round differently (sigmoid, SiLU, softplus) the block width changes the bits."""
     import torch
 
-    try:
-        return str(torch.backends.cpu.get_cpu_capability())
-    except (AttributeError, RuntimeError):  # an older torch
-        return "unknown"
+    return str(torch.backends.cpu.get_cpu_capability())
 
 
 def tags(trainer: Mapping[str, Any] | None = None) -> dict[str, str]:
