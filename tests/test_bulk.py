@@ -29,9 +29,11 @@ from mlflow.tracking import MlflowClient
 
 from l2lab import metrics
 from l2lab.compat import mlflow as cm
+from l2lab.compat import mlflow_sqlite as cs
 from l2lab.tracking import bulk as gs
 from l2lab.tracking import tracker as tr
 from l2lab.tracking.bulk.sql import SqlRunWriter
+from l2lab.tracking.bulk.sqlite import SqliteRunWriter
 
 K, EPOCHS = 5, 20
 KEYS = ["train/loss", "train/ce", "train/l2", "train/acc", "val/ce", "val/acc", "gap/ce",
@@ -227,14 +229,28 @@ def reference(template, tmp_path_factory) -> tuple[dict, dict]:
     return read_back(uri, ids, tmp), latest_rows(db, ids)
 
 
-@pytest.mark.parametrize("path", ["sql", "fallback"])
+def only(monkeypatch, path: str) -> None:
+    """Make :func:`gs.open_writer` choose the backend ``path`` on a SQLite store at this
+    MLflow's head: ``sqlite`` (its default), ``sql`` (the sqlite3 writer declined) or
+    ``fallback`` (the public client: another alembic revision, unknown to both)."""
+    if path != "sqlite":
+        monkeypatch.setattr(cs, "writable", lambda db: "declined by the test")
+    if path == "fallback":
+        monkeypatch.setattr(cm, "head_revision", lambda: "0123456789ab")
+
+
+BACKEND = {"sqlite": "sqlite", "sql": "sql", "fallback": "client"}
+
+
+@pytest.mark.parametrize("path", ["sqlite", "sql", "fallback"])
 def test_group_writer_leaves_the_record_the_public_client_leaves(tmp_path, monkeypatch, path,
                                                                   template, reference):
     uri, db = new_store(template, tmp_path, "group")
-    if path == "fallback":  # a store at another alembic revision than this MLflow's head
-        monkeypatch.setattr(cm, "head_revision", lambda: "0123456789ab")
+    only(monkeypatch, path)
     writer = gs.open_writer(uri)
-    assert writer.backend == ("sql" if path == "sql" else "client"), writer.why
+    assert writer.backend == BACKEND[path], writer.why
+    if path == "sqlite":  # the whole sweep written with MLflow never imported is checked by
+        assert isinstance(writer, SqliteRunWriter)  # tests/test_train.py (a process)
     exp = tr.experiment_id(writer.client, "gs", uri)
     before = writer.round_trips
     ids = write_sweep(writer, exp, tmp_path)
@@ -243,6 +259,8 @@ def test_group_writer_leaves_the_record_the_public_client_leaves(tmp_path, monke
         # then MLflow's own store for each of the 4 runs in it), 2 finishes, 1 parent flush;
         # artifacts: none at all
         assert writer.round_trips - before == 2 + 2 + 2 + (1 + 1 + 1 + K - 1) + 2 + 1
+    if path == "sqlite":  # the same, the re-sent epoch's flush in one transaction too
+        assert writer.round_trips - before == 2 + 2 + 2 + 3 + 2 + 1
     want, want_latest = reference
     got = read_back(uri, ids, tmp_path)
     assert want["c1"]["name"] == "renamed" and want["c3"]["status"] == "FAILED"
@@ -257,18 +275,26 @@ def test_group_writer_leaves_the_record_the_public_client_leaves(tmp_path, monke
     assert latest_rows(db, ids) == want_latest
 
 
-def test_group_writer_keeps_the_busy_timeout_and_reads_back_steps(tmp_path, template):
+@pytest.mark.parametrize("path", ["sqlite", "sql"])
+def test_group_writer_keeps_the_busy_timeout_and_reads_back_steps(tmp_path, template,
+                                                                   monkeypatch, path):
     uri, _ = new_store(template, tmp_path, "s")
+    only(monkeypatch, path)
     writer = gs.open_writer(uri)
+    assert writer.backend == path, writer.why
     exp = tr.experiment_id(writer.client, "gs", uri)
     ids = writer.create_runs(exp, ["a", "b"], [{}, {}])
     writer.log_metrics({ids[0]: [(0, {"x": 1.0}, T0), (1, {"x": 2.0}, T0)],
                         ids[1]: [(4, {"x": 1.0}, T0)]})
     assert writer.logged_steps(ids, "x") == {ids[0]: {0, 1}, ids[1]: {4}}
-    with writer._session() as s:
-        from sqlalchemy import text
+    if path == "sqlite":
+        busy = writer._read("PRAGMA busy_timeout", [])[0][0]
+    else:
+        with writer._session() as s:
+            from sqlalchemy import text
 
-        assert s.execute(text("PRAGMA busy_timeout")).scalar() == tr.SQLITE_BUSY_TIMEOUT_MS
+            busy = s.execute(text("PRAGMA busy_timeout")).scalar()
+    assert busy == tr.SQLITE_BUSY_TIMEOUT_MS
     writer.finish({ids[0]: ("FAILED", "boom"), ids[1]: ("KILLED", "interrupted")})
     writer.reopen(ids)
     client = MlflowClient(uri)
@@ -284,7 +310,7 @@ def test_group_writer_keeps_the_busy_timeout_and_reads_back_steps(tmp_path, temp
 def _write_group(uri: str, tag: str, start: float) -> None:
     """One sweep's group, as a vectorized job writes it: 5 runs, 20 epochs flushed 2 at a time."""
     w = gs.open_writer(uri)
-    assert w.backend == "sql", w.why
+    assert w.backend == "sqlite", w.why
     exp = tr.experiment_id(w.client, "gs", uri)
     while time.time() < start:
         time.sleep(0.01)
@@ -391,7 +417,7 @@ def _plain(x: Any) -> Any:
     """NaN-safe equality: floats by repr, containers and records element by element."""
     if isinstance(x, float):
         return repr(x)
-    if isinstance(x, Metric):
+    if isinstance(x, Metric | cs.Metric):
         return (x.key, x.step, x.timestamp, repr(x.value))
     if isinstance(x, Mapping):
         return {k: _plain(v) for k, v in x.items()}
@@ -402,7 +428,7 @@ def _plain(x: Any) -> Any:
     return x
 
 
-@pytest.mark.parametrize("path", ["sql", "fallback"])
+@pytest.mark.parametrize("path", ["sqlite", "sql", "fallback"])
 def test_metric_histories_in_bulk_equal_each_runs_history(tmp_path, monkeypatch, path, template):
     from l2lab.metrics import HISTORY as HISTORY_KEYS
 
@@ -412,19 +438,18 @@ def test_metric_histories_in_bulk_equal_each_runs_history(tmp_path, monkeypatch,
     want = {r: {k: client.get_metric_history(r, k) for k in keys} for r in ids}
     assert [m.step for m in want[ids[0]]["val/ce"]].count(1) == 3
     assert any(math.isnan(m.value) for m in want[ids[0]]["val/ce"])
-    if path == "fallback":
-        monkeypatch.setattr(cm, "head_revision", lambda: "0123456789ab")
+    only(monkeypatch, path)
     writer = gs.open_writer(uri)
-    assert writer.backend == ("sql" if path == "sql" else "client"), writer.why
+    assert writer.backend == BACKEND[path], writer.why
     before = writer.round_trips
     got = writer.metric_histories([*ids, ids[0]], keys)  # a repeated id is read once
-    assert writer.round_trips - before == (1 if path == "sql" else len(ids) * len(keys))
+    assert writer.round_trips - before == (len(ids) * len(keys) if path == "fallback" else 1)
     assert list(got) == ids
     assert _plain(got) == _plain(want)  # same rows, same order, NaN as NaN
     assert writer.metric_histories([], keys) == {}
 
 
-@pytest.mark.parametrize("path", ["sql", "fallback"])
+@pytest.mark.parametrize("path", ["sqlite", "sql", "fallback"])
 def test_load_records_reads_histories_in_bulk_with_the_same_records(tmp_path, monkeypatch, path,
                                                                      template):
     from l2lab.tracking import runs as rr
@@ -447,17 +472,17 @@ def test_load_records_reads_histories_in_bulk_with_the_same_records(tmp_path, mo
     assert "nan" in repr(want[0].history["val/ce"]) and want[3].history == {}
     assert want[1].history["weights/sq_norm_total"] == []
 
-    if path == "fallback":
-        monkeypatch.setattr(cm, "head_revision", lambda: "0123456789ab")
+    only(monkeypatch, path)
     bulk = []
-    backend = SqlRunWriter if path == "sql" else gs.ClientRunWriter
+    backend = {"sqlite": SqliteRunWriter, "sql": SqlRunWriter,
+               "fallback": gs.ClientRunWriter}[path]
     real = backend.metric_histories
     monkeypatch.setattr(backend, "metric_histories",
                         lambda self, *a: bulk.append(self.backend) or real(self, *a))
     calls.clear()
     made = rr.load_records(client, found)  # a writer made on the client's store
-    assert bulk == ["sql" if path == "sql" else "client"]
-    assert len(calls) == (0 if path == "sql" else 3 * len(metrics.HISTORY))
+    assert bulk == [BACKEND[path]]
+    assert len(calls) == (3 * len(metrics.HISTORY) if path == "fallback" else 0)
     given = rr.load_records(client, found, writer=gs.open_writer(uri, client))
     assert _plain(made) == _plain(want) and _plain(given) == _plain(want)
 
@@ -467,12 +492,20 @@ def test_load_records_reads_histories_in_bulk_with_the_same_records(tmp_path, mo
 def test_choose_mode_takes_each_branch(tmp_path, template, monkeypatch):
     """Every branch of the choice: a server, the SQL path, another alembic revision, another
     store class, a private name missing from this MLflow, a store that fails to open."""
-    uri, _ = new_store(template, tmp_path, "m")
+    uri, db = new_store(template, tmp_path, "m")
     assert gs.choose_backend("http://127.0.0.1:1").backend == "rest"
     assert isinstance(gs.open_writer("https://example.invalid", MlflowClient(uri)),
                       gs.ClientRunWriter)
-    ok = gs.choose_backend(uri)
+    assert gs.choose_backend(uri).backend == "sqlite"
+    assert isinstance(gs.open_writer(uri), SqliteRunWriter)
+    assert cs.writable(db) is None
+    assert "not an MLflow store" in cs.writable(tmp_path / "none.db")
+    with monkeypatch.context() as m:  # another MLflow: its own ORM writer decides
+        m.setattr(cs, "WRITER_CHECKED_WITH", frozenset({"0.0.1"}))
+        assert "is not one the SQLite writer was checked with" in cs.writable(db)
+        ok = gs.choose_backend(uri)
     assert (ok.backend, ok.store is not None) == ("sql", True), ok.why
+    monkeypatch.setattr(cs, "writable", lambda db: "declined by the test")
     assert isinstance(gs.open_writer(uri), SqlRunWriter)
     with monkeypatch.context() as m:
         m.setattr(cm, "head_revision", lambda: "0123456789ab")
@@ -534,22 +567,37 @@ def _errors_of(w: gs.RunWriter, uri: str) -> dict[str, tuple[str, str]]:
 @pytest.fixture(scope="module")
 def bad_input_errors(template, tmp_path_factory) -> dict[str, dict[str, tuple[str, str]]]:
     """The errors each backend raises for the same bad inputs, each in a fresh store."""
+    sqlite_uri, _ = new_store(template, tmp_path_factory.mktemp("errors-sqlite"), "e")
     sql_uri, _ = new_store(template, tmp_path_factory.mktemp("errors-sql"), "e")
     client_uri, _ = new_store(template, tmp_path_factory.mktemp("errors-client"), "e")
-    sql = gs.open_writer(sql_uri)
+    lite = gs.open_writer(sqlite_uri)
+    assert lite.backend == "sqlite", lite.why
+    sql = SqlRunWriter(sql_uri, None, _sql_choice(sql_uri))
     assert sql.backend == "sql", sql.why
-    return {"sql": _errors_of(sql, sql_uri),
+    return {"sqlite": _errors_of(lite, sqlite_uri), "sql": _errors_of(sql, sql_uri),
             "client": _errors_of(gs.ClientRunWriter(client_uri, None, gs.Choice("client", "")),
                                  client_uri)}
+
+
+def _sql_choice(uri: str) -> gs.Choice:
+    """The choice of MLflow's ORM writer for ``uri`` (the sqlite3 writer declined)."""
+    real = cs.writable
+    cs.writable = lambda db: "declined by the test"
+    try:
+        return gs.choose_backend(uri)
+    finally:
+        cs.writable = real
 
 
 @pytest.mark.parametrize("case", ["missing experiment", "deleted experiment", "name against tag",
                                   "missing run", "deleted run", "changed param", "bad param key",
                                   "bad metric key", "finish deleted"])
-def test_both_backends_raise_the_same_error_for_the_same_bad_input(bad_input_errors, case):
-    sql, client = bad_input_errors["sql"][case], bad_input_errors["client"][case]
-    assert sql[0] == client[0], (sql, client)  # the same error code
+@pytest.mark.parametrize("backend", ["sqlite", "sql"])
+def test_every_backend_raises_the_clients_error_for_the_same_bad_input(bad_input_errors, case,
+                                                                        backend):
+    got, client = bad_input_errors[backend][case], bad_input_errors["client"][case]
+    assert got[0] == client[0], (got, client)  # the same error code
     # the same message, up to the ids and the path MLflow's validation names
     norm = [re.sub(r"[0-9a-f]{32}|params\[\d+\]|tags\[\d+\]|metrics\[\d+\]", "<>", m)
-            for m in (sql[1], client[1])]
-    assert norm[0] == norm[1], (sql, client)
+            for m in (got[1], client[1])]
+    assert norm[0] == norm[1], (got, client)

@@ -180,6 +180,64 @@ def test_mlflow_validation_and_run_names():
         cm.validate_metric("m", "abc", 1, 0)  # a value must be a number
 
 
+def test_the_sqlite_writers_literals_are_mlflows_own_names():
+    """What ``tracking/bulk/sqlite.py`` writes without importing MLflow, against MLflow."""
+    from mlflow.entities import LifecycleStage, RunStatus, SourceType
+    from mlflow.store.db.utils import _get_latest_schema_revision
+    from mlflow.utils import validation as v
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME, MLFLOW_USER
+    from mlflow.utils.uri import append_to_uri_path
+
+    assert (cs.RUN_NAME_TAG, cs.USER_TAG) == (MLFLOW_RUN_NAME, MLFLOW_USER)
+    assert cs.ACTIVE == LifecycleStage.ACTIVE
+    assert cs.SOURCE_UNKNOWN == SourceType.to_string(SourceType.UNKNOWN)
+    assert cs.RUN_STATUSES == {RunStatus.to_string(s) for s in RunStatus.all_status()}
+    assert (cs.MAX_KEY_LENGTH, cs.MAX_PARAM_VALUE_LENGTH, cs.MAX_TAG_VALUE_LENGTH) == (
+        v.MAX_ENTITY_KEY_LENGTH, v.MAX_PARAM_VAL_LENGTH, v.MAX_TAG_VAL_LENGTH)
+    assert _get_latest_schema_revision() in cs.KNOWN_REVISIONS
+    assert importlib.metadata.version("mlflow") in cs.WRITER_CHECKED_WITH
+    rid = "0123456789abcdef0123456789abcdef"
+    for loc in ("file:///tmp/l2lab/mlruns/artifacts/1", "file:///tmp/a b/artifacts/2",
+                "file:///tmp/x/", "file:///tmp//x", "/tmp/plain/3", "s3://bucket/p?q=1",
+                "file:///tmp/x?y=1"):
+        assert cs.run_artifact_uri(loc, rid) == append_to_uri_path(loc, rid, "artifacts"), loc
+    for status in ("RUNNING", "FINISHED", "FAILED", "KILLED"):
+        assert cs.run_status(status) == status
+    with pytest.raises(Exception, match="Could not get run status"):
+        cs.run_status("DONE")
+
+
+#: names MLflow accepts, rejects, or cuts: the no-import checks must decide as MLflow or ask it
+NAMES = ["regularization.lam", "train/ce", "weights/sq_norm/net.0", "a b:c-d_e", "x" * 250,
+         "x" * 251, "", ".", "..", "../p", "/abs", "a//b", "a/./b", "a/", "tab\t", "nl\n",
+         "ünïcode", "semi;colon", "a/../b"]
+VALUES = ["0.1", "", "v" * 6000, "v" * 6001, "t" * 8001]
+
+
+def test_the_sqlite_writers_checks_decide_as_mlflows_validation():
+    """For each name and value: MLflow's ``_validate_*`` and the writer's check (which answers
+    plainly valid input itself) raise the same error or store the same key and value."""
+    def outcome(fn) -> tuple:
+        try:
+            out = fn()
+        except MlflowException as e:
+            return ("error", e.error_code, e.message)
+        return ("ok", None if out is None else (out[0], out[1]) if isinstance(out, tuple)
+                else (out.key, out.value))
+
+    for name in NAMES:
+        for value in VALUES:
+            assert outcome(lambda: cs.checked_param(name, value, "params[0]")) == \
+                outcome(lambda: cm.validate_param(name, value, path="params[0]")), (name, value)
+            assert outcome(lambda: cs.checked_tag(name, value, "tags[0]")) == \
+                outcome(lambda: cm.validate_tag(name, value, path="tags[0]")), (name, value)
+        for value, ts, step in ((0.5, 1, 0), (float("nan"), 0, 3), (1, 1, 0), (True, 1, 0),
+                                (0.5, -1, 0), (0.5, 1, 2.5)):
+            assert outcome(lambda: cs.check_metric(name, value, ts, step, "metrics[0]")) == \
+                outcome(lambda: cm.validate_metric(name, value, ts, step, path="metrics[0]")), \
+                (name, value, ts, step)
+
+
 # -- OmegaConf ---------------------------------------------------------------------------------
 
 def test_omegaconf_str_representer_quotes_as_to_yaml_does():

@@ -60,6 +60,29 @@ def test_three_epoch_run_is_recorded_as_the_contract_says(tmp_path, store, clien
     assert run.info.artifact_uri.startswith((tmp_path / "mlruns" / "artifacts").as_uri())
 
 
+def test_a_run_into_an_existing_sqlite_store_never_imports_mlflow(tmp_path, store, client):
+    """MLflow's import and store are ~1.9 s of a command's start, so a training command writes
+    its record into a SQLite store it knows with sqlite3 alone. The first run must create its
+    experiment, which MLflow's own store does (imported then); the second imports no MLflow
+    module at all, and the client reads both records whole."""
+    def run() -> set[str]:
+        r = run_cli("l2lab.train", f"tracking.uri={store}", *TINY, "trainer.max_epochs=3",
+                    cwd=tmp_path, env={"PYTHONPROFILEIMPORTTIME": "1"})
+        assert r.returncode == 0, r.stderr[-3000:]
+        return {line.split("|")[-1].strip() for line in r.stderr.splitlines()
+                if line.startswith("import time:")}
+
+    assert "mlflow" in run()  # a new experiment
+    imported = run()
+    assert "l2lab.tracking.bulk.sqlite" in imported
+    assert not {m for m in imported if m.split(".")[0] in ("mlflow", "sqlalchemy", "alembic")}
+    first, second = runs_of(client)
+    for r in (first, second):
+        assert r.info.status == "FINISHED" and r.data.params["trainer.max_epochs"] == "3"
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "val/ce")] == [0, 1, 2]
+    assert first.data.metrics == second.data.metrics  # the same run, written both ways
+
+
 def test_same_config_gives_identical_histories_on_cpu(tmp_path, store, client):
     cfg = make_cfg(f"tracking.uri={store}", "model.dropout=0.2", "seed=7")
     a = train(cfg, output_dir=tmp_path / "a")
@@ -184,14 +207,18 @@ def test_bad_input_is_a_failed_run_with_the_reason(tmp_path, store, client, over
     assert run.data.metrics == {}
 
 
-def test_a_long_failure_reason_is_cut_at_one_limit_by_both_writers(store):
-    """The group writer (one SQL transaction) and a run's own tracker (the client) record the
-    same reason under the same tag, cut at the same length."""
+@pytest.mark.parametrize("backend", ["sqlite", "sql"])
+def test_a_long_failure_reason_is_cut_at_one_limit_by_both_writers(store, monkeypatch, backend):
+    """The group writer (one SQL transaction: sqlite3's, or MLflow's ORM) and a run's own tracker
+    (the client) record the same reason under the same tag, cut at the same length."""
+    from l2lab.compat import mlflow_sqlite as cs
     from l2lab.tracking import tracker as tr
     from l2lab.tracking.bulk import open_writer
 
+    if backend == "sql":
+        monkeypatch.setattr(cs, "writable", lambda db: "declined by the test")
     writer = open_writer(store)
-    assert writer.backend == "sql", writer.why
+    assert writer.backend == backend, writer.why
     bulk, single = writer.create_runs(tr.experiment_id(writer.client, "cut", store),
                                       ["bulk", "single"], [{}, {}])
     reason = "NonFiniteLossError: " + "".join(f"{i:05d} " for i in range(2000))  # 12020 chars

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from l2lab.console import quiet_libraries
     from l2lab.run.sweep import summarize_runs
 
-    quiet_libraries(mlflow=False)  # tr.reader imports MLflow only if it must
+    quiet_libraries()  # tr.reader imports MLflow only if it must
     try:
         client = tr.reader(uri)
         runs, label = select_runs(client, experiment=args.experiment, sweep=args.sweep,

@@ -37,17 +37,15 @@ def quiet_warnings() -> None:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
 
 
-def quiet_libraries(*, mlflow: bool = True) -> None:
+def quiet_libraries() -> None:
     """Lightning's info lines (GPU available, tips) and MLflow's ("Creating initial MLflow
     database tables") drown the lines a researcher reads; keep warnings and errors, less the
-    known third-party ones. MLflow configures its own logger when imported, so it is imported
-    first, unless ``mlflow=False`` (a reader that never imports it: its level still comes from
-    ``MLFLOW_LOGGING_LEVEL`` if it is imported later)."""
+    known third-party ones. MLflow sets its own logger's level from ``MLFLOW_LOGGING_LEVEL``
+    when it is imported, so it is not imported here (a training run on the default store never
+    imports it): the variable is set instead, unless the researcher set it."""
     import os
 
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    if mlflow:
-        import mlflow as _  # noqa: F401  (applies its logging config, overridden below)
 
     for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "mlflow",
                  "alembic"):

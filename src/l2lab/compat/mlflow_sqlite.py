@@ -143,6 +143,13 @@ class SqliteReader:
             raise NotFound(f"no experiment {experiment_id} in {self.tracking_uri}")
         return self._experiments(rows)[0]
 
+    def get_experiment_by_name(self, name: str) -> Experiment | None:
+        """The experiment of that name, deleted or not (as the client's), or ``None``."""
+        rows = self._con.execute(
+            "SELECT experiment_id, name, artifact_location, lifecycle_stage FROM experiments "
+            "WHERE name = ?", (name,)).fetchall()
+        return self._experiments(rows)[0] if rows else None
+
     def _experiments(self, rows: list[tuple]) -> list[Experiment]:
         tags: dict[int, dict[str, str]] = {r[0]: {} for r in rows}
         for exp, key, value in self._con.execute(
@@ -216,17 +223,23 @@ class SqliteReader:
                          ) -> dict[str, dict[str, list[Metric]]]:
         """``{run_id: {key: [Metric, ...]}}``: every stored row, per run and key in the order of
         ``SqlAlchemyStore.get_metric_history`` (as ``bulk.RunWriter.metric_histories``)."""
-        run_ids, keys = list(dict.fromkeys(run_ids)), list(dict.fromkeys(keys))
-        out: dict[str, dict[str, list[Metric]]] = {r: {k: [] for k in keys} for r in run_ids}
-        if not keys:
-            return out
-        for chunk in _chunks(run_ids):
-            for rid, key, value, ts, step, is_nan in self._con.execute(
-                    "SELECT run_uuid, key, value, timestamp, step, is_nan FROM metrics WHERE "
-                    f"run_uuid IN ({_marks(len(chunk))}) AND key IN ({_marks(len(keys))}) "
-                    "ORDER BY run_uuid, key, timestamp, step, value", [*chunk, *keys]):
-                out[rid][key].append(Metric(key, _value(value, is_nan), ts, step))
+        return metric_histories(self._con, run_ids, keys)
+
+
+def metric_histories(con: sqlite3.Connection, run_ids: Sequence[str], keys: Sequence[str]
+                     ) -> dict[str, dict[str, list[Metric]]]:
+    """:meth:`SqliteReader.metric_histories` on any connection to the store (the writer's)."""
+    run_ids, keys = list(dict.fromkeys(run_ids)), list(dict.fromkeys(keys))
+    out: dict[str, dict[str, list[Metric]]] = {r: {k: [] for k in keys} for r in run_ids}
+    if not keys:
         return out
+    for chunk in _chunks(run_ids):
+        for rid, key, value, ts, step, is_nan in con.execute(
+                "SELECT run_uuid, key, value, timestamp, step, is_nan FROM metrics WHERE "
+                f"run_uuid IN ({_marks(len(chunk))}) AND key IN ({_marks(len(keys))}) "
+                "ORDER BY run_uuid, key, timestamp, step, value", [*chunk, *keys]):
+            out[rid][key].append(Metric(key, _value(value, is_nan), ts, step))
+    return out
 
 
 def open_reader(db: Path, uri: str) -> SqliteReader | None:
@@ -269,3 +282,115 @@ def sqlite_runs_with_prefix(db: Path, prefix: str) -> list[tuple[str, str, str]]
                 "AND lifecycle_stage = 'active' ORDER BY start_time", (prefix + "%",))]
         except sqlite3.OperationalError:  # not (yet) an MLflow store
             return []
+
+
+# --------------------------------------------------------------------------- writing runs
+# What ``SqlAlchemyStore`` writes for a run, as literals (``tests/test_compat.py`` checks each
+# against MLflow's own name), and MLflow's checks of params, tags and metrics done without
+# importing MLflow where the input is plainly inside them: the bulk writer's ``sqlite`` backend
+# (``tracking/bulk/sqlite.py``) writes a run into ``runs``, ``tags``, ``params``, ``metrics`` and
+# ``latest_metrics`` of a database that :func:`writable` accepts, with no MLflow import at all.
+
+#: MLflow versions whose SQLite store the no-import writer was checked against (their alembic
+#: head is in :data:`KNOWN_REVISIONS`); another installed MLflow gets its own ORM writer.
+WRITER_CHECKED_WITH = frozenset({"3.17.2"})
+RUN_NAME_TAG = "mlflow.runName"  # mlflow.utils.mlflow_tags.MLFLOW_RUN_NAME
+USER_TAG = "mlflow.user"  # mlflow.utils.mlflow_tags.MLFLOW_USER
+ACTIVE = "active"  # mlflow.entities.LifecycleStage.ACTIVE
+SOURCE_UNKNOWN = "UNKNOWN"  # SourceType.to_string(SourceType.UNKNOWN)
+RUN_STATUSES = frozenset({"RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED"})
+MAX_KEY_LENGTH = 250  # mlflow.utils.validation.MAX_ENTITY_KEY_LENGTH
+MAX_PARAM_VALUE_LENGTH = 6000  # MAX_PARAM_VAL_LENGTH
+MAX_TAG_VALUE_LENGTH = 8000  # MAX_TAG_VAL_LENGTH
+INF = 1.7976931348623157e308  # what SqlAlchemyStore stores for ±inf
+_NAME = re.compile(r"[/\w.\- :]+")  # MLflow's allowed characters (POSIX), newline excluded
+_FILE_URI = re.compile(r"file:///[^?#]*[^/?#]")
+
+
+def writable(db: Path) -> str | None:
+    """Why the no-import writer may not write ``db`` (``None``: it may): it must be an MLflow
+    store at a known revision in the default workspace (:func:`open_reader`) and the installed
+    MLflow one of :data:`WRITER_CHECKED_WITH` (a newer MLflow would refuse that revision as out of
+    date, so its own store must decide)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("mlflow")
+    except PackageNotFoundError:
+        return "MLflow is not installed"
+    if installed not in WRITER_CHECKED_WITH:
+        return f"mlflow {installed} is not one the SQLite writer was checked with"
+    reader = open_reader(db, f"sqlite:///{db}")
+    if reader is None:
+        return "not an MLflow store at a known schema revision in the default workspace"
+    reader.close()
+    return None
+
+
+def _plain_name(name: object) -> bool:
+    """A name MLflow surely accepts: its characters, a unique path, within its length."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or len(name) > MAX_KEY_LENGTH:
+        return False
+    import posixpath
+
+    return posixpath.normpath(name) == name and not name.startswith(("..", "/")) and name != "."
+
+
+def checked_param(key: str, value: str, path: str) -> tuple[str, str]:
+    """(key, value) as MLflow stores a param: MLflow's own check (``_validate_param``: its error,
+    or a long value cut) unless the input is plainly inside it."""
+    if _plain_name(key) and isinstance(value, str) and len(value) <= MAX_PARAM_VALUE_LENGTH:
+        return key, value
+    from l2lab.compat import mlflow as cm
+
+    p = cm.validate_param(key, value, path=path)
+    return p.key, p.value
+
+
+def checked_tag(key: str, value: str, path: str) -> tuple[str, str]:
+    """(key, value) as MLflow stores a run tag (``_validate_tag`` unless plainly inside it)."""
+    if _plain_name(key) and isinstance(value, str) and len(value) <= MAX_TAG_VALUE_LENGTH:
+        return key, value
+    from l2lab.compat import mlflow as cm
+
+    t = cm.validate_tag(key, value, path=path)
+    return t.key, t.value
+
+
+def check_metric(key: str, value: float, timestamp: int, step: int, path: str) -> None:
+    """MLflow's check of a metric (``_validate_metric``) unless plainly inside it."""
+    if _plain_name(key) and type(value) is float and type(timestamp) is int and timestamp >= 0 \
+            and type(step) is int:
+        return
+    from l2lab.compat import mlflow as cm
+
+    cm.validate_metric(key, value, timestamp, step, path=path)
+
+
+def run_status(status: str) -> str:
+    """A run status as MLflow stores it (``RunStatus.to_string(RunStatus.from_string(...))``:
+    MLflow's error for an unknown one)."""
+    if status in RUN_STATUSES:
+        return status
+    from mlflow.entities import RunStatus
+
+    return RunStatus.to_string(RunStatus.from_string(status))
+
+
+def run_artifact_uri(location: str, run_id: str) -> str:
+    """``append_to_uri_path(location, run_id, "artifacts")``: joined here for a plain
+    ``file:///`` location (l2lab's, beside the database), by MLflow otherwise."""
+    if _FILE_URI.fullmatch(location) and "//" not in location[len("file:///"):]:
+        return f"{location}/{run_id}/artifacts"
+    from mlflow.utils.uri import append_to_uri_path
+
+    return append_to_uri_path(location, run_id, "artifacts")
+
+
+def mlflow_error(message: str, code: str) -> Exception:
+    """The ``MlflowException`` MLflow's store raises (``code``: ``RESOURCE_DOES_NOT_EXIST``,
+    ``INVALID_PARAMETER_VALUE``); MLflow is imported only on this error path."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos import databricks_pb2
+
+    return MlflowException(message, getattr(databricks_pb2, code))

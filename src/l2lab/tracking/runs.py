@@ -228,7 +228,7 @@ def load_runs(experiment: str | None = None, sweep: str | None = None,
     from l2lab.console import quiet_libraries
     from l2lab.tracking import tracker as tr
 
-    quiet_libraries(mlflow=False)  # tr.reader imports MLflow only if it must
+    quiet_libraries()  # tr.reader imports MLflow only if it must
     client = tr.reader(tr.resolve_uri(tracking_uri))
     return to_frame(client, select(client, experiment=experiment, sweep=sweep, run_ids=run_ids))
 

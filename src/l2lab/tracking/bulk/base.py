@@ -4,6 +4,7 @@ in place for a local store, the counted client), and the types the backends and 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import posixpath
 import shutil
@@ -16,12 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from l2lab.tracking import connection as cn
 
 # (step, {key: value}, timestamp in ms): one epoch of one run
 Epoch = tuple[int, Mapping[str, float], int]
 REST_WORKERS = 8
+
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
@@ -37,10 +40,8 @@ def local_artifact_dir(artifact_uri: str | None) -> Path | None:
     if not artifact_uri:
         return None
     scheme = urlparse(artifact_uri).scheme
-    if scheme == "file":
-        from mlflow.utils.file_utils import local_file_uri_to_path
-
-        return Path(local_file_uri_to_path(artifact_uri))
+    if scheme == "file":  # as mlflow.utils.file_utils.local_file_uri_to_path on POSIX
+        return Path(url2pathname(urlparse(artifact_uri).path))
     if scheme == "" and os.path.isabs(artifact_uri):
         return Path(artifact_uri)
     return None
@@ -54,11 +55,81 @@ def _relative(artifact_path: str | None) -> str:
     return "" if p == "." else p
 
 
+# -- what both SQL backends share: MLflow's errors and its metric rows ---------------------------
+# (message, error code) of the ``MlflowException`` that ``SqlAlchemyStore`` raises for each case
+def no_experiment(experiment_id: str) -> tuple[str, str]:
+    return f"No Experiment with id={experiment_id} exists", "RESOURCE_DOES_NOT_EXIST"
+
+
+def inactive_experiment(experiment_id: str, stage: str) -> tuple[str, str]:
+    return (f"The experiment {experiment_id} must be in the 'active' state. Current state is "
+            f"{stage}.", "INVALID_PARAMETER_VALUE")
+
+
+def name_against_tag(name: str, tag_name: str) -> tuple[str, str]:
+    return (f"Both 'run_name' argument and 'mlflow.runName' tag are specified, but with "
+            f"different values (run_name='{name}', mlflow.runName='{tag_name}').",
+            "INVALID_PARAMETER_VALUE")
+
+
+def no_run(run_id: str) -> tuple[str, str]:
+    return f"Run with id={run_id} not found", "RESOURCE_DOES_NOT_EXIST"
+
+
+def inactive_run(run_id: str, stage: str) -> tuple[str, str]:
+    return (f"The run {run_id} must be in the 'active' state. Current state is {stage}.",
+            "INVALID_PARAMETER_VALUE")
+
+
+def changed_params(changed: Sequence[Mapping[str, str]], run_id: str) -> tuple[str, str]:
+    return (f"Changing param values is not allowed. Params were already logged='{changed}' "
+            f"for run ID='{run_id}'.", "INVALID_PARAMETER_VALUE")
+
+
+def metric_rows(run_ids: Sequence[str], epochs: Mapping[str, Sequence[Epoch]],
+                check: Callable[..., None]) -> tuple[list[dict[str, Any]],
+                                                     dict[tuple[str, str], dict[str, Any]]]:
+    """The ``metrics`` rows of a flush, as ``SqlAlchemyStore.log_batch`` stores them (checked by
+    ``check(key, value, timestamp, step, path)``, NaN and ±inf sanitised, exact duplicates
+    dropped), and per (run, key) the newest of them: the ``latest_metrics`` candidate."""
+    rows, seen = [], set()
+    latest: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in run_ids:
+        n = 0
+        for step, kv, ts in epochs[r]:
+            for k, v in kv.items():
+                value, step_, ts_ = float(v), int(step), int(ts)
+                check(k, value, ts_, step_, path=f"metrics[{n}]")
+                n += 1
+                is_nan = math.isnan(value)  # as SqlAlchemyStore.sanitize_metric_value
+                if is_nan:
+                    value = 0.0
+                elif math.isinf(value):
+                    value = 1.7976931348623157e308 if value > 0 else -1.7976931348623157e308
+                row = dict(run_uuid=r, key=k, value=value, timestamp=ts_, step=step_,
+                           is_nan=is_nan)
+                ident = (r, k, ts_, step_, value, is_nan)
+                if ident in seen:  # MLflow drops exact duplicates within a batch
+                    continue
+                seen.add(ident)
+                rows.append(row)
+                if (r, k) not in latest or newer(row, latest[(r, k)]):
+                    latest[(r, k)] = row
+    return rows, latest
+
+
+def newer(a: Mapping[str, Any], b: Any) -> bool:
+    """MLflow's order for ``latest_metrics``: larger step, then timestamp, then value."""
+    get = (lambda m, k: m[k]) if isinstance(b, Mapping) else getattr
+    return (a["step"], a["timestamp"], a["value"]) > (get(b, "step"), get(b, "timestamp"),
+                                                      get(b, "value"))
+
+
 @dataclass(frozen=True)
 class Choice:
     """Which backend a store gets, and why (printed by ``bench``, asserted by the tests)."""
 
-    backend: str  # "sql", "rest" or "client"
+    backend: str  # "sqlite", "sql", "rest" or "client"
     why: str
     store: Any = None  # MLflow's SqlAlchemyStore, for "sql"
 

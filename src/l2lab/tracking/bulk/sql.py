@@ -18,7 +18,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from l2lab.compat import mlflow as cm
+from l2lab.compat import mlflow_sqlite as cs
 from l2lab.tracking import connection as cn
+from l2lab.tracking.bulk import base as b
 from l2lab.tracking.bulk.base import (
     Choice,
     Epoch,
@@ -71,8 +73,6 @@ class SqlRunWriter(RunWriter):
     def _create_sql(self, experiment_id: str, names: Sequence[str],
                     tags_list: Sequence[Mapping[str, str]], start: int) -> list[str]:
         from mlflow.entities import LifecycleStage, RunStatus, SourceType
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
         SqlExperiment, SqlRun, SqlTag = self._t.Experiment, self._t.Run, self._t.Tag
         from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME, MLFLOW_USER
         from mlflow.utils.uri import append_to_uri_path
@@ -81,20 +81,14 @@ class SqlRunWriter(RunWriter):
         with self._session() as s:
             exp = s.get(SqlExperiment, int(experiment_id))
             if exp is None:
-                raise MlflowException(f"No Experiment with id={experiment_id} exists",
-                                      RESOURCE_DOES_NOT_EXIST)
+                raise cs.mlflow_error(*b.no_experiment(experiment_id))
             if exp.lifecycle_stage != LifecycleStage.ACTIVE:
-                raise MlflowException(f"The experiment {experiment_id} must be in the 'active' "
-                                      f"state. Current state is {exp.lifecycle_stage}.",
-                                      INVALID_PARAMETER_VALUE)
+                raise cs.mlflow_error(*b.inactive_experiment(experiment_id, exp.lifecycle_stage))
             for name, given in zip(names, tags_list, strict=True):  # as SqlAlchemyStore.create_run
                 run_tags = {k: str(v) for k, v in given.items()}
                 tag_name = run_tags.get(MLFLOW_RUN_NAME)
                 if name and tag_name and name != tag_name:
-                    raise MlflowException(f"Both 'run_name' argument and 'mlflow.runName' tag are "
-                                          f"specified, but with different values "
-                                          f"(run_name='{name}', mlflow.runName='{tag_name}').",
-                                          INVALID_PARAMETER_VALUE)
+                    raise cs.mlflow_error(*b.name_against_tag(name, tag_name))
                 name = name or tag_name or cm.random_run_name()
                 run_tags.setdefault(MLFLOW_RUN_NAME, name)
                 run_id = uuid.uuid4().hex
@@ -118,8 +112,6 @@ class SqlRunWriter(RunWriter):
     def _active_runs(self, s: Any, run_ids: Sequence[str]) -> dict[str, Any]:
         """The runs' rows (one SELECT per 500), checked as ``_check_run_is_active`` does."""
         from mlflow.entities import LifecycleStage
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
         from sqlalchemy import select
 
         SqlRun = self._t.Run
@@ -132,10 +124,9 @@ class SqlRunWriter(RunWriter):
         for run_id in run_ids:
             run = rows.get(run_id)
             if run is None:
-                raise MlflowException(f"Run with id={run_id} not found", RESOURCE_DOES_NOT_EXIST)
+                raise cs.mlflow_error(*b.no_run(run_id))
             if run.lifecycle_stage != LifecycleStage.ACTIVE:
-                raise MlflowException(f"The run {run_id} must be in the 'active' state. Current "
-                                      f"state is {run.lifecycle_stage}.", INVALID_PARAMETER_VALUE)
+                raise cs.mlflow_error(*b.inactive_run(run_id, run.lifecycle_stage))
             self._artifact_uris.setdefault(run_id, run.artifact_uri)
         return rows
 
@@ -158,8 +149,6 @@ class SqlRunWriter(RunWriter):
 
     def _params_tags_sql(self, run_ids: Sequence[str], params: Mapping[str, Mapping[str, Any]],
                          tags: Mapping[str, Mapping[str, Any]]) -> None:
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
         from sqlalchemy import select
 
         checked = {r: [cm.validate_param(k, str(v), path=f"params[{i}]")
@@ -182,9 +171,7 @@ class SqlRunWriter(RunWriter):
                     elif old != p.value:
                         changed.append({"key": p.key, "old_value": old, "new_value": p.value})
                 if changed:
-                    raise MlflowException("Changing param values is not allowed. Params were "
-                                          f"already logged='{changed}' for run ID='{r}'.",
-                                          INVALID_PARAMETER_VALUE)
+                    raise cs.mlflow_error(*b.changed_params(changed, r))
             if new:
                 _insert(s, SqlParam, new)
             self._set_tags_sql(s, {r: tags[r] for r in run_ids if tags.get(r)})
@@ -243,29 +230,7 @@ class SqlRunWriter(RunWriter):
 
         SqlLatestMetric, SqlMetric = self._t.LatestMetric, self._t.Metric
 
-        rows, seen = [], set()
-        latest: dict[tuple[str, str], dict[str, Any]] = {}  # newest of this flush per run, key
-        for r in run_ids:
-            n = 0
-            for step, kv, ts in epochs[r]:
-                for k, v in kv.items():
-                    value, step_, ts_ = float(v), int(step), int(ts)
-                    cm.validate_metric(k, value, ts_, step_, path=f"metrics[{n}]")
-                    n += 1
-                    is_nan = math.isnan(value)  # as SqlAlchemyStore.sanitize_metric_value
-                    if is_nan:
-                        value = 0.0
-                    elif math.isinf(value):
-                        value = 1.7976931348623157e308 if value > 0 else -1.7976931348623157e308
-                    row = dict(run_uuid=r, key=k, value=value, timestamp=ts_, step=step_,
-                               is_nan=is_nan)
-                    ident = (r, k, ts_, step_, value, is_nan)
-                    if ident in seen:  # MLflow drops exact duplicates within a batch
-                        continue
-                    seen.add(ident)
-                    rows.append(row)
-                    if (r, k) not in latest or _newer(row, latest[(r, k)]):
-                        latest[(r, k)] = row
+        rows, latest = b.metric_rows(run_ids, epochs, cm.validate_metric)
         with self._session() as s:
             self._active_runs(s, run_ids)
             for chunk in _chunks(rows, 5000):
@@ -282,7 +247,7 @@ class SqlRunWriter(RunWriter):
                 stored.update({(m.run_uuid, m.key): m for m in s.execute(q)})
             new = [row for ident, row in latest.items() if ident not in stored]
             newer = [row for ident, row in latest.items()
-                     if ident in stored and _newer(row, stored[ident])]
+                     if ident in stored and b.newer(row, stored[ident])]
             if new:
                 _insert(s, SqlLatestMetric, new)
             if newer:
@@ -408,12 +373,4 @@ def _update(s: Any, model: Any, rows: Sequence[Mapping[str, Any]]) -> None:
             .values({k: bindparam(f"v_{k}") for k in cols}))
     s.execute(stmt, [{**{f"w_{k}": r[k] for k in pk}, **{f"v_{k}": r[k] for k in cols}}
                      for r in rows])
-
-
-def _newer(a: Mapping[str, Any], b: Any) -> bool:
-    """MLflow's order for ``latest_metrics``: larger step, then timestamp, then value."""
-    get = (lambda m, k: m[k]) if isinstance(b, Mapping) else getattr
-    return (a["step"], a["timestamp"], a["value"]) > (get(b, "step"), get(b, "timestamp"),
-                                                      get(b, "value"))
-
 
