@@ -78,6 +78,13 @@ def validate_tag(key: str, value: str, path: str) -> Any:
     return _validate_tag(key, value, path=path)
 
 
+def validate_experiment_tag(key: str, value: str) -> None:
+    """MLflow's check of an experiment tag (name, lengths, its trace settings)."""
+    from mlflow.utils.validation import _validate_experiment_tag
+
+    _validate_experiment_tag(key, value)
+
+
 def validate_metric(key: str, value: float, timestamp: int, step: int, path: str = "") -> None:
     """MLflow's check of a metric (name, a number, integer step and timestamp); ``path`` names
     it in the error, as ``log_batch`` does (``metrics[i]``)."""
@@ -101,6 +108,7 @@ def check_all() -> None:
     from mlflow.tracking._tracking_service.utils import _get_store  # noqa: F401
     from mlflow.utils.name_utils import _generate_random_name  # noqa: F401
     from mlflow.utils.validation import (  # noqa: F401
+        _validate_experiment_tag,
         _validate_metric,
         _validate_param,
         _validate_tag,

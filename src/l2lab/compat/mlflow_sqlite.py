@@ -357,6 +357,22 @@ def checked_tag(key: str, value: str, path: str) -> tuple[str, str]:
     return t.key, t.value
 
 
+MAX_EXPERIMENT_TAG_VALUE_LENGTH = 20000  # MAX_EXPERIMENT_TAG_VAL_LENGTH
+_TRACE_TAGS = "mlflow.trace"  # keys MLflow checks further (_validate_trace_experiment_tag)
+
+
+def checked_experiment_tag(key: str, value: str) -> tuple[str, str]:
+    """(key, value) of an experiment tag: MLflow's ``_validate_experiment_tag`` unless the
+    input is plainly inside it (it cuts nothing: a long value is its error)."""
+    if _plain_name(key) and isinstance(value, str) and not key.startswith(_TRACE_TAGS) \
+            and len(value) <= MAX_EXPERIMENT_TAG_VALUE_LENGTH:
+        return key, value
+    from l2lab.compat import mlflow as cm
+
+    cm.validate_experiment_tag(key, value)
+    return key, value
+
+
 def check_metric(key: str, value: float, timestamp: int, step: int, path: str) -> None:
     """MLflow's check of a metric (``_validate_metric``) unless plainly inside it."""
     if _plain_name(key) and type(value) is float and type(timestamp) is int and timestamp >= 0 \

@@ -80,6 +80,10 @@ def as_writer(writer: Any) -> Any:
 
     if isinstance(writer, RunWriter):
         return writer
+    from l2lab.tracking import connection
+
+    if isinstance(bare := getattr(writer, "_client", writer), connection._SqliteFirst):
+        return bare.run_writer()  # a SQLite store it writes itself: without MLflow
     from l2lab.tracking.bulk.client import ClientRunWriter
 
     return ClientRunWriter.on(writer)

@@ -135,6 +135,25 @@ class SqliteRunWriter(RunWriter):
                 raise cs.mlflow_error(*b.inactive_run(run_id, stage))
             self._artifact_uris.setdefault(run_id, art)
 
+    def set_experiment_tag(self, experiment_id: str, key: str, value: str) -> None:
+        """As ``SqlAlchemyStore.set_experiment_tag``: checked, on an active experiment, set or
+        overwritten."""
+        key, value = cs.checked_experiment_tag(key, value)
+
+        def write() -> None:
+            with self._write() as con:
+                found = con.execute("SELECT lifecycle_stage FROM experiments WHERE "
+                                    "experiment_id = ?", (int(experiment_id),)).fetchone()
+                if found is None:
+                    raise cs.mlflow_error(*b.no_experiment(experiment_id))
+                if found[0] != cs.ACTIVE:
+                    raise cs.mlflow_error(*b.inactive_experiment(experiment_id, found[0]))
+                con.execute("INSERT INTO experiment_tags (key, value, experiment_id) VALUES "
+                            "(?, ?, ?) ON CONFLICT (key, experiment_id) DO UPDATE SET "
+                            "value = excluded.value", (key, value, int(experiment_id)))
+
+        self._timed(write)
+
     # -- params and tags ----------------------------------------------------------------------
     def log_params(self, params: Mapping[str, Mapping[str, Any]],
                    tags: Mapping[str, Mapping[str, Any]] | None = None) -> None:
