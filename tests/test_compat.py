@@ -211,15 +211,15 @@ def test_the_sqlite_writers_literals_are_mlflows_own_names():
 NAMES = ["regularization.lam", "train/ce", "weights/sq_norm/net.0", "a b:c-d_e", "x" * 250,
          "x" * 251, "", ".", "..", "../p", "/abs", "a//b", "a/./b", "a/", "tab\t", "nl\n",
          "ünïcode", "semi;colon", "a/../b"]
-VALUES = ["0.1", "", "v" * 6000, "v" * 6001, "t" * 8001]
+VALUES = ["0.1", "", "v" * 6000, "v" * 6001, "t" * 8001]  # cut at 6000 (params), 8000 (tags)
 
 
 def test_the_sqlite_writers_checks_decide_as_mlflows_validation():
     """For each name and value: MLflow's ``_validate_*`` and the writer's check (which answers
     plainly valid input itself) raise the same error or store the same key and value."""
-    def outcome(fn) -> tuple:
+    def outcome(fn, *args, **kwargs) -> tuple:
         try:
-            out = fn()
+            out = fn(*args, **kwargs)
         except MlflowException as e:
             return ("error", e.error_code, e.message)
         return ("ok", None if out is None else (out[0], out[1]) if isinstance(out, tuple)
@@ -227,14 +227,24 @@ def test_the_sqlite_writers_checks_decide_as_mlflows_validation():
 
     for name in NAMES:
         for value in VALUES:
-            assert outcome(lambda: cs.checked_param(name, value, "params[0]")) == \
-                outcome(lambda: cm.validate_param(name, value, path="params[0]")), (name, value)
-            assert outcome(lambda: cs.checked_tag(name, value, "tags[0]")) == \
-                outcome(lambda: cm.validate_tag(name, value, path="tags[0]")), (name, value)
+            assert outcome(cs.checked_param, name, value, "params[0]") == \
+                outcome(cm.validate_param, name, value, path="params[0]"), (name, value)
+            assert outcome(cs.checked_tag, name, value, "tags[0]") == \
+                outcome(cm.validate_tag, name, value, path="tags[0]"), (name, value)
+        for value in (*VALUES, "e" * 20000, "e" * 20001):  # an experiment's: MLflow cuts none
+            mine = outcome(cs.checked_experiment_tag, name, value)
+            assert mine[0] != "ok" or mine[1] == (name, value)
+            assert mine[:1 if mine[0] == "ok" else 3] == \
+                outcome(cm.validate_experiment_tag, name, value)[:1 if mine[0] == "ok" else 3]
+    for value in ("30d", "soon"):  # the one experiment tag whose value MLflow checks further
+        key = "mlflow.trace.archivalRetention"
+        assert outcome(cs.checked_experiment_tag, key, value)[0] == \
+            outcome(cm.validate_experiment_tag, key, value)[0]
+    for name in NAMES:
         for value, ts, step in ((0.5, 1, 0), (float("nan"), 0, 3), (1, 1, 0), (True, 1, 0),
                                 (0.5, -1, 0), (0.5, 1, 2.5)):
-            assert outcome(lambda: cs.check_metric(name, value, ts, step, "metrics[0]")) == \
-                outcome(lambda: cm.validate_metric(name, value, ts, step, path="metrics[0]")), \
+            assert outcome(cs.check_metric, name, value, ts, step, "metrics[0]") == \
+                outcome(cm.validate_metric, name, value, ts, step, path="metrics[0]"), \
                 (name, value, ts, step)
 
 

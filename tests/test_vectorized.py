@@ -47,11 +47,11 @@ def test_stacked_batches_give_each_network_its_own_order():
 
 def test_buffered_metrics_reach_the_store_in_one_call_per_flush(tmp_path, store, client,
                                                                 monkeypatch):
-    from l2lab.tracking.bulk.sql import SqlRunWriter  # the backend of a SQLite store
+    from l2lab.tracking.bulk.sqlite import SqliteRunWriter  # the backend of a SQLite store
 
     calls = []
-    original = SqlRunWriter.log_metrics
-    monkeypatch.setattr(SqlRunWriter, "log_metrics",
+    original = SqliteRunWriter.log_metrics
+    monkeypatch.setattr(SqliteRunWriter, "log_metrics",
                         lambda self, epochs: (calls.append(dict(epochs)), original(self, epochs)))
     train(make_cfg(f"tracking.uri={store}", "trainer.max_epochs=4",
                    "tracking.flush_every_s=1e9"), output_dir=tmp_path)
