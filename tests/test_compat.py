@@ -236,10 +236,10 @@ def test_the_sqlite_writers_checks_decide_as_mlflows_validation():
             assert mine[0] != "ok" or mine[1] == (name, value)
             assert mine[:1 if mine[0] == "ok" else 3] == \
                 outcome(cm.validate_experiment_tag, name, value)[:1 if mine[0] == "ok" else 3]
-    for value in ("30d", "soon"):  # the one experiment tag whose value MLflow checks further
-        key = "mlflow.trace.archivalRetention"
-        assert outcome(cs.checked_experiment_tag, key, value)[0] == \
-            outcome(cm.validate_experiment_tag, key, value)[0]
+    key = "mlflow.trace.archivalRetention"  # a tag whose value MLflow checks further
+    for value, ok in (('{"type": "duration", "value": "30d"}', "ok"), ("soon", "error")):
+        assert outcome(cs.checked_experiment_tag, key, value)[0] == ok
+        assert outcome(cm.validate_experiment_tag, key, value)[0] == ok
     for name in NAMES:
         for value, ts, step in ((0.5, 1, 0), (float("nan"), 0, 3), (1, 1, 0), (True, 1, 0),
                                 (0.5, -1, 0), (0.5, 1, 2.5)):

@@ -138,3 +138,31 @@ def test_experiments_in_another_workspace_are_left_to_the_client(store, client):
 def test_the_installed_mlflows_schema_is_one_the_reader_was_checked_against():
     """A new MLflow with a new schema fails here first: read its tables, then add its head."""
     assert cm.head_revision() in cs.KNOWN_REVISIONS
+
+
+def test_an_experiment_tag_set_with_sqlite3_is_the_clients(store, client):
+    """``set_experiment_tag`` without MLflow (a sweep's shared view) leaves what the client's
+    leaves, overwrites as it does, and raises its errors for a missing or deleted experiment."""
+    from mlflow.exceptions import MlflowException
+
+    db = connection.sqlite_path(store)
+    mine, theirs = client.create_experiment("mine"), client.create_experiment("theirs")
+    view = '{"searchFilter": "tags.`mlflow.parentRunId` = \'abc\'", "orderByAsc": true}'
+    for key, value in (("mlflow.sharedViewState.abc", view), ("note", "first"),
+                       ("note", "second")):
+        cs.set_experiment_tag(db, mine, key, value, 5)
+        client.set_experiment_tag(theirs, key, value)
+    assert client.get_experiment(mine).tags == client.get_experiment(theirs).tags
+    assert client.get_experiment(mine).tags["note"] == "second"
+    gone = client.create_experiment("gone")
+    client.delete_experiment(gone)
+
+    def error(fn, *args) -> tuple[str, str]:
+        with pytest.raises(MlflowException) as e:
+            fn(*args)
+        return e.value.error_code, e.value.message
+
+    for exp in ("987654", gone):
+        assert error(cs.set_experiment_tag, db, exp, "k", "v", 5) == \
+            error(client.set_experiment_tag, exp, "k", "v")
+    assert error(cs.set_experiment_tag, db, mine, "../k", "v", 5)[0] == "INVALID_PARAMETER_VALUE"

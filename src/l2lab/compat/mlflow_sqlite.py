@@ -21,7 +21,7 @@ import contextlib
 import math
 import re
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -403,6 +403,36 @@ def run_artifact_uri(location: str, run_id: str) -> str:
     return append_to_uri_path(location, run_id, "artifacts")
 
 
+# (message, error code) of the ``MlflowException`` that ``SqlAlchemyStore`` raises for each case
+def no_experiment(experiment_id: str) -> tuple[str, str]:
+    return f"No Experiment with id={experiment_id} exists", "RESOURCE_DOES_NOT_EXIST"
+
+
+def inactive_experiment(experiment_id: str, stage: str) -> tuple[str, str]:
+    return (f"The experiment {experiment_id} must be in the 'active' state. Current state is "
+            f"{stage}.", "INVALID_PARAMETER_VALUE")
+
+
+def name_against_tag(name: str, tag_name: str) -> tuple[str, str]:
+    return (f"Both 'run_name' argument and 'mlflow.runName' tag are specified, but with "
+            f"different values (run_name='{name}', mlflow.runName='{tag_name}').",
+            "INVALID_PARAMETER_VALUE")
+
+
+def no_run(run_id: str) -> tuple[str, str]:
+    return f"Run with id={run_id} not found", "RESOURCE_DOES_NOT_EXIST"
+
+
+def inactive_run(run_id: str, stage: str) -> tuple[str, str]:
+    return (f"The run {run_id} must be in the 'active' state. Current state is {stage}.",
+            "INVALID_PARAMETER_VALUE")
+
+
+def changed_params(changed: Sequence[Mapping[str, str]], run_id: str) -> tuple[str, str]:
+    return (f"Changing param values is not allowed. Params were already logged='{changed}' "
+            f"for run ID='{run_id}'.", "INVALID_PARAMETER_VALUE")
+
+
 def mlflow_error(message: str, code: str) -> Exception:
     """The ``MlflowException`` MLflow's store raises (``code``: ``RESOURCE_DOES_NOT_EXIST``,
     ``INVALID_PARAMETER_VALUE``); MLflow is imported only on this error path."""
@@ -410,3 +440,27 @@ def mlflow_error(message: str, code: str) -> Exception:
     from mlflow.protos import databricks_pb2
 
     return MlflowException(message, getattr(databricks_pb2, code))
+
+
+def set_experiment_tag(db: Path, experiment_id: str, key: str, value: str,
+                       timeout_s: float) -> None:
+    """As ``SqlAlchemyStore.set_experiment_tag``: checked, on an active experiment, set or
+    overwritten, in one ``BEGIN IMMEDIATE`` transaction (waiting up to ``timeout_s`` for the
+    write lock)."""
+    key, value = checked_experiment_tag(key, value)
+    with contextlib.closing(sqlite3.connect(db, timeout=timeout_s, isolation_level=None)) as con:
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            found = con.execute("SELECT lifecycle_stage FROM experiments WHERE experiment_id = ?",
+                                (int(experiment_id),)).fetchone()
+            if found is None:
+                raise mlflow_error(*no_experiment(experiment_id))
+            if found[0] != ACTIVE:
+                raise mlflow_error(*inactive_experiment(experiment_id, found[0]))
+            con.execute("INSERT INTO experiment_tags (key, value, experiment_id) VALUES (?, ?, ?) "
+                        "ON CONFLICT (key, experiment_id) DO UPDATE SET value = excluded.value",
+                        (key, value, int(experiment_id)))
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise

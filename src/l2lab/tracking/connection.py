@@ -109,15 +109,17 @@ class _SqliteFirst:
     """``MlflowClient`` on a SQLite store whose schema l2lab reads and writes itself
     (``compat.mlflow_sqlite``), with MLflow imported only if a call needs it. Answered with
     ``sqlite3``: the reads a training command and a sweep's report make (an experiment by name,
-    a run, metric histories) and an experiment's tag; a run's writes go through
-    :meth:`run_writer` (``bulk.sqlite.SqliteRunWriter``). Any other call (creating an experiment,
-    a run it cannot find, to let MLflow raise its own error) goes to a real client, made on
-    first need. Why: MLflow's import and store are ~1.9 s of every command's start."""
+    a run, metric histories) and an experiment's tag; a run's writes go through :attr:`writer`
+    (``bulk.sqlite.SqliteRunWriter``, made by ``tracker.as_writer``). Any other call (creating
+    an experiment, a run it cannot find, to let MLflow raise its own error) goes to a real
+    client, made on first need. Why: MLflow's import and store are ~1.9 s of every command's
+    start."""
 
-    def __init__(self, uri: str, reader: Any) -> None:
-        self.tracking_uri, self._reader = uri, reader
+    def __init__(self, uri: str, db: Path, reader: Any) -> None:
+        self.tracking_uri, self._db, self._reader = uri, db, reader
         self._client: Any = None
-        self._writer: Any = None
+        #: the store's ``sqlite`` run writer, made by ``tracker.as_writer`` (one connection)
+        self.writer: Any = None
 
     @classmethod
     def open(cls, uri: str, db: Path) -> _SqliteFirst | None:
@@ -126,20 +128,12 @@ class _SqliteFirst:
         if cs.writable(db) is not None:
             return None
         reader = cs.open_reader(db, uri)
-        return cls(uri, reader) if reader is not None else None
+        return cls(uri, db, reader) if reader is not None else None
 
     def _real(self) -> Any:
         if self._client is None:
             self._client = _connect(self.tracking_uri)
         return self._client
-
-    def run_writer(self) -> Any:
-        """The store's ``sqlite`` run writer (one per client: one connection)."""
-        if self._writer is None:
-            from l2lab.tracking.bulk import open_writer
-
-            self._writer = open_writer(self.tracking_uri, self)
-        return self._writer
 
     def get_experiment_by_name(self, name: str) -> Any:
         return self._reader.get_experiment_by_name(name)
@@ -156,7 +150,10 @@ class _SqliteFirst:
         return self._reader.metric_histories(run_ids, keys)
 
     def set_experiment_tag(self, experiment_id: str, key: str, value: Any) -> None:
-        self.run_writer().set_experiment_tag(experiment_id, key, str(value))
+        from l2lab.compat import mlflow_sqlite as cs
+
+        cs.set_experiment_tag(self._db, experiment_id, key, str(value),
+                              SQLITE_BUSY_TIMEOUT_MS / 1000)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real(), name)

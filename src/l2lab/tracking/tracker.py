@@ -83,7 +83,11 @@ def as_writer(writer: Any) -> Any:
     from l2lab.tracking import connection
 
     if isinstance(bare := getattr(writer, "_client", writer), connection._SqliteFirst):
-        return bare.run_writer()  # a SQLite store it writes itself: without MLflow
+        if bare.writer is None:  # a SQLite store l2lab writes itself: without MLflow
+            from l2lab.tracking.bulk import open_writer
+
+            bare.writer = open_writer(bare.tracking_uri, bare)
+        return bare.writer
     from l2lab.tracking.bulk.client import ClientRunWriter
 
     return ClientRunWriter.on(writer)

@@ -55,37 +55,7 @@ def _relative(artifact_path: str | None) -> str:
     return "" if p == "." else p
 
 
-# -- what both SQL backends share: MLflow's errors and its metric rows ---------------------------
-# (message, error code) of the ``MlflowException`` that ``SqlAlchemyStore`` raises for each case
-def no_experiment(experiment_id: str) -> tuple[str, str]:
-    return f"No Experiment with id={experiment_id} exists", "RESOURCE_DOES_NOT_EXIST"
-
-
-def inactive_experiment(experiment_id: str, stage: str) -> tuple[str, str]:
-    return (f"The experiment {experiment_id} must be in the 'active' state. Current state is "
-            f"{stage}.", "INVALID_PARAMETER_VALUE")
-
-
-def name_against_tag(name: str, tag_name: str) -> tuple[str, str]:
-    return (f"Both 'run_name' argument and 'mlflow.runName' tag are specified, but with "
-            f"different values (run_name='{name}', mlflow.runName='{tag_name}').",
-            "INVALID_PARAMETER_VALUE")
-
-
-def no_run(run_id: str) -> tuple[str, str]:
-    return f"Run with id={run_id} not found", "RESOURCE_DOES_NOT_EXIST"
-
-
-def inactive_run(run_id: str, stage: str) -> tuple[str, str]:
-    return (f"The run {run_id} must be in the 'active' state. Current state is {stage}.",
-            "INVALID_PARAMETER_VALUE")
-
-
-def changed_params(changed: Sequence[Mapping[str, str]], run_id: str) -> tuple[str, str]:
-    return (f"Changing param values is not allowed. Params were already logged='{changed}' "
-            f"for run ID='{run_id}'.", "INVALID_PARAMETER_VALUE")
-
-
+# -- what both SQL backends share: the metric rows MLflow stores ------------------------------
 def metric_rows(run_ids: Sequence[str], epochs: Mapping[str, Sequence[Epoch]],
                 check: Callable[..., None]) -> tuple[list[dict[str, Any]],
                                                      dict[tuple[str, str], dict[str, Any]]]:

@@ -81,14 +81,14 @@ class SqlRunWriter(RunWriter):
         with self._session() as s:
             exp = s.get(SqlExperiment, int(experiment_id))
             if exp is None:
-                raise cs.mlflow_error(*b.no_experiment(experiment_id))
+                raise cs.mlflow_error(*cs.no_experiment(experiment_id))
             if exp.lifecycle_stage != LifecycleStage.ACTIVE:
-                raise cs.mlflow_error(*b.inactive_experiment(experiment_id, exp.lifecycle_stage))
+                raise cs.mlflow_error(*cs.inactive_experiment(experiment_id, exp.lifecycle_stage))
             for name, given in zip(names, tags_list, strict=True):  # as SqlAlchemyStore.create_run
                 run_tags = {k: str(v) for k, v in given.items()}
                 tag_name = run_tags.get(MLFLOW_RUN_NAME)
                 if name and tag_name and name != tag_name:
-                    raise cs.mlflow_error(*b.name_against_tag(name, tag_name))
+                    raise cs.mlflow_error(*cs.name_against_tag(name, tag_name))
                 name = name or tag_name or cm.random_run_name()
                 run_tags.setdefault(MLFLOW_RUN_NAME, name)
                 run_id = uuid.uuid4().hex
@@ -124,9 +124,9 @@ class SqlRunWriter(RunWriter):
         for run_id in run_ids:
             run = rows.get(run_id)
             if run is None:
-                raise cs.mlflow_error(*b.no_run(run_id))
+                raise cs.mlflow_error(*cs.no_run(run_id))
             if run.lifecycle_stage != LifecycleStage.ACTIVE:
-                raise cs.mlflow_error(*b.inactive_run(run_id, run.lifecycle_stage))
+                raise cs.mlflow_error(*cs.inactive_run(run_id, run.lifecycle_stage))
             self._artifact_uris.setdefault(run_id, run.artifact_uri)
         return rows
 
@@ -171,7 +171,7 @@ class SqlRunWriter(RunWriter):
                     elif old != p.value:
                         changed.append({"key": p.key, "old_value": old, "new_value": p.value})
                 if changed:
-                    raise cs.mlflow_error(*b.changed_params(changed, r))
+                    raise cs.mlflow_error(*cs.changed_params(changed, r))
             if new:
                 _insert(s, SqlParam, new)
             self._set_tags_sql(s, {r: tags[r] for r in run_ids if tags.get(r)})

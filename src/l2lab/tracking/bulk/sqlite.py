@@ -89,15 +89,15 @@ class SqliteRunWriter(RunWriter):
             found = con.execute("SELECT lifecycle_stage, artifact_location FROM experiments "
                                 "WHERE experiment_id = ?", (int(experiment_id),)).fetchone()
             if found is None:
-                raise cs.mlflow_error(*b.no_experiment(experiment_id))
+                raise cs.mlflow_error(*cs.no_experiment(experiment_id))
             stage, location = found
             if stage != cs.ACTIVE:
-                raise cs.mlflow_error(*b.inactive_experiment(experiment_id, stage))
+                raise cs.mlflow_error(*cs.inactive_experiment(experiment_id, stage))
             for name, given in zip(names, tags_list, strict=True):  # as SqlAlchemyStore.create_run
                 run_tags = {k: str(v) for k, v in given.items()}
                 tag_name = run_tags.get(cs.RUN_NAME_TAG)
                 if name and tag_name and name != tag_name:
-                    raise cs.mlflow_error(*b.name_against_tag(name, tag_name))
+                    raise cs.mlflow_error(*cs.name_against_tag(name, tag_name))
                 if not (name or tag_name):
                     from l2lab.compat import mlflow as cm
 
@@ -129,30 +129,11 @@ class SqliteRunWriter(RunWriter):
                 f"({_marks(len(chunk))})", list(chunk))})
         for run_id in run_ids:
             if run_id not in rows:
-                raise cs.mlflow_error(*b.no_run(run_id))
+                raise cs.mlflow_error(*cs.no_run(run_id))
             stage, art = rows[run_id]
             if stage != cs.ACTIVE:
-                raise cs.mlflow_error(*b.inactive_run(run_id, stage))
+                raise cs.mlflow_error(*cs.inactive_run(run_id, stage))
             self._artifact_uris.setdefault(run_id, art)
-
-    def set_experiment_tag(self, experiment_id: str, key: str, value: str) -> None:
-        """As ``SqlAlchemyStore.set_experiment_tag``: checked, on an active experiment, set or
-        overwritten."""
-        key, value = cs.checked_experiment_tag(key, value)
-
-        def write() -> None:
-            with self._write() as con:
-                found = con.execute("SELECT lifecycle_stage FROM experiments WHERE "
-                                    "experiment_id = ?", (int(experiment_id),)).fetchone()
-                if found is None:
-                    raise cs.mlflow_error(*b.no_experiment(experiment_id))
-                if found[0] != cs.ACTIVE:
-                    raise cs.mlflow_error(*b.inactive_experiment(experiment_id, found[0]))
-                con.execute("INSERT INTO experiment_tags (key, value, experiment_id) VALUES "
-                            "(?, ?, ?) ON CONFLICT (key, experiment_id) DO UPDATE SET "
-                            "value = excluded.value", (key, value, int(experiment_id)))
-
-        self._timed(write)
 
     # -- params and tags ----------------------------------------------------------------------
     def log_params(self, params: Mapping[str, Mapping[str, Any]],
@@ -191,7 +172,7 @@ class SqliteRunWriter(RunWriter):
                     elif old != value:
                         changed.append({"key": key, "old_value": old, "new_value": value})
                 if changed:
-                    raise cs.mlflow_error(*b.changed_params(changed, r))
+                    raise cs.mlflow_error(*cs.changed_params(changed, r))
             con.executemany("INSERT INTO params (key, value, run_uuid) VALUES (?, ?, ?)", new)
             self._set_tags(con, {r: tags[r] for r in run_ids if tags.get(r)})
 
