@@ -3,11 +3,10 @@ its MLflow ORM backends) vs the public client.
 
 K runs are created, get ~30 params and 3 tags, have E epochs x 14 metrics flushed one epoch at a
 time (the worst case: live curves), and are finished -- once through ``RunWriter`` and once
-through ``MlflowClient`` one run at a time, into two fresh SQLite stores, side by side in one
+through ``MlflowClient`` one run at a time, into fresh SQLite stores, side by side in one
 process. Round trips are counted on the SQLAlchemy engine (transactions committed, statements
-sent), and for the ``sqlite3`` backend on its connection (its transactions, and every statement
-through sqlite3's trace callback); CPU time is given too, as wall time on a shared
-machine depends on its load.
+sent), and for the ``sqlite3`` backend by the writer (its transactions); CPU time is given
+too, as wall time on a shared machine depends on its load.
 
     PYTHONPATH=src python scripts/bench_bulk.py [--runs 100] [--epochs 20]
 """
@@ -57,9 +56,6 @@ def by_group(uri: str, exp: str, runs: int, epochs: int, counts: dict, backend: 
     finally:
         cs.writable = real
     assert w.backend == backend, w.why
-    if backend == "sqlite":
-        w._connection().set_trace_callback(
-            lambda _sql: counts.__setitem__("statements", counts["statements"] + 1))
     ids = w.create_runs(exp, [f"lam={k}" for k in range(runs)],
                         [{"l2lab.sweep_id": "bench", "l2lab.vectorized_group": "g"}] * runs)
     w.log_params({r: params_of(k) for k, r in enumerate(ids)},
@@ -68,8 +64,8 @@ def by_group(uri: str, exp: str, runs: int, epochs: int, counts: dict, backend: 
         now = int(time.time() * 1000)
         w.log_metrics({r: [(e, metrics_of(k, e), now)] for k, r in enumerate(ids)})
     w.finish({r: ("FINISHED", None) for r in ids})
-    if backend == "sqlite":
-        counts["transactions"] += w.round_trips
+    if backend == "sqlite":  # sqlite3 has no count of executemany calls: transactions only
+        counts["transactions"], counts["statements"] = w.round_trips, None
 
 
 def by_client(uri: str, exp: str, runs: int, epochs: int, counts: dict) -> None:
