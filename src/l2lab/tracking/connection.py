@@ -156,6 +156,8 @@ class _SqliteFirst:
                               SQLITE_BUSY_TIMEOUT_MS / 1000)
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # none of the client's own (pickle's lookups, a half-made one)
+            raise AttributeError(name)
         return getattr(self._real(), name)
 
 

@@ -66,10 +66,16 @@ class SqliteRunWriter(RunWriter):
                 con.execute("ROLLBACK")
                 raise
 
-    def _read(self, sql: str, args: Sequence[Any]) -> list[tuple]:
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """Reads (one round trip), each statement on its own committed snapshot."""
         with self._lock:
             self.round_trips += 1
-            return self._connection().execute(sql, list(args)).fetchall()
+            yield self._connection()
+
+    def _read(self, sql: str, args: Sequence[Any]) -> list[tuple]:
+        with self._reading() as con:
+            return con.execute(sql, list(args)).fetchall()
 
     # -- runs ------------------------------------------------------------------------------
     def create_runs(self, experiment_id: str, names: Sequence[str],
@@ -270,9 +276,8 @@ class SqliteRunWriter(RunWriter):
         """``{run_id: {key: [Metric, ...]}}`` as ``MlflowClient.get_metric_history`` returns
         each (the reader's query and ``Metric``: :mod:`l2lab.compat.mlflow_sqlite`)."""
         def query() -> dict[str, dict[str, list[Any]]]:
-            with self._lock:
-                self.round_trips += 1
-                return cs.metric_histories(self._connection(), run_ids, keys)
+            with self._reading() as con:
+                return cs.metric_histories(con, run_ids, keys)
 
         return self._timed(query)
 
@@ -315,7 +320,7 @@ class SqliteRunWriter(RunWriter):
         missing = [r for r in run_ids if r not in self._artifact_uris]
         if missing:
             def query() -> None:
-                with self._write() as con:
+                with self._reading() as con:
                     self._active_runs(con, missing)
 
             self._timed(query)
