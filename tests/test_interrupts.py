@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import TEST_THREADS, TINY, make_cfg, runs_of
@@ -323,6 +324,14 @@ def test_the_stop_handler_leaves_no_run_of_the_sweep_running(store, client, caps
     assert err.rstrip().endswith("cd /here && python -m l2lab.train -m …")
 
 
+def _catches_sigint(pid: int) -> bool:
+    """Whether process ``pid`` has a handler for SIGINT (Linux: ``SigCgt`` in its status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGINT - 1) & 1)
+    return False
+
+
 def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, store, client):
     """From the first import on (imports, Hydra composing, torch, the store), a single run
     stopped by Ctrl-C exits 130 with one line and no traceback; before its run exists the line
@@ -333,11 +342,20 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, store, client
     env.pop("MLFLOW_TRACKING_URI", None)
     for delay in (0.4, 1.0, 2.5):
         out = tmp_path / f"at-{delay}"
+        # Started with SIGINT ignored, so that the child catches it only once l2lab's handler
+        # exists (its first import; before it nothing can answer, and a test process that has
+        # been through Lightning's interrupt handling passes an ignored SIGINT on anyway): the
+        # signal is sent ``delay`` after the start, and never before that handler
+        t0 = time.monotonic()
         proc = subprocess.Popen(
             [sys.executable, "-m", "l2lab.train", *TINY, f"tracking.uri={store}",
              f"hydra.run.dir={out}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True)
-        time.sleep(delay)
+            stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        while not _catches_sigint(proc.pid):
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.005)
+        time.sleep(max(0.0, delay - (time.monotonic() - t0)))
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=120)
         lines = [ln for ln in stderr.splitlines() if ln.strip()]
