@@ -9,9 +9,10 @@ Only where :func:`l2lab.compat.mlflow_sqlite.writable` allows it: an MLflow stor
 revision these statements were checked against, with an MLflow version they were checked with.
 Each call is one ``BEGIN IMMEDIATE`` transaction (the write lock first, so two jobs never
 deadlock on an upgrade from a read lock), waiting up to ``SQLITE_BUSY_TIMEOUT_MS`` for it.
-Checks, errors and rows are the SQL backend's (the shared ones in :mod:`.base`);
-``tests/test_bulk.py`` holds the three backends to the same record and the same errors. MLflow is
-imported only to raise its exception, or to check an input that is not plainly valid.
+Checks, errors and rows are the SQL backend's (the metric rows in :mod:`.base`, MLflow's errors
+and checks in :mod:`l2lab.compat.mlflow_sqlite`); ``tests/test_bulk.py`` holds the backends to the
+same record and the same errors. MLflow is imported only to raise its exception, or to check an
+input that is not plainly valid.
 """
 
 from __future__ import annotations
