@@ -234,6 +234,67 @@ class RunWriter:
 
 
 
+class OneTransactionWriter(RunWriter):
+    """What both SQL backends share: every call one transaction for all its runs. The calls'
+    argument handling is here; each backend's ``_create``, ``_params_tags``, ``_metrics`` and
+    ``_check_runs`` run the transaction on its own database API."""
+
+    def create_runs(self, experiment_id: str, names: Sequence[str],
+                    tags_list: Sequence[Mapping[str, str]], start_time: int | None = None
+                    ) -> list[str]:
+        """Creates one RUNNING run per name (tags as given, ``mlflow.runName`` = name) in one
+        transaction; returns their ids in order."""
+        if len(names) != len(tags_list):
+            raise ValueError("create_runs: one tags mapping per name")
+        start = start_time or _now_ms()
+        return self._timed(lambda: self._create(experiment_id, names, tags_list, start))
+
+    def log_params(self, params: Mapping[str, Mapping[str, Any]],
+                   tags: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        """Params (and tags) of every run: one transaction. As MLflow: a param logged again
+        with the same value is a no-op, with another value an error."""
+        tags = tags or {}
+        run_ids = list(dict.fromkeys([*params, *tags]))
+        if run_ids:
+            self._timed(lambda: self._params_tags(run_ids, params, tags))
+
+    def set_tags(self, tags: Mapping[str, Mapping[str, Any]]) -> None:
+        """Sets (or overwrites) tags of every run: one transaction."""
+        run_ids = [r for r, t in tags.items() if t]
+        if run_ids:
+            self._timed(lambda: self._params_tags(run_ids, {}, tags))
+
+    def log_metrics(self, epochs: Mapping[str, Sequence[Epoch]]) -> None:
+        """Every run's pending epochs in one transaction; ``latest_metrics`` follows as MLflow
+        keeps it (a row already stored, from a re-sent flush, is skipped as MLflow skips it)."""
+        run_ids = [r for r, e in epochs.items() if e and any(m for _, m, _ in e)]
+        if run_ids:
+            self._timed(lambda: self._metrics(run_ids, epochs))
+
+    def artifact_uris(self, run_ids: Sequence[str]) -> dict[str, str]:
+        """Each run's artifact URI: known for runs this writer created, else one query for
+        all."""
+        missing = [r for r in run_ids if r not in self._artifact_uris]
+        if missing:
+            self._timed(lambda: self._check_runs(missing))
+        return {r: self._artifact_uris[r] for r in run_ids}
+
+    def _create(self, experiment_id: str, names: Sequence[str],
+                tags_list: Sequence[Mapping[str, str]], start: int) -> list[str]:
+        raise NotImplementedError
+
+    def _params_tags(self, run_ids: Sequence[str], params: Mapping[str, Mapping[str, Any]],
+                     tags: Mapping[str, Mapping[str, Any]]) -> None:
+        raise NotImplementedError
+
+    def _metrics(self, run_ids: Sequence[str], epochs: Mapping[str, Sequence[Epoch]]) -> None:
+        raise NotImplementedError
+
+    def _check_runs(self, run_ids: Sequence[str]) -> None:
+        """The runs exist and are active; their artifact URIs are known after it."""
+        raise NotImplementedError
+
+
 class _Counting:
     """A client whose every call adds one to its writer's ``round_trips`` (thread-safe)."""
 

@@ -24,7 +24,7 @@ from l2lab.tracking.bulk import base as b
 from l2lab.tracking.bulk.base import (
     Choice,
     Epoch,
-    RunWriter,
+    OneTransactionWriter,
     _chunks,
     _now_ms,
 )
@@ -32,7 +32,7 @@ from l2lab.tracking.bulk.base import (
 _IN_CHUNK = 500  # ids per SQL IN (...) list: far below every backend's bound-parameter limit
 
 
-class SqlRunWriter(RunWriter):
+class SqlRunWriter(OneTransactionWriter):
     """K runs per transaction (backend ``sql``)."""
 
     def __init__(self, uri: str, client: Any | None, choice: Choice) -> None:
@@ -60,18 +60,8 @@ class SqlRunWriter(RunWriter):
                 s.rollback()
                 raise
 
-    def create_runs(self, experiment_id: str, names: Sequence[str],
-                    tags_list: Sequence[Mapping[str, str]], start_time: int | None = None
-                    ) -> list[str]:
-        """Creates one RUNNING run per name (tags as given, ``mlflow.runName`` = name) in one
-        transaction; returns their ids in order."""
-        if len(names) != len(tags_list):
-            raise ValueError("create_runs: one tags mapping per name")
-        start = start_time or _now_ms()
-        return self._timed(lambda: self._create_sql(experiment_id, names, tags_list, start))
-
-    def _create_sql(self, experiment_id: str, names: Sequence[str],
-                    tags_list: Sequence[Mapping[str, str]], start: int) -> list[str]:
+    def _create(self, experiment_id: str, names: Sequence[str],
+                tags_list: Sequence[Mapping[str, str]], start: int) -> list[str]:
         from mlflow.entities import LifecycleStage, RunStatus, SourceType
         SqlExperiment, SqlRun, SqlTag = self._t.Experiment, self._t.Run, self._t.Tag
         from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME, MLFLOW_USER
@@ -130,25 +120,8 @@ class SqlRunWriter(RunWriter):
             self._artifact_uris.setdefault(run_id, run.artifact_uri)
         return rows
 
-    def log_params(self, params: Mapping[str, Mapping[str, Any]],
-                   tags: Mapping[str, Mapping[str, Any]] | None = None) -> None:
-        """Params (and tags) of every run: one transaction. As MLflow: a param logged again
-        with the same value is a no-op, with another value an error."""
-        tags = tags or {}
-        run_ids = list(dict.fromkeys([*params, *tags]))
-        if not run_ids:
-            return
-        self._timed(lambda: self._params_tags_sql(run_ids, params, tags))
-
-    def set_tags(self, tags: Mapping[str, Mapping[str, Any]]) -> None:
-        """Sets (or overwrites) tags of every run: one transaction."""
-        run_ids = [r for r, t in tags.items() if t]
-        if not run_ids:
-            return
-        self._timed(lambda: self._params_tags_sql(run_ids, {}, tags))
-
-    def _params_tags_sql(self, run_ids: Sequence[str], params: Mapping[str, Mapping[str, Any]],
-                         tags: Mapping[str, Mapping[str, Any]]) -> None:
+    def _params_tags(self, run_ids: Sequence[str], params: Mapping[str, Mapping[str, Any]],
+                     tags: Mapping[str, Mapping[str, Any]]) -> None:
         from sqlalchemy import select
 
         checked = {r: [cm.validate_param(k, str(v), path=f"params[{i}]")
@@ -202,20 +175,15 @@ class SqlRunWriter(RunWriter):
                        if row["key"] == MLFLOW_RUN_NAME]:
             _update(s, SqlRun, renamed)
 
-    def log_metrics(self, epochs: Mapping[str, Sequence[Epoch]]) -> None:
-        """Every run's pending epochs in one transaction; ``latest_metrics`` follows as MLflow
-        keeps it."""
-        run_ids = [r for r, e in epochs.items() if e and any(m for _, m, _ in e)]
-        if not run_ids:
-            return
+    def _metrics(self, run_ids: Sequence[str], epochs: Mapping[str, Sequence[Epoch]]) -> None:
         import sqlalchemy.exc
 
         try:
-            self._timed(lambda: self._metrics_sql(run_ids, epochs))
+            self._metrics_sql(run_ids, epochs)
         except sqlalchemy.exc.IntegrityError:
             # A row with the same (key, step, timestamp, value) is already stored (a re-sent
             # flush): MLflow's own store skips exactly those, run by run.
-            self._timed(lambda: self._each_store(run_ids, epochs))
+            self._each_store(run_ids, epochs)
 
     def _each_store(self, run_ids: Sequence[str], epochs: Mapping[str, Sequence[Epoch]]) -> None:
         """Run by run through MLflow's store, in whole epochs (as the client backend sends them)."""
@@ -340,17 +308,9 @@ class SqlRunWriter(RunWriter):
 
         self._timed(write)
 
-    def artifact_uris(self, run_ids: Sequence[str]) -> dict[str, str]:
-        """Each run's artifact URI: known for runs this writer created, else one query for
-        all."""
-        missing = [r for r in run_ids if r not in self._artifact_uris]
-        if missing:
-            def query() -> None:
-                with self._session() as s:
-                    self._active_runs(s, missing)
-
-            self._timed(query)
-        return {r: self._artifact_uris[r] for r in run_ids}
+    def _check_runs(self, run_ids: Sequence[str]) -> None:
+        with self._session() as s:
+            self._active_runs(s, run_ids)
 
 
 def _insert(s: Any, model: Any, rows: Sequence[Mapping[str, Any]]) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 from l2lab.compat import mlflow_sqlite as cs
 from l2lab.tracking import connection as cn
 from l2lab.tracking.bulk import base as b
-from l2lab.tracking.bulk.base import Choice, Epoch, RunWriter, _chunks, _now_ms
+from l2lab.tracking.bulk.base import Choice, Epoch, OneTransactionWriter, _chunks, _now_ms
 
 _IN_CHUNK = 500  # ids per IN (...): well inside SQLite's bound-variable limit
 
@@ -36,7 +36,7 @@ def _marks(n: int) -> str:
     return ",".join("?" * n)
 
 
-class SqliteRunWriter(RunWriter):
+class SqliteRunWriter(OneTransactionWriter):
     """K runs per transaction on a SQLite store, without MLflow (backend ``sqlite``)."""
 
     def __init__(self, uri: str, client: Any | None, choice: Choice) -> None:
@@ -79,16 +79,6 @@ class SqliteRunWriter(RunWriter):
             return con.execute(sql, list(args)).fetchall()
 
     # -- runs ------------------------------------------------------------------------------
-    def create_runs(self, experiment_id: str, names: Sequence[str],
-                    tags_list: Sequence[Mapping[str, str]], start_time: int | None = None
-                    ) -> list[str]:
-        """Creates one RUNNING run per name (tags as given, ``mlflow.runName`` = name) in one
-        transaction; returns their ids in order."""
-        if len(names) != len(tags_list):
-            raise ValueError("create_runs: one tags mapping per name")
-        start = start_time or _now_ms()
-        return self._timed(lambda: self._create(experiment_id, names, tags_list, start))
-
     def _create(self, experiment_id: str, names: Sequence[str],
                 tags_list: Sequence[Mapping[str, str]], start: int) -> list[str]:
         runs, tags, ids = [], [], []
@@ -143,21 +133,6 @@ class SqliteRunWriter(RunWriter):
             self._artifact_uris.setdefault(run_id, art)
 
     # -- params and tags ----------------------------------------------------------------------
-    def log_params(self, params: Mapping[str, Mapping[str, Any]],
-                   tags: Mapping[str, Mapping[str, Any]] | None = None) -> None:
-        """Params (and tags) of every run: one transaction. As MLflow: a param logged again
-        with the same value is a no-op, with another value an error."""
-        tags = tags or {}
-        run_ids = list(dict.fromkeys([*params, *tags]))
-        if run_ids:
-            self._timed(lambda: self._params_tags(run_ids, params, tags))
-
-    def set_tags(self, tags: Mapping[str, Mapping[str, Any]]) -> None:
-        """Sets (or overwrites) tags of every run: one transaction."""
-        run_ids = [r for r, t in tags.items() if t]
-        if run_ids:
-            self._timed(lambda: self._params_tags(run_ids, {}, tags))
-
     def _params_tags(self, run_ids: Sequence[str], params: Mapping[str, Mapping[str, Any]],
                      tags: Mapping[str, Mapping[str, Any]]) -> None:
         checked = {r: [cs.checked_param(k, str(v), path=f"params[{i}]")
@@ -196,14 +171,6 @@ class SqliteRunWriter(RunWriter):
                         [(v, r) for r, k, v in rows if k == cs.RUN_NAME_TAG])
 
     # -- metrics ------------------------------------------------------------------------------
-    def log_metrics(self, epochs: Mapping[str, Sequence[Epoch]]) -> None:
-        """Every run's pending epochs in one transaction; ``latest_metrics`` follows as MLflow
-        keeps it. A row already stored (a re-sent flush) is skipped, as MLflow's store skips
-        exactly those."""
-        run_ids = [r for r, e in epochs.items() if e and any(m for _, m, _ in e)]
-        if run_ids:
-            self._timed(lambda: self._metrics(run_ids, epochs))
-
     def _metrics(self, run_ids: Sequence[str], epochs: Mapping[str, Sequence[Epoch]]) -> None:
         rows, latest = b.metric_rows(run_ids, epochs, cs.check_metric)
         insert = ("INSERT INTO metrics (key, value, timestamp, step, is_nan, run_uuid) VALUES "
@@ -316,16 +283,9 @@ class SqliteRunWriter(RunWriter):
 
         self._timed(write)
 
-    def artifact_uris(self, run_ids: Sequence[str]) -> dict[str, str]:
-        """Each run's artifact URI: known for runs this writer created, else one query."""
-        missing = [r for r in run_ids if r not in self._artifact_uris]
-        if missing:
-            def query() -> None:
-                with self._reading() as con:
-                    self._active_runs(con, missing)
-
-            self._timed(query)
-        return {r: self._artifact_uris[r] for r in run_ids}
+    def _check_runs(self, run_ids: Sequence[str]) -> None:
+        with self._reading() as con:
+            self._active_runs(con, run_ids)
 
 
 @contextlib.contextmanager
