@@ -236,8 +236,8 @@ class RunWriter:
 
 class OneTransactionWriter(RunWriter):
     """What both SQL backends share: every call one transaction for all its runs. The calls'
-    argument handling is here; each backend's ``_create``, ``_params_tags``, ``_metrics`` and
-    ``_check_runs`` run the transaction on its own database API."""
+    argument handling is here; each backend's ``_create``, ``_params_tags``, ``_metrics``,
+    ``_finish``, ``_reopen`` and ``_check_runs`` run the transaction on its own database API."""
 
     def create_runs(self, experiment_id: str, names: Sequence[str],
                     tags_list: Sequence[Mapping[str, str]], start_time: int | None = None
@@ -271,6 +271,25 @@ class OneTransactionWriter(RunWriter):
         if run_ids:
             self._timed(lambda: self._metrics(run_ids, epochs))
 
+    def finish(self, ends: Mapping[str, tuple[str, str | None]], end_time: int | None = None
+               ) -> None:
+        """Ends every run with its status; a failure reason goes to tag ``l2lab.failure`` first,
+        as the client backend does. One transaction."""
+        if not ends:
+            return
+        from l2lab.compat import mlflow_sqlite as cs
+
+        statuses = {r: cs.run_status(st) for r, (st, _) in ends.items()}
+        reasons = {r: {cn.FAILURE_TAG: why[:cn.FAILURE_MAX_CHARS]}
+                   for r, (_, why) in ends.items() if why}
+        end = end_time or _now_ms()
+        self._timed(lambda: self._finish(statuses, reasons, end))
+
+    def reopen(self, run_ids: Sequence[str]) -> None:
+        """Runs continued by ``resume``: RUNNING again, and an old failure reason no longer
+        holds (as the client backend). One transaction."""
+        self._timed(lambda: self._reopen(run_ids))
+
     def artifact_uris(self, run_ids: Sequence[str]) -> dict[str, str]:
         """Each run's artifact URI: known for runs this writer created, else one query for
         all."""
@@ -292,6 +311,14 @@ class OneTransactionWriter(RunWriter):
 
     def _check_runs(self, run_ids: Sequence[str]) -> None:
         """The runs exist and are active; their artifact URIs are known after it."""
+        raise NotImplementedError
+
+    def _finish(self, statuses: Mapping[str, str], reasons: Mapping[str, Mapping[str, str]],
+                end: int) -> None:
+        """Each run's status and end time, the failure tags first."""
+        raise NotImplementedError
+
+    def _reopen(self, run_ids: Sequence[str]) -> None:
         raise NotImplementedError
 
 

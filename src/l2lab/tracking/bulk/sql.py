@@ -26,7 +26,6 @@ from l2lab.tracking.bulk.base import (
     Epoch,
     OneTransactionWriter,
     _chunks,
-    _now_ms,
 )
 
 _IN_CHUNK = 500  # ids per SQL IN (...) list: far below every backend's bound-parameter limit
@@ -266,47 +265,24 @@ class SqlRunWriter(OneTransactionWriter):
 
         return self._timed(query)
 
-    def finish(self, ends: Mapping[str, tuple[str, str | None]], end_time: int | None = None
-               ) -> None:
-        """Ends every run with its status; a failure reason goes to tag ``l2lab.failure`` first,
-        as the client backend does. One transaction."""
-        if not ends:
-            return
-        end = end_time or _now_ms()
-        run_ids = list(ends)
-        from mlflow.entities import RunStatus
+    def _finish(self, statuses: Mapping[str, str], reasons: Mapping[str, Mapping[str, str]],
+                end: int) -> None:
+        with self._session() as s:
+            self._active_runs(s, list(statuses))
+            self._set_tags_sql(s, reasons)
+            _update(s, self._t.Run, [dict(run_uuid=r, status=st, end_time=end)
+                                     for r, st in statuses.items()])
 
-        SqlRun = self._t.Run
-
-        statuses = {r: RunStatus.to_string(RunStatus.from_string(st)) for r, (st, _) in
-                    ends.items()}
-
-        def write() -> None:
-            with self._session() as s:
-                self._active_runs(s, run_ids)
-                self._set_tags_sql(s, {r: {cn.FAILURE_TAG: why[:cn.FAILURE_MAX_CHARS]}
-                                       for r, (_, why) in ends.items() if why})
-                _update(s, SqlRun, [dict(run_uuid=r, status=statuses[r], end_time=end)
-                                           for r in run_ids])
-
-        self._timed(write)
-
-    def reopen(self, run_ids: Sequence[str]) -> None:
-        """Runs continued by ``resume``: RUNNING again, and an old failure reason no longer
-        holds (as the client backend). One transaction."""
+    def _reopen(self, run_ids: Sequence[str]) -> None:
         from sqlalchemy import delete
 
         SqlRun, SqlTag = self._t.Run, self._t.Tag
-
-        def write() -> None:
-            with self._session() as s:
-                self._active_runs(s, run_ids)
-                _update(s, SqlRun, [dict(run_uuid=r, status="RUNNING") for r in run_ids])
-                for chunk in _chunks(list(run_ids), _IN_CHUNK):
-                    s.execute(delete(SqlTag).where(SqlTag.run_uuid.in_(chunk),
-                                                   SqlTag.key == cn.FAILURE_TAG))
-
-        self._timed(write)
+        with self._session() as s:
+            self._active_runs(s, run_ids)
+            _update(s, SqlRun, [dict(run_uuid=r, status="RUNNING") for r in run_ids])
+            for chunk in _chunks(list(run_ids), _IN_CHUNK):
+                s.execute(delete(SqlTag).where(SqlTag.run_uuid.in_(chunk),
+                                               SqlTag.key == cn.FAILURE_TAG))
 
     def _check_runs(self, run_ids: Sequence[str]) -> None:
         with self._session() as s:

@@ -27,7 +27,7 @@ from typing import Any
 from l2lab.compat import mlflow_sqlite as cs
 from l2lab.tracking import connection as cn
 from l2lab.tracking.bulk import base as b
-from l2lab.tracking.bulk.base import Choice, Epoch, OneTransactionWriter, _chunks, _now_ms
+from l2lab.tracking.bulk.base import Choice, Epoch, OneTransactionWriter, _chunks
 
 _IN_CHUNK = 500  # ids per IN (...): well inside SQLite's bound-variable limit
 
@@ -250,38 +250,21 @@ class SqliteRunWriter(OneTransactionWriter):
         return self._timed(query)
 
     # -- the end of a run -----------------------------------------------------------------------
-    def finish(self, ends: Mapping[str, tuple[str, str | None]], end_time: int | None = None
-               ) -> None:
-        """Ends every run with its status; a failure reason goes to tag ``l2lab.failure`` first,
-        as the client backend does. One transaction."""
-        if not ends:
-            return
-        end = end_time or _now_ms()
-        run_ids = list(ends)
-        statuses = {r: cs.run_status(st) for r, (st, _) in ends.items()}
+    def _finish(self, statuses: Mapping[str, str], reasons: Mapping[str, Mapping[str, str]],
+                end: int) -> None:
+        with self._write() as con:
+            self._active_runs(con, list(statuses))
+            self._set_tags(con, reasons)
+            con.executemany("UPDATE runs SET status = ?, end_time = ? WHERE run_uuid = ?",
+                            [(st, end, r) for r, st in statuses.items()])
 
-        def write() -> None:
-            with self._write() as con:
-                self._active_runs(con, run_ids)
-                self._set_tags(con, {r: {cn.FAILURE_TAG: why[:cn.FAILURE_MAX_CHARS]}
-                                     for r, (_, why) in ends.items() if why})
-                con.executemany("UPDATE runs SET status = ?, end_time = ? WHERE run_uuid = ?",
-                                [(statuses[r], end, r) for r in run_ids])
-
-        self._timed(write)
-
-    def reopen(self, run_ids: Sequence[str]) -> None:
-        """Runs continued by ``resume``: RUNNING again, and an old failure reason no longer
-        holds. One transaction."""
-        def write() -> None:
-            with self._write() as con:
-                self._active_runs(con, run_ids)
-                con.executemany("UPDATE runs SET status = 'RUNNING' WHERE run_uuid = ?",
-                                [(r,) for r in run_ids])
-                con.executemany("DELETE FROM tags WHERE run_uuid = ? AND key = ?",
-                                [(r, cn.FAILURE_TAG) for r in run_ids])
-
-        self._timed(write)
+    def _reopen(self, run_ids: Sequence[str]) -> None:
+        with self._write() as con:
+            self._active_runs(con, run_ids)
+            con.executemany("UPDATE runs SET status = 'RUNNING' WHERE run_uuid = ?",
+                            [(r,) for r in run_ids])
+            con.executemany("DELETE FROM tags WHERE run_uuid = ? AND key = ?",
+                            [(r, cn.FAILURE_TAG) for r in run_ids])
 
     def _check_runs(self, run_ids: Sequence[str]) -> None:
         with self._reading() as con:
