@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from l2lab.core.data import steps_of
 from l2lab.core.regularization import NETWORK_SHAPES, Penalty, added, network_views
 from l2lab.core.schedules import MakeScheduler, NetworkSchedulers
 
@@ -78,6 +79,9 @@ class L2Module(pl.LightningModule):
                  make_scheduler: MakeScheduler | None = None,
                  interval: str = "epoch") -> None:
         super().__init__()
+        # the module steps the optimizer itself (training_step): a Lightning batch may be
+        # several optimizer steps
+        self.automatic_optimization = False
         # optimizer -> one network's torch scheduler (None: the lr stays the optimizer's), and
         # whether it steps after every optimizer step or every epoch; shared by the networks
         self.make_scheduler, self.interval = make_scheduler, interval
@@ -90,6 +94,9 @@ class L2Module(pl.LightningModule):
         # one, holding their weights and dropout streams from ``net``: what remove() uses
         self.restack = restack
         self.replace_optimizer = replace_optimizer
+        #: n -> None, counting n optimizer steps in ``trainer.global_step``: set where a step may
+        #: bypass Lightning's backward and optimizer wrappers (:meth:`training_step`)
+        self.direct_steps: Callable[[int], None] | None = None
         self.slots = list(range(self.k))
         self.alive = [True] * self.k
         self.failures: dict[int, str] = {}
@@ -177,7 +184,9 @@ class L2Module(pl.LightningModule):
                 torch.cuda.set_rng_state(rng["cuda"].cpu(), torch.cuda.current_device())
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
-        """Lightning's hook for a scheduler that is not one torch class (each network's)."""
+        """Lightning's hook for a scheduler that is not one torch class (each network's); it
+        checks that the hook exists when the fit starts (the module steps the schedule:
+        :meth:`training_step`, :meth:`on_train_epoch_end`)."""
         scheduler.step()
 
     # -- accumulation on the device ------------------------------------------------------------
@@ -228,7 +237,39 @@ class L2Module(pl.LightningModule):
         return ce, n
 
     # -- training ------------------------------------------------------------------------------
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch, batch_idx: int) -> None:
+        """One Lightning batch: a chunk of mini-batches (``data.Chunks``), each one optimizer
+        step, or one mini-batch. Manual optimization through Lightning's own optimizer and
+        backward (its precision plugin and strategy), so each step is automatic optimization's:
+        zero_grad, backward, ``on_before_optimizer_step`` (clipping, the ``mode=optimizer``
+        decay), the step, then the schedule's per-step step and the penalty's ``after_step``.
+        Why manual: Lightning's per-batch loop is paid once per chunk, not once per step; with
+        ``direct_steps`` (set by the run layer: ``compat.lightning.direct_steps``) the step calls
+        torch itself where Lightning's wrappers would add only hook dispatch."""
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers() if self.interval == "step" else None
+        torch_optimizer, steps = optimizer.optimizer, 0
+        for step in steps_of(batch):
+            loss = self._loss(step)
+            if self.direct_steps is not None:  # what Lightning's wrappers would do, less hooks
+                torch_optimizer.zero_grad()
+                loss.backward()
+                self.on_before_optimizer_step(torch_optimizer)
+                torch_optimizer.step()
+            else:
+                optimizer.zero_grad()
+                self.manual_backward(loss)
+                optimizer.step()
+            steps += 1
+            if scheduler is not None:
+                scheduler.step()
+            if self._after_step:
+                self.penalty.after_step()
+        if self.direct_steps is not None:
+            self.direct_steps(steps)
+
+    def _loss(self, batch) -> torch.Tensor:
+        """Σ_i J_i over the stack for one mini-batch; the epoch's sums of its terms added."""
         ce, n = self._ce_step(batch, "train")
         if self._loss_lams is not None:
             terms = self.penalty.terms(n, self._loss_lams)
@@ -246,22 +287,17 @@ class L2Module(pl.LightningModule):
             self._add(f"train/{name}", v, n)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:  # noqa: ANN001
-        if self._after_step:
-            self.penalty.after_step()
-
-    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
-                                    gradient_clip_val: float | None = None,
-                                    gradient_clip_algorithm: str | None = None) -> None:
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Clip each network by its own gradient norm (or values), with its own threshold, then
         apply ``mode=optimizer`` decay: the order of an ordinary torch loop, where clipping
-        precedes ``optimizer.step`` and the step adds weight decay."""
-        clips = self.clips or [(gradient_clip_val, gradient_clip_algorithm)] * self.k
-        if any(v for v, _ in clips):
+        precedes ``optimizer.step`` and the step adds weight decay. Lightning calls it after
+        the backward (under 16-bit mixed precision, after unscaling the gradients)."""
+        if self.clips and any(v for v, _ in self.clips):
             params = [p for p in self.net.parameters() if p.grad is not None]
             grads = [p.grad for p in params]
-            by_value = [float(v) if v and a == "value" else None for v, a in clips]
-            by_norm = [float(v) if v and (a or "norm") == "norm" else None for v, a in clips]
+            by_value = [float(v) if v and a == "value" else None for v, a in self.clips]
+            by_norm = [float(v) if v and (a or "norm") == "norm" else None
+                       for v, a in self.clips]
             if any(v is not None for v in by_value):
                 clip_values_per_network(grads, by_value)
             if any(v is not None for v in by_norm):
@@ -292,7 +328,10 @@ class L2Module(pl.LightningModule):
                         p.grad.add_(p * wd.to(p.dtype).to(p.device).view(shape))
 
     def on_train_epoch_end(self) -> None:
-        m = self._means("train/")
+        if self.interval == "epoch" and self.make_scheduler is not None:
+            self.lr_schedulers().step()  # where Lightning's automatic loop steps it: the epoch's
+        m = self._means("train/")  # last step, before this hook
+
         sq = self.penalty.weight_sq_norms()
         sq_vals = torch.stack(list(sq.values())).tolist() if sq else []
         val, self._val_metrics = self._val_metrics, {}

@@ -181,6 +181,11 @@ def stack(cfg: DictConfig, members: Sequence[StackMember], example=None) -> L2Mo
 
 
 # -- fitting ------------------------------------------------------------------------------------
+#: Optimizer steps per Lightning batch (``data.Chunks``): Lightning's ~0.4 ms per batch is paid
+#: once per 64 steps (docs/performance.md, "The step in chunks").
+STEPS_PER_BATCH = 64
+
+
 def augment_pad(cfg: DictConfig, splits) -> int:
     """``data.augment_pad`` for this data (``augment.resolve_pad``: null is an eighth of the
     side or length); a bad value is a ConfigError naming the key, before training."""
@@ -198,8 +203,9 @@ def lightning_fit(cfg: DictConfig, module: L2Module, splits, recorder, seeds: Se
     ``data.augment`` (None: ``cfg``'s for every network), applied to training batches only."""
     import pytorch_lightning as pl
 
+    from l2lab.compat.lightning import direct_steps
     from l2lab.console import quiet_libraries
-    from l2lab.core.data import StackedBatches, TensorBatches
+    from l2lab.core.data import Chunks, StackedBatches, TensorBatches
     from l2lab.core.stacked import val_batch_size
     from l2lab.run import distributed, progress
 
@@ -212,6 +218,7 @@ def lightning_fit(cfg: DictConfig, module: L2Module, splits, recorder, seeds: Se
     splits = splits.to(trainer.strategy.root_device, image_layout(module, splits,
                                                                   trainer.strategy.root_device))
     val_batch = val_batch_size(module.k)
+    module.direct_steps = direct_steps(trainer, module)
     with distributed.ranks(cfg, trainer, output_dir, ckpt, tracker) as shard, \
             warnings.catch_warnings():
         # data.val_size=0 (experiment=mnist1d, as the paper) has no val loop by design
@@ -225,9 +232,11 @@ def lightning_fit(cfg: DictConfig, module: L2Module, splits, recorder, seeds: Se
         if augments is None:
             augments = [bool(cfg.data.get("augment", False))] * len(seeds)
         pad = augment_pad(cfg, splits) if any(augments) else 0
-        trainer.fit(module, train_dataloaders=StackedBatches(
-            *splits.train, int(cfg.data.batch_size), list(seeds), **shard,
-            augments=list(augments), pad=pad),
+        batches = StackedBatches(*splits.train, int(cfg.data.batch_size), list(seeds),
+                                 **shard, augments=list(augments), pad=pad)
+        # DDP: one step per Lightning batch (its wrapper expects one backward per forward)
+        steps = STEPS_PER_BATCH if distributed.world_of(trainer) == 1 else 1
+        trainer.fit(module, train_dataloaders=Chunks(batches, steps),
             val_dataloaders=val, ckpt_path=str(ckpt) if ckpt else None, weights_only=False)
         if splits.test is not None:
             trainer.test(module, dataloaders=TensorBatches(*splits.test, val_batch, **shard),
