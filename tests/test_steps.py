@@ -125,6 +125,8 @@ def test_chunked_direct_steps_equal_one_wrapped_step_per_lightning_batch(recipe,
     for w in (w2, w64):
         assert all(torch.equal(a, b) for a, b in zip(w1, w, strict=True))
     assert m1 == m2 == m64
+    if "sgd" in recipe:  # stepped once an epoch (γ 0.1), logged as the next epoch's lr
+        assert [m["train/lr"] for m in m1] == [pytest.approx(0.1 * 0.1 ** 2)] * 2
 
 
 def test_direct_steps_only_where_lightnings_wrappers_add_nothing(tmp_path):

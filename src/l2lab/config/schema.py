@@ -30,9 +30,9 @@ from l2lab.core.rules import DEFAULT_PENALTY, MODES, NORMALIZE, check_lams, chec
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 CLIP_ALGORITHMS = ("norm", "value")
-#: ``trainer`` keys that l2lab reads itself and does not hand to Lightning's Trainer.
-#: l2lab's own ``trainer.*`` keys, not given to Lightning's Trainer: clipping is per network
-#: (``L2Module.on_before_optimizer_step``; Lightning refuses it under manual optimization).
+#: ``trainer`` keys that l2lab reads itself and does not hand to Lightning's Trainer. Clipping is
+#: per network (``L2Module.on_before_optimizer_step``; Lightning refuses its own under manual
+#: optimization).
 OWN_TRAINER_KEYS = ("eval_train", "gradient_clip_val", "gradient_clip_algorithm")
 #: Dict-valued keys whose entries the user adds with ``+key.<name>=value`` (design.md §3).
 OPEN_DICTS = ("regularization.lam_per_layer",)

@@ -329,17 +329,17 @@ class L2Module(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         if self.interval == "epoch" and self.make_scheduler is not None:
-            self.lr_schedulers().step()  # where Lightning's automatic loop steps it: the epoch's
-        m = self._means("train/")  # last step, before this hook
-
+            # where Lightning's automatic optimization stepped it: after the epoch's last batch
+            self.lr_schedulers().step()
+        m = self._means("train/")
         sq = self.penalty.weight_sq_norms()
         sq_vals = torch.stack(list(sq.values())).tolist() if sq else []
         val, self._val_metrics = self._val_metrics, {}
         per_net: list[dict[str, float] | None] = [None] * len(self.alive)
         dead: list[int] = []  # stack positions of the networks that diverged in this epoch
         names = self.penalty.TERMS
-        # at epoch end: after the epoch's schedule steps (Lightning's, before this hook), so the
-        # lr the next epoch starts with
+        # at epoch end: after the epoch's schedule steps (above), so the lr the next epoch
+        # starts with
         lrs = network_lrs(self.trainer.optimizers[0], self.k)
         for pos, i in enumerate(self.slots):
             if not self.alive[i]:
