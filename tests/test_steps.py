@@ -143,6 +143,10 @@ def test_direct_steps_only_where_lightnings_wrappers_add_nothing(tmp_path):
         def on_after_backward(self) -> None:
             pass
 
+    class OwnBackward(pl.LightningModule):
+        def backward(self, loss, *args, **kwargs) -> None:
+            loss.backward()
+
     class Hooked(pl.Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             pass
@@ -155,6 +159,7 @@ def test_direct_steps_only_where_lightnings_wrappers_add_nothing(tmp_path):
     count = direct_steps(trainer(), Plain())
     assert callable(count)
     assert direct_steps(trainer(), Backward()) is None
+    assert direct_steps(trainer(), OwnBackward()) is None
     assert direct_steps(trainer(callbacks=[Hooked()]), Plain()) is None
     assert direct_steps(trainer(precision="bf16-mixed"), Plain()) is None
     t = trainer()

@@ -30,9 +30,11 @@ def replace_optimizer(trainer: Any, optimizer: Any, scheduler: Any = None) -> No
         trainer.strategy.lr_scheduler_configs[0].scheduler = scheduler
 
 
-#: The hooks that Lightning's manual backward and optimizer step dispatch around each step.
+#: The callback hooks that Lightning's manual backward and optimizer step dispatch around each
+#: step, and the module's (its ``on_before_optimizer_step`` is its own to call).
 STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step",
               "on_before_zero_grad")
+MODULE_STEP_HOOKS = ("on_before_backward", "backward", "on_after_backward")
 
 
 def direct_steps(trainer: Any, module: Any) -> Callable[[int], None] | None:
@@ -52,6 +54,6 @@ def direct_steps(trainer: Any, module: Any) -> Callable[[int], None] | None:
     if type(trainer.precision_plugin) is not Precision \
             or type(trainer.strategy) is not SingleDeviceStrategy \
             or any(is_overridden(h, c, Callback) for c in trainer.callbacks for h in STEP_HOOKS) \
-            or any(is_overridden(h, module, LightningModule) for h in STEP_HOOKS[:2]):
+            or any(is_overridden(h, module, LightningModule) for h in MODULE_STEP_HOOKS):
         return None
     return trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.increment_by
