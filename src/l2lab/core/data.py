@@ -506,8 +506,11 @@ class Chunks:
         if int(size) < 1:
             raise ValueError(f"Chunks: size must be >= 1, got {size}")
         self.loader, self.size = loader, int(size)
-        self.sampler = loader.sampler
         self.batch_sampler = None  # Lightning inspects loaders like a DataLoader
+
+    @property
+    def sampler(self) -> _Shuffles:
+        return self.loader.sampler
 
     def __len__(self) -> int:
         return -(-len(self.loader) // self.size)
