@@ -194,9 +194,10 @@ def bench_resnet(args: argparse.Namespace) -> dict[str, Any]:
         uri = f"sqlite:///{tmp}/mlruns/mlflow.db"
         client = tr.connect(uri)
         exp = tr.experiment_id(client, "l2lab-bench-resnet", uri)
+        writer = engine.writer_for(uri, client)  # the store's writer, as train's runs have
 
         def harness(c: DictConfig, s: Splits, tag: str) -> tuple[Any, dict[str, float]]:
-            tracker = tr.RunTracker.start(client, exp, f"bench resnet {tag}", {})
+            tracker = tr.RunTracker.start(writer, exp, f"bench resnet {tag}", {})
             try:
                 return measure(lambda: run_harness(c, s, tracker, Path(tmp) / tag), device)
             finally:
@@ -322,6 +323,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         uri = f"sqlite:///{tmp}/mlruns/mlflow.db"
         client = tr.connect(uri)
         exp = tr.experiment_id(client, "l2lab-bench", uri)
+        writer = engine.writer_for(uri, client)  # the store's writer, as train's runs have
+        store_writer = writer.backend
 
         def once(side: str, c: DictConfig, tag: str) -> tuple[Any, dict[str, float]]:
             out_dir = Path(tmp) / f"{side}-{tag}"
@@ -329,7 +332,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                 return measure(lambda: run_plain(c, splits, device), device)
             if side == "harness_no_mlflow":
                 return measure(lambda: run_harness(c, splits, tr.NullTracker(), out_dir), device)
-            tracker = tr.RunTracker.start(client, exp, f"bench {tag}", {})
+            tracker = tr.RunTracker.start(writer, exp, f"bench {tag}", {})
             try:
                 return measure(lambda: run_harness(c, splits, tracker, out_dir), device)
             finally:
@@ -353,6 +356,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                      "repeats": args.repeats, "device": str(device)},
         "overrides": overrides,
         "sides": SIDE_NOTES,
+        # the harness's metrics go through the writer train's runs get on this store
+        "store_writer": store_writer,
     }
     for side in SIDES:
         result[side] = _summary(runs[side], epochs, steps)
