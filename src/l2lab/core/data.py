@@ -463,9 +463,9 @@ class StackedBatches:
         orders = torch.stack([s.order() for s in self.sampler.shuffles]).to(self.x.device)
         draws = self._draws()
         start = 0
+        mine = slice(None) if self.world == 1 else slice(self.rank, None, self.world)
         for idx in orders.split(self.batch_size, dim=1):
-            mine = slice(None) if self.world == 1 else slice(self.rank, None, self.world)
-            flat = idx[:, mine].reshape(-1)
+            flat = idx.reshape(-1) if self.world == 1 else idx[:, mine].reshape(-1)
             x = self.x[flat]
             if draws is not None:
                 cols = slice(start, start + idx.shape[1])

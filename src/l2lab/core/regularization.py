@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import operator
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import reduce
 from typing import Any, ClassVar
 
 import torch
@@ -352,8 +354,9 @@ class Penalty(nn.Module, ABC):
     def layer_sums(self, elementwise: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Σ elementwise(w) over each selected layer's penalised tensors (its weight, and its
         bias where penalised): (L,) or (L, K)."""
-        if self.bias_mask is None:
-            return torch.stack([sum(self._sum(p, elementwise) for p in s.params)
+        if self.bias_mask is None:  # reduce, not sum(): no 0 + t (an op and a node, exact)
+            return torch.stack([reduce(operator.add, (self._sum(p, elementwise)
+                                                      for p in s.params))
                                 for s in self.selected])
         mask = self.bias_mask.to(self.selected[0].weight)
         return torch.stack([self._sum(s.weight, elementwise) if s.bias is None

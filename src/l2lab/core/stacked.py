@@ -210,7 +210,8 @@ class StackedLinear(nn.Module):
             # F.linear, without the unbind/cat (views, a copy) around it: the same numbers.
             # squeeze, not [0]: its backward is a view, where a select's writes its gradient
             # into a new zero tensor (~15 µs of a ~390 µs step: docs/performance.md)
-            return F.linear(_aligned(x.reshape(-1, x.shape[-1])), self.weight.squeeze(0),
+            x = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # a view: one node fewer
+            return F.linear(_aligned(x), self.weight.squeeze(0),
                             self.bias.squeeze(0) if self.bias is not None else None)
         x = x.reshape(self.k, -1, x.shape[-1])
         if x.device.type == "cpu" and self.shapes is not None:
