@@ -23,7 +23,7 @@ others stop paying for it; their numbers are unchanged (on CPU bit for bit).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -106,8 +106,9 @@ class L2Module(pl.LightningModule):
         #: sets it: ``("val", "train_eval")``, either alone, or none)
         self.eval_splits: tuple[str, ...] = ("val",)
         self._val_metrics: dict[str, list[float]] = {}
-        self._sums: dict[str, torch.Tensor] = {}
-        self._counts: dict[str, float] = {}
+        # the epoch's sums on the device, by (split, names): (len(names), K) per group
+        self._sums: dict[tuple[str, tuple[str, ...]], torch.Tensor] = {}
+        self._counts: dict[tuple[str, tuple[str, ...]], float] = {}
 
     def _set_stack(self, net: nn.Module, penalty: Penalty,
                    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
@@ -190,28 +191,39 @@ class L2Module(pl.LightningModule):
         scheduler.step()
 
     # -- accumulation on the device ------------------------------------------------------------
-    def _add(self, key: str, value: torch.Tensor, n: int) -> None:
-        v = value.detach() * n
-        self._sums[key] = self._sums[key] + v if key in self._sums else v
-        self._counts[key] = self._counts.get(key, 0) + n
+    def _add(self, split: str, values: Mapping[str, torch.Tensor], n: int) -> None:
+        """Add n × each (K,) value to the epoch's sum of ``split/name``. One stack, multiply and
+        add for all of a step's values (each value's numbers are those of its own v × n, added):
+        three ops a key were a fifth of what a small network's step adds to a plain loop's."""
+        group = (split, tuple(values))
+        with torch.no_grad():
+            v = torch.stack(list(values.values())) * n
+        if group in self._sums:  # in place: the sum is the module's own tensor (made below)
+            self._sums[group].add_(v)
+        else:
+            self._sums[group] = v
+        self._counts[group] = self._counts.get(group, 0) + n
 
-    def _means(self, prefix: str | tuple[str, ...]) -> dict[str, list[float]]:
-        """Epoch means (K values per key), fetched from the device in one transfer. Under DDP
-        the sums and counts are first added over ranks (one collective)."""
-        keys = [key for key in self._sums if key.startswith(prefix)]
-        if not keys:
+    def _means(self, splits: tuple[str, ...]) -> dict[str, list[float]]:
+        """Epoch means (K values per ``split/name``), fetched from the device in one transfer.
+        Under DDP the sums and counts are first added over ranks (one collective)."""
+        groups = [g for g in self._sums if g[0] in splits]
+        if not groups:
             return {}
-        sums = torch.stack([self._sums.pop(key) for key in keys])  # (keys, K)
-        counts = torch.tensor([float(self._counts.pop(key)) for key in keys], dtype=sums.dtype,
-                              device=sums.device)
+        keys = [f"{split}/{name}" for split, names in groups for name in names]
+        sums = torch.cat([self._sums.pop(g) for g in groups])  # (keys, K)
+        counts = torch.tensor([float(self._counts[g]) for g in groups for _ in g[1]],
+                              dtype=sums.dtype, device=sums.device)
+        for g in groups:
+            del self._counts[g]
         if self.trainer.world_size > 1:
             flat = self.trainer.strategy.reduce(torch.cat([sums.flatten(), counts]),
                                                 reduce_op="sum")
             sums, counts = flat[:sums.numel()].view_as(sums), flat[sums.numel():]
         return dict(zip(keys, (sums / counts[:, None]).tolist(), strict=True))
 
-    def _ce_step(self, batch, split: str) -> tuple[torch.Tensor, int]:
-        """Each network's mean CCE over the batch ((K,)), and the batch's n.
+    def _ce_step(self, batch, split: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Each network's mean CCE and accuracy over the batch ((K,) each), and the batch's n.
 
         Training batches hold K blocks of rows, network i's at [i·b, (i+1)·b); an evaluation
         batch is shared and every network sees all of it. A DDP shard comes as ``(x, y, n)``, n
@@ -225,7 +237,7 @@ class L2Module(pl.LightningModule):
             y = y.expand(self.k, *y.shape).reshape(-1)
         logits = self.net(x)
         ce = F.cross_entropy(logits, y, reduction="none").view(self.k, -1)
-        hit = (logits.detach().argmax(1) == y).float().view(self.k, -1)
+        hit = (logits.argmax(1) == y).float().view(self.k, -1)  # argmax: no graph
         if len(batch) == 3:
             n = int(batch[2])
             scale = self.trainer.world_size / n
@@ -233,8 +245,7 @@ class L2Module(pl.LightningModule):
         else:
             n = ce.shape[1]
             ce, hit = ce.mean(1), hit.mean(1)  # the note's (1/n)ΣCCE, per network
-        self._add(f"{split}/acc", hit, n)
-        return ce, n
+        return ce, hit, n
 
     # -- training ------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> None:
@@ -270,21 +281,21 @@ class L2Module(pl.LightningModule):
 
     def _loss(self, batch) -> torch.Tensor:
         """Σ_i J_i over the stack for one mini-batch; the epoch's sums of its terms added."""
-        ce, n = self._ce_step(batch, "train")
+        ce, hit, n = self._ce_step(batch, "train")
         if self._loss_lams is not None:
             terms = self.penalty.terms(n, self._loss_lams)
-            loss = (ce + added(terms)).sum() if terms else ce.sum()
+            loss = ce + added(terms) if terms else ce
         else:
-            loss = ce.sum()
+            loss = ce
+        if self.k > 1:  # one network's (1,) is its own loss: backward takes it (a node fewer)
+            loss = loss.sum()
         if self._opt_lams is not None:  # the optimizer step applies it; log the equivalent
             with torch.no_grad():  # with the nominal n
                 decayed = self.penalty.terms(self.batch_size, self._opt_lams)
             terms = decayed if self._loss_lams is None else {
                 name: torch.where(self._is_loss.to(ce.device), v.detach(), decayed[name])
                 for name, v in terms.items()}
-        self._add("train/ce", ce, n)
-        for name, v in terms.items():
-            self._add(f"train/{name}", v, n)
+        self._add("train", {"acc": hit, "ce": ce, **terms}, n)
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -331,7 +342,7 @@ class L2Module(pl.LightningModule):
         if self.interval == "epoch" and self.make_scheduler is not None:
             # where Lightning's automatic optimization stepped it: after the epoch's last batch
             self.lr_schedulers().step()
-        m = self._means("train/")
+        m = self._means(("train",))
         sq = self.penalty.weight_sq_norms()
         sq_vals = torch.stack(list(sq.values())).tolist() if sq else []
         val, self._val_metrics = self._val_metrics, {}
@@ -440,20 +451,20 @@ class L2Module(pl.LightningModule):
         (``train_eval``: no dropout, BatchNorm's running statistics, the weights the epoch
         ended with), every network on all of it."""
         split = self.eval_splits[dataloader_idx]
-        ce, n = self._ce_step(batch, split)
-        self._add(f"{split}/ce", ce, n)
+        ce, hit, n = self._ce_step(batch, split)
+        self._add(split, {"acc": hit, "ce": ce}, n)
 
     def on_validation_epoch_end(self) -> None:
-        means = self._means(("val/", "train_eval/"))
+        means = self._means(("val", "train_eval"))
         if not self.trainer.sanity_checking:  # contract: no sanity-check values are logged
             self._val_metrics = means
 
     def test_step(self, batch, batch_idx: int) -> None:
-        ce, n = self._ce_step(batch, "test")
-        self._add("test/ce", ce, n)
+        ce, hit, n = self._ce_step(batch, "test")
+        self._add("test", {"acc": hit, "ce": ce}, n)
 
     def on_test_epoch_end(self) -> None:
-        means = self._means("test/")
+        means = self._means(("test",))
         self.test_metrics = [{} for _ in self.alive]
         for pos, i in enumerate(self.slots):
             self.test_metrics[i] = {key: v[pos] for key, v in means.items()}
