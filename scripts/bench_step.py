@@ -11,6 +11,14 @@ chunks".
   hooks.
 
     PYTHONPATH=src python scripts/bench_step.py [--epochs 100] [--train-size 400] [--rounds 7]
+
+- ``--only module|plain --steps N``: N steps of one side and nothing else, for counting
+  instructions, which a noisy machine does not change: run it under callgrind for two N, and
+  the difference over the difference of N is one step's instructions. valgrind knows no
+  AVX-512, so torch is kept to AVX2:
+
+    ATEN_CPU_CAPABILITY=avx2 PYTHONPATH=src valgrind --tool=callgrind \
+        --callgrind-out-file=/dev/null python scripts/bench_step.py --only module --steps 500
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import os
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,7 +44,10 @@ from l2lab.run import recorder as rec
 from l2lab.tracking import tracker as tr
 
 
-def step_us(cfg, splits, steps: int, rounds: int) -> dict[str, float]:
+def steppers(cfg, splits) -> tuple[Callable[[int], None], Callable[[int], None]]:
+    """``(module, plain)``: each runs ``steps`` optimizer steps of its side on the same batches.
+    The module's step alone (``_loss``, backward, ``on_before_optimizer_step``, the torch step;
+    no Lightning) and the plain loop's (core/reference.py's step and accumulators)."""
     x, y = splits.train
     batches = list(StackedBatches(x, y, int(cfg.data.batch_size), [int(cfg.seed)]))
     module = engine.stack(cfg, [engine.build_member(cfg, splits)])
@@ -45,7 +57,7 @@ def step_us(cfg, splits, steps: int, rounds: int) -> dict[str, float]:
     penalty = reference.PlainPenalty(net, cfg.regularization, dataset_size=len(y))
     popt = reference.optimizer(cfg, net, penalty)
 
-    def harness() -> None:
+    def harness(steps: int) -> None:
         for i in range(steps):
             loss = module._loss(batches[i % len(batches)])
             opt.zero_grad()
@@ -55,7 +67,7 @@ def step_us(cfg, splits, steps: int, rounds: int) -> dict[str, float]:
         module._sums.clear()
         module._counts.clear()
 
-    def plain() -> None:  # core/reference.py's step and accumulators
+    def plain(steps: int) -> None:  # core/reference.py's step and accumulators
         ce_sum = hits = torch.zeros(())
         sums = {name: torch.zeros(()) for name in penalty.names}
         for i in range(steps):
@@ -73,11 +85,16 @@ def step_us(cfg, splits, steps: int, rounds: int) -> dict[str, float]:
                     sums[name] = sums[name] + v * len(yb)
                 hits = hits + (logits.argmax(1) == yb).sum()
 
+    return harness, plain
+
+
+def step_us(cfg, splits, steps: int, rounds: int) -> dict[str, float]:
+    harness, plain = steppers(cfg, splits)
     best: dict[str, float] = {}
     for _ in range(rounds):
         for name, fn in (("plain", plain), ("module", harness)):
             t = time.process_time()
-            fn()
+            fn(steps)
             us = (time.process_time() - t) / steps * 1e6
             best[name] = min(best.get(name, us), us)
     return {"module_us": best["module"], "plain_us": best["plain"],
@@ -136,6 +153,9 @@ def main() -> None:
     p.add_argument("--train-size", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=20)
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--only", choices=("module", "plain"),
+                   help="run 10 + --steps steps of this side and print nothing: for callgrind")
+    p.add_argument("--steps", type=int, default=500)
     a = p.parse_args()
     torch.set_num_threads(1)
     args = bench.parse_args(["--epochs", str(a.epochs), "--train-size", str(a.train_size),
@@ -143,6 +163,11 @@ def main() -> None:
                              "--threads", "1"])
     cfg = bench.compose_cfg(bench.overrides_for(args, torch.device("cpu")))
     splits = load_data(cfg.data)
+    if a.only:
+        side = dict(zip(("module", "plain"), steppers(cfg, splits), strict=True))[a.only]
+        side(10)  # lazy initialisation: the same in every run, whatever --steps
+        side(a.steps)
+        return
     out = {"step": step_us(cfg, splits, 2000, a.rounds),
            "parts": parts_ms(cfg, splits, min(a.rounds, 3)),
            "load_avg_1m": os.getloadavg()[0]}
