@@ -192,9 +192,9 @@ class L2Module(pl.LightningModule):
 
     # -- accumulation on the device ------------------------------------------------------------
     def _add(self, split: str, values: Mapping[str, torch.Tensor], n: int) -> None:
-        """Add n × each (K,) value to the epoch's sum of ``split/name``. One stack, multiply and
-        add for all of a step's values (each value's numbers are those of its own v × n, added):
-        three ops a key were a fifth of what a small network's step adds to a plain loop's."""
+        """Add n × each (K,) value to the epoch's sum of ``split/name``: one stack, multiply and
+        add for all of a step's values, where a sum per key took three ops a key (each value's
+        numbers are still its own v × n, added)."""
         group = (split, tuple(values))
         with torch.no_grad():
             v = torch.stack(list(values.values())) * n
@@ -212,10 +212,9 @@ class L2Module(pl.LightningModule):
             return {}
         keys = [f"{split}/{name}" for split, names in groups for name in names]
         sums = torch.cat([self._sums.pop(g) for g in groups])  # (keys, K)
-        counts = torch.tensor([float(self._counts[g]) for g in groups for _ in g[1]],
+        ns = [float(self._counts.pop(g)) for g in groups]
+        counts = torch.tensor([n for n, (_, names) in zip(ns, groups, strict=True) for _ in names],
                               dtype=sums.dtype, device=sums.device)
-        for g in groups:
-            del self._counts[g]
         if self.trainer.world_size > 1:
             flat = self.trainer.strategy.reduce(torch.cat([sums.flatten(), counts]),
                                                 reduce_op="sum")
