@@ -463,7 +463,7 @@ class StackedBatches:
         orders = torch.stack([s.order() for s in self.sampler.shuffles]).to(self.x.device)
         draws = self._draws()
         start = 0
-        mine = slice(None) if self.world == 1 else slice(self.rank, None, self.world)
+        mine = slice(self.rank, None, self.world)  # this rank's shard of a batch (DDP)
         for idx in orders.split(self.batch_size, dim=1):
             flat = idx.reshape(-1) if self.world == 1 else idx[:, mine].reshape(-1)
             x = self.x[flat]
